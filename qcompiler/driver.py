@@ -1,0 +1,211 @@
+"""The compile driver: checkpoint -> per-layer graphs -> passes -> artifact + executable graph + report.
+
+Order of work (sequential, one decoder layer in memory at a time):
+ 1. validate everything that can be validated without work: model folder, architecture, dtype/target,
+    pass names/options/order, --exclude against fused groups, output folder;
+ 2. calibration windows (from --calib, or sampled from the float model itself, seed 0);
+ 3. layer 0's inputs from a real forward of the embedding (pre-hook on layer 0);
+ 4. for each layer i: capture (torch.export) -> user passes -> observe -> calibrate -> lower; run the
+    lowered layer on the calibration inputs to make layer i+1's inputs (so later layers calibrate on
+    quantized activations); stream its tensors into the artifact; save its executable program;
+ 5. float tensors (embedding, final norm, lm_head), description, config, tokenizer, report;
+    everything is written into a temporary sibling folder renamed to OUT at the very end.
+"""
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import knobs
+from .backends.ascend.artifact import ArtifactWriter
+from .calib_data import make_windows, read_texts, sample_windows_from_model
+from .config import CompileOptions
+from .errors import QCError
+from .ir.capture import HFSkeleton, LayerInputs, export_program
+from .loading import dtype_name, load_tokenizer, open_checkpoint
+from .model_zoo import resolve_model_dir
+from .passes import TAIL, LayerContext, PassManager, make_pass
+from .passes.instruments import DumpInstrument, StatsInstrument, TimingInstrument
+from .report import write_report
+from .runtime import EXECUTABLE_DIR, FORMAT, FORMAT_VERSION, head_from_checkpoint, run_layer_batched
+from .targets import check_target, get_target
+
+LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+FUSED_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def build_pipeline(opts: CompileOptions) -> PassManager:
+    """The user's passes plus the internal tail, validated (no work done)."""
+    user = [make_pass(name, options) for name, options in opts.passes]
+    for p in user:
+        if p.internal:
+            raise QCError(f"pass {p.name} is internal (the compiler appends it); remove it from --passes")
+    pm = PassManager(user + [make_pass(n) for n in TAIL])
+    pm.validate()
+    return pm
+
+
+def check_exclude_groups(patterns, num_layers: int) -> None:
+    """An --exclude that splits q/k/v or gate/up (engines fuse them) is an error before any work."""
+    for i in range(num_layers):
+        for group in FUSED_GROUPS:
+            hit = [n for n in group if any(re.search(p, f"model.layers.{i}.{n}") for p in patterns)]
+            if hit and len(hit) != len(group):
+                rest = [n for n in group if n not in hit]
+                raise QCError(f"--exclude matches model.layers.{i}.{hit[0]} but not {', '.join(rest)}: engines fuse "
+                              f"{'/'.join(n.split('.')[-1] for n in group)}, so exclude all of them or none")
+
+
+def _calibration_windows(opts, ckpt, tokenizer, log):
+    if opts.calib is not None:
+        texts = read_texts(opts.calib)
+        windows = make_windows(tokenizer, texts, opts.seq_len, opts.calib_samples)
+        return windows, f"{opts.calib} ({windows.shape[0]} x {windows.shape[1]} tokens)"
+    log(f"no --calib: sampling {opts.calib_samples} x {opts.seq_len} tokens from the float model (seed 0)")
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=ckpt.dtype)
+    model.eval()
+    windows = sample_windows_from_model(model, tokenizer, opts.calib_samples, opts.seq_len, seed=0)
+    del model
+    return windows, (f"sampled from the float model itself ({windows.shape[0]} x {windows.shape[1]} tokens, "
+                     "seed 0, temperature 1)")
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    if out.exists() and not force:
+        raise QCError(f"output folder {out} already exists; choose another -o or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise QCError(f"output path {out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _add_layer_tensors(writer, ctx: LayerContext, gm, ckpt) -> dict[str, str]:
+    """Stream layer i's tensors: quantized Linears from ctx.artifact, everything else FLOAT from the checkpoint."""
+    types = {}
+    for linear, art in sorted(ctx.artifact.items()):
+        for suffix, t in sorted(art.tensors.items()):
+            qtype = "FLOAT" if suffix == "bias" else art.quant_type
+            writer.add(f"{ctx.prefix}{linear}.{suffix}", t, qtype)
+        types[linear] = art.quant_type
+    for name in sorted(n for n in ckpt.weight_map if n.startswith(ctx.prefix)):
+        linear = name[len(ctx.prefix):].rsplit(".", 1)[0]
+        if linear not in ctx.artifact:
+            writer.add(name, ckpt.tensor(name), "FLOAT")
+            if linear in LAYER_LINEARS:
+                types[linear] = "FLOAT"
+    return types
+
+
+def _save_executable_layer(gm, sample: LayerInputs, folder: Path, index: int) -> None:
+    ep = export_program(gm, sample)
+    torch.export.save(ep, str(folder / f"layer_{index:03d}.pt2"))
+
+
+def compile_model(opts: CompileOptions, log=None) -> dict:
+    """Run a whole compile; returns the report dict. Raises QCError on bad input (before any work)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    t0 = time.perf_counter()
+    model_dir = resolve_model_dir(opts.model)
+    ckpt = open_checkpoint(model_dir, opts.dtype)
+    target = get_target(opts.target)
+    pm = build_pipeline(opts)
+    quant_types = {p.quant_type for p in pm.passes if p.quant_type}
+    warnings = check_target(target, ckpt.dtype, quant_types)
+    check_exclude_groups(opts.exclude, ckpt.num_layers)
+    for w in warnings:
+        log(f"warning: {w}")
+    tmp = _prepare_out(opts.out, opts.force)
+    try:
+        report = _compile_into(tmp, opts, ckpt, pm, target, log, t0, warnings)
+        if opts.out.exists():
+            shutil.rmtree(opts.out)
+        tmp.rename(opts.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _compile_into(tmp: Path, opts, ckpt, pm, target, log, t0, warnings) -> dict:
+    tokenizer = load_tokenizer(ckpt.path)
+    windows, calib_source = _calibration_windows(opts, ckpt, tokenizer, log)
+    skeleton = HFSkeleton(ckpt)
+    inputs = skeleton.layer0_inputs(windows)
+    head = head_from_checkpoint(ckpt, skeleton.rotary)
+
+    timing = TimingInstrument()
+    instruments = [timing, StatsInstrument()]
+    dump = opts.dump or knobs.dump_dir()
+    if dump:
+        instruments.append(DumpInstrument(dump))
+    pm.instruments = instruments
+
+    writer = ArtifactWriter(tmp, ckpt.dtype)
+    exe = tmp / EXECUTABLE_DIR
+    (exe / "layers").mkdir(parents=True)
+    writer.add("model.embed_tokens.weight", head.embed_weight, "FLOAT")
+    layers_report = []
+    bar = tqdm(range(ckpt.num_layers), desc="compiling layers", unit="layer", file=sys.stderr,
+               disable=not knobs.progress_enabled())
+    for i in bar:
+        t_layer = time.perf_counter()
+        gm = skeleton.capture_layer(i, inputs)
+        ctx = LayerContext(index=i, inputs=inputs, dtype=ckpt.dtype, exclude=tuple(opts.exclude),
+                           batch_size=opts.batch_size)
+        gm = pm.run(gm, ctx)
+        out_hidden = run_layer_batched(gm, inputs.hidden, inputs.position_embeddings, opts.batch_size)
+        types = _add_layer_tensors(writer, ctx, gm, ckpt)
+        _save_executable_layer(gm, inputs, exe / "layers", i)
+        layers_report.append({"layer": i, "linears": types, "seconds": round(time.perf_counter() - t_layer, 3),
+                              "passes": _jsonable(ctx.records)})
+        inputs = LayerInputs(hidden=out_hidden, position_embeddings=inputs.position_embeddings)
+        del gm, ctx
+    writer.add("model.norm.weight", head.norm_weight, "FLOAT")
+    if not ckpt.tie_word_embeddings:
+        writer.add("lm_head.weight", head.lm_head_weight, "FLOAT")
+    description = writer.finish(ckpt.path, ckpt.config, group_size=0, tied_lm_head=ckpt.tie_word_embeddings)
+
+    head.save(exe, tied=ckpt.tie_word_embeddings)
+    info = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": ckpt.architecture,
+            "model_type": ckpt.model_type, "dtype": dtype_name(ckpt.dtype), "num_layers": ckpt.num_layers,
+            "hidden_size": ckpt.config["hidden_size"], "vocab_size": ckpt.config["vocab_size"],
+            "rms_norm_eps": head.eps, "attention_scaling": head.attention_scaling,
+            "tie_word_embeddings": ckpt.tie_word_embeddings, "target": target.name, "passes": pm.names}
+    from .backends.ascend.artifact import write_json
+    write_json(exe / "model.json", info)
+
+    report = {
+        "model": str(opts.model), "model_dir": str(ckpt.path), "architecture": ckpt.architecture,
+        "target": target.name, "dtype": dtype_name(ckpt.dtype), "passes": pm.names,
+        "pass_options": [[n, {k: str(v) for k, v in o.items()}] for n, o in opts.passes],
+        "exclude": list(opts.exclude), "calibration": calib_source,
+        "model_quant_type": description["model_quant_type"], "warnings": warnings,
+        "pass_seconds": {k: round(v, 3) for k, v in timing.seconds.items()},
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "layers": layers_report,
+    }
+    write_report(tmp, report)
+    return report
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (int, float, str, bool)) or obj is None:
+        return obj
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    return str(obj)

@@ -1,0 +1,51 @@
+"""Perplexity of a model (compiled executable graph or float checkpoint) on a text file.
+
+Convention: the texts are joined with blank lines, tokenized once without special tokens, and cut into
+consecutive non-overlapping windows of --seq-len tokens (a trailing partial window is dropped unless it
+is the only one). Each window is scored on its own: perplexity = exp(mean NLL of tokens 2..L of every
+window), `tokens` = number of scored tokens. Layer-major: all windows pass layer i before layer i+1 is
+loaded, so only one decoder layer is in memory.
+"""
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import knobs
+from .calib_data import make_windows, read_texts
+from .ir.capture import LayerInputs
+from .runtime import LoadedModel, run_layer_batched
+
+
+def perplexity(model: LoadedModel, windows: torch.LongTensor, batch_size: int = 8) -> dict:
+    head = model.head
+    seq_len = windows.shape[1]
+    pe = head.rope(seq_len)
+    with torch.inference_mode():
+        hidden = head.embed(windows)
+    bar = tqdm(range(model.layers.num_layers), desc=f"eval ({model.kind})", unit="layer", file=sys.stderr,
+               disable=not knobs.progress_enabled())
+    for i in bar:
+        layer = model.layers.get(i, LayerInputs(hidden[:1], pe))
+        hidden = run_layer_batched(layer, hidden, pe, batch_size)
+        del layer
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, windows.shape[0], batch_size):
+            logits = head.logits(hidden[start:start + batch_size]).float()
+            target = windows[start:start + batch_size, 1:]
+            nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                   reduction="sum").item()
+            count += target.numel()
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count,
+            "windows": int(windows.shape[0]), "seq_len": int(seq_len)}
+
+
+def evaluate_file(model: LoadedModel, data_path, seq_len: int, max_windows: int | None = None,
+                  batch_size: int = 8) -> dict:
+    windows = make_windows(model.tokenizer, read_texts(data_path), seq_len, max_windows)
+    result = perplexity(model, windows, batch_size)
+    result.update(data=str(data_path), model_kind=model.kind, dtype=model.info.get("dtype"))
+    return result

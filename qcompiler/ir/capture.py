@@ -1,0 +1,153 @@
+"""Capture: HF decoder layers -> FX GraphModules via torch.export (strict=False), one layer at a time.
+
+Contract:
+- `HFSkeleton(ckpt)` builds the transformers model on the meta device (no weights in memory), with
+  only the embedding and the rotary embedding materialized: enough to run a real forward up to layer 0.
+- `skeleton.layer0_inputs(input_ids)` runs that forward and takes layer 0's inputs with a forward
+  pre-hook (the forward stops there): hidden states [B, L, H] and the rotary (cos, sin) [1, L, D].
+- `skeleton.capture_layer(i, sample)` materializes layer i from the safetensors files, exports it with a
+  dynamic batch and sequence dimension, and returns a GraphModule whose parameters keep their HF names
+  relative to the layer (`self_attn.q_proj.weight`), with `LINEAR_NAME` set on every `aten.linear` node.
+  The eager layer is released again; only the GraphModule holds layer i's weights.
+Limits: causal attention without padding (the captured mask must be None); the captured graph computes
+the layer for sequences of length >= 2 and for length 1 with no cache.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch.export import Dim
+
+from ..errors import QCError
+from ..loading import Checkpoint
+from . import meta
+
+STOP = "qc-stop-after-layer0-inputs"
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class LayerInputs:
+    """Inputs of one decoder layer for a set of sequences."""
+    hidden: torch.Tensor                                # [B, L, H] in the model dtype
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [1, L, head_dim]
+
+
+def _hf_config(ckpt: Checkpoint):
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(str(ckpt.path))
+    cfg._attn_implementation = "sdpa"  # one scaled_dot_product_attention node per layer
+    cfg.use_cache = False
+    return cfg
+
+
+class HFSkeleton:
+    """The transformers model of a checkpoint on the meta device, materialized one piece at a time."""
+
+    def __init__(self, ckpt: Checkpoint):
+        from transformers import AutoModelForCausalLM
+        self.ckpt = ckpt
+        self.hf_config = _hf_config(ckpt)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(self.hf_config, dtype=ckpt.dtype)
+        self.model.eval()
+        base = self.model.model
+        # Rotary tables are computed at construction: rebuild on CPU (meta buffers hold no values).
+        with torch.device("cpu"):
+            base.rotary_emb = type(base.rotary_emb)(config=self.hf_config)
+        self._load(base.embed_tokens, "model.embed_tokens.")
+
+    @property
+    def rotary(self):
+        return self.model.model.rotary_emb
+
+    def _load(self, module: torch.nn.Module, prefix: str):
+        tensors = self.ckpt.tensors(prefix)
+        expected = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+        missing = sorted(expected - set(tensors))
+        if missing:
+            raise QCError(f"{self.ckpt.path}: missing weights {prefix}{missing[0]} (and {len(missing) - 1} more)"
+                          if len(missing) > 1 else f"{self.ckpt.path}: missing weight {prefix}{missing[0]}")
+        module.to_empty(device="cpu")
+        module.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=True, assign=True)
+
+    def layer0_inputs(self, input_ids: torch.LongTensor) -> LayerInputs:
+        """Run the real forward up to layer 0 and capture its inputs with a pre-hook."""
+        captured = {}
+
+        def hook(_module, args, kwargs):
+            captured["args"], captured["kwargs"] = args, kwargs
+            raise _Stop(STOP)
+
+        handle = self.model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                self.model.model(input_ids=input_ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        kwargs = captured["kwargs"]
+        hidden = captured["args"][0] if captured["args"] else kwargs["hidden_states"]
+        if kwargs.get("attention_mask") is not None:
+            raise QCError("this model builds an explicit attention mask (sliding window?); "
+                          "only plain causal attention is supported")
+        cos, sin = kwargs["position_embeddings"]
+        return LayerInputs(hidden=hidden, position_embeddings=(cos[:1], sin[:1]))
+
+    def capture_layer(self, index: int, sample: LayerInputs) -> torch.fx.GraphModule:
+        """Export decoder layer `index` (weights read now) into a GraphModule; the eager copy is released."""
+        layer = self.model.model.layers[index]
+        self._load(layer, f"model.layers.{index}.")
+        try:
+            gm = export_layer(layer, sample)
+        finally:
+            layer.to("meta")  # drop the eager weights; the GraphModule keeps its own references
+        annotate_linears(gm)
+        return gm
+
+
+def export_layer(module: torch.nn.Module, sample: LayerInputs) -> torch.fx.GraphModule:
+    """torch.export a layer-shaped module `f(hidden, position_embeddings=(cos, sin))` -> GraphModule."""
+    gm = export_program(module, sample).module()
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    return gm
+
+
+def export_program(module: torch.nn.Module, sample: LayerInputs) -> torch.export.ExportedProgram:
+    """torch.export a layer-shaped module `f(hidden, position_embeddings=(cos, sin))`.
+
+    Batch and sequence are dynamic, so one graph serves calibration, evaluation and generation. The
+    sample must have batch >= 2 and sequence >= 2 (export specializes dimensions of size 0/1).
+    """
+    # Two copies of the first sequence: a batch of 1 would be specialized to a constant by export.
+    hidden = sample.hidden[:1].expand(2, -1, -1).contiguous()
+    if hidden.shape[1] < 2:
+        raise QCError("capture needs a sample of at least 2 tokens")
+    seq_len = hidden.shape[1]
+    cos, sin = (t[:, :seq_len] for t in sample.position_embeddings)
+    batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=1 << 20)
+    with torch.no_grad():
+        ep = torch.export.export(
+            module, (hidden,), {"position_embeddings": (cos, sin)},
+            dynamic_shapes={"hidden_states": {0: batch, 1: seq},
+                            "position_embeddings": ({1: seq}, {1: seq})},
+            strict=False)
+    return ep
+
+
+def linear_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The `aten.linear` nodes of a layer graph, in graph order."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.linear.default]
+
+
+def annotate_linears(gm: torch.fx.GraphModule) -> None:
+    """Set meta.LINEAR_NAME on each aten.linear node from its weight's get_attr target."""
+    for node in linear_nodes(gm):
+        weight = node.args[1]
+        if weight.op != "get_attr" or not str(weight.target).endswith(".weight"):
+            raise QCError(f"captured graph: linear {node.name} does not read a named weight")
+        node.meta[meta.LINEAR_NAME] = str(weight.target)[: -len(".weight")]

@@ -1,0 +1,14 @@
+"""Node-meta keys: the only place their strings are spelled.
+
+Passes communicate through `node.meta[KEY]`; using these constants (never literals) keeps a typo from
+silently creating a new key.
+"""
+
+#: str, on `aten.linear` nodes: the Linear's path inside its decoder layer (`self_attn.q_proj`).
+LINEAR_NAME = "qc_linear"
+#: LinearQuantSpec, on `aten.linear` nodes: the decision of an annotation pass (w8a8, ...).
+QUANT_SPEC = "qc_quant_spec"
+#: str, on observer `call_module` nodes: the name of the observer submodule.
+OBSERVER = "qc_observer"
+#: str, on nodes a lowering pass created: which artifact Linear they implement.
+LOWERED_FROM = "qc_lowered_from"

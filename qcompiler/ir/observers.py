@@ -1,0 +1,35 @@
+"""Observer modules: graph nodes (`call_module`) that record activation statistics and return x unchanged.
+
+Inserted by the `observe` pass on the input edge of quantized Linears, fed by the `calibrate` pass,
+read and removed by lowering. Statistics are kept in float32.
+"""
+import torch
+
+
+class MinMaxObserver(torch.nn.Module):
+    """Running min and max of every value seen (per-tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.min = float("inf")
+        self.max = float("-inf")
+        self.count = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.detach().float()
+        self.min = min(self.min, x32.min().item())
+        self.max = max(self.max, x32.max().item())
+        self.count += x32.numel()
+        return x
+
+    @property
+    def observed(self) -> bool:
+        return self.count > 0
+
+    def range(self) -> tuple[float, float]:
+        if not self.observed:
+            raise RuntimeError("observer saw no data")
+        return self.min, self.max
+
+    def extra_repr(self) -> str:
+        return f"min={self.min:.4g}, max={self.max:.4g}, count={self.count}"

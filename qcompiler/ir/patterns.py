@@ -1,0 +1,48 @@
+"""Graph queries shared by passes: Linears, their shared inputs, the attention node.
+
+Everything is found on the captured graph (node targets and weight names), never on eager modules.
+"""
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from . import meta
+from .capture import linear_nodes
+
+
+@dataclass
+class LinearSite:
+    node: torch.fx.Node          # the aten.linear node
+    name: str                    # path inside the layer: "self_attn.q_proj"
+    input: torch.fx.Node         # activation input
+    weight: torch.fx.Node        # get_attr of the weight
+    bias: torch.fx.Node | None   # get_attr of the bias, or None
+
+
+def linear_sites(gm: torch.fx.GraphModule) -> list[LinearSite]:
+    sites = []
+    for node in linear_nodes(gm):
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        sites.append(LinearSite(node=node, name=node.meta[meta.LINEAR_NAME], input=node.args[0],
+                                weight=node.args[1], bias=bias))
+    return sites
+
+
+def shared_input_groups(sites: list[LinearSite]) -> list[list[LinearSite]]:
+    """Linears grouped by the node they read (q/k/v read one norm output, gate/up another), in graph order."""
+    groups: dict[torch.fx.Node, list[LinearSite]] = defaultdict(list)
+    for s in sites:
+        groups[s.input].append(s)
+    return list(groups.values())
+
+
+def attention_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    target = torch.ops.aten.scaled_dot_product_attention.default
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
+
+
+def get_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    """The parameter or buffer a get_attr target names."""
+    mod_path, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(mod_path) if mod_path else gm, attr)

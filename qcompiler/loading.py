@@ -1,0 +1,185 @@
+"""Loading a Hugging Face checkpoint folder: config, lazy safetensors weights, tokenizer.
+
+Contract:
+- `open_checkpoint(path, dtype)` validates the folder (config.json, a supported dense architecture,
+  readable safetensors) and returns a `Checkpoint`; every problem is a one-line `QCError`.
+- Weights are read lazily, one tensor at a time, from the safetensors files (memory-mapped by
+  safetensors): the compiler never holds every layer's float copy.
+- `Checkpoint.tensor(name)` returns the tensor in the compile dtype and rejects NaN/Inf weights,
+  naming the tensor.
+Limits: dense LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM only; no .bin checkpoints.
+"""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import QCError
+
+#: architecture (config.json "architectures"[0]) -> model_type. Only dense decoders.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' / 'float16' for a torch dtype."""
+    return str(dtype).replace("torch.", "")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """The torch dtype for --dtype; QCError for anything but bfloat16/float16."""
+    if name not in DTYPES:
+        raise QCError(f"--dtype {name!r} is not supported: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class Checkpoint:
+    """A validated HF folder with lazily readable weights."""
+    path: Path
+    config: dict                       # config.json as read
+    architecture: str
+    dtype: torch.dtype                 # the dtype everything is compiled for
+    source_dtype: torch.dtype          # the checkpoint's own dtype
+    weight_map: dict[str, str]         # tensor name -> safetensors file name
+    _handles: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def model_type(self) -> str:
+        return SUPPORTED_ARCHITECTURES[self.architecture]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False))
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def _handle(self, file_name: str):
+        if file_name not in self._handles:
+            self._handles[file_name] = safe_open(self.path / file_name, "pt")
+        return self._handles[file_name]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, converted to the compile dtype; QCError if missing, unreadable or not finite."""
+        if name not in self.weight_map:
+            raise QCError(f"{self.path}: tensor {name!r} missing from the safetensors files")
+        try:
+            t = self._handle(self.weight_map[name]).get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise QCError(f"{self.path / self.weight_map[name]}: cannot read tensor {name!r} ({e})") from None
+        if t.is_floating_point():
+            if not torch.isfinite(t).all():
+                raise QCError(f"{self.path}: weight {name!r} contains NaN or Inf; expected finite weights")
+            t = _convert(t, self.dtype, name)
+        return t
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every tensor under `prefix` (e.g. 'model.layers.3.'), keyed without the prefix."""
+        return {n[len(prefix):]: self.tensor(n) for n in sorted(self.weight_map) if n.startswith(prefix)}
+
+    def close(self):
+        self._handles.clear()
+
+
+def _convert(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    if t.dtype == dtype:
+        return t
+    if dtype == torch.float16:
+        # bf16/fp32 values beyond fp16's range would become Inf: refuse rather than corrupt.
+        big = t.abs().max().item() if t.numel() else 0.0
+        if big > torch.finfo(torch.float16).max:
+            raise QCError(f"weight {name!r} holds {big:.3g}, outside float16's range (65504); "
+                          "compile with --dtype bfloat16")
+    return t.to(dtype)
+
+
+def _read_config(path: Path) -> dict:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise QCError(f"{path}: no config.json; expected a Hugging Face model folder")
+    try:
+        return json.loads(cfg_path.read_text())
+    except (ValueError, OSError) as e:
+        raise QCError(f"{cfg_path}: not valid JSON ({e})") from None
+
+
+def _architecture(cfg: dict, path: Path) -> str:
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise QCError(f"{path}: architecture {arch!r} is not supported; supported: "
+                      f"{', '.join(SUPPORTED_ARCHITECTURES)} (dense only)")
+    if cfg.get("num_experts") or cfg.get("num_local_experts"):
+        raise QCError(f"{path}: mixture-of-experts models are not supported; supported: dense "
+                      f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    return arch
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wmap = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, OSError) as e:
+            raise QCError(f"{index}: unreadable index ({e}); expected {{'weight_map': {{...}}}}") from None
+        for f in sorted(set(wmap.values())):
+            if not (path / f).is_file():
+                raise QCError(f"{index}: shard {f} is missing")
+            _check_header(path / f)
+        return dict(wmap)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        bins = list(path.glob("*.bin"))
+        hint = " (.bin checkpoints are not supported: convert them to safetensors)" if bins else ""
+        raise QCError(f"{path}: no *.safetensors weights found{hint}")
+    wmap = {}
+    for f in files:
+        for name in _check_header(f):
+            wmap[name] = f.name
+    return wmap
+
+
+def _check_header(file: Path) -> list[str]:
+    try:
+        with safe_open(file, "pt") as h:
+            return list(h.keys())
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise QCError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
+
+
+def _source_dtype(cfg: dict) -> torch.dtype:
+    name = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").replace("torch.", "")
+    return {"float32": torch.float32, **DTYPES}.get(name, torch.bfloat16)
+
+
+def open_checkpoint(path: str | Path, dtype: str | None = None) -> Checkpoint:
+    """Validate an HF folder and open its weights lazily. dtype None: the checkpoint's own (fp32 -> bf16)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise QCError(f"model folder {path} does not exist")
+    cfg = _read_config(path)
+    arch = _architecture(cfg, path)
+    src = _source_dtype(cfg)
+    target = parse_dtype(dtype) if dtype else (src if src in DTYPES.values() else torch.bfloat16)
+    return Checkpoint(path=path, config=cfg, architecture=arch, dtype=target, source_dtype=src,
+                      weight_map=_weight_map(path))
+
+
+def load_tokenizer(path: Path):
+    """The checkpoint's tokenizer (transformers AutoTokenizer); QCError when it has none."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises many types for a missing/broken tokenizer
+        raise QCError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None

@@ -1,0 +1,75 @@
+"""PassManager: validates a whole pipeline before any work, then runs it on each layer graph.
+
+- `validate()` simulates the IR properties through the pipeline: a pass whose `requires` are not all
+  produced by the passes before it, or whose `forbids` already hold, is an error naming the pass, what it
+  needs and what the passes before it produce. Nothing runs before the pipeline is valid.
+- `run(gm, ctx)` runs the passes in order; instruments see every pass (timing, dumps); the verifier runs
+  after each pass that modified the graph (on by default); a failure is re-raised as `PassError` naming
+  the pass, the layer and the passes that ran before it.
+"""
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import PassError, QCError
+from ..ir.verifier import verify
+from .base import LayerContext, Pass
+
+#: what a freshly captured layer graph satisfies
+INITIAL_PROPERTIES = frozenset({"captured"})
+
+
+class PassManager:
+    def __init__(self, passes: Sequence[Pass], instruments: Sequence = (), verify_each: bool = True,
+                 initial: frozenset[str] = INITIAL_PROPERTIES):
+        self.passes = list(passes)
+        self.instruments = list(instruments)
+        self.verify_each = verify_each
+        self.initial = initial
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.passes]
+
+    def validate(self) -> frozenset[str]:
+        """Check requires/forbids along the pipeline; returns the final properties. Raises QCError."""
+        have = set(self.initial)
+        seen = []
+        for p in self.passes:
+            missing = p.requires - have
+            if missing:
+                before = ", ".join(seen) or "(none)"
+                raise QCError(f"pass {p.name} requires {sorted(missing)}; passes before it ({before}) "
+                              f"produce {sorted(have)}")
+            clash = p.forbids & have
+            if clash:
+                culprit = next((q.name for q in self.passes if q.produces & clash), "an earlier pass")
+                raise QCError(f"pass {p.name} must run before {culprit}: it needs {sorted(clash)} not yet "
+                              f"to hold (order: {', '.join(seen + [p.name])})")
+            if p.name in seen:
+                raise QCError(f"pass {p.name} appears twice in the pipeline")
+            have |= p.produces
+            seen.append(p.name)
+        return frozenset(have)
+
+    def run(self, gm: torch.fx.GraphModule, ctx: LayerContext) -> torch.fx.GraphModule:
+        done = []
+        for index, p in enumerate(self.passes):
+            for inst in self.instruments:
+                inst.before_pass(index, p, gm, ctx)
+            try:
+                result = p.run(gm, ctx)
+                if self.verify_each and result.modified:
+                    verify(result.gm)
+            except QCError:
+                raise
+            except Exception as e:
+                ran = ", ".join(done) or "(none)"
+                raise PassError(f"pass {p.name} failed on layer {ctx.index}: {type(e).__name__}: {e} "
+                                f"(passes run before it: {ran})") from e
+            gm = result.gm
+            for inst in self.instruments:
+                inst.after_pass(index, p, result, ctx)
+            done.append(p.name)
+        return gm
+

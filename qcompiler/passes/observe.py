@@ -1,0 +1,41 @@
+"""observe (internal): insert activation observers on the input edges of statically quantized Linears.
+
+One observer per distinct input node, shared by all annotated Linears that read it (q/k/v, gate/up), so
+a fused group gets identical activation statistics. Other consumers of the input keep reading it
+directly. Observers are `call_module` nodes (`qc_observer_<n>` submodules, `meta.OBSERVER` set).
+Requires: annotated. Produces: observed. Lowering removes them.
+"""
+from ..ir import meta
+from ..ir.observers import MinMaxObserver
+from ..ir.patterns import linear_sites, shared_input_groups
+from .base import Pass, PassResult
+from .registry import register
+
+
+@register
+class Observe(Pass):
+    name = "observe"
+    summary = "insert min-max observers on inputs of statically quantized Linears"
+    requires = frozenset({"annotated"})
+    produces = frozenset({"observed"})
+    internal = True
+
+    def run(self, gm, ctx):
+        count = 0
+        for group in shared_input_groups(linear_sites(gm)):
+            static = [s for s in group if meta.QUANT_SPEC in s.node.meta
+                      and s.node.meta[meta.QUANT_SPEC].needs_static_observer()]
+            if not static:
+                continue
+            obs_name = f"qc_observer_{count}"
+            gm.add_submodule(obs_name, MinMaxObserver())
+            with gm.graph.inserting_after(group[0].input):
+                obs = gm.graph.call_module(obs_name, (group[0].input,))
+            obs.meta[meta.OBSERVER] = obs_name
+            obs.meta["val"] = group[0].input.meta.get("val")
+            for s in static:
+                s.node.replace_input_with(s.input, obs)
+            count += 1
+        if count:
+            gm.recompile()
+        return PassResult(gm, modified=bool(count), stats={"observers": count})

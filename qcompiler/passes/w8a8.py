@@ -1,0 +1,25 @@
+"""w8a8: static W8A8 (the artifact's "W8A8" type).
+
+Weight int8 per-channel symmetric; activation int8 per-tensor asymmetric with a static scale and offset
+from calibration (min-max). Linears that read one input (q/k/v, gate/up) share one activation scale
+and offset: the observer sits on their shared input edge, so they see the same statistics by
+construction. lm_head and the embedding stay float (they are not in decoder-layer graphs).
+Requires: captured. Produces: annotated. Limits: min-max only (outliers in down_proj's input hurt;
+`--exclude 'mlp\\.down_proj'` or the smoothing pass fix it).
+"""
+from ..ir.qspec import LinearQuantSpec, PerChannel, PerTensor, TensorQuant
+from .registry import register
+from .scheme import SchemePass
+
+
+@register
+class W8A8(SchemePass):
+    name = "w8a8"
+    summary = "static W8A8: int8 per-channel weights, int8 per-tensor asymmetric activations (min-max)"
+    quant_type = "W8A8"
+
+    def spec(self):
+        return LinearQuantSpec(quant_type="W8A8",
+                               weight=TensorQuant(8, symmetric=True, granularity=PerChannel()),
+                               activation=TensorQuant(8, symmetric=False, granularity=PerTensor()),
+                               pass_name=self.name)

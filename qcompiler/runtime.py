@@ -1,0 +1,160 @@
+"""Running models: the executable graph in OUT/executable, or a float HF folder through the same code.
+
+A model is a `Head` (embedding, rotary tables, final norm, lm_head: plain float math written here, no
+transformers modeling code) plus a `LayerProvider` that hands out decoder-layer callables
+`f(hidden [B, L, H], position_embeddings=(cos, sin)) -> hidden`:
+- `ExecutableLayers`: torch.export programs (`layers/layer_NNN.pt2`) of the lowered graphs, whose
+  fused ops are `torch.ops.qc.*` (registered by importing qcompiler.backends.ascend);
+- `CapturedFloatLayers`: the float layers of a checkpoint, captured with torch.export exactly as the
+  compiler does before any pass (so float and quantized numbers come from one code path).
+
+Executable folder layout (all written by `save_executable_head` / the driver):
+    executable/model.json        format, dtype, sizes, eps, rope scaling, the pipeline that made it
+    executable/head.safetensors  embed_tokens.weight, norm.weight, lm_head.weight (if untied), inv_freq
+    executable/layers/layer_NNN.pt2
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .errors import QCError
+
+EXECUTABLE_DIR = "executable"
+FORMAT = "qcompiler-executable"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Head:
+    """Everything outside the decoder layers, as float tensors in the model dtype."""
+    embed_weight: torch.Tensor
+    norm_weight: torch.Tensor
+    lm_head_weight: torch.Tensor
+    inv_freq: torch.Tensor        # float32 [head_dim/2], from the checkpoint's rotary embedding
+    attention_scaling: float
+    eps: float
+    dtype: torch.dtype
+
+    def embed(self, ids: torch.LongTensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed_weight)
+
+    def rope(self, seq_len: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [1, L, head_dim] for positions start..start+L-1, computed as transformers does."""
+        pos = torch.arange(start, start + seq_len, dtype=torch.float32)[None]
+        freqs = pos[..., None] * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return ((emb.cos() * self.attention_scaling).to(self.dtype),
+                (emb.sin() * self.attention_scaling).to(self.dtype))
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """RMSNorm with the exact op order of transformers' LlamaRMSNorm / Qwen2RMSNorm."""
+        h32 = h.to(torch.float32)
+        h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.norm_weight * h32.to(h.dtype)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.final_norm(h), self.lm_head_weight)
+
+    def save(self, folder: Path, tied: bool) -> None:
+        tensors = {"embed_tokens.weight": self.embed_weight, "norm.weight": self.norm_weight,
+                   "inv_freq": self.inv_freq}
+        if not tied:
+            tensors["lm_head.weight"] = self.lm_head_weight
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "head.safetensors"),
+                  metadata={"format": "pt"})
+
+    @classmethod
+    def load(cls, folder: Path, info: dict) -> "Head":
+        t = load_file(str(folder / "head.safetensors"))
+        dtype = getattr(torch, info["dtype"])
+        return cls(embed_weight=t["embed_tokens.weight"], norm_weight=t["norm.weight"],
+                   lm_head_weight=t.get("lm_head.weight", t["embed_tokens.weight"]), inv_freq=t["inv_freq"],
+                   attention_scaling=float(info["attention_scaling"]), eps=float(info["rms_norm_eps"]),
+                   dtype=dtype)
+
+
+def head_from_checkpoint(ckpt, rotary) -> Head:
+    """The float head of a checkpoint; `rotary` is the transformers rotary module (for inv_freq/scaling)."""
+    if str(ckpt.config.get("rope_scaling") or {}).find("dynamic") >= 0:
+        raise QCError("dynamic RoPE scaling is not supported (its tables change with sequence length)")
+    embed = ckpt.tensor("model.embed_tokens.weight")
+    lm = embed if ckpt.tie_word_embeddings else ckpt.tensor("lm_head.weight")
+    return Head(embed_weight=embed, norm_weight=ckpt.tensor("model.norm.weight"), lm_head_weight=lm,
+                inv_freq=rotary.inv_freq.detach().float().clone(),
+                attention_scaling=float(rotary.attention_scaling),
+                eps=float(ckpt.config.get("rms_norm_eps", 1e-6)), dtype=ckpt.dtype)
+
+
+def run_layer_batched(layer, hidden: torch.Tensor, position_embeddings, batch_size: int) -> torch.Tensor:
+    """Apply one layer to every sequence of `hidden` [N, L, H], `batch_size` sequences at a time."""
+    outs = []
+    with torch.inference_mode():
+        for start in range(0, hidden.shape[0], batch_size):
+            outs.append(layer(hidden[start:start + batch_size], position_embeddings=position_embeddings))
+    return torch.cat(outs)
+
+
+class ExecutableLayers:
+    """Decoder layers of a compiled OUT folder, loaded from their .pt2 programs on demand."""
+
+    def __init__(self, folder: Path, info: dict):
+        from .backends import ascend  # noqa: F401  registers torch.ops.qc.* before loading programs
+        self.folder, self.info = folder, info
+        self.num_layers = int(info["num_layers"])
+
+    def get(self, index: int, sample=None):
+        path = self.folder / "layers" / f"layer_{index:03d}.pt2"
+        if not path.is_file():
+            raise QCError(f"{path} is missing: the executable graph is incomplete")
+        return torch.export.load(str(path)).module()
+
+
+class CapturedFloatLayers:
+    """Float decoder layers of a checkpoint, captured like the compiler does (before any pass)."""
+
+    def __init__(self, skeleton):
+        self.skeleton = skeleton
+        self.num_layers = skeleton.ckpt.num_layers
+
+    def get(self, index: int, sample):
+        return self.skeleton.capture_layer(index, sample)
+
+
+@dataclass
+class LoadedModel:
+    head: Head
+    layers: object            # ExecutableLayers | CapturedFloatLayers
+    tokenizer: object
+    kind: str                 # "executable" | "float"
+    info: dict
+
+
+def is_compiled(path: Path) -> bool:
+    return (Path(path) / EXECUTABLE_DIR / "model.json").is_file()
+
+
+def load_model(path: str | Path, dtype: str | None = None) -> LoadedModel:
+    """An OUT folder (its executable graph) or an HF folder / alias (float, captured) for eval and run."""
+    from .loading import load_tokenizer
+    from .model_zoo import resolve_model_dir
+    path = Path(path) if Path(path).is_dir() else resolve_model_dir(str(path))
+    if is_compiled(path):
+        folder = path / EXECUTABLE_DIR
+        info = json.loads((folder / "model.json").read_text())
+        if info.get("format") != FORMAT or info.get("version") != FORMAT_VERSION:
+            raise QCError(f"{folder / 'model.json'}: not a {FORMAT} v{FORMAT_VERSION} graph")
+        if dtype and dtype != info["dtype"]:
+            raise QCError(f"{path} was compiled for {info['dtype']}; --dtype {dtype} cannot change that")
+        return LoadedModel(Head.load(folder, info), ExecutableLayers(folder, info), load_tokenizer(path),
+                           "executable", info)
+    from .ir.capture import HFSkeleton
+    from .loading import dtype_name, open_checkpoint
+    ckpt = open_checkpoint(path, dtype)
+    skeleton = HFSkeleton(ckpt)
+    info = {"dtype": dtype_name(ckpt.dtype), "num_layers": ckpt.num_layers, "model_type": ckpt.model_type}
+    return LoadedModel(head_from_checkpoint(ckpt, skeleton.rotary), CapturedFloatLayers(skeleton),
+                       load_tokenizer(path), "float", info)

@@ -1,0 +1,205 @@
+"""Streaming writer of the Ascend deployable artifact (shared/spec/ascend-artifact.md, sections 1-2).
+
+Contract
+- `ArtifactWriter(out_dir, model_dtype)`: `add(name, tensor, quant_type)` per tensor, in any order, then
+  `finish(source_dir, config, ...)` once. Memory is bounded: tensors are buffered only until the buffer would
+  exceed `max_shard_bytes`, then written as a shard (`quant_model_weights-partNNNNN.safetensors`). `finish`
+  renames the shards to `quant_model_weights-0000i-of-0000N.safetensors` + `quant_model_weights.safetensors.index.json`
+  (or the single `quant_model_weights.safetensors`, no index), writes `quant_model_description.json` and
+  `config.json`, and copies tokenizer / generation / chat-template / remote-code files from the source model.
+- `out_dir` is meant to be a temporary folder that the caller renames into place when `finish` returned; the
+  engines load every top-level `*.safetensors`, so other outputs (reports, graphs) belong in a subfolder.
+- Output is deterministic: the same adds and arguments give byte-identical files (no timestamps; shard split
+  follows add order; JSON keys in a fixed order).
+
+Limits
+- The writer does not check the tensors against the spec (encode.py produces them; the conformance checker
+  shared/tools/check_ascend_artifact.py verifies a finished artifact). It checks names, types and file layout.
+- A shard exceeds `max_shard_bytes` only when a single tensor does.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from qcompiler.backends.ascend.encode import (FLOAT, QUANT_TYPES, as_model_dtype, mindie_quantize_name,
+                                              model_dtype_name, model_quant_type)
+from qcompiler.errors import QCError
+
+DESCRIPTION_FILE = "quant_model_description.json"
+WEIGHTS_FILE = "quant_model_weights.safetensors"
+INDEX_FILE = "quant_model_weights.safetensors.index.json"
+DESCRIPTION_VERSION = "1.0.0"
+# Top-level description keys besides model_quant_type / version / group_size (the checker's TOP_KEYS).
+EXTRA_DESCRIPTION_KEYS = ("kv_cache_type", "kv_quant_type", "fa_quant_type", "reduce_quant_type", "metadata",
+                          "optional", "indexer_quant_type", "is_nzcasted", "AtlasGMMPermute")
+_FIXED_KEYS = ("model_quant_type", "version", "group_size")
+
+# Files the engines need from the source model folder (tokenizer, generation defaults, chat template, remote code).
+COPY_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "chat_template*",
+                 "vocab.json", "merges.txt", "*.model", "added_tokens.json", "*.py")
+# Never copied: the engines would load float weights or a stale index next to ours.
+_NEVER_COPY = ("*.safetensors", "*.index.json", "config.json", DESCRIPTION_FILE)
+
+
+def write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
+    """Deterministic JSON: indent 2, keys sorted unless the caller's order matters, trailing newline."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=False, allow_nan=False)
+    Path(path).write_text(text + "\n", encoding="utf-8")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key putting model.layers.2 before model.layers.10 (digits compare as numbers)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class ArtifactWriter:
+    """Streams quantized tensors into an AscendV1 artifact folder; see the module docstring."""
+
+    def __init__(self, out_dir: Path, model_dtype: torch.dtype | str, max_shard_bytes: int = 5 * 2**30):
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
+        self.out_dir = Path(out_dir)
+        self.model_dtype = as_model_dtype(model_dtype)
+        self.max_shard_bytes = max_shard_bytes
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        stale = sorted(p.name for p in self.out_dir.glob("*.safetensors*")) + sorted(
+            p.name for p in self.out_dir.glob(DESCRIPTION_FILE))
+        if stale:
+            # the engines load every top-level *.safetensors: leftovers would be loaded with ours
+            raise QCError(f"artifact folder {self.out_dir} already holds {', '.join(stale[:3])}: use an empty folder")
+        self._types: dict[str, str] = {}      # every added tensor -> its quant type
+        self._sizes: dict[str, int] = {}      # every added tensor -> data bytes (index total_size)
+        self._buffer: dict[str, Tensor] = {}
+        self._buffered = 0
+        self._shards: list[tuple[str, list[str]]] = []  # (streaming file name, tensor names)
+        self._finished = False
+
+    @property
+    def quant_types(self) -> dict[str, str]:
+        """A copy of {tensor name: quant type} for everything added so far."""
+        return dict(self._types)
+
+    def add(self, name: str, tensor: Tensor, quant_type: str) -> None:
+        """Queue one tensor (stored contiguous, as its own copy) under `name` with description type `quant_type`."""
+        if self._finished:
+            raise RuntimeError("ArtifactWriter.add after finish")
+        if not isinstance(name, str) or not name or name in _FIXED_KEYS or name in EXTRA_DESCRIPTION_KEYS:
+            raise ValueError(f"invalid tensor name {name!r}")
+        if name in self._types:
+            raise ValueError(f"tensor {name!r} added twice")
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(f"{name}: unknown quant type {quant_type!r}; known: {', '.join(QUANT_TYPES)}")
+        # own copy: safetensors refuses tensors sharing storage (tied weights, slices of one buffer)
+        t = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        size = _nbytes(t)
+        if self._buffer and self._buffered + size > self.max_shard_bytes:
+            self._flush()
+        self._types[name], self._sizes[name] = quant_type, size
+        self._buffer[name] = t
+        self._buffered += size
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        fname = f"quant_model_weights-part{len(self._shards):05d}.safetensors"
+        save_file(self._buffer, str(self.out_dir / fname), metadata={"format": "pt"})
+        self._shards.append((fname, list(self._buffer)))
+        self._buffer, self._buffered = {}, 0
+
+    def finish(self, source_dir: Path | None, config: dict, group_size: int = 0,
+               extra_description: dict | None = None, tied_lm_head: bool = False) -> dict[str, Any]:
+        """Write the last shard, name the weight files, write description and config.json, copy source files.
+
+        `config` is the source config.json as a dict (not modified). `tied_lm_head` (or the config's
+        tie_word_embeddings) adds `lm_head.weight: "FLOAT"` to the description when that tensor is not stored.
+        Returns the description as written.
+        """
+        if self._finished:
+            raise RuntimeError("ArtifactWriter.finish called twice")
+        if not self._types:
+            raise QCError("no tensors were added: nothing to write")
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 0:
+            raise ValueError(f"group_size must be an int >= 0, got {group_size!r}")
+        description = self._description(group_size, extra_description or {}, tied_lm_head or _tied(config))
+        self._flush()
+        self._name_weight_files()
+        write_json(self.out_dir / DESCRIPTION_FILE, description, sort_keys=False)
+        write_json(self.out_dir / "config.json", self._config(config, description["model_quant_type"]))
+        if source_dir is not None:
+            copy_source_files(Path(source_dir), self.out_dir)
+        self._finished = True
+        return description
+
+    def _description(self, group_size: int, extra: dict, tied: bool) -> dict[str, Any]:
+        types = dict(self._types)
+        if tied and "lm_head.weight" not in types:
+            types["lm_head.weight"] = FLOAT  # both engines look the key up even when the head is tied
+        bad = sorted(k for k in extra if k not in EXTRA_DESCRIPTION_KEYS)
+        if bad:
+            # any other top-level key would be read as a tensor entry by the engines and the checker
+            raise ValueError(f"extra_description keys {bad} are not description keys {EXTRA_DESCRIPTION_KEYS}")
+        head = {"model_quant_type": model_quant_type(types.values()), "version": DESCRIPTION_VERSION,
+                "group_size": group_size}
+        head.update({k: extra[k] for k in sorted(extra)})
+        head.update({k: types[k] for k in sorted(types, key=natural_key)})
+        return head
+
+    def _name_weight_files(self) -> None:
+        if len(self._shards) == 1:
+            (self.out_dir / self._shards[0][0]).rename(self.out_dir / WEIGHTS_FILE)
+            return
+        total = len(self._shards)
+        weight_map = {}
+        for i, (tmp, names) in enumerate(self._shards, start=1):
+            final = f"quant_model_weights-{i:05d}-of-{total:05d}.safetensors"
+            (self.out_dir / tmp).rename(self.out_dir / final)
+            weight_map.update({n: final for n in names})
+        index = {"metadata": {"total_size": sum(self._sizes.values())},
+                 "weight_map": {n: weight_map[n] for n in sorted(weight_map, key=natural_key)}}
+        write_json(self.out_dir / INDEX_FILE, index, sort_keys=False)
+
+    def _config(self, config: dict, quant_type: str) -> dict:
+        cfg = copy.deepcopy(config)
+        dtype = model_dtype_name(self.model_dtype)
+        for part in (cfg, cfg.get("text_config")):
+            if isinstance(part, dict):
+                part.pop("quantization_config", None)  # a quant_method there overrides vLLM-Ascend's "ascend"
+                # the engines pick the deq_scale decoding from it: keep both spellings in step (transformers 5: dtype)
+                part["torch_dtype"] = part["dtype"] = dtype
+        name = mindie_quantize_name(quant_type)
+        if name is None:
+            cfg.pop("quantize", None)
+        else:
+            cfg["quantize"] = name
+        return cfg
+
+
+def _tied(config: dict) -> bool:
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+
+
+def copy_source_files(source_dir: Path, out_dir: Path) -> list[str]:
+    """Copy the tokenizer / generation / chat-template / *.py files (top level only); returns their names."""
+    if not source_dir.is_dir():
+        raise QCError(f"source model folder {source_dir} does not exist")
+    names = set()
+    for pattern in COPY_PATTERNS:
+        names |= {p.name for p in source_dir.glob(pattern) if p.is_file()}
+    names = sorted(n for n in names if not any(Path(n).match(x) for x in _NEVER_COPY))
+    for n in names:
+        shutil.copyfile(source_dir / n, out_dir / n)  # contents only: no timestamps or permissions carried over
+    return names

@@ -1,0 +1,382 @@
+"""Encode quantized Linears into the exact tensors of the Ascend artifact (shared/spec/ascend-artifact.md, section 3).
+
+Contract
+- Pure tensor functions on CPU tensors; nothing here touches files. Float math is done in float32 (weights may
+  arrive in bf16/fp16/fp32); integer-exact quantities (`quant_bias`) are computed in float64.
+- Each `encode_<type>` returns `dict[suffix, Tensor]` (`weight`, `bias`, `input_scale`, ...) with the spec's
+  exact dtypes and shapes; the caller prefixes the Linear's HF path and types every tensor with the quant type
+  except `bias`, which is "FLOAT" (`tensor_quant_type` says which).
+- Weights are symmetric and never use the most negative code: int8 codes lie in [-127, 127] and int4 codes in
+  [-7, 7] (the checker reports -128 / -8 as asymmetric, and symmetric kernels assume it).
+- A zero row (per-channel) or zero group gets scale 1.0, so every stored scale is finite and > 0.
+- Every encoder takes either the float `weight` (quantized here with absmax scales), or `weight` plus a given
+  `scale=` (clipping searches pick their own scale), or precomputed integer codes `q=` plus `scale=`
+  (error-compensating passes such as GPTQ do their own rounding; `weight` may then be None).
+
+Limits
+- Model dtype must be float16 or bfloat16 (what the engines run); it only matters for the static activation
+  scale (rounded to it) and for the `deq_scale` encoding (int64 bit-copy for fp16, float32 for bf16).
+- q/k/v (and gate/up) of one layer must share `input_scale`/`input_offset`: the caller passes the same values.
+- W8A8S uses `encode_w8a8` on sparsified codes (`q=`); W8A8SC, W16A16S, C8 and FA3 tensors are not encoded here.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from qcompiler.backends.ascend.int4 import pack_int4
+from qcompiler.errors import QCError
+
+# ---- quant type strings (spec section 2) -------------------------------------------------------------------------
+FLOAT = "FLOAT"
+W16A16S = "W16A16S"
+W8A16 = "W8A16"
+W8A8_DYNAMIC = "W8A8_DYNAMIC"
+W8A8_MIX = "W8A8_MIX"
+W8A8 = "W8A8"
+W8A8S = "W8A8S"
+W8A8SC = "W8A8SC"
+W4A16 = "W4A16"
+W4A8_DYNAMIC = "W4A8_DYNAMIC"
+C8 = "C8"
+FAQUANT = "FAQuant"
+
+QUANT_TYPES = (FLOAT, W8A8, W8A8_DYNAMIC, W8A8_MIX, W8A16, W4A16, W4A8_DYNAMIC, W8A8S, W8A8SC, W16A16S, C8, FAQUANT)
+# Types a Linear's weight can carry (C8 / FAQuant type attention side tensors only).
+LINEAR_QUANT_TYPES = (FLOAT, W16A16S, W8A16, W8A8_DYNAMIC, W8A8_MIX, W8A8, W8A8S, W8A8SC, W4A16, W4A8_DYNAMIC)
+
+# model_quant_type order, weakest first. The first six are the spec's priority. The spec only says that
+# W8A8S-only / W4-only models use that type; we extend it so that a model *containing* such Linears is named
+# by them, with everything else read as fallbacks: W8A8S(C) beats every dense int8 type (a sparse model with
+# dense fallbacks is still deployed as a sparse model), and the int4 types beat everything (an int4 model with
+# int8/float fallbacks is still an int4 model; W4A8_DYNAMIC over W4A16 because, as in the spec's order,
+# the activation-quantized type wins).
+_MODEL_TYPE_ORDER = (FLOAT, W16A16S, W8A16, W8A8_DYNAMIC, W8A8_MIX, W8A8, W8A8S, W8A8SC, W4A16, W4A8_DYNAMIC)
+
+_MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---- small helpers ------------------------------------------------------------------------------------------------
+def as_model_dtype(model_dtype: torch.dtype | str) -> torch.dtype:
+    """torch.float16 / torch.bfloat16 (also accepts "float16", "bfloat16", "torch.float16"); else QCError."""
+    if isinstance(model_dtype, str):
+        model_dtype = _MODEL_DTYPES.get(model_dtype.replace("torch.", ""), model_dtype)
+    if model_dtype not in (torch.float16, torch.bfloat16):
+        raise QCError(f"model dtype {model_dtype!r} is not supported: Ascend artifacts are float16 or bfloat16")
+    return model_dtype
+
+
+def model_dtype_name(model_dtype: torch.dtype | str) -> str:
+    """The model dtype as config.json spells it: "float16" or "bfloat16"."""
+    return str(as_model_dtype(model_dtype)).replace("torch.", "")
+
+
+def tensor_quant_type(suffix: str, linear_type: str) -> str:
+    """Description type of one encoded tensor: the Linear's type, except its float `bias` (spec section 2)."""
+    return FLOAT if suffix == "bias" else linear_type
+
+
+def _qmax(bits: int) -> int:
+    if bits == 8:
+        return 127
+    if bits == 4:
+        return 7
+    raise ValueError(f"bits must be 8 or 4, got {bits}")
+
+
+def _check_2d(t: Tensor, what: str) -> tuple[int, int]:
+    if t.dim() != 2:
+        raise ValueError(f"{what} must be 2-D [n, k], got shape {list(t.shape)}")
+    return t.shape[0], t.shape[1]
+
+
+def _num_groups(k: int, group_size: int) -> int:
+    """Scale columns: 1 per-channel (group_size 0), k / group_size per-group."""
+    if group_size < 0:
+        raise ValueError(f"group_size must be >= 0, got {group_size}")
+    if group_size == 0:
+        return 1
+    if k % group_size:
+        raise ValueError(f"k={k} is not a multiple of group_size={group_size}")
+    return k // group_size
+
+
+def _check_scale(scale: Tensor, n: int, k: int, group_size: int) -> Tensor:
+    """A given weight scale as float32 [n, G]; per-channel also accepts [n]. Finite and > 0."""
+    g = _num_groups(k, group_size)
+    scale = torch.as_tensor(scale).detach().float()
+    if g == 1 and scale.shape == (n,):
+        scale = scale.reshape(n, 1)
+    if tuple(scale.shape) != (n, g):
+        raise ValueError(f"weight scale shape {list(scale.shape)}, expected {[n, g]} (group_size={group_size})")
+    if not (torch.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError("weight scale must be finite and > 0")
+    return scale.contiguous()
+
+
+# ---- weights ------------------------------------------------------------------------------------------------------
+def quantize_weight(w: Tensor, bits: int = 8, group_size: int = 0,
+                    scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Symmetric weight quantization: returns (int8 codes [n, k], float32 scale [n, 1] or [n, k/group_size]).
+
+    scale = absmax / qmax per row (group_size 0) or per group of `group_size` along k, qmax = 127 (8 bits) or
+    7 (4 bits); zero rows/groups get scale 1.0. q = clamp(round(w / scale), -qmax, qmax): -128 / -8 never occur.
+    A given `scale` ([n, G], or [n] per-channel) is used as is (finite, > 0).
+    """
+    qmax = _qmax(bits)
+    n, k = _check_2d(w, "weight")
+    g = _num_groups(k, group_size)
+    wf = w.detach().float()
+    if not torch.isfinite(wf).all():
+        raise ValueError("weight contains NaN or Inf")
+    groups = wf.reshape(n, g, k // g)
+    if scale is None:
+        scale = groups.abs().amax(dim=-1) / qmax
+        # zero group (or an absmax so small that /qmax underflows): any scale codes it as 0; 1.0 keeps it finite
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    else:
+        scale = _check_scale(scale, n, k, group_size)
+    q = torch.round(groups / scale.unsqueeze(-1)).clamp_(-qmax, qmax)
+    return q.to(torch.int8).reshape(n, k), scale.contiguous()
+
+
+def _resolve_weight(weight: Tensor | None, q: Tensor | None, scale: Tensor | None,
+                    bits: int, group_size: int) -> tuple[Tensor, Tensor]:
+    """(int8 codes, float32 scale) from a float weight or from precomputed codes (see the module docstring)."""
+    if q is None:
+        if weight is None:
+            raise ValueError("pass a float `weight`, or precomputed codes `q=` with `scale=`")
+        return quantize_weight(weight, bits, group_size, scale)
+    if scale is None:
+        raise ValueError("precomputed codes `q=` need their `scale=`")
+    n, k = _check_2d(q, "q")
+    if weight is not None and tuple(weight.shape) != (n, k):
+        raise ValueError(f"weight shape {list(weight.shape)} != q shape {[n, k]}")
+    qmax = _qmax(bits)
+    if q.is_floating_point() and not torch.equal(q, torch.round(q)):
+        raise ValueError("q must hold integer codes")
+    if q.numel() and (q.min() < -qmax or q.max() > qmax):
+        raise ValueError(f"q must lie in the symmetric range [-{qmax}, {qmax}] for {bits}-bit weights, "
+                         f"got [{int(q.min())}, {int(q.max())}]")
+    return q.detach().to(torch.int8).contiguous(), _check_scale(scale, n, k, group_size)
+
+
+def _bias(bias: Tensor | None, n: int) -> Tensor | None:
+    """The float bias as stored: float32 [n]."""
+    if bias is None:
+        return None
+    b = bias.detach().float().reshape(-1).contiguous()
+    if b.shape != (n,):
+        raise ValueError(f"bias shape {list(bias.shape)}, expected {[n]}")
+    if not torch.isfinite(b).all():
+        raise ValueError("bias contains NaN or Inf")
+    return b
+
+
+def _weight_tensors(q: Tensor, scale: Tensor, bias: Tensor | None) -> dict[str, Tensor]:
+    """weight, weight_scale, weight_offset (zeros: symmetric) and the optional float bias."""
+    out = {"weight": q, "weight_scale": scale, "weight_offset": torch.zeros_like(scale)}
+    b = _bias(bias, q.shape[0])
+    if b is not None:
+        out["bias"] = b
+    return out
+
+
+def _pack(q: Tensor, dim: int, what: str) -> Tensor:
+    """int4 codes -> packed int8 along `dim`; the spec's shapes (n/2 or k/2) need an even size there."""
+    if q.shape[dim] % 2:
+        raise ValueError(f"{what}: packing int4 along dim {dim} needs an even size, got shape {list(q.shape)}")
+    return pack_int4(q, dim).contiguous()
+
+
+# ---- activations --------------------------------------------------------------------------------------------------
+def _round_to_dtype(value: float, dtype: torch.dtype) -> float:
+    """`value` rounded to the model dtype, as a Python float (exactly representable in float32 and in dtype)."""
+    return torch.tensor(value, dtype=torch.float64).to(dtype).float().item()
+
+
+def min_activation_scale(model_dtype: torch.dtype | str) -> float:
+    """Smallest activation scale we store: the largest power of two 2**-e whose reciprocal 2**e is finite in
+    the model dtype (2**-15 for float16, 2**-127 for bfloat16), since the engine multiplies by dtype(1/s)."""
+    return 2.0 ** -math.floor(math.log2(torch.finfo(as_model_dtype(model_dtype)).max))
+
+
+def static_activation_params(xmin: float, xmax: float, model_dtype: torch.dtype | str) -> tuple[Tensor, Tensor]:
+    """Per-tensor asymmetric int8 activation parameters: (input_scale [1] f32, input_offset [1] f32).
+
+    Convention (spec 3, W8A8): x_q = clamp(round(x / s + o), -128, 127), x ~ (x_q - o) * s.
+    The range is widened to include 0; s = (xmax - xmin) / 255 rounded to the model dtype (the engine rounds it
+    anyway, so the stored float32 is exactly what runs), floored at `min_activation_scale(dtype)` so that s > 0
+    and the engine's reciprocal dtype(1/s) stays finite (degenerate or tiny range: for float16 any range below
+    about 0.0078 gets the floor 2**-15); o = round(-128 - xmin / s) clamped to [-128, 127].
+    """
+    dtype = as_model_dtype(model_dtype)
+    xmin, xmax = float(xmin), float(xmax)
+    if not (np.isfinite(xmin) and np.isfinite(xmax)) or xmin > xmax:
+        raise ValueError(f"activation range must be finite with xmin <= xmax, got [{xmin}, {xmax}]")
+    xmin, xmax = min(xmin, 0.0), max(xmax, 0.0)
+    s = max(_round_to_dtype((xmax - xmin) / 255.0, dtype), min_activation_scale(dtype))
+    if not np.isfinite(s):
+        raise QCError(f"activation range [{xmin}, {xmax}] is too wide for {dtype}: its scale overflows")
+    o = min(max(round(-128.0 - xmin / s), -128), 127)  # Python round: half to even, like torch.round
+    return torch.tensor([s], dtype=torch.float32), torch.tensor([float(o)], dtype=torch.float32)
+
+
+def _activation_param(value: Tensor | float, what: str) -> Tensor:
+    """A per-tensor activation parameter as float32 [1]."""
+    t = torch.as_tensor(value).detach().float().reshape(-1)
+    if t.shape != (1,):
+        raise ValueError(f"{what} must be per-tensor (one value), got shape {list(torch.as_tensor(value).shape)}")
+    return t.contiguous()
+
+
+def _static_params(input_scale: Tensor | float, input_offset: Tensor | float) -> tuple[Tensor, Tensor]:
+    s_x = _activation_param(input_scale, "input_scale")
+    o_x = _activation_param(input_offset, "input_offset")
+    if not (torch.isfinite(s_x).all() and (s_x > 0).all()):
+        raise ValueError(f"input_scale must be finite and > 0, got {s_x.item()}")
+    o = o_x.item()
+    if o != round(o) or not -128 <= o <= 127:
+        raise ValueError(f"input_offset must be an integer in [-128, 127], got {o}")
+    return s_x, o_x
+
+
+# ---- deq_scale ----------------------------------------------------------------------------------------------------
+def encode_deq_scale(deq: Tensor, model_dtype: torch.dtype | str) -> Tensor:
+    """deq_scale as stored: float32 [n] for bfloat16 models, int64 [n] bit-copy for float16 models.
+
+    The int64 holds the float32's IEEE-754 bits in its low 32 bits, high 32 bits zero (deq > 0, so the sign
+    extension of the spec's `np.frombuffer(f32.tobytes(), np.int32).astype(np.int64)` is zero too).
+    """
+    dtype = as_model_dtype(model_dtype)
+    d = deq.detach().float().reshape(-1).contiguous()
+    if not (torch.isfinite(d).all() and (d > 0).all()):
+        raise ValueError("deq_scale must be finite and > 0 (input_scale * weight_scale underflowed?)")
+    if dtype == torch.bfloat16:
+        return d
+    bits = np.frombuffer(d.numpy().tobytes(), dtype=np.int32).astype(np.int64)
+    return torch.from_numpy(bits.copy())
+
+
+def decode_deq_scale(t: Tensor) -> Tensor:
+    """Inverse of `encode_deq_scale`: the float32 deq_scale values from either stored form."""
+    if t.dtype != torch.int64:
+        return t.float()
+    raw = t.numpy()
+    if (raw >> 32).any():
+        raise ValueError("int64 deq_scale has non-zero high 32 bits: not a float32 bit-copy")
+    return torch.from_numpy((raw & 0xFFFFFFFF).astype(np.uint32).view(np.float32).copy())
+
+
+def _quant_bias(q: Tensor, bias: Tensor | None, deq: Tensor, o_x: Tensor) -> Tensor:
+    """int32 [n] = round(b / deq - o_x * sum_k W_q), exact in float64 (b = 0 without bias)."""
+    n = q.shape[0]
+    b = torch.zeros(n, dtype=torch.float64) if bias is None else bias.double()
+    qb = torch.round(b / deq.double() - o_x.double() * q.sum(dim=1, dtype=torch.int64).double())
+    limit = torch.iinfo(torch.int32)
+    if qb.min() < limit.min or qb.max() > limit.max:
+        raise ValueError("quant_bias overflows int32 (bias too large for input_scale * weight_scale)")
+    return qb.to(torch.int32)
+
+
+# ---- one encoder per quant type (spec section 3) ------------------------------------------------------------------
+def encode_w8a8(weight: Tensor | None, bias: Tensor | None, input_scale: Tensor | float,
+                input_offset: Tensor | float, model_dtype: torch.dtype | str, *,
+                q: Tensor | None = None, scale: Tensor | None = None) -> dict[str, Tensor]:
+    """W8A8 static: weight i8 [n,k] per-channel, input_scale/input_offset f32 [1], deq_scale [n] (int64 for fp16,
+    f32 for bf16) = input_scale * weight_scale, quant_bias i32 [n], weight_scale/weight_offset f32 [n,1],
+    bias f32 [n] only when the Linear has one (already folded into quant_bias; typed FLOAT)."""
+    dtype = as_model_dtype(model_dtype)
+    wq, ws = _resolve_weight(weight, q, scale, bits=8, group_size=0)
+    s_x, o_x = _static_params(input_scale, input_offset)
+    out = _weight_tensors(wq, ws, bias)
+    deq = s_x * ws[:, 0]  # float32 product: what the checker and the engine compare against
+    out.update(input_scale=s_x, input_offset=o_x, deq_scale=encode_deq_scale(deq, dtype),
+               quant_bias=_quant_bias(wq, out.get("bias"), deq, o_x))
+    return out
+
+
+def encode_w8a8_mix(weight: Tensor | None, bias: Tensor | None, input_scale: Tensor | float,
+                    input_offset: Tensor | float, model_dtype: torch.dtype | str, *,
+                    q: Tensor | None = None, scale: Tensor | None = None) -> dict[str, Tensor]:
+    """W8A8_MIX (PD-mix): the W8A8 tensors with weight_scale/weight_offset [n,1] (required here, optional in
+    W8A8; `encode_w8a8` always writes them, so the tensor set is the same)."""
+    return encode_w8a8(weight, bias, input_scale, input_offset, model_dtype, q=q, scale=scale)
+
+
+def encode_w8a8_dynamic(weight: Tensor | None, bias: Tensor | None, *,
+                        q: Tensor | None = None, scale: Tensor | None = None) -> dict[str, Tensor]:
+    """W8A8_DYNAMIC: weight i8 [n,k], weight_scale f32 [n,1] > 0, weight_offset zeros [n,1], optional bias."""
+    wq, ws = _resolve_weight(weight, q, scale, bits=8, group_size=0)
+    return _weight_tensors(wq, ws, bias)
+
+
+def encode_w8a16(weight: Tensor | None, bias: Tensor | None, group_size: int = 0, *,
+                 q: Tensor | None = None, scale: Tensor | None = None) -> dict[str, Tensor]:
+    """W8A16: weight i8 [n,k]; weight_scale/weight_offset (zeros) f32 [n,1], or [n,k/g] per-group (MindIE only;
+    the description's top-level group_size must then equal `group_size`); optional bias."""
+    wq, ws = _resolve_weight(weight, q, scale, bits=8, group_size=group_size)
+    return _weight_tensors(wq, ws, bias)
+
+
+def encode_w4a16(weight: Tensor | None, bias: Tensor | None, group_size: int = 0, *,
+                 q: Tensor | None = None, scale: Tensor | None = None) -> dict[str, Tensor]:
+    """W4A16 (version 1.0.0 packing): codes in [-7,7]; per-channel (scale [n,1]) packs along k -> i8 [n,k/2],
+    per-group (scale [n,k/g]) packs along n -> i8 [n/2,k]; weight_scale/weight_offset (zeros) f32; optional bias.
+    group_size == k gives a [n,1] scale and is therefore packed (and read by the engines) as per-channel."""
+    wq, ws = _resolve_weight(weight, q, scale, bits=4, group_size=group_size)
+    out = _weight_tensors(wq, ws, bias)
+    out["weight"] = _pack(wq, dim=1 if ws.shape[1] == 1 else 0, what="W4A16 weight")
+    return out
+
+
+def encode_w4a8_dynamic(weight: Tensor | None, bias: Tensor | None, row_parallel: bool, *,
+                        q: Tensor | None = None, scale: Tensor | None = None) -> dict[str, Tensor]:
+    """W4A8_DYNAMIC: per-channel int4 codes packed along n -> i8 [n/2,k] (rows 2i/2i+1 share a byte, 2i low);
+    weight_scale f32 [n,1]; weight_offset zeros [n,1]; optional bias; scale_bias f32 (spec, reproduced as written):
+    8 * (W_q * weight_scale).sum(1, keepdim=True) -> [n,1], or for row-parallel Linears (o_proj, down_proj)
+    8 * deq.reshape(-1, k // 16).sum(1).reshape(n, 16) -> [n,16] (k must be a multiple of 16)."""
+    wq, ws = _resolve_weight(weight, q, scale, bits=4, group_size=0)
+    n, k = wq.shape
+    deq = wq.float() * ws
+    if row_parallel:
+        if k % 16:
+            raise ValueError(f"W4A8_DYNAMIC row-parallel scale_bias needs k % 16 == 0, got k={k}")
+        scale_bias = 8 * deq.reshape(-1, k // 16).sum(1).reshape(n, 16)
+    else:
+        scale_bias = 8 * deq.sum(1, keepdim=True)
+    out = _weight_tensors(wq, ws, bias)
+    out["weight"] = _pack(wq, dim=0, what="W4A8_DYNAMIC weight")
+    out["scale_bias"] = scale_bias.contiguous()
+    return out
+
+
+# ---- model-level names --------------------------------------------------------------------------------------------
+def model_quant_type(types: Iterable[str]) -> str:
+    """The description's model_quant_type from the types present (C8 / FAQuant are ignored).
+
+    Spec priority, later wins: FLOAT < W16A16S < W8A16 < W8A8_DYNAMIC < W8A8_MIX < W8A8. Extension (the spec
+    only covers models made of one such type): any W8A8S / W8A8SC Linear makes it that type (dense Linears are
+    fallbacks), and any int4 Linear makes it W4A16 or W4A8_DYNAMIC (W4A8_DYNAMIC if both occur). No Linear
+    quantized -> "FLOAT".
+    """
+    present = set()
+    for t in types:
+        if t not in QUANT_TYPES:
+            raise ValueError(f"unknown quant type {t!r}; known: {', '.join(QUANT_TYPES)}")
+        if t in _MODEL_TYPE_ORDER:
+            present.add(t)
+    return max(present, key=_MODEL_TYPE_ORDER.index, default=FLOAT)
+
+
+def mindie_quantize_name(model_type: str) -> str | None:
+    """config.json "quantize" for older MindIE builds: model_quant_type.lower() (what the checker accepts and
+    MindIE's QuantType spells: w8a8, w8a8_dynamic, w8a8_mix, w8a16, w4a16, w4a8_dynamic, w8a8s, ...);
+    None for an unquantized ("FLOAT") model, where the key is left out."""
+    if model_type not in _MODEL_TYPE_ORDER:
+        raise ValueError(f"{model_type!r} is not a model quant type")
+    return None if model_type == FLOAT else model_type.lower()

@@ -1,0 +1,131 @@
+"""Pass-manager contract: whole-pipeline validation before work, verifier, error wrapping, instruments."""
+import dataclasses
+
+import pytest
+import torch
+
+from qcompiler.errors import PassError, QCError
+from qcompiler.ir.capture import HFSkeleton
+from qcompiler.loading import open_checkpoint
+from qcompiler.passes import TAIL, LayerContext, PassManager, PassResult, make_pass
+from qcompiler.passes.base import Pass
+from qcompiler.passes.instruments import DumpInstrument, TimingInstrument
+from qcompiler.passes.registry import register
+
+
+def pipeline(*names):
+    return PassManager([make_pass(n) for n in names])
+
+
+def test_valid_pipeline():
+    props = pipeline("w8a8", *TAIL).validate()
+    assert {"captured", "annotated", "observed", "calibrated", "lowered"} <= props
+
+
+def test_lower_before_scheme_is_rejected_naming_both():
+    with pytest.raises(QCError, match=r"pass lower requires \['annotated', 'calibrated'\]; passes before it \(\(none\)\)"):
+        pipeline("lower", "w8a8").validate()
+
+
+def test_missing_scheme_is_rejected():
+    with pytest.raises(QCError, match=r"pass observe requires \['annotated'\]"):
+        pipeline(*TAIL).validate()
+
+
+def test_scheme_after_lowering_is_rejected():
+    pm = PassManager([make_pass("w8a8"), make_pass("observe"), make_pass("calibrate"), make_pass("lower"),
+                      make_pass("w8a8")])
+    with pytest.raises(QCError, match=r"pass w8a8 must run before lower"):
+        pm.validate()
+
+
+def test_duplicate_pass_is_rejected():
+    pm = PassManager([make_pass("w8a8"), make_pass("w8a8")] + [make_pass(n) for n in TAIL])
+    with pytest.raises(QCError, match="appears twice"):
+        pm.validate()
+
+
+def test_unknown_pass_and_option():
+    with pytest.raises(QCError, match=r"unknown pass 'nope'; available: .*w8a8"):
+        make_pass("nope")
+    with pytest.raises(QCError, match=r"pass w8a8: unknown option 'alpha'"):
+        make_pass("w8a8", {"alpha": "0.5"})
+
+
+def test_registry_rejects_duplicate_names():
+    with pytest.raises(TypeError, match="registered twice"):
+        @register
+        class Again(Pass):
+            name = "w8a8"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Opts:
+    ratio: float = 0.5
+    on: bool = False
+    n: int = 3
+
+
+class _Typed(Pass):
+    name = "typed-options-test"
+    Options = _Opts
+
+
+def test_option_conversion(monkeypatch):
+    from qcompiler.passes import registry
+    monkeypatch.setitem(registry.REGISTRY, _Typed.name, _Typed)
+    p = make_pass(_Typed.name, {"ratio": "0.25", "on": "true", "n": "7"})
+    assert p.options == _Opts(0.25, True, 7)
+    with pytest.raises(QCError, match=r"option n='x' is not a valid int"):
+        make_pass(_Typed.name, {"n": "x"})
+
+
+@pytest.fixture
+def layer(tiny_models):
+    ckpt = open_checkpoint(tiny_models["llama"])
+    skel = HFSkeleton(ckpt)
+    inputs = skel.layer0_inputs(torch.randint(0, 200, (2, 8), generator=torch.Generator().manual_seed(0)))
+    return skel.capture_layer(0, inputs), LayerContext(index=0, inputs=inputs, dtype=ckpt.dtype)
+
+
+class _Boom(Pass):
+    name = "boom"
+
+    def run(self, gm, ctx):
+        raise RuntimeError("kaboom")
+
+
+class _Corrupt(Pass):
+    name = "corrupt"
+
+    def run(self, gm, ctx):
+        node = next(n for n in gm.graph.nodes if n.op == "get_attr")
+        node.target = "no.such.tensor"
+        return PassResult(gm, modified=True)
+
+
+def test_failure_names_pass_layer_and_history(layer):
+    gm, ctx = layer
+    pm = PassManager([make_pass("w8a8"), _Boom()])
+    with pytest.raises(PassError, match=r"pass boom failed on layer 0: RuntimeError: kaboom \(passes run before it: w8a8\)"):
+        pm.run(gm, ctx)
+
+
+def test_verifier_runs_after_modifying_pass(layer):
+    gm, ctx = layer
+    with pytest.raises(PassError, match=r"pass corrupt failed on layer 0: GraphInvalid: .*no\.such\.tensor"):
+        PassManager([_Corrupt()]).run(gm, ctx)
+
+
+def test_instruments_time_and_dump(layer, tmp_path):
+    gm, ctx = layer
+    timing = TimingInstrument()
+    pm = PassManager([make_pass(n) for n in ("w8a8", *TAIL)], instruments=[timing, DumpInstrument(tmp_path)])
+    pm.validate()
+    pm.run(gm, ctx)
+    assert set(timing.seconds) == {"w8a8", "observe", "calibrate", "lower"}
+    files = sorted(p.name for p in (tmp_path / "layer000").iterdir())
+    # calibrate does not modify the graph: no file for it
+    assert files == ["000_capture.txt", "001_w8a8.txt", "002_observe.txt", "004_lower.txt"]
+    lowered = (tmp_path / "layer000" / "004_lower.txt").read_text()
+    assert "qc.quant_matmul" in lowered and "aten.linear" not in lowered

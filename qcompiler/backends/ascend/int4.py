@@ -1,0 +1,56 @@
+"""int4 packing helpers for the Ascend artifact (spec: ascend-artifact.md sec. 3, W4A16 / W4A8_DYNAMIC).
+
+Contract: two int4 values (two's complement, [-8, 7]) share one int8 byte; along the packed dimension,
+element `2i` sits in the low nibble and element `2i+1` in the high nibble. Example: packing [1, -2]
+gives 0xE1, i.e. int8 -31.
+
+Where the spec packs (dim is the caller's choice here):
+- W4A16 per-channel: along k, [n, k] -> [n, k/2]  (`pack_int4(q, dim=1)`)
+- W4A16 per-group and W4A8_DYNAMIC: along n, [n, k] -> [n/2, k]  (`pack_int4(q, dim=0)`)
+
+Limits: an odd size along `dim` is padded with one zero element; `unpack_int4(..., size=)` trims it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+INT4_MIN, INT4_MAX = -8, 7
+
+
+def pack_int4(q: Tensor, dim: int) -> Tensor:
+    """Pack int8 values in [-8, 7] two per byte along `dim` (result size ceil(size / 2) there)."""
+    if q.dtype != torch.int8:
+        raise ValueError(f"pack_int4 expects int8 values in [-8, 7], got dtype {q.dtype}")
+    if q.numel() and (int(q.min()) < INT4_MIN or int(q.max()) > INT4_MAX):
+        raise ValueError(
+            f"pack_int4 expects values in [-8, 7], got range [{int(q.min())}, {int(q.max())}]"
+        )
+    moved = q.movedim(dim, -1)
+    if moved.shape[-1] % 2:
+        moved = torch.nn.functional.pad(moved, (0, 1))  # zero element; trimmed by unpack(size=)
+    # Plain int32 arithmetic (no bit ops, so it runs on any device): hi * 16 lies in [-128, 112] and
+    # the low nibble's two's complement code lo mod 16 in [0, 15]; their sum is the byte, in int8 range.
+    lo = torch.remainder(moved[..., 0::2].to(torch.int32), 16)
+    hi = moved[..., 1::2].to(torch.int32) * 16
+    return (hi + lo).to(torch.int8).movedim(-1, dim).contiguous()
+
+
+def unpack_int4(p: Tensor, dim: int, size: int | None = None) -> Tensor:
+    """Inverse of `pack_int4`: int8 values in [-8, 7], `size` elements along `dim` (default 2x)."""
+    if p.dtype != torch.int8:
+        raise ValueError(f"unpack_int4 expects packed int8, got dtype {p.dtype}")
+    full = 2 * p.shape[dim]
+    if size is None:
+        size = full
+    if not full - 1 <= size <= full:
+        raise ValueError(
+            f"unpack_int4: size {size} does not match {p.shape[dim]} packed bytes along dim {dim} "
+            f"(expected {full - 1} or {full})"
+        )
+    moved = p.movedim(dim, -1).to(torch.int32)
+    hi = torch.div(moved, 16, rounding_mode="floor")  # floor division = arithmetic shift by 4
+    lo = moved - hi * 16  # low nibble code in [0, 15]
+    lo = torch.where(lo >= 8, lo - 16, lo)  # two's complement nibble -> [-8, 7]
+    out = torch.stack((lo, hi), dim=-1).flatten(-2)[..., :size]
+    return out.to(torch.int8).movedim(-1, dim).contiguous()

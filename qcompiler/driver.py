@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import knobs
@@ -107,9 +108,37 @@ def _add_layer_tensors(writer, ctx: LayerContext, gm, ckpt) -> dict[str, str]:
     return types
 
 
-def _save_executable_layer(gm, sample: LayerInputs, folder: Path, index: int) -> None:
-    ep = export_program(gm, sample)
-    torch.export.save(ep, str(folder / f"layer_{index:03d}.pt2"))
+class ExecutableWriter:
+    """Saves lowered layer graphs: one torch.export program per distinct graph, weights per layer.
+
+    Dense models lower most layers to the same graph (same code, same tensor names/shapes/dtypes), so a
+    program is exported once per distinct structure (`layers/program_K.pt2`) and every layer's tensors
+    go to `layers/layer_NNN.safetensors`; `programs()` lists which program each layer runs.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.folder.mkdir(parents=True)
+        self._signatures: dict[str, int] = {}
+        self._layer_program: list[int] = []
+
+    @staticmethod
+    def signature(gm) -> str:
+        tensors = sorted((k, str(v.dtype), tuple(v.shape)) for k, v in gm.state_dict().items())
+        return gm.code + repr(tensors)
+
+    def add(self, gm, sample: LayerInputs) -> None:
+        index = len(self._layer_program)
+        sig = self.signature(gm)
+        if sig not in self._signatures:
+            k = self._signatures[sig] = len(self._signatures)
+            torch.export.save(export_program(gm, sample), str(self.folder / f"program_{k}.pt2"))
+        self._layer_program.append(self._signatures[sig])
+        state = {k: v.contiguous() for k, v in gm.state_dict().items()}
+        save_file(state, str(self.folder / f"layer_{index:03d}.safetensors"), metadata={"format": "pt"})
+
+    def programs(self) -> list[int]:
+        return list(self._layer_program)
 
 
 def compile_model(opts: CompileOptions, log=None) -> dict:
@@ -152,7 +181,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, log, t0, warnings) -> dict:
 
     writer = ArtifactWriter(tmp, ckpt.dtype)
     exe = tmp / EXECUTABLE_DIR
-    (exe / "layers").mkdir(parents=True)
+    executable = ExecutableWriter(exe / "layers")
     writer.add("model.embed_tokens.weight", head.embed_weight, "FLOAT")
     layers_report = []
     bar = tqdm(range(ckpt.num_layers), desc="compiling layers", unit="layer", file=sys.stderr,
@@ -165,7 +194,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, log, t0, warnings) -> dict:
         gm = pm.run(gm, ctx)
         out_hidden = run_layer_batched(gm, inputs.hidden, inputs.position_embeddings, opts.batch_size)
         types = _add_layer_tensors(writer, ctx, gm, ckpt)
-        _save_executable_layer(gm, inputs, exe / "layers", i)
+        executable.add(gm, inputs)
         layers_report.append({"layer": i, "linears": types, "seconds": round(time.perf_counter() - t_layer, 3),
                               "passes": _jsonable(ctx.records)})
         inputs = LayerInputs(hidden=out_hidden, position_embeddings=inputs.position_embeddings)
@@ -180,7 +209,8 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, log, t0, warnings) -> dict:
             "model_type": ckpt.model_type, "dtype": dtype_name(ckpt.dtype), "num_layers": ckpt.num_layers,
             "hidden_size": ckpt.config["hidden_size"], "vocab_size": ckpt.config["vocab_size"],
             "rms_norm_eps": head.eps, "attention_scaling": head.attention_scaling,
-            "tie_word_embeddings": ckpt.tie_word_embeddings, "target": target.name, "passes": pm.names}
+            "tie_word_embeddings": ckpt.tie_word_embeddings, "target": target.name, "passes": pm.names,
+            "layer_programs": executable.programs()}
     from .backends.ascend.artifact import write_json
     write_json(exe / "model.json", info)
 

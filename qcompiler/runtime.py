@@ -11,8 +11,10 @@ transformers modeling code) plus a `LayerProvider` that hands out decoder-layer 
 Executable folder layout (all written by `save_executable_head` / the driver):
     executable/model.json        format, dtype, sizes, eps, rope scaling, the pipeline that made it
     executable/head.safetensors  embed_tokens.weight, norm.weight, lm_head.weight (if untied), inv_freq
-    executable/layers/layer_NNN.pt2
+    executable/layers/program_K.pt2           one torch.export program per distinct layer graph
+    executable/layers/layer_NNN.safetensors   layer NNN's tensors (model.json maps layers to programs)
 """
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,12 +107,27 @@ class ExecutableLayers:
         from .backends import ascend  # noqa: F401  registers torch.ops.qc.* before loading programs
         self.folder, self.info = folder, info
         self.num_layers = int(info["num_layers"])
+        self.programs = list(info["layer_programs"])
+        self._loaded: dict[int, torch.nn.Module] = {}
 
-    def get(self, index: int, sample=None):
-        path = self.folder / "layers" / f"layer_{index:03d}.pt2"
+    def _file(self, name: str) -> Path:
+        path = self.folder / "layers" / name
         if not path.is_file():
             raise QCError(f"{path} is missing: the executable graph is incomplete")
-        return torch.export.load(str(path)).module()
+        return path
+
+    def get(self, index: int, sample=None):
+        """Layer `index`: its program (loaded once, then copied) with this layer's tensors."""
+        k = self.programs[index]
+        if k not in self._loaded:
+            self._loaded[k] = torch.export.load(str(self._file(f"program_{k}.pt2"))).module()
+        module = copy.deepcopy(self._loaded[k])
+        state = load_file(str(self._file(f"layer_{index:03d}.safetensors")))
+        missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise QCError(f"layer {index}: tensors do not match program {k} "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return module
 
 
 class CapturedFloatLayers:

@@ -129,8 +129,11 @@ def quantize(x: Tensor, input_scale: Tensor, input_offset: Tensor) -> Tensor:
     """
     dt = x.dtype
     recip = (1 / input_scale.to(dt)).to(dt)
-    y = torch.round(x.float() * recip.float() + input_offset.float())
-    return y.clamp(-128, 127).to(torch.int8)
+    # torch.mul promotes x to float32 inside the kernel (exact): one pass instead of x.float() then *;
+    # the in-place ops below keep the same float32 rounding steps as the written-out formula.
+    y = torch.mul(x, recip.float())
+    y.add_(input_offset.float()).round_().clamp_(-128, 127)
+    return y.to(torch.int8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,8 +157,11 @@ def quant_matmul(
     acc = int_matmul(x, weight)
     if acc.dtype == torch.int32 and not _int32_sum_safe(x.shape[-1], quant_bias):
         acc = acc.to(torch.int64)
-    acc = acc + quant_bias.to(acc.dtype)
-    return (acc.to(torch.float32) * decode_deq_scale(deq_scale)).to(output_dtype)
+    acc.add_(quant_bias.to(acc.dtype))
+    # int * float32 promotes inside one kernel (same int -> float32 rounding as .to(float32)) and the
+    # out= store rounds float32 -> output dtype exactly like .to(): one memory pass instead of three.
+    out = torch.empty(acc.shape, dtype=output_dtype)
+    return torch.mul(acc, decode_deq_scale(deq_scale), out=out)
 
 
 def _int32_sum_safe(k: int, bias: Tensor) -> bool:

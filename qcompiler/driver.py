@@ -190,7 +190,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, log, t0, warnings) -> dict:
         t_layer = time.perf_counter()
         gm = skeleton.capture_layer(i, inputs)
         ctx = LayerContext(index=i, inputs=inputs, dtype=ckpt.dtype, exclude=tuple(opts.exclude),
-                           batch_size=opts.batch_size)
+                           batch_size=opts.batch_size, pipeline=tuple(pm.passes))
         gm = pm.run(gm, ctx)
         out_hidden = run_layer_batched(gm, inputs.hidden, inputs.position_embeddings, opts.batch_size)
         types = _add_layer_tensors(writer, ctx, gm, ckpt)

@@ -12,3 +12,7 @@ QUANT_SPEC = "qc_quant_spec"
 OBSERVER = "qc_observer"
 #: str, on nodes a lowering pass created: which artifact Linear they implement.
 LOWERED_FROM = "qc_lowered_from"
+#: (q: int8 Tensor [n, k] of integer codes, scale: float32 Tensor [n, 1] or [n, k/g]), on `aten.linear`
+#: nodes: a weight rounding chosen by an error-compensating pass (gptq, awq clipping); lowering encodes
+#: exactly these codes and scales instead of rounding the float weight itself.
+WEIGHT_QPARAMS = "qc_weight_qparams"

@@ -53,6 +53,8 @@ class LayerContext:
     dtype: torch.dtype                  # model dtype of the compile
     exclude: tuple[str, ...] = ()       # regexes: matching Linears (full HF names) stay float
     batch_size: int = 8                 # sequences per forward when running calibration data
+    pipeline: tuple = ()                # every Pass of the pipeline, in order (a pass may look ahead,
+                                        # e.g. gptq reads the bits/group of the scheme that follows it)
     artifact: dict[str, LinearArtifact] = field(default_factory=dict)  # linear name -> tensors
     records: dict[str, Any] = field(default_factory=dict)              # per-pass report data
 

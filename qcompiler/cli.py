@@ -28,7 +28,12 @@ MODEL_DIR: a Hugging Face folder (config.json + safetensors + tokenizer; Llama, 
 OUT: the Ascend artifact (quant_model_description.json, quant_model_weights*.safetensors, config, tokenizer)
   that vLLM-Ascend and MindIE load, plus executable/ (the graph `qcompile eval/run` execute) and
   qcompile_report.{md,json}. Without --calib, calibration text is sampled from the model itself (seed 0).
+other commands: qcompile eval | run | inspect | passes (each with --help)
 """
+
+MODEL_EPILOG = ("OUT|MODEL_DIR: a compiled OUT folder (its executable/ graph), a Hugging Face folder (Llama, "
+                "Qwen2, Qwen3 dense) or an alias: smollm2-135m, smollm2-135m-qwen2. Make OUT with `qcompile "
+                "MODEL_DIR --passes name[:key=value...][,name2...] -o OUT` (`qcompile passes` lists the passes).")
 
 
 def _compile_parser(prog="qcompile"):
@@ -55,7 +60,7 @@ def _compile_parser(prog="qcompile"):
 
 def _eval_parser():
     p = argparse.ArgumentParser(prog="qcompile eval", description="Perplexity of a compiled OUT (its executable "
-                                "graph) or of the float MODEL_DIR (same code path).")
+                                "graph) or of the float MODEL_DIR (same code path).", epilog=MODEL_EPILOG)
     p.add_argument("model", metavar="OUT|MODEL_DIR")
     p.add_argument("--data", type=Path, required=True, help=".jsonl or .txt evaluation text")
     p.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
@@ -68,7 +73,7 @@ def _eval_parser():
 
 def _run_parser():
     p = argparse.ArgumentParser(prog="qcompile run", description="Greedy generation from a compiled OUT or a "
-                                "float MODEL_DIR.")
+                                "float MODEL_DIR.", epilog=MODEL_EPILOG)
     p.add_argument("model", metavar="OUT|MODEL_DIR")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -79,7 +84,7 @@ def _run_parser():
 
 def _inspect_parser():
     p = argparse.ArgumentParser(prog="qcompile inspect", description="Readable graph of one decoder layer "
-                                "with per-node quantization specs.")
+                                "with per-node quantization specs.", epilog=MODEL_EPILOG)
     p.add_argument("model", metavar="OUT|MODEL_DIR")
     p.add_argument("--layer", type=int, default=0)
     return p
@@ -91,14 +96,14 @@ def _cmd_compile(argv):
     a = _compile_parser().parse_args(argv)
     recipe = load_recipe(a.recipe) if a.recipe else {}
     passes = parse_passes(a.passes) if a.passes else recipe.get("passes") or [("w8a8", {})]
-    calib = a.calib or (Path(recipe["calib"]) if recipe.get("calib") else None)
+    calib = a.calib or (Path(str(recipe["calib"])) if recipe.get("calib") else None)
     if calib is not None and not calib.is_file():
         raise QCError(f"--calib {calib} does not exist")
     opts = CompileOptions(
         model=a.model, out=a.out, passes=tuple(passes), target=a.target or recipe.get("target", "ascend910b"),
         dtype=a.dtype or recipe.get("dtype"), calib=calib,
-        calib_samples=a.calib_samples or recipe.get("calib_samples", 64),
-        seq_len=a.seq_len or recipe.get("seq_len", 512),
+        calib_samples=a.calib_samples if a.calib_samples is not None else recipe.get("calib_samples", 64),
+        seq_len=a.seq_len if a.seq_len is not None else recipe.get("seq_len", 512),
         exclude=tuple(a.exclude if a.exclude is not None else recipe.get("exclude", [])),
         dump=a.dump, batch_size=a.batch_size, force=a.force, recipe=recipe)
     report = compile_model(opts)
@@ -113,6 +118,12 @@ def _cmd_eval(argv):
     a = _eval_parser().parse_args(argv)
     if not a.data.is_file():
         raise QCError(f"--data {a.data} does not exist")
+    if a.seq_len < 2:
+        raise QCError(f"--seq-len must be >= 2, got {a.seq_len}")
+    if a.batch_size < 1:
+        raise QCError(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.max_windows is not None and a.max_windows < 1:
+        raise QCError(f"--max-windows must be >= 1, got {a.max_windows}")
     result = evaluate_file(load_model(a.model, a.dtype), a.data, a.seq_len, a.max_windows, a.batch_size)
     result["model"] = a.model
     if a.json:
@@ -127,7 +138,9 @@ def _cmd_run(argv):
     from .runtime import load_model
     a = _run_parser().parse_args(argv)
     if a.max_new_tokens < 1:
-        raise QCError("--max-new-tokens must be >= 1")
+        raise QCError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    if not a.prompt.strip():
+        raise QCError("--prompt is empty; expected some text to continue")
     text = generate(load_model(a.model, a.dtype), a.prompt, a.max_new_tokens, raw=a.raw)
     print(text)
 

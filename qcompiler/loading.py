@@ -2,7 +2,8 @@
 
 Contract:
 - `open_checkpoint(path, dtype)` validates the folder (config.json, a supported dense architecture,
-  readable safetensors) and returns a `Checkpoint`; every problem is a one-line `QCError`.
+  not already quantized, readable safetensors) and returns a `Checkpoint`; every problem is a
+  one-line `QCError`.
 - Weights are read lazily, one tensor at a time, from the safetensors files (memory-mapped by
   safetensors): the compiler never holds every layer's float copy.
 - `Checkpoint.tensor(name)` returns the tensor in the compile dtype and rejects NaN/Inf weights,
@@ -126,6 +127,15 @@ def _architecture(cfg: dict, path: Path) -> str:
     return arch
 
 
+def _check_not_quantized(cfg: dict, path: Path) -> None:
+    """A compiled OUT (or any quantized checkpoint) given as the model: its int8 weights are not a float model."""
+    marker = next((m for m in ("quant_model_description.json", "executable/model.json") if (path / m).exists()), None)
+    key = next((k for k in ("quantize", "quantization_config") if cfg.get(k)), None)
+    if marker or key:
+        what = marker or f"config.json has {key!r}"
+        raise QCError(f"{path}: already quantized ({what}); expected the float Hugging Face checkpoint")
+
+
 def _weight_map(path: Path) -> dict[str, str]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -170,6 +180,7 @@ def open_checkpoint(path: str | Path, dtype: str | None = None) -> Checkpoint:
         raise QCError(f"model folder {path} does not exist")
     cfg = _read_config(path)
     arch = _architecture(cfg, path)
+    _check_not_quantized(cfg, path)
     src = _source_dtype(cfg)
     target = parse_dtype(dtype) if dtype else (src if src in DTYPES.values() else torch.bfloat16)
     return Checkpoint(path=path, config=cfg, architecture=arch, dtype=target, source_dtype=src,

@@ -1,0 +1,435 @@
+"""Bad input to `qcompile`: exit code 2, one line on stderr naming what was wrong and what was expected,
+no traceback, and never a half-written output folder (no OUT, no `.OUT.tmp-*` left behind).
+
+Compiles here use the tiny random checkpoints of conftest.py with `--calib-samples 2 --seq-len 32`.
+"""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from qcompiler import cli
+from qcompiler.errors import QCError
+
+SMALL = ["--calib-samples", "2", "--seq-len", "32"]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def _leftovers(parent, name="out"):
+    """Entries of `parent` that a compile into parent/name would have made."""
+    return sorted(p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}.tmp-"))
+
+
+def expect_error(capsys, argv, *needles):
+    """Run main(argv): exit 2, exactly one 'qcompile: error:' line, the last one, holding every needle."""
+    rc = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    errors = [line for line in lines if line.startswith("qcompile: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], f"not one error line:\n{err}"
+    for needle in needles:
+        assert needle.lower() in errors[0].lower(), f"{needle!r} not in {errors[0]!r}"
+    return errors[0]
+
+
+def expect_compile_error(capsys, tmp_path, model, extra, *needles):
+    """A compile of `model` into tmp_path/out that must fail cleanly and leave nothing behind."""
+    msg = expect_error(capsys, [model, "-o", tmp_path / "out", *SMALL, *extra], *needles)
+    assert _leftovers(tmp_path) == [], os.listdir(tmp_path)
+    return msg
+
+
+def expect_usage_error(capsys, argv, *needles):
+    """argparse errors: SystemExit(2), the last stderr line is 'PROG: error: ...' naming the problem."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert ": error: " in last, err
+    for needle in needles:
+        assert needle in last, f"{needle!r} not in {last!r}"
+    return last
+
+
+@pytest.fixture
+def model_copy(tiny_models, tmp_path):
+    """A private copy of the tiny llama checkpoint that a test may corrupt."""
+    return shutil.copytree(tiny_models["llama"], tmp_path / "model")
+
+
+def _rewrite_weights(folder, edit):
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _edit_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+# ------------------------------------------------------------------------------------------ model folder
+
+def test_model_folder_missing(capsys, tmp_path):
+    expect_compile_error(capsys, tmp_path, tmp_path / "nope", [], "nope", "not found", "config.json")
+
+
+def test_folder_without_config(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    expect_compile_error(capsys, tmp_path, tmp_path / "empty", [], "no config.json", "hugging face")
+
+
+def test_config_not_json(capsys, tmp_path, model_copy):
+    (model_copy / "config.json").write_text("{not json")
+    expect_compile_error(capsys, tmp_path, model_copy, [], "config.json", "not valid json")
+
+
+@pytest.mark.parametrize("arch", ["MistralForCausalLM", "GPT2LMHeadModel"])
+def test_unsupported_architecture(capsys, tmp_path, model_copy, arch):
+    _edit_config(model_copy, architectures=[arch])
+    expect_compile_error(capsys, tmp_path, model_copy, [], arch, "not supported",
+                         "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def test_no_safetensors(capsys, tmp_path, model_copy):
+    (model_copy / "model.safetensors").unlink()
+    expect_compile_error(capsys, tmp_path, model_copy, [], "no *.safetensors")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors(capsys, tmp_path, model_copy, damage):
+    path = model_copy / "model.safetensors"
+    if damage == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(b"this is not a safetensors file at all" * 10)
+    expect_compile_error(capsys, tmp_path, model_copy, [], "model.safetensors", "corrupt")
+
+
+@pytest.mark.parametrize("with_calib", [True, False], ids=["calib", "self-sampled"])
+def test_nan_weight(capsys, tmp_path, model_copy, calib_file, with_calib):
+    name = "model.layers.1.mlp.down_proj.weight"
+
+    def poison(t):
+        t[name][0, 0] = float("nan")
+    _rewrite_weights(model_copy, poison)
+    extra = ["--calib", calib_file] if with_calib else []
+    expect_compile_error(capsys, tmp_path, model_copy, extra, name, "NaN")
+
+
+@pytest.mark.parametrize("with_calib", [True, False], ids=["calib", "self-sampled"])
+def test_missing_weight(capsys, tmp_path, model_copy, calib_file, with_calib):
+    name = "model.layers.1.self_attn.k_proj.weight"
+    _rewrite_weights(model_copy, lambda t: t.pop(name))
+    extra = ["--calib", calib_file] if with_calib else []
+    expect_compile_error(capsys, tmp_path, model_copy, extra, name, "missing")
+
+
+@pytest.mark.parametrize("how", ["description", "config"])
+def test_already_quantized_folder(capsys, tmp_path, model_copy, how):
+    if how == "description":  # a compiled OUT given as MODEL_DIR
+        (model_copy / "quant_model_description.json").write_text("{}")
+    else:
+        _edit_config(model_copy, quantize="w8a8")
+    expect_compile_error(capsys, tmp_path, model_copy, [], "already quantized", "float Hugging Face checkpoint")
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+def test_dtype_choice_is_usage_error(capsys, tmp_path, tiny_models):
+    expect_usage_error(capsys, [tiny_models["llama"], "-o", tmp_path / "out", "--dtype", "float32"],
+                       "--dtype", "float32", "bfloat16", "float16")
+    assert _leftovers(tmp_path) == []
+
+
+def test_unknown_target(capsys, tmp_path, tiny_models):
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--target", "ascend999"],
+                         "ascend999", "ascend910b", "ascend310p")
+
+
+def test_310p_needs_float16(capsys, tmp_path, tiny_models):
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--target", "ascend310p"],
+                         "ascend310p", "bfloat16", "--dtype float16")
+
+
+@pytest.mark.parametrize("passes, needles", [
+    ("w9a9", ["unknown pass", "w9a9", "w8a8"]),
+    ("w8a8:foo=1", ["w8a8", "unknown option", "foo"]),
+    ("w8a8:", ["key=value"]),
+    (",", ["empty pass name", "name[:key=value"]),
+    ("w8a8,,w8a8", ["empty pass name"]),
+    ("lower", ["lower", "internal", "--passes"]),
+    ("w8a8,w8a8", ["w8a8", "twice"]),
+])
+def test_bad_passes(capsys, tmp_path, tiny_models, passes, needles):
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--passes", passes], *needles)
+
+
+def test_exclude_invalid_regex(capsys, tmp_path, tiny_models):
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--exclude", "("],
+                         "--exclude", "'('", "regular expression")
+
+
+def test_exclude_splits_fused_group(capsys, tmp_path, tiny_models, monkeypatch):
+    import qcompiler.driver as driver
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before --exclude was checked")
+    monkeypatch.setattr(driver, "_compile_into", no_work)
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--exclude", "q_proj"],
+                         "q_proj", "k_proj", "v_proj", "exclude all of them or none")
+
+
+@pytest.mark.parametrize("option, value, needle", [
+    ("--calib-samples", "0", "--calib-samples must be >= 1"),
+    ("--calib-samples", "-3", "--calib-samples must be >= 1"),
+    ("--seq-len", "1", "--seq-len must be >= 2"),
+    ("--seq-len", "0", "--seq-len must be >= 2"),
+    ("--batch-size", "0", "--batch-size must be >= 1"),
+])
+def test_bad_sizes(capsys, tmp_path, tiny_models, option, value, needle):
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], [option, value], needle)
+
+
+# ------------------------------------------------------------------------------------------- calibration
+
+def test_calib_missing(capsys, tmp_path, tiny_models):
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--calib", tmp_path / "nope.jsonl"],
+                         "--calib", "nope.jsonl", "does not exist")
+
+
+def test_calib_empty(capsys, tmp_path, tiny_models):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--calib", path],
+                         "empty.jsonl", "empty", "inputs_pretokenized")
+
+
+def test_calib_bad_line(capsys, tmp_path, tiny_models):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine line"}\n\n{"text": broken\n')
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--calib", path],
+                         "bad.jsonl", "line 3", "not valid JSON")
+
+
+def test_calib_wrong_key(capsys, tmp_path, tiny_models):
+    path = tmp_path / "key.jsonl"
+    path.write_text('{"text": "fine"}\n{"prompt": "x"}\n')
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--calib", path],
+                         "line 2", "inputs_pretokenized")
+
+
+def test_calib_wrong_extension(capsys, tmp_path, tiny_models):
+    path = tmp_path / "calib.csv"
+    path.write_text("text\nhello world\n")
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--calib", path],
+                         "calib.csv", ".csv", ".jsonl", ".txt")
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+def test_recipe_missing(capsys, tmp_path, tiny_models):
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--recipe", tmp_path / "r.yaml"],
+                         "recipe", "r.yaml", "does not exist")
+
+
+def test_recipe_invalid_yaml(capsys, tmp_path, tiny_models):
+    path = tmp_path / "r.yaml"
+    path.write_text("passes: [w8a8\ntarget: : :\n")
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--recipe", path], "r.yaml", "invalid YAML")
+
+
+def test_recipe_unknown_key(capsys, tmp_path, tiny_models):
+    path = tmp_path / "r.yaml"
+    path.write_text("passes: [w8a8]\nalpha: 0.8\n")
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--recipe", path],
+                         "unknown recipe keys", "alpha", "passes")
+
+
+def test_recipe_calib_not_a_path(capsys, tmp_path, tiny_models):
+    path = tmp_path / "r.yaml"
+    path.write_text("calib: 5\n")
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--recipe", path], "--calib 5", "does not exist")
+
+
+def test_recipe_bad_pass_option(capsys, tmp_path, tiny_models):
+    path = tmp_path / "r.yaml"
+    path.write_text("passes:\n  - w8a8: {foo: 1}\n")
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--recipe", path], "w8a8", "unknown option", "foo")
+
+
+def test_recipe_pass_forms(tmp_path):
+    """A recipe's passes: a list mixing {name: {option: value}} and 'name:key=value' strings, or one string."""
+    from qcompiler.config import load_recipe
+    path = tmp_path / "r.yaml"
+    path.write_text("passes:\n  - smooth: {alpha: 0.8}\n  - w8a8\n  - 'kv8:bits=8'\n")
+    assert load_recipe(path)["passes"] == [("smooth", {"alpha": 0.8}), ("w8a8", {}), ("kv8", {"bits": "8"})]
+    path.write_text("passes: smooth:alpha=0.8,w8a8\n")
+    assert load_recipe(path)["passes"] == [("smooth", {"alpha": "0.8"}), ("w8a8", {})]
+
+
+def test_valid_recipe_compiles(capsys, tmp_path, tiny_models, calib_file):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"passes:\n  - w8a8: {{}}\ntarget: ascend910b\ndtype: bfloat16\nexclude: 'mlp\\.down_proj'\n"
+                      f"calib: {calib_file}\ncalib_samples: 2\nseq_len: 32\n")
+    out = tmp_path / "out"
+    rc = cli.main([str(tiny_models["llama"]), "--recipe", str(recipe), "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "qcompile_report.json").read_text())
+    assert report["passes"][0] == "w8a8" and report["dtype"] == "bfloat16"
+    assert report["exclude"] == ["mlp\\.down_proj"]
+    assert report["layers"][0]["linears"]["mlp.down_proj"] == "FLOAT"
+    assert report["layers"][0]["linears"]["self_attn.q_proj"] == "W8A8"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+# --------------------------------------------------------------------------------------- output folder
+
+def test_out_exists_needs_force(capsys, tmp_path, tiny_models, calib_file):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("keep me")
+    argv = [tiny_models["llama"], "-o", out, "--calib", calib_file, *SMALL]
+    expect_error(capsys, argv, "already exists", "--force")
+    assert (out / "old.txt").read_text() == "keep me"
+
+    assert cli.main([str(a) for a in argv] + ["--force"]) == 0
+    assert not (out / "old.txt").exists()
+    assert (out / "quant_model_description.json").is_file()
+    assert _leftovers(tmp_path) == ["out"]
+
+
+def _fail_mid_work(monkeypatch, tmp_path, exc):
+    """Make saving layer 0's executable program raise `exc` (the temp folder holds partial output by then)."""
+    import qcompiler.driver as driver
+    calls = []
+
+    def fail(*args, **kwargs):
+        tmp = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+        assert len(tmp) == 1 and any(tmp[0].rglob("*")), "work should be happening in a temp sibling of OUT"
+        calls.append(args)
+        raise exc
+    if hasattr(driver, "ExecutableWriter"):
+        monkeypatch.setattr(driver.ExecutableWriter, "add", fail)
+    else:
+        monkeypatch.setattr(driver, "_save_executable_layer", fail)
+    return calls
+
+
+def test_failure_mid_work_leaves_nothing(capsys, tmp_path, tiny_models, calib_file, monkeypatch):
+    calls = _fail_mid_work(monkeypatch, tmp_path, QCError("simulated failure while saving layer 0"))
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--calib", calib_file], "simulated failure")
+    assert len(calls) == 1
+
+
+def test_internal_error_mid_work_leaves_nothing(tmp_path, tiny_models, calib_file, monkeypatch):
+    """A bug (not a QCError) keeps its traceback (exit 1 from the console script) but still cleans up."""
+    _fail_mid_work(monkeypatch, tmp_path, RuntimeError("simulated bug"))
+    with pytest.raises(RuntimeError, match="simulated bug"):
+        cli.main([str(tiny_models["llama"]), "-o", str(tmp_path / "out"), "--calib", str(calib_file), *SMALL])
+    assert _leftovers(tmp_path) == []
+
+
+def test_interrupt_mid_work_leaves_nothing(capsys, tmp_path, tiny_models, calib_file, monkeypatch):
+    _fail_mid_work(monkeypatch, tmp_path, KeyboardInterrupt())
+    rc = cli.main([str(tiny_models["llama"]), "-o", str(tmp_path / "out"), "--calib", str(calib_file), *SMALL])
+    assert rc == 130 and "interrupted" in capsys.readouterr().err
+    assert _leftovers(tmp_path) == []
+
+
+def test_failure_mid_work_with_force_keeps_old_out(capsys, tmp_path, tiny_models, calib_file, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    _fail_mid_work(monkeypatch, tmp_path, QCError("simulated failure"))
+    expect_error(capsys, [tiny_models["llama"], "-o", out, "--calib", calib_file, "--force", *SMALL], "simulated")
+    assert (out / "old.txt").read_text() == "old"
+    assert _leftovers(tmp_path) == ["out"]
+
+
+# ------------------------------------------------------------------------------------ other subcommands
+
+def test_eval_missing_data(capsys, tmp_path, tiny_models):
+    expect_error(capsys, ["eval", tiny_models["llama"], "--data", tmp_path / "nope.jsonl"],
+                 "--data", "nope.jsonl", "does not exist")
+
+
+def test_eval_on_unknown_folder(capsys, tmp_path, calib_file):
+    folder = tmp_path / "random"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hi")
+    expect_error(capsys, ["eval", folder, "--data", calib_file], "random", "config.json")
+
+
+def test_eval_on_missing_folder(capsys, tmp_path, calib_file):
+    expect_error(capsys, ["eval", tmp_path / "nope", "--data", calib_file], "nope", "not found")
+
+
+@pytest.mark.parametrize("option, value, needle", [
+    ("--seq-len", "1", "--seq-len must be >= 2"),
+    ("--batch-size", "0", "--batch-size must be >= 1"),
+    ("--max-windows", "0", "--max-windows must be >= 1"),
+])
+def test_eval_bad_sizes(capsys, tiny_models, calib_file, option, value, needle):
+    expect_error(capsys, ["eval", tiny_models["llama"], "--data", calib_file, option, value], needle)
+
+
+def test_inspect_layer_out_of_range(capsys, tiny_models):
+    expect_error(capsys, ["inspect", tiny_models["llama"], "--layer", "99"], "--layer 99", "0..1")
+
+
+def test_run_max_new_tokens_zero(capsys, tiny_models):
+    expect_error(capsys, ["run", tiny_models["llama"], "--prompt", "hi", "--max-new-tokens", "0"],
+                 "--max-new-tokens", ">= 1")
+
+
+def test_run_empty_prompt(capsys, tiny_models):
+    expect_error(capsys, ["run", tiny_models["llama"], "--prompt", " ", "--raw"], "--prompt", "empty")
+
+
+# ------------------------------------------------------------------------------------------------- help
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for needle in ("--passes name[:key=value", "smooth:alpha=0.8,w8a8", "qcompile passes", "smollm2-135m",
+                   "qcompile eval"):
+        assert needle in out, needle
+
+
+def test_eval_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["eval", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for needle in ("--data", "smollm2-135m", "OUT"):
+        assert needle in out, needle
+
+
+# ------------------------------------------------------------------------------------- console script
+
+def test_console_script_one_line(tmp_path):
+    exe = shutil.which("qcompile") or pytest.skip("qcompile console script not on PATH")
+    env = dict(os.environ, QC_NO_PROGRESS="1")
+    env.pop("QC_DEBUG", None)
+    proc = subprocess.run([exe, str(tmp_path / "missing-model"), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("qcompile: error: ") and "missing-model" in lines[0]
+    assert _leftovers(tmp_path) == []

@@ -79,7 +79,16 @@ def load_recipe(path: str | Path) -> dict:
         data["passes"] = _recipe_passes(data["passes"], path)
     if "exclude" in data:
         excl = data["exclude"]
-        data["exclude"] = [excl] if isinstance(excl, str) else list(excl)
+        excl = [excl] if isinstance(excl, str) else excl
+        if not isinstance(excl, list) or not all(isinstance(e, str) for e in excl):
+            raise QCError(f"{path}: 'exclude' must be a regex string or a list of them, got {data['exclude']!r}")
+        data["exclude"] = excl
+    for key in ("calib_samples", "seq_len"):
+        if key in data and (not isinstance(data[key], int) or isinstance(data[key], bool)):
+            raise QCError(f"{path}: '{key}' must be an integer, got {data[key]!r}")
+    for key in ("target", "dtype", "calib"):
+        if key in data and not isinstance(data[key], str):
+            raise QCError(f"{path}: '{key}' must be a string, got {data[key]!r}")
     return data
 
 

@@ -32,6 +32,7 @@ from .ir.capture import HFSkeleton, LayerInputs, export_program
 from .loading import dtype_name, load_tokenizer, open_checkpoint
 from .model_zoo import resolve_model_dir
 from .passes import TAIL, LayerContext, PassManager, make_pass
+from .passes.group_size import first_claim, model_linear_shapes, resolve_group_sizes
 from .passes.instruments import DumpInstrument, StatsInstrument, TimingInstrument
 from .report import write_report
 from .runtime import EXECUTABLE_DIR, FORMAT, FORMAT_VERSION, head_from_checkpoint, run_layer_batched
@@ -64,9 +65,38 @@ def check_exclude_groups(patterns, num_layers: int) -> None:
                               f"{'/'.join(n.split('.')[-1] for n in group)}, so exclude all of them or none")
 
 
-def _calibration_windows(opts, ckpt, tokenizer, log):
-    if opts.calib is not None:
-        texts = read_texts(opts.calib)
+def check_weights_present(ckpt) -> None:
+    """Every tensor the architecture needs is in the safetensors files (checked before any work)."""
+    need = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if ckpt.tie_word_embeddings else ["lm_head.weight"])
+    for i in range(ckpt.num_layers):
+        need += [f"model.layers.{i}.{n}.weight" for n in LAYER_LINEARS]
+        need += [f"model.layers.{i}.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")]
+    missing = [n for n in need if not ckpt.has(n)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise QCError(f"{ckpt.path}: weight {missing[0]} is missing from the safetensors files{more}")
+
+
+def check_scheme_groups(passes, config: dict, exclude=()) -> None:
+    """Scheme `match` options (with --exclude) that would give q/k/v or gate/up different schemes, or a
+    scheme pass that would quantize no Linear at all, are errors before any work."""
+    owner = {n: first_claim(passes, n, exclude) for n in model_linear_shapes(config)}
+    for i in range(int(config["num_hidden_layers"])):
+        for group in FUSED_GROUPS:
+            owners = [owner[f"model.layers.{i}.{n}"] for n in group]
+            if len({id(o) for o in owners}) > 1:
+                got = ", ".join(f"{n.split('.')[-1]}: {o.name if o else 'float'}" for n, o in zip(group, owners))
+                raise QCError(f"the schemes would split model.layers.{i}.{'/'.join(n.split('.')[-1] for n in group)} "
+                              f"({got}): engines fuse them, so one scheme must take all of them (adjust the "
+                              f"passes' match option or --exclude)")
+    for p in passes:
+        if getattr(p, "claims", None) is not None and not any(o is p for o in owner.values()):
+            raise QCError(f"pass {p.name} (match {p.options.match!r}) would quantize no Linear: --exclude or the "
+                          f"scheme passes before it take every Linear it matches")
+
+
+def _calibration_windows(opts, ckpt, tokenizer, texts, log):
+    if texts is not None:
         windows = make_windows(tokenizer, texts, opts.seq_len, opts.calib_samples)
         return windows, f"{opts.calib} ({windows.shape[0]} x {windows.shape[1]} tokens)"
     log(f"no --calib: sampling {opts.calib_samples} x {opts.seq_len} tokens from the float model (seed 0)")
@@ -80,15 +110,30 @@ def _calibration_windows(opts, ckpt, tokenizer, log):
 
 
 def _prepare_out(out: Path, force: bool) -> Path:
+    """Check OUT and make the temporary sibling folder everything is written into."""
     if out.exists() and not force:
         raise QCError(f"output folder {out} already exists; choose another -o or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise QCError(f"output path {out} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise QCError(f"cannot create output folder {out} ({e.strerror or e})") from None
     return tmp
+
+
+def _check_dump(dump: Path | None) -> None:
+    if dump is None:
+        return
+    if dump.exists() and not dump.is_dir():
+        raise QCError(f"--dump {dump} exists and is not a folder")
+    try:
+        dump.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QCError(f"cannot create --dump folder {dump} ({e.strerror or e})") from None
 
 
 def _add_layer_tensors(writer, ctx: LayerContext, gm, ckpt) -> dict[str, str]:
@@ -152,11 +197,16 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     quant_types = {p.quant_type for p in pm.passes if p.quant_type}
     warnings = check_target(target, ckpt.dtype, quant_types)
     check_exclude_groups(opts.exclude, ckpt.num_layers)
+    check_scheme_groups(pm.passes, ckpt.config, opts.exclude)
+    pm.passes, group_size = resolve_group_sizes(pm.passes, ckpt.config, opts.exclude)
+    _check_dump(opts.dump or knobs.dump_dir())
+    check_weights_present(ckpt)
+    texts = read_texts(opts.calib) if opts.calib is not None else None  # a bad file fails before any work
     for w in warnings:
         log(f"warning: {w}")
     tmp = _prepare_out(opts.out, opts.force)
     try:
-        report = _compile_into(tmp, opts, ckpt, pm, target, log, t0, warnings)
+        report = _compile_into(tmp, opts, ckpt, pm, target, texts, log, t0, warnings, group_size)
         if opts.out.exists():
             shutil.rmtree(opts.out)
         tmp.rename(opts.out)
@@ -165,9 +215,9 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     return report
 
 
-def _compile_into(tmp: Path, opts, ckpt, pm, target, log, t0, warnings) -> dict:
+def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, group_size: int = 0) -> dict:
     tokenizer = load_tokenizer(ckpt.path)
-    windows, calib_source = _calibration_windows(opts, ckpt, tokenizer, log)
+    windows, calib_source = _calibration_windows(opts, ckpt, tokenizer, texts, log)
     skeleton = HFSkeleton(ckpt)
     inputs = skeleton.layer0_inputs(windows)
     head = head_from_checkpoint(ckpt, skeleton.rotary)
@@ -202,7 +252,8 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, log, t0, warnings) -> dict:
     writer.add("model.norm.weight", head.norm_weight, "FLOAT")
     if not ckpt.tie_word_embeddings:
         writer.add("lm_head.weight", head.lm_head_weight, "FLOAT")
-    description = writer.finish(ckpt.path, ckpt.config, group_size=0, tied_lm_head=ckpt.tie_word_embeddings)
+    description = writer.finish(ckpt.path, ckpt.config, group_size=group_size,
+                                tied_lm_head=ckpt.tie_word_embeddings)
 
     head.save(exe, tied=ckpt.tie_word_embeddings)
     info = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": ckpt.architecture,

@@ -260,7 +260,7 @@ def test_recipe_unknown_key(capsys, tmp_path, tiny_models):
 def test_recipe_calib_not_a_path(capsys, tmp_path, tiny_models):
     path = tmp_path / "r.yaml"
     path.write_text("calib: 5\n")
-    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--recipe", path], "--calib 5", "does not exist")
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--recipe", path], "'calib' must be a string", "5")
 
 
 def test_recipe_bad_pass_option(capsys, tmp_path, tiny_models):
@@ -433,3 +433,25 @@ def test_console_script_one_line(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("qcompile: error: ") and "missing-model" in lines[0]
     assert _leftovers(tmp_path) == []
+
+
+def test_dump_is_a_file(capsys, tmp_path, tiny_models):
+    (tmp_path / "dumpfile").write_text("x")
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--dump", tmp_path / "dumpfile"],
+                         "--dump", "not a folder")
+
+
+def test_out_under_a_file(capsys, tmp_path, tiny_models):
+    (tmp_path / "afile").write_text("x")
+    expect_error(capsys, [tiny_models["llama"], "-o", tmp_path / "afile" / "sub", *SMALL],
+                 "cannot create output folder")
+
+
+@pytest.mark.parametrize("body,needle", [("exclude: 5\n", "'exclude' must be a regex string"),
+                                         ("exclude: [[a]]\n", "'exclude' must be a regex string"),
+                                         ("seq_len: 2.5\n", "'seq_len' must be an integer"),
+                                         ("calib_samples: abc\n", "'calib_samples' must be an integer")])
+def test_recipe_value_types(capsys, tmp_path, tiny_models, body, needle):
+    path = tmp_path / "r.yaml"
+    path.write_text(body)
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--recipe", path], needle)

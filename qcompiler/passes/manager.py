@@ -65,7 +65,8 @@ class PassManager:
                 raise
             except Exception as e:
                 ran = ", ".join(done) or "(none)"
-                raise PassError(f"pass {p.name} failed on layer {ctx.index}: {type(e).__name__}: {e} "
+                first = (str(e).strip().splitlines() or [""])[0]  # one-line error; the cause keeps the rest
+                raise PassError(f"pass {p.name} failed on layer {ctx.index}: {type(e).__name__}: {first} "
                                 f"(passes run before it: {ran})") from e
             gm = result.gm
             for inst in self.instruments:

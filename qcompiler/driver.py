@@ -137,19 +137,29 @@ def _check_dump(dump: Path | None) -> None:
 
 
 def _add_layer_tensors(writer, ctx: LayerContext, gm, ckpt) -> dict[str, str]:
-    """Stream layer i's tensors: quantized Linears from ctx.artifact, everything else FLOAT from the checkpoint."""
-    types = {}
+    """Stream layer i's tensors: quantized Linears from ctx.artifact, every other tensor FLOAT from the
+    transformed graph (smoothing / awq change norm weights and float Linears; shift adds `<norm>.bias`)."""
+    types, written = {}, set()
     for linear, art in sorted(ctx.artifact.items()):
         for suffix, t in sorted(art.tensors.items()):
             qtype = "FLOAT" if suffix == "bias" else art.quant_type
             writer.add(f"{ctx.prefix}{linear}.{suffix}", t, qtype)
+            written.add(f"{linear}.{suffix}")
         types[linear] = art.quant_type
-    for name in sorted(n for n in ckpt.weight_map if n.startswith(ctx.prefix)):
-        linear = name[len(ctx.prefix):].rsplit(".", 1)[0]
-        if linear not in ctx.artifact:
-            writer.add(name, ckpt.tensor(name), "FLOAT")
-            if linear in LAYER_LINEARS:
-                types[linear] = "FLOAT"
+    for name, t in sorted(gm.state_dict().items()):
+        linear = name.rsplit(".", 1)[0]
+        if linear in ctx.artifact:
+            continue
+        if not (ckpt.has(ctx.prefix + name) or name.endswith("norm.bias")):
+            continue  # a constant export lifted into the graph, not a model tensor
+        writer.add(ctx.prefix + name, t, "FLOAT")
+        written.add(name)
+        if linear in LAYER_LINEARS:
+            types[linear] = "FLOAT"
+    lost = sorted(n for n in ckpt.weight_map if n.startswith(ctx.prefix) and n[len(ctx.prefix):] not in written)
+    if lost:
+        raise RuntimeError(f"layer {ctx.index}: tensors {lost[:3]} of the checkpoint were neither quantized "
+                           "nor kept in the graph")
     return types
 
 

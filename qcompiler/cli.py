@@ -53,7 +53,8 @@ def _compile_parser(prog="qcompile"):
     p.add_argument("--exclude", action="append", default=None, metavar="REGEX",
                    help="keep Linears whose full name matches in float (repeatable), e.g. 'mlp\\.down_proj'")
     p.add_argument("--dump", type=Path, help="write the graph after every pass that changed it to DIR")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward during calibration")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per layer forward (default: 16384 tokens' worth)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     return p
 
@@ -66,7 +67,8 @@ def _eval_parser():
     p.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default=None, help="float model only")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per layer forward (default: 16384 tokens' worth)")
     p.add_argument("--json", action="store_true", help="print one JSON object (ppl, tokens, ...)")
     return p
 
@@ -120,7 +122,7 @@ def _cmd_eval(argv):
         raise QCError(f"--data {a.data} does not exist")
     if a.seq_len < 2:
         raise QCError(f"--seq-len must be >= 2, got {a.seq_len}")
-    if a.batch_size < 1:
+    if a.batch_size is not None and a.batch_size < 1:
         raise QCError(f"--batch-size must be >= 1, got {a.batch_size}")
     if a.max_windows is not None and a.max_windows < 1:
         raise QCError(f"--max-windows must be >= 1, got {a.max_windows}")

@@ -104,7 +104,7 @@ class CompileOptions:
     seq_len: int = 512
     exclude: tuple[str, ...] = ()
     dump: Path | None = None
-    batch_size: int = 8
+    batch_size: int | None = None     # None: runtime.auto_batch_size(seq_len)
     force: bool = False
     recipe: dict = field(default_factory=dict)
 
@@ -113,7 +113,7 @@ class CompileOptions:
             raise QCError(f"--calib-samples must be >= 1, got {self.calib_samples}")
         if self.seq_len < 2:
             raise QCError(f"--seq-len must be >= 2, got {self.seq_len}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise QCError(f"--batch-size must be >= 1, got {self.batch_size}")
         for pattern in self.exclude:
             try:

@@ -35,7 +35,8 @@ from .passes import TAIL, LayerContext, PassManager, make_pass
 from .passes.group_size import first_claim, model_linear_shapes, resolve_group_sizes
 from .passes.instruments import DumpInstrument, StatsInstrument, TimingInstrument
 from .report import write_report
-from .runtime import EXECUTABLE_DIR, FORMAT, FORMAT_VERSION, head_from_checkpoint, run_layer_batched
+from .runtime import (EXECUTABLE_DIR, FORMAT, FORMAT_VERSION, auto_batch_size, head_from_checkpoint,
+                      run_layer_batched)
 from .targets import check_target, get_target
 
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -230,6 +231,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
     windows, calib_source = _calibration_windows(opts, ckpt, tokenizer, texts, log)
     skeleton = HFSkeleton(ckpt)
     inputs = skeleton.layer0_inputs(windows)
+    batch_size = opts.batch_size or auto_batch_size(windows.shape[1])
     head = head_from_checkpoint(ckpt, skeleton.rotary)
 
     timing = TimingInstrument()
@@ -250,9 +252,9 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
         t_layer = time.perf_counter()
         gm = skeleton.capture_layer(i, inputs)
         ctx = LayerContext(index=i, inputs=inputs, dtype=ckpt.dtype, exclude=tuple(opts.exclude),
-                           batch_size=opts.batch_size, pipeline=tuple(pm.passes))
+                           batch_size=batch_size, pipeline=tuple(pm.passes))
         gm = pm.run(gm, ctx)
-        out_hidden = run_layer_batched(gm, inputs.hidden, inputs.position_embeddings, opts.batch_size)
+        out_hidden = run_layer_batched(gm, inputs.hidden, inputs.position_embeddings, batch_size)
         types = _add_layer_tensors(writer, ctx, gm, ckpt)
         executable.add(gm, inputs)
         layers_report.append({"layer": i, "linears": types, "seconds": round(time.perf_counter() - t_layer, 3),

@@ -16,12 +16,17 @@ from tqdm import tqdm
 from . import knobs
 from .calib_data import make_windows, read_texts
 from .ir.capture import LayerInputs
-from .runtime import LoadedModel, run_layer_batched
+from .runtime import LoadedModel, auto_batch_size, run_layer_batched
 
 
-def perplexity(model: LoadedModel, windows: torch.LongTensor, batch_size: int = 8) -> dict:
+#: windows per lm_head batch: logits are windows x seq_len x vocab floats (4 x 512 x 152k x 4 B = 1.2 GB)
+LOGIT_WINDOWS = 4
+
+
+def perplexity(model: LoadedModel, windows: torch.LongTensor, batch_size: int | None = None) -> dict:
     head = model.head
     seq_len = windows.shape[1]
+    batch_size = batch_size or auto_batch_size(seq_len)
     pe = head.rope(seq_len)
     with torch.inference_mode():
         hidden = head.embed(windows)
@@ -33,9 +38,9 @@ def perplexity(model: LoadedModel, windows: torch.LongTensor, batch_size: int = 
         del layer
     nll, count = 0.0, 0
     with torch.inference_mode():
-        for start in range(0, windows.shape[0], batch_size):
-            logits = head.logits(hidden[start:start + batch_size]).float()
-            target = windows[start:start + batch_size, 1:]
+        for start in range(0, windows.shape[0], LOGIT_WINDOWS):
+            logits = head.logits(hidden[start:start + LOGIT_WINDOWS]).float()
+            target = windows[start:start + LOGIT_WINDOWS, 1:]
             nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
                                    reduction="sum").item()
             count += target.numel()
@@ -44,7 +49,7 @@ def perplexity(model: LoadedModel, windows: torch.LongTensor, batch_size: int = 
 
 
 def evaluate_file(model: LoadedModel, data_path, seq_len: int, max_windows: int | None = None,
-                  batch_size: int = 8) -> dict:
+                  batch_size: int | None = None) -> dict:
     windows = make_windows(model.tokenizer, read_texts(data_path), seq_len, max_windows)
     result = perplexity(model, windows, batch_size)
     result.update(data=str(data_path), model_kind=model.kind, dtype=model.info.get("dtype"))

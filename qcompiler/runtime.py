@@ -91,6 +91,16 @@ def head_from_checkpoint(ckpt, rotary) -> Head:
                 eps=float(ckpt.config.get("rms_norm_eps", 1e-6)), dtype=ckpt.dtype)
 
 
+#: tokens per forward when running a layer over many sequences: large batches amortize per-op overhead
+#: on CPU; the cap bounds the biggest intermediate (tokens x intermediate_size floats).
+BATCH_TOKENS = 16384
+
+
+def auto_batch_size(seq_len: int) -> int:
+    """Sequences per layer forward for sequences of `seq_len` tokens (BATCH_TOKENS tokens a batch)."""
+    return max(1, BATCH_TOKENS // max(seq_len, 1))
+
+
 def run_layer_batched(layer, hidden: torch.Tensor, position_embeddings, batch_size: int) -> torch.Tensor:
     """Apply one layer to every sequence of `hidden` [N, L, H], `batch_size` sequences at a time."""
     outs = []

@@ -16,6 +16,7 @@ Executable folder layout (all written by `save_executable_head` / the driver):
 """
 import copy
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +132,10 @@ class ExecutableLayers:
         k = self.programs[index]
         if k not in self._loaded:
             self._loaded[k] = torch.export.load(str(self._file(f"program_{k}.pt2"))).module()
-        module = copy.deepcopy(self._loaded[k])
+        with warnings.catch_warnings():
+            # torch warns about its own deprecated pytree class while copying an exported module
+            warnings.simplefilter("ignore", FutureWarning)
+            module = copy.deepcopy(self._loaded[k])
         state = load_file(str(self._file(f"layer_{index:03d}.safetensors")))
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:

@@ -46,8 +46,8 @@ def _compile_parser(prog="qcompile"):
     p.add_argument("--recipe", type=Path, help="YAML recipe (passes, target, dtype, exclude, ...)")
     p.add_argument("--target", default=None, help="ascend910b (Atlas 800I A2, default) or ascend310p (300I Duo)")
     p.add_argument("--calib", type=Path, help=".jsonl (inputs_pretokenized or text) or .txt calibration text")
-    p.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default 64)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default 64; 16 when sampled from the model)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence (default 512; 256 when sampled from the model)")
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default=None,
                    help="model dtype of the artifact (default: the checkpoint's)")
     p.add_argument("--exclude", action="append", default=None, metavar="REGEX",
@@ -104,8 +104,8 @@ def _cmd_compile(argv):
     opts = CompileOptions(
         model=a.model, out=a.out, passes=tuple(passes), target=a.target or recipe.get("target", "ascend910b"),
         dtype=a.dtype or recipe.get("dtype"), calib=calib,
-        calib_samples=a.calib_samples if a.calib_samples is not None else recipe.get("calib_samples", 64),
-        seq_len=a.seq_len if a.seq_len is not None else recipe.get("seq_len", 512),
+        calib_samples=a.calib_samples if a.calib_samples is not None else recipe.get("calib_samples"),
+        seq_len=a.seq_len if a.seq_len is not None else recipe.get("seq_len"),
         exclude=tuple(a.exclude if a.exclude is not None else recipe.get("exclude", [])),
         dump=a.dump, batch_size=a.batch_size, force=a.force, recipe=recipe)
     report = compile_model(opts)

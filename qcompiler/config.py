@@ -92,6 +92,12 @@ def load_recipe(path: str | Path) -> dict:
     return data
 
 
+#: (sequences, tokens) of calibration when not given: from a file, and when sampled from the model itself.
+#: Sampling runs the float model token by token on CPU (minutes for 16 x 256 on a 135M model), hence smaller.
+FILE_CALIB_DEFAULT = (64, 512)
+SAMPLED_CALIB_DEFAULT = (16, 256)
+
+
 @dataclass(frozen=True)
 class CompileOptions:
     model: str
@@ -100,18 +106,23 @@ class CompileOptions:
     target: str = "ascend910b"
     dtype: str | None = None
     calib: Path | None = None
-    calib_samples: int = 64
-    seq_len: int = 512
+    calib_samples: int | None = None   # None: 64, or 16 when sampled from the model (see calib_shape)
+    seq_len: int | None = None         # None: 512, or 256 when sampled from the model
     exclude: tuple[str, ...] = ()
     dump: Path | None = None
     batch_size: int | None = None     # None: runtime.auto_batch_size(seq_len)
     force: bool = False
     recipe: dict = field(default_factory=dict)
 
+    def calib_shape(self) -> tuple[int, int]:
+        """(sequences, tokens per sequence) of calibration, defaults resolved."""
+        n, length = FILE_CALIB_DEFAULT if self.calib is not None else SAMPLED_CALIB_DEFAULT
+        return (self.calib_samples or n, self.seq_len or length)
+
     def __post_init__(self):
-        if self.calib_samples < 1:
+        if self.calib_samples is not None and self.calib_samples < 1:
             raise QCError(f"--calib-samples must be >= 1, got {self.calib_samples}")
-        if self.seq_len < 2:
+        if self.seq_len is not None and self.seq_len < 2:
             raise QCError(f"--seq-len must be >= 2, got {self.seq_len}")
         if self.batch_size is not None and self.batch_size < 1:
             raise QCError(f"--batch-size must be >= 1, got {self.batch_size}")

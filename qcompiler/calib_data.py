@@ -1,0 +1,199 @@
+"""Calibration data: read text files, cut them into token windows, or sample text from the model itself.
+
+Contract:
+- `read_texts(path)` reads a calibration set. `.jsonl` is msModelSlim's layout: one JSON object a line,
+  the text under `inputs_pretokenized` (else `text`), blank lines skipped. `.txt` is one text, the whole
+  file. Any problem (missing file, other extension, bad line, nothing to read) is a QCError that names
+  the file, the line where there is one, and what was expected.
+- `make_windows(tokenizer, texts, seq_len, max_windows)` joins the texts with a blank line, tokenizes once
+  WITHOUT special tokens (no BOS/EOS inserted: windows are slices of one running text, so a BOS in the
+  middle of it would be a token the model never sees there at inference), and cuts consecutive,
+  non-overlapping windows of `seq_len` tokens in order; a partial last window is dropped. Text shorter
+  than one window gives a single window of all its tokens.
+- `sample_windows_from_model(model, tokenizer, n, seq_len, seed)` is data-free calibration: sequences
+  sampled from the float model at temperature 1 (no top-k / top-p), starting from BOS, with EOS
+  suppressed so every row has exactly `seq_len` tokens. A NaN/Inf weight is a QCError naming the tensor
+  (checked before sampling); non-finite logits while sampling are a QCError too.
+
+Everything is deterministic: the same inputs (and, for sampling, the same seed and batch size on the
+same torch build and device) give the same tensor.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from qcompiler import knobs
+from qcompiler.errors import QCError
+
+TEXT_KEYS = ("inputs_pretokenized", "text")
+EXTENSIONS = (".jsonl", ".txt")
+JOINER = "\n\n"
+
+_EXPECTED = {
+    ".jsonl": "one JSON object per line with the text under 'inputs_pretokenized' or 'text'",
+    ".txt": "plain UTF-8 text",
+}
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def read_texts(path: str | Path) -> list[str]:
+    """The texts of a calibration file (`.jsonl` or `.txt`), in file order, empty texts left out."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in EXTENSIONS:
+        raise QCError(f"calibration set {path}: unsupported file type '{path.suffix}': "
+                      f"expected one of {', '.join(EXTENSIONS)}")
+    if not path.is_file():
+        raise QCError(f"calibration set {path} not found")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise QCError(f"calibration set {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    texts = _jsonl_texts(path, content) if suffix == ".jsonl" else [content]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise QCError(f"calibration set {path} is empty: expected {_EXPECTED[suffix]}")
+    return texts
+
+
+def _jsonl_texts(path: Path, content: str) -> list[str]:
+    texts = []
+    for number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        texts.append(_text_of_line(path, number, line))
+    return texts
+
+
+def _text_of_line(path: Path, number: int, line: str) -> str:
+    where = f"calibration set {path}, line {number}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise QCError(f"{where}: not valid JSON ({exc.msg}): expected {_EXPECTED['.jsonl']}") from None
+    key = next((k for k in TEXT_KEYS if isinstance(row, dict) and k in row), None)
+    if key is None:
+        raise QCError(f"{where}: no 'inputs_pretokenized' or 'text' key: expected {_EXPECTED['.jsonl']}")
+    if not isinstance(row[key], str):
+        raise QCError(f"{where}: '{key}' is a {type(row[key]).__name__}: expected a string")
+    return row[key]
+
+
+# ---------------------------------------------------------------------------------------------- windows
+
+def make_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | None) -> torch.LongTensor:
+    """[N, seq_len] token windows cut in order from the joined texts (see the module docstring)."""
+    _check_positive("seq_len", seq_len)
+    if max_windows is not None:
+        _check_positive("max_windows", max_windows)
+    # verbose=False: the joined text is meant to be longer than model_max_length; don't warn about it.
+    ids = tokenizer(JOINER.join(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    if len(ids) < 2:
+        raise QCError(f"calibration text holds {len(ids)} token(s): need at least 2")
+    if len(ids) < seq_len:
+        return torch.tensor([ids], dtype=torch.long)
+    count = len(ids) // seq_len
+    if max_windows is not None:
+        count = min(count, max_windows)
+    return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise QCError(f"{name} must be a positive integer, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+def sample_windows_from_model(model, tokenizer, n: int, seq_len: int, seed: int = 0,
+                              batch_size: int = 16) -> torch.LongTensor:
+    """[n, seq_len] token ids sampled from `model` itself: data-free calibration text.
+
+    Each row starts with the tokenizer's BOS (without one: a non-EOS token drawn from the seeded
+    generator), then plain multinomial sampling (temperature 1, no top-k / top-p, no penalties: the
+    model's own distribution, whatever its generation_config says) with every EOS suppressed. Only
+    `tokenizer.bos_token_id` / `tokenizer.eos_token_id` are read. The caller's global RNG state is left
+    as it was. Same seed and batch size -> same tensor; a different batch size draws differently.
+    """
+    from tqdm.auto import tqdm
+
+    _check_positive("n", n)
+    _check_positive("batch_size", batch_size)
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise QCError(f"seq_len must be an integer >= 2 for self-sampled calibration, got {seq_len!r}")
+    _check_finite(model)
+    eos_ids = _eos_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    batches = [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    rows = []
+    was_training = model.training
+    model.eval()  # dropout off: sample the model as it is deployed
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            starts = _start_tokens(model, tokenizer, n, eos_ids, seed)
+            for batch in tqdm(batches, desc="sampling calibration text", unit="batch",
+                              disable=not knobs.progress_enabled()):
+                prompt = starts[batch.start:batch.stop, None].to(device)
+                try:
+                    rows.append(_sample(model, prompt, seq_len, eos_ids).cpu())
+                except RuntimeError as exc:  # torch.multinomial on NaN/Inf probabilities
+                    if "probability tensor" not in str(exc):
+                        raise
+                    raise QCError("sampling calibration text: the float model's logits are NaN/Inf (activations "
+                                  "overflow the model dtype?); pass --calib FILE or try --dtype bfloat16") from None
+    finally:
+        model.train(was_training)
+    return torch.cat(rows)
+
+
+def _check_finite(model) -> None:
+    """QCError naming the first parameter holding NaN/Inf: sampling from it would fail or give garbage."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise QCError(f"weight {name!r} contains NaN or Inf; expected finite weights")
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """Every id that would end a sequence: the tokenizer's EOS and the generation config's (int or list)."""
+    found = [getattr(tokenizer, "eos_token_id", None)]
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    found += config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]
+    return sorted({int(i) for i in found if i is not None})
+
+
+def _start_tokens(model, tokenizer, n: int, eos_ids: list[int], seed: int) -> torch.LongTensor:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None:
+        return torch.full((n,), int(bos), dtype=torch.long)
+    vocab = model.get_input_embeddings().num_embeddings
+    if hasattr(tokenizer, "__len__"):
+        vocab = min(vocab, len(tokenizer))  # embedding tables are often padded past the real vocabulary
+    allowed = torch.tensor([i for i in range(vocab) if i not in set(eos_ids)], dtype=torch.long)
+    picks = torch.randint(len(allowed), (n,), generator=torch.Generator().manual_seed(seed))
+    return allowed[picks]
+
+
+def _sample(model, prompt: torch.LongTensor, seq_len: int, eos_ids: list[int]) -> torch.LongTensor:
+    from transformers import GenerationConfig
+
+    new = seq_len - prompt.shape[1]
+    # A complete config, swapped in for the call: generate() fills unset fields from the model's own
+    # generation_config (a checkpoint's top_k=20, repetition_penalty=1.05, ...), which would bias the text.
+    config = GenerationConfig(
+        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_beams=1,
+        max_new_tokens=new, min_new_tokens=new, use_cache=True,
+        suppress_tokens=eos_ids or None, eos_token_id=eos_ids or None,
+        pad_token_id=eos_ids[0] if eos_ids else 0,  # never used (no padding); set to keep generate quiet
+    )
+    saved = model.generation_config
+    model.generation_config = config
+    try:
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+    finally:
+        model.generation_config = saved
+    return out[:, :seq_len]

@@ -1,0 +1,291 @@
+"""Tests for qcompiler.calib_data: reading calibration files, cutting token windows, self-sampling."""
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from qcompiler.calib_data import make_windows, read_texts, sample_windows_from_model
+from qcompiler.errors import QCError
+
+SHARED_CALIB = Path("/work/shared/data/calib")
+REAL_TOKENIZER = Path.home() / ".cache" / "qc-models" / "smollm2-135m"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ read_texts
+
+def test_jsonl_reads_both_keys_in_order_and_skips_blank_lines(tmp_path):
+    rows = [{"inputs_pretokenized": "first"}, {"text": "second"},
+            {"inputs_pretokenized": "third wins", "text": "not this"}]
+    body = "\n".join(json.dumps(r) for r in rows[:2]) + "\n\n   \n" + json.dumps(rows[2]) + "\n"
+    assert read_texts(_write(tmp_path / "c.jsonl", body)) == ["first", "second", "third wins"]
+
+
+def test_jsonl_accepts_str_path_and_keeps_text_verbatim(tmp_path):
+    path = _write(tmp_path / "c.jsonl", json.dumps({"text": "  a\n\nb  "}) + "\n")
+    assert read_texts(str(path)) == ["  a\n\nb  "]
+
+
+def test_txt_is_one_text_even_with_blank_lines(tmp_path):
+    body = "para one\nstill one\n\n\npara two\n"
+    assert read_texts(_write(tmp_path / "c.txt", body)) == [body]
+
+
+def test_bad_json_line_names_file_and_line(tmp_path):
+    path = _write(tmp_path / "c.jsonl", '{"text": "ok"}\n\n{"text": broken\n')
+    with pytest.raises(QCError, match=r"c\.jsonl, line 3: not valid JSON.*inputs_pretokenized"):
+        read_texts(path)
+
+
+def test_missing_key_names_line_and_expected_keys(tmp_path):
+    path = _write(tmp_path / "c.jsonl", '{"text": "ok"}\n{"prompt": "x"}\n')
+    with pytest.raises(QCError, match=r"line 2: no 'inputs_pretokenized' or 'text' key"):
+        read_texts(path)
+
+
+def test_non_object_line_is_reported_as_missing_key(tmp_path):
+    path = _write(tmp_path / "c.jsonl", '["text"]\n')
+    with pytest.raises(QCError, match="line 1: no 'inputs_pretokenized'"):
+        read_texts(path)
+
+
+def test_non_string_text_is_rejected(tmp_path):
+    path = _write(tmp_path / "c.jsonl", '{"text": 5}\n')
+    with pytest.raises(QCError, match="line 1: 'text' is a int: expected a string"):
+        read_texts(path)
+
+
+@pytest.mark.parametrize("name, body", [("c.jsonl", "\n  \n"), ("c.jsonl", '{"text": ""}\n'),
+                                        ("c.txt", " \n\n"), ("c.txt", "")])
+def test_empty_set_is_an_error(tmp_path, name, body):
+    with pytest.raises(QCError, match=rf"calibration set .*{name} is empty: expected"):
+        read_texts(_write(tmp_path / name, body))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(QCError, match="nope.jsonl not found"):
+        read_texts(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize("name", ["c.csv", "c.json", "c"])
+def test_wrong_extension_names_accepted_ones(tmp_path, name):
+    with pytest.raises(QCError, match=r"expected one of \.jsonl, \.txt"):
+        read_texts(_write(tmp_path / name, '{"text": "x"}\n'))
+
+
+def test_non_utf8_file(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(QCError, match="not UTF-8"):
+        read_texts(path)
+
+
+@pytest.mark.parametrize("name, rows", [("wiki_calib.jsonl", 64), ("wiki_eval.jsonl", 64), ("boolq.jsonl", 50),
+                                        ("teacher_qualification.jsonl", 44), ("qwen_calib_prompt.jsonl", 80),
+                                        ("llama_calib_prompt.jsonl", 48)])
+def test_real_calibration_files(name, rows):
+    path = SHARED_CALIB / name
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    texts = read_texts(path)
+    assert len(texts) == rows
+    assert all(isinstance(t, str) and t.strip() for t in texts)
+
+
+# ---------------------------------------------------------------------------------------- make_windows
+
+class CharTokenizer:
+    """Stand-in tokenizer: one id per character; records how it was called."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, text, **kwargs):
+        self.calls.append((text, kwargs))
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_windows_are_consecutive_slices_of_the_joined_text():
+    tok = CharTokenizer()
+    windows = make_windows(tok, ["abcdefg", "hij"], seq_len=4, max_windows=None)
+    joined = [ord(c) for c in "abcdefg\n\nhij"]  # 12 ids -> 3 full windows
+    assert windows.dtype == torch.long and windows.shape == (3, 4)
+    assert windows.flatten().tolist() == joined
+    assert len(tok.calls) == 1 and tok.calls[0][1]["add_special_tokens"] is False
+
+
+def test_partial_last_window_dropped_and_max_windows_keeps_the_first():
+    tok = CharTokenizer()
+    assert make_windows(tok, ["x" * 10], seq_len=3, max_windows=None).shape == (3, 3)
+    first_two = make_windows(tok, ["abcdefghij"], seq_len=3, max_windows=2)
+    assert first_two.tolist() == [[97, 98, 99], [100, 101, 102]]
+    assert make_windows(tok, ["abcdefghij"], seq_len=3, max_windows=99).shape == (3, 3)
+
+
+def test_short_text_gives_one_window_of_all_tokens():
+    windows = make_windows(CharTokenizer(), ["abc"], seq_len=8, max_windows=4)
+    assert windows.tolist() == [[97, 98, 99]]
+
+
+def test_fewer_than_two_tokens_is_an_error():
+    with pytest.raises(QCError, match="need at least 2"):
+        make_windows(CharTokenizer(), ["a"], seq_len=8, max_windows=None)
+
+
+@pytest.mark.parametrize("seq_len, max_windows", [(0, None), (4, 0), (-1, 2)])
+def test_bad_window_arguments(seq_len, max_windows):
+    with pytest.raises(QCError, match="must be a positive integer"):
+        make_windows(CharTokenizer(), ["abcdefgh"], seq_len=seq_len, max_windows=max_windows)
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer():
+    if not (REAL_TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip(f"real SmolLM2 tokenizer not built at {REAL_TOKENIZER} (run /work/shared/models/get_models.py)")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(REAL_TOKENIZER)
+
+
+def _sample_texts():
+    if (SHARED_CALIB / "boolq.jsonl").is_file():
+        return read_texts(SHARED_CALIB / "boolq.jsonl")
+    return [f"Paragraph {i}: the river carries gravel and salmon return every autumn." for i in range(200)]
+
+
+def test_real_tokenizer_windows(real_tokenizer):
+    texts = _sample_texts()
+    ids = real_tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    seq_len = 128
+    windows = make_windows(real_tokenizer, texts, seq_len=seq_len, max_windows=None)
+    assert windows.shape == (len(ids) // seq_len, seq_len)
+    assert windows[0].tolist() == ids[:seq_len]
+    assert windows[-1].tolist() == ids[(len(windows) - 1) * seq_len: len(windows) * seq_len]
+    limited = make_windows(real_tokenizer, texts, seq_len=seq_len, max_windows=3)
+    assert torch.equal(limited, windows[:3])
+    assert torch.equal(make_windows(real_tokenizer, texts, seq_len, None), windows)  # deterministic
+
+
+def test_real_tokenizer_short_text(real_tokenizer):
+    windows = make_windows(real_tokenizer, ["Hello there,", "world."], seq_len=512, max_windows=None)
+    expected = real_tokenizer("Hello there,\n\nworld.", add_special_tokens=False)["input_ids"]
+    assert windows.tolist() == [expected]
+    assert real_tokenizer.bos_token_id not in expected
+
+
+def test_long_text_does_not_warn(real_tokenizer, monkeypatch):
+    # transformers' logger does not propagate to the root logger (caplog): listen on it directly.
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    monkeypatch.setattr(real_tokenizer, "model_max_length", 16)
+    monkeypatch.setattr(real_tokenizer, "deprecation_warnings", {})
+    try:
+        make_windows(real_tokenizer, ["word " * 200], seq_len=32, max_windows=None)
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "longer than the specified maximum" in r.getMessage()]
+
+
+# ------------------------------------------------------------------------------ sample_windows_from_model
+
+BOS, EOS, EXTRA_EOS, VOCAB = 1, 2, 5, 128
+
+
+@pytest.fixture()
+def tiny_model():
+    """Tiny random Llama whose head strongly prefers the EOS ids: sampling must suppress them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # One thread: a model this small gains nothing from more, and on a busy machine OpenMP's
+    # spinning threads made these tests 20x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    head = torch.nn.Linear(32, VOCAB, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[[EOS, EXTRA_EOS]] = 8.0  # without suppression nearly every token would be an EOS
+    model.lm_head = head
+    model.generation_config.eos_token_id = EXTRA_EOS  # differs from the tokenizer's: both must be suppressed
+    yield model
+    torch.set_num_threads(threads)
+
+
+TOKENIZER = SimpleNamespace(bos_token_id=BOS, eos_token_id=EOS)
+
+
+def test_sampling_shape_start_token_and_no_eos(tiny_model):
+    out = sample_windows_from_model(tiny_model, TOKENIZER, n=10, seq_len=33, seed=0, batch_size=4)
+    assert out.dtype == torch.long and out.shape == (10, 33)
+    assert (out[:, 0] == BOS).all()
+    assert not torch.isin(out, torch.tensor([EOS, EXTRA_EOS])).any()
+    assert ((out >= 0) & (out < VOCAB)).all()
+
+
+def test_sampling_is_deterministic_per_seed(tiny_model):
+    a = sample_windows_from_model(tiny_model, TOKENIZER, n=6, seq_len=16, seed=7, batch_size=4)
+    b = sample_windows_from_model(tiny_model, TOKENIZER, n=6, seq_len=16, seed=7, batch_size=4)
+    c = sample_windows_from_model(tiny_model, TOKENIZER, n=6, seq_len=16, seed=8, batch_size=4)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_sampling_ignores_checkpoint_generation_config_and_restores_state(tiny_model):
+    # generate() fills unset options from the model's generation_config: none of these may leak in.
+    tiny_model.generation_config.top_k = 1
+    tiny_model.generation_config.do_sample = False
+    tiny_model.generation_config.sequence_bias = {(7,): 100.0}  # every token would be 7
+    saved = tiny_model.generation_config
+    tiny_model.train()
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    out = sample_windows_from_model(tiny_model, TOKENIZER, n=8, seq_len=12, seed=0, batch_size=8)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's RNG stream is untouched
+    assert len({tuple(row) for row in out.tolist()}) > 1
+    assert (out == 7).float().mean() < 0.2
+    assert tiny_model.generation_config is saved and tiny_model.training
+
+
+def test_sampling_without_bos_draws_seeded_start_tokens(tiny_model):
+    tok = SimpleNamespace(bos_token_id=None, eos_token_id=EOS)
+    a = sample_windows_from_model(tiny_model, tok, n=12, seq_len=4, seed=3)
+    b = sample_windows_from_model(tiny_model, tok, n=12, seq_len=4, seed=3)
+    assert torch.equal(a, b)
+    assert len(set(a[:, 0].tolist())) > 1
+    assert not torch.isin(a, torch.tensor([EOS, EXTRA_EOS])).any()
+
+
+def test_sampling_progress_bar_respects_knob(tiny_model, capsys, monkeypatch):
+    monkeypatch.setenv("QC_NO_PROGRESS", "1")
+    sample_windows_from_model(tiny_model, TOKENIZER, n=2, seq_len=4)
+    assert "sampling calibration text" not in capsys.readouterr().err
+    monkeypatch.delenv("QC_NO_PROGRESS")
+    sample_windows_from_model(tiny_model, TOKENIZER, n=2, seq_len=4)
+    assert "sampling calibration text" in capsys.readouterr().err
+
+
+def test_sampling_rejects_one_token_windows(tiny_model):
+    with pytest.raises(QCError, match="seq_len must be an integer >= 2"):
+        sample_windows_from_model(tiny_model, TOKENIZER, n=2, seq_len=1)
+
+
+def test_sampling_rejects_non_finite_weights(tiny_model):
+    with torch.no_grad():
+        tiny_model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(QCError, match=r"'model\.layers\.1\.mlp\.down_proj\.weight' contains NaN or Inf"):
+        sample_windows_from_model(tiny_model, TOKENIZER, n=2, seq_len=4)

@@ -87,7 +87,8 @@ def check_scheme_groups(passes, config: dict, exclude=()) -> None:
             owners = [owner[f"model.layers.{i}.{n}"] for n in group]
             if len({id(o) for o in owners}) > 1:
                 got = ", ".join(f"{n.split('.')[-1]}: {o.name if o else 'float'}" for n, o in zip(group, owners))
-                raise QCError(f"the schemes would split model.layers.{i}.{'/'.join(n.split('.')[-1] for n in group)} "
+                where = f"model.layers.{i}.{group[0].rsplit('.', 1)[0]}.{'/'.join(n.split('.')[-1] for n in group)}"
+                raise QCError(f"the schemes would split {where} "
                               f"({got}): engines fuse them, so one scheme must take all of them (adjust the "
                               f"passes' match option or --exclude)")
     for p in passes:
@@ -98,13 +99,15 @@ def check_scheme_groups(passes, config: dict, exclude=()) -> None:
 
 def _calibration_windows(opts, ckpt, tokenizer, texts, log):
     if texts is not None:
-        windows = make_windows(tokenizer, texts, opts.seq_len, opts.calib_samples)
+        n, seq_len = opts.calib_shape()
+        windows = make_windows(tokenizer, texts, seq_len, n)
         return windows, f"{opts.calib} ({windows.shape[0]} x {windows.shape[1]} tokens)"
-    log(f"no --calib: sampling {opts.calib_samples} x {opts.seq_len} tokens from the float model (seed 0)")
+    n, seq_len = opts.calib_shape()
+    log(f"no --calib: sampling {n} x {seq_len} tokens from the float model (seed 0)")
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=ckpt.dtype)
     model.eval()
-    windows = sample_windows_from_model(model, tokenizer, opts.calib_samples, opts.seq_len, seed=0)
+    windows = sample_windows_from_model(model, tokenizer, n, seq_len, seed=0)
     del model
     return windows, (f"sampled from the float model itself ({windows.shape[0]} x {windows.shape[1]} tokens, "
                      "seed 0, temperature 1)")

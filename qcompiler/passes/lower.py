@@ -2,22 +2,33 @@
 
 For each annotated `aten.linear` node: encode the artifact tensors (backends/ascend/encode.py), store
 the ones the kernel reads as buffers under the Linear's HF names (`self_attn.q_proj.weight` becomes the
-int8 weight, `...deq_scale`, `...quant_bias`, ...), rewrite the node into `torch.ops.qc.*` calls, and
-record the full tensor set in `ctx.artifact` for the artifact writer. Observers are read and removed;
-float tensors no longer referenced (folded biases, float weights) are dropped from the graph.
+int8 weight, `...deq_scale`, `...quant_bias`, `...weight_scale`, ...), rewrite the node into
+`torch.ops.qc.*` calls, and record the full tensor set in `ctx.artifact` for the artifact writer.
+Observers are read and removed; float tensors no longer referenced (folded biases, float weights) are
+dropped from the graph. When an earlier pass (gptq, awq) left `meta.WEIGHT_QPARAMS` = (codes, scales) on
+the Linear, exactly those codes and scales are encoded (`q=`, `scale=`) instead of rounding the weight.
 
-Static W8A8:  x_q = qc.quantize(x, input_scale, input_offset)       one per shared input (q/k/v)
-              y   = qc.quant_matmul(x_q, weight, deq_scale, quant_bias, dtype)
+W8A8, W8A8_MIX (static path):  x_q = qc.quantize(x, input_scale, input_offset)   one per shared input
+                               y   = qc.quant_matmul(x_q, weight, deq_scale, quant_bias, dtype)
+W8A8_DYNAMIC, W4A8_DYNAMIC:    x_q, s = qc.dynamic_quant(x)                       one per shared input
+                               y   = qc.quant_matmul_pertoken(x_q, weight, weight_scale, s, bias,
+                                                              packing 0 (int8) | 2 (int4 along n), dtype)
+W8A16, W4A16:                  y   = qc.weight_quant_matmul(x, weight, weight_scale, weight_offset, bias,
+                                                            group_size, packing 0 | 1 (int4 along k) | 2)
 Requires: annotated, calibrated. Produces: lowered.
-Limits: the quant types in `LOWERINGS`; anything else is an error naming the type.
+Limits: the quant types in `LOWERINGS`; anything else is an error naming the type. W4A8_DYNAMIC's
+scale_bias is written to the artifact only (the kernel math does not read it).
 """
+import operator
+
 import torch
 
-from ..backends.ascend import encode, ops  # noqa: F401  (ops registers torch.ops.qc.*)
+from ..backends.ascend import encode, kernels, ops  # noqa: F401  (ops registers torch.ops.qc.*)
 from ..errors import QCError
 from ..ir import meta
 from ..ir.observers import MinMaxObserver
 from ..ir.patterns import get_tensor, linear_sites
+from ..ir.qspec import PerGroup
 from .base import LinearArtifact, Pass, PassResult
 from .registry import register
 
@@ -55,42 +66,133 @@ def remove_observers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, MinMaxObse
     return seen
 
 
+ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")  # W4A8_DYNAMIC scale_bias is [n, 16] for these
+
+
 class _Lowering:
-    """State of one lowering run: the graph, the context, shared quantize nodes per input."""
+    """State of one lowering run: the graph, the context, shared activation-quantize nodes per input."""
 
     def __init__(self, gm, ctx, observers):
         self.gm, self.ctx, self.observers = gm, ctx, observers
-        self.quantized_inputs: dict[torch.fx.Node, torch.fx.Node] = {}
+        self.quantized_inputs: dict[tuple[str, torch.fx.Node], object] = {}
 
     def attr(self, target: str, value: torch.Tensor) -> torch.fx.Node:
         set_tensor(self.gm, target, value)
         return self.gm.graph.get_attr(target)
 
-    def w8a8(self, site, spec):
+    # ---- inputs of the encoders ------------------------------------------------------------------
+    def weight_args(self, site):
+        """(float weight, float bias or None, {'q': codes, 'scale': scales} from WEIGHT_QPARAMS or {})."""
+        weight = get_tensor(self.gm, site.weight.target)
+        bias = get_tensor(self.gm, site.bias.target) if site.bias is not None else None
+        qparams = site.node.meta.get(meta.WEIGHT_QPARAMS)
+        if qparams is None:
+            return weight, bias, {}
+        q, scale = qparams
+        return weight, bias, {"q": q, "scale": scale}
+
+    def static_params(self, site):
         observer = self.observers.get(site.input)
         if observer is None or not observer.observed:
             raise QCError(f"{self.ctx.prefix}{site.name}: no calibration statistics for its input")
-        weight = get_tensor(self.gm, site.weight.target)
-        bias = get_tensor(self.gm, site.bias.target) if site.bias is not None else None
-        s_x, o_x = encode.static_activation_params(*observer.range(), self.ctx.dtype)
-        tensors = encode.encode_w8a8(weight, bias, s_x, o_x, self.ctx.dtype)
-        g = self.gm.graph
-        with g.inserting_before(site.node):
-            if site.input not in self.quantized_inputs:
-                scale = self.attr(f"{site.name}.input_scale", tensors["input_scale"])
-                offset = self.attr(f"{site.name}.input_offset", tensors["input_offset"])
-                xq = g.call_function(torch.ops.qc.quantize.default, (site.input, scale, offset))
-                xq.meta[meta.LOWERED_FROM] = site.name
-                self.quantized_inputs[site.input] = xq
-            xq = self.quantized_inputs[site.input]
+        return encode.static_activation_params(*observer.range(), self.ctx.dtype)
+
+    # ---- shared activation quantization --------------------------------------------------------
+    def static_input(self, site, tensors):
+        """qc.quantize of the Linear's input; q/k/v (gate/up) share one node and the first Linear's tensors."""
+        key = ("static", site.input)
+        if key not in self.quantized_inputs:
+            scale = self.attr(f"{site.name}.input_scale", tensors["input_scale"])
+            offset = self.attr(f"{site.name}.input_offset", tensors["input_offset"])
+            xq = self.gm.graph.call_function(torch.ops.qc.quantize.default, (site.input, scale, offset))
+            xq.meta[meta.LOWERED_FROM] = site.name
+            self.quantized_inputs[key] = xq
+        return self.quantized_inputs[key]
+
+    def dynamic_input(self, site):
+        """(int8 x, per-token scale) from one qc.dynamic_quant per input, shared by q/k/v (gate/up)."""
+        key = ("dynamic", site.input)
+        if key not in self.quantized_inputs:
+            g = self.gm.graph
+            dq = g.call_function(torch.ops.qc.dynamic_quant.default, (site.input,))
+            xq = g.call_function(operator.getitem, (dq, 0))
+            scale = g.call_function(operator.getitem, (dq, 1))
+            for n in (dq, xq, scale):
+                n.meta[meta.LOWERED_FROM] = site.name
+            self.quantized_inputs[key] = (xq, scale)
+        return self.quantized_inputs[key]
+
+    # ---- one lowering per artifact type -----------------------------------------------------------
+    def _static(self, site, encoder):
+        weight, bias, given = self.weight_args(site)
+        s_x, o_x = self.static_params(site)
+        tensors = encoder(weight, bias, s_x, o_x, self.ctx.dtype, **given)
+        with self.gm.graph.inserting_before(site.node):
+            xq = self.static_input(site, tensors)
             w = self.attr(site.weight.target, tensors["weight"])
             deq = self.attr(f"{site.name}.deq_scale", tensors["deq_scale"])
             qbias = self.attr(f"{site.name}.quant_bias", tensors["quant_bias"])
-            y = g.call_function(torch.ops.qc.quant_matmul.default, (xq, w, deq, qbias, self.ctx.dtype))
+            y = self.gm.graph.call_function(torch.ops.qc.quant_matmul.default,
+                                            (xq, w, deq, qbias, self.ctx.dtype))
         return y, tensors
 
+    def w8a8(self, site, spec):
+        return self._static(site, encode.encode_w8a8)
 
-LOWERINGS = {"W8A8": _Lowering.w8a8}
+    def w8a8_mix(self, site, spec):
+        # the decode (static) path; the artifact also carries what the prefill (per-token) path reads
+        return self._static(site, encode.encode_w8a8_mix)
+
+    def _pertoken(self, site, tensors, packing):
+        g = self.gm.graph
+        with g.inserting_before(site.node):
+            xq, s = self.dynamic_input(site)
+            w = self.attr(site.weight.target, tensors["weight"])
+            ws = self.attr(f"{site.name}.weight_scale", tensors["weight_scale"])
+            b = self.attr(f"{site.name}.bias", tensors["bias"]) if "bias" in tensors else None
+            y = g.call_function(torch.ops.qc.quant_matmul_pertoken.default,
+                                (xq, w, ws, s, b, packing, self.ctx.dtype))
+        return y
+
+    def w8a8_dynamic(self, site, spec):
+        weight, bias, given = self.weight_args(site)
+        tensors = encode.encode_w8a8_dynamic(weight, bias, **given)
+        return self._pertoken(site, tensors, kernels.PACK_NONE), tensors
+
+    def w4a8_dynamic(self, site, spec):
+        weight, bias, given = self.weight_args(site)
+        tensors = encode.encode_w4a8_dynamic(weight, bias, site.name in ROW_PARALLEL, **given)
+        return self._pertoken(site, tensors, kernels.PACK_INT4_N), tensors
+
+    def _weight_only(self, site, spec, encoder, bits):
+        weight, bias, given = self.weight_args(site)
+        gran = spec.weight.granularity
+        group = gran.size if isinstance(gran, PerGroup) else 0
+        tensors = encoder(weight, bias, group, **given)
+        per_channel = tensors["weight_scale"].shape[1] == 1  # also a group equal to k
+        if bits == 8:
+            packing = kernels.PACK_NONE
+        else:
+            packing = kernels.PACK_INT4_K if per_channel else kernels.PACK_INT4_N
+        g = self.gm.graph
+        with g.inserting_before(site.node):
+            w = self.attr(site.weight.target, tensors["weight"])
+            ws = self.attr(f"{site.name}.weight_scale", tensors["weight_scale"])
+            wo = self.attr(f"{site.name}.weight_offset", tensors["weight_offset"])
+            b = self.attr(f"{site.name}.bias", tensors["bias"]) if "bias" in tensors else None
+            y = g.call_function(torch.ops.qc.weight_quant_matmul.default,
+                                (site.input, w, ws, wo, b, 0 if per_channel else group, packing))
+        return y, tensors
+
+    def w8a16(self, site, spec):
+        return self._weight_only(site, spec, encode.encode_w8a16, 8)
+
+    def w4a16(self, site, spec):
+        return self._weight_only(site, spec, encode.encode_w4a16, 4)
+
+
+LOWERINGS = {"W8A8": _Lowering.w8a8, "W8A8_MIX": _Lowering.w8a8_mix, "W8A8_DYNAMIC": _Lowering.w8a8_dynamic,
+             "W8A16": _Lowering.w8a16, "W4A16": _Lowering.w4a16, "W4A8_DYNAMIC": _Lowering.w4a8_dynamic}
 
 
 @register
@@ -113,7 +215,10 @@ class LowerAscend(Pass):
             if lower_fn is None:
                 raise QCError(f"the ascend backend cannot lower {spec.quant_type} yet "
                               f"(supported: {', '.join(LOWERINGS)})")
-            y, tensors = lower_fn(state, site, spec)
+            try:
+                y, tensors = lower_fn(state, site, spec)
+            except ValueError as e:  # encoder contract (shapes, code ranges of given WEIGHT_QPARAMS, ...)
+                raise ValueError(f"{ctx.prefix}{site.name} ({spec.quant_type}): {e}") from e
             y.meta[meta.LOWERED_FROM] = site.name
             y.meta[meta.QUANT_SPEC] = spec
             site.node.replace_all_uses_with(y)

@@ -1,33 +1,92 @@
-"""Shared base of scheme passes (w8a8, ...): annotate every eligible Linear with a LinearQuantSpec.
+"""Shared base of scheme passes (w8a8, w8a8d, w8a8mix, w8a16, w4a16, w4a8d): annotate Linears with a LinearQuantSpec.
 
 A scheme pass decides, it does not transform: it writes `meta.QUANT_SPEC` on `aten.linear` nodes and
 lowering reads it. A Linear is eligible when no earlier scheme pass claimed it (so schemes mix: the
-first pass to claim a Linear wins) and its full HF name matches no `--exclude` regex.
+first pass to claim a Linear wins), its full HF name matches no `--exclude` regex, and it matches the
+pass's `match` option (a regex, `re.search` on the full HF name; default `.*`, every Linear). So a recipe
+`[{w8a16: {match: 'mlp\\.down_proj'}}, w8a8]` gives down_proj W8A16 and every other Linear W8A8. The
+driver rejects, before any work, a pipeline whose `match`/`--exclude` would split q/k/v or gate/up
+(engines fuse them) or a scheme pass that claims no Linear (`driver.check_scheme_groups`).
+
+Per-group schemes (w8a16, w4a16) carry an option `group` (0 = per-channel, else the group size along k).
+The artifact has ONE group_size, so the driver resolves it over the whole model before any work
+(`group_size.resolve_group_sizes`) and rebuilds the pass with the resolved value; `ctx.pipeline` then
+holds the decided group (gptq/awq read it there). A pass run directly on one layer (tests) with
+`group=None` resolves the default over that layer's Linears with the same rule.
 Requires: captured. Produces: annotated.
 """
 import re
+from dataclasses import dataclass
 
 from ..ir import meta
-from ..ir.patterns import linear_sites
-from ..ir.qspec import LinearQuantSpec
+from ..ir.patterns import get_tensor, linear_sites
+from ..ir.qspec import LinearQuantSpec, PerChannel, PerGroup, TensorQuant
 from .base import Pass, PassResult
+from .group_size import GROUP_SIZES, default_group_size
+
+
+@dataclass(frozen=True)
+class SchemeOptions:
+    """match: regex searched in the full HF Linear name (`model.layers.3.mlp.down_proj`); the pass claims
+    only matching Linears. Default `.*`: every Linear not claimed by an earlier scheme pass."""
+    match: str = ".*"
+
+    def __post_init__(self):
+        if not isinstance(self.match, str):
+            raise ValueError(f"match must be a regular expression string, got {self.match!r}")
+        try:
+            re.compile(self.match)
+        except re.error as e:
+            raise ValueError(f"match {self.match!r} is not a valid regular expression ({e})") from None
+
+
+@dataclass(frozen=True)
+class GroupSchemeOptions(SchemeOptions):
+    """group: weight group size along k, one of 0 (per-channel), 32, 64, 128, 256; None = the default
+    (128 if it divides every Linear the pass quantizes, else 64). One group size per artifact."""
+    group: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.group is not None and (isinstance(self.group, bool) or self.group not in GROUP_SIZES):
+            raise ValueError(f"group must be one of {', '.join(map(str, GROUP_SIZES))} "
+                             f"(0 = per-channel), got {self.group!r}")
 
 
 class SchemePass(Pass):
     requires = frozenset({"captured"})
     produces = frozenset({"annotated"})
     forbids = frozenset({"lowered"})
+    Options = SchemeOptions
 
-    def spec(self) -> LinearQuantSpec:
+    def spec(self, group_size: int = 0) -> LinearQuantSpec:
+        """The spec for every Linear this pass claims; `group_size` only matters to per-group passes."""
         raise NotImplementedError
 
+    def claims(self, full_name: str) -> bool:
+        """Whether `match` selects this Linear (exclusion and earlier passes are the caller's concern)."""
+        return re.search(self.options.match, full_name) is not None
+
     def run(self, gm, ctx):
-        spec = self.spec()
-        claimed = []
+        sites = []
         for site in linear_sites(gm):
             full = ctx.prefix + site.name
             if meta.QUANT_SPEC in site.node.meta or any(re.search(p, full) for p in ctx.exclude):
                 continue
+            if self.claims(full):
+                sites.append(site)
+        if not sites:
+            return PassResult(gm, modified=False, stats={"linears": []})
+        group = getattr(self.options, "group", 0)
+        if group is None:  # not resolved by the driver (a pass run on its own): same rule, this layer only
+            group = default_group_size({ctx.prefix + s.name: get_tensor(gm, s.weight.target).shape[1]
+                                        for s in sites})
+        spec = self.spec(group)
+        for site in sites:
             site.node.meta[meta.QUANT_SPEC] = spec
-            claimed.append(site.name)
-        return PassResult(gm, modified=bool(claimed), stats={"linears": claimed})
+        return PassResult(gm, modified=True, stats={"linears": [s.name for s in sites]})
+
+
+def weight_quant(bits: int, group_size: int = 0) -> TensorQuant:
+    """Symmetric weight quantization, per-channel (group_size 0) or per-group."""
+    return TensorQuant(bits, symmetric=True, granularity=PerGroup(group_size) if group_size else PerChannel())

@@ -4,12 +4,13 @@ Weight int8 per-channel symmetric; activation int8 per-tensor asymmetric with a 
 from calibration (min-max). Linears that read one input (q/k/v, gate/up) share one activation scale
 and offset: the observer sits on their shared input edge, so they see the same statistics by
 construction. lm_head and the embedding stay float (they are not in decoder-layer graphs).
+Options: match (regex on the full HF Linear name; default every Linear not claimed by an earlier scheme).
 Requires: captured. Produces: annotated. Limits: min-max only (outliers in down_proj's input hurt;
-`--exclude 'mlp\\.down_proj'` or the smoothing pass fix it).
+`--exclude 'mlp\\.down_proj'`, a weight-only scheme on it, or the smoothing pass fix it).
 """
-from ..ir.qspec import LinearQuantSpec, PerChannel, PerTensor, TensorQuant
+from ..ir.qspec import LinearQuantSpec, PerTensor, TensorQuant
 from .registry import register
-from .scheme import SchemePass
+from .scheme import SchemePass, weight_quant
 
 
 @register
@@ -18,8 +19,7 @@ class W8A8(SchemePass):
     summary = "static W8A8: int8 per-channel weights, int8 per-tensor asymmetric activations (min-max)"
     quant_type = "W8A8"
 
-    def spec(self):
-        return LinearQuantSpec(quant_type="W8A8",
-                               weight=TensorQuant(8, symmetric=True, granularity=PerChannel()),
+    def spec(self, group_size=0):
+        return LinearQuantSpec(quant_type="W8A8", weight=weight_quant(8),
                                activation=TensorQuant(8, symmetric=False, granularity=PerTensor()),
                                pass_name=self.name)

@@ -1,0 +1,299 @@
+"""awq: activation-aware weight scaling and clipping (AWQ, Lin et al. 2023) for weight-quantized schemes.
+
+Purpose: weight-only int4/int8 (w4a16, w8a16, w4a8d) loses most where the input channels are large.
+AWQ scales those weight columns up before rounding (their relative rounding error shrinks) and divides
+the input by the same factor in the op that produces it, so the float function is unchanged; then it
+clips each weight group's range where that lowers the output error.
+
+How, per decoder layer (statistics of every Linear input from one run of the float layer over the
+calibration inputs: mean |x| per channel and X^T X, `ir.linear_inputs`):
+1. Scale search per shared input, with the op that absorbs 1/s:
+     input_layernorm weight      -> q/k/v          post_attention_layernorm weight -> gate/up
+     v_proj rows (and bias)      -> o_proj         (only when v_proj's out == o_proj's in: no GQA)
+     up_proj rows (and bias)     -> down_proj
+   s = mean|x|^a / sqrt(max * min), a over `grid` points in [0, 1); the loss is the summed squared
+   output error of the group's quantized Linears, tr(dW H dW^T) with dW = W - Q(W diag(s)) diag(s)^-1,
+   exact over all calibration tokens via H = X^T X. a = 0 (s = 1) is in the grid, so scaling never
+   raises this loss. A group is skipped (and the reason recorded) when its producer is not one of the
+   above, or when the input or the producer output has other readers than the scaled ops.
+   Folding: producer / s, consumer columns * s, in the model dtype (float function unchanged up to it).
+2. Clip search per quantized Linear (q/k skipped unless `clip_qk`, as AutoAWQ does: attention scores
+   are sensitive to clipping): per (row, group) the ratio r in 1.0 .. 1 - `max_shrink` (`clip_grid` + 1
+   points) minimizing that group's output error d_g^T H_gg d_g (H of the scaled input), with scale
+   r * absmax / qmax. r = 1 is in the grid, so clipping never raises this error.
+3. Result: `meta.WEIGHT_QPARAMS = (codes, scales)` on each quantized Linear (lowering stores exactly
+   these), and the float weight clamped to +-qmax * scale (a following gptq then reads the clipped
+   absmax as its scale). Norm weights and v/up rows change: the artifact must take every float tensor
+   of the layer from the graph, not from the checkpoint.
+Bits and group come from the scheme pass after awq (`weight_targets`).
+Requires: captured. Produces: awq. Forbids: annotated, gptq (gptq must see awq's weights).
+Limits: all four Hessians of a layer are held at once (intermediate_size^2 floats for down_proj);
+per-channel clipping of a Linear with k > 4096 uses 512-wide diagonal blocks of H (an approximation).
+"""
+from dataclasses import dataclass
+
+import torch
+
+from ..ir import meta
+from ..ir.linear_inputs import LayerRunner, replace_tensor
+from ..ir.patterns import get_tensor, linear_sites, shared_input_groups
+from .base import Pass, PassResult
+from .registry import register
+from .weight_targets import WeightTarget, column_scale, fake_quant, quantize, single_thread, weight_targets
+
+aten = torch.ops.aten
+#: ops that move values without mixing channels, on the v_proj -> attention -> o_proj path
+_VIEW_OPS = {aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default,
+             aten._unsafe_view.default, aten.contiguous.default, aten.clone.default}
+#: per-channel clip search uses exact row errors up to this k; above it, diagonal blocks of this size
+_EXACT_CLIP_K, _CLIP_BLOCK = 4096, 512
+
+
+@dataclass(frozen=True)
+class AWQOptions:
+    """grid: scale exponents a = i / grid (i < grid). clip: search weight clipping. clip_grid: shrink
+    steps from 1.0 down to 1 - max_shrink. clip_qk: clip q_proj/k_proj too."""
+    grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    clip_qk: bool = False
+
+    def __post_init__(self):
+        if self.grid < 1 or self.clip_grid < 1:
+            raise ValueError("grid and clip_grid must be >= 1")
+        if not 0.0 <= self.max_shrink < 1.0:
+            raise ValueError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
+
+
+# ---- search kernels (pure functions) ---------------------------------------------------------------
+def quadratic_rows(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """d_r H d_r^T per row of d [n, k], float32 [n]. The product runs in bf16 when `h` is bf16 (the
+    searches pass it so: about 4x faster here, and each loss is within ~0.1% -- they only rank
+    candidates), else in float32."""
+    if h.dtype == torch.bfloat16:
+        return (torch.mm(d.bfloat16(), h).float() * d).sum(-1)
+    return ((d @ h) * d).sum(-1)
+
+
+def scale_loss(weights, targets, h: torch.Tensor, s: torch.Tensor) -> float:
+    """Output error of the quantized Linears (target None: stays float, no error) with input scale s."""
+    diffs = [w - fake_quant(w * s, t)[0] / s for w, t in zip(weights, targets) if t is not None]
+    if not diffs:
+        return 0.0
+    return float(quadratic_rows(torch.cat(diffs), h).sum())
+
+
+def search_scale(x_mean: torch.Tensor, weights, targets, h: torch.Tensor, grid: int = 20, fast: bool = True):
+    """(best s [k] float32, best a, loss at best, loss at s = 1) over a = i / grid, i = 0 .. grid - 1.
+    `fast`: losses from a bf16 product (ranking only); the returned losses are float32 either way."""
+    x_mean = x_mean.float().clamp(min=0)
+    hq = h.bfloat16() if fast else h.float()
+    best = None
+    with single_thread():
+        for i in range(grid):
+            a = i / grid
+            s = x_mean.pow(a).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            loss = scale_loss(weights, targets, hq, s)
+            if best is None or loss < best[2]:
+                best = (s, a, loss)
+        s, a = best[0], best[1]
+        return s, a, scale_loss(weights, targets, h.float(), s), scale_loss(weights, targets, h.float(),
+                                                                             torch.ones_like(s))
+
+
+def _block_hessian(h: torch.Tensor, block: int) -> torch.Tensor:
+    """Diagonal blocks of H as [k / block, block, block]."""
+    k = h.shape[0]
+    g = k // block
+    return h.reshape(g, block, g, block).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+
+
+def group_errors(d: torch.Tensor, hb: torch.Tensor) -> torch.Tensor:
+    """Per (row, block) error d_g^T H_gg d_g: d [n, k], hb [G, g, g] -> float32 [n, G] (bf16 product when
+    hb is bf16)."""
+    n, k = d.shape
+    G, g, _ = hb.shape
+    dg = d.reshape(n, G, g).transpose(0, 1)             # [G, n, g]
+    prod = torch.bmm(dg.to(hb.dtype), hb).float()
+    return (prod * dg).sum(-1).T                        # [n, G]
+
+
+def search_clip(w: torch.Tensor, h: torch.Tensor, t: WeightTarget, clip_grid: int = 20,
+                max_shrink: float = 0.5):
+    """Clipped scales [n, G] for weight w [n, k]: per (row, group) the ratio of absmax/qmax in
+    1 .. 1 - max_shrink minimizing d_g^T H_gg d_g. Returns (scale, errors at best [n, G], at r = 1).
+    Blocks wider than 128 (per-channel targets) use a bf16 product."""
+    n, k = w.shape
+    group = t.group or k
+    G = k // group
+    block = group if (t.group or k <= _EXACT_CLIP_K) else _CLIP_BLOCK
+    if k % block:
+        block = group
+    hb = _block_hessian(h.float(), block)
+    if block > 128:
+        hb = hb.bfloat16()
+    per_block = group // block                          # blocks per scale group
+    with single_thread():
+        absmax = w.abs().reshape(n, G, group).amax(-1)
+        best_err = best_scale = base = None
+        for i in range(clip_grid + 1):
+            r = 1.0 - max_shrink * i / clip_grid
+            scale = torch.where(absmax > 0, absmax * r / t.qmax, torch.ones_like(absmax))
+            wq, scale = fake_quant(w, t, scale)
+            err = group_errors(w - wq, hb).reshape(n, G, per_block).sum(-1)
+            if i == 0:
+                best_err, best_scale, base = err, scale, err
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_scale = torch.where(better, scale, best_scale)
+    return best_scale, best_err, base
+
+
+# ---- graph side ------------------------------------------------------------------------------------
+def _only_user(node, user) -> bool:
+    return list(node.users) == [user]
+
+
+def find_producer(gm, x: torch.fx.Node, consumers, sites_by_node):
+    """What can absorb 1/s for input node x: ("param", (weight target[, bias target])) for a norm weight
+    it multiplies (plus the bias a shifting smooth pass added after it), ("rows", site) for a Linear whose
+    output channels are x's channels; (None, reason) if nothing safely can."""
+    k = get_tensor(gm, consumers[0].weight.target).shape[1]
+    if set(x.users) != {s.node for s in consumers}:
+        return None, "its input has readers other than the Linears"
+
+    def channel_param(p):
+        """The target of a 1-D [k] parameter read only here, else None."""
+        if isinstance(p, torch.fx.Node) and p.op == "get_attr" and len(p.users) == 1:
+            t = get_tensor(gm, p.target)
+            if t.dim() == 1 and t.shape[0] == k:
+                return p.target
+        return None
+
+    def norm_weight(m):
+        """`weight * normed` -> the weight's target, else None."""
+        if isinstance(m, torch.fx.Node) and m.op == "call_function" and m.target == aten.mul.Tensor \
+                and len(m.args) == 2:
+            return next((t for t in map(channel_param, m.args) if t is not None), None)
+        return None
+
+    if x.op == "call_function" and x.target == aten.add.Tensor and len(x.args) == 2:   # norm + bias (shift)
+        for m, b in (x.args, x.args[::-1]):
+            bias, weight = channel_param(b), norm_weight(m)
+            if bias is not None and weight is not None and _only_user(m, x):
+                return ("param", (weight, bias)), None
+    if x.op == "call_function" and x.target == aten.mul.Tensor and len(x.args) == 2:
+        a, b = x.args
+        weight = norm_weight(x)
+        if weight is not None:
+            return ("param", (weight,)), None
+        for p in (a, b):
+            site = sites_by_node.get(p)
+            if site is not None and _only_user(p, x):
+                n_out = get_tensor(gm, site.weight.target).shape[0]
+                if n_out == k:
+                    return ("rows", site), None
+        return None, "its input is a product the scaling cannot be folded into"
+    # o_proj: x <- view ops <- sdpa(value) <- view ops <- v_proj
+    node, seen_attention = x, False
+    while True:
+        if not (isinstance(node, torch.fx.Node) and node.op == "call_function"):
+            break
+        if node.target in _VIEW_OPS:
+            prev = node.args[0]
+        elif node.target == aten.scaled_dot_product_attention.default and not seen_attention:
+            prev, seen_attention = node.args[2], True
+        else:
+            break
+        if not (isinstance(prev, torch.fx.Node) and _only_user(prev, node)):
+            return None, "the attention value path has other readers"
+        node = prev
+        site = sites_by_node.get(node)
+        if site is not None:
+            if not seen_attention:
+                break
+            n_out = get_tensor(gm, site.weight.target).shape[0]
+            if n_out != k:
+                return None, (f"{site.name} out {n_out} != in {k} (grouped-query attention: "
+                              f"heads share v channels)")
+            return ("rows", site), None
+    return None, "no norm weight or Linear produces its input channel by channel"
+
+
+def _fold(gm, producer, consumers, s: torch.Tensor) -> None:
+    """producer / s, consumer weight columns * s (model dtype)."""
+    kind, what = producer
+    if kind == "param":
+        for target in what:   # norm weight (and the bias smoothing's shift gave it)
+            replace_tensor(gm, target, get_tensor(gm, target).float() / s)
+    else:
+        w = get_tensor(gm, what.weight.target)
+        replace_tensor(gm, what.weight.target, w.float() / s[:, None])
+        if what.bias is not None:
+            replace_tensor(gm, what.bias.target, get_tensor(gm, what.bias.target).float() / s)
+    for site in consumers:
+        w = get_tensor(gm, site.weight.target)
+        replace_tensor(gm, site.weight.target, w.float() * s[None, :])
+
+
+@register
+class AWQ(Pass):
+    name = "awq"
+    summary = "AWQ: activation-aware weight scaling (folded into norms / v / up) + weight clipping search"
+    requires = frozenset({"captured"})
+    produces = frozenset({"awq"})
+    forbids = frozenset({"annotated", "gptq"})
+    Options = AWQOptions
+
+    def run(self, gm, ctx):
+        targets = weight_targets(gm, ctx, self)
+        sites = linear_sites(gm)
+        groups = [g for g in shared_input_groups(sites) if any(s.name in targets for s in g)]
+        if not groups:
+            return PassResult(gm, modified=False, stats={"groups": {}})
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        groups.sort(key=lambda g: order[g[0].input])
+        sites_by_node = {s.node: s for s in sites}
+        stats = LayerRunner(gm, ctx).collect([g[0].input for g in groups])
+        hessians = {}
+        group_records, skipped = {}, {}
+        for group in groups:
+            x = group[0].input
+            st = stats[x]
+            h = st.xtx / max(st.rows, 1)
+            key = "+".join(s.name.rsplit(".", 1)[-1] for s in group)
+            producer, reason = find_producer(gm, x, group, sites_by_node)
+            if producer is None:
+                skipped[key] = reason
+                hessians[x] = h
+                continue
+            weights = [get_tensor(gm, s.weight.target).float() for s in group]
+            factor, a, loss, base = search_scale(st.mean_abs, weights, [targets.get(s.name) for s in group], h,
+                                                 self.options.grid)
+            _fold(gm, producer, group, factor)
+            hessians[x] = h / (factor[:, None] * factor[None, :])   # the consumers now read x / factor
+            group_records[key] = {"alpha": a, "loss_vs_unscaled": round(loss / base, 6) if base else 1.0,
+                                  "into": "+".join(producer[1]) if producer[0] == "param" else producer[1].name}
+        clips = {}
+        for group in groups:
+            h = hessians[group[0].input]
+            for site in group:
+                t = targets.get(site.name)
+                if t is None:
+                    continue
+                w = get_tensor(gm, site.weight.target).float()
+                name = site.name.rsplit(".", 1)[-1]
+                if self.options.clip and (self.options.clip_qk or name not in ("q_proj", "k_proj")):
+                    scale, err, base = search_clip(w, h, t, self.options.clip_grid, self.options.max_shrink)
+                    clips[site.name] = round(float(err.sum() / base.sum()), 6) if base.sum() > 0 else 1.0
+                else:
+                    scale = None
+                q, scale = quantize(w, t, scale)
+                site.node.meta[meta.WEIGHT_QPARAMS] = (q, scale)
+                bound = column_scale(scale, w.shape[1]) * t.qmax
+                replace_tensor(gm, site.weight.target, torch.minimum(torch.maximum(w, -bound), bound))
+        return PassResult(gm, modified=True, stats={"groups": group_records, "skipped": skipped,
+                                                    "clip_err_vs_unclipped": clips})

@@ -1,0 +1,282 @@
+"""gptq: the rounding itself (vs RTN, act-order, dead columns), the pass on tiny layers (targets, scales,
+exclusion, sequential stages), the input-capture helper, and the pipeline order contract."""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qcompiler.backends.ascend.encode import quantize_weight
+from qcompiler.backends.ascend.int4 import unpack_int4
+from qcompiler.config import CompileOptions
+from qcompiler.driver import compile_model
+from qcompiler.errors import QCError
+from qcompiler.ir import meta
+from qcompiler.ir.capture import HFSkeleton
+from qcompiler.ir.linear_inputs import LayerRunner, replace_tensor
+from qcompiler.ir.patterns import get_tensor, linear_sites
+from qcompiler.loading import open_checkpoint
+from qcompiler.passes import TAIL, LayerContext, PassManager, make_pass
+from qcompiler.passes.gptq import gptq_quantize, output_error
+from qcompiler.passes.weight_targets import WeightTarget, dequantize, weight_targets
+
+
+# ---- the algorithm on synthetic data ---------------------------------------------------------------
+def _correlated(n_tokens=2048, k=128, seed=0):
+    """Inputs with strongly correlated channels and a few large ones (like a real Linear's)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_tokens, k // 4, generator=g)
+    x = z @ torch.randn(k // 4, k, generator=g) + 0.1 * torch.randn(n_tokens, k, generator=g)
+    x[:, :4] *= 8
+    return x
+
+
+def _hessian(x):
+    return 2 * x.T @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 0), (8, 0), (8, 64)])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_beats_rtn_on_same_scales(bits, group, act_order):
+    x = _correlated()
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(1))
+    h = _hessian(x)
+    rtn_q, scale = quantize_weight(w, bits, group)
+    q = gptq_quantize(w, h, scale, 7 if bits == 4 else 127, act_order=act_order)
+    qmax = 7 if bits == 4 else 127
+    assert q.dtype == torch.int8 and q.shape == w.shape
+    assert int(q.abs().max()) <= qmax
+    err = output_error(w, dequantize(q, scale), h)
+    err_rtn = output_error(w, dequantize(rtn_q, scale), h)
+    assert err < 0.8 * err_rtn, (err, err_rtn)
+    # the real output error on the calibration inputs, not only the proxy
+    y = x @ w.T
+    assert (x @ dequantize(q, scale).T - y).norm() < (x @ dequantize(rtn_q, scale).T - y).norm()
+
+
+def test_act_order_permutation_is_undone():
+    """With a diagonal H there is nothing to compensate: GPTQ must give exactly the RTN codes, column for
+    column, although act-order processes the columns in a scrambled order."""
+    k = 64
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(16, k, generator=g)
+    diag = torch.rand(k, generator=g) + 0.1
+    assert not torch.equal(torch.argsort(diag, descending=True), torch.arange(k))
+    rtn_q, scale = quantize_weight(w, 4, 16)
+    q = gptq_quantize(w, torch.diag(diag), scale, 7, act_order=True, block=8)
+    assert torch.equal(q, rtn_q)
+
+
+def test_act_order_codes_follow_their_columns():
+    """Permuting the input columns (and H) permutes the codes the same way."""
+    x = _correlated(k=64)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    h = _hessian(x)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(4))
+    q, scale = quantize_weight(w, 8, 0)
+    a = gptq_quantize(w, h, scale, 127, act_order=True)
+    b = gptq_quantize(w[:, perm], h[perm][:, perm], scale, 127, act_order=True)
+    assert (a[:, perm] != b).float().mean() < 0.02   # equal up to float ties in diag(H) order
+
+
+def test_dead_columns_get_zero_codes():
+    x = _correlated(k=64)
+    x[:, [5, 40]] = 0
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(5))
+    _, scale = quantize_weight(w, 4, 32)
+    q = gptq_quantize(w, _hessian(x), scale, 7)
+    assert (q[:, [5, 40]] == 0).all()
+    assert int(q.abs().max()) <= 7
+
+
+# ---- the pass on tiny decoder layers ---------------------------------------------------------------
+_CAPTURED = {}
+
+
+def _layer(folder, seqs=8, length=32):
+    """Layer 0 of a tiny checkpoint (captured once per folder; each call gets its own copy)."""
+    key = (str(folder), seqs, length)
+    if key not in _CAPTURED:
+        ckpt = open_checkpoint(folder)
+        skel = HFSkeleton(ckpt)
+        ids = torch.randint(0, 250, (seqs, length), generator=torch.Generator().manual_seed(1))
+        inputs = skel.layer0_inputs(ids)
+        _CAPTURED[key] = (skel.capture_layer(0, inputs), inputs, ckpt.dtype)
+    gm, inputs, dtype = _CAPTURED[key]
+    return copy.deepcopy(gm), inputs, dtype
+
+
+def _run(gm, inputs, dtype, names, exclude=()):
+    passes = [make_pass(n, o) for n, o in names] + [make_pass(n) for n in TAIL]
+    ctx = LayerContext(index=0, inputs=inputs, dtype=dtype, exclude=tuple(exclude), pipeline=tuple(passes))
+    results = {}
+    for p in passes:
+        r = p.run(gm, ctx)
+        gm, results[p.name] = r.gm, r
+    return gm, ctx, results
+
+
+def _forward(gm, inputs):
+    with torch.no_grad():
+        return gm(inputs.hidden, position_embeddings=inputs.position_embeddings).float()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gptq_layer_error_below_rtn(tiny_models, arch):
+    gm, inputs, dtype = _layer(tiny_models[arch])
+    want = _forward(gm, inputs)
+    rtn, _, _ = _run(gm, inputs, dtype, [("w4a16", {"group": 32})])
+    err_rtn = (_forward(rtn, inputs) - want).norm()
+    gm, inputs, dtype = _layer(tiny_models[arch])
+    out, ctx, res = _run(gm, inputs, dtype, [("gptq", {}), ("w4a16", {"group": 32})])
+    err = (_forward(out, inputs) - want).norm()
+    assert err < 0.9 * err_rtn, (err, err_rtn)
+    recs = res["gptq"].stats["linears"]
+    assert len(recs) == 7 and all(r["rel_err"] < r["rel_err_rtn"] for r in recs.values()), recs
+
+
+def test_gptq_scales_are_the_encoders_and_lowering_stores_the_codes(tiny_models):
+    gm, inputs, dtype = _layer(tiny_models["llama"])
+    original = {s.name: get_tensor(gm, s.weight.target).clone() for s in linear_sites(gm)}
+    passes = [make_pass("gptq"), make_pass("w4a16", {"group": 32})]
+    ctx = LayerContext(index=0, inputs=inputs, dtype=dtype, pipeline=tuple(passes + [make_pass(n) for n in TAIL]))
+    passes[0].run(gm, ctx)
+    qparams = {}
+    for site in linear_sites(gm):
+        q, scale = site.node.meta[meta.WEIGHT_QPARAMS]
+        n, k = original[site.name].shape
+        assert q.dtype == torch.int8 and q.shape == (n, k) and int(q.abs().max()) <= 7
+        assert scale.dtype == torch.float32 and scale.shape == (n, k // 32)
+        # the artifact's per-group scales: absmax / 7 of the float weight before GPTQ, groups along k
+        assert torch.equal(scale, quantize_weight(original[site.name], 4, 32)[1])
+        # the float weight the graph now holds is the dequantized GPTQ weight
+        assert torch.equal(get_tensor(gm, site.weight.target), dequantize(q, scale).to(dtype))
+        qparams[site.name] = (q, scale)
+    for p in [passes[1]] + [make_pass(n) for n in TAIL]:
+        gm = p.run(gm, ctx).gm
+    for name, (q, scale) in qparams.items():
+        t = ctx.artifact[name].tensors
+        assert torch.equal(t["weight_scale"], scale)
+        assert torch.equal(unpack_int4(t["weight"], 0), q)   # per-group W4A16 packs along n
+
+
+def test_gptq_int8_per_channel_for_dynamic_scheme(tiny_models):
+    gm, inputs, dtype = _layer(tiny_models["qwen3"])
+    gm, ctx, res = _run(gm, inputs, dtype, [("gptq", {"act_order": False}), ("w8a8d", {})])
+    for name, art in ctx.artifact.items():
+        assert art.quant_type == "W8A8_DYNAMIC"
+        assert art.tensors["weight_scale"].shape[1] == 1
+        assert int(art.tensors["weight"].abs().max()) <= 127
+    assert all("int8 per-channel" == r["quant"] for r in res["gptq"].stats["linears"].values())
+
+
+def test_gptq_respects_exclude_and_match(tiny_models):
+    gm, inputs, dtype = _layer(tiny_models["llama"])
+    down = get_tensor(gm, "mlp.down_proj.weight").clone()
+    o = get_tensor(gm, "self_attn.o_proj.weight").clone()
+    passes = [make_pass("gptq"), make_pass("w4a16", {"group": 32, "match": r"mlp\.|q_proj|k_proj|v_proj"})]
+    ctx = LayerContext(index=0, inputs=inputs, dtype=dtype, exclude=(r"mlp\.down_proj",), pipeline=tuple(passes))
+    stats = passes[0].run(gm, ctx).stats["linears"]
+    assert set(stats) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+                          "mlp.up_proj"}
+    by_name = {s.name: s for s in linear_sites(gm)}
+    assert meta.WEIGHT_QPARAMS not in by_name["mlp.down_proj"].node.meta
+    assert meta.WEIGHT_QPARAMS not in by_name["self_attn.o_proj"].node.meta
+    assert torch.equal(get_tensor(gm, "mlp.down_proj.weight"), down)
+    assert torch.equal(get_tensor(gm, "self_attn.o_proj.weight"), o)
+
+
+def test_targets_follow_the_claiming_scheme(tiny_models):
+    """Mixed schemes: each Linear is quantized as the scheme that claims it; an unset group resolves as
+    the scheme pass itself would (tiny k = 64: 128 does not divide it, so 64)."""
+    gm, inputs, dtype = _layer(tiny_models["llama"])
+    passes = [make_pass("gptq"), make_pass("w8a16", {"match": r"down_proj"}), make_pass("w4a16")]
+    ctx = LayerContext(index=0, inputs=inputs, dtype=dtype, exclude=(r"o_proj",), pipeline=tuple(passes))
+    targets = weight_targets(gm, ctx, passes[0])
+    assert "self_attn.o_proj" not in targets
+    assert targets["mlp.down_proj"] == WeightTarget(8, 0, "w8a16", "W8A16")
+    assert targets["mlp.up_proj"] == WeightTarget(4, 64, "w4a16", "W4A16")
+    passes[0].run(gm, ctx)
+    q, scale = next(s for s in linear_sites(gm) if s.name == "mlp.down_proj").node.meta[meta.WEIGHT_QPARAMS]
+    assert scale.shape == (64, 1) and int(q.abs().max()) > 7
+
+
+def test_gptq_without_following_scheme_does_nothing(tiny_models):
+    gm, inputs, dtype = _layer(tiny_models["llama"])
+    p = make_pass("gptq")
+    r = p.run(gm, LayerContext(index=0, inputs=inputs, dtype=dtype, pipeline=(p,)))
+    assert not r.modified
+
+
+def test_sequential_and_one_pass_hessians_both_work(tiny_models):
+    recs = {}
+    for seq in (True, False):
+        gm, inputs, dtype = _layer(tiny_models["llama"])
+        _, _, res = _run(gm, inputs, dtype, [("gptq", {"sequential": seq}), ("w4a16", {"group": 32})])
+        recs[seq] = res["gptq"].stats["linears"]
+    # q/k/v read the layer input in both modes: identical; later Linears see quantized inputs when sequential
+    assert recs[True]["self_attn.q_proj"] == recs[False]["self_attn.q_proj"]
+    assert recs[True]["mlp.down_proj"] != recs[False]["mlp.down_proj"]
+
+
+# ---- the input-capture helper -----------------------------------------------------------------------
+def test_runner_stats_match_a_direct_computation(tiny_models):
+    gm, inputs, dtype = _layer(tiny_models["llama"])
+    ctx = LayerContext(index=0, inputs=inputs, dtype=dtype, batch_size=3)
+    sites = {s.name: s for s in linear_sites(gm)}
+    seen = {}
+    def hook(node):
+        def f(x):
+            seen.setdefault(node, []).append(x.reshape(-1, x.shape[-1]).float())
+        return f
+    class Rec(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in targets:
+                hook(n)(out)
+            return out
+    targets = [sites["self_attn.q_proj"].input, sites["mlp.down_proj"].input]
+    with torch.no_grad():
+        Rec(gm).run(inputs.hidden, *inputs.position_embeddings, enable_io_processing=False)
+    stats = LayerRunner(gm, ctx).collect(targets)
+    for node in targets:
+        x = torch.cat(seen[node])
+        assert stats[node].rows == x.shape[0]
+        want = x.T @ x   # float32; the runner multiplies bf16 activations in bf16 chunks (accumulate_gram)
+        assert float((stats[node].xtx - want).norm() / want.norm()) < 2e-3
+        torch.testing.assert_close(stats[node].mean_abs, x.abs().mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_runner_cache_reflects_weights_changed_after_it(tiny_models):
+    """A later stage started from a cached stage input sees weights changed after that input was cached."""
+    gm, inputs, dtype = _layer(tiny_models["llama"])
+    ctx = LayerContext(index=0, inputs=inputs, dtype=dtype, batch_size=3)
+    sites = {s.name: s for s in linear_sites(gm)}
+    x_qkv, x_o = sites["self_attn.q_proj"].input, sites["self_attn.o_proj"].input
+    runner = LayerRunner(gm, ctx)
+    runner.collect([x_qkv], keep=[x_qkv])
+    replace_tensor(gm, "self_attn.v_proj.weight", get_tensor(gm, "self_attn.v_proj.weight").float() * 0.5)
+    cached = runner.collect([x_o])[x_o]
+    fresh = LayerRunner(gm, ctx).collect([x_o])[x_o]
+    torch.testing.assert_close(cached.xtx, fresh.xtx)
+
+
+# ---- order contract and the driver --------------------------------------------------------------------
+def test_gptq_must_precede_the_scheme():
+    with pytest.raises(QCError, match=r"pass gptq must run before w4a16"):
+        PassManager([make_pass("w4a16"), make_pass("gptq")] + [make_pass(n) for n in TAIL]).validate()
+    PassManager([make_pass("gptq"), make_pass("w4a16")] + [make_pass(n) for n in TAIL]).validate()
+
+
+def test_compile_with_gptq(tiny_models, calib_file, tmp_path):
+    out = tmp_path / "out"
+    report = compile_model(CompileOptions(model=str(tiny_models["qwen2"]), out=out, calib=calib_file,
+                                          calib_samples=4, seq_len=32, passes=[("gptq", {}), ("w4a16", {})]),
+                           log=lambda m: None)
+    assert report["model_quant_type"] == "W4A16"
+    desc = json.loads((out / "quant_model_description.json").read_text())
+    assert desc["group_size"] == 64
+    tensors = load_file(str(out / "quant_model_weights.safetensors"))
+    assert tensors["model.layers.0.mlp.down_proj.weight_scale"].shape == (64, 2)
+    assert "gptq" in report["layers"][1]["passes"]

@@ -8,7 +8,8 @@ clips each weight group's range where that lowers the output error.
 How, per decoder layer (statistics of every Linear input from one run of the float layer over the
 calibration inputs: mean |x| per channel and X^T X, `ir.linear_inputs`):
 1. Scale search per shared input, with the op that absorbs 1/s:
-     input_layernorm weight      -> q/k/v          post_attention_layernorm weight -> gate/up
+     input_layernorm weight (and the bias a shifting smooth added) -> q/k/v
+     post_attention_layernorm weight -> gate/up
      v_proj rows (and bias)      -> o_proj         (only when v_proj's out == o_proj's in: no GQA)
      up_proj rows (and bias)     -> down_proj
    s = mean|x|^a / sqrt(max * min), a over `grid` points in [0, 1); the loss is the summed squared
@@ -25,7 +26,8 @@ calibration inputs: mean |x| per channel and X^T X, `ir.linear_inputs`):
    these), and the float weight clamped to +-qmax * scale (a following gptq then reads the clipped
    absmax as its scale). Norm weights and v/up rows change: the artifact must take every float tensor
    of the layer from the graph, not from the checkpoint.
-Bits and group come from the scheme pass after awq (`weight_targets`).
+Bits and group come from the scheme pass after awq (`weight_targets`). The searches run on one thread
+and rank candidates with bf16 products (losses reported in float32); see `quadratic_rows`.
 Requires: captured. Produces: awq. Forbids: annotated, gptq (gptq must see awq's weights).
 Limits: all four Hessians of a layer are held at once (intermediate_size^2 floats for down_proj);
 per-channel clipping of a Linear with k > 4096 uses 512-wide diagonal blocks of H (an approximation).

@@ -29,7 +29,7 @@ Cholesky inverse and k column steps per shared input; GPTQ's own math runs on on
 Records per Linear: relative output error tr(dW H dW^T) / tr(W H W^T) of GPTQ and of RTN (same scales).
 Requires: captured. Produces: gptq. Forbids: annotated (must precede the scheme pass).
 Limits: the float weight is replaced, so a pass that changes weights must not run after gptq (awq
-forbids it; smooth should too). The artifact's other float tensors are unchanged by gptq.
+and smooth forbid it). The artifact's other float tensors are unchanged by gptq.
 """
 from dataclasses import dataclass
 

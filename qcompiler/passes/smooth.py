@@ -406,7 +406,7 @@ class Smooth(Pass):
     summary = "SmoothQuant: migrate activation outliers into weights (alpha searched per group; shift=true centers)"
     requires = frozenset({"captured"})
     produces = frozenset({"smoothed"})
-    forbids = frozenset({"annotated"})
+    forbids = frozenset({"annotated", "gptq", "awq"})  # their chosen codes would go stale
     Options = SmoothOptions
 
     def alphas(self) -> list[float]:

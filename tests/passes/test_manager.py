@@ -129,3 +129,10 @@ def test_instruments_time_and_dump(layer, tmp_path):
     assert files == ["000_capture.txt", "001_w8a8.txt", "002_observe.txt", "004_lower.txt"]
     lowered = (tmp_path / "layer000" / "004_lower.txt").read_text()
     assert "qc.quant_matmul" in lowered and "aten.linear" not in lowered
+
+
+def test_smooth_after_weight_rounding_is_rejected():
+    for first in ("gptq", "awq"):
+        pm = PassManager([make_pass(first), make_pass("smooth"), make_pass("w8a8")] + [make_pass(n) for n in TAIL])
+        with pytest.raises(QCError, match=rf"pass smooth must run before {first}"):
+            pm.validate()

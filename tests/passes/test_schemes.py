@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from qcompiler.config import CompileOptions, load_recipe
@@ -25,7 +24,7 @@ from qcompiler.passes import TAIL, LayerContext, PassManager, make_pass
 from qcompiler.passes.group_size import resolve_group_sizes
 from qcompiler.runtime import load_model
 from tests.conftest import SHARED
-from tests.passes.test_w8a8 import _rms, _rotate, _w8a8_linear
+from tests.passes.test_w8a8 import _linear_params, _w8a8_linear, reference_layer
 
 QC = torch.ops.qc
 SCHEMES = ("w8a8d", "w8a8mix", "w8a16", "w4a16", "w4a8d")
@@ -190,11 +189,9 @@ def _weight_only_linear(x, p, dtype, int4):
 
 
 def _reference_layer(tensors, desc, i, cfg, h, cos, sin, dtype):
-    pre = f"model.layers.{i}."
-
     def lin(name, x):
-        p = {k[len(pre + name) + 1:]: v for k, v in tensors.items() if k.startswith(pre + name + ".")}
-        t = desc[pre + name + ".weight"]
+        p = _linear_params(tensors, name)
+        t = desc[name + ".weight"]
         if t in ("W8A8", "W8A8_MIX"):  # W8A8_MIX: the static (decode) path is what the graph runs
             return _w8a8_linear(x, p, dtype)
         if t in ("W8A8_DYNAMIC", "W4A8_DYNAMIC"):
@@ -203,18 +200,7 @@ def _reference_layer(tensors, desc, i, cfg, h, cos, sin, dtype):
             return _weight_only_linear(x, p, dtype, int4=t == "W4A16")
         raise AssertionError(t)
 
-    eps, nh, kvh = cfg["rms_norm_eps"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = cfg.get("head_dim") or cfg["hidden_size"] // nh
-    b, s, _ = h.shape
-    x = _rms(h, tensors[pre + "input_layernorm.weight"], eps)
-    q = lin("self_attn.q_proj", x).view(b, s, nh, hd).transpose(1, 2)
-    k = lin("self_attn.k_proj", x).view(b, s, kvh, hd).transpose(1, 2)
-    v = lin("self_attn.v_proj", x).view(b, s, kvh, hd).transpose(1, 2)
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    att = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hd ** -0.5, enable_gqa=True)
-    h = h + lin("self_attn.o_proj", att.transpose(1, 2).reshape(b, s, -1))
-    x = _rms(h, tensors[pre + "post_attention_layernorm.weight"], eps)
-    return h + lin("mlp.down_proj", F.silu(lin("mlp.gate_proj", x)) * lin("mlp.up_proj", x))
+    return reference_layer(lin, tensors, i, cfg, h, cos, sin)
 
 
 @pytest.mark.parametrize("scheme", ("w8a8",) + SCHEMES)

@@ -98,22 +98,30 @@ def _rotate(x, cos, sin):
     return x * cos.unsqueeze(1) + rot * sin.unsqueeze(1)
 
 
-def _reference_layer(t, i, cfg, h, cos, sin, dtype):
+def _linear_params(t, prefix):
+    """The artifact tensors of one Linear, keyed by suffix."""
+    return {k[len(prefix) + 1:]: v for k, v in t.items() if k.startswith(prefix + ".")}
+
+
+def reference_layer(lin, t, i, cfg, h, cos, sin):
+    """A decoder layer written out from artifact tensors; `lin(full_linear_name, x)` applies one Linear."""
     pre = f"model.layers.{i}."
-    lin = lambda name, x: _w8a8_linear(x, {k[len(pre + name) + 1:]: v for k, v in t.items()  # noqa: E731
-                                               if k.startswith(pre + name + ".")}, dtype)
     eps, nh, kvh = cfg["rms_norm_eps"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or cfg["hidden_size"] // nh
     b, s, _ = h.shape
     x = _rms(h, t[pre + "input_layernorm.weight"], eps)
-    q = lin("self_attn.q_proj", x).view(b, s, nh, hd).transpose(1, 2)
-    k = lin("self_attn.k_proj", x).view(b, s, kvh, hd).transpose(1, 2)
-    v = lin("self_attn.v_proj", x).view(b, s, kvh, hd).transpose(1, 2)
+    q = lin(pre + "self_attn.q_proj", x).view(b, s, nh, hd).transpose(1, 2)
+    k = lin(pre + "self_attn.k_proj", x).view(b, s, kvh, hd).transpose(1, 2)
+    v = lin(pre + "self_attn.v_proj", x).view(b, s, kvh, hd).transpose(1, 2)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     att = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hd ** -0.5, enable_gqa=True)
-    h = h + lin("self_attn.o_proj", att.transpose(1, 2).reshape(b, s, -1))
+    h = h + lin(pre + "self_attn.o_proj", att.transpose(1, 2).reshape(b, s, -1))
     x = _rms(h, t[pre + "post_attention_layernorm.weight"], eps)
-    return h + lin("mlp.down_proj", F.silu(lin("mlp.gate_proj", x)) * lin("mlp.up_proj", x))
+    return h + lin(pre + "mlp.down_proj", F.silu(lin(pre + "mlp.gate_proj", x)) * lin(pre + "mlp.up_proj", x))
+
+
+def _reference_layer(t, i, cfg, h, cos, sin, dtype):
+    return reference_layer(lambda name, x: _w8a8_linear(x, _linear_params(t, name), dtype), t, i, cfg, h, cos, sin)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

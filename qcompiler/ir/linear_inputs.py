@@ -1,8 +1,10 @@
 """Second-order statistics of Linear inputs inside a layer graph, gathered stage by stage.
 
-Purpose: error-compensating and activation-aware weight passes (gptq, awq) need, for the input `X`
-([tokens, k]) of each Linear, the Gram matrix `X^T X` (the GPTQ Hessian is `2 X^T X / N`) and the mean
-|x| per channel, over the whole calibration set (`ctx.inputs`, the outputs of the already-quantized
+Purpose: the one collector of calibration statistics inside a layer graph. Error-compensating and
+activation-aware weight passes (gptq, awq, sparse) need, for the input `X` ([tokens, k]) of each Linear,
+the Gram matrix `X^T X` (the GPTQ Hessian is `2 X^T X / N`) and the mean |x| per channel; smooth needs
+the per-channel range (min, max, max|x|) and a sample of the rows themselves (to measure a quantized
+output error). All over the whole calibration set (`ctx.inputs`, the outputs of the already-quantized
 layers before this one).
 
 - `LayerRunner(gm, ctx).collect(targets, keep=...)` runs the calibration sequences through the part of
@@ -16,8 +18,11 @@ layers before this one).
   (a stage changes the weights of Linears that *read* its input). `drop(node)` frees a cache.
 - `plan_caches(gm, stages)`: which stage inputs later stages read when every earlier one is cached.
 
-Statistics: `xtx` float32 (`accumulate_gram`: bf16 products per chunk of 4096 rows for bf16 models,
-float32 otherwise), `abs_sum` float64 (summed in float32 within a batch), `rows` = tokens seen.
+Statistics (each only when asked for): `xtx` float32 (`accumulate_gram`: bf16 products per chunk of
+4096 rows for bf16 models, float32 otherwise), `abs_sum` float64 (summed in float32 within a batch),
+`min`/`max` float32 per channel (`extrema`), `samples` float32 [keep_rows, k] (`keep_rows`: rows chosen
+uniformly at random, seed 0, over the whole calibration set, in row order; all rows when there are
+fewer); `rows` = tokens seen. Every dimension but the last (channels) is flattened into rows.
 The subgraph is rebuilt at every `collect`, so it reads the graph's current parameters.
 Limits: the graph's placeholders must be (hidden, cos, sin), as captured decoder layers are.
 """
@@ -33,8 +38,16 @@ from .patterns import get_tensor
 class InputStats:
     """Statistics of one Linear input `X` [rows, k] over the calibration set."""
     xtx: torch.Tensor | None     # [k, k] float32: sum of x^T x (None when not asked for)
-    abs_sum: torch.Tensor        # [k] float64: sum of |x|
+    abs_sum: torch.Tensor        # [k] float64: sum of |x| (zeros when not asked for)
     rows: int                    # tokens seen
+    min: torch.Tensor | None = None      # [k] float32 (extrema=True)
+    max: torch.Tensor | None = None      # [k] float32 (extrema=True)
+    samples: torch.Tensor | None = None  # [r, k] float32 rows kept (keep_rows > 0)
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        """max |x| per channel, float32 [k] (needs extrema)."""
+        return torch.maximum(self.max.abs(), self.min.abs())
 
     @property
     def k(self) -> int:
@@ -120,6 +133,39 @@ def accumulate_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
         acc += torch.mm(xc.T, xc).float()
 
 
+def _rows_per_sequence(node: torch.fx.Node, seq_len: int) -> int:
+    """Rows one calibration sequence contributes to `node` (tokens x any inner dims): from its meta val."""
+    val = node.meta.get("val")
+    if val is None or val.dim() < 2:
+        return seq_len
+    n = 1
+    for d in val.shape[1:-1]:
+        n *= int(d) if not isinstance(d, torch.SymInt) else seq_len
+    return n
+
+
+class _RowSampler:
+    """Keeps the rows at fixed global indices (drawn once, seeded) as they stream past, batch by batch."""
+
+    def __init__(self, keep_rows: int, total: int, seed: int):
+        if keep_rows < total:
+            g = torch.Generator().manual_seed(seed)
+            self.keep = torch.randperm(total, generator=g)[:keep_rows].sort().values
+        else:
+            self.keep = torch.arange(total)
+        self.offset, self.kept = 0, []
+
+    def update(self, x: torch.Tensor) -> None:
+        lo, hi = self.offset, self.offset + x.shape[0]
+        idx = self.keep[(self.keep >= lo) & (self.keep < hi)] - lo
+        if idx.numel():
+            self.kept.append(x[idx].clone())
+        self.offset = hi
+
+    def finish(self, k: int) -> torch.Tensor:
+        return torch.cat(self.kept) if self.kept else torch.zeros(0, k)
+
+
 class LayerRunner:
     """Runs parts of a layer graph over a LayerContext's calibration inputs, batch by batch."""
 
@@ -129,7 +175,7 @@ class LayerRunner:
         if len(self.placeholders) != 3:
             raise ValueError(f"layer graph has {len(self.placeholders)} inputs, expected (hidden, cos, sin)")
         hidden = ctx.inputs.hidden
-        batch = max(1, int(getattr(ctx, "batch_size", 8)))
+        batch = max(1, int(getattr(ctx, "batch_size", None) or 8))
         self.batches = [(s, min(s + batch, hidden.shape[0])) for s in range(0, hidden.shape[0], batch)]
         self.cache: dict[torch.fx.Node, list[torch.Tensor]] = {}
 
@@ -143,14 +189,21 @@ class LayerRunner:
         return self.ctx.inputs.position_embeddings[i - 1]
 
     def collect(self, targets: Sequence[torch.fx.Node], hessian: bool = True, abs_mean: bool = True,
-                keep: Iterable[torch.fx.Node] = ()) -> dict[torch.fx.Node, InputStats]:
+                keep: Iterable[torch.fx.Node] = (), extrema: bool = False, keep_rows: int = 0,
+                seed: int = 0) -> dict[torch.fx.Node, InputStats]:
         """Stats of each target's value over every calibration sequence (`abs_sum` stays zero without
-        `abs_mean`); caches the values of `keep`."""
+        `abs_mean`; min/max with `extrema`; `keep_rows` sampled rows); caches the values of `keep`."""
         targets = list(dict.fromkeys(targets))
         keep = [n for n in dict.fromkeys(keep) if n in targets]
         module, used = segment(self.gm, self.placeholders + list(self.cache), targets)
         stats: dict[torch.fx.Node, InputStats] = {}
         kept = {n: [] for n in keep}
+        samplers = {}
+        if keep_rows > 0:
+            hidden = self.ctx.inputs.hidden
+            for n in targets:
+                total = int(hidden.shape[0]) * _rows_per_sequence(n, int(hidden.shape[1]))
+                samplers[n] = _RowSampler(keep_rows, total, seed)
         with torch.no_grad():
             for b in range(len(self.batches)):
                 outs = module(*[self._source_value(s, b) for s in used])
@@ -167,8 +220,18 @@ class LayerRunner:
                         accumulate_gram(st.xtx, x)
                     if abs_mean:
                         st.abs_sum += x.abs().sum(0, dtype=torch.float32).double()  # float32 per batch
+                    if extrema or node in samplers:
+                        xf = x.float()
+                        if extrema and xf.shape[0]:
+                            lo, hi = xf.amin(0), xf.amax(0)
+                            st.min = lo if st.min is None else torch.minimum(st.min, lo)
+                            st.max = hi if st.max is None else torch.maximum(st.max, hi)
+                        if node in samplers:
+                            samplers[node].update(xf)
                     st.rows += x.shape[0]
                 del outs
+        for node, sampler in samplers.items():
+            stats[node].samples = sampler.finish(stats[node].k)
         self.cache.update(kept)
         return stats
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir.activation_stats import ChannelStats, collect_node_stats
+from ..ir.linear_inputs import InputStats, LayerRunner
 from ..ir.patterns import LinearSite, get_tensor, linear_sites, shared_input_groups
 from ..ir.qspec import LinearQuantSpec, PerChannel, PerGroup, PerTensor, PerToken, TensorQuant
 from .base import Pass, PassResult
@@ -374,7 +374,7 @@ def shift_blocker(group: SmoothGroup) -> str:
 
 # ---- the pass -----------------------------------------------------------------------------------------
 def group_error(x: torch.Tensor, refs: list[torch.Tensor], weights: list[torch.Tensor],
-                specs: list[LinearQuantSpec | None], s: torch.Tensor, stats: ChannelStats,
+                specs: list[LinearQuantSpec | None], s: torch.Tensor, stats: InputStats,
                 z: torch.Tensor | None = None) -> float:
     """MSE of the group's fake-quantized outputs, smoothed by s, against the float outputs `refs` (one per
     Linear; x: sampled input rows, already shifted by z; a None spec: that Linear stays float)."""
@@ -429,7 +429,8 @@ class Smooth(Pass):
             return PassResult(gm, modified=False, stats=stats_out)
         search = self.options.alpha is None
         keep = self.options.tokens if search else 0
-        stats = collect_node_stats(gm, ctx, [g.input for g, _ in todo], keep_rows=keep)
+        stats = LayerRunner(gm, ctx).collect([g.input for g, _ in todo], hessian=False, abs_mean=False,
+                                             extrema=True, keep_rows=keep)
         if search:
             stats_out["mse"] = {}
         for g, specs in todo:

@@ -1,0 +1,127 @@
+"""HistogramObserver: an activation observer (like MinMaxObserver) whose range comes from a histogram.
+
+Contract: `forward(x)` returns x unchanged and accumulates a signed histogram of every value seen, over
+[-A, A] with `2 * bins` equal bins, A = the running absmax; the exact min and max are kept too.
+`range()` -> (lo, hi), the activation range lowering turns into the static per-tensor asymmetric int8
+scale and offset (`encode.static_activation_params`), always inside [min, max]:
+- Percentile(p): lo = the (100 - p)% quantile, hi = the p% quantile (linear inside a bin). The two tails
+  are clipped separately because W8A8 activations are asymmetric.
+- Entropy(): TensorRT's entropy calibration on the |x| histogram (`bins` bins over [0, A]): the threshold
+  T among bin edges 128..bins whose clipped-and-quantized-to-128-levels distribution has the least KL
+  divergence from the clipped reference; range = [max(min, -T), min(max, T)]. 128 levels because a
+  symmetric int8 grid has 128 per side; our grid is asymmetric (255 steps over [lo, hi]), so T is the
+  clipping point only, the scale is still computed from [lo, hi].
+Accuracy: when a later batch widens A, the old counts are moved to the new bin holding each old bin's
+centre (at most one new bin width of error per value, as PyTorch's HistogramObserver does). Quantiles are
+therefore exact to within one bin width (A / bins); with the default 2048 bins per side that is 0.05% of A.
+"""
+import numpy as np
+import torch
+
+from .qspec import Entropy, Percentile
+
+QUANT_LEVELS = 128  # TensorRT: levels of one side of a symmetric int8 grid
+
+
+class HistogramObserver(torch.nn.Module):
+    def __init__(self, method: Percentile | Entropy, bins: int = 2048):
+        super().__init__()
+        if not isinstance(method, (Percentile, Entropy)):
+            raise ValueError(f"HistogramObserver needs Percentile or Entropy, got {method!r}")
+        if bins < QUANT_LEVELS:
+            raise ValueError(f"bins must be >= {QUANT_LEVELS}, got {bins}")
+        self.method, self.bins = method, bins
+        self.min, self.max = float("inf"), float("-inf")
+        self.absmax = 0.0
+        self.hist = torch.zeros(2 * bins, dtype=torch.float64)  # over [-absmax, absmax]
+        self.count = 0
+
+    @property
+    def observed(self) -> bool:
+        return self.count > 0
+
+    def _rebin(self, new_absmax: float) -> None:
+        """Move the counts to a histogram over [-new_absmax, new_absmax] (bin centre -> new bin)."""
+        n = 2 * self.bins
+        if self.absmax > 0 and self.hist.sum() > 0:
+            old_w = 2 * self.absmax / n
+            centres = -self.absmax + (torch.arange(n, dtype=torch.float64) + 0.5) * old_w
+            idx = ((centres + new_absmax) / (2 * new_absmax) * n).floor().clamp_(0, n - 1).long()
+            self.hist = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, self.hist)
+        self.absmax = new_absmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.detach().float().reshape(-1)
+        if x32.numel() == 0:
+            return x
+        lo, hi = x32.min().item(), x32.max().item()
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        amax = max(abs(lo), abs(hi))
+        if amax > self.absmax:
+            self._rebin(amax)
+        if self.absmax > 0:
+            self.hist += torch.histc(x32, bins=2 * self.bins, min=-self.absmax, max=self.absmax).double()
+        else:  # every value so far is 0: all mass in the two centre bins
+            self.hist[self.bins] += x32.numel()
+        self.count += x32.numel()
+        return x
+
+    # ---- ranges -----------------------------------------------------------------------------------
+    def _quantile(self, q: float) -> float:
+        """Value below which a fraction q of the mass lies (linear interpolation inside a bin)."""
+        hist = self.hist.numpy()
+        cdf = np.cumsum(hist)
+        target = q * cdf[-1]
+        i = int(np.searchsorted(cdf, target, side="left"))
+        i = min(i, len(hist) - 1)
+        before = cdf[i - 1] if i > 0 else 0.0
+        frac = (target - before) / hist[i] if hist[i] > 0 else 0.0
+        width = 2 * self.absmax / len(hist)
+        return -self.absmax + (i + frac) * width
+
+    def entropy_threshold(self) -> float:
+        """TensorRT's KL-minimizing |x| threshold (see the module docstring)."""
+        n = self.bins
+        signed = self.hist.numpy()
+        folded = signed[n:] + signed[:n][::-1]            # |x| histogram, bins over [0, absmax]
+        width = self.absmax / n
+        best_kl, best_i = np.inf, n
+        nonzero = (folded > 0).astype(np.float64)
+        tail = np.concatenate([np.cumsum(folded[::-1])[::-1], [0.0]])  # tail[i] = folded[i:].sum()
+        for i in range(QUANT_LEVELS, n + 1):
+            src = folded[:i]
+            ref = src.copy()
+            ref[-1] += tail[i]                            # clipped outliers land in the last bin
+            # quantize src (without the outliers) into 128 levels (bin j -> level j * 128 // i) and spread
+            # each level's mass uniformly over the non-empty source bins it covers
+            level = np.arange(i) * QUANT_LEVELS // i
+            starts = np.flatnonzero(np.diff(level, prepend=-1))
+            mass = np.add.reduceat(src, starts)
+            filled = np.add.reduceat(nonzero[:i], starts)
+            expanded = np.where(src > 0, (mass / np.maximum(filled, 1.0))[level], 0.0)
+            if ref.sum() == 0 or expanded.sum() == 0:
+                continue
+            p, qd = ref / ref.sum(), expanded / expanded.sum()
+            mask = p > 0
+            # q = 0 where p > 0 only for the last bin when it held outliers alone: floor it (finite KL)
+            kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(qd[mask], 1e-12))))
+            if kl < best_kl:
+                best_kl, best_i = kl, i
+        return best_i * width
+
+    def range(self) -> tuple[float, float]:
+        if not self.observed:
+            raise RuntimeError("observer saw no data")
+        if self.absmax == 0:
+            return 0.0, 0.0
+        if isinstance(self.method, Percentile):
+            p = self.method.percentile / 100.0
+            lo = self._quantile(1.0 - p) if p < 1.0 else self.min
+            hi = self._quantile(p) if p < 1.0 else self.max
+        else:
+            t = self.entropy_threshold()
+            lo, hi = -t, t
+        return float(max(lo, self.min)), float(min(hi, self.max))
+
+    def extra_repr(self) -> str:
+        return f"{self.method}, min={self.min:.4g}, max={self.max:.4g}, count={self.count}"

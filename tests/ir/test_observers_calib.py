@@ -1,0 +1,193 @@
+"""Histogram (percentile, entropy) activation observers and the MSE weight clipping search, on synthetic
+tensors, plus their scheme options and one tiny-model compile per option through the artifact checker."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qcompiler.backends.ascend import encode
+from qcompiler.config import CompileOptions
+from qcompiler.driver import compile_model
+from qcompiler.errors import QCError
+from qcompiler.ir import meta
+from qcompiler.ir.histogram import HistogramObserver
+from qcompiler.ir.observers import MinMaxObserver
+from qcompiler.ir.qspec import Entropy, MinMax, MSEClip, Percentile
+from qcompiler.ir.weight_clip import mse_weight_scale, weight_mse
+from qcompiler.passes import make_pass
+from tests.conftest import SHARED
+
+
+def _outlier_tensor():
+    """1e6 values uniform in [-1, 1) (a fixed grid, so quantiles are known exactly) and one outlier 50."""
+    x = torch.linspace(-1.0, 1.0, 1_000_001)[:-1]
+    return torch.cat([x, torch.tensor([50.0])])
+
+
+def _observe(obs, x, batches=4):
+    for chunk in x.chunk(batches):  # several batches: exercises the re-binning when the range grows
+        obs(chunk)
+    return obs
+
+
+def test_percentile_clips_the_outlier_to_the_computed_quantile():
+    x = _outlier_tensor()
+    lo, hi = _observe(HistogramObserver(Percentile(99.9)), x).range()
+    # expected: the 0.1% / 99.9% quantiles of the uniform part, -0.998 and 0.998 (the outlier is 1e-6 of the
+    # mass). Tolerance: one histogram bin, 2 * absmax / (2 * 2048) = 50 / 2048 = 0.0244 (module docstring).
+    tol = 50 / 2048
+    assert abs(lo - (-0.998)) < tol and abs(hi - 0.998) < tol
+    s_pct, _ = encode.static_activation_params(lo, hi, torch.bfloat16)
+    s_mm, _ = encode.static_activation_params(*_observe(MinMaxObserver(), x).range(), torch.bfloat16)
+    expected = 2 * 0.998 / 255
+    assert s_pct.item() == pytest.approx(expected, rel=0.03)  # bin tolerance + bf16 rounding of the scale
+    assert s_mm.item() == pytest.approx(51 / 255, rel=0.01)
+    assert s_pct.item() < s_mm.item() / 20
+
+
+def test_percentile_100_is_minmax():
+    x = _outlier_tensor()
+    assert _observe(HistogramObserver(Percentile(100.0)), x).range() == (-1.0, 50.0)
+
+
+def test_entropy_gives_a_finite_positive_scale_inside_the_range():
+    torch.manual_seed(0)
+    x = torch.randn(400_000)
+    x[7] = 60.0
+    obs = _observe(HistogramObserver(Entropy()), x)
+    lo, hi = obs.range()
+    assert obs.min <= lo < 0 < hi <= obs.max
+    # the KL threshold must clip the lone outlier but keep the bulk of a unit Gaussian (|x| < 3: 99.7%)
+    assert 3.0 < hi < 30.0, (lo, hi)
+    s, o = encode.static_activation_params(lo, hi, torch.bfloat16)
+    assert torch.isfinite(s).all() and s.item() > 0 and -128 <= o.item() <= 127
+
+
+def test_histogram_of_all_zeros_and_no_data():
+    obs = HistogramObserver(Entropy())
+    with pytest.raises(RuntimeError):
+        obs.range()
+    obs(torch.zeros(10))
+    assert obs.range() == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (4, 16)])
+def test_mse_search_never_worse_than_minmax(bits, group):
+    torch.manual_seed(1)
+    w = torch.randn(48, 64) * 0.05
+    w[3, 5] = 1.0  # an outlier row: clipping helps there
+    _, s_mm = encode.quantize_weight(w, bits, group)
+    s = mse_weight_scale(w, bits, group)
+    assert s.shape == s_mm.shape and (s <= s_mm).all()
+    assert weight_mse(w, s, bits) <= weight_mse(w, s_mm, bits)
+    # per row/group too (the search is per channel/group), not only on average
+    qmax = 127 if bits == 8 else 7
+    n, k = w.shape
+    g = s.shape[1]
+
+    def err(scale):
+        x, s3 = w.reshape(n, g, k // g), scale.unsqueeze(-1)
+        return (x - torch.round(x / s3).clamp(-qmax, qmax) * s3).pow(2).sum(-1)
+    assert (err(s) <= err(s_mm)).all()
+    if bits == 4:  # int4 Gaussian weights: clipping strictly helps somewhere
+        assert weight_mse(w, s, bits) < 0.95 * weight_mse(w, s_mm, bits)
+
+
+def test_mse_search_equals_minmax_when_no_clipping_helps():
+    # every value is a multiple of absmax / 7: min-max codes them exactly (zero error); any clip adds error
+    torch.manual_seed(2)
+    codes = torch.randint(-7, 8, (16, 32)).float()
+    codes[:, 0] = 7.0
+    w = codes * torch.rand(16, 1)
+    w[5] = 0.0  # a zero row keeps scale 1.0 as the encoder does
+    _, s_mm = encode.quantize_weight(w, 4, 0)
+    s = mse_weight_scale(w, 4, 0)
+    assert torch.equal(s, s_mm)
+
+
+def test_observer_options_validate_and_reach_the_spec():
+    spec = make_pass("w8a8", {"act_observer": "percentile", "percentile": "99.9",
+                              "weight_observer": "mse"}).observed_spec()
+    assert spec.activation.observer == Percentile(99.9) and spec.weight.observer == MSEClip()
+    assert make_pass("w8a8", {"act_observer": "percentile"}).observed_spec().activation.observer == Percentile(99.99)
+    assert make_pass("w8a8").observed_spec().activation.observer == MinMax()
+    assert make_pass("w8a8", {"act_observer": "entropy"}).observed_spec().activation.observer == Entropy()
+    assert make_pass("w4a16", {"weight_observer": "mse"}).observed_spec(64).weight.observer == MSEClip()
+    assert make_pass("w8a8d", {"weight_observer": "mse"}).observed_spec().activation.observer == MinMax()
+    for name, opts, words in [
+            ("w8a8", {"act_observer": "kl"}, "act_observer must be one of minmax|percentile|entropy"),
+            ("w8a8", {"percentile": "99.9"}, "needs act_observer=percentile"),
+            ("w8a8", {"act_observer": "percentile", "percentile": "40"}, "percentile must be in (50, 100]"),
+            ("w8a8", {"act_observer": "percentile", "percentile": "abc"}, "not a valid float"),
+            ("w4a16", {"weight_observer": "gptq"}, "weight_observer must be one of minmax|mse"),
+            ("w8a8d", {"act_observer": "entropy"}, "unknown option 'act_observer'")]:
+        with pytest.raises(QCError) as e:
+            make_pass(name, opts)
+        assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def _checker(out):
+    tool = SHARED / "tools" / "check_ascend_artifact.py"
+    if not tool.is_file():
+        pytest.skip("../shared/tools/check_ascend_artifact.py absent")
+    r = subprocess.run([sys.executable, str(tool), str(out)], capture_output=True, text=True)
+    return r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("passes", [
+    (("w8a8", {"act_observer": "entropy", "weight_observer": "mse"}),),
+    (("w8a8", {"act_observer": "percentile", "percentile": "99.9"}),),
+    (("w4a16", {"weight_observer": "mse", "group": "32"}),),
+])
+def test_compile_with_observers_passes_checker(tiny_models, calib_file, tmp_path, passes):
+    from qcompiler.runtime import load_model
+    out = tmp_path / "out"
+    compile_model(CompileOptions(model=str(tiny_models["llama"]), out=out, passes=passes, calib=calib_file,
+                                 calib_samples=4, seq_len=32), log=lambda m: None)
+    report = _checker(out)
+    assert "\n0 errors" in "\n" + report.strip().splitlines()[-1], report
+    model = load_model(str(out))
+    assert model is not None
+
+
+def _layer(folder):
+    from qcompiler.ir.capture import HFSkeleton
+    from qcompiler.loading import open_checkpoint
+    from qcompiler.passes import LayerContext
+    ckpt = open_checkpoint(folder)
+    skel = HFSkeleton(ckpt)
+    inputs = skel.layer0_inputs(torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(1)))
+    return skel.capture_layer(0, inputs), LayerContext(index=0, inputs=inputs, dtype=ckpt.dtype)
+
+
+def test_options_reach_observers_and_lowering(tiny_models):
+    from qcompiler.passes import TAIL, PassManager
+    scales = {}
+    for kind in ("minmax", "entropy"):
+        gm, ctx = _layer(tiny_models["llama"])
+        make_pass("w8a8", {"act_observer": kind}).run(gm, ctx)
+        make_pass("observe").run(gm, ctx)
+        mods = [gm.get_submodule(n.target) for n in gm.graph.nodes if meta.OBSERVER in n.meta]
+        assert len(mods) == 4 and all(type(m) is (MinMaxObserver if kind == "minmax" else HistogramObserver)
+                                      for m in mods)
+        make_pass("calibrate").run(gm, ctx)
+        make_pass("lower").run(gm, ctx)
+        scales[kind] = ctx.artifact["mlp.down_proj"].tensors["input_scale"].item()
+    assert 0 < scales["entropy"] <= scales["minmax"]
+    w = {}
+    for kind in ("minmax", "mse"):
+        gm, ctx = _layer(tiny_models["llama"])
+        PassManager([make_pass("w4a16", {"group": 32, "weight_observer": kind}),
+                     *[make_pass(n) for n in TAIL]]).run(gm, ctx)
+        w[kind] = ctx.artifact["mlp.down_proj"].tensors["weight_scale"]
+    assert (w["mse"] <= w["minmax"]).all() and (w["mse"] < w["minmax"]).any()
+
+
+def test_recipe_takes_the_same_option_names_and_values(tmp_path):
+    from qcompiler.config import load_recipe
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - w8a8: {act_observer: percentile, percentile: 99.9, weight_observer: mse}\n")
+    (name, opts), = load_recipe(recipe)["passes"]
+    spec = make_pass(name, opts).observed_spec()
+    assert spec.activation.observer == Percentile(99.9) and spec.weight.observer == MSEClip()

@@ -1,0 +1,62 @@
+"""w8a8s: msModelSlim's sparse quantization (the artifact's "W8A8S" type; Atlas 300I Duo, `--target ascend310p`).
+
+= the `sparse` pass (which must run before it: `--passes sparse:ratio=0.5,w8a8s`) + static W8A8 whose int8
+weights keep to a low-bit range so that a compressor can pack them: `bits=4` (default, msModelSlim's
+w_bit=4) gives per-channel symmetric codes in [-7, 7] (scale = absmax_row / 7) stored unpacked in the int8
+`weight`; `bits=8` gives the full [-127, 127]. Tensors and kernel math are W8A8's (spec section 3,
+W8A8S): weight int8 [n, k], input_scale/input_offset, deq_scale = input_scale * weight_scale (int64
+bit-copy for fp16), quant_bias, weight_scale/weight_offset; pruned weights are exactly 0 in the stored
+int8 weight (round(0 / s) = 0), and smaller weights that round to 0 add to the zeros.
+Why it requires `sparse` instead of pruning itself: the pruning method, ratio and outlier fraction are
+the sparse pass's options (one place to choose them, and `sparse` alone gives the float pruned model to
+compare with). Every Linear w8a8s claims must have been pruned by `sparse` (its `match`/`--exclude`
+must cover them): otherwise a one-line error on the first layer.
+Options: match (regex on the full HF Linear name), bits (4 or 8), and w8a8's observers (weight_observer,
+act_observer, percentile).
+Requires: captured, sparse. Produces: annotated.
+Limits: the compressed W8A8SC form (what the 300I Duo runs fastest) is produced by a closed binary tool
+(msModelSlim's compressor): out of scope; this writes the uncompressed W8A8S artifact it reads.
+"""
+from dataclasses import dataclass
+
+from ..errors import QCError
+from ..ir import meta
+from ..ir.patterns import linear_sites
+from ..ir.qspec import LinearQuantSpec, PerTensor, TensorQuant
+from .registry import register
+from .scheme import SchemePass, StaticSchemeOptions, weight_quant
+
+
+@dataclass(frozen=True)
+class W8A8SOptions(StaticSchemeOptions):
+    """bits: weight code range stored in int8: 4 -> [-7, 7] (default, packable), 8 -> [-127, 127]."""
+    bits: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.bits, bool) or self.bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {self.bits!r}")
+
+
+@register
+class W8A8S(SchemePass):
+    name = "w8a8s"
+    summary = ("sparse W8A8 (W8A8S, ascend310p): static W8A8 on sparse-pruned weights, codes in [-7,7] (bits=4) "
+               "stored in int8; needs sparse before it. W8A8SC compression (closed tool) is out of scope")
+    quant_type = "W8A8S"
+    requires = frozenset({"captured", "sparse"})
+    Options = W8A8SOptions
+
+    def spec(self, group_size=0):
+        return LinearQuantSpec(quant_type="W8A8S", weight=weight_quant(self.options.bits),
+                               activation=TensorQuant(8, symmetric=False, granularity=PerTensor()),
+                               pass_name=self.name)
+
+    def run(self, gm, ctx):
+        result = super().run(gm, ctx)
+        claimed = set(result.stats["linears"])
+        for site in linear_sites(gm):
+            if site.name in claimed and meta.SPARSITY not in site.node.meta:
+                raise QCError(f"w8a8s claims {ctx.prefix}{site.name} but the sparse pass did not prune it; "
+                              f"give sparse the same match/--exclude as w8a8s")
+        return result

@@ -1,0 +1,135 @@
+"""w8a8s (sparse W8A8, W8A8S) and the ascend310p target rules: artifact tensors on a tiny model (zeros
+stay zeros, 4-bit code range, fp16 int64 deq_scale, checker clean, executable runs), the pipeline
+contract with sparse, and the target / dtype errors raised before any work."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qcompiler.config import CompileOptions
+from qcompiler.driver import compile_model
+from qcompiler.errors import QCError
+from qcompiler.evaluate import evaluate_file
+from qcompiler.passes import TAIL, PassManager, make_pass
+from qcompiler.runtime import load_model
+from qcompiler.targets import check_target, get_target
+from tests.conftest import SHARED
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _compile(model, out, calib, passes, **kw):
+    return compile_model(CompileOptions(model=str(model), out=out, calib=calib, calib_samples=4, seq_len=32,
+                                        passes=tuple(passes), **kw), log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def w8a8s_out(tiny_models, calib_file, tmp_path_factory):
+    """The tiny Llama (bf16) as sparse+w8a8s for ascend310p in fp16, and sparse alone (same calibration)."""
+    root = tmp_path_factory.mktemp("w8a8s")
+    sparse = ("sparse", {"ratio": "0.5", "method": "wanda"})
+    rep = _compile(tiny_models["llama"], root / "w8a8s", calib_file, [sparse, ("w8a8s", {})],
+                   target="ascend310p", dtype="float16")
+    _compile(tiny_models["llama"], root / "sparse", calib_file, [sparse], target="ascend310p", dtype="float16")
+    return root, rep
+
+
+def test_w8a8s_artifact_zeros_range_and_fp16_encoding(w8a8s_out):
+    root, rep = w8a8s_out
+    out = root / "w8a8s"
+    assert rep["model_quant_type"] == "W8A8S" and rep["target"] == "ascend310p" and rep["dtype"] == "float16"
+    desc = json.loads((out / "quant_model_description.json").read_text())
+    t = load_file(str(out / "quant_model_weights.safetensors"))
+    dense = load_file(str(root / "sparse" / "quant_model_weights.safetensors"))
+    cfg = json.loads((out / "config.json").read_text())
+    md = (out / "qcompile_report.md").read_text()
+    assert "## Sparsity (sparse pass, wanda)" in md and "| 1 | 0.5000 | 0.5000 |" in md
+    assert cfg["torch_dtype"] == "float16" and cfg.get("quantize") == "w8a8s"
+    for layer in range(2):
+        for lin in LINEARS:
+            p = f"model.layers.{layer}.{lin}"
+            q = t[p + ".weight"]
+            assert desc[p + ".weight"] == "W8A8S" and q.dtype == torch.int8
+            assert int(q.abs().max()) <= 7 and int(q.abs().max()) == 7        # 4-bit range, scale absmax/7
+            assert ((q == 0).sum(1) >= q.shape[1] // 2).all()                  # at least the pruned half
+            assert t[p + ".deq_scale"].dtype == torch.int64                     # fp16 path
+            assert rep["layers"][layer]["passes"]["sparse"]["linears"][lin]["sparsity"] == 0.5
+            if layer == 0:  # same inputs in both compiles: the pruned positions are zeros in the int8 weight
+                pruned = dense[p + ".weight"] == 0
+                assert pruned.sum() == q.numel() // 2 and (q[pruned] == 0).all()
+
+
+def test_w8a8s_checker_and_executable(w8a8s_out, calib_file):
+    out = w8a8s_out[0] / "w8a8s"
+    checker = SHARED / "tools" / "check_ascend_artifact.py"
+    if checker.is_file():
+        r = subprocess.run([sys.executable, str(checker), str(out)], capture_output=True, text=True)
+        assert r.returncode == 0 and "\n0 errors," in "\n" + r.stdout, r.stdout[-2000:]
+    layer = load_file(str(out / "executable" / "layers" / "layer_000.safetensors"))
+    assert layer["self_attn.q_proj.deq_scale"].dtype == torch.int64
+    model = load_model(out)
+    result = evaluate_file(model, calib_file, 32, 2)
+    assert math.isfinite(result["ppl"]) and result["dtype"] == "float16"
+
+
+def test_w8a8s_needs_sparse_and_pruned_linears(tiny_models, calib_file, tmp_path):
+    tail = [make_pass(n) for n in TAIL]
+    with pytest.raises(QCError, match=r"w8a8s requires \['sparse'\]"):
+        PassManager([make_pass("w8a8s")] + tail).validate()
+    with pytest.raises(QCError, match="bits"):
+        make_pass("w8a8s", {"bits": "3"})
+    with pytest.raises(QCError, match="sparse pass did not prune it"):
+        _compile(tiny_models["llama"], tmp_path / "o", calib_file,
+                 [("sparse", {"match": "mlp", "method": "magnitude"}), ("w8a8s", {})],
+                 target="ascend310p", dtype="float16")
+
+
+def test_w8a8s_bits8_uses_the_int8_range(tiny_models, calib_file, tmp_path):
+    out = tmp_path / "o"
+    _compile(tiny_models["qwen2"], out, calib_file, [("sparse", {"method": "magnitude"}), ("w8a8s", {"bits": "8"})],
+             target="ascend310p", dtype="float16")
+    q = load_file(str(out / "quant_model_weights.safetensors"))["model.layers.0.mlp.up_proj.weight"]
+    assert int(q.abs().max()) == 127 and ((q == 0).sum(1) >= q.shape[1] // 2).all()
+
+
+# ---- ascend310p rules (all raised before any work: no output folder appears) ----------------------
+def test_310p_rejects_bf16_without_dtype(tiny_models, calib_file, tmp_path):
+    with pytest.raises(QCError, match=r"float16 only, not bfloat16 \(use --dtype float16\)"):
+        _compile(tiny_models["llama"], tmp_path / "o", calib_file, [("w8a8", {})], target="ascend310p")
+    assert not (tmp_path / "o").exists()
+
+
+def test_w8a8s_rejected_on_910b_naming_310p(tiny_models, calib_file, tmp_path):
+    with pytest.raises(QCError, match=r"ascend910b does not run W8A8S.*--target ascend310p"):
+        _compile(tiny_models["llama"], tmp_path / "o", calib_file, [("sparse", {}), ("w8a8s", {})])
+    assert not (tmp_path / "o").exists()
+
+
+def test_310p_unsure_types_warn():
+    t = get_target("ascend310p")
+    assert check_target(t, torch.float16, {"W8A8S", "W8A8", "W8A16"}) == []
+    warnings = check_target(t, torch.float16, {"W8A8_DYNAMIC"})
+    assert len(warnings) == 1 and "W8A8_DYNAMIC" in warnings[0]
+
+
+def test_fp16_range_checked_before_work(tiny_models, calib_file, tmp_path):
+    model = tmp_path / "big"
+    shutil.copytree(tiny_models["llama"], model)
+    f = model / "model.safetensors"
+    tensors = load_file(str(f))
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name] = tensors[name].clone()
+    tensors[name][3, 5] = 1.0e5    # fine in bf16, Inf in fp16
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(QCError, match=rf"weight '{name}' holds 9.98e\+04, outside float16's range.*ascend310p runs "
+                                      "float16 only"):
+        _compile(model, tmp_path / "o", calib_file, [("w8a8", {})], target="ascend310p", dtype="float16")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(QCError, match="compile with --dtype bfloat16"):
+        _compile(model, tmp_path / "o", calib_file, [("w8a8", {})], dtype="float16")

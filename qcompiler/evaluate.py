@@ -24,6 +24,8 @@ LOGIT_WINDOWS = 4
 
 
 def perplexity(model: LoadedModel, windows: torch.LongTensor, batch_size: int | None = None) -> dict:
+    if model.forward is not None:  # whole-model runtime (onnxruntime): ids -> logits in one call
+        return _perplexity_whole(model, windows, batch_size)
     head = model.head
     seq_len = windows.shape[1]
     batch_size = batch_size or auto_batch_size(seq_len)
@@ -46,6 +48,21 @@ def perplexity(model: LoadedModel, windows: torch.LongTensor, batch_size: int | 
             count += target.numel()
     return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count,
             "windows": int(windows.shape[0]), "seq_len": int(seq_len)}
+
+
+def _perplexity_whole(model: LoadedModel, windows: torch.LongTensor, batch_size: int | None) -> dict:
+    """Same scoring as `perplexity`, for a model whose `forward` maps ids to logits."""
+    nll, count = 0.0, 0
+    step = min(batch_size or LOGIT_WINDOWS, LOGIT_WINDOWS)  # logits of `step` windows are in memory at once
+    for start in tqdm(range(0, windows.shape[0], step), desc=f"eval ({model.kind})", unit="batch",
+                      file=sys.stderr, disable=not knobs.progress_enabled()):
+        ids = windows[start:start + step]
+        logits = model.forward(ids).float()
+        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                               reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count,
+            "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1])}
 
 
 def evaluate_file(model: LoadedModel, data_path, seq_len: int, max_windows: int | None = None,

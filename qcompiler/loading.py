@@ -105,6 +105,26 @@ def _convert(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     return t.to(dtype)
 
 
+def check_float16_range(ckpt: Checkpoint, hint: str = "compile with --dtype bfloat16") -> None:
+    """Before any work, when a bf16/fp32 checkpoint is compiled as float16: every floating tensor must lie
+    within float16's range (else it would become Inf). QCError naming the first tensor that does not.
+    Reads each tensor once (memory-mapped, one at a time)."""
+    if ckpt.dtype != torch.float16 or ckpt.source_dtype == torch.float16:
+        return
+    limit = torch.finfo(torch.float16).max
+    for name in sorted(ckpt.weight_map):
+        try:
+            t = ckpt._handle(ckpt.weight_map[name]).get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise QCError(f"{ckpt.path / ckpt.weight_map[name]}: cannot read tensor {name!r} ({e})") from None
+        if not t.is_floating_point() or t.dtype == torch.float16 or not t.numel():
+            continue
+        big = t.abs().max().item()
+        if big > limit:  # NaN/Inf are reported by Checkpoint.tensor when the tensor is used
+            raise QCError(f"weight {name!r} holds {big:.3g}, outside float16's range (65504): it cannot be "
+                          f"converted to --dtype float16; {hint}")
+
+
 def _read_config(path: Path) -> dict:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():

@@ -11,7 +11,8 @@ def _markdown(r: dict) -> str:
         "",
         f"- architecture: {r['architecture']}, dtype {r['dtype']}, target {r['target']}",
         f"- passes: {', '.join(r['passes'])}",
-        f"- excluded (kept float): {', '.join(r['exclude']) or 'none'}; lm_head and embeddings float",
+        f"- excluded (kept float): {', '.join(r['exclude']) or 'none'} (policy {r.get('policy', 'none')}); "
+        "lm_head and embeddings float",
         f"- calibration: {r['calibration']}",
         f"- model_quant_type: {r['model_quant_type']}",
         f"- decoder Linears by type: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}",
@@ -25,11 +26,46 @@ def _markdown(r: dict) -> str:
     lines += [f"| {k} | {v} |" for k, v in r["pass_seconds"].items()]
     if r.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in r["warnings"]]
+    if r.get("fallback"):
+        lines += _fallback_md(r["fallback"])
+    lines += _sparsity_md(r["layers"])
     lines += ["", "## Layers", "", "| layer | seconds | float Linears |", "|---|---|---|"]
     for layer in r["layers"]:
         floats = [k for k, v in layer["linears"].items() if v == "FLOAT"]
         lines.append(f"| {layer['layer']} | {layer['seconds']} | {', '.join(floats) or '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def _sparsity_md(layers: list) -> list[str]:
+    """The sparse pass's achieved fraction of zeros per Linear (layer x Linear), when it ran."""
+    recs = [(layer["layer"], layer.get("passes", {}).get("sparse", {}).get("linears", {})) for layer in layers]
+    names = list(dict.fromkeys(n for _, rec in recs for n in rec))   # graph order, as recorded
+    if not names:
+        return []
+    method = next(iter(recs[0][1].values()), {}).get("method", "?") if recs[0][1] else "?"
+    lines = ["", f"## Sparsity (sparse pass, {method}): achieved fraction of zeros per Linear", "",
+             "| layer | " + " | ".join(n.split(".")[-1] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for index, rec in recs:
+        lines.append(f"| {index} | " + " | ".join(f"{rec[n]['sparsity']:.4f}" if n in rec else "dense"
+                                                  for n in names) + " |")
+    return lines
+
+
+def _fallback_md(f: dict) -> list[str]:
+    """The fallback pass's decision: what fell back, why (measured sensitivities), the cutoff."""
+    cut = f["cutoff"]
+    fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    lines = ["", f"## Fallback ({f['option']}): {f['linears_kept_float']} of {f['linears_quantized_before']} "
+             "quantized Linears kept float", "",
+             f"- sensitivity: {f['metric']}",
+             f"- estimated error E: {fmt(f['error_before'])} -> {fmt(f['error_after'])}; cutoff: lowest chosen "
+             f"{fmt(cut['lowest_chosen'])}, highest not chosen {fmt(cut['highest_not_chosen'])}; "
+             f"pre-sweep {f.get('seconds', '-')} s", "",
+             "| rank | Linears kept float | sensitivity |", "|---|---|---|"]
+    lines += [f"| {u['rank']} | {', '.join(u['linears'])} | {fmt(u['sensitivity'])} |" for u in f["chosen"]]
+    lines += ["", "Most sensitive units measured:", "", "| rank | Linears | sensitivity |", "|---|---|---|"]
+    lines += [f"| {u['rank']} | {', '.join(u['linears'])} | {fmt(u['sensitivity'])} |" for u in f["ranking_top"]]
+    return lines
 
 
 def write_report(folder: Path, report: dict) -> None:

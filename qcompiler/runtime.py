@@ -143,6 +143,12 @@ class ExecutableLayers:
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         return module
 
+    def decode(self, index: int, sample=None):
+        """(decode step of layer `index`, its CacheSpec): the program rewritten to read/extend a KV cache
+        (ir/decode.py; derived at load time, so every compiled OUT has one)."""
+        from .ir.decode import build_decode_graph
+        return build_decode_graph(self.get(index, sample), getattr(torch, self.info["dtype"]))
+
 
 class CapturedFloatLayers:
     """Float decoder layers of a checkpoint, captured like the compiler does (before any pass)."""
@@ -154,25 +160,39 @@ class CapturedFloatLayers:
     def get(self, index: int, sample):
         return self.skeleton.capture_layer(index, sample)
 
+    def decode(self, index: int, sample):
+        """(decode step of float layer `index`, its CacheSpec): see ir/decode.py."""
+        from .ir.decode import build_decode_graph
+        return build_decode_graph(self.get(index, sample), self.skeleton.ckpt.dtype)
+
 
 @dataclass
 class LoadedModel:
     head: Head
     layers: object            # ExecutableLayers | CapturedFloatLayers
     tokenizer: object
-    kind: str                 # "executable" | "float"
+    kind: str                 # "executable" | "float" | "onnx"
     info: dict
+    forward: object = None    # whole-model runtimes (onnx): ids [B, L] -> logits; head/layers are None
 
 
 def is_compiled(path: Path) -> bool:
     return (Path(path) / EXECUTABLE_DIR / "model.json").is_file()
 
 
-def load_model(path: str | Path, dtype: str | None = None) -> LoadedModel:
-    """An OUT folder (its executable graph) or an HF folder / alias (float, captured) for eval and run."""
+def load_model(path: str | Path, dtype: str | None = None, runtime: str = "auto") -> LoadedModel:
+    """An OUT folder (its executable graph) or an HF folder / alias (float, captured) for eval and run.
+
+    `runtime`: "executable", "onnx" (OUT/onnx or an onnx folder, run by onnxruntime) or "auto" (onnx for
+    an onnx folder or an OUT compiled with --target onnx, else the executable graph)."""
     from .loading import load_tokenizer
     from .model_zoo import resolve_model_dir
     path = Path(path) if Path(path).is_dir() else resolve_model_dir(str(path))
+    if runtime != "executable":
+        from .backends.onnx.runtime_hook import pick_onnx
+        onnx_model = pick_onnx(path, dtype, runtime)
+        if onnx_model is not None:
+            return onnx_model
     if is_compiled(path):
         folder = path / EXECUTABLE_DIR
         info = json.loads((folder / "model.json").read_text())

@@ -26,6 +26,11 @@ TARGETS = {
     "ascend310p": Target("ascend310p", "Atlas 300I Duo", frozenset({torch.float16}),
                          frozenset({"W8A8", "W8A8S", "W8A16"}),
                          frozenset({"W8A8_DYNAMIC", "W8A8_MIX", "W4A16", "W4A8_DYNAMIC", "C8", "FAQuant"})),
+    # ONNX (backends/onnx): the Ascend artifact + executable graph are made as for ascend910b (same
+    # dtypes), then lowered to OUT/onnx/model.onnx, which onnxruntime runs in float32.
+    "onnx": Target("onnx", "onnxruntime CPU", frozenset({torch.bfloat16, torch.float16}),
+                   frozenset({"W8A8", "W8A8_DYNAMIC", "W8A8_MIX", "W8A16", "W4A16", "W4A8_DYNAMIC", "W8A8S",
+                              "C8", "FAQuant"})),
 }
 
 
@@ -49,5 +54,8 @@ def check_target(target: Target, dtype: torch.dtype, quant_types: set[str]) -> l
         if t in target.unsure_types:
             warnings.append(f"{t} on {target.name} is not confirmed to run; verify on the device")
         else:
-            raise QCError(f"target {target.name} does not run {t}; it runs {', '.join(sorted(target.quant_types))}")
+            others = [n for n, o in TARGETS.items() if t in o.quant_types]
+            hint = f" ({t} runs on --target {', '.join(others)})" if others else ""
+            raise QCError(f"target {target.name} does not run {t}; it runs "
+                          f"{', '.join(sorted(target.quant_types))}{hint}")
     return warnings

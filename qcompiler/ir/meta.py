@@ -16,3 +16,6 @@ LOWERED_FROM = "qc_lowered_from"
 #: nodes: a weight rounding chosen by an error-compensating pass (gptq, awq clipping); lowering encodes
 #: exactly these codes and scales instead of rounding the float weight itself.
 WEIGHT_QPARAMS = "qc_weight_qparams"
+#: float, on `aten.linear` nodes: fraction of zeros of the weight after the sparse pass pruned it
+#: (w8a8s requires it on every Linear it claims).
+SPARSITY = "qc_sparsity"

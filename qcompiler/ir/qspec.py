@@ -34,6 +34,41 @@ class PerGroup:
 Granularity = PerTensor | PerChannel | PerToken | PerGroup
 
 
+# ---- observers: how a range (activation) or a scale (weight) is chosen; types, like granularity --------
+@dataclass(frozen=True)
+class MinMax:
+    """Activations: the observed min and max. Weights: absmax per channel/group (round-to-nearest)."""
+
+
+@dataclass(frozen=True)
+class Percentile:
+    """Activations: the `percentile` and 100 - `percentile` quantiles of every value seen (histogram)."""
+    percentile: float = 99.99
+
+    def __post_init__(self):
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+
+
+@dataclass(frozen=True)
+class Entropy:
+    """Activations: the |x| threshold minimizing the KL divergence between the histogram and its
+    int8-quantized version (TensorRT's entropy calibration)."""
+
+
+@dataclass(frozen=True)
+class MSEClip:
+    """Weights: per channel/group, the clip ratio r (scale = r * absmax / qmax) minimizing the
+    quantization MSE, searched on a grid from 1.0 down to `min_ratio` (r = 1.0, min-max, is in it)."""
+    grid: int = 100
+    min_ratio: float = 0.5
+
+
+ACTIVATION_OBSERVERS = (MinMax, Percentile, Entropy)
+WEIGHT_OBSERVERS = (MinMax, MSEClip)
+Observer = MinMax | Percentile | Entropy | MSEClip
+
+
 @dataclass(frozen=True)
 class TensorQuant:
     """How one tensor (weight or activation) is quantized."""
@@ -41,19 +76,23 @@ class TensorQuant:
     symmetric: bool
     granularity: Granularity
     dynamic: bool = False  # computed at run time (per-token activations)
+    observer: Observer = MinMax()  # how the range/scale is chosen (activations: calibration statistic)
 
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {self.bits}")
         if self.dynamic and not isinstance(self.granularity, PerToken):
             raise ValueError("dynamic quantization is per-token")
+        if self.dynamic and not isinstance(self.observer, MinMax):
+            raise ValueError("dynamic (run-time) quantization has no calibration observer")
 
     def describe(self) -> str:
         sym = "sym" if self.symmetric else "asym"
         gran = type(self.granularity).__name__
         if isinstance(self.granularity, PerGroup):
             gran += f"({self.granularity.size})"
-        return f"int{self.bits} {sym} {gran}{' dynamic' if self.dynamic else ''}"
+        obs = "" if isinstance(self.observer, MinMax) else f" {self.observer}"
+        return f"int{self.bits} {sym} {gran}{' dynamic' if self.dynamic else ''}{obs}"
 
 
 @dataclass(frozen=True)
@@ -63,6 +102,14 @@ class LinearQuantSpec:
     weight: TensorQuant
     activation: TensorQuant | None     # None: activations stay float (weight-only schemes)
     pass_name: str                     # which pass decided it (for reports and errors)
+
+    def __post_init__(self):
+        if not isinstance(self.weight.observer, WEIGHT_OBSERVERS):
+            raise ValueError(f"weight observer must be one of {[c.__name__ for c in WEIGHT_OBSERVERS]}, "
+                             f"got {self.weight.observer}")
+        if self.activation is not None and not isinstance(self.activation.observer, ACTIVATION_OBSERVERS):
+            raise ValueError(f"activation observer must be one of "
+                             f"{[c.__name__ for c in ACTIVATION_OBSERVERS]}, got {self.activation.observer}")
 
     def needs_static_observer(self) -> bool:
         """True when calibration must observe this Linear's input range."""

@@ -57,6 +57,11 @@ class LayerContext:
                                         # e.g. gptq reads the bits/group of the scheme that follows it)
     artifact: dict[str, LinearArtifact] = field(default_factory=dict)  # linear name -> tensors
     records: dict[str, Any] = field(default_factory=dict)              # per-pass report data
+    # artifact tensors that belong to no Linear's quant type (kv8's C8, fa3's FAQuant): name inside the
+    # layer ("self_attn.k_proj.kv_cache_scale") -> (tensor, description type)
+    extra_tensors: dict[str, tuple] = field(default_factory=dict)
+    # top-level description keys a pass sets (kv_cache_type, kv_quant_type, fa_quant_type)
+    description: dict[str, str] = field(default_factory=dict)
 
     @property
     def prefix(self) -> str:

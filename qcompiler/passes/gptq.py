@@ -79,17 +79,19 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: int, *, damp: float = 0.01,
-                  block: int = 128, act_order: bool = True) -> torch.Tensor:
+                  block: int = 128, act_order: bool = True, keep_zero: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ codes for weight `w` [n, k] with Hessian `h` [k, k] and fixed scales `scale` [n, G].
+    `keep_zero` (bool [n, k], e.g. the weights the sparse pass pruned): those codes stay 0 (their error
+    is compensated like any rounding error, as SparseGPT's joint mode does).
 
     Returns int8 codes [n, k] in [-qmax, qmax] in the original column order; `q * scale` (per group of
     k / G columns) is the quantized weight.
     """
     with single_thread():
-        return _gptq(w, h, scale, qmax, damp, block, act_order)
+        return _gptq(w, h, scale, qmax, damp, block, act_order, keep_zero)
 
 
-def _gptq(w, h, scale, qmax, damp, block, act_order):
+def _gptq(w, h, scale, qmax, damp, block, act_order, keep_zero=None):
     n, k = w.shape
     W = w.detach().float().clone()
     H = h.detach().float().clone()
@@ -98,10 +100,13 @@ def _gptq(w, h, scale, qmax, damp, block, act_order):
         H[dead, dead] = 1.0
         W[:, dead] = 0.0
     S = column_scale(scale.float(), k)
+    Z = keep_zero
     perm = None
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         W, S, H = W[:, perm], S[:, perm], H[perm][:, perm]
+        Z = Z[:, perm] if Z is not None else None
+    Zt = Z.T.contiguous() if Z is not None else None
     hinv = _inverse_cholesky(H, damp)
     # column-major working copies: column j of W is row j here (contiguous updates)
     Wt, St = W.T.contiguous(), S.T.contiguous()
@@ -114,6 +119,8 @@ def _gptq(w, h, scale, qmax, damp, block, act_order):
         for i in range(i2 - i1):
             col, s = W1[i], St[i1 + i]
             q = torch.round(col / s).clamp_(-qmax, qmax)
+            if Zt is not None:
+                q.masked_fill_(Zt[i1 + i], 0.0)
             Q[i1 + i] = q
             err = (col - q * s) / H1[i, i]
             E1[i] = err
@@ -191,8 +198,11 @@ class GPTQ(Pass):
             weights = [get_tensor(gm, s.weight.target).detach().float() for s in sites]
             scales = [quantize(w, t)[1] for w in weights]
             w_all, s_all = torch.cat(weights), torch.cat(scales)
+            # weights the sparse pass pruned keep zero codes (else compensation would refill them)
+            keep_zero = (w_all == 0) if any(meta.SPARSITY in s.node.meta for s in sites) else None
             codes = gptq_quantize(w_all, h, s_all, t.qmax, damp=self.options.damp,
-                                  block=self.options.block, act_order=self.options.act_order)
+                                  block=self.options.block, act_order=self.options.act_order,
+                                  keep_zero=keep_zero)
             wq_all = dequantize(codes, s_all)
             if not torch.isfinite(wq_all).all():
                 raise ValueError(f"{ctx.prefix}{sites[0].name}: GPTQ produced a non-finite weight")

@@ -6,9 +6,10 @@ int8 weight, `...deq_scale`, `...quant_bias`, `...weight_scale`, ...), rewrite t
 `torch.ops.qc.*` calls, and record the full tensor set in `ctx.artifact` for the artifact writer.
 Observers are read and removed; float tensors no longer referenced (folded biases, float weights) are
 dropped from the graph. When an earlier pass (gptq, awq) left `meta.WEIGHT_QPARAMS` = (codes, scales) on
-the Linear, exactly those codes and scales are encoded (`q=`, `scale=`) instead of rounding the weight.
+the Linear, exactly those codes and scales are encoded (`q=`, `scale=`) instead of rounding the weight;
+else a weight spec with the MSEClip observer (weight_observer=mse) encodes with the searched scale.
 
-W8A8, W8A8_MIX (static path):  x_q = qc.quantize(x, input_scale, input_offset)   one per shared input
+W8A8, W8A8_MIX, W8A8S (static): x_q = qc.quantize(x, input_scale, input_offset)   one per shared input
                                y   = qc.quant_matmul(x_q, weight, deq_scale, quant_bias, dtype)
 W8A8_DYNAMIC, W4A8_DYNAMIC:    x_q, s = qc.dynamic_quant(x)                       one per shared input
                                y   = qc.quant_matmul_pertoken(x_q, weight, weight_scale, s, bias,
@@ -28,7 +29,8 @@ from ..errors import QCError
 from ..ir import meta
 from ..ir.observers import MinMaxObserver
 from ..ir.patterns import get_tensor, linear_sites
-from ..ir.qspec import PerGroup
+from ..ir.qspec import MSEClip, PerGroup
+from ..ir.weight_clip import mse_weight_scale
 from .base import LinearArtifact, Pass, PassResult
 from .registry import register
 
@@ -82,11 +84,17 @@ class _Lowering:
 
     # ---- inputs of the encoders ------------------------------------------------------------------
     def weight_args(self, site):
-        """(float weight, float bias or None, {'q': codes, 'scale': scales} from WEIGHT_QPARAMS or {})."""
+        """(float weight, float bias or None, {'q': codes, 'scale': scales} from WEIGHT_QPARAMS, or
+        {'scale': searched scale} for weight_observer=mse, or {} for absmax)."""
         weight = get_tensor(self.gm, site.weight.target)
         bias = get_tensor(self.gm, site.bias.target) if site.bias is not None else None
         qparams = site.node.meta.get(meta.WEIGHT_QPARAMS)
         if qparams is None:
+            wq = site.node.meta[meta.QUANT_SPEC].weight
+            if isinstance(wq.observer, MSEClip):
+                gran = wq.granularity
+                group = gran.size if isinstance(gran, PerGroup) else 0
+                return weight, bias, {"scale": mse_weight_scale(weight, wq.bits, group, wq.observer)}
             return weight, bias, {}
         q, scale = qparams
         return weight, bias, {"q": q, "scale": scale}
@@ -143,6 +151,20 @@ class _Lowering:
         # the decode (static) path; the artifact also carries what the prefill (per-token) path reads
         return self._static(site, encode.encode_w8a8_mix)
 
+    def w8a8s(self, site, spec):
+        # W8A8's tensors and kernels; the codes keep to spec.weight.bits (4: [-7, 7] in the int8 weight,
+        # scale absmax / 7) so a compressor can pack them; pruned (zero) weights give zero codes
+        bits = spec.weight.bits
+
+        def encoder(weight, bias, s_x, o_x, dtype, q=None, scale=None):
+            if q is None:
+                q, scale = encode.quantize_weight(weight, bits, 0, scale)  # scale: weight_observer=mse
+            qmax = 7 if bits == 4 else 127
+            if q.numel() and int(q.abs().max()) > qmax:
+                raise ValueError(f"W8A8S codes exceed the {bits}-bit range [-{qmax}, {qmax}]")
+            return encode.encode_w8a8(weight, bias, s_x, o_x, dtype, q=q, scale=scale)
+        return self._static(site, encoder)
+
     def _pertoken(self, site, tensors, packing):
         g = self.gm.graph
         with g.inserting_before(site.node):
@@ -192,7 +214,8 @@ class _Lowering:
 
 
 LOWERINGS = {"W8A8": _Lowering.w8a8, "W8A8_MIX": _Lowering.w8a8_mix, "W8A8_DYNAMIC": _Lowering.w8a8_dynamic,
-             "W8A16": _Lowering.w8a16, "W4A16": _Lowering.w4a16, "W4A8_DYNAMIC": _Lowering.w4a8_dynamic}
+             "W8A16": _Lowering.w8a16, "W4A16": _Lowering.w4a16, "W4A8_DYNAMIC": _Lowering.w4a8_dynamic,
+             "W8A8S": _Lowering.w8a8s}
 
 
 @register

@@ -3,19 +3,29 @@
 One observer per distinct input node, shared by all annotated Linears that read it (q/k/v, gate/up), so
 a fused group gets identical activation statistics. Other consumers of the input keep reading it
 directly. Observers are `call_module` nodes (`qc_observer_<n>` submodules, `meta.OBSERVER` set).
+The observer's kind follows the activation spec's `observer` type: MinMax -> MinMaxObserver, Percentile /
+Entropy -> HistogramObserver (ir/histogram.py). Linears sharing an input share one scheme (checked by the
+driver), so the first one's spec decides.
 Requires: annotated. Produces: observed. Lowering removes them.
 """
 from ..ir import meta
+from ..ir.histogram import HistogramObserver
 from ..ir.observers import MinMaxObserver
+from ..ir.qspec import MinMax
 from ..ir.patterns import linear_sites, shared_input_groups
 from .base import Pass, PassResult
 from .registry import register
 
 
+def make_observer(kind):
+    """The observer module for an activation observer type (ir/qspec.py)."""
+    return MinMaxObserver() if isinstance(kind, MinMax) else HistogramObserver(kind)
+
+
 @register
 class Observe(Pass):
     name = "observe"
-    summary = "insert min-max observers on inputs of statically quantized Linears"
+    summary = "insert activation observers (min-max or histogram) on inputs of statically quantized Linears"
     requires = frozenset({"annotated"})
     produces = frozenset({"observed"})
     internal = True
@@ -28,7 +38,7 @@ class Observe(Pass):
             if not static:
                 continue
             obs_name = f"qc_observer_{count}"
-            gm.add_submodule(obs_name, MinMaxObserver())
+            gm.add_submodule(obs_name, make_observer(static[0].node.meta[meta.QUANT_SPEC].activation.observer))
             with gm.graph.inserting_after(group[0].input):
                 obs = gm.graph.call_module(obs_name, (group[0].input,))
             obs.meta[meta.OBSERVER] = obs_name

@@ -13,23 +13,41 @@ The artifact has ONE group_size, so the driver resolves it over the whole model 
 (`group_size.resolve_group_sizes`) and rebuilds the pass with the resolved value; `ctx.pipeline` then
 holds the decided group (gptq/awq read it there). A pass run directly on one layer (tests) with
 `group=None` resolves the default over that layer's Linears with the same rule.
+Observers (options on every scheme pass; values become types of ir/qspec.py on the spec, read by
+observe and lower): `weight_observer=minmax|mse`; static schemes (w8a8, w8a8mix) also take
+`act_observer=minmax|percentile|entropy` and `percentile=P` (with act_observer=percentile).
 Requires: captured. Produces: annotated.
 """
+import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..ir import meta
 from ..ir.patterns import get_tensor, linear_sites
-from ..ir.qspec import LinearQuantSpec, PerChannel, PerGroup, TensorQuant
+from ..ir.qspec import (Entropy, LinearQuantSpec, MinMax, MSEClip, PerChannel, PerGroup, Percentile,
+                        TensorQuant)
 from .base import Pass, PassResult
 from .group_size import GROUP_SIZES, default_group_size
+
+
+#: option values -> observer types (ir/qspec.py); the options stay strings so `name:key=value` parses them
+WEIGHT_OBSERVER_NAMES = {"minmax": MinMax, "mse": MSEClip}
+ACT_OBSERVER_NAMES = {"minmax": MinMax, "percentile": Percentile, "entropy": Entropy}
+
+
+def _check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {'|'.join(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
 class SchemeOptions:
     """match: regex searched in the full HF Linear name (`model.layers.3.mlp.down_proj`); the pass claims
-    only matching Linears. Default `.*`: every Linear not claimed by an earlier scheme pass."""
+    only matching Linears. Default `.*`: every Linear not claimed by an earlier scheme pass.
+    weight_observer: minmax (absmax scale, default) or mse (per channel/group clip ratio minimizing the
+    weight's quantization MSE, ir/weight_clip.py); codes an earlier gptq/awq pass chose win over it."""
     match: str = ".*"
+    weight_observer: str = field(default="minmax", metadata={"choices": "minmax|mse"})
 
     def __post_init__(self):
         if not isinstance(self.match, str):
@@ -38,6 +56,38 @@ class SchemeOptions:
             re.compile(self.match)
         except re.error as e:
             raise ValueError(f"match {self.match!r} is not a valid regular expression ({e})") from None
+        _check_choice("weight_observer", self.weight_observer, WEIGHT_OBSERVER_NAMES)
+
+    def weight_observer_spec(self):
+        return WEIGHT_OBSERVER_NAMES[self.weight_observer]()
+
+    def act_observer_spec(self):
+        return MinMax()
+
+
+@dataclass(frozen=True)
+class StaticSchemeOptions(SchemeOptions):
+    """act_observer (static activation range from calibration): minmax (default), percentile (the
+    `percentile` / 100 - `percentile` quantiles; percentile default 99.99, only with act_observer=percentile)
+    or entropy (TensorRT KL threshold); ir/histogram.py."""
+    act_observer: str = field(default="minmax", metadata={"choices": "minmax|percentile|entropy"})
+    percentile: float | None = field(default=None, metadata={"choices": "50 < P <= 100, default 99.99"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("act_observer", self.act_observer, ACT_OBSERVER_NAMES)
+        if self.percentile is not None:
+            if self.act_observer != "percentile":
+                raise ValueError(f"percentile={self.percentile} needs act_observer=percentile "
+                                 f"(act_observer is {self.act_observer})")
+            if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)):
+                raise ValueError(f"percentile must be a number in (50, 100], got {self.percentile!r}")
+            Percentile(float(self.percentile))  # validates the range
+
+    def act_observer_spec(self):
+        if self.act_observer == "percentile" and self.percentile is not None:
+            return Percentile(float(self.percentile))
+        return ACT_OBSERVER_NAMES[self.act_observer]()
 
 
 @dataclass(frozen=True)
@@ -63,6 +113,15 @@ class SchemePass(Pass):
         """The spec for every Linear this pass claims; `group_size` only matters to per-group passes."""
         raise NotImplementedError
 
+    def observed_spec(self, group_size: int = 0) -> LinearQuantSpec:
+        """`spec` with the observers the options chose (weight_observer, act_observer on static schemes)."""
+        spec = self.spec(group_size)
+        weight = dataclasses.replace(spec.weight, observer=self.options.weight_observer_spec())
+        act = spec.activation
+        if act is not None and not act.dynamic:
+            act = dataclasses.replace(act, observer=self.options.act_observer_spec())
+        return dataclasses.replace(spec, weight=weight, activation=act)
+
     def claims(self, full_name: str) -> bool:
         """Whether `match` selects this Linear (exclusion and earlier passes are the caller's concern)."""
         return re.search(self.options.match, full_name) is not None
@@ -81,7 +140,7 @@ class SchemePass(Pass):
         if group is None:  # not resolved by the driver (a pass run on its own): same rule, this layer only
             group = default_group_size({ctx.prefix + s.name: get_tensor(gm, s.weight.target).shape[1]
                                         for s in sites})
-        spec = self.spec(group)
+        spec = self.observed_spec(group)
         for site in sites:
             site.node.meta[meta.QUANT_SPEC] = spec
         return PassResult(gm, modified=True, stats={"linears": [s.name for s in sites]})

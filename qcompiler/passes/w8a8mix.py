@@ -8,12 +8,13 @@ the decode kernels), so `qcompile eval` measures what decode instances compute; 
 numerics are those of the w8a8d pass on the same weights.
 Weight int8 per-channel symmetric (or `meta.WEIGHT_QPARAMS` from gptq/awq); activation int8 per-tensor
 asymmetric, shared by Linears reading one input (q/k/v, gate/up), as in w8a8.
-Options: match (regex on the full HF Linear name).
+Options: match (regex on the full HF Linear name), act_observer=minmax|percentile|entropy (+ percentile=P),
+weight_observer=minmax|mse (passes/scheme.py).
 Requires: captured. Produces: annotated.
 """
 from ..ir.qspec import LinearQuantSpec, PerTensor, TensorQuant
 from .registry import register
-from .scheme import SchemePass, weight_quant
+from .scheme import SchemePass, StaticSchemeOptions, weight_quant
 
 
 @register
@@ -21,6 +22,7 @@ class W8A8Mix(SchemePass):
     name = "w8a8mix"
     summary = "W8A8_MIX: int8 per-channel weights, static (decode) + per-token (prefill) activations; runs static"
     quant_type = "W8A8_MIX"
+    Options = StaticSchemeOptions
 
     def spec(self, group_size=0):
         return LinearQuantSpec(quant_type="W8A8_MIX", weight=weight_quant(8),

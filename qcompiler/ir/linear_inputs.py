@@ -17,6 +17,9 @@ layers before this one).
   A cached node must not depend on any weight changed since it was cached: cache stage inputs only
   (a stage changes the weights of Linears that *read* its input). `drop(node)` frees a cache.
 - `plan_caches(gm, stages)`: which stage inputs later stages read when every earlier one is cached.
+- `stage_input_stats(gm, ctx, stages, sequential)`: the loop gptq and sparse share: yields each stage
+  input's `InputStats` (Gram matrix) in order; sequentially, each stage is collected only after the
+  caller has handled (rewritten) the previous one, with caches planned by `plan_caches`.
 
 Statistics (each only when asked for): `xtx` float32 (`accumulate_gram`: bf16 products per chunk of
 4096 rows for bf16 models, float32 otherwise), `abs_sum` float64 (summed in float32 within a batch),
@@ -26,7 +29,7 @@ fewer); `rows` = tokens seen. Every dimension but the last (channels) is flatten
 The subgraph is rebuilt at every `collect`, so it reads the graph's current parameters.
 Limits: the graph's placeholders must be (hidden, cos, sin), as captured decoder layers are.
 """
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +112,29 @@ def plan_caches(gm: torch.fx.GraphModule, stages: Sequence[torch.fx.Node]) -> di
             if earlier == target or any(earlier in n.all_input_nodes for n in needed):
                 last_use[earlier] = s
     return last_use
+
+
+def stage_input_stats(gm: torch.fx.GraphModule, ctx, stages: Sequence[torch.fx.Node],
+                      sequential: bool) -> Iterator["InputStats"]:
+    """`InputStats` (Gram matrix, no mean |x|) of each stage input, in the given (topological) order.
+
+    sequential=False: one pass over the calibration data collects every stage at once (statistics of
+    the graph as it is now). sequential=True: stage s is collected when the caller asks for it, i.e.
+    after the caller has rewritten the Linears of stage s-1 in `gm`, so each stage sees the earlier
+    stages' changes; earlier stage inputs stay cached while a later stage reads them (`plan_caches`).
+    """
+    runner = LayerRunner(gm, ctx)
+    if not sequential:
+        all_stats = runner.collect(list(stages), abs_mean=False)
+        for node in stages:
+            yield all_stats.pop(node)
+        return
+    last_use = plan_caches(gm, stages)
+    for s, node in enumerate(stages):
+        yield runner.collect([node], abs_mean=False, keep=[node] if node in last_use else [])[node]
+        for cached, last in last_use.items():  # runs after the caller handled stage s
+            if last <= s:
+                runner.drop(cached)
 
 
 #: rows per bf16 Gram product: its float32 accumulation is rounded to bf16 once per chunk

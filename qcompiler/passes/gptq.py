@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ir import meta
-from ..ir.linear_inputs import LayerRunner, plan_caches, replace_tensor
+from ..ir.linear_inputs import replace_tensor, stage_input_stats
 from ..ir.patterns import get_tensor, linear_sites, shared_input_groups
 from .base import Pass, PassResult
 from .registry import register
@@ -168,21 +168,10 @@ class GPTQ(Pass):
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         groups.sort(key=lambda g: order[g[0].input])
         stage_inputs = [g[0].input for g in groups]
-        runner = LayerRunner(gm, ctx)
         records = {}
-        if self.options.sequential:
-            last_use = plan_caches(gm, stage_inputs)
-            for s, (node, group) in enumerate(zip(stage_inputs, groups)):
-                stats = runner.collect([node], abs_mean=False, keep=[node] if node in last_use else [])[node]
-                self._quantize_group(gm, ctx, group, targets, stats.hessian(), records)
-                del stats
-                for cached, last in last_use.items():
-                    if last <= s:
-                        runner.drop(cached)
-        else:
-            all_stats = runner.collect(stage_inputs, abs_mean=False)
-            for node, group in zip(stage_inputs, groups):
-                self._quantize_group(gm, ctx, group, targets, all_stats.pop(node).hessian(), records)
+        for group, stats in zip(groups, stage_input_stats(gm, ctx, stage_inputs, self.options.sequential)):
+            self._quantize_group(gm, ctx, group, targets, stats.hessian(), records)
+            del stats  # before the next stage is collected
         return PassResult(gm, modified=True, stats={"linears": records})
 
     def _quantize_group(self, gm, ctx, group, targets, h, records):

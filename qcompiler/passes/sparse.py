@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ir import meta
-from ..ir.linear_inputs import LayerRunner, plan_caches, replace_tensor
+from ..ir.linear_inputs import replace_tensor, stage_input_stats
 from ..ir.patterns import get_tensor, linear_sites, shared_input_groups
 from .base import Pass, PassResult
 from .gptq import _inverse_cholesky, row_errors
@@ -211,20 +211,9 @@ class Sparse(Pass):
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         groups.sort(key=lambda g: order[g[0].input])
         stage_inputs = [g[0].input for g in groups]
-        runner = LayerRunner(gm, ctx)
-        if self.options.sequential:
-            last_use = plan_caches(gm, stage_inputs)
-            for s, (node, group) in enumerate(zip(stage_inputs, groups)):
-                stats = runner.collect([node], abs_mean=False, keep=[node] if node in last_use else [])[node]
-                self._prune_group(gm, ctx, group, stats, records)
-                del stats
-                for cached, last in last_use.items():
-                    if last <= s:
-                        runner.drop(cached)
-        else:
-            all_stats = runner.collect(stage_inputs, abs_mean=False)
-            for node, group in zip(stage_inputs, groups):
-                self._prune_group(gm, ctx, group, all_stats.pop(node), records)
+        for group, stats in zip(groups, stage_input_stats(gm, ctx, stage_inputs, self.options.sequential)):
+            self._prune_group(gm, ctx, group, stats, records)
+            del stats  # before the next stage is collected
         return PassResult(gm, modified=True, stats={"linears": records})
 
     def _prune_group(self, gm, ctx, group, stats, records):

@@ -162,7 +162,7 @@ class _Lowering:
             qmax = 7 if bits == 4 else 127
             if q.numel() and int(q.abs().max()) > qmax:
                 raise ValueError(f"W8A8S codes exceed the {bits}-bit range [-{qmax}, {qmax}]")
-            return encode.encode_w8a8(weight, bias, s_x, o_x, dtype, q=q, scale=scale)
+            return encode.encode_w8a8s(weight, bias, s_x, o_x, dtype, q=q, scale=scale)
         return self._static(site, encoder)
 
     def _pertoken(self, site, tensors, packing):

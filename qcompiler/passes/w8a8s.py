@@ -5,7 +5,7 @@ weights keep to a low-bit range so that a compressor can pack them: `bits=4` (de
 w_bit=4) gives per-channel symmetric codes in [-7, 7] (scale = absmax_row / 7) stored unpacked in the int8
 `weight`; `bits=8` gives the full [-127, 127]. Tensors and kernel math are W8A8's (spec section 3,
 W8A8S): weight int8 [n, k], input_scale/input_offset, deq_scale = input_scale * weight_scale (int64
-bit-copy for fp16), quant_bias, weight_scale/weight_offset; pruned weights are exactly 0 in the stored
+bit-copy for fp16), quant_bias (no weight_scale/weight_offset: encode.encode_w8a8s); pruned weights are exactly 0 in the stored
 int8 weight (round(0 / s) = 0), and smaller weights that round to 0 add to the zeros.
 Why it requires `sparse` instead of pruning itself: the pruning method, ratio and outlier fraction are
 the sparse pass's options (one place to choose them, and `sparse` alone gives the float pruned model to

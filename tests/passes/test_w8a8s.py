@@ -59,6 +59,9 @@ def test_w8a8s_artifact_zeros_range_and_fp16_encoding(w8a8s_out):
             assert int(q.abs().max()) <= 7 and int(q.abs().max()) == 7        # 4-bit range, scale absmax/7
             assert ((q == 0).sum(1) >= q.shape[1] // 2).all()                  # at least the pruned half
             assert t[p + ".deq_scale"].dtype == torch.int64                     # fp16 path
+            # exactly the tensors vLLM-Ascend's 310P W8A8S scheme creates (it aborts on weight_scale/offset)
+            assert {n[len(p) + 1:] for n in t if n.startswith(p + ".")} == {
+                "weight", "input_scale", "input_offset", "deq_scale", "quant_bias"}
             assert rep["layers"][layer]["passes"]["sparse"]["linears"][lin]["sparsity"] == 0.5
             if layer == 0:  # same inputs in both compiles: the pruned positions are zeros in the int8 weight
                 pruned = dense[p + ".weight"] == 0

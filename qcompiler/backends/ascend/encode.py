@@ -308,6 +308,18 @@ def encode_w8a8_mix(weight: Tensor | None, bias: Tensor | None, input_scale: Ten
     return encode_w8a8(weight, bias, input_scale, input_offset, model_dtype, q=q, scale=scale)
 
 
+def encode_w8a8s(weight: Tensor | None, bias: Tensor | None, input_scale: Tensor | float,
+                 input_offset: Tensor | float, model_dtype: torch.dtype | str, *,
+                 q: Tensor | None = None, scale: Tensor | None = None) -> dict[str, Tensor]:
+    """W8A8S (sparse W8A8, 310P): the W8A8 tensors without weight_scale / weight_offset. vLLM-Ascend's 310P
+    W8A8S scheme creates only weight, input_scale, input_offset, quant_bias and deq_scale (and the float
+    bias) and its loader aborts on any other tensor (`_310p/quantization/methods/w8a8_base.py`); msModelSlim
+    does not write them for W8A8S either."""
+    out = encode_w8a8(weight, bias, input_scale, input_offset, model_dtype, q=q, scale=scale)
+    del out["weight_scale"], out["weight_offset"]
+    return out
+
+
 def encode_w8a8_dynamic(weight: Tensor | None, bias: Tensor | None, *,
                         q: Tensor | None = None, scale: Tensor | None = None) -> dict[str, Tensor]:
     """W8A8_DYNAMIC: weight i8 [n,k], weight_scale f32 [n,1] > 0, weight_offset zeros [n,1], optional bias."""

@@ -9,7 +9,8 @@ Contract:
   WITHOUT special tokens (no BOS/EOS inserted: windows are slices of one running text, so a BOS in the
   middle of it would be a token the model never sees there at inference), and cuts consecutive,
   non-overlapping windows of `seq_len` tokens in order; a partial last window is dropped. Text shorter
-  than one window gives a single window of all its tokens.
+  than one window gives a single window of all its tokens. `calibration_shortfall` words the warning
+  when that is less than asked (the driver prints it and puts it in the report).
 - `sample_windows_from_model(model, tokenizer, n, seq_len, seed)` is data-free calibration: sequences
   sampled from the float model at temperature 1 (no top-k / top-p), starting from BOS, with EOS
   suppressed so every row has exactly `seq_len` tokens. A NaN/Inf weight is a QCError naming the tensor
@@ -102,6 +103,15 @@ def make_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | N
     return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
 
 
+def calibration_shortfall(asked: tuple[int, int], got: tuple[int, int], source) -> list[str]:
+    """[warning] when the windows `got` (sequences, tokens) hold fewer sequences or tokens than `asked`."""
+    if got[0] >= asked[0] and got[1] >= asked[1]:
+        return []
+    return [f"calibration set {source} is shorter than asked: {asked[0]} x {asked[1]} tokens asked, "
+            f"{got[0]} x {got[1]} available ({got[0] * got[1]} of {asked[0] * asked[1]} tokens); calibrating "
+            "on what there is (give more text, or lower --calib-samples / --seq-len)"]
+
+
 def _check_positive(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 1:
         raise QCError(f"{name} must be a positive integer, got {value!r}")
@@ -168,9 +178,11 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 def _start_tokens(model, tokenizer, n: int, eos_ids: list[int], seed: int) -> torch.LongTensor:
     bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None:
-        return torch.full((n,), int(bos), dtype=torch.long)
     vocab = model.get_input_embeddings().num_embeddings
+    if bos is not None:
+        from qcompiler.checkpoint_checks import check_token_ids
+        check_token_ids([int(bos)], vocab, tokenizer, "sampling calibration text (the tokenizer's BOS)")
+        return torch.full((n,), int(bos), dtype=torch.long)
     if hasattr(tokenizer, "__len__"):
         vocab = min(vocab, len(tokenizer))  # embedding tables are often padded past the real vocabulary
     allowed = torch.tensor([i for i in range(vocab) if i not in set(eos_ids)], dtype=torch.long)

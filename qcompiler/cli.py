@@ -7,17 +7,20 @@
     qcompile passes                                                               (list passes + options)
     qcompile quant --model_path DIR --save_path OUT --quant_type w8a8|...         (msModelSlim-style front)
 
-Exit codes: 0 success, 2 bad input (one line on stderr naming what was wrong), 1 internal error.
+Exit codes: 0 success, 2 bad input (one line on stderr naming what was wrong), 1 no space left for OUT (one
+line) or an internal error, 130 / 143 stopped by SIGINT / SIGTERM (one line; nothing half-written is left).
 """
 import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from . import __version__, knobs
 from .errors import QCError
+from .interrupts import handle_signals
 
 COMMANDS = ("compile", "eval", "run", "inspect", "passes", "quant")
 
@@ -125,7 +128,7 @@ def _cmd_compile(argv):
         raise QCError(f"--calib {calib} does not exist")
     opts = CompileOptions(
         model=a.model, out=a.out, passes=tuple(passes), target=a.target or recipe.get("target", "ascend910b"),
-        dtype=a.dtype or recipe.get("dtype"), calib=calib,
+        dtype=a.dtype or recipe.get("dtype"), calib=calib, recipe_path=a.recipe,
         calib_samples=a.calib_samples if a.calib_samples is not None else recipe.get("calib_samples"),
         seq_len=a.seq_len if a.seq_len is not None else recipe.get("seq_len"),
         exclude=tuple(a.exclude if a.exclude is not None else recipe.get("exclude", [])),
@@ -138,13 +141,16 @@ def _cmd_compile(argv):
 
 
 def _cmd_eval(argv):
+    from .checkpoint_checks import check_seq_len, max_positions
     from .evaluate import evaluate_file
+    from .model_zoo import resolve_model_dir
     from .runtime import load_model
     a = _eval_parser().parse_args(argv)
     if not a.data.is_file():
         raise QCError(f"--data {a.data} does not exist")
     if a.seq_len < 2:
         raise QCError(f"--seq-len must be >= 2, got {a.seq_len}")
+    check_seq_len(a.seq_len, max_positions(resolve_model_dir(a.model)))  # OUT or model folder: config.json
     if a.batch_size is not None and a.batch_size < 1:
         raise QCError(f"--batch-size must be >= 1, got {a.batch_size}")
     if a.max_windows is not None and a.max_windows < 1:
@@ -204,15 +210,17 @@ def main(argv=None) -> int:
     handler = {"compile": _cmd_compile, "eval": _cmd_eval, "run": _cmd_run, "inspect": _cmd_inspect,
                "passes": _cmd_passes, "quant": _cmd_quant}[command]
     try:
-        handler(rest)
+        with handle_signals():  # SIGTERM ends a command like SIGINT: cleanup runs, one line, 128 + signal
+            handler(rest)
     except QCError as e:
         print(f"qcompile: error: {e}", file=sys.stderr)
         if os.environ.get("QC_DEBUG"):
             raise
-        return 2
-    except KeyboardInterrupt:
-        print("qcompile: interrupted", file=sys.stderr)
-        return 130
+        return e.exit_code
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"qcompile: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     return 0
 
 

@@ -113,6 +113,7 @@ class CompileOptions:
     dump: Path | None = None
     batch_size: int | None = None     # None: runtime.auto_batch_size(seq_len)
     force: bool = False
+    recipe_path: Path | None = None    # the --recipe file (an input OUT must not contain)
     recipe: dict = field(default_factory=dict)
     policy: str = "auto"               # built-in float Linears (policy.py): auto | qwen | none
 

@@ -12,10 +12,8 @@ Order of work (sequential, one decoder layer in memory at a time):
     everything is written into a temporary sibling folder renamed to OUT at the very end.
 """
 import dataclasses
-import os
 import re
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,12 +24,15 @@ from tqdm import tqdm
 
 from . import knobs
 from .backends.ascend.artifact import ArtifactWriter
-from .calib_data import make_windows, read_texts, sample_windows_from_model
+from .activation_checks import check_finite, check_logits
+from .calib_data import calibration_shortfall, make_windows, read_texts, sample_windows_from_model
+from .checkpoint_checks import check_seq_len, check_token_ids
 from .config import CompileOptions
 from .errors import QCError
 from .ir.capture import HFSkeleton, LayerInputs, export_program
 from .loading import check_float16_range, dtype_name, load_tokenizer, open_checkpoint
 from .model_zoo import resolve_model_dir
+from .outdir import OutputFolder, estimate_output_bytes
 from .passes import TAIL, LayerContext, PassManager, make_pass
 from .passes.fallback import check_fallback, fallback_index, presweep
 from .passes.group_size import first_claim, model_linear_shapes, resolve_group_sizes
@@ -74,18 +75,6 @@ def check_exclude_groups(patterns, num_layers: int) -> None:
                               f"{'/'.join(n.split('.')[-1] for n in group)}, so exclude all of them or none")
 
 
-def check_weights_present(ckpt) -> None:
-    """Every tensor the architecture needs is in the safetensors files (checked before any work)."""
-    need = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if ckpt.tie_word_embeddings else ["lm_head.weight"])
-    for i in range(ckpt.num_layers):
-        need += [f"model.layers.{i}.{n}.weight" for n in LAYER_LINEARS]
-        need += [f"model.layers.{i}.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")]
-    missing = [n for n in need if not ckpt.has(n)]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise QCError(f"{ckpt.path}: weight {missing[0]} is missing from the safetensors files{more}")
-
-
 def check_scheme_groups(passes, config: dict, exclude=()) -> None:
     """Scheme `match` options (with --exclude) that would give q/k/v or gate/up different schemes, or a
     scheme pass that would quantize no Linear at all, are errors before any work."""
@@ -105,6 +94,16 @@ def check_scheme_groups(passes, config: dict, exclude=()) -> None:
                           f"scheme passes before it take every Linear it matches")
 
 
+def check_calib_seq_len(opts: CompileOptions, ckpt) -> CompileOptions:
+    """--seq-len beyond max_position_embeddings is an error before any work; a default beyond it is lowered to it."""
+    limit = ckpt.config.get("max_position_embeddings")
+    if opts.seq_len is not None:
+        check_seq_len(opts.seq_len, limit)
+    elif isinstance(limit, int) and opts.calib_shape()[1] > limit:
+        return dataclasses.replace(opts, seq_len=limit)
+    return opts
+
+
 def _calibration_windows(opts, ckpt, tokenizer, texts, log):
     if texts is not None:
         n, seq_len = opts.calib_shape()
@@ -119,22 +118,6 @@ def _calibration_windows(opts, ckpt, tokenizer, texts, log):
     del model
     return windows, (f"sampled from the float model itself ({windows.shape[0]} x {windows.shape[1]} tokens, "
                      "seed 0, temperature 1)")
-
-
-def _prepare_out(out: Path, force: bool) -> Path:
-    """Check OUT and make the temporary sibling folder everything is written into."""
-    if out.exists() and not force:
-        raise QCError(f"output folder {out} already exists; choose another -o or pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise QCError(f"output path {out} exists and is not a folder")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    except OSError as e:
-        raise QCError(f"cannot create output folder {out} ({e.strerror or e})") from None
-    return tmp
 
 
 def _check_dump(dump: Path | None) -> None:
@@ -216,7 +199,11 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(opts.model)
+    dump = opts.dump or knobs.dump_dir()
+    out = OutputFolder(opts.out, opts.force, models=[model_dir], folders=[dump], log=log,
+                       files=[("--calib", opts.calib), ("--recipe", opts.recipe_path)])  # outdir.py: exit 2
     ckpt = open_checkpoint(model_dir, opts.dtype)
+    opts = check_calib_seq_len(opts, ckpt)
     target = get_target(opts.target)
     pm = build_pipeline(opts)
     quant_types = {p.quant_type for p in pm.passes if p.quant_type}
@@ -230,8 +217,7 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     check_scheme_groups(pm.passes, ckpt.config, opts.exclude)
     check_fallback(pm.passes, ckpt.config, opts.exclude)
     pm.passes, group_size = resolve_group_sizes(pm.passes, ckpt.config, opts.exclude)
-    _check_dump(opts.dump or knobs.dump_dir())
-    check_weights_present(ckpt)
+    _check_dump(dump)
     # bf16 -> fp16 (e.g. ascend310p, fp16 only): every weight in fp16's range, checked before any work
     check_float16_range(ckpt, "compile with --dtype bfloat16" if torch.bfloat16 in target.dtypes else
                         f"target {target.name} runs float16 only (use a checkpoint that fits it, or "
@@ -239,20 +225,20 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     texts = read_texts(opts.calib) if opts.calib is not None else None  # a bad file fails before any work
     for w in warnings:
         log(f"warning: {w}")
-    tmp = _prepare_out(opts.out, opts.force)
-    try:
+    out.check_free_space(estimate_output_bytes(ckpt, pm.passes, opts.exclude))
+    with out.staging() as tmp:  # removed on any failure; a full disk is one line, exit 1
         report = _compile_into(tmp, opts, ckpt, pm, target, texts, log, t0, warnings, group_size)
-        if opts.out.exists():
-            shutil.rmtree(opts.out)
-        tmp.rename(opts.out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        out.commit()  # umask modes; no-replace (or atomic exchange with --force), signals deferred
     return report
 
 
 def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, group_size: int = 0) -> dict:
     tokenizer = load_tokenizer(ckpt.path)
     windows, calib_source = _calibration_windows(opts, ckpt, tokenizer, texts, log)
+    check_token_ids(windows, ckpt.config.get("vocab_size"), tokenizer, "calibration text")
+    for w in calibration_shortfall(opts.calib_shape(), tuple(windows.shape), opts.calib):
+        log(f"warning: {w}")
+        warnings.append(w)
     skeleton = HFSkeleton(ckpt)
     inputs = skeleton.layer0_inputs(windows)
     batch_size = opts.batch_size or auto_batch_size(windows.shape[1])
@@ -279,10 +265,14 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
     for i in bar:
         t_layer = time.perf_counter()
         gm = skeleton.capture_layer(i, inputs)
+        if ckpt.dtype == torch.float16:  # overflow shows in the float layer first; passes would calibrate on Inf
+            check_finite(run_layer_batched(gm, inputs.hidden, inputs.position_embeddings, batch_size), i,
+                         ckpt.dtype, "float, before any pass")
         ctx = LayerContext(index=i, inputs=inputs, dtype=ckpt.dtype, exclude=tuple(opts.exclude),
                            batch_size=batch_size, pipeline=tuple(pm.passes))
         gm = pm.run(gm, ctx)
         out_hidden = run_layer_batched(gm, inputs.hidden, inputs.position_embeddings, batch_size)
+        check_finite(out_hidden, i, ckpt.dtype, "as compiled")  # the executable graph computes exactly this
         types = _add_layer_tensors(writer, ctx, gm, ckpt)
         extra_description.update(ctx.description)
         executable.add(gm, inputs)
@@ -290,6 +280,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
                               "passes": _jsonable(ctx.records)})
         inputs = LayerInputs(hidden=out_hidden, position_embeddings=inputs.position_embeddings)
         del gm, ctx
+    check_logits(head, inputs.hidden, ckpt.dtype)
     writer.add("model.norm.weight", head.norm_weight, "FLOAT")
     if not ckpt.tie_word_embeddings:
         writer.add("lm_head.weight", head.lm_head_weight, "FLOAT")

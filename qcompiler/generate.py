@@ -9,6 +9,7 @@ against; `qcompile run --no-cache`). The prompt goes through the tokenizer's cha
 """
 import torch
 
+from .checkpoint_checks import check_token_ids, embedding_rows
 from .ir.capture import LayerInputs
 from .runtime import LoadedModel
 
@@ -27,6 +28,7 @@ def generate(model: LoadedModel, prompt: str, max_new_tokens: int = 64, raw: boo
              use_cache: bool = True) -> str:
     tok = model.tokenizer
     ids = encode_prompt(tok, prompt, raw)
+    check_token_ids(ids, embedding_rows(model), tok, "--prompt (with the chat template)" if not raw else "--prompt")
     if use_cache and model.forward is None:  # whole-model runtimes (onnx) have no KV cache: recompute
         return tok.decode(generate_ids_cached(model, ids, max_new_tokens, on_token), skip_special_tokens=True)
     if model.forward is not None:  # whole-model runtime (onnxruntime): ids -> logits

@@ -6,8 +6,16 @@
 | QC_DUMP_DIR     | unset                           | like --dump DIR: write the graph after every pass    |
 | QC_NO_PROGRESS  | unset                           | "1" hides progress bars (CI logs)                    |
 | QC_THREADS      | unset (torch's default)         | torch intra-op threads                               |
+| QC_TEST_PAUSE   | unset                           | test hook: PHASE[:SECONDS] makes a compile print     |
+|                 |                                 | "qcompile: test pause at PHASE" on stderr and sleep  |
+|                 |                                 | (default 60 s) there, so a test can send a signal at |
+|                 |                                 | a known point; phases: work (OUT's temporary folder  |
+|                 |                                 | exists), replace (new OUT in place, old not yet      |
+|                 |                                 | deleted). Not for users.                             |
 """
 import os
+import sys
+import time
 from pathlib import Path
 
 
@@ -31,3 +39,13 @@ def threads() -> int | None:
     """Torch intra-op thread count from QC_THREADS, or None for torch's default."""
     value = os.environ.get("QC_THREADS")
     return int(value) if value else None
+
+
+def test_pause(phase: str) -> None:
+    """Test hook (QC_TEST_PAUSE=PHASE[:SECONDS]): announce PHASE on stderr and sleep there; else nothing."""
+    value = os.environ.get("QC_TEST_PAUSE", "")
+    name, _, seconds = value.partition(":")
+    if name != phase:
+        return
+    print(f"qcompile: test pause at {phase}", file=sys.stderr, flush=True)
+    time.sleep(float(seconds or 60))

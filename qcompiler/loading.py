@@ -8,6 +8,10 @@ Contract:
   safetensors): the compiler never holds every layer's float copy.
 - `Checkpoint.tensor(name)` returns the tensor in the compile dtype and rejects NaN/Inf weights,
   naming the tensor.
+- Before returning, `open_checkpoint` checks every tensor's name, dtype and shape against what
+  config.json implies, and refuses what the captured graph cannot compute (checkpoint_checks.py).
+  A tied embedding stored only as `lm_head.weight` is read under both names. Without torch_dtype/dtype in
+  config.json, the checkpoint's dtype is the float dtype of most of its bytes (safetensors headers).
 Limits: dense LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM only; no .bin checkpoints.
 """
 import json
@@ -17,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .checkpoint_checks import check_checkpoint, header_dtype
 from .errors import QCError
 
 #: architecture (config.json "architectures"[0]) -> model_type. Only dense decoders.
@@ -50,6 +55,8 @@ class Checkpoint:
     source_dtype: torch.dtype          # the checkpoint's own dtype
     weight_map: dict[str, str]         # tensor name -> safetensors file name
     _handles: dict = field(default_factory=dict, repr=False)
+    #: names read from another stored tensor: {"model.embed_tokens.weight": "lm_head.weight"} when tied
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def model_type(self) -> str:
@@ -71,14 +78,27 @@ class Checkpoint:
             self._handles[file_name] = safe_open(self.path / file_name, "pt")
         return self._handles[file_name]
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """One tensor, converted to the compile dtype; QCError if missing, unreadable or not finite."""
+    def raw_tensor(self, name: str) -> torch.Tensor:
+        """One tensor as stored (no conversion); QCError if missing or unreadable."""
         if name not in self.weight_map:
             raise QCError(f"{self.path}: tensor {name!r} missing from the safetensors files")
         try:
-            t = self._handle(self.weight_map[name]).get_tensor(name)
+            return self._handle(self.weight_map[name]).get_tensor(self.aliases.get(name, name))
         except (SafetensorError, OSError, RuntimeError) as e:
             raise QCError(f"{self.path / self.weight_map[name]}: cannot read tensor {name!r} ({e})") from None
+
+    def stored_tensors(self) -> dict[str, tuple[str, list[int]]]:
+        """{stored name: (safetensors header dtype such as 'BF16', shape)} without reading any data."""
+        out = {}
+        for name, file_name in self.weight_map.items():
+            if name not in self.aliases:
+                info = self._handle(file_name).get_slice(name)
+                out[name] = (info.get_dtype(), list(info.get_shape()))
+        return out
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, converted to the compile dtype; QCError if missing, unreadable or not finite."""
+        t = self.raw_tensor(name)
         if t.is_floating_point():
             if not torch.isfinite(t).all():
                 raise QCError(f"{self.path}: weight {name!r} contains NaN or Inf; expected finite weights")
@@ -112,11 +132,8 @@ def check_float16_range(ckpt: Checkpoint, hint: str = "compile with --dtype bflo
     if ckpt.dtype != torch.float16 or ckpt.source_dtype == torch.float16:
         return
     limit = torch.finfo(torch.float16).max
-    for name in sorted(ckpt.weight_map):
-        try:
-            t = ckpt._handle(ckpt.weight_map[name]).get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise QCError(f"{ckpt.path / ckpt.weight_map[name]}: cannot read tensor {name!r} ({e})") from None
+    for name in sorted(set(ckpt.weight_map) - set(ckpt.aliases)):
+        t = ckpt.raw_tensor(name)
         if not t.is_floating_point() or t.dtype == torch.float16 or not t.numel():
             continue
         big = t.abs().max().item()
@@ -150,7 +167,7 @@ def _architecture(cfg: dict, path: Path) -> str:
 def _check_not_quantized(cfg: dict, path: Path) -> None:
     """A compiled OUT (or any quantized checkpoint) given as the model: its int8 weights are not a float model."""
     marker = next((m for m in ("quant_model_description.json", "executable/model.json") if (path / m).exists()), None)
-    key = next((k for k in ("quantize", "quantization_config") if cfg.get(k)), None)
+    key = next((k for k in ("quantize", "quantization_config", "compression_config") if cfg.get(k)), None)
     if marker or key:
         what = marker or f"config.json has {key!r}"
         raise QCError(f"{path}: already quantized ({what}); expected the float Hugging Face checkpoint")
@@ -188,9 +205,12 @@ def _check_header(file: Path) -> list[str]:
         raise QCError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
 
 
-def _source_dtype(cfg: dict) -> torch.dtype:
-    name = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").replace("torch.", "")
-    return {"float32": torch.float32, **DTYPES}.get(name, torch.bfloat16)
+def _source_dtype(cfg: dict) -> torch.dtype | None:
+    """config.json's torch_dtype / dtype (None when it states neither)."""
+    name = cfg.get("torch_dtype") or cfg.get("dtype")
+    if not name:
+        return None
+    return {"float32": torch.float32, **DTYPES}.get(str(name).replace("torch.", ""), torch.bfloat16)
 
 
 def open_checkpoint(path: str | Path, dtype: str | None = None) -> Checkpoint:
@@ -201,10 +221,23 @@ def open_checkpoint(path: str | Path, dtype: str | None = None) -> Checkpoint:
     cfg = _read_config(path)
     arch = _architecture(cfg, path)
     _check_not_quantized(cfg, path)
-    src = _source_dtype(cfg)
-    target = parse_dtype(dtype) if dtype else (src if src in DTYPES.values() else torch.bfloat16)
-    return Checkpoint(path=path, config=cfg, architecture=arch, dtype=target, source_dtype=src,
+    ckpt = Checkpoint(path=path, config=cfg, architecture=arch, dtype=torch.bfloat16, source_dtype=torch.bfloat16,
                       weight_map=_weight_map(path))
+    _alias_tied_embedding(ckpt)
+    src = _source_dtype(cfg) or header_dtype(path, ckpt.stored_tensors()) or torch.bfloat16
+    ckpt.source_dtype = src
+    ckpt.dtype = parse_dtype(dtype) if dtype else (src if src in DTYPES.values() else torch.bfloat16)
+    check_checkpoint(ckpt)
+    return ckpt
+
+
+def _alias_tied_embedding(ckpt: Checkpoint) -> None:
+    """Tied checkpoints may store the shared matrix only as lm_head.weight (transformers loads it): read it
+    as model.embed_tokens.weight too."""
+    embed, head = "model.embed_tokens.weight", "lm_head.weight"
+    if ckpt.tie_word_embeddings and not ckpt.has(embed) and ckpt.has(head):
+        ckpt.weight_map[embed] = ckpt.weight_map[head]
+        ckpt.aliases[embed] = head
 
 
 def load_tokenizer(path: Path):

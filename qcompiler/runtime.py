@@ -82,8 +82,6 @@ class Head:
 
 def head_from_checkpoint(ckpt, rotary) -> Head:
     """The float head of a checkpoint; `rotary` is the transformers rotary module (for inv_freq/scaling)."""
-    if str(ckpt.config.get("rope_scaling") or {}).find("dynamic") >= 0:
-        raise QCError("dynamic RoPE scaling is not supported (its tables change with sequence length)")
     embed = ckpt.tensor("model.embed_tokens.weight")
     lm = embed if ckpt.tie_word_embeddings else ckpt.tensor("lm_head.weight")
     return Head(embed_weight=embed, norm_weight=ckpt.tensor("model.norm.weight"), lm_head_weight=lm,

@@ -20,8 +20,17 @@ SMALL = ["--calib-samples", "2", "--seq-len", "32"]
 # ---------------------------------------------------------------------------------------------- helpers
 
 def _leftovers(parent, name="out"):
-    """Entries of `parent` that a compile into parent/name would have made."""
-    return sorted(p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}.tmp-"))
+    """Entries of `parent` that a compile into parent/name would have made (OUT, `.OUT.tmp-PID`,
+    `.OUT.lock-PID`, `.OUT.old-PID`)."""
+    return sorted(p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}."))
+
+
+def make_old_out(out, note="old"):
+    """A folder that looks like a previous compile's OUT (what --force may replace), with a note file."""
+    out.mkdir()
+    (out / "qcompile_report.json").write_text("{}")
+    (out / "old.txt").write_text(note)
+    return out
 
 
 def expect_error(capsys, argv, *needles):
@@ -297,9 +306,7 @@ def test_valid_recipe_compiles(capsys, tmp_path, tiny_models, calib_file):
 # --------------------------------------------------------------------------------------- output folder
 
 def test_out_exists_needs_force(capsys, tmp_path, tiny_models, calib_file):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("keep me")
+    out = make_old_out(tmp_path / "out", "keep me")
     argv = [tiny_models["llama"], "-o", out, "--calib", calib_file, *SMALL]
     expect_error(capsys, argv, "already exists", "--force")
     assert (out / "old.txt").read_text() == "keep me"
@@ -349,9 +356,7 @@ def test_interrupt_mid_work_leaves_nothing(capsys, tmp_path, tiny_models, calib_
 
 
 def test_failure_mid_work_with_force_keeps_old_out(capsys, tmp_path, tiny_models, calib_file, monkeypatch):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    out = make_old_out(tmp_path / "out")
     _fail_mid_work(monkeypatch, tmp_path, QCError("simulated failure"))
     expect_error(capsys, [tiny_models["llama"], "-o", out, "--calib", calib_file, "--force", *SMALL], "simulated")
     assert (out / "old.txt").read_text() == "old"

@@ -40,6 +40,7 @@ def load_onnx_model(folder: Path):
     meta = json.loads((folder / META_FILE).read_text())
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise QCError(f"{folder / META_FILE}: not a {FORMAT} v{FORMAT_VERSION} model")
-    info = {"dtype": meta["compute_dtype"], "num_layers": meta["num_layers"], "model_type": meta.get("model_type")}
+    info = {"dtype": meta["compute_dtype"], "num_layers": meta["num_layers"], "model_type": meta.get("model_type"),
+            "vocab_size": meta.get("vocab_size")}
     return LoadedModel(head=None, layers=None, tokenizer=load_tokenizer(folder), kind="onnx", info=info,
                        forward=OrtModel(folder, knobs.threads()))

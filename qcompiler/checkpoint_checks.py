@@ -1,0 +1,201 @@
+"""A checkpoint checked against its config.json before any work, and what the captured graph cannot compute.
+
+`check_checkpoint(ckpt)` (called by loading.open_checkpoint, so compile, quant, eval, run and inspect all
+get it) builds the model transformers would build from config.json on the meta device (no memory, no
+weights; transformers' own code is the single source of truth for names and shapes) and refuses, each
+with one QCError line:
+- a config whose `model_type` builds another class than its `architectures` entry;
+- RoPE whose tables depend on the sequence length, or an unknown RoPE type. The type is the one the
+  model's rotary module resolved (transformers 5 reads `rope_parameters` or `rope_scaling`, key
+  `rope_type` or `type`: configuration_utils / modeling_rope_utils.RotaryEmbeddingConfigMixin.
+  standardize_rope_params). Which types change with the length: modeling_rope_utils.dynamic_rope_update,
+  whose wrapper recomputes `inv_freq` in the forward for every type containing "dynamic" and for
+  "longrope"; the known types are ROPE_INIT_FUNCTIONS plus "default". The captured graph holds one table,
+  so these would be silently wrong at other lengths;
+- a sliding attention window that can take effect (an attention module with `sliding_window` smaller than
+  max_position_embeddings; Qwen2/Qwen3 set it from use_sliding_window / max_window_layers / layer_types:
+  modeling_qwen2.Qwen2Attention.__init__). The captured graph attends to the whole prefix;
+- already-quantized weights of any kind: a tensor stored in an integer or 8-bit float dtype (fp8, int8,
+  packed int4 in int8/uint8/int32), or a tensor the model does not have beside a Linear's weight (GPTQ /
+  AWQ qweight, qzeros, scales, g_idx; `weight_scale`, `input_scale`, `weight_packed`, ...);
+- a missing tensor, a tensor the model does not have (rotary `inv_freq` buffers excepted), a tensor whose
+  shape differs from the one config.json implies (one line: tensor, its shape, the expected shape), a
+  float tensor in a dtype qcompiler cannot convert exactly enough (anything but float32/16, bfloat16, float64).
+  A tied embedding stored only as `lm_head.weight` is accepted (loading.py reads it for both names).
+
+Also here: `check_token_ids` (a tokenizer emitting ids the embedding has no row for), `check_seq_len`
+(--seq-len beyond max_position_embeddings) and `header_dtype` (the checkpoint's float dtype from the
+safetensors headers, for a config.json without torch_dtype/dtype). Only headers are read here.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .errors import QCError
+
+#: safetensors header dtypes -> names users know (torch's); the float ones qcompiler converts from
+HEADER_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                 "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "F4": "float4_e2m1fn_x2", "I8": "int8",
+                 "U8": "uint8", "I16": "int16", "U16": "uint16", "I32": "int32", "U32": "uint32", "I64": "int64",
+                 "U64": "uint64", "BOOL": "bool"}
+FLOAT_HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+#: buffers some checkpoints store that transformers recomputes (ignored when present)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+_QUANTIZED_HINT = ("the checkpoint is already quantized; qcompile needs the float checkpoint (bfloat16, float16 or "
+                   "float32 weights)")
+
+
+def meta_model(ckpt):
+    """The transformers model of `ckpt`'s config.json on the meta device (QCError if transformers refuses it)."""
+    from transformers import AutoModelForCausalLM
+
+    from .ir.capture import _hf_config
+    try:
+        hf_config = _hf_config(ckpt)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf_config, dtype=ckpt.dtype)
+    except Exception as e:  # transformers raises many types for inconsistent configs
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise QCError(f"{ckpt.path / 'config.json'}: transformers cannot build the model from it "
+                      f"({type(e).__name__}: {first})") from None
+
+
+def check_checkpoint(ckpt) -> None:
+    """Every check of the module docstring; QCError on the first problem. Reads only safetensors headers."""
+    model = meta_model(ckpt)
+    cfg_file = ckpt.path / "config.json"
+    if type(model).__name__ != ckpt.architecture:
+        raise QCError(f"{cfg_file}: architectures says {ckpt.architecture} but model_type "
+                      f"{ckpt.config.get('model_type')!r} builds {type(model).__name__}; make them agree")
+    check_rope(model, cfg_file)
+    check_sliding_window(model, cfg_file)
+    check_tensors(ckpt, model)
+
+
+def check_rope(model, cfg_file: Path) -> None:
+    """Refuse RoPE types whose tables change with the sequence length, and unknown ones (module docstring)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    rotary = model.model.rotary_emb
+    types = rotary.rope_type if isinstance(rotary.rope_type, dict) else {"": rotary.rope_type}
+    for rope_type in types.values():
+        if "dynamic" in rope_type or rope_type == "longrope":
+            raise QCError(f"{cfg_file}: RoPE type {rope_type!r} (rope_parameters / rope_scaling) recomputes its "
+                          "tables from the sequence length, which a compiled graph cannot; supported: default, "
+                          f"{', '.join(sorted(t for t in ROPE_INIT_FUNCTIONS if t not in ('dynamic', 'longrope')))}")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise QCError(f"{cfg_file}: unknown RoPE type {rope_type!r} (rope_parameters / rope_scaling); "
+                          f"known: default, {', '.join(sorted(ROPE_INIT_FUNCTIONS))}")
+
+
+def check_sliding_window(model, cfg_file: Path) -> None:
+    """Refuse a sliding attention window shorter than max_position_embeddings (module docstring)."""
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    for i, layer in enumerate(model.model.layers):
+        window = getattr(layer.self_attn, "sliding_window", None)
+        if window is not None and (max_pos is None or window < max_pos):
+            raise QCError(f"{cfg_file}: layer {i} attends through a sliding window of {window} tokens "
+                          f"(use_sliding_window / sliding_window / max_window_layers / layer_types), shorter than "
+                          f"max_position_embeddings {max_pos}: qcompile's graphs attend to the whole prefix; "
+                          "set use_sliding_window to false only if the model was trained without it")
+
+
+def _where(ckpt, name: str) -> Path:
+    return ckpt.path / ckpt.weight_map[name]
+
+
+def check_tensors(ckpt, model) -> None:
+    """Names, dtypes and shapes of the stored tensors against the meta model (module docstring)."""
+    expected = {n: list(t.shape) for n, t in model.state_dict().items()}
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    stored = ckpt.stored_tensors()  # name -> (header dtype, shape); aliases (tied embedding) left out
+    # 1. quantized storage first: it explains the missing / misshapen tensors that come with it
+    for name, (dtype, shape) in stored.items():
+        if dtype not in FLOAT_HEADER_DTYPES and (name in expected or dtype.startswith(("F8", "F4"))):
+            raise QCError(f"{_where(ckpt, name)}: tensor {name} is {HEADER_DTYPES.get(dtype, dtype)} {shape}: "
+                          f"{_QUANTIZED_HINT}")
+    unexpected = [n for n in stored if n not in expected and not n.endswith(IGNORED_SUFFIXES)]
+    for name in unexpected:
+        owner = next((m for m in _prefixes(name) if m in linears), None)
+        if owner is not None:
+            raise QCError(f"{_where(ckpt, name)}: tensor {name} is a quantization tensor of Linear {owner} "
+                          f"(GPTQ/AWQ/fp8-style layouts): {_QUANTIZED_HINT}")
+    # 2. names
+    need = [n for n in expected if n not in (EMBED, LM_HEAD)] + [EMBED] + ([] if ckpt.tie_word_embeddings else [LM_HEAD])
+    missing = [n for n in need if not ckpt.has(n)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        tied = " (tie_word_embeddings is true: either embed_tokens or lm_head will do)" if missing[0] == EMBED else ""
+        raise QCError(f"{ckpt.path}: weight {missing[0]} is missing from the safetensors files{more}{tied}")
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise QCError(f"{_where(ckpt, unexpected[0])}: tensor {unexpected[0]}{more} is not part of a "
+                      f"{ckpt.architecture} with this config.json; expected only the model's own tensors")
+    # 3. shapes
+    for name, (dtype, shape) in stored.items():
+        want = expected.get(name)
+        if want is not None and shape != want:
+            raise QCError(f"{_where(ckpt, name)}: tensor {name} has shape {shape}; config.json implies {want}")
+
+
+def _prefixes(name: str):
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
+def header_dtype(path: Path, stored: dict) -> torch.dtype | None:
+    """The float dtype holding most of the checkpoint's bytes, from the safetensors headers (None if none)."""
+    counts = Counter()
+    for dtype, shape in stored.values():
+        if dtype in FLOAT_HEADER_DTYPES:
+            n = 1
+            for d in shape:
+                n *= d
+            counts[dtype] += n
+    return FLOAT_HEADER_DTYPES[counts.most_common(1)[0][0]] if counts else None
+
+
+def check_token_ids(ids, rows: int | None, tokenizer, where: str) -> None:
+    """QCError naming the first token whose id has no embedding row (ids: tensor or list of ints)."""
+    if rows is None:
+        return
+    flat = torch.as_tensor(ids).reshape(-1)
+    if flat.numel() == 0 or int(flat.max()) < rows:
+        return
+    bad = int(flat[flat >= rows][0])
+    try:
+        token = tokenizer.convert_ids_to_tokens(bad)
+    except Exception:  # a tokenizer without the id in its vocabulary table
+        token = None
+    raise QCError(f"{where}: the tokenizer produced token {token!r} (id {bad}), but the model's embedding has "
+                  f"{rows} rows (ids 0..{rows - 1}): tokenizer and model do not match (tokens added without "
+                  "resizing the embedding?)")
+
+
+def embedding_rows(model) -> int | None:
+    """Rows of a runtime.LoadedModel's embedding (its vocab_size for whole-model runtimes; None if unknown)."""
+    if model.head is not None:
+        return int(model.head.embed_weight.shape[0])
+    value = model.info.get("vocab_size")
+    return int(value) if value is not None else None
+
+
+def max_positions(folder: Path) -> int | None:
+    """max_position_embeddings of `folder/config.json` (a model folder or a compiled OUT), if stated."""
+    try:
+        value = json.loads((Path(folder) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def check_seq_len(seq_len: int, limit: int | None, option: str = "--seq-len") -> None:
+    """QCError when `seq_len` exceeds the model's max_position_embeddings `limit`."""
+    if limit is not None and seq_len > limit:
+        raise QCError(f"{option} {seq_len} is beyond the model's max_position_embeddings ({limit}); expected "
+                      f"{option} <= {limit}")

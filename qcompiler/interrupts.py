@@ -1,0 +1,74 @@
+"""SIGINT and SIGTERM: both end a command the same way, and critical sections can postpone them.
+
+Contract:
+- `handle_signals()` (the CLI wraps every command in it): SIGINT and SIGTERM raise `Interrupted` (a
+  KeyboardInterrupt carrying the signal number) in the main thread, so `finally` blocks clean up (a
+  compile removes its temporary folder) and the CLI prints one line and exits 128 + signal number
+  (SIGINT 130, SIGTERM 143, the shell's convention). The previous handlers come back on exit.
+- `deferred()`: inside the block SIGINT/SIGTERM are only recorded; on leaving it they are delivered again
+  (`signal.raise_signal`) to whatever handler is installed then. Used where being stopped half-way would
+  leave the user's files inconsistent (putting OUT in place, removing a folder whose owner marker must go
+  last). Python runs signal handlers only in the main thread; elsewhere both context managers do nothing.
+Limits: SIGKILL cannot be caught; stale temporary folders it leaves are found by outdir.py on the next run.
+"""
+import contextlib
+import signal
+import threading
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The command was stopped by a signal; `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _raise(signum, _frame):
+    raise Interrupted(signum)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def handle_signals():
+    """SIGINT/SIGTERM raise `Interrupted` while the block runs (main thread only)."""
+    if not _main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def deferred():
+    """Record SIGINT/SIGTERM while the block runs; deliver them (once each, in arrival order) after it."""
+    if not _main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def record(signum, _frame):
+        if signum not in pending:
+            pending.append(signum)
+
+    previous = {s: signal.signal(s, record) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in pending:
+            signal.raise_signal(s)  # handled by the restored handler (e.g. raises Interrupted)

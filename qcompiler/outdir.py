@@ -1,0 +1,413 @@
+"""The output folder (OUT) of a compile: checked against every input, built aside, put in place atomically.
+
+Contract (rule 1 of the project: never delete, overwrite or write inside anything but OUT):
+- `OutputFolder(out, force, models=..., files=..., folders=...)` validates before any work, exit 2 on:
+  OUT equal to, containing or inside a model folder or another folder the compile uses (--dump); OUT
+  equal to or containing an input file (--calib, --recipe). Paths are compared resolved (symlinks
+  followed), with or without --force. OUT that exists needs --force, must be a folder, and --force only
+  replaces a folder that is empty or a previous compile's output (`looks_like_output`): anything else is
+  not ours to delete.
+- `staging()` makes the temporary sibling `.OUT.tmp-PID` everything is written into, plus the owner
+  lock file `.OUT.lock-PID` (JSON pid/host, flock-held while the process lives). On start it looks at the
+  siblings of earlier runs: a temporary folder whose lock is free (its process is gone) on this host is
+  removed; one without a lock file, or whose process still runs, is reported on stderr and left alone; a
+  previous OUT moved aside (`.OUT.old-PID`) is removed only when OUT exists again, else reported (it may be
+  the user's only copy). When the block fails the temporary folder is removed (signals deferred, lock last).
+  A full disk (ENOSPC / EDQUOT anywhere, including safetensors' and torch's writers, which do not raise
+  OSError) becomes `DiskFullError`: one line naming OUT, exit 1, nothing left behind.
+- `commit()` gives every file and folder the user's umask (safetensors writes 0600), then, with SIGINT and
+  SIGTERM deferred: without --force, renames the temporary folder to OUT without replacing anything that
+  appeared meanwhile (`renameat2(RENAME_NOREPLACE)`; fallback: `mkdir OUT` as the claim, then `rename` onto
+  the empty folder): a second compile that finished first makes this one fail with exit 2, its OUT kept.
+  With --force: `renameat2(RENAME_EXCHANGE)` swaps old and new OUT in one step, then the old tree (now
+  under the temporary name) is deleted (fallback: old OUT renamed aside, new renamed in, old deleted). A
+  complete new tree is never deleted, and OUT is never half deleted.
+- `check_free_space(bytes)`: before work, DiskFullError when OUT's file system has less free space than a
+  lower bound of what the compile writes (`estimate_output_bytes`).
+Source of the rename flags: Linux renameat2(2) (RENAME_NOREPLACE = 1, RENAME_EXCHANGE = 2, since 3.15).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from . import knobs
+from .errors import DiskFullError, QCError
+from .interrupts import deferred
+
+#: files whose presence marks a folder as a previous qcompile output (driver, report.py, artifact.py)
+OUTPUT_MARKERS = ("qcompile_report.json", "executable/model.json", "quant_model_description.json")
+_DISK_FULL_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+#: messages of writers that do not raise OSError (safetensors' Rust writer: "No space left on device (os error 28)")
+_DISK_FULL_TEXT = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
+#: free bytes under which an unexplained write failure is blamed on a full disk (torch's zip writer says only
+#: "unexpected pos ...")
+_NEARLY_FULL = 1 << 20
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+
+
+def resolved(path: Path) -> Path:
+    """Absolute path with every existing symlink followed (the path need not exist)."""
+    return Path(os.path.abspath(path)).resolve()
+
+
+def _inside(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def looks_like_output(folder: Path) -> bool:
+    """True for a folder a compile wrote (one of OUTPUT_MARKERS is there) or an empty one."""
+    return not any(folder.iterdir()) or any((folder / m).is_file() for m in OUTPUT_MARKERS)
+
+
+def user_umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: Path, umask: int) -> None:
+    """chmod every folder under `folder` (itself included) to 0777 & ~umask and every file to 0666 & ~umask,
+    as if each had been created with plain open()/mkdir (some writers create 0600 files)."""
+    dir_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
+    os.chmod(folder, dir_mode)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), dir_mode)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), file_mode)
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """renameat2(2); False when the system or the file system does not offer it (caller falls back)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename folder `src` to `dst`, atomically failing with FileExistsError when `dst` exists."""
+    if _renameat2(src, dst, _RENAME_NOREPLACE):
+        return
+    os.mkdir(dst)  # the claim: fails with FileExistsError if anything is there
+    try:
+        os.rename(src, dst)  # POSIX: a folder may replace an empty folder
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.rmdir(dst)
+        raise
+
+
+def is_disk_full(exc: BaseException, folder: Path | None = None) -> str | None:
+    """'no space left on device' / 'disk quota exceeded' when `exc` comes from a full disk, else None.
+
+    OSError is read by errno; other writers' errors by their message; an error without either is blamed
+    on the disk only when `folder`'s file system has less than 1 MiB free."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:  # the error itself and its causes
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+            return _DISK_FULL_ERRNOS[exc.errno]
+        text = str(exc).lower()
+        for needle in _DISK_FULL_TEXT:
+            if needle in text:
+                return "disk quota exceeded" if "quota" in needle or "122" in needle else "no space left on device"
+        exc = exc.__cause__ or exc.__context__
+    if folder is not None and free_bytes(folder) < _NEARLY_FULL:
+        return "no space left on device"
+    return None
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes (for this user) on the file system holding `path` or its nearest existing parent."""
+    p = resolved(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return 1 << 62
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+class _OwnerLock:
+    """`.OUT.lock-PID`: says which process owns `.OUT.tmp-PID` / `.OUT.old-PID`; flock-held while it lives."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        os.write(self._fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def owner_gone(path: Path) -> bool | None:
+        """True: the lock file is there, free, and written on this host (its process ended); False: held;
+        None: no lock file, unreadable, or another host's (cannot tell)."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return None
+            try:
+                info = json.loads(os.read(fd, 4096) or b"{}")
+            except ValueError:
+                return None
+            return True if info.get("host") == socket.gethostname() else None
+        finally:
+            os.close(fd)
+
+
+class OutputFolder:
+    """OUT of one compile; see the module docstring."""
+
+    def __init__(self, out: Path, force: bool, models=(), files=(), folders=(), log=None):
+        self.given = Path(out)
+        self.path = resolved(out)
+        self.force = force
+        self.log = log or (lambda msg: None)
+        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
+        self._lock_path = self.path.parent / f".{self.path.name}.lock-{os.getpid()}"
+        self._lock: _OwnerLock | None = None
+        self._committed = False
+        self._check_inputs(models, files, folders)
+        self._check_existing()
+
+    # ------------------------------------------------------------------------------------------ validation
+
+    def _check_inputs(self, models, files, folders) -> None:
+        out, given = self.path, self.given
+        for kind, items in (("the model folder", models), ("the --dump folder", folders)):
+            for item in items:
+                if item is None:
+                    continue
+                p = resolved(item)
+                if _inside(out, p):
+                    where = "is" if out == p else "lies inside"
+                    raise QCError(f"output folder {given} {where} {kind} {item}: OUT must be a new folder outside "
+                                  "every input (it is written and replaced as a whole); choose another -o")
+                if _inside(p, out):
+                    raise QCError(f"output folder {given} contains {kind} {item}: OUT must be a new folder outside "
+                                  "every input (it is written and replaced as a whole); choose another -o")
+        for option, item in files:
+            if item is not None and _inside(resolved(item), out):
+                raise QCError(f"output folder {given} contains the {option} file {item}: OUT must be a new folder "
+                              "outside every input (it is written and replaced as a whole); choose another -o")
+
+    def _check_existing(self) -> None:
+        out, given = self.path, self.given
+        if not (out.exists() or out.is_symlink()):
+            return
+        if not out.is_dir():
+            raise QCError(f"output path {given} exists and is not a folder")
+        if not self.force:
+            raise QCError(f"output folder {given} already exists; choose another -o or pass --force to replace it")
+        if not looks_like_output(out):
+            raise QCError(f"output folder {given} exists and is not a qcompile output (none of "
+                          f"{', '.join(OUTPUT_MARKERS)}): --force only replaces a previous compile's OUT; choose "
+                          "another -o or remove it yourself")
+
+    def check_free_space(self, needed: int) -> None:
+        """DiskFullError when OUT's file system has fewer than `needed` free bytes (before any work)."""
+        free = free_bytes(self.path.parent)
+        if free < needed:
+            raise DiskFullError(f"{self.given}: not enough free space on its device: the compile writes at least "
+                                f"{_mib(needed)}, {_mib(free)} free")
+
+    # ------------------------------------------------------------------------------------------- staging
+
+    def _clean_stale(self) -> None:
+        """Remove what stopped compiles of this OUT left behind; report what cannot be proven stale."""
+        parent, stem = self.path.parent, f".{self.path.name}."
+        if not parent.is_dir():
+            return
+        entries = {}
+        for p in sorted(parent.iterdir()):
+            kind, _, pid = p.name[len(stem):].partition("-") if p.name.startswith(stem) else ("", "", "")
+            if kind in ("tmp", "old", "lock") and pid.isdigit():
+                entries.setdefault(pid, {})[kind] = p
+        for pid, found in entries.items():
+            lock = found.get("lock")
+            gone = _OwnerLock.owner_gone(lock) if lock else None
+            if gone is False:
+                if "tmp" in found:
+                    self.log(f"warning: {found['tmp']} belongs to a qcompile that is still running (pid {pid}): "
+                             f"another compile of {self.given}? The one that finishes second fails without --force")
+                continue
+            if "tmp" in found:
+                if gone:
+                    remove_tree(found["tmp"], None)
+                    self.log(f"removed {found['tmp']}, left by a qcompile that was stopped")
+                else:
+                    self.log(f"warning: {found['tmp']} looks like the temporary folder of a stopped qcompile; "
+                             f"remove it if no compile of {self.given} is running")
+            if "old" in found:
+                if gone and self.path.is_dir():
+                    remove_tree(found["old"], None)
+                    self.log(f"removed {found['old']}, the previous {self.given} that a stopped "
+                             "`qcompile --force` had already replaced")
+                else:
+                    self.log(f"warning: {found['old']} holds a previous {self.given} that a stopped "
+                             f"`qcompile --force` moved aside; rename it back to {self.given} or remove it")
+            if gone and lock and not any(p.exists() for k, p in found.items() if k != "lock"):
+                with contextlib.suppress(OSError):
+                    lock.unlink()
+
+    @contextlib.contextmanager
+    def staging(self):
+        """Yield the temporary folder; remove it (and map a full disk to DiskFullError) unless committed."""
+        self._clean_stale()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = _OwnerLock(self._lock_path)
+            if self.tmp.exists():  # a dead process had our pid: its folder is stale by definition
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+        except OSError as e:
+            self._discard()
+            reason = is_disk_full(e)
+            if reason:
+                raise DiskFullError(f"{self.given}: {reason}") from None
+            raise QCError(f"cannot create output folder {self.given} ({e.strerror or e})") from None
+        try:
+            knobs.test_pause("work")
+            yield self.tmp
+        except Exception as e:
+            reason = is_disk_full(e, self.tmp)
+            self._discard()
+            if reason:
+                where = f" (writing {e.filename})" if isinstance(e, OSError) and e.filename else ""
+                raise DiskFullError(f"{self.given}: {reason}{where}; nothing was written") from None
+            raise
+        finally:
+            self._discard()
+
+    def _discard(self) -> None:
+        if self._committed or self._lock is None:
+            return
+        remove_tree(self.tmp, None)
+        self._lock.release()
+        self._lock = None
+
+    # -------------------------------------------------------------------------------------------- commit
+
+    def commit(self) -> None:
+        """Put the temporary folder in place as OUT (see the module docstring)."""
+        apply_umask(self.tmp, user_umask())
+        with deferred():
+            if not self.force:
+                try:
+                    rename_noreplace(self.tmp, self.path)
+                except FileExistsError:
+                    raise QCError(f"output folder {self.given} appeared while compiling (another compile of the same "
+                                  "OUT?); it was left as it is and nothing was written; pass --force to replace "
+                                  "it") from None
+            else:
+                self._replace()
+            self._committed = True
+            knobs.test_pause("replace")
+            # after an exchange the temporary name holds the old OUT; the fallback moved it to .old-PID
+            remove_tree(self.tmp, None)
+            remove_tree(self._old_path, None)
+            self._lock.release()
+            self._lock = None
+
+    @property
+    def _old_path(self) -> Path:
+        return self.path.parent / f".{self.path.name}.old-{os.getpid()}"
+
+    def _replace(self) -> None:
+        for _ in range(3):  # OUT may appear or vanish between the checks (another compile): retry the check
+            if self.path.exists():
+                if not (self.path.is_dir() and looks_like_output(self.path)):
+                    raise QCError(f"output folder {self.given} was replaced by something that is not a qcompile "
+                                  "output while compiling; it was left as it is")
+                if _renameat2(self.tmp, self.path, _RENAME_EXCHANGE):
+                    return
+                os.rename(self.path, self._old_path)  # fallback: aside (reported on next start if we die here)
+                try:
+                    rename_noreplace(self.tmp, self.path)
+                except BaseException:
+                    os.rename(self._old_path, self.path)
+                    raise
+                return
+            try:
+                rename_noreplace(self.tmp, self.path)
+                return
+            except FileExistsError:
+                continue
+        raise QCError(f"output folder {self.given} kept changing while being replaced; nothing was replaced")
+
+
+def remove_tree(folder: Path, lock: Path | None) -> None:
+    """Delete `folder` (if there) and then its lock file, with SIGINT/SIGTERM deferred so the lock, which
+    marks the folder as removable, is never deleted before the folder."""
+    with deferred():
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
+        if lock is not None:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+
+
+def estimate_output_bytes(ckpt, passes, exclude=()) -> int:
+    """A lower bound of the bytes a compile writes: every decoder Linear's weight at its scheme's bit width
+    (float when no scheme claims it) plus the float embedding / lm_head, each twice (the artifact and the
+    executable graph hold a copy). Scales, norms, reports and the ONNX model come on top."""
+    from .passes.group_size import first_claim, model_linear_shapes
+    float_bytes = torch_dtype_size(ckpt.dtype)
+    total = 0.0
+    for name, (n, k) in model_linear_shapes(ckpt.config).items():
+        owner = first_claim(passes, name, exclude)
+        bits = owner.spec(0).weight.bits if owner is not None else 8 * float_bytes
+        total += n * k * bits / 8
+    head = int(ckpt.config["vocab_size"]) * int(ckpt.config["hidden_size"]) * float_bytes
+    total += head * (1 if ckpt.tie_word_embeddings else 2)
+    return int(2 * total)
+
+
+def torch_dtype_size(dtype) -> int:
+    import torch
+    return torch.empty((), dtype=dtype).element_size()

@@ -12,9 +12,11 @@ with one QCError line:
   whose wrapper recomputes `inv_freq` in the forward for every type containing "dynamic" and for
   "longrope"; the known types are ROPE_INIT_FUNCTIONS plus "default". The captured graph holds one table,
   so these would be silently wrong at other lengths;
-- a sliding attention window that can take effect (an attention module with `sliding_window` smaller than
-  max_position_embeddings; Qwen2/Qwen3 set it from use_sliding_window / max_window_layers / layer_types:
-  modeling_qwen2.Qwen2Attention.__init__). The captured graph attends to the whole prefix;
+- a sliding attention window that can take effect (shorter than max_position_embeddings), as transformers
+  resolves it (an attention module's `sliding_window`, set from layer_types: modeling_qwen2.Qwen2Attention.
+  __init__; configuration_qwen2 derives layer_types from use_sliding_window / max_window_layers when absent)
+  or as the raw keys ask (use_sliding_window and a layer >= max_window_layers, for engines that read those).
+  The captured graph attends to the whole prefix;
 - already-quantized weights of any kind: a tensor stored in an integer or 8-bit float dtype (fp8, int8,
   packed int4 in int8/uint8/int32), or a tensor the model does not have beside a Linear's weight (GPTQ /
   AWQ qweight, qzeros, scales, g_idx; `weight_scale`, `input_scale`, `weight_packed`, ...);
@@ -51,58 +53,91 @@ _QUANTIZED_HINT = ("the checkpoint is already quantized; qcompile needs the floa
                    "float32 weights)")
 
 
-def meta_model(ckpt):
-    """The transformers model of `ckpt`'s config.json on the meta device (QCError if transformers refuses it)."""
-    from transformers import AutoModelForCausalLM
-
+def _hf_config_of(ckpt):
+    """transformers' config of `ckpt` (QCError naming config.json if transformers refuses it)."""
     from .ir.capture import _hf_config
     try:
-        hf_config = _hf_config(ckpt)
+        return _hf_config(ckpt)
+    except Exception as e:  # transformers raises many types for inconsistent configs
+        raise _config_error(ckpt, e) from None
+
+
+def _config_error(ckpt, e: Exception) -> QCError:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return QCError(f"{ckpt.path / 'config.json'}: transformers cannot build the model from it "
+                   f"({type(e).__name__}: {first})")
+
+
+def meta_model(ckpt, hf_config=None):
+    """The transformers model of `ckpt`'s config.json on the meta device (QCError if transformers refuses it)."""
+    from transformers import AutoModelForCausalLM
+    hf_config = hf_config or _hf_config_of(ckpt)
+    try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(hf_config, dtype=ckpt.dtype)
-    except Exception as e:  # transformers raises many types for inconsistent configs
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise QCError(f"{ckpt.path / 'config.json'}: transformers cannot build the model from it "
-                      f"({type(e).__name__}: {first})") from None
+    except Exception as e:
+        raise _config_error(ckpt, e) from None
 
 
 def check_checkpoint(ckpt) -> None:
     """Every check of the module docstring; QCError on the first problem. Reads only safetensors headers."""
-    model = meta_model(ckpt)
     cfg_file = ckpt.path / "config.json"
+    hf_config = _hf_config_of(ckpt)
+    check_rope(hf_config, cfg_file)
+    model = meta_model(ckpt, hf_config)
     if type(model).__name__ != ckpt.architecture:
         raise QCError(f"{cfg_file}: architectures says {ckpt.architecture} but model_type "
                       f"{ckpt.config.get('model_type')!r} builds {type(model).__name__}; make them agree")
-    check_rope(model, cfg_file)
-    check_sliding_window(model, cfg_file)
+    check_sliding_window(model, cfg_file, ckpt.config)
     check_tensors(ckpt, model)
 
 
-def check_rope(model, cfg_file: Path) -> None:
+def rope_types(hf_config) -> list[str]:
+    """The RoPE type(s) transformers resolved (flat rope_parameters, or one per layer type when nested)."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    nested = [v for v in params.values() if isinstance(v, dict)]
+    groups = nested if nested and "rope_type" not in params else [params]
+    return [str(g.get("rope_type", g.get("type", "default"))) for g in groups]
+
+
+def check_rope(hf_config, cfg_file: Path) -> None:
     """Refuse RoPE types whose tables change with the sequence length, and unknown ones (module docstring)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    rotary = model.model.rotary_emb
-    types = rotary.rope_type if isinstance(rotary.rope_type, dict) else {"": rotary.rope_type}
-    for rope_type in types.values():
-        if "dynamic" in rope_type or rope_type == "longrope":
+    static = ["default"] + sorted(t for t in ROPE_INIT_FUNCTIONS if not _length_dependent(t))
+    for rope_type in rope_types(hf_config):
+        if _length_dependent(rope_type):
             raise QCError(f"{cfg_file}: RoPE type {rope_type!r} (rope_parameters / rope_scaling) recomputes its "
-                          "tables from the sequence length, which a compiled graph cannot; supported: default, "
-                          f"{', '.join(sorted(t for t in ROPE_INIT_FUNCTIONS if t not in ('dynamic', 'longrope')))}")
+                          "tables from the sequence length, which a compiled graph cannot; supported: "
+                          f"{', '.join(static)}")
         if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
             raise QCError(f"{cfg_file}: unknown RoPE type {rope_type!r} (rope_parameters / rope_scaling); "
-                          f"known: default, {', '.join(sorted(ROPE_INIT_FUNCTIONS))}")
+                          f"supported: {', '.join(static)}")
 
 
-def check_sliding_window(model, cfg_file: Path) -> None:
-    """Refuse a sliding attention window shorter than max_position_embeddings (module docstring)."""
+def _length_dependent(rope_type: str) -> bool:
+    """As transformers' modeling_rope_utils.dynamic_rope_update decides which types recompute inv_freq."""
+    return "dynamic" in rope_type or rope_type == "longrope"
+
+
+def check_sliding_window(model, cfg_file: Path, config: dict) -> None:
+    """Refuse a sliding attention window shorter than max_position_embeddings: when transformers' attention
+    modules have one (layer_types), or when the raw keys ask for one (use_sliding_window with a layer at or
+    beyond max_window_layers: the rule engines that read those keys apply)."""
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    for i, layer in enumerate(model.model.layers):
-        window = getattr(layer.self_attn, "sliding_window", None)
-        if window is not None and (max_pos is None or window < max_pos):
-            raise QCError(f"{cfg_file}: layer {i} attends through a sliding window of {window} tokens "
-                          f"(use_sliding_window / sliding_window / max_window_layers / layer_types), shorter than "
-                          f"max_position_embeddings {max_pos}: qcompile's graphs attend to the whole prefix; "
-                          "set use_sliding_window to false only if the model was trained without it")
+
+    def shorter(window):
+        return isinstance(window, int) and not isinstance(window, bool) and (max_pos is None or window < max_pos)
+    sliding = [(i, layer.self_attn.sliding_window) for i, layer in enumerate(model.model.layers)
+               if shorter(getattr(layer.self_attn, "sliding_window", None))]
+    window, first = config.get("sliding_window"), config.get("max_window_layers") or 0
+    if not sliding and config.get("use_sliding_window") and shorter(window) and len(model.model.layers) > first:
+        sliding = [(first, window)]
+    if sliding:
+        i, window = sliding[0]
+        raise QCError(f"{cfg_file}: layer {i} attends through a sliding window of {window} tokens "
+                      f"(use_sliding_window / sliding_window / max_window_layers / layer_types), shorter than "
+                      f"max_position_embeddings {max_pos}: qcompile's graphs attend to the whole prefix; "
+                      "set use_sliding_window to false only if the model was trained without it")
 
 
 def _where(ckpt, name: str) -> Path:
@@ -123,8 +158,9 @@ def check_tensors(ckpt, model) -> None:
     for name in unexpected:
         owner = next((m for m in _prefixes(name) if m in linears), None)
         if owner is not None:
-            raise QCError(f"{_where(ckpt, name)}: tensor {name} is a quantization tensor of Linear {owner} "
-                          f"(GPTQ/AWQ/fp8-style layouts): {_QUANTIZED_HINT}")
+            extra = sorted(n[len(owner) + 1:] for n in unexpected if n.startswith(owner + "."))
+            raise QCError(f"{_where(ckpt, name)}: Linear {owner} stores {', '.join(extra)}: quantization tensors "
+                          f"(GPTQ/AWQ/fp8-style layouts); {_QUANTIZED_HINT}")
     # 2. names
     need = [n for n in expected if n not in (EMBED, LM_HEAD)] + [EMBED] + ([] if ckpt.tie_word_embeddings else [LM_HEAD])
     missing = [n for n in need if not ckpt.has(n)]

@@ -2,7 +2,8 @@
 
 - `validate()` simulates the IR properties through the pipeline: a pass whose `requires` are not all
   produced by the passes before it, or whose `forbids` already hold, is an error naming the pass, what it
-  needs and what the passes before it produce. Nothing runs before the pipeline is valid.
+  needs and which user passes could supply it there (internal passes the driver appends are never named:
+  `--passes smooth` says which schemes can follow smooth). Nothing runs before the pipeline is valid.
 - `run(gm, ctx)` runs the passes in order; instruments see every pass (timing, dumps); the verifier runs
   after each pass that modified the graph (on by default); a failure is re-raised as `PassError` naming
   the pass, the layer and the passes that ran before it.
@@ -14,6 +15,7 @@ import torch
 from ..errors import PassError, QCError
 from ..ir.verifier import verify
 from .base import LayerContext, Pass
+from .registry import REGISTRY
 
 #: what a freshly captured layer graph satisfies
 INITIAL_PROPERTIES = frozenset({"captured"})
@@ -38,9 +40,7 @@ class PassManager:
         for p in self.passes:
             missing = p.requires - have
             if missing:
-                before = ", ".join(seen) or "(none)"
-                raise QCError(f"pass {p.name} requires {sorted(missing)}; passes before it ({before}) "
-                              f"produce {sorted(have)}")
+                raise QCError(_missing_message(p, missing, have, seen))
             clash = p.forbids & have
             if clash:
                 culprit = next((q.name for q in self.passes if q.produces & clash), "an earlier pass")
@@ -74,3 +74,26 @@ class PassManager:
             done.append(p.name)
         return gm
 
+
+
+def _missing_message(p: Pass, missing: set, have: set, seen: list[str]) -> str:
+    """Why `p` cannot run after `seen`, and the user passes that could run there and produce `missing`."""
+    fits = sorted(name for name, cls in REGISTRY.items()
+                  if not cls.internal and name not in seen and cls.produces & missing
+                  and cls.requires <= have and not cls.forbids & have)
+    choice = ("one of " if len(fits) > 1 else "") + ", ".join(fits)
+    example = "w8a8" if "w8a8" in fits else (fits[0] if fits else "")
+    pipeline = ",".join(seen)
+    if p.internal and seen:  # the compiler's own tail after the user's passes: no quantization scheme
+        what = "a quantization scheme" if fits and all(REGISTRY[n].quant_type for n in fits) else "a pass"
+        head = f"--passes {pipeline}: {seen[-1]} must be followed by {what}"
+        if not fits:
+            return f"{head} producing {sorted(missing)}; none can run after it (see `qcompile passes`)"
+        return f"{head}: {choice} (e.g. --passes {pipeline},{example})"
+    if seen:
+        head = f"pass {p.name} requires {sorted(missing)}, which the passes before it ({', '.join(seen)}) do not produce"
+    else:
+        head = f"pass {p.name} requires {sorted(missing)} from a pass before it"
+    if not fits:
+        return f"{head}; no pass can supply it there (see `qcompile passes`)"
+    return f"{head}; put {choice} before it (e.g. --passes {','.join(seen + [example, p.name])})"

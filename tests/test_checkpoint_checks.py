@@ -1,0 +1,235 @@
+"""The checkpoint against its config.json, before any work (issue 11, section 3).
+
+Every tensor's name, dtype and shape is checked by open_checkpoint (checkpoint_checks.py), so compile,
+eval, run and inspect all refuse a bad checkpoint with one line (exit 2); a tied embedding stored as
+lm_head.weight is accepted; a config.json without a dtype takes the safetensors headers'; tokenizers whose
+ids have no embedding row are refused in compile, eval and run. Tiny checkpoints from conftest.py.
+"""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qcompiler import cli
+from qcompiler.checkpoint_checks import check_token_ids
+from qcompiler.errors import QCError
+from tests.conftest import make_tiny_model
+from tests.test_cli_errors import SMALL, _edit_config, _leftovers, _rewrite_weights, expect_error, model_copy  # noqa: F401
+
+COMMANDS = ("compile", "eval", "run", "inspect")
+
+
+def _argv(command, model, tmp_path, data):
+    return {"compile": [model, "-o", tmp_path / "out", "--calib", data, *SMALL],
+            "eval": ["eval", model, "--data", data, "--seq-len", "32", "--max-windows", "1"],
+            "run": ["run", model, "--prompt", "hello", "--raw", "--max-new-tokens", "1"],
+            "inspect": ["inspect", model]}[command]
+
+
+def expect_refused(capsys, monkeypatch, tmp_path, command, model, data, *needles):
+    """`command` on `model` fails with one error line holding every needle; a compile does no work and
+    leaves nothing behind."""
+    import qcompiler.driver as driver
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the checkpoint was checked")
+    monkeypatch.setattr(driver, "_compile_into", no_work)
+    line = expect_error(capsys, _argv(command, model, tmp_path, data), *needles)
+    assert _leftovers(tmp_path) == []
+    return line
+
+
+# ------------------------------------------------------------------------------------------- shapes
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_tensor_shape_disagrees_with_config(capsys, monkeypatch, tmp_path, model_copy, calib_file, command):
+    """A q_proj of [64, 32] where config.json implies [64, 64] gave a traceback after work began."""
+    name = "model.layers.1.self_attn.q_proj.weight"
+    _rewrite_weights(model_copy, lambda t: t.update({name: t[name][:, :32].clone()}))
+    expect_refused(capsys, monkeypatch, tmp_path, command, model_copy, calib_file,
+                   name, "[64, 32]", "config.json implies [64, 64]", "model.safetensors")
+
+
+@pytest.mark.parametrize("name, cut", [("model.embed_tokens.weight", (slice(0, 299),)),
+                                       ("model.norm.weight", (slice(0, 63),)),
+                                       ("model.layers.0.mlp.down_proj.weight", (slice(None), slice(0, 100)))])
+def test_other_shapes_checked(capsys, monkeypatch, tmp_path, model_copy, calib_file, name, cut):
+    _rewrite_weights(model_copy, lambda t: t.update({name: t[name][cut].clone()}))
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file, name, "config.json implies")
+
+
+def test_unexpected_tensor(capsys, monkeypatch, tmp_path, model_copy, calib_file):
+    name = "model.layers.0.self_attn.extra_gate"
+    _rewrite_weights(model_copy, lambda t: t.update({name: torch.ones(4, dtype=torch.bfloat16)}))
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file,
+                   name, "not part of a LlamaForCausalLM")
+
+
+def test_rotary_inv_freq_in_checkpoint_is_ignored(capsys, model_copy):
+    """Older checkpoints store the rotary buffers; transformers recomputes them, so do we."""
+    _rewrite_weights(model_copy, lambda t: t.update({"model.rotary_emb.inv_freq": torch.ones(8)}))
+    assert cli.main(["inspect", str(model_copy)]) == 0, capsys.readouterr().err
+
+
+def test_model_type_must_build_the_architecture(capsys, monkeypatch, tmp_path, model_copy, calib_file):
+    _edit_config(model_copy, model_type="qwen2")
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file,
+                   "architectures says LlamaForCausalLM", "'qwen2'", "Qwen2ForCausalLM")
+
+
+# ----------------------------------------------------------------------------------- quantized weights
+
+def _fp8(t):
+    for k in list(t):
+        if k.endswith("_proj.weight"):
+            t[k] = t[k].to(torch.float8_e4m3fn)
+
+
+def _int8_with_scale(t):
+    for k in list(t):
+        if k.endswith("_proj.weight"):
+            t[k.replace(".weight", ".weight_scale")] = t[k].float().abs().amax(1, keepdim=True) / 127
+            t[k] = torch.zeros_like(t[k], dtype=torch.int8)
+
+
+def _gptq(t):
+    for k in list(t):
+        if k.endswith("_proj.weight"):
+            n, kk = t.pop(k).shape
+            base = k[: -len(".weight")]
+            t[base + ".qweight"] = torch.zeros(kk // 8, n, dtype=torch.int32)
+            t[base + ".qzeros"] = torch.zeros(kk // 128 or 1, n // 8, dtype=torch.int32)
+            t[base + ".scales"] = torch.ones(kk // 128 or 1, n, dtype=torch.float16)
+            t[base + ".g_idx"] = torch.zeros(kk, dtype=torch.int32)
+
+
+def _packed_int4(t):
+    for k in list(t):
+        if k.endswith("_proj.weight"):
+            n, kk = t[k].shape
+            t[k] = torch.zeros(n, kk // 2, dtype=torch.uint8)
+
+
+def _float_scales_beside_float_weights(t):  # e.g. a compressed-tensors / fp8 export restored to float
+    t["model.layers.0.mlp.up_proj.input_scale"] = torch.ones(1)
+
+
+@pytest.mark.parametrize("layout, needle", [(_fp8, "float8_e4m3fn"), (_int8_with_scale, "int8"),
+                                            (_gptq, "qweight"), (_packed_int4, "uint8"),
+                                            (_float_scales_beside_float_weights, "input_scale")],
+                         ids=["fp8", "int8+weight_scale", "gptq", "packed-int4", "scale-tensor"])
+@pytest.mark.parametrize("command", ["compile", "eval"])
+def test_already_quantized_weights(capsys, monkeypatch, tmp_path, model_copy, calib_file, layout, needle, command):
+    """float8 projection weights without a quantization_config crashed with NotImplementedError."""
+    _rewrite_weights(model_copy, layout)
+    expect_refused(capsys, monkeypatch, tmp_path, command, model_copy, calib_file,
+                   needle, "already quantized", "float checkpoint")
+
+
+def test_compression_config_is_quantized(capsys, monkeypatch, tmp_path, model_copy, calib_file):
+    _edit_config(model_copy, compression_config={"quant_method": "compressed-tensors"})
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file,
+                   "already quantized", "compression_config")
+
+
+# --------------------------------------------------------------------------------- tied embedding
+
+def _tied(folder, keep):
+    """Make `folder` a tied checkpoint storing the shared matrix only under `keep`."""
+    _edit_config(folder, tie_word_embeddings=True)
+
+    def edit(t):
+        shared = t.pop("model.embed_tokens.weight")
+        t.pop("lm_head.weight")
+        t[keep] = shared
+    _rewrite_weights(folder, edit)
+
+
+def test_tied_embedding_stored_as_lm_head(capsys, tmp_path, tiny_models, calib_file):
+    """transformers loads a tied model whose only copy is lm_head.weight; it was rejected as
+    'embed_tokens missing'. It compiles, and the float model computes what the embed_tokens form does."""
+    import shutil
+    as_head = shutil.copytree(tiny_models["llama"], tmp_path / "as_head")
+    as_embed = shutil.copytree(tiny_models["llama"], tmp_path / "as_embed")
+    _tied(as_head, "lm_head.weight")
+    _tied(as_embed, "model.embed_tokens.weight")
+    out = tmp_path / "out"
+    rc = cli.main([str(as_head), "-o", str(out), "--calib", str(calib_file), *SMALL])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    ppl = []
+    for model in (as_head, as_embed, out):
+        assert cli.main(["eval", str(model), "--data", str(calib_file), "--seq-len", "32", "--json"]) == 0
+        ppl.append(json.loads(capsys.readouterr().out)["ppl"])
+    assert ppl[0] == ppl[1]  # same matrix, same code path: bit-identical
+    assert abs(ppl[2] / ppl[0] - 1) < 0.05  # W8A8 of a tiny random model: within 5 % of float
+    desc = json.loads((out / "quant_model_description.json").read_text())
+    assert desc["model.embed_tokens.weight"] == "FLOAT" and desc["lm_head.weight"] == "FLOAT"
+    stored = load_file(out / "quant_model_weights.safetensors")
+    assert torch.equal(stored["model.embed_tokens.weight"], load_file(as_head / "model.safetensors")["lm_head.weight"])
+
+
+def test_untied_model_needs_lm_head(capsys, monkeypatch, tmp_path, model_copy, calib_file):
+    _rewrite_weights(model_copy, lambda t: t.pop("lm_head.weight"))
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file, "lm_head.weight", "missing")
+
+
+# ----------------------------------------------------------------------------------------- dtype
+
+def test_dtype_from_safetensors_headers(capsys, tmp_path, calib_file):
+    """A float16 checkpoint whose config.json has no torch_dtype/dtype was compiled as bfloat16."""
+    model = make_tiny_model(tmp_path / "fp16", "qwen2", dtype=torch.float16)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.pop("torch_dtype", None)
+    cfg.pop("dtype", None)
+    (model / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    rc = cli.main([str(model), "-o", str(out), "--calib", str(calib_file), *SMALL])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert json.loads((out / "qcompile_report.json").read_text())["dtype"] == "float16"
+    assert cli.main(["eval", str(model), "--data", str(calib_file), "--seq-len", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dtype"] == "float16"
+
+
+# ------------------------------------------------------------------------------ tokenizer vs embedding
+
+@pytest.fixture
+def chat_token_model(model_copy):
+    """The tiny model with an added special token '<|chat|>' whose id (300) has no embedding row."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(model_copy))
+    tok.add_special_tokens({"additional_special_tokens": ["<|chat|>"]})
+    tok.save_pretrained(str(model_copy))
+    assert tok.convert_tokens_to_ids("<|chat|>") == 300
+    return model_copy
+
+
+@pytest.mark.parametrize("command", ["compile", "eval", "run"])
+def test_token_ids_beyond_embedding(capsys, monkeypatch, tmp_path, chat_token_model, command):
+    """A tokenizer emitting ids beyond vocab_size crashed compile/eval/run with IndexError."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"text": "Quantization maps weights <|chat|> to small integers. " * 8}) + "\n")
+    argv = _argv(command, chat_token_model, tmp_path, data)
+    if command == "run":
+        argv[argv.index("hello")] = "hello <|chat|>"
+    line = expect_error(capsys, argv, "'<|chat|>'", "id 300", "300 rows")
+    assert _leftovers(tmp_path) == [], line
+
+
+def test_bos_beyond_embedding_when_sampling(capsys, tmp_path, chat_token_model):
+    """Self-sampled calibration starts every row with BOS: an id without a row is refused, not an IndexError."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(chat_token_model))
+    tok.bos_token = "<|chat|>"
+    tok.save_pretrained(str(chat_token_model))
+    expect_error(capsys, [chat_token_model, "-o", tmp_path / "out", *SMALL], "'<|chat|>'", "300 rows", "BOS")
+    assert _leftovers(tmp_path) == []
+
+
+def test_check_token_ids_unit():
+    check_token_ids(torch.tensor([[0, 5], [9, 2]]), 10, None, "x")  # all ids have rows
+    check_token_ids([], 10, None, "x")
+    with pytest.raises(QCError, match=r"token None \(id 12\).*10 rows \(ids 0\.\.9\)"):
+        check_token_ids([1, 12, 3], 10, None, "x")

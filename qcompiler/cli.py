@@ -52,7 +52,9 @@ def _compile_parser(prog="qcompile"):
                                 "artifact plus an executable graph that reproduces the NPU kernels on CPU.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL_DIR", help="Hugging Face model folder or alias")
-    p.add_argument("-o", "--out", required=True, type=Path, help="output folder (must not exist, see --force)")
+    p.add_argument("-o", "--out", required=True, type=Path,
+                   help="output folder: must not exist (with --force: may be a previous compile's OUT, or empty) and "
+                   "must neither overlap the model folder or --dump nor contain the --calib / --recipe file")
     p.add_argument("--passes", default=None, help="pass pipeline (default: w8a8)")
     p.add_argument("--recipe", type=Path, help="YAML recipe (passes, target, dtype, exclude, ...)")
     p.add_argument("--target", default=None, help="ascend910b (Atlas 800I A2, default), ascend310p (300I Duo: "

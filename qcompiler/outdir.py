@@ -87,14 +87,17 @@ def apply_umask(folder: Path, umask: int) -> None:
     """chmod every folder under `folder` (itself included) to 0777 & ~umask and every file to 0666 & ~umask,
     as if each had been created with plain open()/mkdir (some writers create 0600 files)."""
     dir_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
-    os.chmod(folder, dir_mode)
+
+    def chmod(path: str, mode: int) -> None:
+        if not os.path.islink(path):
+            with contextlib.suppress(OSError):  # best effort: some file systems have no modes
+                os.chmod(path, mode)
+    chmod(str(folder), dir_mode)
     for root, dirs, files in os.walk(folder):
         for name in dirs:
-            if not os.path.islink(os.path.join(root, name)):
-                os.chmod(os.path.join(root, name), dir_mode)
+            chmod(os.path.join(root, name), dir_mode)
         for name in files:
-            if not os.path.islink(os.path.join(root, name)):
-                os.chmod(os.path.join(root, name), file_mode)
+            chmod(os.path.join(root, name), file_mode)
 
 
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:
@@ -284,10 +287,14 @@ class OutputFolder:
                     self.log(f"warning: {found['tmp']} looks like the temporary folder of a stopped qcompile; "
                              f"remove it if no compile of {self.given} is running")
             if "old" in found:
-                if gone and self.path.is_dir():
+                replaced = self.path.is_dir()  # the swap finished: the aside copy is garbage
+                if gone and replaced:
                     remove_tree(found["old"], None)
                     self.log(f"removed {found['old']}, the previous {self.given} that a stopped "
                              "`qcompile --force` had already replaced")
+                elif replaced:
+                    self.log(f"warning: {found['old']} holds a previous {self.given} that a stopped "
+                             "`qcompile --force` replaced; remove it")
                 else:
                     self.log(f"warning: {found['old']} holds a previous {self.given} that a stopped "
                              f"`qcompile --force` moved aside; rename it back to {self.given} or remove it")
@@ -314,8 +321,8 @@ class OutputFolder:
         try:
             knobs.test_pause("work")
             yield self.tmp
-        except Exception as e:
-            reason = is_disk_full(e, self.tmp)
+        except Exception as e:  # a QCError is never blamed on a nearly full disk, only on its own errno/text
+            reason = is_disk_full(e, None if isinstance(e, QCError) else self.tmp)
             self._discard()
             if reason:
                 where = f" (writing {e.filename})" if isinstance(e, OSError) and e.filename else ""
@@ -397,7 +404,7 @@ def estimate_output_bytes(ckpt, passes, exclude=()) -> int:
     (float when no scheme claims it) plus the float embedding / lm_head, each twice (the artifact and the
     executable graph hold a copy). Scales, norms, reports and the ONNX model come on top."""
     from .passes.group_size import first_claim, model_linear_shapes
-    float_bytes = torch_dtype_size(ckpt.dtype)
+    float_bytes = ckpt.dtype.itemsize
     total = 0.0
     for name, (n, k) in model_linear_shapes(ckpt.config).items():
         owner = first_claim(passes, name, exclude)
@@ -407,7 +414,3 @@ def estimate_output_bytes(ckpt, passes, exclude=()) -> int:
     total += head * (1 if ckpt.tie_word_embeddings else 2)
     return int(2 * total)
 
-
-def torch_dtype_size(dtype) -> int:
-    import torch
-    return torch.empty((), dtype=dtype).element_size()

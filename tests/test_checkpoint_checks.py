@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from qcompiler import cli
 from qcompiler.checkpoint_checks import check_token_ids

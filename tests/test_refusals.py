@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from qcompiler import cli
-from tests.conftest import make_tiny_model
 from tests.test_cli_errors import SMALL, _edit_config, _leftovers, _rewrite_weights, expect_error, model_copy  # noqa: F401
 from tests.test_checkpoint_checks import expect_refused
 

@@ -2,9 +2,11 @@
 
 The driver calls these while it runs the calibration data through the model, so the executable graph it
 writes is known to give finite logits on that data:
-- `check_finite(hidden, layer, dtype, what)`: QCError naming the layer when a layer's output (float layer
-  before the passes, or the lowered layer the executable graph holds) has NaN/Inf;
-- `check_logits(head, hidden, dtype)`: the same for the final norm and lm_head, chunk by chunk.
+- `check_finite(hidden, layer, dtype, what)`: QCError naming the layer when a layer's output has NaN/Inf:
+  the lowered layer the executable graph holds (always), and, to say why, the float layer when a float16
+  layer failed (a pass cannot calibrate on Inf, or the lowered output is not finite);
+- `check_logits(head, hidden, dtype)`: the same for the final norm and lm_head (a bound first; the logits
+  are computed only when the bound does not prove them finite).
 In float16 the cause is almost always activations beyond float16's range (65504), so the message says so
 and suggests --dtype bfloat16 (same exponent range as float32). Limits: data other than the calibration set
 may still overflow; the check states what was seen, not a proof.
@@ -32,9 +34,21 @@ def check_finite(hidden: torch.Tensor, layer: int, dtype: torch.dtype, what: str
 
 
 def check_logits(head, hidden: torch.Tensor, dtype: torch.dtype) -> None:
-    """QCError when the final norm + lm_head give NaN/Inf on the last layer's calibration outputs."""
+    """QCError when the final norm + lm_head give NaN/Inf on the last layer's (finite) calibration outputs.
+
+    Cheap first: by Cauchy-Schwarz every logit (and every partial sum of it) is at most max ||normed token||
+    x max ||lm_head row||; only when that bound reaches the dtype's maximum are the logits computed."""
+    limit = torch.finfo(dtype).max
     with torch.inference_mode():
+        rows = head.lm_head_weight.float().norm(dim=1).max()
         for start in range(0, hidden.shape[0], LOGIT_WINDOWS):
-            if not bool(torch.isfinite(head.logits(hidden[start:start + LOGIT_WINDOWS])).all()):
+            chunk = hidden[start:start + LOGIT_WINDOWS]
+            normed = head.final_norm(chunk)
+            if not bool(torch.isfinite(normed).all()):
+                raise QCError(f"the final norm (before lm_head) produces NaN/Inf in {str(dtype)[6:]} on the "
+                              f"calibration data: {_advice(dtype)}")
+            if float(normed.float().norm(dim=-1).max() * rows) < limit:
+                continue
+            if not bool(torch.isfinite(head.logits(chunk)).all()):
                 raise QCError(f"the final norm and lm_head produce NaN/Inf in {str(dtype)[6:]} on the calibration "
                               f"data: {_advice(dtype)}")

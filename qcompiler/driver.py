@@ -265,14 +265,18 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
     for i in bar:
         t_layer = time.perf_counter()
         gm = skeleton.capture_layer(i, inputs)
-        if ckpt.dtype == torch.float16:  # overflow shows in the float layer first; passes would calibrate on Inf
-            check_finite(run_layer_batched(gm, inputs.hidden, inputs.position_embeddings, batch_size), i,
-                         ckpt.dtype, "float, before any pass")
         ctx = LayerContext(index=i, inputs=inputs, dtype=ckpt.dtype, exclude=tuple(opts.exclude),
                            batch_size=batch_size, pipeline=tuple(pm.passes))
-        gm = pm.run(gm, ctx)
-        out_hidden = run_layer_batched(gm, inputs.hidden, inputs.position_embeddings, batch_size)
-        check_finite(out_hidden, i, ckpt.dtype, "as compiled")  # the executable graph computes exactly this
+        try:
+            gm = pm.run(gm, ctx)
+            out_hidden = run_layer_batched(gm, inputs.hidden, inputs.position_embeddings, batch_size)
+            check_finite(out_hidden, i, ckpt.dtype, "as compiled")  # the executable graph computes exactly this
+        except QCError:
+            if ckpt.dtype == torch.float16:  # the usual cause: the float layer itself overflows float16
+                float_gm = skeleton.capture_layer(i, inputs)
+                check_finite(run_layer_batched(float_gm, inputs.hidden, inputs.position_embeddings, batch_size),
+                             i, ckpt.dtype, "float, before any pass")
+            raise
         types = _add_layer_tensors(writer, ctx, gm, ckpt)
         extra_description.update(ctx.description)
         executable.add(gm, inputs)

@@ -91,7 +91,7 @@ def _overflowing_mlp(t):
 
 def _overflowing_head(t):
     """Finite layers, but final norm x lm_head overflow float16."""
-    t["model.norm.weight"] *= 30000
+    t["model.norm.weight"] *= 3000
     t["lm_head.weight"] *= 1000
 
 
@@ -105,10 +105,17 @@ def test_float16_overflow_in_a_layer(capsys, tmp_path, model_copy, calib_file, p
     assert _leftovers(tmp_path) == []
 
 
-def test_float16_overflow_in_the_head(capsys, tmp_path, model_copy, calib_file):
-    _rewrite_weights(model_copy, _overflowing_head)
+@pytest.mark.parametrize("norm_scale, where", [(3000, "final norm and lm_head"), (30000, "final norm (before lm_head)")],
+                         ids=["lm_head", "final-norm"])
+def test_float16_overflow_in_the_head(capsys, tmp_path, model_copy, calib_file, norm_scale, where):
+    """Finite layers, but the final norm (x30000) or lm_head's logits (x3000 norm) overflow float16: the
+    compile exited 0 and `qcompile eval` printed perplexity NaN."""
+    def edit(t):
+        _overflowing_head(t)
+        t["model.norm.weight"] *= norm_scale / 3000
+    _rewrite_weights(model_copy, edit)
     expect_error(capsys, [model_copy, "-o", tmp_path / "out", "--calib", calib_file, "--dtype", "float16", *SMALL],
-                 "lm_head", "NaN/Inf", "--dtype bfloat16")
+                 where, "NaN/Inf", "--dtype bfloat16")
     assert _leftovers(tmp_path) == []
 
 
@@ -211,3 +218,27 @@ def test_float_transform_alone_names_the_schemes(capsys, tmp_path, tiny_models, 
 def test_kv8_alone_names_what_must_come_first(capsys, tmp_path, tiny_models):
     expect_error(capsys, [tiny_models["llama"], "-o", tmp_path / "out", "--passes", "smooth,kv8", *SMALL],
                  "kv8", "smooth", "w8a8d", "--passes smooth,w8a8,kv8")
+
+
+def test_logit_check_computes_logits_only_when_the_bound_needs_it():
+    """The lm_head check costs a full logits pass only when max||normed|| x max||row|| reaches the limit."""
+    from qcompiler.activation_checks import check_logits
+    from qcompiler.runtime import Head
+    torch.manual_seed(0)
+    calls = []
+
+    class Counting(Head):
+        def logits(self, h):
+            calls.append(h.shape)
+            return super().logits(h)
+
+    def head(weight):
+        return Counting(embed_weight=torch.zeros(10, 16, dtype=torch.float16), norm_weight=torch.ones(16).half(),
+                        lm_head_weight=weight.half(), inv_freq=torch.ones(8), attention_scaling=1.0, eps=1e-6,
+                        dtype=torch.float16)
+    hidden = torch.cat([torch.randn(6, 5, 8), torch.zeros(6, 5, 8)], -1).half()  # lives in the first 8 dims
+    check_logits(head(torch.randn(10, 16) * 0.02), hidden, torch.float16)
+    assert calls == []  # bound ~ 5.7 x 0.1: finite without computing anything
+    orthogonal = torch.cat([torch.zeros(10, 8), torch.full((10, 8), 30000.0)], -1)  # logits 0, bound ~ 5e5
+    check_logits(head(orthogonal), hidden, torch.float16)  # bound >= 65504: computed, and finite
+    assert len(calls) == 2  # 6 windows in chunks of 4

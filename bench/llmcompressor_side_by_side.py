@@ -166,8 +166,8 @@ def worker(recipe: str, args) -> dict:
     t_start = time.perf_counter()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, trust_remote_code=False)
     model.eval()
     res = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     oneshot_s = 0.0

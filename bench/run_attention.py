@@ -87,8 +87,9 @@ def gen_main(argv) -> int:
 
         from qcompiler.model_zoo import resolve_model_dir
         path = resolve_model_dir(a.model)
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa",
+                                                     trust_remote_code=False).eval()
         from qcompiler.generate import encode_prompt
         ids = torch.tensor([encode_prompt(tok, PROMPT, raw=False)])
         with torch.inference_mode():

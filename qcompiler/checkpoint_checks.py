@@ -74,7 +74,7 @@ def meta_model(ckpt, hf_config=None):
     hf_config = hf_config or _hf_config_of(ckpt)
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(hf_config, dtype=ckpt.dtype)
+            return AutoModelForCausalLM.from_config(hf_config, dtype=ckpt.dtype, trust_remote_code=False)
     except Exception as e:
         raise _config_error(ckpt, e) from None
 

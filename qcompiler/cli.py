@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__, knobs
+from . import __version__, knobs, trust
 from .errors import QCError
 from .interrupts import handle_signals
 
@@ -40,11 +40,12 @@ sparsity: `--passes sparse:ratio=0.5` alone writes the pruned float model; `spar
   ascend310p --dtype float16` the sparse-quantized W8A8S artifact. The compressed W8A8SC form needs
   msModelSlim's closed compression tool: out of scope (compress the W8A8S artifact with it).
 other commands: qcompile eval | run | inspect | passes | quant (each with --help)
-"""
+""" + trust.TRUST_NOTE + "\n"
 
 MODEL_EPILOG = ("OUT|MODEL_DIR: a compiled OUT folder (its executable/ graph), a Hugging Face folder (Llama, "
                 "Qwen2, Qwen3 dense) or an alias: smollm2-135m, smollm2-135m-qwen2. Make OUT with `qcompile "
-                "MODEL_DIR --passes name[:key=value...][,name2...] -o OUT` (`qcompile passes` lists the passes).")
+                "MODEL_DIR --passes name[:key=value...][,name2...] -o OUT` (`qcompile passes` lists the passes). "
+                + trust.TRUST_NOTE)
 
 
 def _compile_parser(prog="qcompile"):
@@ -75,6 +76,7 @@ def _compile_parser(prog="qcompile"):
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per layer forward (default: 16384 tokens' worth)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    trust.add_flag(p)
     return p
 
 
@@ -94,6 +96,7 @@ def _eval_parser():
                    help="sequences per layer forward (default: 16384 tokens' worth)")
     p.add_argument("--json", action="store_true", help="print one JSON object (ppl, tokens, ...)")
     p.add_argument("--runtime", choices=["auto", "executable", "onnx"], default="auto", help=RUNTIME_HELP)
+    trust.add_flag(p)
     return p
 
 
@@ -108,6 +111,7 @@ def _run_parser():
                    help="recompute the whole sequence at every step instead of using the KV cache")
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default=None, help="float model only")
     p.add_argument("--runtime", choices=["auto", "executable", "onnx"], default="auto", help=RUNTIME_HELP)
+    trust.add_flag(p)
     return p
 
 
@@ -116,6 +120,7 @@ def _inspect_parser():
                                 "with per-node quantization specs.", epilog=MODEL_EPILOG)
     p.add_argument("model", metavar="OUT|MODEL_DIR")
     p.add_argument("--layer", type=int, default=0)
+    trust.add_flag(p)
     return p
 
 
@@ -135,7 +140,7 @@ def _cmd_compile(argv):
         seq_len=a.seq_len if a.seq_len is not None else recipe.get("seq_len"),
         exclude=tuple(a.exclude if a.exclude is not None else recipe.get("exclude", [])),
         dump=a.dump, batch_size=a.batch_size, force=a.force, recipe=recipe,
-        policy=a.policy or recipe.get("policy", "auto"))
+        policy=a.policy or recipe.get("policy", "auto"), trust_remote_code=a.trust_remote_code)
     report = compile_model(opts)
     print(f"wrote {a.out}: {report['model_quant_type']} for {report['target']} ({report['dtype']}), "
           f"{report['wall_seconds']} s, peak RSS {report['peak_rss_mib']} MiB; report: "
@@ -157,7 +162,8 @@ def _cmd_eval(argv):
         raise QCError(f"--batch-size must be >= 1, got {a.batch_size}")
     if a.max_windows is not None and a.max_windows < 1:
         raise QCError(f"--max-windows must be >= 1, got {a.max_windows}")
-    result = evaluate_file(load_model(a.model, a.dtype, a.runtime), a.data, a.seq_len, a.max_windows, a.batch_size)
+    model = load_model(a.model, a.dtype, a.runtime, a.trust_remote_code)
+    result = evaluate_file(model, a.data, a.seq_len, a.max_windows, a.batch_size)
     result["model"] = a.model
     if a.json:
         print(json.dumps(result))
@@ -174,14 +180,15 @@ def _cmd_run(argv):
         raise QCError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     if not a.prompt.strip():
         raise QCError("--prompt is empty; expected some text to continue")
-    text = generate(load_model(a.model, a.dtype, a.runtime), a.prompt, a.max_new_tokens, raw=a.raw, use_cache=not a.no_cache)
+    model = load_model(a.model, a.dtype, a.runtime, a.trust_remote_code)
+    text = generate(model, a.prompt, a.max_new_tokens, raw=a.raw, use_cache=not a.no_cache)
     print(text)
 
 
 def _cmd_inspect(argv):
     from .tools.inspect import inspect_layer
     a = _inspect_parser().parse_args(argv)
-    print(inspect_layer(a.model, a.layer), end="")
+    print(inspect_layer(a.model, a.layer, a.trust_remote_code), end="")
 
 
 def _cmd_quant(argv):

@@ -116,6 +116,7 @@ class CompileOptions:
     recipe_path: Path | None = None    # the --recipe file (an input OUT must not contain)
     recipe: dict = field(default_factory=dict)
     policy: str = "auto"               # built-in float Linears (policy.py): auto | qwen | none
+    trust_remote_code: bool = False    # --trust-remote-code (trust.py): accept auto_map; never runs code
 
     def calib_shape(self) -> tuple[int, int]:
         """(sequences, tokens per sequence) of calibration, defaults resolved."""

@@ -3,11 +3,13 @@
 Order of work (sequential, one decoder layer in memory at a time):
  1. validate everything that can be validated without work: model folder, architecture, dtype/target,
     pass names/options/order, --exclude against fused groups, output folder;
- 2. calibration windows (from --calib, or sampled from the float model itself, seed 0);
+ 2. calibration windows (from --calib, or sampled from the float model itself, seed 0, whose weights are
+    the validated safetensors: nothing from the model folder is run or unpickled, see trust.py);
  3. layer 0's inputs from a real forward of the embedding (pre-hook on layer 0);
  4. for each layer i: capture (torch.export) -> user passes -> observe -> calibrate -> lower; run the
     lowered layer on the calibration inputs to make layer i+1's inputs (so later layers calibrate on
-    quantized activations); stream its tensors into the artifact; save its executable program;
+    quantized activations); stream its tensors into the artifact; save its executable program
+    (executable.py: JSON graph + safetensors);
  5. float tensors (embedding, final norm, lm_head), description, config, tokenizer, report;
     everything is written into a temporary sibling folder renamed to OUT at the very end.
 """
@@ -19,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import knobs
@@ -29,7 +30,7 @@ from .calib_data import calibration_shortfall, make_windows, read_texts, sample_
 from .checkpoint_checks import check_seq_len, check_token_ids
 from .config import CompileOptions
 from .errors import QCError
-from .ir.capture import HFSkeleton, LayerInputs, export_program
+from .ir.capture import HFSkeleton, LayerInputs
 from .loading import check_float16_range, dtype_name, load_tokenizer, open_checkpoint
 from .model_zoo import resolve_model_dir
 from .outdir import OutputFolder, estimate_output_bytes
@@ -39,8 +40,8 @@ from .passes.group_size import first_claim, model_linear_shapes, resolve_group_s
 from .passes.instruments import DumpInstrument, StatsInstrument, TimingInstrument
 from .policy import policy_excludes, resolve_policy
 from .report import write_report
-from .runtime import (EXECUTABLE_DIR, FORMAT, FORMAT_VERSION, auto_batch_size, head_from_checkpoint,
-                      run_layer_batched)
+from .executable import EXECUTABLE_DIR, ExecutableWriter
+from .runtime import auto_batch_size, head_from_checkpoint, run_layer_batched
 from .targets import check_target, get_target
 
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -104,18 +105,15 @@ def check_calib_seq_len(opts: CompileOptions, ckpt) -> CompileOptions:
     return opts
 
 
-def _calibration_windows(opts, ckpt, tokenizer, texts, log):
+def _calibration_windows(opts, skeleton, tokenizer, texts, log):
     if texts is not None:
         n, seq_len = opts.calib_shape()
         windows = make_windows(tokenizer, texts, seq_len, n)
         return windows, f"{opts.calib} ({windows.shape[0]} x {windows.shape[1]} tokens)"
     n, seq_len = opts.calib_shape()
     log(f"no --calib: sampling {n} x {seq_len} tokens from the float model (seed 0)")
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=ckpt.dtype)
-    model.eval()
-    windows = sample_windows_from_model(model, tokenizer, n, seq_len, seed=0)
-    del model
+    with skeleton.float_model() as model:  # the validated safetensors, never *.bin (capture.py)
+        windows = sample_windows_from_model(model, tokenizer, n, seq_len, seed=0)
     return windows, (f"sampled from the float model itself ({windows.shape[0]} x {windows.shape[1]} tokens, "
                      "seed 0, temperature 1)")
 
@@ -161,39 +159,6 @@ def _add_layer_tensors(writer, ctx: LayerContext, gm, ckpt) -> dict[str, str]:
     return types
 
 
-class ExecutableWriter:
-    """Saves lowered layer graphs: one torch.export program per distinct graph, weights per layer.
-
-    Dense models lower most layers to the same graph (same code, same tensor names/shapes/dtypes), so a
-    program is exported once per distinct structure (`layers/program_K.pt2`) and every layer's tensors
-    go to `layers/layer_NNN.safetensors`; `programs()` lists which program each layer runs.
-    """
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.folder.mkdir(parents=True)
-        self._signatures: dict[str, int] = {}
-        self._layer_program: list[int] = []
-
-    @staticmethod
-    def signature(gm) -> str:
-        tensors = sorted((k, str(v.dtype), tuple(v.shape)) for k, v in gm.state_dict().items())
-        return gm.code + repr(tensors)
-
-    def add(self, gm, sample: LayerInputs) -> None:
-        index = len(self._layer_program)
-        sig = self.signature(gm)
-        if sig not in self._signatures:
-            k = self._signatures[sig] = len(self._signatures)
-            torch.export.save(export_program(gm, sample), str(self.folder / f"program_{k}.pt2"))
-        self._layer_program.append(self._signatures[sig])
-        state = {k: v.contiguous() for k, v in gm.state_dict().items()}
-        save_file(state, str(self.folder / f"layer_{index:03d}.safetensors"), metadata={"format": "pt"})
-
-    def programs(self) -> list[int]:
-        return list(self._layer_program)
-
-
 def compile_model(opts: CompileOptions, log=None) -> dict:
     """Run a whole compile; returns the report dict. Raises QCError on bad input (before any work)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -202,7 +167,7 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     dump = opts.dump or knobs.dump_dir()
     out = OutputFolder(opts.out, opts.force, models=[model_dir], folders=[dump], log=log,
                        files=[("--calib", opts.calib), ("--recipe", opts.recipe_path)])  # outdir.py: exit 2
-    ckpt = open_checkpoint(model_dir, opts.dtype)
+    ckpt = open_checkpoint(model_dir, opts.dtype, opts.trust_remote_code)
     opts = check_calib_seq_len(opts, ckpt)
     target = get_target(opts.target)
     pm = build_pipeline(opts)
@@ -233,13 +198,13 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
 
 
 def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, group_size: int = 0) -> dict:
-    tokenizer = load_tokenizer(ckpt.path)
-    windows, calib_source = _calibration_windows(opts, ckpt, tokenizer, texts, log)
+    tokenizer = load_tokenizer(ckpt.path, ckpt.trust_remote_code)
+    skeleton = HFSkeleton(ckpt)
+    windows, calib_source = _calibration_windows(opts, skeleton, tokenizer, texts, log)
     check_token_ids(windows, ckpt.config.get("vocab_size"), tokenizer, "calibration text")
     for w in calibration_shortfall(opts.calib_shape(), tuple(windows.shape), opts.calib):
         log(f"warning: {w}")
         warnings.append(w)
-    skeleton = HFSkeleton(ckpt)
     inputs = skeleton.layer0_inputs(windows)
     batch_size = opts.batch_size or auto_batch_size(windows.shape[1])
     head = head_from_checkpoint(ckpt, skeleton.rotary)
@@ -255,8 +220,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
     pm.instruments = instruments
 
     writer = ArtifactWriter(tmp, ckpt.dtype)
-    exe = tmp / EXECUTABLE_DIR
-    executable = ExecutableWriter(exe / "layers")
+    executable = ExecutableWriter(tmp / EXECUTABLE_DIR)
     writer.add("model.embed_tokens.weight", head.embed_weight, "FLOAT")
     layers_report = []
     extra_description = {}  # top-level description keys set by passes (kv8: kv_cache_type, ...)
@@ -291,15 +255,13 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
     description = writer.finish(ckpt.path, ckpt.config, group_size=group_size,
                                 extra_description=extra_description, tied_lm_head=ckpt.tie_word_embeddings)
 
-    head.save(exe, tied=ckpt.tie_word_embeddings)
-    info = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": ckpt.architecture,
-            "model_type": ckpt.model_type, "dtype": dtype_name(ckpt.dtype), "num_layers": ckpt.num_layers,
-            "hidden_size": ckpt.config["hidden_size"], "vocab_size": ckpt.config["vocab_size"],
-            "rms_norm_eps": head.eps, "attention_scaling": head.attention_scaling,
-            "tie_word_embeddings": ckpt.tie_word_embeddings, "target": target.name, "passes": pm.names,
-            "layer_programs": executable.programs()}
-    from .backends.ascend.artifact import write_json
-    write_json(exe / "model.json", info)
+    executable.save_head(head, tied=ckpt.tie_word_embeddings)
+    executable.finish({
+        "architecture": ckpt.architecture, "model_type": ckpt.model_type, "dtype": dtype_name(ckpt.dtype),
+        "num_layers": ckpt.num_layers, "hidden_size": ckpt.config["hidden_size"],
+        "vocab_size": ckpt.config["vocab_size"], "rms_norm_eps": head.eps,
+        "attention_scaling": head.attention_scaling, "tie_word_embeddings": ckpt.tie_word_embeddings,
+        "target": target.name, "passes": pm.names})
 
     report = {
         "model": str(opts.model), "model_dir": str(ckpt.path), "architecture": ckpt.architecture,

@@ -12,6 +12,9 @@ Contract:
   config.json implies, and refuses what the captured graph cannot compute (checkpoint_checks.py).
   A tied embedding stored only as `lm_head.weight` is read under both names. Without torch_dtype/dtype in
   config.json, the checkpoint's dtype is the float dtype of most of its bytes (safetensors headers).
+- Nothing in the folder is run or unpickled (trust.py): a config.json / tokenizer_config.json asking for
+  custom code is refused before anything is loaded, and every transformers call passes
+  `trust_remote_code=False`.
 Limits: dense LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM only; no .bin checkpoints.
 """
 import json
@@ -23,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from .checkpoint_checks import check_checkpoint, header_dtype
 from .errors import QCError
+from .trust import check_config, check_tokenizer_files
 
 #: architecture (config.json "architectures"[0]) -> model_type. Only dense decoders.
 SUPPORTED_ARCHITECTURES = {
@@ -54,6 +58,7 @@ class Checkpoint:
     dtype: torch.dtype                 # the dtype everything is compiled for
     source_dtype: torch.dtype          # the checkpoint's own dtype
     weight_map: dict[str, str]         # tensor name -> safetensors file name
+    trust_remote_code: bool = False    # the user's --trust-remote-code (trust.py): never runs code
     _handles: dict = field(default_factory=dict, repr=False)
     #: names read from another stored tensor: {"model.embed_tokens.weight": "lm_head.weight"} when tied
     aliases: dict[str, str] = field(default_factory=dict)
@@ -213,16 +218,19 @@ def _source_dtype(cfg: dict) -> torch.dtype | None:
     return {"float32": torch.float32, **DTYPES}.get(str(name).replace("torch.", ""), torch.bfloat16)
 
 
-def open_checkpoint(path: str | Path, dtype: str | None = None) -> Checkpoint:
-    """Validate an HF folder and open its weights lazily. dtype None: the checkpoint's own (fp32 -> bf16)."""
+def open_checkpoint(path: str | Path, dtype: str | None = None, trust_remote_code: bool = False) -> Checkpoint:
+    """Validate an HF folder and open its weights lazily. dtype None: the checkpoint's own (fp32 -> bf16).
+    `trust_remote_code`: the user's --trust-remote-code (trust.py; never executes anything)."""
     path = Path(path)
     if not path.is_dir():
         raise QCError(f"model folder {path} does not exist")
     cfg = _read_config(path)
+    check_config(path / "config.json", cfg, SUPPORTED_ARCHITECTURES, trust_remote_code)
+    check_tokenizer_files(path, trust_remote_code)  # before any work (load_tokenizer checks again: OUT folders)
     arch = _architecture(cfg, path)
     _check_not_quantized(cfg, path)
     ckpt = Checkpoint(path=path, config=cfg, architecture=arch, dtype=torch.bfloat16, source_dtype=torch.bfloat16,
-                      weight_map=_weight_map(path))
+                      weight_map=_weight_map(path), trust_remote_code=trust_remote_code)
     _alias_tied_embedding(ckpt)
     src = _source_dtype(cfg) or header_dtype(path, ckpt.stored_tensors()) or torch.bfloat16
     ckpt.source_dtype = src
@@ -240,10 +248,12 @@ def _alias_tied_embedding(ckpt: Checkpoint) -> None:
         ckpt.aliases[embed] = head
 
 
-def load_tokenizer(path: Path):
-    """The checkpoint's tokenizer (transformers AutoTokenizer); QCError when it has none."""
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The folder's tokenizer (transformers AutoTokenizer, built-in classes only); QCError when it has none
+    or asks for custom code (trust.check_tokenizer_files; `trust_remote_code` never runs code)."""
     from transformers import AutoTokenizer
+    check_tokenizer_files(path, trust_remote_code)
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a missing/broken tokenizer
         raise QCError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None

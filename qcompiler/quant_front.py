@@ -10,19 +10,17 @@ Flags taken as msModelSlim spells them: --model_path, --save_path, --quant_type 
 --device (default cpu here: the compile runs on CPU; npu needs torch_npu), --trust_remote_code with an
 optional true/false value, --model_type (accepted; the architecture is read from config.json), plus
 --w_bit/--a_bit (checked against --quant_type) and --calib_file / --calib_samples / --seq_len / --force.
-trust_remote_code: qcompile never imports or runs code from a model folder (its own implementations of
-the supported architectures compute the model), so the flag does not enable code execution. What it changes:
-a config.json with `auto_map` (custom modelling code) is refused without it, because that code may
-compute something other than our built-in implementation of its `architectures` entry; with it, such a
-checkpoint is compiled with the built-in implementation. An architecture we do not implement is an error
-either way, and that error does not suggest the flag.
+--trust_remote_code is the flag every qcompile command has (trust.py): qcompile never imports or runs
+code from a model folder, so it does not enable code execution; it accepts an `auto_map` whose
+architecture qcompile implements, which is then compiled with the built-in implementation. Without it
+such a checkpoint is refused, as by `qcompile MODEL_DIR` (one rule, checked in loading.open_checkpoint).
 Not supported: msModelSlim's --config YAML (use `qcompile --recipe`), --tags, --device_id, --debug.
 """
 import argparse
 import importlib.util
-import json
 from pathlib import Path
 
+from . import trust
 from .errors import QCError
 
 #: msModelSlim --quant_type -> qcompile --passes
@@ -37,21 +35,6 @@ QUANT_TYPES = {
 #: (weight bits, activation bits) of each quant type, for --w_bit / --a_bit
 BITS = {"w8a8": (8, 8), "w8a8_dynamic": (8, 8), "w8a16": (8, 16), "w4a16": (4, 16), "w4a8": (4, 8),
         "w8a8c8": (8, 8)}
-
-TRUST_HELP = ("allow a config.json with auto_map (custom modelling code) whose architecture qcompile "
-              "implements; the model is then computed by qcompile's built-in implementation. qcompile never "
-              "executes code from the model folder, with or without this flag. Optional value true/false "
-              "(default false)")
-
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
 
 def _quant_type(text: str) -> str:
     value = text.strip().lower()
@@ -68,15 +51,14 @@ def parser() -> argparse.ArgumentParser:
                     "on CPU into the same Ascend artifact (plus executable/ and qcompile_report.*).",
         epilog=f"--quant_type maps to --passes: {mapping} (default options; for options, other schemes or "
                f"smoothing use `qcompile MODEL_DIR --passes ...`, see `qcompile passes`). Without --calib_file "
-               f"the calibration text is sampled from the model itself.")
+               f"the calibration text is sampled from the model itself. {trust.TRUST_NOTE}")
     p.add_argument("--model_path", required=True, help="Hugging Face model folder (or alias smollm2-135m)")
     p.add_argument("--save_path", required=True, type=Path, help="output folder (must not exist or be empty)")
     p.add_argument("--quant_type", type=_quant_type, default="w8a8", metavar="TYPE",
                    help=f"one of {', '.join(QUANT_TYPES)} (default w8a8)")
     p.add_argument("--device", default="cpu", help="cpu (default) or npu[:N] (needs torch_npu; the compile "
                    "itself runs on CPU either way)")
-    p.add_argument("--trust_remote_code", type=_bool, nargs="?", const=True, default=False, metavar="BOOL",
-                   help=TRUST_HELP)
+    trust.add_flag(p)
     p.add_argument("--model_type", default=None, help="accepted for compatibility (e.g. Qwen2.5-7B-Instruct); "
                    "qcompile reads the architecture from config.json")
     p.add_argument("--w_bit", type=int, default=None, help="optional; must match --quant_type")
@@ -119,28 +101,6 @@ def check_device(device: str) -> None:
                       f"use --device cpu (the default), the artifact is the same")
 
 
-def check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
-    """Refuse custom-code checkpoints (auto_map) unless trusted and implemented here (module docstring)."""
-    from .loading import SUPPORTED_ARCHITECTURES
-    cfg_path = model_dir / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError):
-        return  # the loader reports a missing or broken config.json with its own message
-    auto_map = cfg.get("auto_map") if isinstance(cfg, dict) else None
-    if not auto_map:
-        return
-    archs = cfg.get("architectures") or []
-    arch = archs[0] if archs else None
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise QCError(f"{model_dir}: architecture {arch!r} comes with custom code (auto_map) and is not implemented "
-                      f"by qcompile, which never executes model code; supported: "
-                      f"{', '.join(SUPPORTED_ARCHITECTURES)} (dense only)")
-    if not trust_remote_code:
-        raise QCError(f"{model_dir}: config.json has auto_map (custom modelling code, never run by qcompile); "
-                      f"pass --trust_remote_code to compile it with qcompile's built-in {arch} implementation")
-
-
 def run(argv) -> dict:
     """Parse `qcompile quant` arguments, check them, and compile; returns the compile report."""
     from .config import CompileOptions, parse_passes
@@ -153,7 +113,6 @@ def run(argv) -> dict:
     if a.calib_file is not None and not a.calib_file.is_file():
         raise QCError(f"--calib_file {a.calib_file} does not exist")
     model_dir = resolve_model_dir(a.model_path)
-    check_remote_code(model_dir, a.trust_remote_code)
     force = a.force
     if a.save_path.is_dir() and not any(a.save_path.iterdir()):
         force = True  # msModelSlim writes into an existing empty folder
@@ -161,7 +120,8 @@ def run(argv) -> dict:
         raise QCError(f"--save_path {a.save_path} already exists and is not empty; choose another --save_path "
                       f"or pass --force to replace it")
     opts = CompileOptions(model=str(model_dir), out=a.save_path, passes=tuple(parse_passes(passes)),
-                          calib=a.calib_file, calib_samples=a.calib_samples, seq_len=a.seq_len, force=force)
+                          calib=a.calib_file, calib_samples=a.calib_samples, seq_len=a.seq_len, force=force,
+                          trust_remote_code=a.trust_remote_code)
     report = compile_model(opts)
     print(f"wrote {a.save_path}: --quant_type {a.quant_type} = --passes {passes} -> {report['model_quant_type']} "
           f"({report['dtype']}), {report['wall_seconds']} s; report: {a.save_path / 'qcompile_report.md'}")

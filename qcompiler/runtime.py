@@ -3,32 +3,21 @@
 A model is a `Head` (embedding, rotary tables, final norm, lm_head: plain float math written here, no
 transformers modeling code) plus a `LayerProvider` that hands out decoder-layer callables
 `f(hidden [B, L, H], position_embeddings=(cos, sin)) -> hidden`:
-- `ExecutableLayers`: torch.export programs (`layers/layer_NNN.pt2`) of the lowered graphs, whose
-  fused ops are `torch.ops.qc.*` (registered by importing qcompiler.backends.ascend);
+- `executable.ExecutableLayers`: the lowered graphs of a compiled OUT (JSON programs + safetensors,
+  loaded without unpickling anything; the format, its writer and its reader live in executable.py),
+  whose fused ops are `torch.ops.qc.*` (registered by importing qcompiler.backends.ascend);
 - `CapturedFloatLayers`: the float layers of a checkpoint, captured with torch.export exactly as the
   compiler does before any pass (so float and quantized numbers come from one code path).
-
-Executable folder layout (all written by `save_executable_head` / the driver):
-    executable/model.json        format, dtype, sizes, eps, rope scaling, the pipeline that made it
-    executable/head.safetensors  embed_tokens.weight, norm.weight, lm_head.weight (if untied), inv_freq
-    executable/layers/program_K.pt2           one torch.export program per distinct layer graph
-    executable/layers/layer_NNN.safetensors   layer NNN's tensors (model.json maps layers to programs)
+Nothing is run from a model folder or an OUT folder (trust.py): `trust_remote_code` is the user's
+--trust-remote-code, which never executes code.
 """
-import copy
-import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from .errors import QCError
-
-EXECUTABLE_DIR = "executable"
-FORMAT = "qcompiler-executable"
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -62,23 +51,6 @@ class Head:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(self.final_norm(h), self.lm_head_weight)
 
-    def save(self, folder: Path, tied: bool) -> None:
-        tensors = {"embed_tokens.weight": self.embed_weight, "norm.weight": self.norm_weight,
-                   "inv_freq": self.inv_freq}
-        if not tied:
-            tensors["lm_head.weight"] = self.lm_head_weight
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "head.safetensors"),
-                  metadata={"format": "pt"})
-
-    @classmethod
-    def load(cls, folder: Path, info: dict) -> "Head":
-        t = load_file(str(folder / "head.safetensors"))
-        dtype = getattr(torch, info["dtype"])
-        return cls(embed_weight=t["embed_tokens.weight"], norm_weight=t["norm.weight"],
-                   lm_head_weight=t.get("lm_head.weight", t["embed_tokens.weight"]), inv_freq=t["inv_freq"],
-                   attention_scaling=float(info["attention_scaling"]), eps=float(info["rms_norm_eps"]),
-                   dtype=dtype)
-
 
 def head_from_checkpoint(ckpt, rotary) -> Head:
     """The float head of a checkpoint; `rotary` is the transformers rotary module (for inv_freq/scaling)."""
@@ -109,45 +81,6 @@ def run_layer_batched(layer, hidden: torch.Tensor, position_embeddings, batch_si
     return torch.cat(outs)
 
 
-class ExecutableLayers:
-    """Decoder layers of a compiled OUT folder, loaded from their .pt2 programs on demand."""
-
-    def __init__(self, folder: Path, info: dict):
-        from .backends import ascend  # noqa: F401  registers torch.ops.qc.* before loading programs
-        self.folder, self.info = folder, info
-        self.num_layers = int(info["num_layers"])
-        self.programs = list(info["layer_programs"])
-        self._loaded: dict[int, torch.nn.Module] = {}
-
-    def _file(self, name: str) -> Path:
-        path = self.folder / "layers" / name
-        if not path.is_file():
-            raise QCError(f"{path} is missing: the executable graph is incomplete")
-        return path
-
-    def get(self, index: int, sample=None):
-        """Layer `index`: its program (loaded once, then copied) with this layer's tensors."""
-        k = self.programs[index]
-        if k not in self._loaded:
-            self._loaded[k] = torch.export.load(str(self._file(f"program_{k}.pt2"))).module()
-        with warnings.catch_warnings():
-            # torch warns about its own deprecated pytree class while copying an exported module
-            warnings.simplefilter("ignore", FutureWarning)
-            module = copy.deepcopy(self._loaded[k])
-        state = load_file(str(self._file(f"layer_{index:03d}.safetensors")))
-        missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
-        if missing or unexpected:
-            raise QCError(f"layer {index}: tensors do not match program {k} "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return module
-
-    def decode(self, index: int, sample=None):
-        """(decode step of layer `index`, its CacheSpec): the program rewritten to read/extend a KV cache
-        (ir/decode.py; derived at load time, so every compiled OUT has one)."""
-        from .ir.decode import build_decode_graph
-        return build_decode_graph(self.get(index, sample), getattr(torch, self.info["dtype"]))
-
-
 class CapturedFloatLayers:
     """Float decoder layers of a checkpoint, captured like the compiler does (before any pass)."""
 
@@ -167,43 +100,40 @@ class CapturedFloatLayers:
 @dataclass
 class LoadedModel:
     head: Head
-    layers: object            # ExecutableLayers | CapturedFloatLayers
+    layers: object            # executable.ExecutableLayers | CapturedFloatLayers
     tokenizer: object
     kind: str                 # "executable" | "float" | "onnx"
     info: dict
     forward: object = None    # whole-model runtimes (onnx): ids [B, L] -> logits; head/layers are None
 
 
-def is_compiled(path: Path) -> bool:
-    return (Path(path) / EXECUTABLE_DIR / "model.json").is_file()
-
-
-def load_model(path: str | Path, dtype: str | None = None, runtime: str = "auto") -> LoadedModel:
+def load_model(path: str | Path, dtype: str | None = None, runtime: str = "auto",
+               trust_remote_code: bool = False) -> LoadedModel:
     """An OUT folder (its executable graph) or an HF folder / alias (float, captured) for eval and run.
 
     `runtime`: "executable", "onnx" (OUT/onnx or an onnx folder, run by onnxruntime) or "auto" (onnx for
-    an onnx folder or an OUT compiled with --target onnx, else the executable graph)."""
+    an onnx folder or an OUT compiled with --target onnx, else the executable graph).
+    `trust_remote_code`: --trust-remote-code (trust.py; never executes anything)."""
+    from .executable import EXECUTABLE_DIR, ExecutableLayers, is_compiled, load_head, read_info
     from .loading import load_tokenizer
     from .model_zoo import resolve_model_dir
     path = Path(path) if Path(path).is_dir() else resolve_model_dir(str(path))
     if runtime != "executable":
         from .backends.onnx.runtime_hook import pick_onnx
-        onnx_model = pick_onnx(path, dtype, runtime)
+        onnx_model = pick_onnx(path, dtype, runtime, trust_remote_code)
         if onnx_model is not None:
             return onnx_model
     if is_compiled(path):
         folder = path / EXECUTABLE_DIR
-        info = json.loads((folder / "model.json").read_text())
-        if info.get("format") != FORMAT or info.get("version") != FORMAT_VERSION:
-            raise QCError(f"{folder / 'model.json'}: not a {FORMAT} v{FORMAT_VERSION} graph")
+        info = read_info(folder)
         if dtype and dtype != info["dtype"]:
             raise QCError(f"{path} was compiled for {info['dtype']}; --dtype {dtype} cannot change that")
-        return LoadedModel(Head.load(folder, info), ExecutableLayers(folder, info), load_tokenizer(path),
-                           "executable", info)
+        return LoadedModel(load_head(folder, info), ExecutableLayers(folder, info),
+                           load_tokenizer(path, trust_remote_code), "executable", info)
     from .ir.capture import HFSkeleton
     from .loading import dtype_name, open_checkpoint
-    ckpt = open_checkpoint(path, dtype)
+    ckpt = open_checkpoint(path, dtype, trust_remote_code)
     skeleton = HFSkeleton(ckpt)
     info = {"dtype": dtype_name(ckpt.dtype), "num_layers": ckpt.num_layers, "model_type": ckpt.model_type}
     return LoadedModel(head_from_checkpoint(ckpt, skeleton.rotary), CapturedFloatLayers(skeleton),
-                       load_tokenizer(path), "float", info)
+                       load_tokenizer(path, trust_remote_code), "float", info)

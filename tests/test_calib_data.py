@@ -150,7 +150,7 @@ def real_tokenizer():
     if not (REAL_TOKENIZER / "tokenizer.json").is_file():
         pytest.skip(f"real SmolLM2 tokenizer not built at {REAL_TOKENIZER} (run /work/shared/models/get_models.py)")
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(REAL_TOKENIZER)
+    return AutoTokenizer.from_pretrained(REAL_TOKENIZER, trust_remote_code=False)
 
 
 def _sample_texts():

@@ -89,12 +89,12 @@ def test_auto_map_needs_trust_remote_code_only_when_it_helps(capsys, tiny_models
     auto_map = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
     supported = _with_config(tiny_models["llama"], tmp_path / "custom_llama", auto_map=auto_map)
     err = _error(capsys, ["--model_path", supported, "--save_path", tmp_path / "o"])
-    assert "auto_map" in err and "--trust_remote_code" in err
+    assert "config.json: auto_map" in err and "--trust-remote-code" in err  # the flag of every command
     unsupported = _with_config(tiny_models["llama"], tmp_path / "custom_arch", auto_map=auto_map,
                                architectures=["CustomForCausalLM"])
     for extra in ([], ["--trust_remote_code"]):
         err = _error(capsys, ["--model_path", unsupported, "--save_path", tmp_path / "o", *extra])
-        assert "'CustomForCausalLM'" in err and "not implemented" in err and "--trust_remote_code" not in err
+        assert "'CustomForCausalLM'" in err and "not implemented" in err and "--trust" not in err
     assert not (tmp_path / "o").exists()
 
 

@@ -8,7 +8,7 @@ from qcompiler.runtime import load_model
 
 def _hf(folder):
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, trust_remote_code=False).eval()
 
 
 def test_rope_and_norm_match_transformers(tiny_models):

@@ -5,6 +5,9 @@ Contract:
   only the embedding and the rotary embedding materialized: enough to run a real forward up to layer 0.
 - `skeleton.layer0_inputs(input_ids)` runs that forward and takes layer 0's inputs with a forward
   pre-hook (the forward stops there): hidden states [B, L, H] and the rotary (cos, sin) [1, L, D].
+- `with skeleton.float_model() as model:` the whole transformers model with every weight read through
+  `Checkpoint.tensor` (the safetensors open_checkpoint validated; never `*.bin` or pickle), for
+  self-sampled calibration; its layers, norm and lm_head return to the meta device afterwards.
 - `skeleton.capture_layer(i, sample)` materializes layer i from the safetensors files, exports it with a
   dynamic batch and sequence dimension, and returns a GraphModule whose parameters keep their HF names
   relative to the layer (`self_attn.q_proj.weight`), with `LINEAR_NAME` set on every `aten.linear` node.
@@ -12,6 +15,7 @@ Contract:
 Limits: causal attention without padding (the captured mask must be None); the captured graph computes
 the layer for sequences of length >= 2 and for length 1 with no cache.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +41,7 @@ class LayerInputs:
 
 def _hf_config(ckpt: Checkpoint):
     from transformers import AutoConfig
-    cfg = AutoConfig.from_pretrained(str(ckpt.path))
+    cfg = AutoConfig.from_pretrained(str(ckpt.path), trust_remote_code=False)  # trust.py: never custom code
     cfg._attn_implementation = "sdpa"  # one scaled_dot_product_attention node per layer
     cfg.use_cache = False
     return cfg
@@ -51,7 +55,7 @@ class HFSkeleton:
         self.ckpt = ckpt
         self.hf_config = _hf_config(ckpt)
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(self.hf_config, dtype=ckpt.dtype)
+            self.model = AutoModelForCausalLM.from_config(self.hf_config, dtype=ckpt.dtype, trust_remote_code=False)
         self.model.eval()
         base = self.model.model
         # Rotary tables are computed at construction: rebuild on CPU (meta buffers hold no values).
@@ -72,6 +76,32 @@ class HFSkeleton:
                           if len(missing) > 1 else f"{self.ckpt.path}: missing weight {prefix}{missing[0]}")
         module.to_empty(device="cpu")
         module.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=True, assign=True)
+
+    @contextlib.contextmanager
+    def float_model(self):
+        """The whole float model (transformers modules, weights from the validated safetensors in the compile
+        dtype, generation_config.json's EOS ids) for as long as the block runs: what
+        `AutoModelForCausalLM.from_pretrained(folder, dtype=...)` would build, without its file lookup."""
+        from transformers import GenerationConfig
+        model, base = self.model, self.model.model
+        parts = [(layer, f"model.layers.{i}.") for i, layer in enumerate(base.layers)] + [(base.norm, "model.norm.")]
+        if not self.ckpt.tie_word_embeddings:
+            parts.append((model.lm_head, "lm_head."))
+        saved_generation = model.generation_config
+        try:
+            for module, prefix in parts:
+                self._load(module, prefix)
+            if self.ckpt.tie_word_embeddings:
+                model.lm_head.weight = base.embed_tokens.weight
+            if (self.ckpt.path / "generation_config.json").is_file():  # JSON only, as from_pretrained reads it
+                model.generation_config = GenerationConfig.from_pretrained(str(self.ckpt.path))
+            yield model
+        finally:
+            model.generation_config = saved_generation
+            for module, _ in parts:
+                module.to("meta")
+            weight = model.lm_head.weight
+            model.lm_head.weight = torch.nn.Parameter(torch.empty_like(weight, device="meta"), requires_grad=False)
 
     def layer0_inputs(self, input_ids: torch.LongTensor) -> LayerInputs:
         """Run the real forward up to layer 0 and capture its inputs with a pre-hook."""

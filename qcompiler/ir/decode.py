@@ -14,7 +14,7 @@ buffers, no mutation inside the graph). Storage form: when kv8 put
 attention dequantizes them (`CacheSpec` says int8); otherwise the model dtype. Everything else in the
 layer (Linears, RoPE, fa3's quantize/dequantize of Q/K/V) is kept as is, so a cached step computes what
 the recomputing graph computes for those tokens.
-Where it runs: at load time, on the layer programs of OUT/executable (runtime.ExecutableLayers.decode) or
+Where it runs: at load time, on the layer programs of OUT/executable (executable.ExecutableLayers.decode) or
 on freshly captured float layers, so every compiled OUT has a decode step without a second exported
 program. (Re-exporting the rewritten graph with torch.export was tried: the export of a short sample pins
 the sequence length through a stride guard of the `_to_copy` decomposition, e.g. `16*seq < 256`, so one
@@ -28,6 +28,7 @@ import torch
 
 from ..backends.ascend import attention  # noqa: F401  registers torch.ops.qc.cached_attention
 from ..errors import QCError
+from . import meta
 
 KV_DEQUANT = torch.ops.qc.kv_dequant.default
 
@@ -53,13 +54,14 @@ class CacheSpec:
                 torch.zeros(shape, dtype=getattr(torch, self.v_dtype)))
 
 
-def _shape_of(node) -> torch.Size | None:
+def _shape_of(node) -> tuple | None:
+    """Shape of `node`'s value (or of its nearest first-argument ancestor's): captured or loaded graphs."""
     for _ in range(16):
         if not isinstance(node, torch.fx.Node):
             return None
-        v = node.meta.get("val")
-        if isinstance(v, torch.Tensor):
-            return v.shape
+        t = meta.tensor_type(node)
+        if t is not None:
+            return t.shape
         node = node.args[0] if node.args else None
     return None
 
@@ -92,7 +94,7 @@ def build_decode_graph(gm: torch.fx.GraphModule, dtype: torch.dtype) -> tuple[to
     k_store, k_scale, k_dtype = _storage(k, dtype)
     v_store, v_scale, v_dtype = _storage(v, dtype)
     shape = _shape_of(k_store)
-    if shape is None or len(shape) != 4:
+    if shape is None or len(shape) != 4 or not all(isinstance(shape[d], int) for d in (1, 3)):
         raise QCError(f"decode graph: the key input of {attn.name} has no known [B, KVH, L, D] shape")
     spec = CacheSpec(int(shape[1]), int(shape[3]), k_dtype, v_dtype)
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]  # new inputs after the layer's own

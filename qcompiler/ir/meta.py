@@ -3,6 +3,9 @@
 Passes communicate through `node.meta[KEY]`; using these constants (never literals) keeps a typo from
 silently creating a new key.
 """
+from dataclasses import dataclass
+
+import torch
 
 #: str, on `aten.linear` nodes: the Linear's path inside its decoder layer (`self_attn.q_proj`).
 LINEAR_NAME = "qc_linear"
@@ -19,3 +22,23 @@ WEIGHT_QPARAMS = "qc_weight_qparams"
 #: float, on `aten.linear` nodes: fraction of zeros of the weight after the sparse pass pruned it
 #: (w8a8s requires it on every Linear it claims).
 SPARSITY = "qc_sparsity"
+#: TensorType, on nodes of a graph loaded from an executable graph file (ir/graph_json.py): the dtype and
+#: shape its FakeTensor `val` had when it was written (loaded graphs have no `val`).
+TENSOR_TYPE = "qc_tensor_type"
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """dtype and shape of a node's value; a dynamic dimension is its symbol's name (e.g. 's27')."""
+    dtype: torch.dtype
+    shape: tuple  # of int | str
+
+
+def tensor_type(node) -> TensorType | None:
+    """The dtype and shape of `node`'s tensor value: from its FakeTensor `val` (captured graphs) or its
+    TENSOR_TYPE (loaded graphs); None when it has neither (or is not a single tensor)."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return TensorType(val.dtype, tuple(str(d) if isinstance(d, torch.SymInt) else int(d) for d in val.shape))
+    found = node.meta.get(TENSOR_TYPE)
+    return found if isinstance(found, TensorType) else None

@@ -26,10 +26,10 @@ def _target(node) -> str:
 
 
 def _val(node) -> str:
-    v = node.meta.get("val")
-    if isinstance(v, torch.Tensor):
-        return f"{str(v.dtype).replace('torch.', '')}{list(v.shape)}"
-    return ""
+    t = meta.tensor_type(node)
+    if t is None:
+        return ""
+    return f"{str(t.dtype).replace('torch.', '')}[{', '.join(map(str, t.shape))}]"
 
 
 def node_line(node: torch.fx.Node) -> str:

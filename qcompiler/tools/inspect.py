@@ -13,8 +13,8 @@ from ..runtime import load_model
 from .graph_text import graph_text
 
 
-def inspect_layer(path: str, layer: int) -> str:
-    model = load_model(path)
+def inspect_layer(path: str, layer: int, trust_remote_code: bool = False) -> str:
+    model = load_model(path, trust_remote_code=trust_remote_code)
     n = model.layers.num_layers
     if not 0 <= layer < n:
         raise QCError(f"--layer {layer} out of range: the model has layers 0..{n - 1}")

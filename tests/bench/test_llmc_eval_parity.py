@@ -40,7 +40,7 @@ def test_perplexity_matches_qcompile_eval(tiny_models, calib_file):
     mod = _script()
     path = tiny_models["llama"]
     ours = evaluate_file(load_model(path), calib_file, seq_len=32, max_windows=6)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, trust_remote_code=False).eval()
     tok = load_tokenizer(path)
     theirs = mod.perplexity(model, mod.make_windows(tok, mod.read_texts(calib_file), 32, 6), batch=4)
     assert theirs["tokens"] == ours["tokens"]

@@ -12,7 +12,7 @@ ARCHS = ["llama", "qwen2", "qwen3"]
 
 def _eager(folder):
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, trust_remote_code=False).eval()
 
 
 @pytest.mark.parametrize("arch", ARCHS)

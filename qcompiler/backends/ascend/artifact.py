@@ -6,7 +6,10 @@ Contract
   exceed `max_shard_bytes`, then written as a shard (`quant_model_weights-partNNNNN.safetensors`). `finish`
   renames the shards to `quant_model_weights-0000i-of-0000N.safetensors` + `quant_model_weights.safetensors.index.json`
   (or the single `quant_model_weights.safetensors`, no index), writes `quant_model_description.json` and
-  `config.json`, and copies tokenizer / generation / chat-template / remote-code files from the source model.
+  `config.json`, and copies tokenizer / generation / chat-template files from the source model.
+- No code goes into OUT (trust.py): no `*.py` (or pickle) file is copied, and `auto_map` (a pointer to custom
+  code the engines would try to import with trust_remote_code) is dropped from config.json and
+  tokenizer_config.json: the artifact is computed by the built-in implementation of its architecture.
 - `out_dir` is meant to be a temporary folder that the caller renames into place when `finish` returned; the
   engines load every top-level `*.safetensors`, so other outputs (reports, graphs) belong in a subfolder.
 - Output is deterministic: the same adds and arguments give byte-identical files (no timestamps; shard split
@@ -43,11 +46,15 @@ EXTRA_DESCRIPTION_KEYS = ("kv_cache_type", "kv_quant_type", "fa_quant_type", "re
                           "optional", "indexer_quant_type", "is_nzcasted", "AtlasGMMPermute")
 _FIXED_KEYS = ("model_quant_type", "version", "group_size")
 
-# Files the engines need from the source model folder (tokenizer, generation defaults, chat template, remote code).
+# Files the engines need from the source model folder (tokenizer, generation defaults, chat template).
 COPY_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "chat_template*",
-                 "vocab.json", "merges.txt", "*.model", "added_tokens.json", "*.py")
-# Never copied: the engines would load float weights or a stale index next to ours.
-_NEVER_COPY = ("*.safetensors", "*.index.json", "config.json", DESCRIPTION_FILE)
+                 "vocab.json", "merges.txt", "*.model", "added_tokens.json")
+# Never copied: the engines would load float weights or a stale index next to ours; and code or pickles, which
+# OUT never carries (trust.py), even when named like a tokenizer file (`tokenizer.py`).
+_NEVER_COPY = ("*.safetensors", "*.index.json", "config.json", DESCRIPTION_FILE,
+               "*.py", "*.pyc", "*.so", "*.bin", "*.pt", "*.pt2", "*.pth", "*.pkl", "*.pickle")
+# Keys naming custom code, dropped from the JSON files written into OUT (module docstring).
+CODE_KEYS = ("auto_map",)
 
 
 def write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
@@ -177,6 +184,8 @@ class ArtifactWriter:
         for part in (cfg, cfg.get("text_config")):
             if isinstance(part, dict):
                 part.pop("quantization_config", None)  # a quant_method there overrides vLLM-Ascend's "ascend"
+                for key in CODE_KEYS:
+                    part.pop(key, None)
                 # the engines pick the deq_scale decoding from it: keep both spellings in step (transformers 5: dtype)
                 part["torch_dtype"] = part["dtype"] = dtype
         name = mindie_quantize_name(quant_type)
@@ -193,7 +202,8 @@ def _tied(config: dict) -> bool:
 
 
 def copy_source_files(source_dir: Path, out_dir: Path) -> list[str]:
-    """Copy the tokenizer / generation / chat-template / *.py files (top level only); returns their names."""
+    """Copy the tokenizer / generation / chat-template files (top level only; never code, and
+    tokenizer_config.json without CODE_KEYS); returns their names."""
     if not source_dir.is_dir():
         raise QCError(f"source model folder {source_dir} does not exist")
     names = set()
@@ -201,5 +211,20 @@ def copy_source_files(source_dir: Path, out_dir: Path) -> list[str]:
         names |= {p.name for p in source_dir.glob(pattern) if p.is_file()}
     names = sorted(n for n in names if not any(Path(n).match(x) for x in _NEVER_COPY))
     for n in names:
+        if n == "tokenizer_config.json" and _drop_code_keys(source_dir / n, out_dir / n):
+            continue
         shutil.copyfile(source_dir / n, out_dir / n)  # contents only: no timestamps or permissions carried over
     return names
+
+
+def _drop_code_keys(source: Path, dest: Path) -> bool:
+    """Write `source` (a JSON object) to `dest` without CODE_KEYS when it has any; False (nothing written)
+    when it has none or is not a JSON object (then it is copied as is)."""
+    try:
+        content = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(content, dict) or not any(k in content for k in CODE_KEYS):
+        return False
+    write_json(dest, {k: v for k, v in content.items() if k not in CODE_KEYS}, sort_keys=False)
+    return True

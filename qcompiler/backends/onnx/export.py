@@ -4,7 +4,7 @@
 
 Route (chosen because it keeps the graph the compiler produced as the single source of truth: every
 pass that rewrites aten ops, e.g. smoothing folded into norms or a norm bias, exports with no ONNX
-code here): each decoder layer's torch.export program is loaded with its tensors, converted to float32
+code here): each decoder layer's program (executable.py) is loaded with its tensors, converted to float32
 (`prepare.py`), wrapped with the head into one `WholeModel`, exported by `torch.onnx.export(dynamo=True)`
 with the `qc::*` ops as placeholders (`translate.py`), and the placeholders are lowered to standard
 ONNX / com.microsoft ops with the weights' values at hand (`lower.py`). The alternative, a hand-built
@@ -57,13 +57,13 @@ def check_available() -> None:
 
 def build_whole_model(out_dir: Path):
     """(WholeModel in float32, executable model.json) of a compiled OUT folder."""
-    from ...runtime import EXECUTABLE_DIR, ExecutableLayers, Head
+    from ...executable import EXECUTABLE_DIR, MODEL_FILE, ExecutableLayers, load_head, read_info
     from .prepare import WholeModel, float32_layer
     folder = Path(out_dir) / EXECUTABLE_DIR
-    if not (folder / "model.json").is_file():
-        raise QCError(f"{out_dir}: no executable graph ({folder / 'model.json'} is missing); compile it first")
-    info = json.loads((folder / "model.json").read_text())
-    head = Head.load(folder, info)
+    if not (folder / MODEL_FILE).is_file():
+        raise QCError(f"{out_dir}: no executable graph ({folder / MODEL_FILE} is missing); compile it first")
+    info = read_info(folder)
+    head = load_head(folder, info)
     layers = ExecutableLayers(folder, info)
     modules = [float32_layer(layers.get(i)) for i in range(layers.num_layers)]
     return WholeModel(head, modules, bool(info["tie_word_embeddings"])).eval(), info

@@ -1,7 +1,7 @@
 """Prepare a compiled executable graph for ONNX export: float32 layers and one whole-model module.
 
 Contract:
-- `float32_layer(module)` rewrites one decoder-layer GraphModule (a loaded `.pt2` program with its
+- `float32_layer(module)` rewrites one decoder-layer GraphModule (a loaded executable program with its
   layer's tensors) in place so that it computes in float32: every bfloat16/float16 dtype argument of a
   node (casts, `_assert_tensor_metadata`, the `output_dtype` of `qc::*` ops) becomes float32 and every
   bfloat16/float16 parameter or buffer is converted by value (integer tensors, float32 scales and the

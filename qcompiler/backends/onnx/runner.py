@@ -32,8 +32,8 @@ class OrtModel:
         return torch.from_numpy(self.session.run(["logits"], {"input_ids": ids})[0])
 
 
-def load_onnx_model(folder: Path):
-    """LoadedModel(kind="onnx") for eval / run: tokenizer from the folder, forward = OrtModel."""
+def load_onnx_model(folder: Path, trust_remote_code: bool = False):
+    """LoadedModel(kind="onnx") for eval / run: tokenizer from the folder (trust.py), forward = OrtModel."""
     from ... import knobs
     from ...loading import load_tokenizer
     from ...runtime import LoadedModel
@@ -42,5 +42,5 @@ def load_onnx_model(folder: Path):
         raise QCError(f"{folder / META_FILE}: not a {FORMAT} v{FORMAT_VERSION} model")
     info = {"dtype": meta["compute_dtype"], "num_layers": meta["num_layers"], "model_type": meta.get("model_type"),
             "vocab_size": meta.get("vocab_size")}
-    return LoadedModel(head=None, layers=None, tokenizer=load_tokenizer(folder), kind="onnx", info=info,
-                       forward=OrtModel(folder, knobs.threads()))
+    return LoadedModel(head=None, layers=None, tokenizer=load_tokenizer(folder, trust_remote_code), kind="onnx",
+                       info=info, forward=OrtModel(folder, knobs.threads()))

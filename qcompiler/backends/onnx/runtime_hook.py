@@ -24,8 +24,9 @@ def _compiled_for_onnx(path: Path) -> bool:
     return info.is_file() and json.loads(info.read_text()).get("target") == "onnx"
 
 
-def pick_onnx(path: Path, dtype: str | None, runtime: str):
-    """A LoadedModel(kind="onnx") when `runtime` asks for it (or "auto" finds one), else None."""
+def pick_onnx(path: Path, dtype: str | None, runtime: str, trust_remote_code: bool = False):
+    """A LoadedModel(kind="onnx") when `runtime` asks for it (or "auto" finds one), else None.
+    `trust_remote_code`: --trust-remote-code for the folder's tokenizer (trust.py; never runs code)."""
     if runtime not in ("auto", "onnx"):
         raise QCError(f"--runtime {runtime!r}: expected auto, executable or onnx")
     folder = _onnx_folder(path)
@@ -38,4 +39,4 @@ def pick_onnx(path: Path, dtype: str | None, runtime: str):
     if dtype:
         raise QCError("--dtype applies to float models only; an ONNX model computes in float32")
     from .runner import load_onnx_model
-    return load_onnx_model(folder)
+    return load_onnx_model(folder, trust_remote_code)

@@ -250,7 +250,13 @@ class ExecutableLayers:
             wrong = sorted(set(got) ^ set(doc["tensors"])) or sorted(
                 n for n in got if got[n] != doc["tensors"][n])
             raise QCError(f"{tensors_path}: tensors do not match {path.name} (first difference: {wrong[0]!r})")
-        return graph_json.module_from_json(doc, tensors, path, codegen=_layer_codegen())
+        gm = graph_json.module_from_json(doc, tensors, path, codegen=_layer_codegen())
+        inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        if len(inputs) != 3 or not isinstance(output, (tuple, list)) or len(output) != 1:
+            raise QCError(f"{path}: a layer program takes (hidden_states, cos, sin) and returns one tensor; this "
+                          f"one takes {len(inputs)} inputs: damaged or not written by qcompile (recompile)")
+        return gm
 
     def decode(self, index: int, sample=None):
         """(decode step of layer `index`, its CacheSpec): the program rewritten to read/extend a KV cache

@@ -150,6 +150,8 @@ def _mutate(doc, how, marker):
         call["args"] = [{"node": "defined_nowhere"}, 2]
     elif how == "call-module":
         call["op"] = "call_module"
+    elif how == "extra-input":
+        nodes.insert(0, {"name": "extra", "op": "placeholder", "target": "extra"})
     elif how == "not-json":
         return "{not json"
     return json.dumps(doc)
@@ -157,7 +159,7 @@ def _mutate(doc, how, marker):
 
 MUTATIONS = ("target-builtins-eval", "target-os-system", "target-not-allow-listed-aten", "target-mutating-overload",
              "target-dunder", "name-with-code", "name-shadowing-torch", "attr-with-code", "kwarg-with-code",
-             "arg-object", "arg-undefined-node", "call-module", "not-json")
+             "arg-object", "arg-undefined-node", "call-module", "extra-input", "not-json")
 
 
 @pytest.mark.parametrize("how", MUTATIONS)

@@ -330,4 +330,9 @@ def module_from_json(doc, tensors: dict[str, torch.Tensor], source: Path,
     if codegen is not None:
         graph._codegen = codegen
     used = {n.target for n in graph.nodes if n.op == "get_attr"}
-    return torch.fx.GraphModule({k: v for k, v in tensors.items() if k in used}, graph)
+    try:
+        return torch.fx.GraphModule({k: v for k, v in tensors.items() if k in used}, graph)
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError, SyntaxError) as e:
+        # e.g. a tensor named like a Module attribute (`forward`), or one path a prefix of another
+        raise QCError(f"{source}: cannot build the graph module ({type(e).__name__}: {e}); the executable "
+                      f"graph file is damaged or was not written by qcompile (recompile)") from None

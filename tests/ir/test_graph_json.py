@@ -81,3 +81,12 @@ def test_every_aten_op_of_the_allow_list_exists_and_is_functional():
         packet = getattr(torch.ops.aten, name)
         functional = [o for o in packet.overloads() if not getattr(packet, o)._schema.is_mutable]
         assert functional, name
+
+
+@pytest.mark.parametrize("targets", [["forward"], ["a", "a.b"], ["training"]])
+def test_tensor_names_clashing_with_module_attributes_are_one_error(targets):
+    nodes = [{"name": f"t{i}", "op": "get_attr", "target": t} for i, t in enumerate(targets)]
+    doc = {"format": graph_json.FORMAT, "version": graph_json.VERSION,
+           "nodes": nodes + [{"name": "output", "op": "output", "args": [{"tuple": [{"node": "t0"}]}]}]}
+    with pytest.raises(QCError, match="g.json: cannot build the graph module"):
+        graph_json.module_from_json(doc, {t: torch.zeros(1) for t in targets}, "g.json")

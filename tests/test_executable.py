@@ -199,7 +199,8 @@ def test_string_constants_stay_data(compiled):
     assert not names & {"__import__", "system", "os"}, names
 
 
-@pytest.mark.parametrize("damage", ["model-json-dtype", "layer-programs", "tensor-shape", "missing-layer"])
+@pytest.mark.parametrize("damage", ["model-json-dtype", "layer-programs", "tensor-shape", "missing-layer",
+                                    "model-json-not-json"])
 def test_damaged_executable_is_one_line(capsys, compiled, tmp_path, calib_file, damage):
     out = _copy(compiled, tmp_path)
     exe = out / EXECUTABLE_DIR
@@ -215,6 +216,9 @@ def test_damaged_executable_is_one_line(capsys, compiled, tmp_path, calib_file, 
         doc["tensors"]["mlp.down_proj.weight"]["shape"] = [1, 1]
         _program(out).write_text(json.dumps(doc))
         needle = "layer_000.safetensors"
+    elif damage == "model-json-not-json":
+        (exe / "model.json").write_text("[1, 2")
+        needle = "model.json"
     else:
         (exe / "layers" / "layer_001.safetensors").unlink()
         needle = "layer_001.safetensors"

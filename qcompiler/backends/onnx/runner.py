@@ -37,8 +37,11 @@ def load_onnx_model(folder: Path, trust_remote_code: bool = False):
     from ... import knobs
     from ...loading import load_tokenizer
     from ...runtime import LoadedModel
-    meta = json.loads((folder / META_FILE).read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise QCError(f"{folder / META_FILE}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise QCError(f"{folder / META_FILE}: not a {FORMAT} v{FORMAT_VERSION} model")
     info = {"dtype": meta["compute_dtype"], "num_layers": meta["num_layers"], "model_type": meta.get("model_type"),
             "vocab_size": meta.get("vocab_size")}

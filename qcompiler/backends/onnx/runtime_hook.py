@@ -21,7 +21,11 @@ def _onnx_folder(path: Path) -> Path | None:
 
 def _compiled_for_onnx(path: Path) -> bool:
     info = path / "executable" / "model.json"
-    return info.is_file() and json.loads(info.read_text()).get("target") == "onnx"
+    try:
+        content = json.loads(info.read_text()) if info.is_file() else None
+    except (OSError, ValueError):
+        return False  # not ours to report: executable.read_info names the damaged file
+    return isinstance(content, dict) and content.get("target") == "onnx"
 
 
 def pick_onnx(path: Path, dtype: str | None, runtime: str, trust_remote_code: bool = False):

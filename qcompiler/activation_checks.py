@@ -14,6 +14,7 @@ may still overflow; the check states what was seen, not a proof.
 import torch
 
 from .errors import QCError
+from .loading import row_blocks
 
 #: windows per lm_head chunk (logits are windows x seq_len x vocab floats)
 LOGIT_WINDOWS = 4
@@ -39,8 +40,8 @@ def check_logits(head, hidden: torch.Tensor, dtype: torch.dtype) -> None:
     Cheap first: by Cauchy-Schwarz every logit (and every partial sum of it) is at most max ||normed token||
     x max ||lm_head row||; only when that bound reaches the dtype's maximum are the logits computed."""
     limit = torch.finfo(dtype).max
-    with torch.inference_mode():
-        rows = head.lm_head_weight.float().norm(dim=1).max()
+    with torch.inference_mode():  # the row norms block by block: never a float32 copy of the whole lm_head
+        rows = max(float(b.float().norm(dim=1).max()) for b in row_blocks(head.lm_head_weight))
         for start in range(0, hidden.shape[0], LOGIT_WINDOWS):
             chunk = hidden[start:start + LOGIT_WINDOWS]
             normed = head.final_norm(chunk)

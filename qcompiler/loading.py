@@ -5,7 +5,10 @@ Contract:
   not already quantized, readable safetensors) and returns a `Checkpoint`; every problem is a
   one-line `QCError`.
 - Weights are read lazily, one tensor at a time, from the safetensors files (memory-mapped by
-  safetensors): the compiler never holds every layer's float copy.
+  safetensors): the compiler never holds every layer's float copy. Each read opens the file anew: a
+  tensor in the checkpoint's dtype is a view of its own mapping, released with the tensor. (A handle kept
+  open would keep every page read through it mapped, so the process's RSS would grow by every layer read
+  until the compile ends.)
 - `Checkpoint.tensor(name)` returns the tensor in the compile dtype and rejects NaN/Inf weights,
   naming the tensor.
 - Before returning, `open_checkpoint` checks every tensor's name, dtype and shape against what
@@ -59,7 +62,6 @@ class Checkpoint:
     source_dtype: torch.dtype          # the checkpoint's own dtype
     weight_map: dict[str, str]         # tensor name -> safetensors file name
     trust_remote_code: bool = False    # the user's --trust-remote-code (trust.py): never runs code
-    _handles: dict = field(default_factory=dict, repr=False)
     #: names read from another stored tensor: {"model.embed_tokens.weight": "lm_head.weight"} when tied
     aliases: dict[str, str] = field(default_factory=dict)
 
@@ -78,34 +80,35 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
-    def _handle(self, file_name: str):
-        if file_name not in self._handles:
-            self._handles[file_name] = safe_open(self.path / file_name, "pt")
-        return self._handles[file_name]
-
     def raw_tensor(self, name: str) -> torch.Tensor:
-        """One tensor as stored (no conversion); QCError if missing or unreadable."""
+        """One tensor as stored (no conversion; a view of the file's own mapping, see the module docstring);
+        QCError if missing or unreadable."""
         if name not in self.weight_map:
             raise QCError(f"{self.path}: tensor {name!r} missing from the safetensors files")
         try:
-            return self._handle(self.weight_map[name]).get_tensor(self.aliases.get(name, name))
+            with safe_open(self.path / self.weight_map[name], "pt") as f:
+                return f.get_tensor(self.aliases.get(name, name))
         except (SafetensorError, OSError, RuntimeError) as e:
             raise QCError(f"{self.path / self.weight_map[name]}: cannot read tensor {name!r} ({e})") from None
 
     def stored_tensors(self) -> dict[str, tuple[str, list[int]]]:
         """{stored name: (safetensors header dtype such as 'BF16', shape)} without reading any data."""
-        out = {}
+        out, by_file = {}, {}
         for name, file_name in self.weight_map.items():
             if name not in self.aliases:
-                info = self._handle(file_name).get_slice(name)
-                out[name] = (info.get_dtype(), list(info.get_shape()))
-        return out
+                by_file.setdefault(file_name, []).append(name)
+        for file_name, names in by_file.items():
+            with safe_open(self.path / file_name, "pt") as f:
+                for name in names:
+                    info = f.get_slice(name)
+                    out[name] = (info.get_dtype(), list(info.get_shape()))
+        return {name: out[name] for name in self.weight_map if name in out}
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor, converted to the compile dtype; QCError if missing, unreadable or not finite."""
         t = self.raw_tensor(name)
         if t.is_floating_point():
-            if not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise QCError(f"{self.path}: weight {name!r} contains NaN or Inf; expected finite weights")
             t = _convert(t, self.dtype, name)
         return t
@@ -114,8 +117,30 @@ class Checkpoint:
         """Every tensor under `prefix` (e.g. 'model.layers.3.'), keyed without the prefix."""
         return {n[len(prefix):]: self.tensor(n) for n in sorted(self.weight_map) if n.startswith(prefix)}
 
-    def close(self):
-        self._handles.clear()
+
+
+#: elements per step of the whole-tensor checks below (their temporaries stay this small)
+CHECK_CHUNK = 1 << 24
+
+
+def row_blocks(t: torch.Tensor):
+    """`t` as consecutive blocks of leading rows, about CHECK_CHUNK elements each (all of `t` if 0-d)."""
+    if t.dim() == 0 or t.numel() == 0:
+        yield t
+        return
+    step = max(1, CHECK_CHUNK // max(1, t[0].numel()))
+    for start in range(0, t.shape[0], step):
+        yield t[start:start + step]
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in `t`, checked block by block (never a bool copy of a whole embedding)."""
+    return all(bool(torch.isfinite(b).all()) for b in row_blocks(t))
+
+
+def absmax(t: torch.Tensor) -> float:
+    """max |t| (0.0 for an empty tensor), block by block."""
+    return max((float(b.abs().max()) for b in row_blocks(t) if b.numel()), default=0.0)
 
 
 def _convert(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -123,7 +148,7 @@ def _convert(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
         return t
     if dtype == torch.float16:
         # bf16/fp32 values beyond fp16's range would become Inf: refuse rather than corrupt.
-        big = t.abs().max().item() if t.numel() else 0.0
+        big = absmax(t)
         if big > torch.finfo(torch.float16).max:
             raise QCError(f"weight {name!r} holds {big:.3g}, outside float16's range (65504); "
                           "compile with --dtype bfloat16")
@@ -141,7 +166,7 @@ def check_float16_range(ckpt: Checkpoint, hint: str = "compile with --dtype bflo
         t = ckpt.raw_tensor(name)
         if not t.is_floating_point() or t.dtype == torch.float16 or not t.numel():
             continue
-        big = t.abs().max().item()
+        big = absmax(t)
         if big > limit:  # NaN/Inf are reported by Checkpoint.tensor when the tensor is used
             raise QCError(f"weight {name!r} holds {big:.3g}, outside float16's range (65504): it cannot be "
                           f"converted to --dtype float16; {hint}")

@@ -202,13 +202,24 @@ def test_out_modes_follow_umask(tmp_path, tiny_models, calib_file, umask):
 # ------------------------------------------------------------------------------------- full disk
 
 def _disk_full_on_first_safetensors(monkeypatch, exc):
-    """Make the artifact writer's first safetensors write fail with `exc` (after writing part of a file)."""
-    from qcompiler.backends.ascend import artifact
+    """Make the first safetensors write fail with `exc` after writing part of a file: the artifact writer's
+    (it streams each tensor to disk as it is added, safetensors_stream) for an OSError, the executable
+    graph's (safetensors' own save_file, which raises SafetensorError) otherwise."""
+    from safetensors import SafetensorError
 
-    def save_file(tensors, path, metadata=None):
-        Path(path).write_bytes(b"partial")
+    from qcompiler import executable, safetensors_stream
+
+    if isinstance(exc, SafetensorError):
+        def save_file(tensors, path, metadata=None):
+            Path(path).write_bytes(b"partial")
+            raise exc
+        monkeypatch.setattr(executable, "save_file", save_file)
+        return
+
+    def write_all(f, data):
+        f.write(b"partial")
         raise exc
-    monkeypatch.setattr(artifact, "save_file", save_file)
+    monkeypatch.setattr(safetensors_stream, "_write_all", write_all)
 
 
 @pytest.mark.parametrize("kind", ["oserror", "safetensors"])

@@ -2,8 +2,10 @@
 
 Contract
 - `ArtifactWriter(out_dir, model_dtype)`: `add(name, tensor, quant_type)` per tensor, in any order, then
-  `finish(source_dir, config, ...)` once. Memory is bounded: tensors are buffered only until the buffer would
-  exceed `max_shard_bytes`, then written as a shard (`quant_model_weights-partNNNNN.safetensors`). `finish`
+  `finish(source_dir, config, ...)` once. Memory is bounded by one tensor: `add` writes the tensor's bytes to
+  disk at once (the open shard's spill file, safetensors_stream.SpilledFile; nothing of it is kept); a shard
+  is closed when the next tensor would take it past `max_shard_bytes` and assembled into
+  `quant_model_weights-partNNNNN.safetensors` (the bytes `safetensors.torch.save_file` writes). `finish`
   renames the shards to `quant_model_weights-0000i-of-0000N.safetensors` + `quant_model_weights.safetensors.index.json`
   (or the single `quant_model_weights.safetensors`, no index), writes `quant_model_description.json` and
   `config.json`, and copies tokenizer / generation / chat-template files from the source model.
@@ -30,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from qcompiler.backends.ascend.encode import (FLOAT, QUANT_TYPES, as_model_dtype, mindie_quantize_name,
                                               model_dtype_name, model_quant_type)
 from qcompiler.errors import QCError
+from qcompiler.safetensors_stream import SpilledFile
 
 DESCRIPTION_FILE = "quant_model_description.json"
 WEIGHTS_FILE = "quant_model_weights.safetensors"
@@ -68,10 +70,6 @@ def natural_key(name: str) -> tuple:
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
 
 
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 class ArtifactWriter:
     """Streams quantized tensors into an AscendV1 artifact folder; see the module docstring."""
 
@@ -89,8 +87,7 @@ class ArtifactWriter:
             raise QCError(f"artifact folder {self.out_dir} already holds {', '.join(stale[:3])}: use an empty folder")
         self._types: dict[str, str] = {}      # every added tensor -> its quant type
         self._sizes: dict[str, int] = {}      # every added tensor -> data bytes (index total_size)
-        self._buffer: dict[str, Tensor] = {}
-        self._buffered = 0
+        self._open: SpilledFile | None = None  # the shard being filled (its tensors are on disk already)
         self._shards: list[tuple[str, list[str]]] = []  # (streaming file name, tensor names)
         self._finished = False
 
@@ -100,7 +97,8 @@ class ArtifactWriter:
         return dict(self._types)
 
     def add(self, name: str, tensor: Tensor, quant_type: str) -> None:
-        """Queue one tensor (stored contiguous, as its own copy) under `name` with description type `quant_type`."""
+        """Write one tensor (stored contiguous) under `name` with description type `quant_type`; the caller may
+        drop or change it afterwards (its bytes are on disk)."""
         if self._finished:
             raise RuntimeError("ArtifactWriter.add after finish")
         if not isinstance(name, str) or not name or name in _FIXED_KEYS or name in EXTRA_DESCRIPTION_KEYS:
@@ -109,22 +107,22 @@ class ArtifactWriter:
             raise ValueError(f"tensor {name!r} added twice")
         if quant_type not in QUANT_TYPES:
             raise ValueError(f"{name}: unknown quant type {quant_type!r}; known: {', '.join(QUANT_TYPES)}")
-        # own copy: safetensors refuses tensors sharing storage (tied weights, slices of one buffer)
-        t = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-        size = _nbytes(t)
-        if self._buffer and self._buffered + size > self.max_shard_bytes:
+        t = tensor.detach()
+        size = t.numel() * t.element_size()
+        if self._open is not None and len(self._open) and self._open.nbytes + size > self.max_shard_bytes:
             self._flush()
+        if self._open is None:
+            self._open = SpilledFile(self.out_dir / f".quant_model_weights-part{len(self._shards):05d}.spill")
+        self._open.add(name, t)  # bytes to disk now (views and tensors sharing storage are fine)
         self._types[name], self._sizes[name] = quant_type, size
-        self._buffer[name] = t
-        self._buffered += size
 
     def _flush(self) -> None:
-        if not self._buffer:
+        if self._open is None or not len(self._open):
             return
         fname = f"quant_model_weights-part{len(self._shards):05d}.safetensors"
-        save_file(self._buffer, str(self.out_dir / fname), metadata={"format": "pt"})
-        self._shards.append((fname, list(self._buffer)))
-        self._buffer, self._buffered = {}, 0
+        self._open.finish(self.out_dir / fname, metadata={"format": "pt"})
+        self._shards.append((fname, self._open.names))
+        self._open = None
 
     def finish(self, source_dir: Path | None, config: dict, group_size: int = 0,
                extra_description: dict | None = None, tied_lm_head: bool = False) -> dict[str, Any]:

@@ -270,3 +270,37 @@ def test_shared_storage_tensors_are_saved(tmp_path, sources):
     w.finish(src, config)
     t = tensors_of(tmp_path / "out")
     assert torch.equal(t["y.weight"], base[:2]) and torch.equal(t["z.weight"], base.T.contiguous())
+
+
+def test_shards_are_save_file_bytes_and_nothing_is_held(tmp_path, sources):
+    """The streaming writer writes exactly the shards the former buffering writer wrote (tensors buffered
+    until the next one would pass max_shard_bytes, then safetensors' save_file), and keeps no tensor:
+    an added tensor can be freed or changed at once."""
+    import weakref
+
+    from safetensors.torch import save_file
+    out = tmp_path / "out"
+    write_artifact(out, sources["qwen2"], E.W8A8, torch.bfloat16, max_shard_bytes=30_000)
+    index = json.loads((out / "quant_model_weights.safetensors.index.json").read_text())
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in index["weight_map"].items():
+        by_shard.setdefault(shard, []).append(name)
+    stored = tensors_of(out)
+    assert len(by_shard) > 3
+    for shard, names in by_shard.items():
+        save_file({n: stored[n] for n in names}, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+        assert (out / shard).read_bytes() == (tmp_path / "ref.safetensors").read_bytes(), shard
+    assert not list(out.glob(".*spill"))
+
+    src, config, _ = sources["llama"]
+    w = ArtifactWriter(tmp_path / "held", torch.bfloat16)
+    t = torch.ones(256, 256)  # larger than a file buffer
+    alive = weakref.ref(t)
+    w.add("x.weight", t, E.FLOAT)
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "held").iterdir())
+    assert on_disk >= t.numel() * t.element_size()  # written at once, not buffered until a shard is full
+    t.zero_()                      # changed after add: the artifact keeps what was added
+    del t
+    assert alive() is None         # not referenced by the writer
+    w.finish(src, config)
+    assert torch.equal(tensors_of(tmp_path / "held")["x.weight"], torch.ones(256, 256))

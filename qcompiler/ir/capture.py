@@ -3,19 +3,32 @@
 Contract:
 - `HFSkeleton(ckpt)` builds the transformers model on the meta device (no weights in memory), with
   only the embedding and the rotary embedding materialized: enough to run a real forward up to layer 0.
+  `skeleton.embed_weight` is that embedding; `skeleton.release_embedding()` frees it (a compile holds it
+  only until layer 0's inputs exist); whatever needs it later reads it again.
 - `skeleton.layer0_inputs(input_ids)` runs that forward and takes layer 0's inputs with a forward
   pre-hook (the forward stops there): hidden states [B, L, H] and the rotary (cos, sin) [1, L, D].
 - `with skeleton.float_model() as model:` the whole transformers model with every weight read through
   `Checkpoint.tensor` (the safetensors open_checkpoint validated; never `*.bin` or pickle), for
   self-sampled calibration; its layers, norm and lm_head return to the meta device afterwards.
-- `skeleton.capture_layer(i, sample)` materializes layer i from the safetensors files, exports it with a
-  dynamic batch and sequence dimension, and returns a GraphModule whose parameters keep their HF names
-  relative to the layer (`self_attn.q_proj.weight`), with `LINEAR_NAME` set on every `aten.linear` node.
-  The eager layer is released again; only the GraphModule holds layer i's weights.
+- `skeleton.capture_layer(i, sample)` returns layer i as a GraphModule exported with a dynamic batch and
+  sequence dimension, whose parameters are layer i's tensors from the safetensors files under their HF
+  names relative to the layer (`self_attn.q_proj.weight`), with `LINEAR_NAME` set on every `aten.linear`
+  node. Export runs once per layer structure: the first layer of a structure is materialized, exported
+  (its eager copy released again) and kept as a weightless template (parameters on the meta device);
+  every layer of that structure is a copy of the template holding its own tensors. Only the returned
+  GraphModule holds layer i's weights. The structure (`structure_key`) is everything the exported graph
+  depends on but the weights' values: the module classes, their scalar attributes (sliding window,
+  eps, head_dim, layer type, ...), the parameters' names, shapes and dtypes, the sample's dtype and
+  width. `layer_idx` is left out: in the supported architectures it only indexes a KV cache, which a
+  captured layer has none of (use_cache=False); tests/ir/test_capture.py checks that a copy equals a
+  fresh export, graph and numbers, for every architecture. (torch.export of a decoder layer takes about
+  2 s; the copy 0.1 s: a third of a SmolLM2 compile's wall time was export.)
 Limits: causal attention without padding (the captured mask must be None); the captured graph computes
 the layer for sequences of length >= 2 and for length 1 with no cache.
 """
 import contextlib
+import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -62,20 +75,41 @@ class HFSkeleton:
         with torch.device("cpu"):
             base.rotary_emb = type(base.rotary_emb)(config=self.hf_config)
         self._load(base.embed_tokens, "model.embed_tokens.")
+        self._templates: dict[tuple, torch.fx.GraphModule] = {}  # structure -> weightless exported layer
 
     @property
     def rotary(self):
         return self.model.model.rotary_emb
 
-    def _load(self, module: torch.nn.Module, prefix: str):
+    @property
+    def embed_weight(self) -> torch.Tensor:
+        """The embedding matrix [vocab, hidden] in the compile dtype (read again if it was released)."""
+        self._reload_embedding()
+        return self.model.model.embed_tokens.weight.detach()
+
+    def _reload_embedding(self) -> None:
+        embed = self.model.model.embed_tokens
+        if embed.weight.is_meta:
+            self._load(embed, "model.embed_tokens.")
+
+    def release_embedding(self) -> None:
+        """Free the embedding (back to the meta device)."""
+        self.model.model.embed_tokens.to("meta")
+
+    def _weights(self, module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors of `module`'s parameters and buffers (names relative to `prefix`)."""
         tensors = self.ckpt.tensors(prefix)
         expected = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
         missing = sorted(expected - set(tensors))
         if missing:
             raise QCError(f"{self.ckpt.path}: missing weights {prefix}{missing[0]} (and {len(missing) - 1} more)"
                           if len(missing) > 1 else f"{self.ckpt.path}: missing weight {prefix}{missing[0]}")
+        return {k: v for k, v in tensors.items() if k in expected}
+
+    def _load(self, module: torch.nn.Module, prefix: str):
+        tensors = self._weights(module, prefix)
         module.to_empty(device="cpu")
-        module.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=True, assign=True)
+        module.load_state_dict(tensors, strict=True, assign=True)
 
     @contextlib.contextmanager
     def float_model(self):
@@ -88,6 +122,7 @@ class HFSkeleton:
         if not self.ckpt.tie_word_embeddings:
             parts.append((model.lm_head, "lm_head."))
         saved_generation = model.generation_config
+        self._reload_embedding()
         try:
             for module, prefix in parts:
                 self._load(module, prefix)
@@ -111,6 +146,7 @@ class HFSkeleton:
             captured["args"], captured["kwargs"] = args, kwargs
             raise _Stop(STOP)
 
+        self._reload_embedding()
         handle = self.model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
         try:
             with torch.no_grad():
@@ -128,15 +164,50 @@ class HFSkeleton:
         return LayerInputs(hidden=hidden, position_embeddings=(cos[:1], sin[:1]))
 
     def capture_layer(self, index: int, sample: LayerInputs) -> torch.fx.GraphModule:
-        """Export decoder layer `index` (weights read now) into a GraphModule; the eager copy is released."""
+        """Decoder layer `index` as a GraphModule holding its weights (read now); see the module docstring."""
         layer = self.model.model.layers[index]
-        self._load(layer, f"model.layers.{index}.")
-        try:
-            gm = export_layer(layer, sample)
-        finally:
-            layer.to("meta")  # drop the eager weights; the GraphModule keeps its own references
-        annotate_linears(gm)
-        return gm
+        prefix = f"model.layers.{index}."
+        key = (structure_key(layer), str(sample.hidden.dtype), int(sample.hidden.shape[-1]),
+               tuple((str(t.dtype), int(t.shape[-1])) for t in sample.position_embeddings))
+        template = self._templates.get(key)
+        if template is None:
+            self._load(layer, prefix)
+            try:
+                gm = export_layer(layer, sample)
+            finally:
+                layer.to("meta")  # drop the eager weights; the GraphModule keeps its own references
+            annotate_linears(gm)
+            template = self._templates[key] = with_tensors(gm, {})
+        return with_tensors(template, self._weights(layer, prefix))
+
+
+def structure_key(module: torch.nn.Module) -> tuple:
+    """Everything but the weights' values that an export of `module` depends on (module docstring): per
+    submodule its class and scalar attributes (`layer_idx` left out), per tensor its name, shape, dtype."""
+    parts = []
+    for name, m in module.named_modules():
+        attrs = tuple(sorted((k, v) for k, v in vars(m).items() if not k.startswith("_") and k != "layer_idx"
+                             and (v is None or isinstance(v, (bool, int, float, str)))))
+        parts.append((name, type(m).__module__, type(m).__qualname__, attrs))
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        parts.append((name, tuple(t.shape), str(t.dtype)))
+    return tuple(parts)
+
+
+def with_tensors(gm: torch.fx.GraphModule, tensors: dict[str, torch.Tensor]) -> torch.fx.GraphModule:
+    """A copy of `gm` (graph, node meta, every other attribute) whose parameters and buffers named in
+    `tensors` are those tensors (parameters without grad), and whose other parameters are on the meta
+    device (no memory): `with_tensors(gm, {})` is a weightless template of `gm`."""
+    memo = {}
+    for name, t in gm.named_parameters():
+        value = tensors[name] if name in tensors else torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(value.detach(), requires_grad=False)
+    for name, t in gm.named_buffers():
+        if name in tensors:
+            memo[id(t)] = tensors[name]
+    with warnings.catch_warnings():  # torch's own pytree spec copy warns about a deprecated isinstance check
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        return copy.deepcopy(gm, memo)
 
 
 def export_layer(module: torch.nn.Module, sample: LayerInputs) -> torch.fx.GraphModule:

@@ -72,3 +72,46 @@ def test_capture_releases_eager_weights(tiny_models):
     skel = HFSkeleton(ckpt)
     skel.capture_layer(1, skel.layer0_inputs(torch.zeros(2, 4, dtype=torch.long)))
     assert all(p.device.type == "meta" for p in skel.model.model.layers[1].parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_copied_layer_equals_a_fresh_export(tiny_models, arch):
+    """Layers after the first of a structure are copies of an exported template holding their own tensors:
+    the same graph (code, node metadata) and the same numbers as exporting that layer itself."""
+    from qcompiler.ir.capture import annotate_linears, export_layer
+    ckpt = open_checkpoint(tiny_models[arch])
+    skel = HFSkeleton(ckpt)
+    inputs = skel.layer0_inputs(torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(3)))
+    skel.capture_layer(0, inputs)
+    copied = skel.capture_layer(1, inputs)
+    assert len(skel._templates) == 1  # one export for both layers
+    template = next(iter(skel._templates.values()))
+    assert all(p.is_meta for p in template.parameters())  # the template holds no weights
+    layer = skel.model.model.layers[1]
+    skel._load(layer, "model.layers.1.")
+    fresh = export_layer(layer, inputs)
+    annotate_linears(fresh)
+    layer.to("meta")
+    assert copied.code == fresh.code
+    state_c, state_f = copied.state_dict(), fresh.state_dict()
+    assert state_c.keys() == state_f.keys() and all(torch.equal(state_c[k], state_f[k]) for k in state_c)
+    assert {k for k, _ in copied.named_parameters()} == {k for k, _ in fresh.named_parameters()}
+    for a, b in zip(copied.graph.nodes, fresh.graph.nodes):
+        assert (a.name, a.op, a.target) == (b.name, b.op, b.target)
+        assert a.meta.get(meta.LINEAR_NAME) == b.meta.get(meta.LINEAR_NAME)
+        va, vb = a.meta.get("val"), b.meta.get("val")
+        if isinstance(va, torch.Tensor):
+            assert str(va.shape) == str(vb.shape) and va.dtype == vb.dtype
+    x = skel.layer0_inputs(torch.randint(0, 200, (3, 7), generator=torch.Generator().manual_seed(4)))
+    with torch.no_grad():
+        assert torch.equal(copied(x.hidden, position_embeddings=x.position_embeddings),
+                           fresh(x.hidden, position_embeddings=x.position_embeddings))
+
+
+def test_structure_key_sees_what_changes_the_graph(tiny_models):
+    from qcompiler.ir.capture import structure_key
+    ckpt = open_checkpoint(tiny_models["qwen2"])
+    layers = HFSkeleton(ckpt).model.model.layers
+    assert structure_key(layers[0]) == structure_key(layers[1])  # layer_idx aside, identical
+    layers[1].self_attn.sliding_window = 4                        # a sliding layer exports another graph
+    assert structure_key(layers[0]) != structure_key(layers[1])

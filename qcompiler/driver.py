@@ -5,14 +5,16 @@ Order of work (sequential, one decoder layer in memory at a time):
     pass names/options/order, --exclude against fused groups, output folder;
  2. calibration windows (from --calib, or sampled from the float model itself, seed 0, whose weights are
     the validated safetensors: nothing from the model folder is run or unpickled, see trust.py);
- 3. layer 0's inputs from a real forward of the embedding (pre-hook on layer 0);
+ 3. layer 0's inputs from a real forward of the embedding (pre-hook on layer 0); the embedding is
+    streamed into the artifact and released: no part of the head is held while the layers compile;
  4. for each layer i: capture (torch.export) -> user passes -> observe -> calibrate -> lower; run the
     lowered layer on the calibration inputs to make layer i+1's inputs (so later layers calibrate on
     quantized activations); stream its tensors into the artifact; save its executable program
-    (executable.py: JSON graph + safetensors);
- 5. float tensors (embedding, final norm, lm_head), description, config, tokenizer, report;
+    (executable.py: JSON graph; its tensors are the artifact's, stored once);
+ 5. the head read again (final norm, lm_head; logits checked), description, config, tokenizer, report;
     everything is written into a temporary sibling folder renamed to OUT at the very end.
 """
+import contextlib
 import dataclasses
 import re
 import resource
@@ -40,7 +42,7 @@ from .passes.group_size import first_claim, model_linear_shapes, resolve_group_s
 from .passes.instruments import DumpInstrument, StatsInstrument, TimingInstrument
 from .policy import policy_excludes, resolve_policy
 from .report import write_report
-from .executable import EXECUTABLE_DIR, ExecutableWriter
+from .executable import EXECUTABLE_DIR, HEAD_ARTIFACT_NAMES, ExecutableWriter
 from .runtime import auto_batch_size, head_from_checkpoint, run_layer_batched
 from .targets import check_target, get_target
 
@@ -129,19 +131,21 @@ def _check_dump(dump: Path | None) -> None:
         raise QCError(f"cannot create --dump folder {dump} ({e.strerror or e})") from None
 
 
-def _add_layer_tensors(writer, ctx: LayerContext, gm, ckpt) -> dict[str, str]:
+def _add_layer_tensors(writer, ctx: LayerContext, gm, ckpt) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """Stream layer i's tensors: quantized Linears from ctx.artifact, every other tensor FLOAT from the
-    transformed graph (smoothing / awq change norm weights and float Linears; shift adds `<norm>.bias`)."""
-    types, written = {}, set()
+    transformed graph (smoothing / awq change norm weights and float Linears; shift adds `<norm>.bias`).
+    Returns ({Linear: quant type}, {name inside the layer: tensor written}) (the executable graph reads
+    the tensors it shares with the artifact from there)."""
+    types, written = {}, {}
     for linear, art in sorted(ctx.artifact.items()):
         for suffix, t in sorted(art.tensors.items()):
             qtype = "FLOAT" if suffix == "bias" else art.quant_type
             writer.add(f"{ctx.prefix}{linear}.{suffix}", t, qtype)
-            written.add(f"{linear}.{suffix}")
+            written[f"{linear}.{suffix}"] = t
         types[linear] = art.quant_type
     for name, (t, qtype) in sorted(ctx.extra_tensors.items()):  # kv8 / fa3 scales (C8, FAQuant)
         writer.add(ctx.prefix + name, t, qtype)
-        written.add(name)
+        written[name] = t
     for name, t in sorted(gm.state_dict().items()):
         linear = name.rsplit(".", 1)[0]
         if linear in ctx.artifact:
@@ -149,14 +153,14 @@ def _add_layer_tensors(writer, ctx: LayerContext, gm, ckpt) -> dict[str, str]:
         if not (ckpt.has(ctx.prefix + name) or name.endswith("norm.bias")):
             continue  # a constant export lifted into the graph, not a model tensor
         writer.add(ctx.prefix + name, t, "FLOAT")
-        written.add(name)
+        written[name] = t
         if linear in LAYER_LINEARS:
             types[linear] = "FLOAT"
     lost = sorted(n for n in ckpt.weight_map if n.startswith(ctx.prefix) and n[len(ctx.prefix):] not in written)
     if lost:
         raise RuntimeError(f"layer {ctx.index}: tensors {lost[:3]} of the checkpoint were neither quantized "
                            "nor kept in the graph")
-    return types
+    return types, written
 
 
 def compile_model(opts: CompileOptions, log=None) -> dict:
@@ -191,26 +195,47 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     for w in warnings:
         log(f"warning: {w}")
     out.check_free_space(estimate_output_bytes(ckpt, pm.passes, opts.exclude))
+    phases = PhaseTimer()
+    phases.seconds["checks before work"] = time.perf_counter() - t0
     with out.staging() as tmp:  # removed on any failure; a full disk is one line, exit 1
-        report = _compile_into(tmp, opts, ckpt, pm, target, texts, log, t0, warnings, group_size)
+        report = _compile_into(tmp, opts, ckpt, pm, target, texts, log, t0, warnings, group_size, phases)
         out.commit()  # umask modes; no-replace (or atomic exchange with --force), signals deferred
     return report
 
 
-def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, group_size: int = 0) -> dict:
-    tokenizer = load_tokenizer(ckpt.path, ckpt.trust_remote_code)
-    skeleton = HFSkeleton(ckpt)
-    windows, calib_source = _calibration_windows(opts, skeleton, tokenizer, texts, log)
-    check_token_ids(windows, ckpt.config.get("vocab_size"), tokenizer, "calibration text")
+class PhaseTimer:
+    """Wall seconds per phase of a compile (`with phases("name"):`), for the report: where the time goes."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, group_size: int = 0,
+                  phases: PhaseTimer | None = None) -> dict:
+    phases = phases or PhaseTimer()
+    with phases("calibration data"):
+        tokenizer = load_tokenizer(ckpt.path, ckpt.trust_remote_code)
+        skeleton = HFSkeleton(ckpt)
+        windows, calib_source = _calibration_windows(opts, skeleton, tokenizer, texts, log)
+        check_token_ids(windows, ckpt.config.get("vocab_size"), tokenizer, "calibration text")
     for w in calibration_shortfall(opts.calib_shape(), tuple(windows.shape), opts.calib):
         log(f"warning: {w}")
         warnings.append(w)
-    inputs = skeleton.layer0_inputs(windows)
+    with phases("layer 0 inputs"):
+        inputs = skeleton.layer0_inputs(windows)
     batch_size = opts.batch_size or auto_batch_size(windows.shape[1])
-    head = head_from_checkpoint(ckpt, skeleton.rotary)
     fallback_report = None
     if fallback_index(pm.passes) is not None:  # model-wide choice: measure every layer first (passes/fallback.py)
-        pm.passes, fallback_report = presweep(pm.passes, skeleton, inputs, ckpt, opts.exclude, batch_size, log)
+        with phases("fallback pre-sweep"):
+            pm.passes, fallback_report = presweep(pm.passes, skeleton, inputs, ckpt, opts.exclude, batch_size, log)
 
     timing = TimingInstrument()
     instruments = [timing, StatsInstrument()]
@@ -221,47 +246,42 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
 
     writer = ArtifactWriter(tmp, ckpt.dtype)
     executable = ExecutableWriter(tmp / EXECUTABLE_DIR)
-    writer.add("model.embed_tokens.weight", head.embed_weight, "FLOAT")
+    writer.add("model.embed_tokens.weight", skeleton.embed_weight, "FLOAT")
+    # memory: the head (embedding, lm_head) is not held while the layers compile; it is read again after them
+    skeleton.release_embedding()
     layers_report = []
     extra_description = {}  # top-level description keys set by passes (kv8: kv_cache_type, ...)
     bar = tqdm(range(ckpt.num_layers), desc="compiling layers", unit="layer", file=sys.stderr,
                disable=not knobs.progress_enabled())
     for i in bar:
         t_layer = time.perf_counter()
-        gm = skeleton.capture_layer(i, inputs)
+        with phases("capture (torch.export)"):
+            gm = skeleton.capture_layer(i, inputs)
         ctx = LayerContext(index=i, inputs=inputs, dtype=ckpt.dtype, exclude=tuple(opts.exclude),
                            batch_size=batch_size, pipeline=tuple(pm.passes))
         try:
-            gm = pm.run(gm, ctx)
-            out_hidden = run_layer_batched(gm, inputs.hidden, inputs.position_embeddings, batch_size)
-            check_finite(out_hidden, i, ckpt.dtype, "as compiled")  # the executable graph computes exactly this
+            with phases("passes"):
+                gm = pm.run(gm, ctx)
+            with phases("layer forward (as compiled)"):
+                out_hidden = run_layer_batched(gm, inputs.hidden, inputs.position_embeddings, batch_size)
+                check_finite(out_hidden, i, ckpt.dtype, "as compiled")  # the executable graph computes exactly this
         except QCError:
             if ckpt.dtype == torch.float16:  # the usual cause: the float layer itself overflows float16
                 float_gm = skeleton.capture_layer(i, inputs)
                 check_finite(run_layer_batched(float_gm, inputs.hidden, inputs.position_embeddings, batch_size),
                              i, ckpt.dtype, "float, before any pass")
             raise
-        types = _add_layer_tensors(writer, ctx, gm, ckpt)
+        with phases("artifact tensors"):
+            types, written = _add_layer_tensors(writer, ctx, gm, ckpt)
         extra_description.update(ctx.description)
-        executable.add(gm, inputs)
+        with phases("executable graph"):
+            executable.add(gm, inputs, in_artifact=written)  # what the artifact holds is not stored twice
         layers_report.append({"layer": i, "linears": types, "seconds": round(time.perf_counter() - t_layer, 3),
                               "passes": _jsonable(ctx.records)})
         inputs = LayerInputs(hidden=out_hidden, position_embeddings=inputs.position_embeddings)
         del gm, ctx
-    check_logits(head, inputs.hidden, ckpt.dtype)
-    writer.add("model.norm.weight", head.norm_weight, "FLOAT")
-    if not ckpt.tie_word_embeddings:
-        writer.add("lm_head.weight", head.lm_head_weight, "FLOAT")
-    description = writer.finish(ckpt.path, ckpt.config, group_size=group_size,
-                                extra_description=extra_description, tied_lm_head=ckpt.tie_word_embeddings)
-
-    executable.save_head(head, tied=ckpt.tie_word_embeddings)
-    executable.finish({
-        "architecture": ckpt.architecture, "model_type": ckpt.model_type, "dtype": dtype_name(ckpt.dtype),
-        "num_layers": ckpt.num_layers, "hidden_size": ckpt.config["hidden_size"],
-        "vocab_size": ckpt.config["vocab_size"], "rms_norm_eps": head.eps,
-        "attention_scaling": head.attention_scaling, "tie_word_embeddings": ckpt.tie_word_embeddings,
-        "target": target.name, "passes": pm.names})
+    with phases("head, logits check, finish"):
+        description = _finish(writer, executable, ckpt, skeleton, inputs, target, pm, group_size, extra_description)
 
     report = {
         "model": str(opts.model), "model_dir": str(ckpt.path), "architecture": ckpt.architecture,
@@ -270,6 +290,8 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
         "exclude": list(opts.exclude), "policy": opts.policy, "calibration": calib_source,
         "model_quant_type": description["model_quant_type"], "warnings": warnings,
         "pass_seconds": {k: round(v, 3) for k, v in timing.seconds.items()},
+        # wall seconds per phase (passes: the sum of pass_seconds); the process start (imports) is not in it
+        "phase_seconds": {k: round(v, 3) for k, v in phases.seconds.items()},
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "fallback": _jsonable(fallback_report),
@@ -280,6 +302,28 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
         report["onnx"] = export_onnx(tmp, log=log)
     write_report(tmp, report)
     return report
+
+
+def _finish(writer, executable, ckpt, skeleton, inputs, target, pm, group_size, extra_description) -> dict:
+    """The head (read again now: held by nobody while the layers compiled), its logits check, the artifact's
+    last tensors and files, the executable graph's head and model.json; returns the description."""
+    head = head_from_checkpoint(ckpt, skeleton.rotary)
+    check_logits(head, inputs.hidden, ckpt.dtype)
+    writer.add("model.norm.weight", head.norm_weight, "FLOAT")
+    if not ckpt.tie_word_embeddings:
+        writer.add("lm_head.weight", head.lm_head_weight, "FLOAT")
+    description = writer.finish(ckpt.path, ckpt.config, group_size=group_size,
+                                extra_description=extra_description, tied_lm_head=ckpt.tie_word_embeddings)
+    head_in_artifact = {k: v for k, v in HEAD_ARTIFACT_NAMES.items()
+                        if not (k == "lm_head.weight" and ckpt.tie_word_embeddings)}  # written above
+    executable.save_head(head, tied=ckpt.tie_word_embeddings, in_artifact=head_in_artifact)
+    executable.finish({
+        "architecture": ckpt.architecture, "model_type": ckpt.model_type, "dtype": dtype_name(ckpt.dtype),
+        "num_layers": ckpt.num_layers, "hidden_size": ckpt.config["hidden_size"],
+        "vocab_size": ckpt.config["vocab_size"], "rms_norm_eps": head.eps,
+        "attention_scaling": head.attention_scaling, "tie_word_embeddings": ckpt.tie_word_embeddings,
+        "target": target.name, "passes": pm.names})
+    return description
 
 
 def _jsonable(obj):

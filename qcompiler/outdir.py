@@ -401,8 +401,9 @@ def remove_tree(folder: Path, lock: Path | None) -> None:
 
 def estimate_output_bytes(ckpt, passes, exclude=()) -> int:
     """A lower bound of the bytes a compile writes: every decoder Linear's weight at its scheme's bit width
-    (float when no scheme claims it) plus the float embedding / lm_head, each twice (the artifact and the
-    executable graph hold a copy). Scales, norms, reports and the ONNX model come on top."""
+    (float when no scheme claims it) plus the float embedding / lm_head, once: the executable graph reads
+    these tensors from the artifact (executable.py, format v3). Scales, norms, reports and the ONNX model
+    come on top."""
     from .passes.group_size import first_claim, model_linear_shapes
     float_bytes = ckpt.dtype.itemsize
     total = 0.0
@@ -412,5 +413,5 @@ def estimate_output_bytes(ckpt, passes, exclude=()) -> int:
         total += n * k * bits / 8
     head = int(ckpt.config["vocab_size"]) * int(ckpt.config["hidden_size"]) * float_bytes
     total += head * (1 if ckpt.tie_word_embeddings else 2)
-    return int(2 * total)
+    return int(total)
 

@@ -24,6 +24,9 @@ def _markdown(r: dict) -> str:
         "|---|---|",
     ]
     lines += [f"| {k} | {v} |" for k, v in r["pass_seconds"].items()]
+    if r.get("phase_seconds"):
+        lines += ["", "## Seconds per phase (where the wall time went)", "", "| phase | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in r["phase_seconds"].items()]
     if r.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in r["warnings"]]
     if r.get("fallback"):

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from qcompiler import cli
-from qcompiler.executable import EXECUTABLE_DIR, FORMAT_VERSION, ExecutableWriter, read_info
+from qcompiler.executable import (EXECUTABLE_DIR, FORMAT_VERSION, ExecutableWriter, load_head, read_info,
+                                  read_layer_tensors)
 from qcompiler.ir.capture import export_program
 from qcompiler.runtime import load_model
 
@@ -86,7 +87,7 @@ def test_layout_is_json_and_safetensors_without_paths(compiled):
     files = sorted(p.relative_to(compiled / EXECUTABLE_DIR).as_posix() for p in (compiled / EXECUTABLE_DIR).rglob("*")
                    if p.is_file())
     info = read_info(compiled / EXECUTABLE_DIR)
-    assert info["version"] == FORMAT_VERSION == 2
+    assert info["version"] == FORMAT_VERSION == 3
     assert info["layer_programs"] == [0, 0]  # both layers share one structure: one program
     assert files == ["head.safetensors", "layers/layer_000.safetensors", "layers/layer_001.safetensors",
                      "layers/program_0.json", "model.json"]
@@ -190,7 +191,7 @@ def test_string_constants_stay_data(compiled):
     call = next(n for n in doc["nodes"] if n["op"] == "call_function" and n["target"].startswith("aten.mul"))
     evil = "'); __import__('os').system('false'); ('"
     call["target"], call["args"], call["kwargs"] = "aten.gelu.default", [call["args"][0]], {"approximate": evil}
-    tensors = load_file(compiled / EXECUTABLE_DIR / "layers" / "layer_000.safetensors")
+    tensors = read_layer_tensors(compiled / EXECUTABLE_DIR, read_info(compiled / EXECUTABLE_DIR), 0)
     gm = graph_json.module_from_json(doc, tensors, path)
     tree = ast.parse(gm.code)
     assert any(isinstance(n, ast.Constant) and n.value == evil for n in ast.walk(tree))
@@ -200,7 +201,8 @@ def test_string_constants_stay_data(compiled):
 
 
 @pytest.mark.parametrize("damage", ["model-json-dtype", "layer-programs", "tensor-shape", "missing-layer",
-                                    "model-json-not-json"])
+                                    "model-json-not-json", "artifact-names", "artifact-tensor-missing",
+                                    "index-outside-out", "stored-twice"])
 def test_damaged_executable_is_one_line(capsys, compiled, tmp_path, calib_file, damage):
     out = _copy(compiled, tmp_path)
     exe = out / EXECUTABLE_DIR
@@ -219,10 +221,84 @@ def test_damaged_executable_is_one_line(capsys, compiled, tmp_path, calib_file, 
     elif damage == "model-json-not-json":
         (exe / "model.json").write_text("[1, 2")
         needle = "model.json"
+    elif damage == "artifact-names":
+        (exe / "model.json").write_text(json.dumps({**info, "artifact_tensors": [[1], []]}))
+        needle = "artifact_tensors"
+    elif damage == "artifact-tensor-missing":
+        info["artifact_tensors"][1] = info["artifact_tensors"][1] + ["mlp.nothing.weight"]
+        (exe / "model.json").write_text(json.dumps(info))
+        needle = "layer_001.safetensors"
+    elif damage == "index-outside-out":  # a weight index naming a file elsewhere is refused, not followed
+        weights = out / "quant_model_weights.safetensors"
+        names = list(json.loads(weights.read_bytes()[8:8 + int.from_bytes(weights.read_bytes()[:8], "little")]))
+        (out / "quant_model_weights.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {n: "../quant_model_weights.safetensors" for n in names if n != "__metadata__"}}))
+        needle = "quant_model_weights.safetensors.index.json"
+    elif damage == "stored-twice":
+        from safetensors.torch import save_file
+        path = exe / "layers" / "layer_000.safetensors"
+        save_file({**load_file(path), info["artifact_tensors"][0][0]: torch.zeros(1)}, str(path))
+        needle = "layer_000.safetensors"
     else:
         (exe / "layers" / "layer_001.safetensors").unlink()
         needle = "layer_001.safetensors"
     expect_error(capsys, _argv("run", out, calib_file), needle)
+
+
+# ------------------------------------------------------------------------------------------- stored once
+
+def test_tensors_are_stored_once_and_read_back_exactly(compiled):
+    """Every tensor of the lowered layers and the head is the artifact's (byte for byte), read from there:
+    the executable's own files hold only what the artifact does not (inv_freq)."""
+    exe = compiled / EXECUTABLE_DIR
+    info = read_info(exe)
+    artifact = load_file(compiled / "quant_model_weights.safetensors")
+    for i in range(info["num_layers"]):
+        assert load_file(exe / "layers" / f"layer_{i:03d}.safetensors") == {}
+        layer = read_layer_tensors(exe, info, i)
+        assert layer and set(layer) == set(info["artifact_tensors"][i])
+        for name, t in layer.items():
+            a = artifact[f"model.layers.{i}.{name}"]
+            assert t.dtype == a.dtype and torch.equal(t, a), name
+    assert set(load_file(exe / "head.safetensors")) == {"inv_freq"}
+    head = load_head(exe, info)
+    assert torch.equal(head.embed_weight, artifact["model.embed_tokens.weight"])
+    assert torch.equal(head.lm_head_weight, artifact["lm_head.weight"])
+    exe_bytes = sum(p.stat().st_size for p in exe.rglob("*.safetensors"))
+    assert exe_bytes < 4096 < (compiled / "quant_model_weights.safetensors").stat().st_size
+
+
+def test_a_tensor_is_read_from_the_artifact_only_when_its_bytes_are_the_same():
+    """Equal values are not enough: -0.0 == 0.0 (the graph would read the artifact's +0.0), NaN != NaN."""
+    from qcompiler.executable import _same
+    zero = torch.zeros(3)
+    assert _same(zero, zero.clone()) and _same(zero, zero)
+    assert not _same(zero, -zero)
+    assert not _same(zero, zero.to(torch.bfloat16)) and not _same(zero, zero.reshape(1, 3))
+    nan = torch.tensor([float("nan"), 1.0])
+    assert _same(nan, nan.clone())
+    assert _same(torch.tensor(2.0), torch.tensor(2.0))  # 0-d scales
+
+
+def test_format_v2_out_still_reads(compiled, tmp_path, calib_file):
+    """An OUT of format v2 (every tensor in the executable's own files) loads and computes the same."""
+    from safetensors.torch import save_file
+
+    from qcompiler.evaluate import evaluate_file
+    out = _copy(compiled, tmp_path)
+    exe = out / EXECUTABLE_DIR
+    info = read_info(exe)
+    for i in range(info["num_layers"]):
+        save_file(read_layer_tensors(exe, info, i), str(exe / "layers" / f"layer_{i:03d}.safetensors"))
+    head = load_head(exe, info)
+    save_file({"embed_tokens.weight": head.embed_weight, "norm.weight": head.norm_weight,
+               "inv_freq": head.inv_freq, "lm_head.weight": head.lm_head_weight}, str(exe / "head.safetensors"))
+    v2 = {k: v for k, v in info.items() if k not in ("artifact_tensors", "head_artifact_tensors")}
+    (exe / "model.json").write_text(json.dumps({**v2, "version": 2}))
+    (out / "quant_model_weights.safetensors").unlink()  # v2 never reads the artifact
+    ours = evaluate_file(load_model(compiled), calib_file, 16, 2)
+    theirs = evaluate_file(load_model(out), calib_file, 16, 2)
+    assert ours["ppl"] == theirs["ppl"]
 
 
 # ------------------------------------------------------------------------------------------- bit-identical
@@ -233,11 +309,11 @@ def _torch_export_layers(tmp_path, monkeypatch):
     saved = []
     original = ExecutableWriter.add
 
-    def add(self, gm, sample):
+    def add(self, gm, sample, **kwargs):
         buf = io.BytesIO()
         torch.export.save(export_program(gm, sample), buf)
         saved.append(buf.getvalue())
-        return original(self, gm, sample)
+        return original(self, gm, sample, **kwargs)
     monkeypatch.setattr(ExecutableWriter, "add", add)
     return saved
 
@@ -263,7 +339,7 @@ def test_json_graph_computes_exactly_what_the_pt2_program_did(tiny_models, calib
     pe = model.head.rope(21)
     with torch.no_grad():
         for i in range(model.layers.num_layers):
-            state = load_file(out / EXECUTABLE_DIR / "layers" / f"layer_{i:03d}.safetensors")
+            state = read_layer_tensors(out / EXECUTABLE_DIR, model.info, i)
             h_old = _old_layer(saved[i], state)(h_old, position_embeddings=pe)
             h_new = model.layers.get(i)(h_new, position_embeddings=pe)
             assert torch.equal(h_new, h_old), (arch, passes, i)

@@ -288,10 +288,11 @@ def _env(**extra):
 
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root and unshare to mount a small tmpfs")
 def test_disk_full_for_real(tmp_path, tiny_models):
-    """A real 400 KiB file system (private mount namespace): passes the free-space estimate, then fills up."""
+    """A real 200 KiB file system (private mount namespace): passes the free-space estimate (~150 KB since the
+    executable graph stores no tensor twice), then fills up."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    script = (f"mount -t tmpfs -o size=400k tmpfs {mnt} && {sys.executable} -m qcompiler.cli "
+    script = (f"mount -t tmpfs -o size=200k tmpfs {mnt} && {sys.executable} -m qcompiler.cli "
               f"{tiny_models['llama']} -o {mnt}/out --calib-samples 2 --seq-len 32; rc=$?; ls -A {mnt}; exit $rc")
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=ROOT,
                           env=_env(), timeout=600)

@@ -39,11 +39,14 @@ the cutoff between chosen and not chosen) at the top of the report, and per laye
 import copy
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
+from .. import knobs
 from ..errors import QCError
 from ..ir import meta
 from ..ir.capture import LayerInputs
@@ -267,7 +270,9 @@ def presweep(passes, skeleton, inputs: LayerInputs, ckpt, exclude, batch_size: i
     t0 = time.perf_counter()
     before = PassManager(passes[:idx])
     measured = []
-    for i in range(ckpt.num_layers):
+    bar = tqdm(range(ckpt.num_layers), desc="fallback pre-sweep", unit="layer", file=sys.stderr,
+               disable=not knobs.progress_enabled())
+    for i in bar:
         gm = skeleton.capture_layer(i, inputs)
         ctx = LayerContext(index=i, inputs=inputs, dtype=ckpt.dtype, exclude=tuple(exclude),
                            batch_size=batch_size, pipeline=tuple(passes))

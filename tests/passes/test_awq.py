@@ -11,6 +11,7 @@ from qcompiler.backends.ascend.encode import quantize_weight
 from qcompiler.config import CompileOptions
 from qcompiler.driver import compile_model
 from qcompiler.errors import QCError
+from qcompiler.executable import read_info, read_layer_tensors
 from qcompiler.ir import meta
 from qcompiler.ir.capture import HFSkeleton
 from qcompiler.ir.patterns import get_tensor, linear_sites
@@ -229,7 +230,7 @@ def test_compile_with_awq_writes_the_scaled_norms(tiny_models, calib_file, tmp_p
                                  seq_len=32, passes=[("awq", {}), ("gptq", {}), ("w4a16", {"group": 32})]),
                   log=lambda m: None)
     tensors = load_file(str(out / "quant_model_weights.safetensors"))
-    layer = load_file(str(out / "executable" / "layers" / "layer_000.safetensors"))
+    layer = read_layer_tensors(out / "executable", read_info(out / "executable"), 0)
     ckpt = open_checkpoint(tiny_models["llama"])
     norm = "model.layers.0.input_layernorm.weight"
     assert not torch.equal(tensors[norm], ckpt.tensor(norm))

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from qcompiler.config import CompileOptions
 from qcompiler.driver import compile_model
 from qcompiler.errors import QCError
+from qcompiler.executable import read_info, read_layer_tensors
 from qcompiler.ir.capture import HFSkeleton
 from qcompiler.ir.patterns import attention_nodes
 from qcompiler.loading import open_checkpoint
@@ -151,7 +152,7 @@ def test_artifact_tensors_and_description(kv8_out):
             assert desc[f"{base}.kv_cache_scale"] == desc[f"{base}.kv_cache_offset"] == "C8"
             assert desc[f"{base}.weight"] == "W8A8"
     # the executable layer carries the same scales its kv_quant nodes read
-    layer0 = load_file(str(kv8_out / "executable" / "layers" / "layer_000.safetensors"))
+    layer0 = read_layer_tensors(kv8_out / "executable", read_info(kv8_out / "executable"), 0)
     assert torch.equal(layer0["self_attn.k_proj.kv_cache_scale"], tensors["model.layers.0.self_attn.k_proj.kv_cache_scale"])
 
 

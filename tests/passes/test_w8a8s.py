@@ -15,6 +15,7 @@ from qcompiler.config import CompileOptions
 from qcompiler.driver import compile_model
 from qcompiler.errors import QCError
 from qcompiler.evaluate import evaluate_file
+from qcompiler.executable import read_info, read_layer_tensors
 from qcompiler.passes import TAIL, PassManager, make_pass
 from qcompiler.runtime import load_model
 from qcompiler.targets import check_target, get_target
@@ -74,7 +75,7 @@ def test_w8a8s_checker_and_executable(w8a8s_out, calib_file):
     if checker.is_file():
         r = subprocess.run([sys.executable, str(checker), str(out)], capture_output=True, text=True)
         assert r.returncode == 0 and "\n0 errors," in "\n" + r.stdout, r.stdout[-2000:]
-    layer = load_file(str(out / "executable" / "layers" / "layer_000.safetensors"))
+    layer = read_layer_tensors(out / "executable", read_info(out / "executable"), 0)
     assert layer["self_attn.q_proj.deq_scale"].dtype == torch.int64
     model = load_model(out)
     result = evaluate_file(model, calib_file, 32, 2)

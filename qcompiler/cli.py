@@ -173,7 +173,9 @@ def _cmd_eval(argv):
 
 
 def _cmd_run(argv):
+    from .checkpoint_checks import max_positions
     from .generate import generate
+    from .model_zoo import resolve_model_dir
     from .runtime import load_model
     a = _run_parser().parse_args(argv)
     if a.max_new_tokens < 1:
@@ -181,7 +183,8 @@ def _cmd_run(argv):
     if not a.prompt.strip():
         raise QCError("--prompt is empty; expected some text to continue")
     model = load_model(a.model, a.dtype, a.runtime, a.trust_remote_code)
-    text = generate(model, a.prompt, a.max_new_tokens, raw=a.raw, use_cache=not a.no_cache)
+    text = generate(model, a.prompt, a.max_new_tokens, raw=a.raw, use_cache=not a.no_cache,
+                    max_positions=max_positions(resolve_model_dir(a.model)))
     print(text)
 
 

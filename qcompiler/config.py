@@ -13,6 +13,7 @@ Recipe (YAML, `--recipe FILE`); every key optional, command-line options win ove
     calib_samples: 64
     seq_len: 512
     policy: auto               # auto | qwen | none (qcompiler/policy.py)
+    engine: any                # any | vllm-ascend | mindie (qcompiler/engine_check.py)
 """
 import re
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from .errors import QCError
 
 PassSpec = tuple[str, dict]   # (pass name, {option: value})
 
-RECIPE_KEYS = {"passes", "target", "dtype", "exclude", "calib", "calib_samples", "seq_len", "policy"}
+RECIPE_KEYS = {"passes", "target", "dtype", "exclude", "calib", "calib_samples", "seq_len", "policy", "engine"}
 
 
 def parse_passes(text: str) -> list[PassSpec]:
@@ -87,7 +88,7 @@ def load_recipe(path: str | Path) -> dict:
     for key in ("calib_samples", "seq_len"):
         if key in data and (not isinstance(data[key], int) or isinstance(data[key], bool)):
             raise QCError(f"{path}: '{key}' must be an integer, got {data[key]!r}")
-    for key in ("target", "dtype", "calib", "policy"):
+    for key in ("target", "dtype", "calib", "policy", "engine"):
         if key in data and not isinstance(data[key], str):
             raise QCError(f"{path}: '{key}' must be a string, got {data[key]!r}")
     return data
@@ -117,6 +118,7 @@ class CompileOptions:
     recipe: dict = field(default_factory=dict)
     policy: str = "auto"               # built-in float Linears (policy.py): auto | qwen | none
     trust_remote_code: bool = False    # --trust-remote-code (trust.py): accept auto_map; never runs code
+    engine: str = "any"                # engines that must load the artifact (engine_check.py)
 
     def calib_shape(self) -> tuple[int, int]:
         """(sequences, tokens per sequence) of calibration, defaults resolved."""
@@ -132,6 +134,8 @@ class CompileOptions:
             raise QCError(f"--batch-size must be >= 1, got {self.batch_size}")
         from .policy import check_policy
         check_policy(self.policy)
+        from .engine_check import check_engine_choice
+        check_engine_choice(self.engine)
         for pattern in self.exclude:
             try:
                 re.compile(pattern)

@@ -29,6 +29,7 @@ from .activation_checks import check_finite, check_logits
 from .calib_data import calibration_shortfall, make_windows, read_texts, sample_windows_from_model
 from .checkpoint_checks import check_seq_len, check_token_ids
 from .config import CompileOptions
+from .engine_check import check_engine, engine_report, pipeline_features
 from .errors import QCError
 from .ir.capture import HFSkeleton, LayerInputs
 from .loading import check_float16_range, dtype_name, load_tokenizer, open_checkpoint
@@ -182,6 +183,9 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     check_scheme_groups(pm.passes, ckpt.config, opts.exclude)
     check_fallback(pm.passes, ckpt.config, opts.exclude)
     pm.passes, group_size = resolve_group_sizes(pm.passes, ckpt.config, opts.exclude)
+    features = pipeline_features(pm.passes, ckpt.config, opts.exclude, ckpt.has, target.name, group_size,
+                                 ckpt.model_type)
+    warnings = warnings + check_engine(opts.engine, features)  # --engine: exit 2 here if it cannot load it
     _check_dump(dump)
     # bf16 -> fp16 (e.g. ascend310p, fp16 only): every weight in fp16's range, checked before any work
     check_float16_range(ckpt, "compile with --dtype bfloat16" if torch.bfloat16 in target.dtypes else
@@ -192,12 +196,14 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
         log(f"warning: {w}")
     out.check_free_space(estimate_output_bytes(ckpt, pm.passes, opts.exclude))
     with out.staging() as tmp:  # removed on any failure; a full disk is one line, exit 1
-        report = _compile_into(tmp, opts, ckpt, pm, target, texts, log, t0, warnings, group_size)
+        report = _compile_into(tmp, opts, ckpt, pm, target, texts, log, t0, warnings, group_size,
+                               engine_report(features))
         out.commit()  # umask modes; no-replace (or atomic exchange with --force), signals deferred
     return report
 
 
-def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, group_size: int = 0) -> dict:
+def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, group_size: int = 0,
+                  engines: dict | None = None) -> dict:
     tokenizer = load_tokenizer(ckpt.path, ckpt.trust_remote_code)
     skeleton = HFSkeleton(ckpt)
     windows, calib_source = _calibration_windows(opts, skeleton, tokenizer, texts, log)
@@ -269,6 +275,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
         "pass_options": [[n, {k: str(v) for k, v in o.items()}] for n, o in opts.passes],
         "exclude": list(opts.exclude), "policy": opts.policy, "calibration": calib_source,
         "model_quant_type": description["model_quant_type"], "warnings": warnings,
+        "engine": opts.engine, "engines": engines or {},
         "pass_seconds": {k: round(v, 3) for k, v in timing.seconds.items()},
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -23,9 +23,11 @@ TARGETS = {
     "ascend910b": Target("ascend910b", "Atlas 800I A2", frozenset({torch.bfloat16, torch.float16}),
                          frozenset({"W8A8", "W8A8_DYNAMIC", "W8A8_MIX", "W8A16", "W4A16", "W4A8_DYNAMIC",
                                     "C8", "FAQuant"})),
+    # W8A8_DYNAMIC: vLLM-Ascend has a 310P scheme (vllm_ascend/_310p/quantization/methods/w8a8_dynamic.py);
+    # which engine loads what on each device: backends/ascend/engines.py (checked before any work, --engine)
     "ascend310p": Target("ascend310p", "Atlas 300I Duo", frozenset({torch.float16}),
-                         frozenset({"W8A8", "W8A8S", "W8A16"}),
-                         frozenset({"W8A8_DYNAMIC", "W8A8_MIX", "W4A16", "W4A8_DYNAMIC", "C8", "FAQuant"})),
+                         frozenset({"W8A8", "W8A8S", "W8A16", "W8A8_DYNAMIC"}),
+                         frozenset({"W8A8_MIX", "W4A16", "W4A8_DYNAMIC", "C8", "FAQuant"})),
     # ONNX (backends/onnx): the Ascend artifact + executable graph are made as for ascend910b (same
     # dtypes), then lowered to OUT/onnx/model.onnx, which onnxruntime runs in float32.
     "onnx": Target("onnx", "onnxruntime CPU", frozenset({torch.bfloat16, torch.float16}),

@@ -11,14 +11,17 @@ else a weight spec with the MSEClip observer (weight_observer=mse) encodes with 
 
 W8A8, W8A8_MIX, W8A8S (static): x_q = qc.quantize(x, input_scale, input_offset)   one per shared input
                                y   = qc.quant_matmul(x_q, weight, deq_scale, quant_bias, dtype)
-W8A8_DYNAMIC, W4A8_DYNAMIC:    x_q, s = qc.dynamic_quant(x)                       one per shared input
-                               y   = qc.quant_matmul_pertoken(x_q, weight, weight_scale, s, bias,
-                                                              packing 0 (int8) | 2 (int4 along n), dtype)
+W8A8_DYNAMIC:                  x_q, s = qc.dynamic_quant(x)                       one per shared input
+                               y   = qc.quant_matmul_pertoken(x_q, weight, weight_scale, s, bias, 0, dtype)
+W4A8_DYNAMIC (per-group):      x_q, s = qc.dynamic_quant(x)                       one per shared input
+                               y   = qc.quant_matmul_pergroup(x_q, weight, weight_scale, weight_scale_second,
+                                                              s, group_size, dtype)
 W8A16, W4A16:                  y   = qc.weight_quant_matmul(x, weight, weight_scale, weight_offset, bias,
                                                             group_size, packing 0 | 1 (int4 along k) | 2)
+Every scale and bias buffer holds the value the engines hold (rounded to the model dtype, encode.py).
 Requires: annotated, calibrated. Produces: lowered.
 Limits: the quant types in `LOWERINGS`; anything else is an error naming the type. W4A8_DYNAMIC's
-scale_bias is written to the artifact only (the kernel math does not read it).
+scale_bias and weight offsets are written to the artifact only (the kernel math does not read them).
 """
 import operator
 
@@ -71,6 +74,12 @@ def remove_observers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, MinMaxObse
 ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")  # W4A8_DYNAMIC scale_bias is [n, 16] for these
 
 
+def _group_size(spec) -> int:
+    """The spec's weight group size (0: per-channel)."""
+    gran = spec.weight.granularity
+    return gran.size if isinstance(gran, PerGroup) else 0
+
+
 class _Lowering:
     """State of one lowering run: the graph, the context, shared activation-quantize nodes per input."""
 
@@ -92,8 +101,7 @@ class _Lowering:
         if qparams is None:
             wq = site.node.meta[meta.QUANT_SPEC].weight
             if isinstance(wq.observer, MSEClip):
-                gran = wq.granularity
-                group = gran.size if isinstance(gran, PerGroup) else 0
+                group = _group_size(site.node.meta[meta.QUANT_SPEC])
                 return weight, bias, {"scale": mse_weight_scale(weight, wq.bits, group, wq.observer)}
             return weight, bias, {}
         q, scale = qparams
@@ -157,8 +165,8 @@ class _Lowering:
         bits = spec.weight.bits
 
         def encoder(weight, bias, s_x, o_x, dtype, q=None, scale=None):
-            if q is None:
-                q, scale = encode.quantize_weight(weight, bits, 0, scale)  # scale: weight_observer=mse
+            if q is None:  # scale: weight_observer=mse; rounded to the model dtype like every weight scale
+                q, scale = encode.quantize_weight(weight, bits, 0, scale, model_dtype=dtype)
             qmax = 7 if bits == 4 else 127
             if q.numel() and int(q.abs().max()) > qmax:
                 raise ValueError(f"W8A8S codes exceed the {bits}-bit range [-{qmax}, {qmax}]")
@@ -178,19 +186,28 @@ class _Lowering:
 
     def w8a8_dynamic(self, site, spec):
         weight, bias, given = self.weight_args(site)
-        tensors = encode.encode_w8a8_dynamic(weight, bias, **given)
+        tensors = encode.encode_w8a8_dynamic(weight, bias, self.ctx.dtype, **given)
         return self._pertoken(site, tensors, kernels.PACK_NONE), tensors
 
     def w4a8_dynamic(self, site, spec):
         weight, bias, given = self.weight_args(site)
-        tensors = encode.encode_w4a8_dynamic(weight, bias, site.name in ROW_PARALLEL, **given)
-        return self._pertoken(site, tensors, kernels.PACK_INT4_N), tensors
+        group = _group_size(spec)
+        tensors = encode.encode_w4a8_dynamic(weight, bias, site.name in ROW_PARALLEL, group, self.ctx.dtype,
+                                             **given)
+        g = self.gm.graph
+        with g.inserting_before(site.node):
+            xq, s = self.dynamic_input(site)
+            w = self.attr(site.weight.target, tensors["weight"])
+            ws = self.attr(f"{site.name}.weight_scale", tensors["weight_scale"])
+            wss = self.attr(f"{site.name}.weight_scale_second", tensors["weight_scale_second"])
+            y = g.call_function(torch.ops.qc.quant_matmul_pergroup.default,
+                                (xq, w, ws, wss, s, group, self.ctx.dtype))
+        return y, tensors
 
     def _weight_only(self, site, spec, encoder, bits):
         weight, bias, given = self.weight_args(site)
-        gran = spec.weight.granularity
-        group = gran.size if isinstance(gran, PerGroup) else 0
-        tensors = encoder(weight, bias, group, **given)
+        group = _group_size(spec)
+        tensors = encoder(weight, bias, group, self.ctx.dtype, **given)
         per_channel = tensors["weight_scale"].shape[1] == 1  # also a group equal to k
         if bits == 8:
             packing = kernels.PACK_NONE

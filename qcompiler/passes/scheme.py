@@ -8,7 +8,8 @@ pass's `match` option (a regex, `re.search` on the full HF name; default `.*`, e
 driver rejects, before any work, a pipeline whose `match`/`--exclude` would split q/k/v or gate/up
 (engines fuse them) or a scheme pass that claims no Linear (`driver.check_scheme_groups`).
 
-Per-group schemes (w8a16, w4a16) carry an option `group` (0 = per-channel, else the group size along k).
+Per-group schemes (w8a16, w4a16; w4a8d, per-group only, default 32) carry an option `group` (0 = per-channel,
+else the group size along k).
 The artifact has ONE group_size, so the driver resolves it over the whole model before any work
 (`group_size.resolve_group_sizes`) and rebuilds the pass with the resolved value; `ctx.pipeline` then
 holds the decided group (gptq/awq read it there). A pass run directly on one layer (tests) with

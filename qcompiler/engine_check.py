@@ -45,10 +45,11 @@ def check_engine(engine: str, features: ArtifactFeatures) -> list[str]:
     why = {e: refusals(e, features) for e in chosen}
     loading = [e for e in chosen if not why[e]]
     if not loading:
-        detail = "; ".join(f"{ENGINE_NAMES[e]}: {' / '.join(why[e])}" for e in chosen)
-        hint = "" if engine == "any" else " (--engine any accepts an artifact any one engine loads)"
-        raise QCError(f"{'no engine' if engine == 'any' else ENGINE_NAMES[engine]} can load this artifact: "
-                      f"{detail}{hint}")
+        if engine == "any":
+            detail = "; ".join(f"{ENGINE_NAMES[e]}: {' / '.join(why[e])}" for e in chosen)
+            raise QCError(f"no engine can load this artifact: {detail}")
+        raise QCError(f"{ENGINE_NAMES[engine]} cannot load this artifact: {' / '.join(why[engine])} "
+                      f"(--engine any accepts an artifact any one engine loads)")
     return [f"{ENGINE_NAMES[e]}: {n}" for e in loading for n in notes(e, features)]
 
 

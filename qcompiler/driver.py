@@ -183,8 +183,7 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     check_scheme_groups(pm.passes, ckpt.config, opts.exclude)
     check_fallback(pm.passes, ckpt.config, opts.exclude)
     pm.passes, group_size = resolve_group_sizes(pm.passes, ckpt.config, opts.exclude)
-    features = pipeline_features(pm.passes, ckpt.config, opts.exclude, ckpt.has, target.name, group_size,
-                                 ckpt.model_type)
+    features = pipeline_features(pm.passes, ckpt.config, opts.exclude, ckpt.has, target.name, ckpt.model_type)
     warnings = warnings + check_engine(opts.engine, features)  # --engine: exit 2 here if it cannot load it
     _check_dump(dump)
     # bf16 -> fp16 (e.g. ascend310p, fp16 only): every weight in fp16's range, checked before any work

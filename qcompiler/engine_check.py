@@ -20,20 +20,23 @@ def check_engine_choice(engine: str) -> None:
         raise QCError(f"--engine {engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
 
 
-def pipeline_features(passes, config: dict, exclude, has_tensor, target_name: str, group_size: int,
+def pipeline_features(passes, config: dict, exclude, has_tensor, target_name: str,
                       model_type: str) -> ArtifactFeatures:
-    """ArtifactFeatures of the artifact this pipeline will write. `has_tensor(name)`: whether the checkpoint
-    holds a tensor (Linear biases)."""
-    types, biased = set(), set()
+    """ArtifactFeatures of the artifact this pipeline (group sizes resolved) will write. `has_tensor(name)`:
+    whether the checkpoint holds a tensor (Linear biases)."""
+    types, grouped, biased = set(), set(), set()
     for name in model_linear_shapes(config):
         owner = first_claim(passes, name, exclude)
         if owner is None:
             continue
         types.add(owner.quant_type)
+        if getattr(owner.options, "group", 0):
+            grouped.add(owner.quant_type)
         if has_tensor(f"{name}.bias"):
             biased.add(owner.quant_type)
     pass_types = {getattr(p, "quant_type", None) for p in passes}
-    return ArtifactFeatures(linear_types=frozenset(types), group_size=group_size, biased_types=frozenset(biased),
+    return ArtifactFeatures(linear_types=frozenset(types), grouped_types=frozenset(grouped),
+                            biased_types=frozenset(biased),
                             kv_cache="C8" in pass_types, fa_quant="FAQuant" in pass_types,
                             device="310p" if target_name == "ascend310p" else "910b", model_type=model_type)
 

@@ -151,10 +151,11 @@ FEATURE_BY_KEY = {f.key: f for f in FEATURES}
 @dataclass(frozen=True)
 class ArtifactFeatures:
     """What decides which engines load an artifact. linear_types: quant types of the decoder Linears (FLOAT
-    left out); group_size: the description's; biased_types: quant types of Linears that carry a float bias;
-    kv_cache / fa_quant: C8 / FAQuant present; device: "910b" or "310p"; model_type: config.json's."""
+    left out); grouped_types: those quantized per group (weight scale [n, k/g]; W4A8_DYNAMIC: two-stage);
+    biased_types: quant types of Linears that carry a float bias; kv_cache / fa_quant: C8 / FAQuant present;
+    device: "910b" or "310p"; model_type: config.json's."""
     linear_types: frozenset = frozenset()
-    group_size: int = 0
+    grouped_types: frozenset = frozenset()
     biased_types: frozenset = frozenset()
     kv_cache: bool = False
     fa_quant: bool = False
@@ -167,8 +168,8 @@ class ArtifactFeatures:
         keys = []
         for t in sorted(self.linear_types):
             if t == "W4A8_DYNAMIC":
-                keys.append("W4A8_DYNAMIC per-group" if self.group_size else "W4A8_DYNAMIC per-channel")
-            elif t == "W8A16" and self.group_size:
+                keys.append(f"W4A8_DYNAMIC {'per-group' if t in self.grouped_types else 'per-channel'}")
+            elif t == "W8A16" and t in self.grouped_types:
                 keys.append("W8A16 per-group")
             else:
                 keys.append(t)
@@ -235,22 +236,38 @@ def expected_loader_exit(features: ArtifactFeatures, version: str) -> int:
     return 0 if not refusals(VLLM_ASCEND, features, version) else 3
 
 
+def _scale_columns(out: Path) -> dict[str, int]:
+    """{tensor name ending in .weight_scale: its number of columns} from the safetensors headers of `out`."""
+    from safetensors import safe_open
+    cols = {}
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                if k.endswith(".weight_scale"):
+                    shape = h.get_slice(k).get_shape()
+                    cols[k] = shape[1] if len(shape) == 2 else 1
+    return cols
+
+
 def features_of_artifact(out: Path) -> ArtifactFeatures:
-    """ArtifactFeatures of a finished artifact folder (its description, config.json and, for the device, the
-    qcompile report's target)."""
+    """ArtifactFeatures of a finished artifact folder (its description, config.json, the weight scales' shapes and,
+    for the device, the qcompile report's target)."""
     out = Path(out)
     desc = json.loads((out / "quant_model_description.json").read_text())
     config = json.loads((out / "config.json").read_text())
     linear = {k[:-len(".weight")]: v for k, v in desc.items() if isinstance(v, str) and k.endswith("_proj.weight")}
     types = frozenset(v for v in linear.values() if v != "FLOAT")
     biased = frozenset(t for name, t in linear.items() if t != "FLOAT" and f"{name}.bias" in desc)
+    cols = _scale_columns(out)
+    grouped = frozenset(t for name, t in linear.items() if t != "FLOAT" and (
+        f"{name}.weight_scale_second" in desc or cols.get(f"{name}.weight_scale", 1) > 1))
     device = "910b"
     report = out / "qcompile_report.json"
     if report.is_file() and json.loads(report.read_text()).get("target") == "ascend310p":
         device = "310p"
     elif types & {"W8A8S", "W8A8SC"}:
         device = "310p"
-    return ArtifactFeatures(linear_types=types, group_size=int(desc.get("group_size") or 0), biased_types=biased,
+    return ArtifactFeatures(linear_types=types, grouped_types=grouped, biased_types=biased,
                             kv_cache=desc.get("kv_cache_type") == "C8", fa_quant=bool(desc.get("fa_quant_type")),
                             device=device, model_type=str(config.get("model_type", "llama")))
 

@@ -14,6 +14,7 @@ from qcompiler.errors import QCError
 
 ROOT = Path(__file__).resolve().parents[3]
 SMALL = ["--calib-samples", "2", "--seq-len", "16"]
+W4A8 = frozenset({"W4A8_DYNAMIC"})
 
 
 def test_readme_matrix_is_the_backend_table():
@@ -35,11 +36,11 @@ def test_every_feature_cites_the_engine_code_it_was_read_in():
 @pytest.mark.parametrize("features,vllm,mindie", [
     (F(frozenset({"W8A8"})), True, True),
     (F(frozenset({"W8A8_DYNAMIC", "W8A16"})), True, True),
-    (F(frozenset({"W8A16"}), group_size=64), False, True),              # per-group W8A16: MindIE only
-    (F(frozenset({"W4A16"}), group_size=64), False, True),
-    (F(frozenset({"W4A8_DYNAMIC"}), group_size=32), True, True),        # two-stage per-group
-    (F(frozenset({"W4A8_DYNAMIC"}), group_size=0), False, False),       # per-channel: no engine
-    (F(frozenset({"W4A8_DYNAMIC"}), group_size=32, biased_types=frozenset({"W4A8_DYNAMIC"})), False, False),
+    (F(frozenset({"W8A16"}), grouped_types=frozenset({"W8A16"})), False, True),   # per-group W8A16: MindIE only
+    (F(frozenset({"W4A16"}), grouped_types=frozenset({"W4A16"})), False, True),
+    (F(frozenset({"W4A8_DYNAMIC"}), grouped_types=W4A8), True, True),   # two-stage per-group
+    (F(frozenset({"W4A8_DYNAMIC"})), False, False),                     # per-channel: no engine
+    (F(frozenset({"W4A8_DYNAMIC"}), grouped_types=W4A8, biased_types=W4A8), False, False),
     (F(frozenset({"W8A8"}), fa_quant=True), False, True),               # FAQuant: MindIE only
     (F(frozenset({"W8A8_DYNAMIC"}), kv_cache=True), True, True),        # C8: newest vLLM-Ascend
     (F(frozenset({"W8A8S"}), device="310p"), True, True),
@@ -57,7 +58,7 @@ def test_c8_on_llama_needs_vllm_ascend_0_26_but_qwen3_loads_on_0_23():
     llama = F(frozenset({"W8A8_DYNAMIC"}), kv_cache=True, model_type="llama")
     assert EN.expected_loader_exit(llama, "0.23.0") == 3 and EN.expected_loader_exit(llama, "0.26.0rc1") == 0
     assert EN.expected_loader_exit(F(frozenset({"W8A8_DYNAMIC"}), kv_cache=True, model_type="qwen3"), "0.23.0") == 0
-    assert EN.expected_loader_exit(F(frozenset({"W4A16"}), group_size=64), "0.26.0rc1") == 3
+    assert EN.expected_loader_exit(F(frozenset({"W4A16"})), "0.26.0rc1") == 3
     with pytest.raises(ValueError, match="unknown vLLM-Ascend version"):
         EN.expected_loader_exit(llama, "0.9")
 
@@ -69,7 +70,7 @@ def test_check_engine_errors_and_warnings():
     assert check_engine("mindie", fa3) == check_engine("any", fa3) == []
     with pytest.raises(QCError, match=r"no engine can load this artifact: vLLM-Ascend: W4A8_DYNAMIC per-channel"):
         check_engine("any", F(frozenset({"W4A8_DYNAMIC"})))
-    warnings = check_engine("any", F(frozenset({"W4A8_DYNAMIC"}), group_size=32))
+    warnings = check_engine("any", F(frozenset({"W4A8_DYNAMIC"}), grouped_types=W4A8))
     assert any("weight-only" in w for w in warnings)   # vLLM-Ascend runs it without activation quantization
     assert any("unconfirmed" not in w and "verify on the device" in w
                for w in check_engine("mindie", F(frozenset({"W8A8_DYNAMIC"}), device="310p")))
@@ -85,6 +86,15 @@ def test_engine_option_refuses_before_any_work(capsys, tiny_models, tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())
     rc = cli.main([str(tiny_models["llama"]), "-o", str(out), *SMALL, "--passes", "w4a16", "--engine", "vllm-ascend"])
     assert rc == 2 and "W4A16" in capsys.readouterr().err and not out.exists()
+
+
+def test_features_of_artifact_sees_per_group_scales(tiny_models, calib_file, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main([str(tiny_models["llama"]), "-o", str(out), "--calib", str(calib_file), *SMALL,
+                     "--passes", "w8a16:match=mlp\\.,w4a8d"]) == 0
+    f = EN.features_of_artifact(out)
+    assert f.linear_types == {"W8A16", "W4A8_DYNAMIC"} and f.grouped_types == W4A8   # W8A16 is per-channel here
+    assert f.keys() == ["W4A8_DYNAMIC per-group", "W8A16"]
 
 
 def test_report_lists_the_engines_and_features_of_artifact_agree(capsys, tiny_models, calib_file, tmp_path):

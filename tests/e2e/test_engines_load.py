@@ -25,8 +25,8 @@ ARTIFACTS = {
     "w8a8d+kv8": ("llama", "bfloat16", "w8a8d,kv8", "ascend910b", SMALL, ("0.23.0", "0.26.0rc1")),
     "w8a8mix": ("llama", "bfloat16", "w8a8mix", "ascend910b", SMALL, ("0.23.0",)),
     "w4a16": ("llama", "bfloat16", "w4a16", "ascend910b", SMALL, ("0.23.0",)),
-    # two-stage per-group (group 32); its dense vLLM-Ascend scheme is deprecated in 0.26.0rc1: load with both
-    "w4a8d": ("llama", "bfloat16", "w4a8d", "ascend910b", SMALL, ("0.23.0", "0.26.0rc1")),
+    # two-stage per-group (group 32): vLLM-Ascend loads it (its dense scheme is deprecated in 0.26.0rc1)
+    "w4a8d": ("llama", "bfloat16", "w4a8d", "ascend910b", SMALL, ("0.23.0",)),
     "w8a8s": ("llama", "float16", "sparse:ratio=0.5,w8a8s", "ascend310p", SMALL, ("0.23.0",)),
     "fa3": ("llama", "bfloat16", "w8a8,fa3", "ascend910b", SMALL, ("0.23.0",)),
     "qwen2": ("qwen2", "bfloat16", "w8a8", "ascend910b", (8, 256), ("0.23.0",)),

@@ -131,8 +131,8 @@ FEATURES = (
     # MoE experts: documentation only (the compiler captures dense decoder layers); "-" = not read.
     Feature("W8A8_DYNAMIC MoE", "-", "MoE", {
         VLLM_ASCEND: Support(BOTH, "", _VA + "methods/w8a8_dynamic.py AscendW8A8DynamicFusedMoEMethod"),
-        MINDIE: Support(BOTH, "", "MindIE-LLM mindie_llm/runtime/layers/quantization/ms_model_slim/"
-                        "quantization_config.py (W8A8PerTokenFusedMoEMethod)")}),
+        MINDIE: Support(A2, "", "MindIE-LLM mindie_llm/runtime/layers/quantization/ms_model_slim/"
+                        "quantization_config.py (W8A8PerTokenFusedMoEMethod)", unsure=P310)}),
     Feature("W8A8_MIX MoE", "-", "MoE", {
         VLLM_ASCEND: Support(A2, "", _VA + "methods/w8a8_pdmix.py AscendW8A8PDMixFusedMoeMethod"),
         MINDIE: Support(NO, "not read", "")}),

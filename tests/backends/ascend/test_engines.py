@@ -122,3 +122,16 @@ def test_features_of_artifact_reads_bias_group_and_device(tmp_path):
     (out / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     f = EN.features_of_artifact(out)
     assert f == F(frozenset({"W8A8S"}), biased_types=frozenset({"W8A8S"}), device="310p", model_type="qwen2")
+
+
+def test_engine_from_recipe_and_bad_value(capsys, tiny_models, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes: [w4a16]\nengine: vllm-ascend\n")
+    rc = cli.main([str(tiny_models["llama"]), "-o", str(tmp_path / "out"), *SMALL, "--recipe", str(recipe)])
+    assert rc == 2 and "vLLM-Ascend cannot load this artifact: W4A16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):   # argparse: --engine takes any | vllm-ascend | mindie
+        cli.main([str(tiny_models["llama"]), "-o", str(tmp_path / "out"), "--engine", "tgi"])
+    recipe.write_text("passes: [w8a8d]\nengine: tgi\n")
+    rc = cli.main([str(tiny_models["llama"]), "-o", str(tmp_path / "out"), *SMALL, "--recipe", str(recipe)])
+    assert rc == 2 and "--engine 'tgi' is not one of any, vllm-ascend, mindie" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

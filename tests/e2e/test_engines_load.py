@@ -4,9 +4,9 @@ every scheme, next to the conformance checker. Each must load (exit 0) or hit an
 matrix lists (exit 3: backends/ascend/engines.py `expected_loader_exit`), and the checker must accept the same
 artifact (0 errors): the two tools agree.
 
-The w8a8 (llama) and qwen2 artifacts are the ones test_smollm2.py checks and evaluates (8 x 256 calibration);
-the others are compiled once with 4 x 64 calibration. About 20-30 s of loader time per artifact (warm cache);
-skipped, not failed, when the tool cannot fill its cache (no PyPI on first use).
+Every artifact the e2e tests make is here: the w8a8 ones test_smollm2.py checks, evaluates and runs (8 x 256
+calibration, shared through the `compiled` fixture) and one per scheme compiled with 4 x 64. About 20-30 s of
+loader time per artifact (warm cache); skipped, not failed, when the tool cannot fill its cache (no PyPI).
 """
 import pytest
 
@@ -16,27 +16,34 @@ from tests.e2e.conftest import NEEDS_SHARED, run_checker
 pytestmark = NEEDS_SHARED
 
 SMALL = (4, 64)
-#: name: (arch, dtype, passes, target, calibration, vLLM-Ascend releases to load it with)
+FULL = (8, 256)  # the calibration of test_smollm2.py's artifacts, so these entries reuse them
+#: name: (arch, dtype, passes, target, calibration, extra args, vLLM-Ascend releases to load it with)
 ARTIFACTS = {
-    "w8a8": ("llama", "bfloat16", "w8a8", "ascend910b", (8, 256), ("0.23.0",)),
-    "w8a8d": ("llama", "bfloat16", "w8a8d", "ascend910b", SMALL, ("0.23.0",)),
-    "w8a16": ("llama", "bfloat16", "w8a16", "ascend910b", SMALL, ("0.23.0",)),
+    # the artifacts test_smollm2.py checks, evaluates and runs
+    "w8a8": ("llama", "bfloat16", "w8a8", "ascend910b", FULL, (), ("0.23.0",)),
+    "w8a8-fp16": ("llama", "float16", "w8a8", "ascend910b", FULL, (), ("0.23.0",)),
+    "w8a8-down-float": ("llama", "bfloat16", "w8a8", "ascend910b", FULL, ("--exclude", r"mlp\.down_proj"),
+                        ("0.23.0",)),
+    "qwen2": ("qwen2", "bfloat16", "w8a8", "ascend910b", FULL, (), ("0.23.0",)),
+    "qwen2-fp16": ("qwen2", "float16", "w8a8", "ascend910b", FULL, (), ("0.23.0",)),
+    # one per scheme
+    "w8a8d": ("llama", "bfloat16", "w8a8d", "ascend910b", SMALL, (), ("0.23.0",)),
+    "w8a16": ("llama", "bfloat16", "w8a16", "ascend910b", SMALL, (), ("0.23.0",)),
     # C8 on llama: 0.23.0 has no parameter for the scales (documented limit, 3), 0.26.0rc1 maps them (0)
-    "w8a8d+kv8": ("llama", "bfloat16", "w8a8d,kv8", "ascend910b", SMALL, ("0.23.0", "0.26.0rc1")),
-    "w8a8mix": ("llama", "bfloat16", "w8a8mix", "ascend910b", SMALL, ("0.23.0",)),
-    "w4a16": ("llama", "bfloat16", "w4a16", "ascend910b", SMALL, ("0.23.0",)),
+    "w8a8d+kv8": ("llama", "bfloat16", "w8a8d,kv8", "ascend910b", SMALL, (), ("0.23.0", "0.26.0rc1")),
+    "w8a8mix": ("llama", "bfloat16", "w8a8mix", "ascend910b", SMALL, (), ("0.23.0",)),
+    "w4a16": ("llama", "bfloat16", "w4a16", "ascend910b", SMALL, (), ("0.23.0",)),
     # two-stage per-group (group 32): vLLM-Ascend loads it (its dense scheme is deprecated in 0.26.0rc1)
-    "w4a8d": ("llama", "bfloat16", "w4a8d", "ascend910b", SMALL, ("0.23.0",)),
-    "w8a8s": ("llama", "float16", "sparse:ratio=0.5,w8a8s", "ascend310p", SMALL, ("0.23.0",)),
-    "fa3": ("llama", "bfloat16", "w8a8,fa3", "ascend910b", SMALL, ("0.23.0",)),
-    "qwen2": ("qwen2", "bfloat16", "w8a8", "ascend910b", (8, 256), ("0.23.0",)),
+    "w4a8d": ("llama", "bfloat16", "w4a8d", "ascend910b", SMALL, (), ("0.23.0",)),
+    "w8a8s": ("llama", "float16", "sparse:ratio=0.5,w8a8s", "ascend310p", SMALL, (), ("0.23.0",)),
+    "fa3": ("llama", "bfloat16", "w8a8,fa3", "ascend910b", SMALL, (), ("0.23.0",)),
 }
 CASES = [(name, engine) for name, spec in ARTIFACTS.items() for engine in spec[-1]]
 
 
 def _artifact(compiled, name):
-    arch, dtype, passes, target, calib, _ = ARTIFACTS[name]
-    return compiled(arch, dtype, passes=passes, target=target, calib=calib)
+    arch, dtype, passes, target, calib, extra, _ = ARTIFACTS[name]
+    return compiled(arch, dtype, *extra, passes=passes, target=target, calib=calib)
 
 
 @pytest.mark.parametrize("name,engine", CASES, ids=[f"{n}-{e}" for n, e in CASES])

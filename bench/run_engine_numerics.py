@@ -17,7 +17,8 @@ both compile and eval); "after" rows run this checkout. Exactly these commands, 
 
 Rows: w8a8 with down_proj float (the core W8A8 row of BENCHMARKS.md), w8a8d, w8a16 (both revisions), w4a8d
 (REV: per-channel, the form no engine loads; this checkout: two-stage per-group, group 32). Results merge into
-bench/results/engine_numerics.json and are rendered to bench/results/engine_numerics.md (also printed).
+bench/results/engine_numerics.json and are rendered to bench/results/engine_numerics.md (also printed) and into
+BENCHMARKS.md between its `engine-numerics` markers. `--render` only re-renders the saved results (no runs).
 `--lock FILE` wraps every compile / eval in `flock FILE` (the machine's one-heavy-job-at-a-time lock) instead of
 holding it for the whole run. Artifacts (150-250 MB each) go to WORK (default ~/.cache/qc-bench/engine_numerics).
 """
@@ -130,8 +131,30 @@ def render(data: dict) -> str:
             fmt = lambda v: "" if v is None else str(v)  # noqa: E731
             lines.append(f"| {name} | {code} | `{r['passes']}` | {r['type']} | {r['group_size']} | {r['ppl']:.4f} | "
                          f"{ratio} | {delta} | {r['checker']} | {fmt(r['compile_s'])} | {fmt(r['eval_s'])} |")
+    missing = [f"{name}/{code}" for name in ROWS for code in ("before", "after") if (name, code) not in by]
+    if missing:
+        lines += ["", "Not measured yet (run `python3 bench/run_engine_numerics.py --lock /tmp/qc-heavy.lock --only "
+                  f"...`): {', '.join(missing)}."]
     lines += ["", f"Times: wall seconds on {platform.machine()} with {os.cpu_count()} CPUs, shared with other jobs."]
     return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+BEGIN, END = "<!-- engine-numerics:begin -->", "<!-- engine-numerics:end -->"
+
+
+def write_results(data: dict) -> str:
+    """Save `data` and its table: results json + md, and the block between BEGIN / END in BENCHMARKS.md."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "engine_numerics.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    table = render(data)
+    (RESULTS / "engine_numerics.md").write_text(table)
+    text = BENCHMARKS.read_text()
+    if BEGIN in text and END in text:
+        body = table.split("\n", 2)[2]  # without the md file's title line
+        head, rest = text.split(BEGIN, 1)
+        BENCHMARKS.write_text(head + BEGIN + "\n" + body + END + rest.split(END, 1)[1])
+    return table
 
 
 def main(argv=None) -> int:
@@ -142,12 +165,16 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true", help="re-evaluate an existing compiled OUT instead of compiling")
     ap.add_argument("--lock", help="flock this file around every compile / eval (e.g. /tmp/qc-heavy.lock)")
     ap.add_argument("--only", nargs="*", choices=sorted(ROWS), help="rows to run (default: all)")
+    ap.add_argument("--render", action="store_true", help="only re-render the saved results (no compile / eval)")
     a = ap.parse_args(argv)
+    saved = RESULTS / "engine_numerics.json"
+    if a.render:
+        print(write_results(json.loads(saved.read_text())), end="")
+        return 0
     if not (a.model / "config.json").is_file():
         raise SystemExit(f"{a.model} missing: build it with python3 {SHARED / 'models' / 'get_models.py'}")
     a.work.mkdir(parents=True, exist_ok=True)
     runner = Runner(a.lock)
-    saved = RESULTS / "engine_numerics.json"
     data = json.loads(saved.read_text()) if saved.is_file() else {"rows": {}}
     before_src, before_sha = unpack(a.before, a.work)
     after_sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True, capture_output=True,
@@ -155,15 +182,13 @@ def main(argv=None) -> int:
     data.update(before_code=f"{a.before} ({before_sha})", after_code=f"HEAD ({after_sha})")
     text, _ = runner.run(qcompile("eval", str(a.model), *EVAL_FLAGS), ROOT)
     data["float_ppl"] = json.loads(text.strip().splitlines()[-1])["ppl"]
-    RESULTS.mkdir(parents=True, exist_ok=True)
     for name in a.only or list(ROWS):
         for code, src, label in (("before", before_src, before_sha), ("after", ROOT, "head")):
             row = bench_row(runner, src, label, name, a.model, a.work, a.reuse)
             row["code"] = code
             data["rows"][f"{name}/{code}"] = row
-            saved.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-            (RESULTS / "engine_numerics.md").write_text(render(data))
-    print(render(data), end="")
+            write_results(data)
+    print(write_results(data), end="")
     return 0
 
 

@@ -2,7 +2,6 @@
 runs everywhere (no ../shared, no network): a tool that cannot set itself up (exit 2, e.g. no PyPI on a CI
 machine) skips the loader tests; any other set-up failure fails them; after set-up every exit code of the real
 run reaches the test."""
-import sys
 from pathlib import Path
 
 import pytest

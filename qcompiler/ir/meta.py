@@ -22,6 +22,9 @@ WEIGHT_QPARAMS = "qc_weight_qparams"
 #: float, on `aten.linear` nodes: fraction of zeros of the weight after the sparse pass pruned it
 #: (w8a8s requires it on every Linear it claims).
 SPARSITY = "qc_sparsity"
+#: str, on `aten.linear` nodes that stay float in the graph: the artifact quant type their float tensors carry
+#: (w16a16s: "W16A16S", a pruned float Linear); lowering records them under that type, unchanged.
+FLOAT_QUANT_TYPE = "qc_float_quant_type"
 #: TensorType, on nodes of a graph loaded from an executable graph file (ir/graph_json.py): the dtype and
 #: shape its FakeTensor `val` had when it was written (loaded graphs have no `val`).
 TENSOR_TYPE = "qc_tensor_type"

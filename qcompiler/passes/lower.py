@@ -18,6 +18,7 @@ W4A8_DYNAMIC (per-group):      x_q, s = qc.dynamic_quant(x)                     
                                                               s, group_size, dtype)
 W8A16, W4A16:                  y   = qc.weight_quant_matmul(x, weight, weight_scale, weight_offset, bias,
                                                             group_size, packing 0 | 1 (int4 along k) | 2)
+W16A16S (meta.FLOAT_QUANT_TYPE, no spec): the float aten.linear stays; its weight/bias are recorded as is.
 Every scale and bias buffer holds the value the engines hold (rounded to the model dtype, encode.py).
 Requires: annotated, calibrated. Produces: lowered.
 Limits: the quant types in `LOWERINGS`; anything else is an error naming the type. W4A8_DYNAMIC's
@@ -90,6 +91,13 @@ class _Lowering:
     def attr(self, target: str, value: torch.Tensor) -> torch.fx.Node:
         set_tensor(self.gm, target, value)
         return self.gm.graph.get_attr(target)
+
+    def float_tensors(self, site) -> dict[str, torch.Tensor]:
+        """The float weight (and bias) of a Linear that stays float in the graph (W16A16S)."""
+        tensors = {"weight": get_tensor(self.gm, site.weight.target).detach().contiguous()}
+        if site.bias is not None:
+            tensors["bias"] = get_tensor(self.gm, site.bias.target).detach().contiguous()
+        return tensors
 
     # ---- inputs of the encoders ------------------------------------------------------------------
     def weight_args(self, site):
@@ -249,6 +257,11 @@ class LowerAscend(Pass):
         lowered = []
         for site in linear_sites(gm):
             spec = site.node.meta.get(meta.QUANT_SPEC)
+            float_type = site.node.meta.get(meta.FLOAT_QUANT_TYPE)
+            if spec is None and float_type is not None:  # stays a float aten.linear; typed in the artifact
+                ctx.artifact[site.name] = LinearArtifact(float_type, state.float_tensors(site))
+                lowered.append(site.name)
+                continue
             if spec is None:
                 continue
             lower_fn = LOWERINGS.get(spec.quant_type)

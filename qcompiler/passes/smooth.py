@@ -101,12 +101,13 @@ class SmoothOptions:
         except (re.error, TypeError) as e:
             raise ValueError(f"match {self.match!r} is not a valid regular expression ({e})") from None
 
-    def kinds(self) -> set[str]:
-        return {SUBGRAPH_KINDS[t] for t in self.subgraphs.split("+")} - {None}
         if isinstance(self.grid, bool) or int(self.grid) != self.grid or not (1 <= self.grid <= 1000):
             raise ValueError(f"grid must be an integer in [1, 1000], got {self.grid!r}")
         if isinstance(self.tokens, bool) or int(self.tokens) != self.tokens or self.tokens < 16:
             raise ValueError(f"tokens must be an integer >= 16, got {self.tokens!r}")
+
+    def kinds(self) -> set[str]:
+        return {SUBGRAPH_KINDS[t] for t in self.subgraphs.split("+")} - {None}
 
 
 @dataclass

@@ -191,7 +191,8 @@ def test_order_contract():
     assert "smoothed" in PassManager([make_pass(n) for n in ("smooth", "w8a8", *TAIL)]).validate()
 
 
-@pytest.mark.parametrize("bad", [{"alpha": "1.5"}, {"grid": "0"}, {"tokens": "4"}, {"shift": "maybe"}, {"beta": "1"}])
+@pytest.mark.parametrize("bad", [{"alpha": "1.5"}, {"grid": "0"}, {"tokens": "4"}, {"shift": "maybe"}, {"beta": "1"},
+                                 {"subgraphs": "norm-linear+qkv"}, {"match": "("}])
 def test_bad_options(bad):
     with pytest.raises(QCError):
         make_pass("smooth", bad)

@@ -39,6 +39,7 @@ from .passes import TAIL, LayerContext, PassManager, make_pass
 from .passes.fallback import check_fallback, fallback_index, presweep
 from .passes.group_size import first_claim, model_linear_shapes, resolve_group_sizes
 from .passes.instruments import DumpInstrument, StatsInstrument, TimingInstrument
+from .passes.simulate_tp import check_simulate_tp
 from .policy import policy_excludes, resolve_policy
 from .report import write_report
 from .executable import EXECUTABLE_DIR, ExecutableWriter
@@ -183,6 +184,7 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     check_scheme_groups(pm.passes, ckpt.config, opts.exclude)
     check_fallback(pm.passes, ckpt.config, opts.exclude)
     pm.passes, group_size = resolve_group_sizes(pm.passes, ckpt.config, opts.exclude)
+    check_simulate_tp(pm.passes, ckpt.config, group_size)
     features = pipeline_features(pm.passes, ckpt.config, opts.exclude, ckpt.has, target.name, ckpt.model_type)
     warnings = warnings + check_engine(opts.engine, features)  # --engine: exit 2 here if it cannot load it
     _check_dump(dump)

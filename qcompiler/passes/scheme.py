@@ -16,7 +16,7 @@ holds the decided group (gptq/awq read it there). A pass run directly on one lay
 `group=None` resolves the default over that layer's Linears with the same rule.
 Observers (options on every scheme pass; values become types of ir/qspec.py on the spec, read by
 observe and lower): `weight_observer=minmax|mse`; static schemes (w8a8, w8a8mix) also take
-`act_observer=minmax|percentile|entropy` and `percentile=P` (with act_observer=percentile).
+`act_observer=minmax|percentile|entropy|histogram` and `percentile=P` (with act_observer=percentile).
 Requires: captured. Produces: annotated.
 """
 import dataclasses
@@ -25,15 +25,15 @@ from dataclasses import dataclass, field
 
 from ..ir import meta
 from ..ir.patterns import get_tensor, linear_sites
-from ..ir.qspec import (Entropy, LinearQuantSpec, MinMax, MSEClip, PerChannel, PerGroup, Percentile,
-                        TensorQuant)
+from ..ir.qspec import (Entropy, L2Histogram, LinearQuantSpec, MinMax, MSEClip, PerChannel, PerGroup,
+                        Percentile, TensorQuant)
 from .base import Pass, PassResult
 from .group_size import GROUP_SIZES, default_group_size
 
 
 #: option values -> observer types (ir/qspec.py); the options stay strings so `name:key=value` parses them
 WEIGHT_OBSERVER_NAMES = {"minmax": MinMax, "mse": MSEClip}
-ACT_OBSERVER_NAMES = {"minmax": MinMax, "percentile": Percentile, "entropy": Entropy}
+ACT_OBSERVER_NAMES = {"minmax": MinMax, "percentile": Percentile, "entropy": Entropy, "histogram": L2Histogram}
 
 
 def _check_choice(key: str, value, choices) -> None:
@@ -69,9 +69,10 @@ class SchemeOptions:
 @dataclass(frozen=True)
 class StaticSchemeOptions(SchemeOptions):
     """act_observer (static activation range from calibration): minmax (default), percentile (the
-    `percentile` / 100 - `percentile` quantiles; percentile default 99.99, only with act_observer=percentile)
-    or entropy (TensorRT KL threshold); ir/histogram.py."""
-    act_observer: str = field(default="minmax", metadata={"choices": "minmax|percentile|entropy"})
+    `percentile` / 100 - `percentile` quantiles; percentile default 99.99, only with act_observer=percentile),
+    entropy (TensorRT KL threshold) or histogram (L2-optimal clip range, PyTorch's / msModelSlim's histogram
+    observer); ir/histogram.py."""
+    act_observer: str = field(default="minmax", metadata={"choices": "minmax|percentile|entropy|histogram"})
     percentile: float | None = field(default=None, metadata={"choices": "50 < P <= 100, default 99.99"})
 
     def __post_init__(self):

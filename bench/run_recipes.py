@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's qcompiler, not an installed one
 from run_pipelines import CALIB, EVAL, MODELS, SHARED, HeavyLock, check, load1, qcompile, run_measured  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -119,10 +119,13 @@ class CompileOptions:
     policy: str = "auto"               # built-in float Linears (policy.py): auto | qwen | none
     trust_remote_code: bool = False    # --trust-remote-code (trust.py): accept auto_map; never runs code
     engine: str = "any"                # engines that must load the artifact (engine_check.py)
+    calib_texts: tuple[str, ...] | None = None  # calibration text given inline (msModelSlim calib_texts)
+    part_file_size: int | None = None  # GiB per weight shard (None: the writer's 5 GiB), 0: one file
 
     def calib_shape(self) -> tuple[int, int]:
         """(sequences, tokens per sequence) of calibration, defaults resolved."""
-        n, length = FILE_CALIB_DEFAULT if self.calib is not None else SAMPLED_CALIB_DEFAULT
+        given = self.calib is not None or bool(self.calib_texts)
+        n, length = FILE_CALIB_DEFAULT if given else SAMPLED_CALIB_DEFAULT
         return (self.calib_samples or n, self.seq_len or length)
 
     def __post_init__(self):
@@ -130,6 +133,9 @@ class CompileOptions:
             raise QCError(f"--calib-samples must be >= 1, got {self.calib_samples}")
         if self.seq_len is not None and self.seq_len < 2:
             raise QCError(f"--seq-len must be >= 2, got {self.seq_len}")
+        if self.part_file_size is not None and (isinstance(self.part_file_size, bool) or self.part_file_size < 0):
+            raise QCError(f"part_file_size must be an integer >= 0 (GiB per weight file, 0 = one file), got "
+                          f"{self.part_file_size!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise QCError(f"--batch-size must be >= 1, got {self.batch_size}")
         from .policy import check_policy

@@ -33,6 +33,7 @@ from .engine_check import check_engine, engine_report, pipeline_features
 from .errors import QCError
 from .ir.capture import HFSkeleton, LayerInputs
 from .loading import check_float16_range, dtype_name, load_tokenizer, open_checkpoint
+from .memory import check_sampling_memory
 from .model_zoo import resolve_model_dir
 from .outdir import OutputFolder, estimate_output_bytes
 from .passes import TAIL, LayerContext, PassManager, make_pass
@@ -111,13 +112,23 @@ def _calibration_windows(opts, skeleton, tokenizer, texts, log):
     if texts is not None:
         n, seq_len = opts.calib_shape()
         windows = make_windows(tokenizer, texts, seq_len, n)
-        return windows, f"{opts.calib} ({windows.shape[0]} x {windows.shape[1]} tokens)"
+        where = opts.calib if opts.calib is not None else f"{len(texts)} calibration texts given inline"
+        return windows, f"{where} ({windows.shape[0]} x {windows.shape[1]} tokens)"
     n, seq_len = opts.calib_shape()
     log(f"no --calib: sampling {n} x {seq_len} tokens from the float model (seed 0)")
     with skeleton.float_model() as model:  # the validated safetensors, never *.bin (capture.py)
         windows = sample_windows_from_model(model, tokenizer, n, seq_len, seed=0)
     return windows, (f"sampled from the float model itself ({windows.shape[0]} x {windows.shape[1]} tokens, "
                      "seed 0, temperature 1)")
+
+
+def shard_limit(part_file_size: int | None) -> dict:
+    """ArtifactWriter arguments for msModelSlim's part_file_size (GiB of 2**30 bytes, its ONE_GB_FILE_BYTES;
+    0 = everything in one file: msmodelslim/core/quant_service/modelslim_v1/save/ascendv1.py
+    `get_safetensors_writer`)."""
+    if part_file_size is None:
+        return {}
+    return {"max_shard_bytes": part_file_size * 2**30 if part_file_size > 0 else 2**62}
 
 
 def _check_dump(dump: Path | None) -> None:
@@ -193,6 +204,10 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
                         f"target {target.name} runs float16 only (use a checkpoint that fits it, or "
                         f"--target ascend910b --dtype bfloat16)")
     texts = read_texts(opts.calib) if opts.calib is not None else None  # a bad file fails before any work
+    if texts is None and opts.calib_texts:
+        texts = list(opts.calib_texts)
+    if texts is None:  # calibration sampled from the whole float model: it must fit (memory.py)
+        check_sampling_memory(ckpt, *opts.calib_shape())
     for w in warnings:
         log(f"warning: {w}")
     out.check_free_space(estimate_output_bytes(ckpt, pm.passes, opts.exclude))
@@ -226,7 +241,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
         instruments.append(DumpInstrument(dump))
     pm.instruments = instruments
 
-    writer = ArtifactWriter(tmp, ckpt.dtype)
+    writer = ArtifactWriter(tmp, ckpt.dtype, **shard_limit(opts.part_file_size))
     executable = ExecutableWriter(tmp / EXECUTABLE_DIR)
     writer.add("model.embed_tokens.weight", head.embed_weight, "FLOAT")
     layers_report = []

@@ -76,6 +76,43 @@ ANTI_METHODS = {
     "m6": ("smooth", {"subgraphs": "norm-linear+up-down"}),
 }
 
+#: per flag, what it becomes here (`qcompile quant --help`)
+FLAG_HELP = {
+    "part_file_size": "GiB per weight file (0: one file)",
+    "calib_texts": "calibration texts given inline",
+    "w_bit": "weight bits: with a_bit / is_dynamic / co_sparse / is_lowbit, the scheme (default 8)",
+    "a_bit": "activation bits, 8 or 16 (default 8)",
+    "disable_names": "Linears kept float (--exclude); default: the script's (every down_proj at a_bit 8, ...)",
+    "device_type": "cpu or npu: the compile runs on CPU either way",
+    "fraction": "W8A8S: outlier fraction per row kept at int8 codes (w8a8s:fraction=), 0.01..0.1",
+    "act_method": "1 minmax, 2 histogram, 3 auto (-> histogram): act_observer=",
+    "co_sparse": "true: W8A8S sparse quantization (w_bit 4, a_bit 8; --target ascend310p --dtype float16)",
+    "anti_method": "m1 smooth:alpha=0.5 (norm), m2 smooth:shift=true (norm), m3 awq, m4 smooth, m6 smooth (norm + "
+                   "up-down); m5 not available",
+    "disable_level": "LN: fallback:level=N (the N most sensitive Linears float)",
+    "do_smooth": "W8A8S: smooth before it",
+    "use_sigma": "W8A8S: outliers by sigma_factor x std (w8a8s:sigma=)",
+    "use_reduce_quant": "not available (MindIE all-reduce quantization)",
+    "tp_size": "simulate_tp:size=N on o_proj / down_proj (1, 2, 4, 8, 16)",
+    "sigma_factor": "use_sigma's factor, 3.0..4.0",
+    "is_lowbit": "with w_bit 4 a_bit 8: W8A8S (lowbit); with open_outlier false: per-group weights",
+    "mm_tensor": "accepted: the scripts always pass mm_tensor=False (per-channel weights)",
+    "w_sym": "true only (asymmetric weights are not written)",
+    "use_kvcache_quant": "kv8 (C8 int8 KV cache)",
+    "use_fa_quant": "fa3 (FAQuant)",
+    "fa_amp": "0 only",
+    "open_outlier": "false with is_lowbit: per-group weights of group_size",
+    "group_size": "per-group size: 32, 64, 128, 256",
+    "is_dynamic": "per-token activations: W8A8_DYNAMIC (w8a8d) / W4A8_DYNAMIC (w4a8d)",
+    "input_ids_name": "default only", "attention_mask_name": "default only",
+    "tokenizer_args": "JSON with padding_side / pad_token only (calibration is not padded)",
+    "disable_last_linear": "true only (lm_head always stays float)",
+    "model_name": "accepted", "model_type": "llama / llama2 / llama3 / llama3.1_* or qwen1.5 / qwen2 / qwen2.5 / qwen3",
+    "anti_calib_file": "not available (one calibration set)", "disable_threshold": "0 only (closed score)",
+    "pdmix": "W8A8_MIX (w8a8mix)", "mindie_format": "not available", "layer_count": "0 only",
+    "w_method": "MinMax, or GPTQ (gptq before the scheme)",
+}
+
 #: the help table: flag -> what it becomes
 FLAG_MAP = {
     "w_bit / a_bit / is_dynamic / co_sparse / is_lowbit": "the scheme pass (w8a8, w8a8mix, w8a8d, w8a16, w4a16, "

@@ -126,11 +126,11 @@ def _v1(path: Path, spec: dict, config: dict, calib_given: bool) -> FrontPlan:
         gptq_opts = gptq_blocks[0]
     if sparse and schemes:
         bad.add("float_sparse with linear_quant", "a float-sparse Linear is not quantized again (W16A16S)")
-    for i, (name, opts) in enumerate(smooth):
+    for name, opts in smooth:
         if name == "awq":
             want = _awq_bits(opts.pop("_weight_qconfig"), schemes)
             if want:
-                bad.add(f"awq weight_qconfig", want)
+                bad.add("awq weight_qconfig", want)
     for i, saver in enumerate(spec.get("save") or []):
         where = f"spec.save[{i}]"
         if not isinstance(saver, dict) or saver.get("type") != "ascendv1_saver":

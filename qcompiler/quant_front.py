@@ -36,7 +36,7 @@ from pathlib import Path
 from . import trust
 from .errors import QCError
 from .msmodelslim_flags import DEFAULTS as SCRIPT_DEFAULTS
-from .msmodelslim_flags import FLAG_MAP
+from .msmodelslim_flags import FLAG_HELP, FLAG_MAP
 from .recipes import QUANT_TYPE_RECIPES, check_quant_type
 
 #: one-click flags besides the shared ones; the traditional flags are SCRIPT_DEFAULTS' keys
@@ -86,13 +86,15 @@ def parser() -> QuantArgumentParser:
     trad = p.add_argument_group("traditional scripts (quant_llama.py / quant_qwen.py)")
     trad.add_argument("--save_directory", type=Path, default=None, help="output folder (the scripts' name)")
     for flag in SCRIPT_FLAGS:
+        help_text = FLAG_HELP[flag]
         if flag in LIST_FLAGS:
-            trad.add_argument(f"--{flag}", nargs="+", default=None)
+            trad.add_argument(f"--{flag}", nargs="+", default=None, metavar="TEXT", help=help_text)
         elif flag in STORE_TRUE_FLAGS:
-            trad.add_argument(f"--{flag}", action="store_const", const=True, default=None)
+            trad.add_argument(f"--{flag}", action="store_const", const=True, default=None, help=help_text)
         else:
-            trad.add_argument(f"--{flag}", default=None, metavar=str(SCRIPT_DEFAULTS[flag]).upper() if
-                              SCRIPT_DEFAULTS[flag] is not None else "VALUE")
+            default = SCRIPT_DEFAULTS[flag]
+            trad.add_argument(f"--{flag}", default=None, metavar="VALUE",
+                              help=help_text + ("" if default in (None, "") else f" [script default {default}]"))
     own = p.add_argument_group("qcompile")
     own.add_argument("--calib_file", type=Path, default=None,
                      help=".jsonl (inputs_pretokenized or text) or .txt calibration text")

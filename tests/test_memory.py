@@ -11,7 +11,6 @@ from qcompiler.loading import open_checkpoint
 def test_estimate_counts_every_weight_at_the_compile_dtype(tiny_models):
     ckpt = open_checkpoint(tiny_models["llama"])
     floats, other = memory.weight_numel(ckpt)
-    import torch
     from safetensors.torch import load_file
     state = {}
     for f in set(ckpt.weight_map.values()):

@@ -85,7 +85,7 @@ class SmoothOptions:
     shift: bool = False
     tokens: int = 1024
     beta: float | None = None
-    subgraphs: str = field(default=ALL_SUBGRAPHS, metadata={"choices": "norm-linear+ov+up-down (any subset)"})
+    subgraphs: str = field(default=ALL_SUBGRAPHS, metadata={"choices": "any '+'-joined subset"})
     match: str = ".*"
 
     def __post_init__(self):

@@ -53,7 +53,8 @@ DOWN_FLOAT = ("--exclude", r"mlp\.down_proj")
 CANDIDATES = {
     "w8a8": [("smooth,w8a8", (), "alpha searched per group"),
              ("smooth,gptq,w8a8", (), ""),
-             ("smooth:shift=true,w8a8", (), "qwen2 only: shift needs the q/k/v biases")],
+             ("smooth:shift=true,w8a8", (), "qwen2 only: shift needs the q/k/v biases"),
+             ("smooth,w8a8:act_observer=histogram", (), "L2 histogram clip range (msModelSlim act_method 2)")],
     "w8a8_dynamic": [("w8a8d", (), ""), ("smooth,w8a8d", (), "")],
     "w8a8c8": [("+kv8:w8a8", (), "the w8a8 recipe + int8 KV cache")],
     "w8a16": [("w8a16", (), "RTN, calibration-free"), ("gptq,w8a16", (), "")],
@@ -66,7 +67,9 @@ CANDIDATES = {
     "w8a8s": [("sparse:ratio=0,w8a8s", FP16_310P, "msModelSlim's lowbit: 4-bit codes, no pruning"),
               ("smooth,sparse:ratio=0,gptq,w8a8s", FP16_310P, "lowbit + smooth + gptq"),
               ("smooth,sparse:ratio=0,gptq,w8a8s", FP16_310P + DOWN_FLOAT,
-               "as msModelSlim's W8A8S practice: every down_proj float")],
+               "as msModelSlim's W8A8S practice: every down_proj float"),
+              ("smooth,sparse:ratio=0,w8a8s:fraction=0.01", FP16_310P,
+               "co_sparse's default fraction: 1% weight outliers keep int8 codes")],
     "w16a16s": [("sparse:ratio=0.3,w16a16s", (), "sparsegpt, msModelSlim float_sparse's default ratio 0.3")],
 }
 ONLY_VARIANT = {("w8a8", "smooth:shift=true,w8a8"): "qwen2"}

@@ -367,6 +367,10 @@ def plan_from_settings(given: dict, config: dict, model_type: str, label, where:
         passes.append(("fa3", {}))
     if s["tp_size"] > 1:
         passes.append(("simulate_tp", pass_options(size=s["tp_size"])))
+        if script:
+            notes.append(f"{label('tp_size')} {s['tp_size']}: the scripts parse it without passing it on; qcompile "
+                         f"applies what the flag table documents (QuantConfig.simulate_tp: per-card communication "
+                         f"Linears)")
     if int(level.group(1)) > 0:
         passes.append(("fallback", pass_options(level=int(level.group(1)))))
     bad.raise_if_any()

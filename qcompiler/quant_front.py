@@ -140,7 +140,7 @@ def choose_mode(a: argparse.Namespace) -> str:
     given = script_settings(a)
     bits_only = set(given) <= {"w_bit", "a_bit"}
     if a.config_path is not None:
-        if given and not bits_only:
+        if given:
             raise QCError(f"--config_path cannot be combined with the traditional script flags "
                           f"{', '.join('--' + k for k in given)}")
         return "config"

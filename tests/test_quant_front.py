@@ -97,6 +97,7 @@ def test_help_names_every_quant_type_its_recipe_and_what_trust_remote_code_chang
     (["--quant_type", "w8a8", "--w_bit", "4"], ("--w_bit 4 contradicts --quant_type w8a8", "--w_bit 8")),
     (["--quant_type", "w4a16", "--a_bit", "8"], ("--a_bit 8 contradicts --quant_type w4a16",)),
     (["--quant_type", "w8a8", "--anti_method", "m1"], ("cannot be combined with the traditional", "--anti_method")),
+    (["--config_path", "c.yaml", "--w_bit", "8"], ("--config_path cannot be combined", "--w_bit")),
     (["--device", "gpu"], ("--device 'gpu' is not supported", "cpu, npu")),
     (["--calib_file", "/nonexistent.jsonl"], ("--calib_file /nonexistent.jsonl does not exist",)),
     (["--calib_file=", "x.jsonl"], ("unrecognized arguments: x.jsonl", "--calib_file= has an empty value")),

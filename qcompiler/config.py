@@ -121,6 +121,8 @@ class CompileOptions:
     engine: str = "any"                # engines that must load the artifact (engine_check.py)
     calib_texts: tuple[str, ...] | None = None  # calibration text given inline (msModelSlim calib_texts)
     part_file_size: int | None = None  # GiB per weight shard (None: the writer's 5 GiB), 0: one file
+    source: str | None = None          # how the options were chosen (qcompile quant: recipe / config / flags)
+    notes: tuple[str, ...] = ()        # what a front decided on the way (reported)
 
     def calib_shape(self) -> tuple[int, int]:
         """(sequences, tokens per sequence) of calibration, defaults resolved."""

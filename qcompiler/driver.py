@@ -289,6 +289,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
         "model": str(opts.model), "model_dir": str(ckpt.path), "architecture": ckpt.architecture,
         "target": target.name, "dtype": dtype_name(ckpt.dtype), "passes": pm.names,
         "pass_options": [[n, {k: str(v) for k, v in o.items()}] for n, o in opts.passes],
+        "source": opts.source, "notes": list(opts.notes),
         "exclude": list(opts.exclude), "policy": opts.policy, "calibration": calib_source,
         "model_quant_type": description["model_quant_type"], "warnings": warnings,
         "engine": opts.engine, "engines": engines or {},

@@ -205,7 +205,8 @@ def compile_options(plan, model_dir: Path, out: Path, a: argparse.Namespace, for
                           calib_texts=tuple(plan.calib_texts) if plan.calib_texts and calib is None else None,
                           calib_samples=a.calib_samples, seq_len=a.seq_len, exclude=tuple(plan.exclude),
                           force=force, policy=plan.policy, part_file_size=plan.part_file_size,
-                          trust_remote_code=a.trust_remote_code)
+                          trust_remote_code=a.trust_remote_code,
+                          source=f"qcompile quant: {plan.source}", notes=tuple(plan.notes))
 
 
 def run(argv) -> dict:
@@ -229,9 +230,10 @@ def run(argv) -> dict:
     elif out.exists() and not a.force:
         raise QCError(f"{'--save_path' if a.save_path is not None else '--save_directory'} {out} already exists and "
                       f"is not empty; choose another one or pass --force to replace it")
+    plan.notes[:0] = notes
     opts = compile_options(plan, model_dir, out, a, force)
     for line in [f"qcompile quant: {plan.source}", f"  = qcompile {a.model_path} {plan.describe()}"] + \
-            [f"  note: {n}" for n in notes + plan.notes]:
+            [f"  note: {n}" for n in plan.notes]:
         print(line, file=sys.stderr)
     report = compile_model(opts)
     print(f"wrote {out}: {report['model_quant_type']} ({report['dtype']}) from {plan.describe()}, "

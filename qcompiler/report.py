@@ -11,6 +11,10 @@ def _markdown(r: dict) -> str:
         "",
         f"- architecture: {r['architecture']}, dtype {r['dtype']}, target {r['target']}",
         f"- passes: {', '.join(r['passes'])}",
+    ]
+    if r.get("source"):
+        lines += [f"- chosen by: {r['source']}"] + [f"  - {n}" for n in r.get("notes") or []]
+    lines += [
         f"- excluded (kept float): {', '.join(r['exclude']) or 'none'} (policy {r.get('policy', 'none')}); "
         "lm_head and embeddings float",
         f"- calibration: {r['calibration']}",

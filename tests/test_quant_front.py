@@ -63,6 +63,8 @@ def test_every_quant_type_compiles_its_recipe(capsys, tiny_models, calib_file, t
     types = {v for k, v in desc.items() if k.endswith("mlp.gate_proj.weight")}
     assert types == {model_type}, types
     report = json.loads((out / "qcompile_report.json").read_text())
+    assert report["source"].startswith(f"qcompile quant: best practice of --quant_type {quant_type}")
+    assert "chosen by: qcompile quant: best practice" in (out / "qcompile_report.md").read_text()
     assert report["dtype"] == dtype and report["passes"][:len(parse_passes(recipe.passes))] == \
         [n for n, _ in parse_passes(recipe.passes)]
 

@@ -5,13 +5,14 @@ A FrontPlan becomes exactly the `CompileOptions` that `qcompile MODEL --passes .
 `compile_options`), so every front runs the same validation, compile, artifact and report as the main command.
 
 Names: msModelSlim selects modules by exact name (traditional `disable_names`, QuantConfig) or by glob
-(v1 `include` / `exclude`, msmodelslim/utils/config_map.py `ConfigSet`: wcmatch fnmatch with BRACE, so
-`model.layers.{1,2}.mlp.up_proj` expands). Globs are resolved against this model's module names
-(`glob_select`, the same test ConfigSet applies), and the selected names become the regexes our passes take
-(`match=`, `--exclude`) through `names_regex`.
+(v1 `include` / `exclude`, msmodelslim/utils/config_map.py `ConfigSet.__contains__` / `_brace_fnmatch`: the
+standard library's fnmatch after `{a,b}` brace expansion, so `model.layers.{1,2}.mlp.up_proj` expands). Globs
+are resolved against this model's module names (`glob_select`, the same test ConfigSet applies), and the
+selected names become the regexes our passes take (`match=`, `--exclude`) through `names_regex`.
 """
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,14 +89,70 @@ def names_regex(names, num_layers: int) -> str:
     return "^(" + "|".join(parts) + ")$"
 
 
+def expand_braces(pattern: str) -> list[str]:
+    """The plain globs a pattern with `{a,b,...}` alternatives stands for, in order, duplicates removed
+    (msmodelslim/utils/config_map.py `_expand_braces`: the first unescaped brace group is cut at its top-level
+    commas and every alternative expanded again, so nested groups expand; a backslash escapes the next
+    character; when that first group has no top-level comma or no closing brace the whole pattern is literal)."""
+    open_at = _unescaped_index(pattern, "{")
+    if open_at < 0:
+        return [pattern]
+    depth, i = 0, open_at
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            i += 2
+            continue
+        depth += (ch == "{") - (ch == "}")
+        if depth == 0:
+            alternatives = _top_level_split(pattern[open_at + 1:i])
+            if len(alternatives) < 2:
+                return [pattern]
+            head, tail = pattern[:open_at], pattern[i + 1:]
+            return list(dict.fromkeys(g for alt in alternatives for g in expand_braces(head + alt + tail)))
+        i += 1
+    return [pattern]
+
+
+def _unescaped_index(text: str, char: str) -> int:
+    """Index of the first `char` in `text` not escaped by a backslash, -1 when there is none."""
+    i = 0
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == char:
+            return i
+        i += 1
+    return -1
+
+
+def _top_level_split(inner: str) -> list[str]:
+    """`inner` cut at the commas outside nested braces and not escaped by a backslash."""
+    parts, current, depth, i = [], "", 0, 0
+    while i < len(inner):
+        ch = inner[i]
+        if ch == "\\":
+            current += inner[i:i + 2]
+            i += 2
+            continue
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            depth += (ch == "{") - (ch == "}")
+            current += ch
+        i += 1
+    return parts + [current]
+
+
 def glob_select(names, include, exclude=()) -> list[str]:
     """The names msModelSlim's include/exclude select: in some include and in no exclude, where a pattern
-    holds a name when it equals it or matches it as a glob (utils/config_map.py `ConfigSet.__contains__`:
-    wcmatch fnmatch with BRACE, so `model.layers.{1,2}.mlp.up_proj` expands)."""
-    from wcmatch import fnmatch
-
+    holds a name when it equals it or matches one of its brace expansions as an fnmatch glob
+    (utils/config_map.py `ConfigSet.__contains__` / `_brace_fnmatch`; `*` crosses dots, matching is
+    case-sensitive as on the Linux hosts msModelSlim runs on)."""
     def holds(patterns, name):
-        return any(name == p or fnmatch.fnmatch(name, p, flags=fnmatch.BRACE) for p in patterns)
+        return any(name == p or any(fnmatch.fnmatchcase(name, g) for g in expand_braces(p)) for p in patterns)
     return [n for n in names if holds(include, n) and not holds(exclude, n)]
 
 

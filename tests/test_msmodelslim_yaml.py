@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qcompiler import cli
-from qcompiler.msmodelslim_plan import glob_select, names_regex
+from qcompiler.msmodelslim_plan import expand_braces, glob_select, names_regex
 from qcompiler.msmodelslim_yaml import plan_from_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "msmodelslim"
@@ -183,3 +183,17 @@ def test_globs_select_as_msmodelslim_configset():
     import re
     assert [n for n in names if re.search(rx, n)] == [n for n in names if "down" not in n]
     assert ":" not in rx and "," not in rx   # it is printed inside --passes name:key=value,...
+
+
+def test_brace_expansion_as_msmodelslim_expand_braces():
+    """config_map.py `_expand_braces`: nested groups expand, an escaped comma does not cut, and a first group
+    without a comma or without its closing brace leaves the whole pattern literal (then fnmatch sees `{`)."""
+    assert expand_braces("a.{b,c{d,e}}.f") == ["a.b.f", "a.cd.f", "a.ce.f"]
+    assert expand_braces("l.{0,1}.{q,k}") == ["l.0.q", "l.0.k", "l.1.q", "l.1.k"]
+    assert expand_braces("x{a\\,b}") == ["x{a\\,b}"]
+    assert expand_braces("x{a}.{b,c}") == ["x{a}.{b,c}"]
+    assert expand_braces("x{a,b") == ["x{a,b"]
+    assert expand_braces("{a,a}") == ["a"]
+    names = ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+    assert glob_select(names, ["model.layers.{0,1}.mlp.{up,gate}_proj"]) == names[:2]
+    assert glob_select(names, ["MODEL.*"]) == []          # case-sensitive, as on Linux

@@ -125,6 +125,15 @@ def check_quant_type(quant_type: str) -> QuantTypeRecipe:
                   f"{', '.join(QUANT_TYPE_RECIPES)}")
 
 
+def markdown_table() -> list[str]:
+    """The recipe table README.md shows ("msModelSlim users"; tests/test_recipes.py keeps the two equal)."""
+    lines = ["| --quant_type | artifact | Llama | Qwen2 / Qwen3 |", "|---|---|---|---|"]
+    for q in QUANT_TYPE_RECIPES.values():
+        lines.append(f"| {q.quant_type} | {q.artifact} | `{q.llama.describe()}` | "
+                     + ("same" if q.qwen == q.llama else f"`{q.qwen.describe()}`") + " |")
+    return lines
+
+
 def recipe_for(quant_type: str, model_type: str) -> Recipe:
     """The best-practice Recipe of `quant_type` for a model of config.json `model_type`."""
     return check_quant_type(quant_type).for_family(arch_family(model_type))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qcompiler.errors import QCError
-from qcompiler.recipes import QUANT_TYPE_RECIPES, arch_family, check_quant_type, recipe_for
+from qcompiler.recipes import QUANT_TYPE_RECIPES, arch_family, check_quant_type, markdown_table, recipe_for
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "recipes.json"
 
@@ -49,3 +49,9 @@ def test_families_and_unknown_types():
         check_quant_type("w4a4")
     with pytest.raises(QCError, match="expected one of w8a8"):
         check_quant_type("int8")
+
+
+def test_readme_shows_the_recipe_table():
+    """README's table is recipes.py's (one source of truth; regenerate with recipes.markdown_table())."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "\n".join(markdown_table()) in readme

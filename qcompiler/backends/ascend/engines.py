@@ -117,6 +117,10 @@ FEATURES = (
                              "AscendW8A8SLinearMethod310; w8a8_base.py get_perchannel_param"),
         MINDIE: Support(P310, "", _MI + "utils/layers/linear/__init__.py get_linear "
                         "([W8A8, W8A8S] -> W8A8LinearStatic)")}),
+    Feature("W16A16S", "`sparse,w16a16s`", "dense", {
+        VLLM_ASCEND: Support(NO, "no W16A16S scheme is registered", _VA + "methods (register_scheme: no W16A16S)"),
+        MINDIE: Support(A2, "a FastLinear on the pruned float weight", _MI + "utils/layers/linear/__init__.py "
+                        "get_linear (W16A16S -> FastLinear)", unsure=P310)}),
     Feature("C8", "`kv8`", "dense", {
         VLLM_ASCEND: Support(A2, "for llama/qwen2; 0.23.0 maps the scales for qwen3 / glm4_moe / minimax_m2 "
                              "only (patch/worker/patch_gqa_c8.py)", _VA + "methods/kv_c8.py "

@@ -283,10 +283,22 @@ class _Lowering:
         tensors = encode.encode_w4a8_dynamic(weight, bias, site.name in ROW_PARALLEL, group, self.ctx.dtype,
                                              **given)
         g = self.gm.graph
+        n = self.shards(site)
         with g.inserting_before(site.node):
+            ws = self.attr(f"{site.name}.weight_scale", tensors["weight_scale"])
+            if n > 1:  # card r: its input shard quantized per token, its k columns (packed along n) and groups
+                k = weight.shape[1]
+                parts = []
+                for r in range(n):
+                    dq = g.call_function(torch.ops.qc.dynamic_quant.default, (self.shard_input(site.input, r, n, k),))
+                    xq, s = g.call_function(operator.getitem, (dq, 0)), g.call_function(operator.getitem, (dq, 1))
+                    w = self.shard_attr(site.weight.target, tensors["weight"], 1, r, n)
+                    wss = self.shard_attr(f"{site.name}.weight_scale_second", tensors["weight_scale_second"], 1, r, n)
+                    parts.append(g.call_function(torch.ops.qc.quant_matmul_pergroup.default,
+                                                 (xq, w, ws, wss, s, group, self.ctx.dtype)))
+                return self.all_reduce(parts), tensors
             xq, s = self.dynamic_input(site)
             w = self.attr(site.weight.target, tensors["weight"])
-            ws = self.attr(f"{site.name}.weight_scale", tensors["weight_scale"])
             wss = self.attr(f"{site.name}.weight_scale_second", tensors["weight_scale_second"])
             y = g.call_function(torch.ops.qc.quant_matmul_pergroup.default,
                                 (xq, w, ws, wss, s, group, self.ctx.dtype))

@@ -16,7 +16,7 @@ from qcompiler.driver import compile_model
 from qcompiler.errors import QCError
 from qcompiler.ir import meta
 from qcompiler.passes import make_pass
-from tests.passes.test_schemes import _dynamic_linear, _fresh, _run, _unpack4, qwen2_layer  # noqa: F401
+from tests.passes.test_schemes import _dynamic_linear, _fresh, _run, _unpack4, _w4a8_linear, qwen2_layer  # noqa: F401
 from tests.passes.test_w8a8 import _linear_params, _w8a8_linear, reference_layer
 
 ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
@@ -24,10 +24,11 @@ ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
 
 def _card(p: dict, r: int, n: int, k: int) -> dict:
     """Card r's view of one Linear's artifact tensors: its k columns (packed int4 along k: k/2 columns; per-group
-    scales: its groups), bias / quant_bias on card 0 only."""
+    scales and W4A8_DYNAMIC's weight_scale_second: its groups), bias / quant_bias on card 0 only."""
     out = {}
     for name, t in p.items():
-        if name == "weight" or (name in ("weight_scale", "weight_offset") and t.dim() == 2 and t.shape[1] > 1):
+        if name in ("weight", "weight_scale_second") or (name in ("weight_scale", "weight_offset") and t.dim() == 2
+                                                          and t.shape[1] > 1):
             part = t.shape[1] // n
             out[name] = t[:, r * part:(r + 1) * part]
         elif name in ("bias", "quant_bias"):
@@ -54,8 +55,10 @@ def _weight_only(x, p, dtype, int4_dim):
 def _one(x, p, t, dtype, int4_dim=None):
     if t in ("W8A8", "W8A8_MIX"):
         return _w8a8_linear(x, p, dtype)
-    if t in ("W8A8_DYNAMIC", "W4A8_DYNAMIC"):
-        return _dynamic_linear(x, p, dtype, packed=t == "W4A8_DYNAMIC")
+    if t == "W8A8_DYNAMIC":
+        return _dynamic_linear(x, p, dtype)
+    if t == "W4A8_DYNAMIC":  # two-stage per-group: the group is k / the number of weight_scale_second columns
+        return _w4a8_linear(x, p, dtype, x.shape[-1] // p["weight_scale_second"].shape[1])
     if t in ("W8A16", "W4A16"):
         return _weight_only(x, p, dtype, int4_dim)
     if t == "FLOAT":
@@ -63,7 +66,7 @@ def _one(x, p, t, dtype, int4_dim=None):
     raise AssertionError(t)
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "w8a8d", "w8a8mix", "w8a16", "w4a16:group=32", "w4a8d",
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a8d", "w8a8mix", "w8a16", "w4a16:group=32", "w4a8d:match=o_proj|mlp",
                                     "w8a8d:match=q_proj|k_proj|v_proj"])
 def test_cards_match_the_per_card_formula(qwen2_layer, tiny_models, scheme):
     n = 2

@@ -13,7 +13,7 @@ QuantConfig / AntiOutlierConfig / Calibrator arguments): msmodelslim_yaml.py cal
 
 Flag -> passes (`FLAG_MAP` is the table `qcompile quant --help` prints):
   w_bit/a_bit/is_dynamic/co_sparse/is_lowbit/open_outlier/group_size -> the scheme (W8A8 w8a8, W8A8 + pdmix
-      w8a8mix, W8A8_DYNAMIC w8a8d, W8A16 w8a16, W4A16 w4a16, W4A8_DYNAMIC w4a8d (per-group form: issue 12),
+      w8a8mix, W8A8_DYNAMIC w8a8d, W8A16 w8a16, W4A16 w4a16, W4A8_DYNAMIC w4a8d:group=group_size (two-stage per-group),
       W8A8S sparse:ratio=0 + w8a8s (4-bit codes, 310P: --target ascend310p --dtype float16));
   act_method 1 -> act_observer=minmax; 2 (histogram) -> act_observer=histogram (L2 clip search, the base of
       msModelSlim's histogram observer); 3 (automatic mix, a closed algorithm) -> act_observer=histogram too,
@@ -39,7 +39,6 @@ attention_mask_name / tokenizer_args keys, W4A4.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -199,7 +198,7 @@ def quant_type_of(s: dict) -> str:
 
 
 def plan_from_settings(given: dict, config: dict, model_type: str, label, where: str, *, script: bool = True,
-                       anti: dict | None = None, registry=None) -> FrontPlan:
+                       anti: dict | None = None) -> FrontPlan:
     """Map the scripts' settings (`given`: flag -> value, only what the user set) onto a FrontPlan.
 
     `label(flag)` names a flag in messages (`--w_sym` on the command line, `spec.calib_cfg.w_sym` in a YAML);
@@ -208,8 +207,6 @@ def plan_from_settings(given: dict, config: dict, model_type: str, label, where:
     defaults as a modelslim_v0 YAML gets them (modelslim_v0/quant_service.py: QuantConfig(**calib_cfg), so
     mm_tensor defaults to True, per-tensor weights). `anti`: AntiOutlierConfig extras of a v0 YAML
     (`alpha` / `beta` of flex_config, `o_proj_disabled`)."""
-    from .passes import REGISTRY
-    registry = registry or REGISTRY
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
         raise QCError(f"{where}: unknown setting {', '.join(label(k) for k in unknown)} (not a flag of msModelSlim's "
@@ -349,13 +346,8 @@ def plan_from_settings(given: dict, config: dict, model_type: str, label, where:
         passes.append(("w8a16", pass_options(group=group)))
     elif qtype == "W4A16":
         passes.append(("w4a16", pass_options(group=group)))
-    elif qtype == "W4A8_DYNAMIC":
-        fields = {f.name for f in dataclasses.fields(registry["w4a8d"].Options)}
-        if "group" not in fields:
-            bad.add(f"{label('group_size')} {s['group_size']} (W4A8_DYNAMIC)",
-                    "the per-group W4A8_DYNAMIC form (two-stage scales, issue 12) is not in this qcompile yet; the "
-                    "per-channel form loads in no engine for dense Linears")
-        passes.append(("w4a8d", pass_options(group=s["group_size"]) if "group" in fields else {}))
+    elif qtype == "W4A8_DYNAMIC":  # msModelSlim builds it per-group only (checked above): issue 12's two-stage form
+        passes.append(("w4a8d", pass_options(group=s["group_size"])))
     elif qtype == "W8A8S":
         outliers = pass_options(sigma=s["sigma_factor"]) if s["use_sigma"] else pass_options(fraction=s["fraction"])
         passes.append(("w8a8s", {**pass_options(act_observer=act if act != "minmax" else None), **outliers}))

@@ -15,7 +15,8 @@ modelslim_v1 processors (spec.process, in order; `group` blocks are flattened in
                                                                           as w8a8_static.py represents both)
         act int8 per_token sym             + weight int8 per_channel sym -> w8a8d
         act int8 pd_mix asym               + weight int8 per_channel sym -> w8a8mix
-        act int8 per_token sym             + weight int4 per_channel sym -> w4a8d
+        act int8 per_token sym             + weight int4 per_group sym   -> w4a8d:group=ext.group_size
+                                             (int4 per_channel: no engine loads it dense, one line)
         no act (float)                     + weight int8 per_channel|per_group sym -> w8a16 (group = ext.group_size)
         no act (float)                     + weight int4 per_channel|per_group sym -> w4a16 (group 0 | ext.group_size)
       act method minmax -> act_observer=minmax, histogram -> act_observer=histogram (same L2 search,
@@ -257,8 +258,9 @@ def _scheme(where, a, w, bad, out):
     if ad != "int8":
         bad.add(f"{where}.qconfig.act.dtype {ad}", "activations are int8 here")
         return None, None
-    if group:
-        bad.add(f"{where}.qconfig.weight per_group with int8 activations", "per-group weights are weight-only here")
+    if group and not (bits == 4 and asc == "per_token"):
+        bad.add(f"{where}.qconfig.weight per_group with int8 {asc} activations", "per-group weights with int8 "
+                "activations are W4A8_DYNAMIC only (int4, per_token); otherwise weight-only")
         return None, None
     observer = {"minmax": None, "histogram": "histogram"}
     if asc == "per_tensor" and bits == 8:
@@ -272,7 +274,14 @@ def _scheme(where, a, w, bad, out):
     if asc == "per_token" and asym is True:
         if am != "minmax":
             bad.add(f"{where}.qconfig.act.method {am}", "per-token activations are min-max at run time")
-        return ("w8a8d" if bits == 8 else "w4a8d"), {}
+        if bits == 8:
+            return "w8a8d", {}
+        if not group:
+            bad.add(f"{where}.qconfig.weight int4 per_channel with per_token activations", "per-channel "
+                    "W4A8_DYNAMIC loads in no engine for a dense Linear (backends/ascend/engines.py): write scope "
+                    "per_group with ext.group_size 32|64|128|256 (the two-stage form)")
+            return None, None
+        return "w4a8d", pass_options(group=group)
     bad.add(f"{where}.qconfig act int8 {asc} {'symmetric' if asym else 'asymmetric'} with weight {wd}",
             "no such scheme (W8A8: per_tensor; W8A8_DYNAMIC / W4A8_DYNAMIC: per_token symmetric; W8A8_MIX: "
             "pd_mix asymmetric)")

@@ -70,6 +70,9 @@ def _same(passes: str, **kw) -> tuple[Recipe, Recipe]:
 
 
 _F310P = {"target": "ascend310p", "dtype": "float16"}
+#: Qwen2/Qwen3 q/k/v carry a bias, which no engine adds to a W4A8_DYNAMIC Linear (backends/ascend/engines.py
+#: "W4A8_DYNAMIC Linear bias"): in the W4A8 recipes they are W8A8_DYNAMIC (first scheme to claim a Linear wins)
+_QKV_W8A8D = r"w8a8d:match=self_attn\.[qkv]_proj"
 
 QUANT_TYPE_RECIPES: dict[str, QuantTypeRecipe] = {q.quant_type: q for q in (
     QuantTypeRecipe("w8a8", 8, 8, "W8A8 (static per-tensor activations)", *_same("smooth,w8a8"),
@@ -83,10 +86,14 @@ QUANT_TYPE_RECIPES: dict[str, QuantTypeRecipe] = {q.quant_type: q for q in (
                     "RTN is already at float perplexity (1.000x); calibration-free"),
     QuantTypeRecipe("w4a16", 4, 16, "W4A16 (weight-only int4, per-group)", *_same("awq,gptq,w4a16"),
                     "awq then gptq beats either alone and RTN (1.175x llama, 1.167x qwen2, group 64)"),
-    QuantTypeRecipe("w4a8", 4, 8, "W4A8_DYNAMIC (int4 weights, per-token activations)",
-                    *_same("awq,gptq,w4a8d"),
-                    "best measured int4 per-channel pipeline (the per-group form waits for issue 12)"),
-    QuantTypeRecipe("w4a8c8", 4, 8, "W4A8_DYNAMIC + C8 KV cache", *_same("awq,gptq,w4a8d,kv8"),
+    QuantTypeRecipe("w4a8", 4, 8, "W4A8_DYNAMIC (int4 two-stage per-group weights, per-token activations)",
+                    Recipe("awq,gptq,w4a8d:group=32"), Recipe(f"awq,gptq,{_QKV_W8A8D},w4a8d:group=32"),
+                    "awq then gptq, the best int4 pipeline measured (per-channel, before issue 12: 1.41x llama "
+                    "vs gptq alone 1.70x), in issue 12's per-group form at msModelSlim's LLaMA-3.1 group 32; "
+                    "qwen2/qwen3's biased q/k/v take W8A8_DYNAMIC (no engine adds a W4A8_DYNAMIC Linear's bias, "
+                    "backends/ascend/engines.py)"),
+    QuantTypeRecipe("w4a8c8", 4, 8, "W4A8_DYNAMIC + C8 KV cache",
+                    Recipe("awq,gptq,w4a8d:group=32,kv8"), Recipe(f"awq,gptq,{_QKV_W8A8D},w4a8d:group=32,kv8"),
                     "the w4a8 recipe plus the int8 KV cache"),
     QuantTypeRecipe("w8a8s", 8, 8, "W8A8S (sparse W8A8, Atlas 300I Duo: float16)",
                     *_same("smooth,sparse:ratio=0,gptq,w8a8s", **_F310P),

@@ -166,6 +166,11 @@ def _plan(given, config=None, model_type="llama", **kw):
     ({"disable_names": ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "lm_head"]}, "w8a8",
      "model\\.layers\\.1\\.mlp\\.gate_proj"),
     ({"model_type": "llama3"}, "w8a8", "self_attn\\.q_proj"),                # llama3: first 5 layers float
+    # the LLaMA case's W4A8_DYNAMIC recipe (its --anti_calib_file left out): issue 12's two-stage per-group form
+    ({"w_bit": "4", "anti_method": "m3", "is_lowbit": "True", "open_outlier": "False", "group_size": "32",
+      "is_dynamic": "True"}, "awq,w4a8d:group=32", "mlp\\.down_proj"),
+    ({"w_bit": "4", "is_dynamic": "True", "is_lowbit": "True", "open_outlier": "False"}, "w4a8d:group=64",
+     "mlp\\.down_proj"),                                                      # the scripts' group_size 64
 ])
 def test_flag_mapping(given, passes, exclude):
     plan = _plan(given)
@@ -199,8 +204,6 @@ def test_qwen_script_defaults_disable_down_proj_at_a_bit_16():
     (["--w_method", "HQQ"], ("--w_method HQQ",)),
     (["--a_bit", "16", "--w_sym", "False"], ("--w_sym false", "asymmetric")),
     (["--is_lowbit", "True"], ("--is_lowbit true with W8A8", "precision tuning")),
-    (["--w_bit", "4", "--is_dynamic", "True", "--is_lowbit", "True", "--open_outlier", "False"],
-     ("W4A8_DYNAMIC", "issue 12")),
     (["--w_bit", "4"], ("W4A8_DYNAMIC", "per-group")),
     (["--w_sym", "False"], ("w_sym true when a_bit is 8",)),
     (["--fraction", "0.5"], ("--fraction 0.5", "[0.01, 0.1]")),

@@ -38,6 +38,9 @@ CASES = {
     "qwen2.5_w8a8_v0": ("w8a8", {"model_quant_type": "W8A8", "model.layers.1.mlp.down_proj.weight": "FLOAT",
                                  "model.layers.1.mlp.up_proj.weight": "W8A8"}),
     "qwen3_dense_w8a8_v0": ("smooth,w8a8mix,fallback:level=2", {"model_quant_type": "W8A8_MIX"}),
+    "dense_w4a8_dynamic_group": ("w8a8d:match=", {
+        "model_quant_type": "W4A8_DYNAMIC", "group_size": 32, "model.layers.0.self_attn.q_proj.weight": "W8A8_DYNAMIC",
+        "model.layers.1.self_attn.o_proj.weight": "W4A8_DYNAMIC", "model.layers.1.mlp.down_proj.weight": "W4A8_DYNAMIC"}),
 }
 
 
@@ -125,6 +128,12 @@ LQ = """    - type: linear_quant
     ("    - type: linear_quant\n      qconfig:\n        act: {scope: per_token, dtype: int8, symmetric: false, "
      "method: minmax}\n        weight: {scope: per_channel, dtype: int8, symmetric: true, method: minmax}",
      "", ("per_token asymmetric",)),
+    ("    - type: linear_quant\n      qconfig:\n        act: {scope: per_token, dtype: int8, symmetric: true, "
+     "method: minmax}\n        weight: {scope: per_channel, dtype: int4, symmetric: true, method: minmax}",
+     "", ("int4 per_channel with per_token activations", "per_group")),
+    ("    - type: linear_quant\n      qconfig:\n        act: {scope: per_tensor, dtype: int8, symmetric: true, "
+     "method: minmax}\n        weight: {scope: per_group, dtype: int4, symmetric: true, method: minmax, "
+     "ext: {group_size: 32}}", "", ("per_group with int8 per_tensor activations",)),
     (LQ.format(sym="true", wm="minmax"), "  prior:\n    - process: [{type: adapt_rotation, stage: 1}]\n",
      ("spec.prior",)),
     (LQ.format(sym="true", wm="minmax"), "  bogus: 1\n", ("spec.bogus",)),

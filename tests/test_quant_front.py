@@ -69,6 +69,20 @@ def test_every_quant_type_compiles_its_recipe(capsys, tiny_models, calib_file, t
         [n for n, _ in parse_passes(recipe.passes)]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_quant_type_artifact_is_the_main_command_artifact(capsys, tiny_models, calib_file, tmp_path, arch):
+    """`qcompile quant --quant_type w8a8` is `qcompile MODEL --passes <recipe>` byte for byte (same CompileOptions,
+    deterministic compile), so it reaches the recipe's perplexity (BENCHMARKS.md measures the recipe)."""
+    recipe = recipe_for("w8a8", arch)
+    a, b = tmp_path / "quant", tmp_path / "main"
+    assert cli.main(["quant", "--model_path", str(tiny_models[arch]), "--save_path", str(a), "--quant_type", "w8a8",
+                     "--calib_file", str(calib_file), *SMALL]) == 0
+    assert cli.main([str(tiny_models[arch]), "--passes", recipe.passes, *recipe.flags(), "--calib", str(calib_file),
+                     "--calib-samples", "2", "--seq-len", "32", "-o", str(b)]) == 0, capsys.readouterr().err
+    for name in ("quant_model_weights.safetensors", "quant_model_description.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
 def test_default_quant_type_is_w8a8_as_msmodelslim(capsys, tiny_models, calib_file, tmp_path):
     out = tmp_path / "o"
     out.mkdir()  # msModelSlim writes into an existing empty folder

@@ -1,7 +1,8 @@
 """Memory the float model needs when calibration text is sampled from it, checked before any work.
 
 Without calibration text (`qcompile MODEL` without --calib, `qcompile quant` without --calib_file) the driver
-loads the whole float model with transformers and samples text from it (calib_data.sample_windows_from_model);
+loads the whole float model (ir/capture.py `HFSkeleton.float_model`, on the validated safetensors) and samples
+text from it (calib_data.sample_windows_from_model);
 the compile itself holds about one decoder layer. A model that cannot fit must be refused before any work with
 a one-line error asking for calibration text, never killed by the out-of-memory killer half way.
 

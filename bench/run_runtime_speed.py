@@ -82,9 +82,17 @@ def _models(code: Path, outs: Path, hf_dtypes=("float32", "bfloat16")):
         sample_ids = torch.arange(8)[None] + 100
         pe = m.head.rope(8)
         sample = LayerInputs(m.head.embed(sample_ids), pe)
-        layers = [m.layers.get(i, sample) for i in range(m.layers.num_layers)]
+        layers = [_runnable(m, i, sample) for i in range(m.layers.num_layers)]
         loaded[name] = (m, layers)
     return models, loaded
+
+
+def _runnable(m, i: int, sample):
+    """Layer i as `qcompile eval` runs it: prepared when this checkout prepares layouts (older ones do not)."""
+    try:
+        return m.layers.get(i, sample, prepared=True)
+    except TypeError:
+        return m.layers.get(i, sample)
 
 
 def _ours_forward(m, layers, ids):
@@ -207,7 +215,7 @@ def worker_layer7b(a) -> dict:
             ids = torch.randint(0, m.head.embed_weight.shape[0], (4, PREFILL_TOKENS), generator=g)
             hidden = m.head.embed(ids)
             pe = m.head.rope(PREFILL_TOKENS)
-        loaded[name] = m.layers.get(0, LayerInputs(hidden[:1], pe))
+        loaded[name] = _runnable(m, 0, LayerInputs(hidden[:1], pe))
     for name in loaded:  # warm-up
         run_layer_batched(loaded[name], hidden[:1, :64], tuple(t[:, :64] for t in pe), 1)
     for rep in range(a.reps):
@@ -340,9 +348,10 @@ def main() -> int:
                                 per.setdefault(side, {}).setdefault(f"{name}|{cmd}", []).append(v)
                             print(f"startup {side} {name}: run {t['run']:.2f} s, eval {t['eval']:.2f} s", flush=True)
             result["sections"]["startup"] = {"load_avg_1min_at_start": load, "runs": per}
+            write(result, a.label)
             continue
         per = {}
-        for t in threads if section != "startup" else [1]:
+        for t in threads if section != "layer7b" else threads[:1]:  # the 7B layer: first thread count only
             for r in range(a.rounds):
                 side_order = list(sides) if r % 2 == 0 else list(reversed(sides))
                 for side in side_order:
@@ -350,13 +359,18 @@ def main() -> int:
                     per.setdefault(side, {}).setdefault(str(t), []).append(res)
                     print(f"{section} {side} threads={t}: done (load {res['load_avg_1min_at_start']:.2f})", flush=True)
         result["sections"][section] = per
+        write(result, a.label)  # after every section: a long run stopped midway keeps what it measured
+    print(write(result, a.label))
+    return 0
+
+
+def write(result: dict, label: str) -> str:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "runtime_speed" + (f"_{a.label}" if a.label else "")
+    stem = "runtime_speed" + (f"_{label}" if label else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
     md = render(result)
     (RESULTS / f"{stem}.md").write_text(md)
-    print(md)
-    return 0
+    return md
 
 
 # ------------------------------------------------------------------------------------------- report

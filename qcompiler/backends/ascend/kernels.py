@@ -238,6 +238,17 @@ def _pertoken_weight(weight: Tensor, weight_scale: Tensor, packing: int, k: int)
     return unpack_weight(weight, packing, weight_scale.shape[0], k)
 
 
+def pertoken_operands(
+    weight_scale: Tensor, bias: Tensor | None, output_dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """(weight_scale float32 [n], bias float32 or None) as the epilogue reads them: as the engines hold them,
+    in the model (output) dtype, widened to float32 (vLLM-Ascend W8A8_DYNAMIC passes its params_dtype
+    weight_scale and Linear bias to npu_quant_matmul; MindIE casts both on load, atb_llm/utils/weights.py
+    `correct_tensor_dtype`). Depends on no activation: layouts.py computes it once at load."""
+    ws = weight_scale.to(output_dtype).float().reshape(weight_scale.shape[0])
+    return ws, None if bias is None else bias.to(output_dtype).float()
+
+
 def _pertoken_epilogue(
     acc: Tensor,
     weight_scale: Tensor,
@@ -245,15 +256,12 @@ def _pertoken_epilogue(
     bias: Tensor | None,
     output_dtype: torch.dtype,
 ) -> Tensor:
-    # float32, left to right: ((f32(acc) * weight_scale) * pertoken_scale) + bias, then one rounding
-    # to the output dtype. weight_scale and bias as the engines hold them: in the model (output) dtype
-    # (vLLM-Ascend W8A8_DYNAMIC passes its params_dtype weight_scale and Linear bias to npu_quant_matmul;
-    # MindIE casts both on load, atb_llm/utils/weights.py `correct_tensor_dtype`).
-    n = weight_scale.shape[0]
-    ws = weight_scale.to(output_dtype).float().reshape(n)
+    # float32, left to right: ((f32(acc) * ws) * pertoken_scale) + b, then one rounding to the output dtype
+    # (ws, b: pertoken_operands).
+    ws, b = pertoken_operands(weight_scale, bias, output_dtype)
     y = acc.to(torch.float32) * ws * pertoken_scale.float().unsqueeze(-1)
-    if bias is not None:
-        y = y + bias.to(output_dtype).float()
+    if b is not None:
+        y = y + b
     return y.to(output_dtype)
 
 
@@ -282,8 +290,8 @@ def quant_matmul_pertoken_prepared(
     bias_f32: Tensor | None,
     output_dtype: torch.dtype,
 ) -> Tensor:
-    """`quant_matmul_pertoken` with the weight unpacked to int8 [n, k], weight_scale as float32 [n] and
-    the bias as float32 beforehand (layouts.py does it once at load).
+    """`quant_matmul_pertoken` with the weight unpacked to int8 [n, k] and `weight_scale_f32, bias_f32 =
+    pertoken_operands(...)` computed beforehand (layouts.py does it once at load).
 
     Same float32 operations in the same order as the reference epilogue, fewer memory passes: int32 *
     float32 promotes inside one kernel (the same int -> float32 rounding as `.to(float32)`), the second
@@ -309,8 +317,8 @@ def quant_matmul_pertoken(
 ) -> Tensor:
     """Fast path of `quant_matmul_pertoken_ref` (`torch._int_mm` product), bit-identical to it."""
     w = _pertoken_weight(weight, weight_scale, packing, x.shape[-1])
-    return quant_matmul_pertoken_prepared(x, w, weight_scale.float().reshape(weight_scale.shape[0]),
-                                          pertoken_scale, None if bias is None else bias.float(), output_dtype)
+    ws, b = pertoken_operands(weight_scale, bias, output_dtype)
+    return quant_matmul_pertoken_prepared(x, w, ws, pertoken_scale, b, output_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,9 +375,36 @@ def quant_matmul_pergroup(
     """
     s = two_stage_scale(weight_scale, weight_scale_second, output_dtype)
     w, n, groups, k = _check_pergroup(x, weight, s, group_size)
-    acc_dtype = torch.float32 if torch.get_float32_matmul_precision() == "highest" else torch.float64
-    wg = w.to(acc_dtype).reshape(n, groups, group_size).permute(1, 2, 0).contiguous()  # [G, g, n]
-    st = s.t().contiguous().unsqueeze(1)                                                # [G, 1, n]
+    wg, st = pergroup_operands(w, s, group_size)
+    return quant_matmul_pergroup_prepared(x, wg, st, pertoken_scale, output_dtype)
+
+
+def _pergroup_acc_dtype() -> torch.dtype:
+    return torch.float32 if torch.get_float32_matmul_precision() == "highest" else torch.float64
+
+
+def pergroup_operands(w: Tensor, scale: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """(weight [G, group_size, n] in the exact accumulation dtype, scale [G, 1, n] float32) from the
+    unpacked int8 weight [n, k] and `two_stage_scale` [n, G]. Depends on no activation: layouts.py
+    computes it once at load."""
+    n, groups = scale.shape
+    wg = w.to(_pergroup_acc_dtype()).reshape(n, groups, group_size).permute(1, 2, 0).contiguous()
+    return wg, scale.t().contiguous().unsqueeze(1)
+
+
+def quant_matmul_pergroup_prepared(
+    x: Tensor, wg: Tensor, st: Tensor, pertoken_scale: Tensor, output_dtype: torch.dtype
+) -> Tensor:
+    """`quant_matmul_pergroup` with `wg, st = pergroup_operands(...)` computed beforehand."""
+    if x.dtype != torch.int8:
+        raise ValueError(f"quant_matmul_pergroup: x must be int8, got {x.dtype}")
+    groups, group_size, n = wg.shape
+    k = groups * group_size
+    if x.shape[-1] != k:
+        raise ValueError(f"quant_matmul_pergroup: x [..., {x.shape[-1]}] vs {groups} groups of {group_size}")
+    acc_dtype = _pergroup_acc_dtype()
+    if wg.dtype != acc_dtype:  # matmul precision changed since the operands were prepared
+        wg = wg.to(acc_dtype)
     rows = math.prod(x.shape[:-1])
     xf = x.reshape(rows, k)
     y = torch.empty(rows, n, dtype=torch.float32, device=x.device)

@@ -9,6 +9,7 @@ dispatch costs ~10 us, and a decoded token makes 200+ such calls):
 |---|---|---|
 | qc.weight_quant_matmul (W8A16, W4A16) | `dequantize_weight(...)` [n, k] in x's dtype; bias in x's dtype | `weight_quant_matmul_prepared` |
 | qc.quant_matmul_pertoken (W8A8/W4A8_DYNAMIC) | weight unpacked to int8 [n, k]; weight_scale f32 [n]; bias f32 | `quant_matmul_pertoken_prepared` |
+| qc.quant_matmul_pergroup (W4A8_DYNAMIC per-group) | int4 unpacked to [G, g, n] in the exact float dtype; two-stage scale [G, 1, n] | `quant_matmul_pergroup_prepared` |
 | qc.quant_matmul (W8A8 static) | deq_scale decoded to f32; quant_bias in its accumulator dtype | `quant_matmul_prepared` |
 | qc.quantize | f32 reciprocal `dtype(1 / dtype(s))`; f32 offset | `quantize_prepared` |
 | qc.dynamic_quant, attention ops | none | their kernels |
@@ -115,12 +116,32 @@ class _Preparer:
         tw, tws = _tensor(self.gm, w), _tensor(self.gm, ws)
         if tw is None or tws is None or (b is not None and _tensor(self.gm, b) is None):
             return
-        n, k = tws.shape[0], tw.shape[1]  # both packings keep k along dim 1
+        k = tw.shape[1]  # both packings keep k along dim 1
         wq = self.attr(node, "int8_weight", [w.target],
                        lambda: kernels._pertoken_weight(tw, tws, packing, k))
-        wsf = self.attr(node, "weight_scale_f32", [ws.target], lambda: tws.float().reshape(n))
-        bias = None if b is None else self.attr(node, "bias_f32", [b.target], lambda: _tensor(self.gm, b).float())
+        wsf = self.attr(node, f"weight_scale_f32:{out_dtype}", [ws.target],
+                        lambda: kernels.pertoken_operands(tws, None, out_dtype)[0])
+        bias = None if b is None else self.attr(
+            node, f"bias_f32:{out_dtype}", [b.target],
+            lambda: kernels.pertoken_operands(tws, _tensor(self.gm, b), out_dtype)[1])
         self.replace(node, kernels.quant_matmul_pertoken_prepared, (xq, wq, wsf, s, bias, out_dtype))
+
+    def pergroup(self, node) -> None:
+        xq, w, ws, ws2, s, group_size, out_dtype = node.args
+        tw, tws, tws2 = (_tensor(self.gm, a) for a in (w, ws, ws2))
+        if tw is None or tws is None or tws2 is None:
+            return
+        k = tw.shape[1]
+        scale = kernels.two_stage_scale(tws, tws2, out_dtype)
+
+        def operands():
+            xt = torch.empty(1, k, dtype=torch.int8)
+            unpacked = kernels._check_pergroup(xt, tw, scale, group_size)[0]
+            return kernels.pergroup_operands(unpacked, scale, group_size)
+        wg = self.attr(node, f"pergroup_weight:g={group_size}", [w.target], lambda: operands()[0])
+        st = self.attr(node, f"pergroup_scale:{out_dtype}:g={group_size}", [ws.target, ws2.target],
+                       lambda: operands()[1])
+        self.replace(node, kernels.quant_matmul_pergroup_prepared, (xq, wg, st, s, out_dtype))
 
     def static(self, node) -> None:
         xq, w, deq, qb, out_dtype = node.args
@@ -146,6 +167,7 @@ class _Preparer:
 _PREPARE = {
     _OPS.weight_quant_matmul.default: _Preparer.weight_only,
     _OPS.quant_matmul_pertoken.default: _Preparer.pertoken,
+    _OPS.quant_matmul_pergroup.default: _Preparer.pergroup,
     _OPS.quant_matmul.default: _Preparer.static,
     _OPS.quantize.default: _Preparer.quantize,
 }

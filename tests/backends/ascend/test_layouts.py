@@ -17,7 +17,7 @@ from qcompiler.runtime import load_model
 from tests.test_cli_errors import SMALL
 
 CASES = [("llama", "w8a8,kv8"), ("qwen2", "w8a8d"), ("qwen2", "w8a16"), ("qwen3", "w4a16:group=32,fa3"),
-         ("llama", "w4a16:group=0"), ("qwen2", "w4a8d"), ("llama", "w8a16:group=32")]
+         ("llama", "w4a16:group=0"), ("llama", "w4a8d"), ("llama", "w8a16:group=32")]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{c[1]}")
@@ -61,10 +61,17 @@ def _expected(kind: str, art: list, n_k, dtype) -> torch.Tensor:
     if name == "int8_weight":
         (w,) = art
         return _unpacked(w, *n_k)
-    if name == "weight_scale_f32":
-        return art[0].float().reshape(-1)
+    if name == "weight_scale_f32":  # W8A8_DYNAMIC: the engines hold weight_scale and bias in the model dtype
+        return art[0].to(dtype).float().reshape(-1)
     if name == "bias_f32":
-        return art[0].float()
+        return art[0].to(dtype).float()
+    if name == "pergroup_weight":  # W4A8_DYNAMIC per-group: int4 along n -> [G, group, n]
+        (w,) = art
+        groups, group, n = n_k
+        return _unpacked(w, n, groups * group).float().reshape(n, groups, group).permute(1, 2, 0)
+    if name == "pergroup_scale":  # two-stage scale dtype(dtype(weight_scale) * dtype(weight_scale_second)) [G, 1, n]
+        ws, ws2 = art
+        return (ws.to(dtype) * ws2.to(dtype)).float().t().unsqueeze(1)
     if name == "bias":
         return art[0].to(dtype)
     if name == "deq_scale_f32":
@@ -113,7 +120,7 @@ def test_prepared_tensors_equal_the_artifact(compiled):
     desc = json.loads((compiled / "quant_model_description.json").read_text())
     quant = desc["model_quant_type"]
     expect = {"W8A8": {"deq_scale_f32", "quant_bias_acc", "reciprocal_f32", "offset_f32"},
-              "W8A8_DYNAMIC": {"int8_weight", "weight_scale_f32"}, "W4A8_DYNAMIC": {"int8_weight", "weight_scale_f32"},
+              "W8A8_DYNAMIC": {"int8_weight", "weight_scale_f32"}, "W4A8_DYNAMIC": {"pergroup_weight", "pergroup_scale"},
               "W8A16": {"dequantized_weight"}, "W4A16": {"dequantized_weight"}}[quant]
     assert expect <= kinds, (quant, kinds)
 

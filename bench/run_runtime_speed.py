@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Speed of the executable graph (`qcompile eval` / `qcompile run`) against transformers, as ratios.
 
-    python3 bench/run_runtime_speed.py [--sections prefill,decode,startup,layer7b] [--threads 1,2]
+    python3 bench/run_runtime_speed.py [--sections prefill,decode,startup,layer7b,profile] [--threads 1,2]
         [--batches 1,4] [--reps 2] [--rounds 1] [--before CHECKOUT] [--work DIR] [--label NAME]
 
 Sections (SmolLM2-135M, OUTs of every scheme compiled into WORK/outs on first use with
@@ -18,6 +18,8 @@ Sections (SmolLM2-135M, OUTs of every scheme compiled into WORK/outs on first us
 - layer7b: `qcompile eval` throughput of one decoder layer with Qwen2.5-7B's shapes (hidden 3584, MLP 18944,
   28 heads, 4 KV heads; random weights, compiled per scheme), 4 windows x 512 tokens through the eval code
   path (layer load excluded); tokens/s per layer and the implied time for 28 layers.
+- profile: torch.profiler tables (self CPU time per op, first thread count) of a 512-token prefill (4 layers)
+  and of 16 decode steps, for w8a8d, w8a16 and the float model.
 Each (section, side, thread count) runs in a fresh worker process; with --before CHECKOUT that checkout's
 qcompiler is measured too, its worker alternating with this checkout's (same OUTs, same load). Every
 worker holds /tmp/qc-heavy.lock (shared machine); the machine's load average is recorded per worker.
@@ -226,7 +228,44 @@ def worker_layer7b(a) -> dict:
     return {"runs": runs, "tokens": int(hidden.shape[0] * hidden.shape[1])}
 
 
-WORKERS = {"prefill": worker_prefill, "decode": worker_decode, "layer7b": worker_layer7b}
+def worker_profile(a) -> dict:
+    """torch.profiler tables (self CPU time by op, one thread): a 512-token prefill of 4 layers and 16
+    decode steps of all 30, for w8a8d, w8a16 and the float model."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from qcompiler.generate import KVCache, decode_layers, forward_cached
+    from qcompiler.ir.capture import LayerInputs
+    from qcompiler.runtime import load_model
+    torch.set_num_threads(a.threads)
+    ids = _tokens(PREFILL_TOKENS, 1)
+    tables = {}
+    for name, path in [("w8a8d", str(a.outs / "w8a8d")), ("w8a16", str(a.outs / "w8a16")), ("float (ours)", MODEL)]:
+        m = load_model(path)
+        h, pe = m.head.embed(ids), m.head.rope(PREFILL_TOKENS)
+        layers = [_runnable(m, i, LayerInputs(h, pe)) for i in range(4)]
+        with torch.inference_mode():
+            for layer in layers:
+                layer(h, position_embeddings=pe)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for layer in layers:
+                    layer(h, position_embeddings=pe)
+        tables[f"{name} prefill 512 tokens, 4 layers"] = prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=12)
+        prompt = ids[:, :32].tolist()[0]
+        steps = decode_layers(m, LayerInputs(m.head.embed(torch.tensor([prompt])), m.head.rope(32)))
+        cache = KVCache([spec for _, spec in steps], 1, 32 + 24)
+        with torch.inference_mode():
+            h = forward_cached(m, steps, cache, torch.tensor([prompt]))
+            for _ in range(4):
+                h = forward_cached(m, steps, cache, torch.tensor([[int(m.head.logits(h[:, -1:]).argmax())]]))
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(16):
+                    h = forward_cached(m, steps, cache, torch.tensor([[int(m.head.logits(h[:, -1:]).argmax())]]))
+        tables[f"{name} 16 decode steps"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    return {"tables": tables}
+
+
+WORKERS = {"prefill": worker_prefill, "decode": worker_decode, "layer7b": worker_layer7b, "profile": worker_profile}
 
 
 # ------------------------------------------------------------------------------------------- parent
@@ -303,7 +342,7 @@ def startup_times(code: Path, target: str, data: Path) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sections", default="prefill,decode,startup,layer7b")
+    p.add_argument("--sections", default="prefill,decode,startup,layer7b,profile")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--batches", default="1,4")
     p.add_argument("--reps", type=int, default=2, help="repeats inside each worker")
@@ -351,7 +390,7 @@ def main() -> int:
             write(result, a.label)
             continue
         per = {}
-        for t in threads if section != "layer7b" else threads[:1]:  # the 7B layer: first thread count only
+        for t in threads if section not in ("layer7b", "profile") else threads[:1]:  # first thread count only
             for r in range(a.rounds):
                 side_order = list(sides) if r % 2 == 0 else list(reversed(sides))
                 for side in side_order:
@@ -436,6 +475,12 @@ def render(result: dict) -> str:
             for n in names:
                 lines.append(f"| {side} | {n} | {med(runs[n + '|run']):.2f} | {med(runs[n + '|eval']):.2f} |")
         lines.append("")
+    if "profile" in secs:
+        lines += ["## Profile (torch.profiler, self CPU time by op)", ""]
+        for side, per_t in secs["profile"].items():
+            for t, workers in per_t.items():
+                for title, table in workers[0]["tables"].items():
+                    lines += [f"{side}, {t} thread(s): {title}", "", "```", table.strip(), "```", ""]
     if "layer7b" in secs:
         lines += ["## `qcompile eval` throughput of one Qwen2.5-7B-shaped decoder layer (4 x 512 tokens)", "",
                   "| side | threads | model | tokens/s per layer | s per 1M tokens, 28 layers | load avg |",

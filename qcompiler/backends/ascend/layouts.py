@@ -13,6 +13,7 @@ dispatch costs ~10 us, and a decoded token makes 200+ such calls):
 | qc.quant_matmul (W8A8 static) | deq_scale decoded to f32; quant_bias in its accumulator dtype | `quant_matmul_prepared` |
 | qc.quantize | f32 reciprocal `dtype(1 / dtype(s))`; f32 offset | `quantize_prepared` |
 | qc.dynamic_quant, attention ops | none | their kernels |
+| aten._assert_tensor_metadata, export's `_guards_fn` | none | dropped (checks, no value) |
 
 The prepared kernels are the ones the ops' CPU kernels call after computing the same tensors per call
 (kernels.py), so a prepared graph computes the same bits (tests/backends/ascend/test_layouts.py also checks
@@ -188,7 +189,11 @@ def prepare_layer(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             node.target = _DIRECT[node.target]
         elif node.target in _DROP and not node.users:
             gm.graph.erase_node(node)
+    for node in list(gm.graph.nodes):  # torch.export's input-shape guard of captured float layers: code, no value
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
     _drop_unused_tensors(gm)
+    gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -316,6 +316,7 @@ tok.save_pretrained({str(folder)!r})
 
 def run_worker(section: str, code: Path, a, threads: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", section, "--code", str(code),
+           "--schemes", ",".join(SCHEMES),
            "--threads", str(threads), "--reps", str(a.reps), "--batches", a.batches, "--work", str(a.work)]
     with heavy_lock():
         load = os.getloadavg()[0]
@@ -350,9 +351,12 @@ def main() -> int:
     p.add_argument("--before", type=Path, help="another qcompiler checkout, measured alternately")
     p.add_argument("--work", type=Path, default=Path("/tmp/qc-bench-runtime"))
     p.add_argument("--label", default="")
+    p.add_argument("--schemes", default=",".join(SCHEMES), help="schemes measured (comma list)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--code", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
+    global SCHEMES
+    SCHEMES = tuple(a.schemes.split(","))
     if a.worker:
         sys.path.insert(0, str(a.code))
         a.outs = a.work / "outs"

@@ -342,6 +342,7 @@ def startup_times(code: Path, target: str, data: Path) -> dict:
 
 
 def main() -> int:
+    global SCHEMES
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", default="prefill,decode,startup,layer7b,profile")
     p.add_argument("--threads", default="1,2")
@@ -355,7 +356,6 @@ def main() -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--code", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
-    global SCHEMES
     SCHEMES = tuple(a.schemes.split(","))
     if a.worker:
         sys.path.insert(0, str(a.code))

@@ -45,7 +45,7 @@ def generate(model: LoadedModel, prompt: str, max_new_tokens: int = 64, raw: boo
     else:
         pe0 = model.head.rope(max(len(ids), 2))
         sample = LayerInputs(model.head.embed(torch.tensor([ids + ids[:1]]))[:, :max(len(ids), 2)], pe0)
-        layers = [model.layers.get(i, sample) for i in range(model.layers.num_layers)]
+        layers = [model.layers.get(i, sample, prepared=True) for i in range(model.layers.num_layers)]
 
         def next_token(seq):
             h = model.head.embed(seq)

@@ -64,8 +64,8 @@ PIPELINES = [
 
 
 def qcompile() -> list[str]:
-    exe = shutil.which("qcompile")
-    return [exe] if exe else [sys.executable, "-m", "qcompiler.cli"]
+    """This checkout's qcompile (run with cwd=ROOT, so `-m` imports ROOT/qcompiler, never an installed copy)."""
+    return [sys.executable, "-m", "qcompiler.cli"]
 
 
 def run_measured(cmd: list[str], log: Path) -> tuple[int, float, float]:

@@ -72,6 +72,10 @@ def _compile_parser(prog="qcompile"):
                    help="built-in float Linears: qwen keeps every mlp.down_proj float (msModelSlim's Qwen2.5 W8A8 "
                    "recipes); auto (default) applies qwen to Qwen2/Qwen3 models under a static-activation scheme "
                    "(w8a8, w8a8mix) without smooth, else none; none: only --exclude/fallback decide")
+    p.add_argument("--engine", choices=["any", "vllm-ascend", "mindie"], default=None,
+                   help="engine that must load the artifact: a pipeline it cannot load is an error before any work "
+                   "(e.g. fa3 or w4a16 with vllm-ascend); any (default): at least one engine; the report lists which "
+                   "engines load it (README: engine support matrix)")
     p.add_argument("--dump", type=Path, help="write the graph after every pass that changed it to DIR")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per layer forward (default: 16384 tokens' worth)")
@@ -140,7 +144,8 @@ def _cmd_compile(argv):
         seq_len=a.seq_len if a.seq_len is not None else recipe.get("seq_len"),
         exclude=tuple(a.exclude if a.exclude is not None else recipe.get("exclude", [])),
         dump=a.dump, batch_size=a.batch_size, force=a.force, recipe=recipe,
-        policy=a.policy or recipe.get("policy", "auto"), trust_remote_code=a.trust_remote_code)
+        policy=a.policy or recipe.get("policy", "auto"), trust_remote_code=a.trust_remote_code,
+        engine=a.engine or recipe.get("engine", "any"))
     report = compile_model(opts)
     print(f"wrote {a.out}: {report['model_quant_type']} for {report['target']} ({report['dtype']}), "
           f"{report['wall_seconds']} s, peak RSS {report['peak_rss_mib']} MiB; report: "
@@ -173,7 +178,9 @@ def _cmd_eval(argv):
 
 
 def _cmd_run(argv):
+    from .checkpoint_checks import max_positions
     from .generate import generate
+    from .model_zoo import resolve_model_dir
     from .runtime import load_model
     a = _run_parser().parse_args(argv)
     if a.max_new_tokens < 1:
@@ -181,7 +188,8 @@ def _cmd_run(argv):
     if not a.prompt.strip():
         raise QCError("--prompt is empty; expected some text to continue")
     model = load_model(a.model, a.dtype, a.runtime, a.trust_remote_code)
-    text = generate(model, a.prompt, a.max_new_tokens, raw=a.raw, use_cache=not a.no_cache)
+    text = generate(model, a.prompt, a.max_new_tokens, raw=a.raw, use_cache=not a.no_cache,
+                    max_positions=max_positions(resolve_model_dir(a.model)))
     print(text)
 
 

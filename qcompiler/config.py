@@ -13,6 +13,7 @@ Recipe (YAML, `--recipe FILE`); every key optional, command-line options win ove
     calib_samples: 64
     seq_len: 512
     policy: auto               # auto | qwen | none (qcompiler/policy.py)
+    engine: any                # any | vllm-ascend | mindie (qcompiler/engine_check.py)
 """
 import re
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from .errors import QCError
 
 PassSpec = tuple[str, dict]   # (pass name, {option: value})
 
-RECIPE_KEYS = {"passes", "target", "dtype", "exclude", "calib", "calib_samples", "seq_len", "policy"}
+RECIPE_KEYS = {"passes", "target", "dtype", "exclude", "calib", "calib_samples", "seq_len", "policy", "engine"}
 
 
 def parse_passes(text: str) -> list[PassSpec]:
@@ -87,7 +88,7 @@ def load_recipe(path: str | Path) -> dict:
     for key in ("calib_samples", "seq_len"):
         if key in data and (not isinstance(data[key], int) or isinstance(data[key], bool)):
             raise QCError(f"{path}: '{key}' must be an integer, got {data[key]!r}")
-    for key in ("target", "dtype", "calib", "policy"):
+    for key in ("target", "dtype", "calib", "policy", "engine"):
         if key in data and not isinstance(data[key], str):
             raise QCError(f"{path}: '{key}' must be a string, got {data[key]!r}")
     return data
@@ -117,10 +118,16 @@ class CompileOptions:
     recipe: dict = field(default_factory=dict)
     policy: str = "auto"               # built-in float Linears (policy.py): auto | qwen | none
     trust_remote_code: bool = False    # --trust-remote-code (trust.py): accept auto_map; never runs code
+    engine: str = "any"                # engines that must load the artifact (engine_check.py)
+    calib_texts: tuple[str, ...] | None = None  # calibration text given inline (msModelSlim calib_texts)
+    part_file_size: int | None = None  # GiB per weight shard (None: the writer's 5 GiB), 0: one file
+    source: str | None = None          # how the options were chosen (qcompile quant: recipe / config / flags)
+    notes: tuple[str, ...] = ()        # what a front decided on the way (reported)
 
     def calib_shape(self) -> tuple[int, int]:
         """(sequences, tokens per sequence) of calibration, defaults resolved."""
-        n, length = FILE_CALIB_DEFAULT if self.calib is not None else SAMPLED_CALIB_DEFAULT
+        given = self.calib is not None or bool(self.calib_texts)
+        n, length = FILE_CALIB_DEFAULT if given else SAMPLED_CALIB_DEFAULT
         return (self.calib_samples or n, self.seq_len or length)
 
     def __post_init__(self):
@@ -128,10 +135,15 @@ class CompileOptions:
             raise QCError(f"--calib-samples must be >= 1, got {self.calib_samples}")
         if self.seq_len is not None and self.seq_len < 2:
             raise QCError(f"--seq-len must be >= 2, got {self.seq_len}")
+        if self.part_file_size is not None and (isinstance(self.part_file_size, bool) or self.part_file_size < 0):
+            raise QCError(f"part_file_size must be an integer >= 0 (GiB per weight file, 0 = one file), got "
+                          f"{self.part_file_size!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise QCError(f"--batch-size must be >= 1, got {self.batch_size}")
         from .policy import check_policy
         check_policy(self.policy)
+        from .engine_check import check_engine_choice
+        check_engine_choice(self.engine)
         for pattern in self.exclude:
             try:
                 re.compile(pattern)

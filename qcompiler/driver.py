@@ -31,15 +31,18 @@ from .activation_checks import check_finite, check_logits
 from .calib_data import calibration_shortfall, make_windows, read_texts, sample_windows_from_model
 from .checkpoint_checks import check_seq_len, check_token_ids
 from .config import CompileOptions
+from .engine_check import check_engine, engine_report, pipeline_features
 from .errors import QCError
 from .ir.capture import HFSkeleton, LayerInputs
 from .loading import check_float16_range, dtype_name, load_tokenizer, open_checkpoint
+from .memory import check_sampling_memory
 from .model_zoo import resolve_model_dir
 from .outdir import OutputFolder, estimate_output_bytes
 from .passes import TAIL, LayerContext, PassManager, make_pass
 from .passes.fallback import check_fallback, fallback_index, presweep
 from .passes.group_size import first_claim, model_linear_shapes, resolve_group_sizes
 from .passes.instruments import DumpInstrument, StatsInstrument, TimingInstrument
+from .passes.simulate_tp import check_simulate_tp
 from .policy import policy_excludes, resolve_policy
 from .report import write_report
 from .executable import EXECUTABLE_DIR, HEAD_ARTIFACT_NAMES, ExecutableWriter
@@ -111,13 +114,23 @@ def _calibration_windows(opts, skeleton, tokenizer, texts, log):
     if texts is not None:
         n, seq_len = opts.calib_shape()
         windows = make_windows(tokenizer, texts, seq_len, n)
-        return windows, f"{opts.calib} ({windows.shape[0]} x {windows.shape[1]} tokens)"
+        where = opts.calib if opts.calib is not None else f"{len(texts)} calibration texts given inline"
+        return windows, f"{where} ({windows.shape[0]} x {windows.shape[1]} tokens)"
     n, seq_len = opts.calib_shape()
     log(f"no --calib: sampling {n} x {seq_len} tokens from the float model (seed 0)")
     with skeleton.float_model() as model:  # the validated safetensors, never *.bin (capture.py)
         windows = sample_windows_from_model(model, tokenizer, n, seq_len, seed=0)
     return windows, (f"sampled from the float model itself ({windows.shape[0]} x {windows.shape[1]} tokens, "
                      "seed 0, temperature 1)")
+
+
+def shard_limit(part_file_size: int | None) -> dict:
+    """ArtifactWriter arguments for msModelSlim's part_file_size (GiB of 2**30 bytes, its ONE_GB_FILE_BYTES;
+    0 = everything in one file: msmodelslim/core/quant_service/modelslim_v1/save/ascendv1.py
+    `get_safetensors_writer`)."""
+    if part_file_size is None:
+        return {}
+    return {"max_shard_bytes": part_file_size * 2**30 if part_file_size > 0 else 2**62}
 
 
 def _check_dump(dump: Path | None) -> None:
@@ -186,19 +199,27 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     check_scheme_groups(pm.passes, ckpt.config, opts.exclude)
     check_fallback(pm.passes, ckpt.config, opts.exclude)
     pm.passes, group_size = resolve_group_sizes(pm.passes, ckpt.config, opts.exclude)
+    check_simulate_tp(pm.passes, ckpt.config, group_size)
+    features = pipeline_features(pm.passes, ckpt.config, opts.exclude, ckpt.has, target.name, ckpt.model_type)
+    warnings = warnings + check_engine(opts.engine, features)  # --engine: exit 2 here if it cannot load it
     _check_dump(dump)
     # bf16 -> fp16 (e.g. ascend310p, fp16 only): every weight in fp16's range, checked before any work
     check_float16_range(ckpt, "compile with --dtype bfloat16" if torch.bfloat16 in target.dtypes else
                         f"target {target.name} runs float16 only (use a checkpoint that fits it, or "
                         f"--target ascend910b --dtype bfloat16)")
     texts = read_texts(opts.calib) if opts.calib is not None else None  # a bad file fails before any work
+    if texts is None and opts.calib_texts:
+        texts = list(opts.calib_texts)
+    if texts is None:  # calibration sampled from the whole float model: it must fit (memory.py)
+        check_sampling_memory(ckpt, *opts.calib_shape())
     for w in warnings:
         log(f"warning: {w}")
     out.check_free_space(estimate_output_bytes(ckpt, pm.passes, opts.exclude))
     phases = PhaseTimer()
     phases.seconds["checks before work"] = time.perf_counter() - t0
     with out.staging() as tmp:  # removed on any failure; a full disk is one line, exit 1
-        report = _compile_into(tmp, opts, ckpt, pm, target, texts, log, t0, warnings, group_size, phases)
+        report = _compile_into(tmp, opts, ckpt, pm, target, texts, log, t0, warnings, group_size, phases,
+                               engine_report(features))
         out.commit()  # umask modes; no-replace (or atomic exchange with --force), signals deferred
     return report
 
@@ -219,7 +240,7 @@ class PhaseTimer:
 
 
 def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, group_size: int = 0,
-                  phases: PhaseTimer | None = None) -> dict:
+                  phases: PhaseTimer | None = None, engines: dict | None = None) -> dict:
     phases = phases or PhaseTimer()
     with phases("calibration data"):
         tokenizer = load_tokenizer(ckpt.path, ckpt.trust_remote_code)
@@ -244,7 +265,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
         instruments.append(DumpInstrument(dump))
     pm.instruments = instruments
 
-    writer = ArtifactWriter(tmp, ckpt.dtype)
+    writer = ArtifactWriter(tmp, ckpt.dtype, **shard_limit(opts.part_file_size))
     executable = ExecutableWriter(tmp / EXECUTABLE_DIR)
     writer.add("model.embed_tokens.weight", skeleton.embed_weight, "FLOAT")
     # memory: the head (embedding, lm_head) is not held while the layers compile; it is read again after them
@@ -287,8 +308,10 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
         "model": str(opts.model), "model_dir": str(ckpt.path), "architecture": ckpt.architecture,
         "target": target.name, "dtype": dtype_name(ckpt.dtype), "passes": pm.names,
         "pass_options": [[n, {k: str(v) for k, v in o.items()}] for n, o in opts.passes],
+        "source": opts.source, "notes": list(opts.notes),
         "exclude": list(opts.exclude), "policy": opts.policy, "calibration": calib_source,
         "model_quant_type": description["model_quant_type"], "warnings": warnings,
+        "engine": opts.engine, "engines": engines or {},
         "pass_seconds": {k: round(v, 3) for k, v in timing.seconds.items()},
         # wall seconds per phase (passes: the sum of pass_seconds); the process start (imports) is not in it
         "phase_seconds": {k: round(v, 3) for k, v in phases.seconds.items()},

@@ -370,8 +370,9 @@ class ExecutableLayers:
             self._docs[k] = doc
         return self._docs[k], path
 
-    def get(self, index: int, sample=None) -> torch.fx.GraphModule:
-        """Layer `index`: its program rebuilt with this layer's tensors (a fresh module every call)."""
+    def get(self, index: int, sample=None, prepared: bool = False) -> torch.fx.GraphModule:
+        """Layer `index`: its program rebuilt with this layer's tensors (a fresh module every call); with
+        `prepared`, in the form that runs (backends/ascend/layouts.py: weight layouts prepared once)."""
         k = self.programs[index]
         doc, path = self._program(k)
         tensors_path = self.folder / LAYERS_DIR / layer_file(index)
@@ -387,10 +388,15 @@ class ExecutableLayers:
         if len(inputs) != 3 or not isinstance(output, (tuple, list)) or len(output) != 1:
             raise QCError(f"{path}: a layer program takes (hidden_states, cos, sin) and returns one tensor; this "
                           f"one takes {len(inputs)} inputs: damaged or not written by qcompile (recompile)")
+        if prepared:
+            from .backends.ascend.layouts import prepare_layer
+            gm = prepare_layer(gm)
         return gm
 
     def decode(self, index: int, sample=None):
         """(decode step of layer `index`, its CacheSpec): the program rewritten to read/extend a KV cache
         (ir/decode.py; derived at load time, so every compiled OUT has one)."""
         from .ir.decode import build_decode_graph
-        return build_decode_graph(self.get(index, sample), DTYPES[self.info["dtype"]])
+        from .backends.ascend.layouts import prepare_layer
+        step, spec = build_decode_graph(self.get(index, sample), DTYPES[self.info["dtype"]])
+        return prepare_layer(step), spec

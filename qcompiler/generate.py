@@ -10,6 +10,7 @@ against; `qcompile run --no-cache`). The prompt goes through the tokenizer's cha
 import torch
 
 from .checkpoint_checks import check_token_ids, embedding_rows
+from .errors import QCError
 from .ir.capture import LayerInputs
 from .runtime import LoadedModel
 
@@ -25,10 +26,17 @@ def encode_prompt(tokenizer, prompt: str, raw: bool) -> list[int]:
 
 
 def generate(model: LoadedModel, prompt: str, max_new_tokens: int = 64, raw: bool = False, on_token=None,
-             use_cache: bool = True) -> str:
+             use_cache: bool = True, max_positions: int | None = None) -> str:
+    """Greedy continuation of `prompt`. QCError when its token ids lie outside the embedding or when
+    prompt + `max_new_tokens` exceeds `max_positions` (the model's max_position_embeddings, if known: RoPE
+    and the graph are only defined up to it)."""
     tok = model.tokenizer
     ids = encode_prompt(tok, prompt, raw)
     check_token_ids(ids, embedding_rows(model), tok, "--prompt (with the chat template)" if not raw else "--prompt")
+    if max_positions is not None and len(ids) + max_new_tokens > max_positions:
+        raise QCError(f"--prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} = "
+                      f"{len(ids) + max_new_tokens} tokens is beyond the model's max_position_embeddings "
+                      f"({max_positions}); expected at most {max_positions} in all")
     if use_cache and model.forward is None:  # whole-model runtimes (onnx) have no KV cache: recompute
         return tok.decode(generate_ids_cached(model, ids, max_new_tokens, on_token), skip_special_tokens=True)
     if model.forward is not None:  # whole-model runtime (onnxruntime): ids -> logits
@@ -37,7 +45,7 @@ def generate(model: LoadedModel, prompt: str, max_new_tokens: int = 64, raw: boo
     else:
         pe0 = model.head.rope(max(len(ids), 2))
         sample = LayerInputs(model.head.embed(torch.tensor([ids + ids[:1]]))[:, :max(len(ids), 2)], pe0)
-        layers = [model.layers.get(i, sample) for i in range(model.layers.num_layers)]
+        layers = [model.layers.get(i, sample, prepared=True) for i in range(model.layers.num_layers)]
 
         def next_token(seq):
             h = model.head.embed(seq)

@@ -29,8 +29,9 @@ def resolve_policy(name: str, model_type: str, passes) -> str:
     if name != "auto":
         return name
     static = any(p.quant_type in STATIC_TYPES for p in passes)
-    # a scheme pass with its own `match` is an explicit per-Linear choice: auto does not override it
-    matched = any(getattr(getattr(p, "options", None), "match", ".*") != ".*" for p in passes)
+    # a scheme pass with its own `match` is an explicit per-Linear choice: auto does not override it (other
+    # passes' match options, e.g. simulate_tp's, choose something else)
+    matched = any(p.quant_type and getattr(getattr(p, "options", None), "match", ".*") != ".*" for p in passes)
     if model_type in QWEN_MODEL_TYPES and static and not matched and not any(p.name == "smooth" for p in passes):
         return "qwen"
     return "none"

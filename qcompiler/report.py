@@ -11,10 +11,15 @@ def _markdown(r: dict) -> str:
         "",
         f"- architecture: {r['architecture']}, dtype {r['dtype']}, target {r['target']}",
         f"- passes: {', '.join(r['passes'])}",
+    ]
+    if r.get("source"):
+        lines += [f"- chosen by: {r['source']}"] + [f"  - {n}" for n in r.get("notes") or []]
+    lines += [
         f"- excluded (kept float): {', '.join(r['exclude']) or 'none'} (policy {r.get('policy', 'none')}); "
         "lm_head and embeddings float",
         f"- calibration: {r['calibration']}",
         f"- model_quant_type: {r['model_quant_type']}",
+        *_engines_md(r),
         f"- decoder Linears by type: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}",
         f"- wall time: {r['wall_seconds']} s, peak RSS: {r['peak_rss_mib']} MiB",
         "",
@@ -37,6 +42,20 @@ def _markdown(r: dict) -> str:
         floats = [k for k, v in layer["linears"].items() if v == "FLOAT"]
         lines.append(f"| {layer['layer']} | {layer['seconds']} | {', '.join(floats) or '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def _engines_md(r: dict) -> list[str]:
+    """Which engines load the artifact (engine support matrix, backends/ascend/engines.py), with notes."""
+    engines = r.get("engines") or {}
+    if not engines:
+        return []
+    names = {"vllm-ascend": "vLLM-Ascend", "mindie": "MindIE"}
+    loading = [names.get(e, e) for e, v in engines.items() if v["loads"]]
+    lines = [f"- loads in: {', '.join(loading) or 'no engine'} (--engine {r.get('engine', 'any')})"]
+    for e, v in engines.items():
+        lines += [f"  - {names.get(e, e)}: {n}" for n in v["notes"]]
+        lines += [f"  - {names.get(e, e)} cannot load it: {w}" for w in v["why_not"]]
+    return lines
 
 
 def _sparsity_md(layers: list) -> list[str]:

@@ -1,7 +1,9 @@
 """Ascend targets: which dtypes and artifact quant types each device runs (spec section 5).
 
 `check_target(target, dtype, quant_types)` is called before any work: an impossible request is a
-QCError with the reason; a type the spec marks *unsure* for a target is a warning.
+QCError with the reason; a type the spec marks *unsure* for a target is a warning. W16A16S (float sparse)
+loads in MindIE only (a FastLinear on the pruned float weight, atb_llm/utils/layers/linear/__init__.py
+`get_linear`; vLLM-Ascend registers no W16A16S scheme): allowed with that warning on both devices.
 """
 from dataclasses import dataclass
 
@@ -22,15 +24,18 @@ class Target:
 TARGETS = {
     "ascend910b": Target("ascend910b", "Atlas 800I A2", frozenset({torch.bfloat16, torch.float16}),
                          frozenset({"W8A8", "W8A8_DYNAMIC", "W8A8_MIX", "W8A16", "W4A16", "W4A8_DYNAMIC",
-                                    "C8", "FAQuant"})),
+                                    "C8", "FAQuant"}),
+                         frozenset({"W16A16S"})),
+    # W8A8_DYNAMIC: vLLM-Ascend has a 310P scheme (vllm_ascend/_310p/quantization/methods/w8a8_dynamic.py);
+    # which engine loads what on each device: backends/ascend/engines.py (checked before any work, --engine)
     "ascend310p": Target("ascend310p", "Atlas 300I Duo", frozenset({torch.float16}),
-                         frozenset({"W8A8", "W8A8S", "W8A16"}),
-                         frozenset({"W8A8_DYNAMIC", "W8A8_MIX", "W4A16", "W4A8_DYNAMIC", "C8", "FAQuant"})),
+                         frozenset({"W8A8", "W8A8S", "W8A16", "W8A8_DYNAMIC"}),
+                         frozenset({"W8A8_MIX", "W4A16", "W4A8_DYNAMIC", "C8", "FAQuant", "W16A16S"})),
     # ONNX (backends/onnx): the Ascend artifact + executable graph are made as for ascend910b (same
     # dtypes), then lowered to OUT/onnx/model.onnx, which onnxruntime runs in float32.
     "onnx": Target("onnx", "onnxruntime CPU", frozenset({torch.bfloat16, torch.float16}),
                    frozenset({"W8A8", "W8A8_DYNAMIC", "W8A8_MIX", "W8A16", "W4A16", "W4A8_DYNAMIC", "W8A8S",
-                              "C8", "FAQuant"})),
+                              "W16A16S", "C8", "FAQuant"})),
 }
 
 

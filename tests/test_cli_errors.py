@@ -399,6 +399,12 @@ def test_run_max_new_tokens_zero(capsys, tiny_models):
                  "--max-new-tokens", ">= 1")
 
 
+def test_run_beyond_max_positions(capsys, tiny_models):
+    # tiny models have max_position_embeddings 512: 2 prompt tokens + 600 new ones do not fit
+    expect_error(capsys, ["run", tiny_models["llama"], "--prompt", "hi", "--raw", "--max-new-tokens", "600"],
+                 "--max-new-tokens 600", "max_position_embeddings (512)")
+
+
 def test_run_empty_prompt(capsys, tiny_models):
     expect_error(capsys, ["run", tiny_models["llama"], "--prompt", " ", "--raw"], "--prompt", "empty")
 

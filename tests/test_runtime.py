@@ -37,3 +37,34 @@ def test_float_logits_match_transformers(tiny_models):
             got = model.head.logits(h)
         # captured layers are bit-identical to eager (tests/ir); the head is the same math: exact
         assert torch.equal(got, want), arch
+
+
+def test_float_layers_capture_once_per_structure_and_equal_a_real_capture(tiny_models, monkeypatch):
+    """CapturedFloatLayers exports layer 0 only and binds its graph to the other layers' weights: same code,
+    same tensors, same output bits as exporting that layer itself; prepared (runtime form) too."""
+    from qcompiler.ir import capture, meta
+    real_export = capture.export_layer
+    for arch in ("llama", "qwen2", "qwen3"):
+        model = load_model(tiny_models[arch])
+        skeleton = model.layers.skeleton
+        ids = torch.randint(0, 250, (2, 9), generator=torch.Generator().manual_seed(1))
+        h = model.head.embed(ids)
+        pe = model.head.rope(9)
+        sample = LayerInputs(h, pe)
+        exports = []
+        monkeypatch.setattr(capture, "export_layer", lambda *a: exports.append(1) or real_export(*a))
+        got = [model.layers.get(i, sample) for i in range(model.layers.num_layers)]
+        prepared = model.layers.get(1, sample, prepared=True)
+        assert len(exports) == 1, arch  # layer 0 captured, layer 1 bound to its graph
+        want = skeleton.capture_layer(1, sample)  # a real export of layer 1
+        assert got[1].code == want.code
+        assert {k: (v.dtype, v.shape) for k, v in got[1].state_dict().items()} == \
+            {k: (v.dtype, v.shape) for k, v in want.state_dict().items()}
+        assert all(torch.equal(got[1].state_dict()[k], v) for k, v in want.state_dict().items())
+        names = lambda gm: [n.meta.get(meta.LINEAR_NAME) for n in capture.linear_nodes(gm)]  # noqa: E731
+        assert names(got[1]) == names(want) and all(names(want))
+        with torch.no_grad():
+            out = want(h, position_embeddings=pe)
+            assert torch.equal(got[1](h, position_embeddings=pe), out), arch
+            assert torch.equal(prepared(h, position_embeddings=pe), out), arch
+        assert not torch.equal(got[0](h, position_embeddings=pe), out)  # layer 0 has its own weights

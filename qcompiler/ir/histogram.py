@@ -11,6 +11,9 @@ scale and offset (`encode.static_activation_params`), always inside [min, max]:
   divergence from the clipped reference; range = [max(min, -T), min(max, T)]. 128 levels because a
   symmetric int8 grid has 128 per side; our grid is asymmetric (255 steps over [lo, hi]), so T is the
   clipping point only, the scale is still computed from [lo, hi].
+L2HistogramObserver (qspec.L2Histogram): PyTorch's own HistogramObserver (torch.ao.quantization, qint8 per-tensor
+affine, the same 256-level asymmetric grid as W8A8's activations) accumulates the histogram and searches the
+clip range of least L2 quantization error; `range()` is the range its scale and zero point span.
 Accuracy: when a later batch widens A, the old counts are moved to the new bin holding each old bin's
 centre (at most one new bin width of error per value, as PyTorch's HistogramObserver does). Quantiles are
 therefore exact to within one bin width (A / bins); with the default 2048 bins per side that is 0.05% of A.
@@ -18,7 +21,7 @@ therefore exact to within one bin width (A / bins); with the default 2048 bins p
 import numpy as np
 import torch
 
-from .qspec import Entropy, Percentile
+from .qspec import Entropy, L2Histogram, Percentile
 
 QUANT_LEVELS = 128  # TensorRT: levels of one side of a symmetric int8 grid
 
@@ -121,6 +124,43 @@ class HistogramObserver(torch.nn.Module):
         else:
             t = self.entropy_threshold()
             lo, hi = -t, t
+        return float(max(lo, self.min)), float(min(hi, self.max))
+
+    def extra_repr(self) -> str:
+        return f"{self.method}, min={self.min:.4g}, max={self.max:.4g}, count={self.count}"
+
+
+class L2HistogramObserver(torch.nn.Module):
+    """Activation observer with PyTorch's L2 histogram search (module docstring); forward returns x unchanged."""
+
+    def __init__(self, method: L2Histogram | None = None):
+        super().__init__()
+        from torch.ao.quantization import HistogramObserver as TorchHistogramObserver
+        self.method = method or L2Histogram()
+        self.torch_observer = TorchHistogramObserver(dtype=torch.qint8, qscheme=torch.per_tensor_affine)
+        self.min, self.max, self.count = float("inf"), float("-inf"), 0
+
+    @property
+    def observed(self) -> bool:
+        return self.count > 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.detach().float().reshape(-1)
+        if x32.numel():
+            self.torch_observer(x32)
+            self.min = min(self.min, float(x32.min()))
+            self.max = max(self.max, float(x32.max()))
+            self.count += x32.numel()
+        return x
+
+    def range(self) -> tuple[float, float]:
+        if not self.observed:
+            raise RuntimeError("observer saw no data")
+        if self.min == self.max:
+            return self.min, self.max
+        scale, zero_point = self.torch_observer.calculate_qparams()
+        s, z = float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0])
+        lo, hi = (-128 - z) * s, (127 - z) * s
         return float(max(lo, self.min)), float(min(hi, self.max))
 
     def extra_repr(self) -> str:

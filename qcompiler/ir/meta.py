@@ -22,6 +22,12 @@ WEIGHT_QPARAMS = "qc_weight_qparams"
 #: float, on `aten.linear` nodes: fraction of zeros of the weight after the sparse pass pruned it
 #: (w8a8s requires it on every Linear it claims).
 SPARSITY = "qc_sparsity"
+#: str, on `aten.linear` nodes that stay float in the graph: the artifact quant type their float tensors carry
+#: (w16a16s: "W16A16S", a pruned float Linear); lowering records them under that type, unchanged.
+FLOAT_QUANT_TYPE = "qc_float_quant_type"
+#: int, on `aten.linear` nodes of row-parallel (communication) Linears: the number of simulated tensor-parallel
+#: cards (simulate_tp pass); lowering splits the Linear along k into that many partial products and sums them.
+TP_SHARDS = "qc_tp_shards"
 #: TensorType, on nodes of a graph loaded from an executable graph file (ir/graph_json.py): the dtype and
 #: shape its FakeTensor `val` had when it was written (loaded graphs have no `val`).
 TENSOR_TYPE = "qc_tensor_type"

@@ -57,6 +57,14 @@ class Entropy:
 
 
 @dataclass(frozen=True)
+class L2Histogram:
+    """Activations: the clip range [lo, hi] minimizing the L2 error of int8 quantization over a histogram of
+    every value seen (PyTorch's HistogramObserver search; the base class of msModelSlim's histogram observer,
+    msmodelslim/core/observer/histogram.py, whose default search method is L2_NORM). The min-max range is the
+    search's starting candidate, so it clips only where that lowers the error."""
+
+
+@dataclass(frozen=True)
 class MSEClip:
     """Weights: per channel/group, the clip ratio r (scale = r * absmax / qmax) minimizing the
     quantization MSE, searched on a grid from 1.0 down to `min_ratio` (r = 1.0, min-max, is in it)."""
@@ -64,9 +72,26 @@ class MSEClip:
     min_ratio: float = 0.5
 
 
-ACTIVATION_OBSERVERS = (MinMax, Percentile, Entropy)
-WEIGHT_OBSERVERS = (MinMax, MSEClip)
-Observer = MinMax | Percentile | Entropy | MSEClip
+@dataclass(frozen=True)
+class OutlierSplit:
+    """Weights (W8A8S, 4-bit codes in int8): per row, outliers keep int8 codes and set no scale: the scale is
+    absmax(inliers) / qmax, inliers get codes in [-qmax, qmax], outliers round(w / scale) clamped to +-127.
+    Outliers: the round(`fraction` * k) largest |w| of the row, or with `sigma` the w with |w - mean| > sigma *
+    std of the row (msModelSlim's sparse-quant `fraction` / `use_sigma` + `sigma_factor`; its exact rule is in
+    a closed binary, quant_funcs `quant_one_weight_by_outliers`)."""
+    fraction: float = 0.0
+    sigma: float | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"outlier fraction must be in [0, 1), got {self.fraction}")
+        if self.sigma is not None and self.sigma <= 0:
+            raise ValueError(f"outlier sigma must be > 0, got {self.sigma}")
+
+
+ACTIVATION_OBSERVERS = (MinMax, Percentile, Entropy, L2Histogram)
+WEIGHT_OBSERVERS = (MinMax, MSEClip, OutlierSplit)
+Observer = MinMax | Percentile | Entropy | L2Histogram | MSEClip | OutlierSplit
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""MSE-optimal clipping search for symmetric weight scales (the `weight_observer=mse` option).
+"""Weight scales other than absmax: MSE-optimal clipping (`weight_observer=mse`) and outlier split (w8a8s).
 
 Contract: `mse_weight_scale(w, bits, group_size, clip)` -> float32 scale [n, G] (G = 1 per-channel, k / g
 per-group), for `encode.quantize_weight(w, bits, group_size, scale=...)`. Per row (or row-group) it tries
@@ -12,7 +12,7 @@ Cost: grid + 1 fake-quantizations of the weight, in row chunks to bound memory, 
 """
 import torch
 
-from .qspec import MSEClip
+from .qspec import MSEClip, OutlierSplit
 
 
 def _qmax(bits: int) -> int:
@@ -75,3 +75,32 @@ def weight_mse(w: torch.Tensor, scale: torch.Tensor, bits: int) -> float:
     x = w.detach().float().reshape(n, g, k // g)
     s3 = scale.float().unsqueeze(-1)
     return float((x - torch.round(x / s3).clamp(-qmax, qmax) * s3).pow(2).mean())
+
+
+def outlier_split_codes(w: torch.Tensor, bits: int, split: OutlierSplit,
+                        model_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes [n, k], float32 scale [n, 1]) per `OutlierSplit` (qspec.py): the scale comes from each row's
+    inliers, inliers keep to [-qmax, qmax], outliers use the rest of the int8 range (+-127). With `model_dtype`
+    the scale is first rounded as the engines hold it (encode.engine_scale) and the codes computed against it."""
+    if w.dim() != 2:
+        raise ValueError(f"weight must be 2-D [n, k], got shape {list(w.shape)}")
+    w32 = w.detach().float()
+    n, k = w32.shape
+    outlier = torch.zeros(n, k, dtype=torch.bool)
+    if split.sigma is not None:
+        mean, std = w32.mean(1, keepdim=True), w32.std(1, keepdim=True, unbiased=False)
+        outlier = (w32 - mean).abs() > split.sigma * std
+    else:
+        count = int(split.fraction * k + 0.5)
+        if count:
+            idx = torch.topk(w32.abs(), count, dim=1).indices
+            outlier.scatter_(1, idx, True)
+    inlier_absmax = w32.abs().masked_fill(outlier, 0.0).amax(1, keepdim=True)
+    scale = inlier_absmax / _qmax(bits)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if model_dtype is not None:
+        from ..backends.ascend.encode import engine_scale
+        scale = engine_scale(scale, model_dtype)
+    q = torch.round(w32 / scale).clamp(-127, 127)
+    q = torch.where(outlier, q, q.clamp(-_qmax(bits), _qmax(bits)))
+    return q.to(torch.int8), scale

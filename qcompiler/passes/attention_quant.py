@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..backends.ascend.encode import engine_scale
 from ..errors import QCError
 from ..ir import meta
 from ..ir.patterns import attention_nodes
@@ -140,10 +141,12 @@ def calibrate_absmax(gm: torch.fx.GraphModule, ctx, attn: torch.fx.Node,
     return result
 
 
-def scale_from_absmax(amax: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 scale absmax / 127 in float32; an all-zero channel/head gets 1 (any scale codes 0 as 0)."""
+def scale_from_absmax(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Symmetric int8 scale absmax / 127 rounded to the model dtype, as float32 (both engines hold the C8 and FA
+    scales in the model dtype: `encode.ENGINE_MODEL_DTYPE`); an all-zero channel/head gets 1 (any scale codes 0
+    as 0). The kernels quantize against this rounded value, so it is what the cache codes mean."""
     a = amax.float()
-    return torch.where(a > 0, a / 127, torch.ones_like(a))
+    return engine_scale(torch.where(a > 0, a / 127, torch.ones_like(a)), dtype)
 
 
 def _set_arg(node: torch.fx.Node, index: int, value) -> None:

@@ -7,7 +7,7 @@ QCError naming it) and inserts on its query, key and value inputs (Q and K after
     x'    = qc.fa_dequant(codes, scale, dtype) codes * scale[h]
 
 with one symmetric scale per head h, `scale = absmax / 127` of that head over the layer's calibration
-data. On the NPU the attention kernel consumes the int8 Q/K/V and applies the scales inside; here the
+data, rounded to the model dtype (MindIE holds the FA scales in it: atb_llm/utils/weights.py). On the NPU the attention kernel consumes the int8 Q/K/V and applies the scales inside; here the
 dequantized values feed the float attention, which is the same math up to the kernel's accumulation.
 
 Artifact (spec "Attention (FA3) quant"): `<attn>.fa_q.scale` [num_heads, 1], `<attn>.fa_k.scale` and
@@ -42,7 +42,7 @@ class FA3(Pass):
         amax = calibrate_absmax(gm, ctx, site.node, {Q: (1,), K: (1,), V: (1,)})
         stats = {}
         for index, short, heads in ((Q, "q", site.heads), (K, "k", site.kv_heads), (V, "v", site.kv_heads)):
-            scale = scale_from_absmax(amax[index]).reshape(heads, 1).contiguous()
+            scale = scale_from_absmax(amax[index], ctx.dtype).reshape(heads, 1).contiguous()
             name = f"{site.prefix}.fa_{short}"
             insert_qdq(gm, site.node, index, f"{name}.scale", scale, torch.ops.qc.fa_quant.default,
                        torch.ops.qc.fa_dequant.default, site.dtype)

@@ -10,7 +10,8 @@ value input of that node only, it inserts
 
 with one symmetric scale per channel c of the k/v projection output ([num_kv_heads * head_dim], channel
 c = head * head_dim + d), `scale = absmax / 127` over the layer's calibration data (all tokens of all
-sequences; the inputs are the outputs of the already-quantized layers before). This is the engines' math
+sequences; the inputs are the outputs of the already-quantized layers before), rounded to the model dtype
+(both engines hold the C8 scales in it, so the graph quantizes with the value the NPU uses). This is the engines' math
 (spec "KV cache int8"): the cache holds `codes`, attention reads `codes * scale`. The decode program
 (ir/decode.py) stores `codes` in an int8 cache.
 
@@ -47,7 +48,7 @@ class KV8(Pass):
         amax = calibrate_absmax(gm, ctx, site.node, {K: (1, 3), V: (1, 3)})
         stats = {}
         for index, proj in ((K, "k_proj"), (V, "v_proj")):
-            scale = scale_from_absmax(amax[index]).reshape(site.kv_heads * site.head_dim).contiguous()
+            scale = scale_from_absmax(amax[index], ctx.dtype).reshape(site.kv_heads * site.head_dim).contiguous()
             name = f"{site.prefix}.{proj}"
             insert_qdq(gm, site.node, index, f"{name}.kv_cache_scale", scale, torch.ops.qc.kv_quant.default,
                        torch.ops.qc.kv_dequant.default, site.dtype)

@@ -4,14 +4,14 @@ One observer per distinct input node, shared by all annotated Linears that read 
 a fused group gets identical activation statistics. Other consumers of the input keep reading it
 directly. Observers are `call_module` nodes (`qc_observer_<n>` submodules, `meta.OBSERVER` set).
 The observer's kind follows the activation spec's `observer` type: MinMax -> MinMaxObserver, Percentile /
-Entropy -> HistogramObserver (ir/histogram.py). Linears sharing an input share one scheme (checked by the
+Entropy -> HistogramObserver, L2Histogram -> L2HistogramObserver (ir/histogram.py). Linears sharing an input share one scheme (checked by the
 driver), so the first one's spec decides.
 Requires: annotated. Produces: observed. Lowering removes them.
 """
 from ..ir import meta
-from ..ir.histogram import HistogramObserver
+from ..ir.histogram import HistogramObserver, L2HistogramObserver
 from ..ir.observers import MinMaxObserver
-from ..ir.qspec import MinMax
+from ..ir.qspec import L2Histogram, MinMax
 from ..ir.patterns import linear_sites, shared_input_groups
 from .base import Pass, PassResult
 from .registry import register
@@ -19,7 +19,11 @@ from .registry import register
 
 def make_observer(kind):
     """The observer module for an activation observer type (ir/qspec.py)."""
-    return MinMaxObserver() if isinstance(kind, MinMax) else HistogramObserver(kind)
+    if isinstance(kind, MinMax):
+        return MinMaxObserver()
+    if isinstance(kind, L2Histogram):
+        return L2HistogramObserver(kind)
+    return HistogramObserver(kind)
 
 
 @register

@@ -8,14 +8,15 @@ pass's `match` option (a regex, `re.search` on the full HF name; default `.*`, e
 driver rejects, before any work, a pipeline whose `match`/`--exclude` would split q/k/v or gate/up
 (engines fuse them) or a scheme pass that claims no Linear (`driver.check_scheme_groups`).
 
-Per-group schemes (w8a16, w4a16) carry an option `group` (0 = per-channel, else the group size along k).
+Per-group schemes (w8a16, w4a16; w4a8d, per-group only, default 32) carry an option `group` (0 = per-channel,
+else the group size along k).
 The artifact has ONE group_size, so the driver resolves it over the whole model before any work
 (`group_size.resolve_group_sizes`) and rebuilds the pass with the resolved value; `ctx.pipeline` then
 holds the decided group (gptq/awq read it there). A pass run directly on one layer (tests) with
 `group=None` resolves the default over that layer's Linears with the same rule.
 Observers (options on every scheme pass; values become types of ir/qspec.py on the spec, read by
 observe and lower): `weight_observer=minmax|mse`; static schemes (w8a8, w8a8mix) also take
-`act_observer=minmax|percentile|entropy` and `percentile=P` (with act_observer=percentile).
+`act_observer=minmax|percentile|entropy|histogram` and `percentile=P` (with act_observer=percentile).
 Requires: captured. Produces: annotated.
 """
 import dataclasses
@@ -24,15 +25,15 @@ from dataclasses import dataclass, field
 
 from ..ir import meta
 from ..ir.patterns import get_tensor, linear_sites
-from ..ir.qspec import (Entropy, LinearQuantSpec, MinMax, MSEClip, PerChannel, PerGroup, Percentile,
-                        TensorQuant)
+from ..ir.qspec import (Entropy, L2Histogram, LinearQuantSpec, MinMax, MSEClip, PerChannel, PerGroup,
+                        Percentile, TensorQuant)
 from .base import Pass, PassResult
 from .group_size import GROUP_SIZES, default_group_size
 
 
 #: option values -> observer types (ir/qspec.py); the options stay strings so `name:key=value` parses them
 WEIGHT_OBSERVER_NAMES = {"minmax": MinMax, "mse": MSEClip}
-ACT_OBSERVER_NAMES = {"minmax": MinMax, "percentile": Percentile, "entropy": Entropy}
+ACT_OBSERVER_NAMES = {"minmax": MinMax, "percentile": Percentile, "entropy": Entropy, "histogram": L2Histogram}
 
 
 def _check_choice(key: str, value, choices) -> None:
@@ -68,9 +69,10 @@ class SchemeOptions:
 @dataclass(frozen=True)
 class StaticSchemeOptions(SchemeOptions):
     """act_observer (static activation range from calibration): minmax (default), percentile (the
-    `percentile` / 100 - `percentile` quantiles; percentile default 99.99, only with act_observer=percentile)
-    or entropy (TensorRT KL threshold); ir/histogram.py."""
-    act_observer: str = field(default="minmax", metadata={"choices": "minmax|percentile|entropy"})
+    `percentile` / 100 - `percentile` quantiles; percentile default 99.99, only with act_observer=percentile),
+    entropy (TensorRT KL threshold) or histogram (L2-optimal clip range, PyTorch's / msModelSlim's histogram
+    observer); ir/histogram.py."""
+    act_observer: str = field(default="minmax", metadata={"choices": "minmax|percentile|entropy|histogram"})
     percentile: float | None = field(default=None, metadata={"choices": "50 < P <= 100, default 99.99"})
 
     def __post_init__(self):

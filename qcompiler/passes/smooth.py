@@ -16,7 +16,11 @@ function (up to rounding the folded tensors to the model dtype). Groups, found b
            repeated back over them.
   mlp_up   `mul(silu(gate), up_proj)` -> down_proj: s folded into up_proj rows (and bias).
 
-alpha: `alpha=A` fixes it; otherwise it is searched per group over {0, 1/grid, ..., 1}: the group's
+Selection: `subgraphs=` (msModelSlim's names norm-linear / ov / up-down, '+'-joined; default all three) and
+`match=` (regex on the group's source module, as msModelSlim's include/exclude) choose the groups smoothed.
+
+alpha: `alpha=A` fixes it (and `beta=B` then replaces the weight exponent 1 - alpha, as msModelSlim's flex
+smooth `FlexSmoothScaleCalculator.compute_smooth_scale`: s = act^alpha / w^beta); otherwise it is searched per group over {0, 1/grid, ..., 1}: the group's
 outputs on a sample of calibration rows (`tokens`) with fake quantization (weights as the following
 scheme quantizes them; activations per-tensor asymmetric min-max over the whole calibration set for
 static schemes, per-token symmetric for dynamic ones, float for weight-only ones) are compared with the
@@ -41,7 +45,7 @@ skipped and named in stats["skipped"]. The folded norm weights / new norm biases
 the artifact writer takes a layer's float tensors from the transformed graph (driver._add_layer_tensors).
 """
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,23 +64,50 @@ _LAYOUT_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.defaul
                aten.unsqueeze.default, aten.alias.default}
 
 
+#: msModelSlim's subgraph type names (processor/anti_outlier/common/subgraph_type.py; the Qwen3 adapter
+#: `get_adapter_config_for_subgraph` maps norm-linear, ov, up-down) -> our group kinds. Dense Llama/Qwen decoder
+#: layers have no linear-linear subgraph (a Linear feeding a Linear directly), so it selects nothing here.
+SUBGRAPH_KINDS = {"norm-linear": "norm", "ov": "attn_v", "up-down": "mlp_up", "linear-linear": None}
+ALL_SUBGRAPHS = "norm-linear+ov+up-down"
+
+
 @dataclass(frozen=True)
 class SmoothOptions:
-    """alpha: fixed migration strength in [0, 1] (None: searched per group). grid: search steps over
-    [0, 1] (20 -> 0, 0.05, ..., 1). shift: also center norm outputs per channel (adds norm/Linear biases).
-    tokens: calibration rows sampled per group for the search."""
+    """alpha: fixed migration strength in [0, 1] (None: searched per group). beta: weight exponent with a
+    fixed alpha, s = act^alpha / w^beta (None: 1 - alpha; msModelSlim flex smooth's beta). grid: search steps
+    over [0, 1] (20 -> 0, 0.05, ..., 1). shift: also center norm outputs per channel (adds norm/Linear biases).
+    tokens: calibration rows sampled per group for the search. subgraphs: '+'-joined msModelSlim subgraph
+    types to smooth (norm-linear, ov, up-down; linear-linear matches none in dense layers). match: regex on
+    the full name of a group's source module (`model.layers.3.input_layernorm`, `...self_attn.v_proj`,
+    `...mlp.up_proj`, as msModelSlim's smooth include/exclude filter `mapping.source`)."""
     alpha: float | None = None
     grid: int = 20
     shift: bool = False
     tokens: int = 1024
+    beta: float | None = None
+    subgraphs: str = field(default=ALL_SUBGRAPHS, metadata={"choices": "any '+'-joined subset"})
+    match: str = ".*"
 
     def __post_init__(self):
         if self.alpha is not None and not (0.0 <= float(self.alpha) <= 1.0):
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.beta is not None and (self.alpha is None or not (0.0 <= float(self.beta) <= 1.0)):
+            raise ValueError(f"beta={self.beta} needs a fixed alpha and must be in [0, 1]")
+        unknown = [t for t in str(self.subgraphs).split("+") if t not in SUBGRAPH_KINDS]
+        if unknown or not str(self.subgraphs):
+            raise ValueError(f"subgraphs must be '+'-joined {', '.join(SUBGRAPH_KINDS)}, got {self.subgraphs!r}")
+        try:
+            re.compile(self.match)
+        except (re.error, TypeError) as e:
+            raise ValueError(f"match {self.match!r} is not a valid regular expression ({e})") from None
+
         if isinstance(self.grid, bool) or int(self.grid) != self.grid or not (1 <= self.grid <= 1000):
             raise ValueError(f"grid must be an integer in [1, 1000], got {self.grid!r}")
         if isinstance(self.tokens, bool) or int(self.tokens) != self.tokens or self.tokens < 16:
             raise ValueError(f"tokens must be an integer >= 16, got {self.tokens!r}")
+
+    def kinds(self) -> set[str]:
+        return {SUBGRAPH_KINDS[t] for t in self.subgraphs.split("+")} - {None}
 
 
 @dataclass
@@ -275,12 +306,14 @@ def quant_matmul(x: QTensor, w: QTensor) -> torch.Tensor:
 
 # ---- scales -------------------------------------------------------------------------------------------
 def smooth_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float,
-                  heads: tuple[int, int, int] | None = None, w_limit: float | None = None) -> torch.Tensor:
-    """s_j = act^alpha / w^(1-alpha), clamped to [S_MIN, S_MAX]; 1 where either side is 0. With `heads`
-    (nh, kvh, hd) the per-column scales are reduced (max) over the query heads sharing a kv head and
-    repeated back. `w_limit` caps s_j * w_j (keeps folded float16 weights finite)."""
+                  heads: tuple[int, int, int] | None = None, w_limit: float | None = None,
+                  beta: float | None = None) -> torch.Tensor:
+    """s_j = act^alpha / w^beta (beta = 1 - alpha unless given), clamped to [S_MIN, S_MAX]; 1 where either side
+    is 0. With `heads` (nh, kvh, hd) the per-column scales are reduced (max) over the query heads sharing a kv
+    head and repeated back. `w_limit` caps s_j * w_j (keeps folded float16 weights finite)."""
     a, w = act_absmax.float(), w_absmax.float()
-    s = a.clamp_min(1e-12).pow(alpha) / w.clamp_min(1e-12).pow(1.0 - alpha)
+    beta = 1.0 - alpha if beta is None else beta
+    s = a.clamp_min(1e-12).pow(alpha) / w.clamp_min(1e-12).pow(beta)
     s = torch.where((a > 0) & (w > 0), s.clamp(S_MIN, S_MAX), torch.ones_like(s))
     if heads is not None:
         s = _share_heads(s, heads)
@@ -417,7 +450,11 @@ class Smooth(Pass):
     def run(self, gm, ctx):
         groups, skipped = find_smooth_groups(gm)
         todo = []
+        kinds = self.options.kinds()
         for g in groups:
+            if g.kind not in kinds or re.search(self.options.match, ctx.prefix + g.producer) is None:
+                skipped[g.sites[0].name] = f"not selected (subgraphs={self.options.subgraphs}, match)"
+                continue
             k = get_tensor(gm, g.sites[0].weight.target).shape[1]
             specs = [following_spec(ctx, self, s, k) for s in g.sites]
             if all(sp is None for sp in specs):
@@ -461,7 +498,7 @@ class Smooth(Pass):
                 stats_out["mse"][g.producer] = [_sig(base), _sig(best_err)]
             else:
                 alpha = float(self.options.alpha)
-            fold(gm, g, smooth_scales(act_absmax, w_absmax, alpha, g.heads, limit), z)
+            fold(gm, g, smooth_scales(act_absmax, w_absmax, alpha, g.heads, limit, self.options.beta), z)
             stats_out["alphas"][g.producer] = alpha
             stats_out["groups"][g.producer] = [s.name for s in g.sites]
             stats_out["schemes"][g.producer] = next(sp.quant_type for sp in specs if sp is not None)

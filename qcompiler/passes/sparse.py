@@ -31,6 +31,10 @@ Requires: captured. Produces: sparse. Forbids: annotated, awq, gptq (weights the
 gptq/awq after sparse keep zeros zero: awq scales columns, gptq keeps zero codes for pruned weights).
 Alone (`--passes sparse:ratio=0.5`, no scheme) the compile writes the pruned float model: every tensor
 FLOAT, executable graph in float (the driver skips the quantization tail for `standalone` passes).
+`ratio=0` prunes nothing but still records each Linear's (natural) sparsity, so a scheme that requires
+`sparse` (w8a8s, w16a16s) runs on the unpruned weights: `sparse:ratio=0,w8a8s` is msModelSlim's "lowbit"
+sparse quantization (w_bit 4 codes, no pruning ratio; QuantConfig is_lowbit, msmodelslim/pytorch/llm_ptq/
+llm_ptq_tools/quant_config/quant_config_classes/config_utils.py `is_w4a8_sparse`).
 Limits: unstructured only (no 2:4); SparseGPT's math runs on one thread in float32 (Cholesky float64).
 """
 import re
@@ -198,8 +202,18 @@ class Sparse(Pass):
 
     def run(self, gm, ctx):
         sites = self._targets(gm, ctx)
-        if not sites or self.options.ratio == 0.0:
+        if not sites:
             return PassResult(gm, modified=False, stats={"linears": {}})
+        if self.options.ratio == 0.0:
+            # nothing pruned: the weights' own zeros are recorded, so `sparse:ratio=0,w8a8s` is msModelSlim's
+            # "lowbit" sparse quantization (4-bit-range codes, sparsity only from codes that round to 0)
+            records = {}
+            for site in sites:
+                w = get_tensor(gm, site.weight.target)
+                sparsity = float((w == 0).sum()) / w.numel()
+                site.node.meta[meta.SPARSITY] = sparsity
+                records[site.name] = {"method": "none (ratio=0)", "sparsity": round(sparsity, 6), "protected": 0}
+            return PassResult(gm, modified=True, stats={"linears": records})
         records = {}
         if self.options.method == "magnitude":
             for site in sites:

@@ -7,7 +7,8 @@ model dtype; no calibration statistics are needed. Lowered to `qc.weight_quant_m
 Options: match (regex on the full HF Linear name), group (0 = per-channel; one group size per artifact:
 it must divide every per-group Linear's k, checked before any work).
 Requires: captured. Produces: annotated.
-Limits: the scale is applied in the model dtype (as the NPU kernel does), so bf16 rounds it to 8 bits.
+The scale is stored rounded to the model dtype (the engines hold it so and the NPU kernel applies it in it) and
+the codes are computed against the rounded value, so bf16's 8-bit scale adds no systematic error.
 """
 from dataclasses import dataclass
 

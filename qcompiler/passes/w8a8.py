@@ -5,7 +5,7 @@ from calibration (min-max). Linears that read one input (q/k/v, gate/up) share o
 and offset: the observer sits on their shared input edge, so they see the same statistics by
 construction. lm_head and the embedding stay float (they are not in decoder-layer graphs).
 Options: match (regex on the full HF Linear name; default every Linear not claimed by an earlier scheme),
-act_observer=minmax|percentile|entropy (+ percentile=P), weight_observer=minmax|mse (passes/scheme.py).
+act_observer=minmax|percentile|entropy|histogram (+ percentile=P), weight_observer=minmax|mse (passes/scheme.py).
 Requires: captured. Produces: annotated. Limits: with the default min-max range, outliers in down_proj's
 input hurt (`--exclude 'mlp\\.down_proj'`, a weight-only scheme on it, act_observer=percentile|entropy,
 or the smoothing pass help).

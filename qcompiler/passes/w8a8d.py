@@ -1,7 +1,8 @@
 """w8a8d: W8A8 with dynamic per-token activations (the artifact's "W8A8_DYNAMIC" type).
 
-Weight int8 per-channel symmetric (absmax / 127, or the codes and scales an earlier gptq/awq pass left in
-`meta.WEIGHT_QPARAMS`); activation int8 per-token symmetric, computed at run time by the kernel
+Weight int8 per-channel symmetric (absmax / 127 rounded to the model dtype, in which both engines hold it and
+against which the codes are computed; or the codes and scales an earlier gptq/awq pass left in
+`meta.WEIGHT_QPARAMS`); the Linear's bias is rounded to the model dtype too (both engines hold it so); activation int8 per-token symmetric, computed at run time by the kernel
 (`s_t = max|x_row| / 127`), so no calibration statistics are needed and the calibrate pass does nothing
 for these Linears. Lowered to `qc.dynamic_quant` (one per shared input: q/k/v, gate/up) and
 `qc.quant_matmul_pertoken` (npu_dynamic_quant + npu_quant_matmul with pertoken_scale).

@@ -8,7 +8,7 @@ the decode kernels), so `qcompile eval` measures what decode instances compute; 
 numerics are those of the w8a8d pass on the same weights.
 Weight int8 per-channel symmetric (or `meta.WEIGHT_QPARAMS` from gptq/awq); activation int8 per-tensor
 asymmetric, shared by Linears reading one input (q/k/v, gate/up), as in w8a8.
-Options: match (regex on the full HF Linear name), act_observer=minmax|percentile|entropy (+ percentile=P),
+Options: match (regex on the full HF Linear name), act_observer=minmax|percentile|entropy|histogram (+ percentile=P),
 weight_observer=minmax|mse (passes/scheme.py).
 Requires: captured. Produces: annotated.
 """

@@ -11,8 +11,8 @@ Why it requires `sparse` instead of pruning itself: the pruning method, ratio an
 the sparse pass's options (one place to choose them, and `sparse` alone gives the float pruned model to
 compare with). Every Linear w8a8s claims must have been pruned by `sparse` (its `match`/`--exclude`
 must cover them): otherwise a one-line error on the first layer.
-Options: match (regex on the full HF Linear name), bits (4 or 8), and w8a8's observers (weight_observer,
-act_observer, percentile).
+Options: match (regex on the full HF Linear name), bits (4 or 8), fraction / sigma (weight outliers keep int8
+codes: ir/qspec.py OutlierSplit), and w8a8's observers (weight_observer, act_observer, percentile).
 Requires: captured, sparse. Produces: annotated.
 Limits: the compressed W8A8SC form (what the 300I Duo runs fastest) is produced by a closed binary tool
 (msModelSlim's compressor): out of scope; this writes the uncompressed W8A8S artifact it reads.
@@ -22,20 +22,33 @@ from dataclasses import dataclass
 from ..errors import QCError
 from ..ir import meta
 from ..ir.patterns import linear_sites
-from ..ir.qspec import LinearQuantSpec, PerTensor, TensorQuant
+from ..ir.qspec import LinearQuantSpec, OutlierSplit, PerTensor, TensorQuant
 from .registry import register
 from .scheme import SchemePass, StaticSchemeOptions, weight_quant
 
 
 @dataclass(frozen=True)
 class W8A8SOptions(StaticSchemeOptions):
-    """bits: weight code range stored in int8: 4 -> [-7, 7] (default, packable), 8 -> [-127, 127]."""
+    """bits: weight code range stored in int8: 4 -> [-7, 7] (default, packable), 8 -> [-127, 127].
+    fraction: per row, the round(fraction * k) largest |w| are outliers that keep int8 codes (the scale comes
+    from the other weights); sigma: outliers are instead |w - mean| > sigma * std of the row (msModelSlim's
+    sparse-quant fraction / use_sigma + sigma_factor). Both default off; not with weight_observer=mse, gptq or awq."""
     bits: int = 4
+    fraction: float = 0.0
+    sigma: float | None = None
 
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.bits, bool) or self.bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {self.bits!r}")
+        OutlierSplit(float(self.fraction), None if self.sigma is None else float(self.sigma))  # validates
+        if (self.fraction or self.sigma is not None) and self.weight_observer != "minmax":
+            raise ValueError("fraction/sigma choose the weight scale themselves: use weight_observer=minmax")
+
+    def weight_observer_spec(self):
+        if self.fraction or self.sigma is not None:
+            return OutlierSplit(float(self.fraction), None if self.sigma is None else float(self.sigma))
+        return super().weight_observer_spec()
 
 
 @register
@@ -55,8 +68,12 @@ class W8A8S(SchemePass):
     def run(self, gm, ctx):
         result = super().run(gm, ctx)
         claimed = set(result.stats["linears"])
+        split = self.options.fraction or self.options.sigma is not None
         for site in linear_sites(gm):
             if site.name in claimed and meta.SPARSITY not in site.node.meta:
                 raise QCError(f"w8a8s claims {ctx.prefix}{site.name} but the sparse pass did not prune it; "
                               f"give sparse the same match/--exclude as w8a8s")
+            if site.name in claimed and split and meta.WEIGHT_QPARAMS in site.node.meta:
+                raise QCError(f"w8a8s:fraction/sigma choose {ctx.prefix}{site.name}'s codes, but gptq/awq before it "
+                              f"already did; drop one of them")
         return result

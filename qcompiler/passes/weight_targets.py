@@ -10,7 +10,9 @@ later scheme pass will claim: claims are simulated with the rule scheme passes a
 selects it). bits and group come from that pass's spec (its `options.group`, resolved by the driver; a
 pass left with `group=None`, e.g. in a test, resolves it over this layer as `SchemePass.run` does).
 Quantization helpers (`quantize`, `dequantize`, `column_scale`, `fake_quant`) are the encoder's math
-(`encode.quantize_weight`: symmetric, codes in [-qmax, qmax], zero group -> scale 1.0).
+(`encode.quantize_weight`: symmetric, codes in [-qmax, qmax], zero group -> scale 1.0); `quantize` rounds the
+scale to the target's model dtype first (what the engines hold), so the codes a pass chooses are computed
+against the scale that runs (`fake_quant`, the searches' cheap stand-in, does not).
 `single_thread()` runs a block on one torch thread (see its docstring).
 """
 import contextlib
@@ -33,6 +35,7 @@ class WeightTarget:
     group: int          # 0: per-channel, else scales per `group` input channels
     scheme: str         # the scheme pass that will quantize the Linear
     quant_type: str
+    dtype: torch.dtype | None = None   # model dtype the scales are rounded to (None: not rounded)
 
     @property
     def qmax(self) -> int:
@@ -74,13 +77,14 @@ def weight_targets(gm: torch.fx.GraphModule, ctx, me) -> dict[str, WeightTarget]
         size = getattr(getattr(w, "granularity", None), "size", None) if w is not None else None
         group = int(size) if size else (0 if w is not None else int(group or 0))
         for s in mine:
-            targets[s.name] = WeightTarget(bits=bits, group=group, scheme=p.name, quant_type=p.quant_type)
+            targets[s.name] = WeightTarget(bits=bits, group=group, scheme=p.name, quant_type=p.quant_type,
+                                           dtype=ctx.dtype)
     return targets
 
 
 def quantize(w: torch.Tensor, t: WeightTarget, scale: torch.Tensor | None = None):
-    """(int8 codes [n, k], float32 scale [n, G]) exactly as the encoder computes them."""
-    return quantize_weight(w, t.bits, t.group, scale)
+    """(int8 codes [n, k], float32 scale [n, G]) exactly as the encoder computes them (scale rounded to t.dtype)."""
+    return quantize_weight(w, t.bits, t.group, scale, model_dtype=t.dtype)
 
 
 def column_scale(scale: torch.Tensor, k: int) -> torch.Tensor:

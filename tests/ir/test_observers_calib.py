@@ -191,3 +191,30 @@ def test_recipe_takes_the_same_option_names_and_values(tmp_path):
     (name, opts), = load_recipe(recipe)["passes"]
     spec = make_pass(name, opts).observed_spec()
     assert spec.activation.observer == Percentile(99.9) and spec.weight.observer == MSEClip()
+
+
+# ---- act_observer=histogram: PyTorch's L2 histogram search (msModelSlim's histogram observer; issue 14) -----
+def test_l2_histogram_range_is_pytorchs_search():
+    from torch.ao.quantization import HistogramObserver as TorchHistogramObserver
+    from qcompiler.ir.histogram import L2HistogramObserver
+    torch.manual_seed(0)
+    x = torch.randn(200_000)
+    x[:20] = 30.0                                       # rare outliers
+    ours = _observe(L2HistogramObserver(), x)
+    ref = TorchHistogramObserver(dtype=torch.qint8, qscheme=torch.per_tensor_affine)
+    for chunk in x.chunk(4):
+        ref(chunk)
+    scale, zp = ref.calculate_qparams()
+    lo, hi = ours.range()
+    assert lo == pytest.approx(max(float((-128 - zp) * scale), float(x.min())))
+    assert hi == pytest.approx(min(float((127 - zp) * scale), float(x.max())))
+    assert ours.min <= lo < hi <= ours.max
+
+
+def test_histogram_act_observer_option_compiles(tiny_models, calib_file, tmp_path):
+    rep = compile_model(CompileOptions(model=str(tiny_models["llama"]), out=tmp_path / "o", calib=calib_file,
+                                       calib_samples=2, seq_len=32,
+                                       passes=(("w8a8", {"act_observer": "histogram"}),)), log=lambda m: None)
+    assert rep["model_quant_type"] == "W8A8"
+    assert make_pass("w8a8", {"act_observer": "histogram"}).observed_spec().activation.observer.__class__.__name__ \
+        == "L2Histogram"

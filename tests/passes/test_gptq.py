@@ -148,8 +148,10 @@ def test_gptq_scales_are_the_encoders_and_lowering_stores_the_codes(tiny_models)
         n, k = original[site.name].shape
         assert q.dtype == torch.int8 and q.shape == (n, k) and int(q.abs().max()) <= 7
         assert scale.dtype == torch.float32 and scale.shape == (n, k // 32)
-        # the artifact's per-group scales: absmax / 7 of the float weight before GPTQ, groups along k
-        assert torch.equal(scale, quantize_weight(original[site.name], 4, 32)[1])
+        # the artifact's per-group scales: absmax / 7 of the float weight before GPTQ, groups along k, rounded to
+        # the model dtype (what the engines hold), so GPTQ's codes are computed against the scale that runs
+        assert torch.equal(scale, quantize_weight(original[site.name], 4, 32, model_dtype=dtype)[1])
+        assert torch.equal(scale.to(dtype).float(), scale)
         # the float weight the graph now holds is the dequantized GPTQ weight
         assert torch.equal(get_tensor(gm, site.weight.target), dequantize(q, scale).to(dtype))
         qparams[site.name] = (q, scale)
@@ -195,8 +197,8 @@ def test_targets_follow_the_claiming_scheme(tiny_models):
     ctx = LayerContext(index=0, inputs=inputs, dtype=dtype, exclude=(r"o_proj",), pipeline=tuple(passes))
     targets = weight_targets(gm, ctx, passes[0])
     assert "self_attn.o_proj" not in targets
-    assert targets["mlp.down_proj"] == WeightTarget(8, 0, "w8a16", "W8A16")
-    assert targets["mlp.up_proj"] == WeightTarget(4, 64, "w4a16", "W4A16")
+    assert targets["mlp.down_proj"] == WeightTarget(8, 0, "w8a16", "W8A16", dtype)
+    assert targets["mlp.up_proj"] == WeightTarget(4, 64, "w4a16", "W4A16", dtype)
     passes[0].run(gm, ctx)
     q, scale = next(s for s in linear_sites(gm) if s.name == "mlp.down_proj").node.meta[meta.WEIGHT_QPARAMS]
     assert scale.shape == (64, 1) and int(q.abs().max()) > 7

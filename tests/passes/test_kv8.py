@@ -82,14 +82,16 @@ def test_scales_and_numerics_match_written_out_reference(tiny_models):
         a = x.float().numpy()                                        # [B, KVH, L, D]
         amax = np.abs(a).transpose(1, 3, 0, 2).reshape(a.shape[1] * a.shape[3], -1).max(axis=1)
         ref_scale = (amax / np.float32(127)).astype(np.float32)
+        ref_scale = torch.from_numpy(ref_scale).to(ctx.dtype).float().numpy()  # held in the model dtype
         scale = ctx.extra_tensors[f"self_attn.{proj}.kv_cache_scale"][0]
-        np.testing.assert_allclose(scale.numpy(), ref_scale, rtol=1e-6)
+        np.testing.assert_array_equal(scale.numpy(), ref_scale)
         # engine math: cache_q = clamp(rint(x / scale), -128, 127) per channel; dequant cache_q * scale
         s4 = ref_scale.reshape(a.shape[1], 1, a.shape[3])
         ref_q = np.clip(np.rint(a / s4), -128, 127).astype(np.int8)
         got_q = torch.ops.qc.kv_quant(x, scale)
         assert np.array_equal(got_q.numpy(), ref_q)
-        assert int(np.abs(ref_q).max()) == 127                        # absmax maps to +-127, nothing clips
+        # absmax maps to +-127 (the dtype-rounded scale may put it at 127.x: -128 / clamp to 127 at most)
+        assert int(np.abs(ref_q).max()) in (127, 128)
         got_dq = torch.ops.qc.kv_dequant(got_q, scale, torch.bfloat16)
         assert torch.equal(got_dq, torch.from_numpy(ref_q.astype(np.float32) * s4).to(torch.bfloat16))
     with torch.no_grad():
@@ -183,9 +185,10 @@ def test_decode_with_int8_cache_matches_recomputation(kv8_out):
     got, cache = cached_logits(model, ids, prefill=6)
     # kv8 scales are static per channel, so a token's int8 codes do not depend on the other tokens: the
     # cache holds exactly the codes recomputation makes; what differs is bf16 summation order ([1, D]
-    # rows vs [L, D] blocks), bounded by 1% of the logits' range; the greedy tokens agree.
+    # rows vs [L, D] blocks): measured 0.9% (float32 C8 scales) and 1.07% (bf16-exact scales) of the logits'
+    # range on this random tiny model, bounded by 1.5%; the greedy tokens agree.
     err = ((got - want).abs().max() / want.abs().max()).item()
-    assert err < 0.01, err
+    assert err < 0.015, err
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     k, v = cache.buffers[0]
     assert k.dtype == v.dtype == torch.int8 and k.shape == (1, 2, 20, 16)

@@ -2,8 +2,9 @@
 lowering, numerics vs float, the executable layer vs an independent formula from the artifact's tensors,
 mixed recipes, the one artifact group size, fused-group splits, and gptq/awq weight codes (WEIGHT_QPARAMS).
 
-Layer-level tests reuse one captured tiny Qwen2 layer (it has q/k/v biases, so the bias paths run); two
-full compiles cover the executable graph and the artifact checker."""
+Layer-level tests reuse one captured tiny Qwen2 layer (it has q/k/v biases, so the bias paths run), and a tiny
+Llama layer for w4a8d (no engine adds a W4A8_DYNAMIC Linear's bias, so it refuses one); full compiles cover
+the executable graph and the artifact checker."""
 import copy
 import json
 import subprocess
@@ -41,6 +42,23 @@ def qwen2_layer(tiny_models):
     return gm, inputs, ckpt.dtype, want
 
 
+@pytest.fixture(scope="module")
+def llama_layer(tiny_models):
+    ckpt = open_checkpoint(tiny_models["llama"])
+    skel = HFSkeleton(ckpt)
+    inputs = skel.layer0_inputs(torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(1)))
+    gm = skel.capture_layer(0, inputs)
+    with torch.no_grad():
+        want = gm(inputs.hidden, position_embeddings=inputs.position_embeddings).float()
+    return gm, inputs, ckpt.dtype, want
+
+
+@pytest.fixture
+def layer_for(qwen2_layer, llama_layer):
+    """The tiny layer a scheme's layer tests run on: llama for w4a8d (no Linear bias), else qwen2 (q/k/v bias)."""
+    return lambda scheme: llama_layer if scheme == "w4a8d" else qwen2_layer
+
+
 def _fresh(layer):
     gm, inputs, dtype, _ = layer
     return copy.deepcopy(gm), LayerContext(index=0, inputs=inputs, dtype=dtype)
@@ -68,19 +86,20 @@ STRUCTURE = {  # scheme: ({qc op: count}, artifact type, weight shape (n, k) -> 
     "w8a16": ({QC.weight_quant_matmul.default: 7}, "W8A16", lambda n, k: (n, k)),
     # default group 64 (128 does not divide k=64): k=64 Linears get one group = per-channel, packed along k
     "w4a16": ({QC.weight_quant_matmul.default: 7}, "W4A16", lambda n, k: (n, k // 2) if k == 64 else (n // 2, k)),
-    "w4a8d": ({QC.dynamic_quant.default: 4, QC.quant_matmul_pertoken.default: 7}, "W4A8_DYNAMIC",
+    # default group 32 (two-stage per-group), packed along n
+    "w4a8d": ({QC.dynamic_quant.default: 4, QC.quant_matmul_pergroup.default: 7}, "W4A8_DYNAMIC",
               lambda n, k: (n // 2, k)),
 }
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_structure_after_lowering(qwen2_layer, scheme):
-    gm, ctx = _fresh(qwen2_layer)
+def test_structure_after_lowering(layer_for, scheme):
+    gm, ctx = _fresh(layer_for(scheme))
     _run(gm, ctx, scheme)
     ops, qtype, stored = STRUCTURE[scheme]
     assert _count(gm, torch.ops.aten.linear.default) == 0
     for op in (QC.quantize.default, QC.quant_matmul.default, QC.dynamic_quant.default,
-               QC.quant_matmul_pertoken.default, QC.weight_quant_matmul.default):
+               QC.quant_matmul_pertoken.default, QC.quant_matmul_pergroup.default, QC.weight_quant_matmul.default):
         assert _count(gm, op) == ops.get(op, 0), op
     assert not [n for n in gm.graph.nodes if meta.OBSERVER in n.meta]
     # only the norms stay float parameters; every Linear's weight is an int8 buffer under its HF name
@@ -90,9 +109,12 @@ def test_structure_after_lowering(qwen2_layer, scheme):
         w = gm.get_buffer(f"{name}.weight")
         assert w.dtype == torch.int8 and tuple(w.shape) == stored(n, k), name
         assert torch.equal(w, ctx.artifact[name].tensors["weight"])
-    if scheme == "w4a8d":  # scale_bias goes to the artifact, not to the graph
-        assert ctx.artifact["mlp.down_proj"].tensors["scale_bias"].shape == (64, 16)
+    if scheme == "w4a8d":  # scale_bias and the offsets go to the artifact, not to the graph
+        t = ctx.artifact["mlp.down_proj"].tensors
+        assert t["scale_bias"].shape == (64, 16) and t["weight_scale_second"].shape == (64, 4)
         assert ctx.artifact["mlp.up_proj"].tensors["scale_bias"].shape == (128, 1)
+        assert {k for k, _ in gm.named_buffers() if k.startswith("mlp.down_proj.")} == {
+            "mlp.down_proj.weight", "mlp.down_proj.weight_scale", "mlp.down_proj.weight_scale_second"}
 
 
 # ---- numerics vs float -------------------------------------------------------------------------------------
@@ -107,9 +129,9 @@ TOLERANCE = {"w8a8d": 0.05, "w8a8mix": 0.10, "w8a16": 0.03, "w4a16": 0.25, "w4a8
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_quantized_layer_close_to_float(qwen2_layer, scheme):
-    gm, ctx = _fresh(qwen2_layer)
-    want = qwen2_layer[3]
+def test_quantized_layer_close_to_float(layer_for, scheme):
+    gm, ctx = _fresh(layer_for(scheme))
+    want = layer_for(scheme)[3]
     _run(gm, ctx, scheme)
     with torch.no_grad():
         got = gm(ctx.inputs.hidden, position_embeddings=ctx.inputs.position_embeddings).float()
@@ -135,8 +157,8 @@ def _unpack4(p, dim):
 
 
 @pytest.mark.parametrize("scheme", ("w8a8",) + SCHEMES)
-def test_weight_qparams_are_encoded_exactly(qwen2_layer, scheme):
-    gm, ctx = _fresh(qwen2_layer)
+def test_weight_qparams_are_encoded_exactly(layer_for, scheme):
+    gm, ctx = _fresh(layer_for(scheme))
     PassManager([make_pass(scheme), make_pass("observe"), make_pass("calibrate")]).run(gm, ctx)
     gen = torch.Generator().manual_seed(7)
     given = {}
@@ -146,7 +168,8 @@ def test_weight_qparams_are_encoded_exactly(qwen2_layer, scheme):
         qmax = 127 if spec.weight.bits == 8 else 7
         groups = k // spec.weight.granularity.size if isinstance(spec.weight.granularity, PerGroup) else 1
         q = torch.randint(-qmax, qmax + 1, (n, k), generator=gen, dtype=torch.int8)
-        scale = torch.rand(n, groups, generator=gen) * 0.01 + 1e-3
+        # codes are computed against the scale the engines hold: a model-dtype value (encode.quantize_weight)
+        scale = (torch.rand(n, groups, generator=gen) * 0.01 + 1e-3).to(ctx.dtype).float()
         node.meta[meta.WEIGHT_QPARAMS] = given[node.meta[meta.LINEAR_NAME]] = (q, scale)
     assert len(given) == 7
     make_pass("lower").run(gm, ctx)
@@ -158,21 +181,43 @@ def test_weight_qparams_are_encoded_exactly(qwen2_layer, scheme):
         elif scheme == "w4a8d":
             w = _unpack4(w, 0)
         assert torch.equal(w, q), name
-        assert torch.equal(t["weight_scale"], scale), name
+        if scheme == "w4a8d":  # the two stages multiply back to the per-group scale, as the engines form it
+            product = (t["weight_scale"].to(ctx.dtype) * t["weight_scale_second"].to(ctx.dtype)).float()
+            assert torch.equal(product, scale), name
+        else:
+            assert torch.equal(t["weight_scale"], scale), name
         assert torch.equal(gm.get_buffer(f"{name}.weight"), t["weight"]), name
 
 
 # ---- executable layer vs an independent formula from the artifact ----------------------------------------
-def _dynamic_linear(x, p, dtype, packed):
-    """Spec section 3 W8A8_DYNAMIC / W4A8_DYNAMIC engine math, written out."""
-    w = _unpack4(p["weight"], 0) if packed else p["weight"]
+def _per_token_int8(x):
     xf = x.float()
     s = xf.abs().amax(-1, keepdim=True) / 127
     s = torch.where(s == 0, torch.ones_like(s), s)
-    xq = torch.clamp(torch.round(xf / s), -128, 127)
-    acc = xq.double() @ w.double().T                       # exact integers
-    y = acc.float() * p["weight_scale"].float().T * s
-    return (y + p["bias"] if "bias" in p else y).to(dtype)
+    return torch.clamp(torch.round(xf / s), -128, 127), s
+
+
+def _dynamic_linear(x, p, dtype):
+    """Spec section 3 W8A8_DYNAMIC engine math, written out; weight_scale and bias as the engines hold them
+    (model dtype)."""
+    xq, s = _per_token_int8(x)
+    acc = xq.double() @ p["weight"].double().T                  # exact integers
+    y = acc.float() * p["weight_scale"].to(dtype).float().T * s
+    return (y + p["bias"].to(dtype).float() if "bias" in p else y).to(dtype)
+
+
+def _w4a8_linear(x, p, dtype, group):
+    """W4A8_DYNAMIC two-stage per-group (MindIE's A8W4 math), written out: S = dtype(dtype(weight_scale) *
+    dtype(weight_scale_second)), exact integer group sums, float32 sum over the groups in order, * per-token s."""
+    w = _unpack4(p["weight"], 0)
+    S = (p["weight_scale"].to(dtype) * p["weight_scale_second"].to(dtype)).float()
+    xq, s = _per_token_int8(x)
+    y = None
+    for j in range(S.shape[1]):
+        acc = (xq[..., j * group:(j + 1) * group].double() @ w[:, j * group:(j + 1) * group].double().T).float()
+        term = acc * S[:, j]
+        y = term if y is None else y + term
+    return (y * s).to(dtype)
 
 
 def _weight_only_linear(x, p, dtype, int4):
@@ -194,8 +239,10 @@ def _reference_layer(tensors, desc, i, cfg, h, cos, sin, dtype):
         t = desc[name + ".weight"]
         if t in ("W8A8", "W8A8_MIX"):  # W8A8_MIX: the static (decode) path is what the graph runs
             return _w8a8_linear(x, p, dtype)
-        if t in ("W8A8_DYNAMIC", "W4A8_DYNAMIC"):
-            return _dynamic_linear(x, p, dtype, packed=t == "W4A8_DYNAMIC")
+        if t == "W8A8_DYNAMIC":
+            return _dynamic_linear(x, p, dtype)
+        if t == "W4A8_DYNAMIC":
+            return _w4a8_linear(x, p, dtype, desc["group_size"])
         if t in ("W8A16", "W4A16"):
             return _weight_only_linear(x, p, dtype, int4=t == "W4A16")
         raise AssertionError(t)
@@ -204,15 +251,16 @@ def _reference_layer(tensors, desc, i, cfg, h, cos, sin, dtype):
 
 
 @pytest.mark.parametrize("scheme", ("w8a8",) + SCHEMES)
-def test_lowered_layer_matches_formula_from_its_tensors(qwen2_layer, tiny_models, scheme):
+def test_lowered_layer_matches_formula_from_its_tensors(layer_for, tiny_models, scheme):
     """Every scheme, before saving: the lowered graph vs the formula on the tensors it records for the artifact."""
-    gm, ctx = _fresh(qwen2_layer)
+    gm, ctx = _fresh(layer_for(scheme))
     _run(gm, ctx, scheme)
     pre = "model.layers.0."
     tensors = {f"{pre}{lin}.{sfx}": t for lin, art in ctx.artifact.items() for sfx, t in art.tensors.items()}
     tensors.update({pre + k: v for k, v in gm.named_parameters()})  # the two norms
     desc = {f"{pre}{lin}.weight": art.quant_type for lin, art in ctx.artifact.items()}
-    cfg = json.loads((tiny_models["qwen2"] / "config.json").read_text())
+    desc["group_size"] = 32 if scheme == "w4a8d" else 0
+    cfg = json.loads((tiny_models["llama" if scheme == "w4a8d" else "qwen2"] / "config.json").read_text())
     h = ctx.inputs.hidden
     cos, sin = ctx.inputs.position_embeddings
     with torch.no_grad():
@@ -262,6 +310,39 @@ def test_mixed_w8a8d_attention_w4a16_mlp_executable_matches_formula(tiny_models,
     report = _checker(out)
     if report is not None:
         assert "\n0 errors" in "\n" + report.strip().splitlines()[-1], report
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_w4a8d_two_stage_executable_matches_formula_and_passes_checker(tiny_models, calib_file, tmp_path, dtype):
+    """W4A8_DYNAMIC per-group (default group 32), both dtypes: executable == the written-out two-stage math bit for
+    bit; the artifact carries msModelSlim's tensor set and the checker is clean."""
+    out = tmp_path / "out"
+    desc = _compile_and_compare(tiny_models["llama"], calib_file, out, (("w4a8d", {}),), dtype)
+    assert desc["model_quant_type"] == "W4A8_DYNAMIC" and desc["group_size"] == 32
+    tensors = load_file(str(out / "quant_model_weights.safetensors"))
+    down = "model.layers.1.mlp.down_proj."
+    assert {k[len(down):] for k in tensors if k.startswith(down)} == {
+        "weight", "weight_scale", "weight_offset", "weight_scale_second", "weight_offset_second", "scale_bias"}
+    assert tensors[down + "weight_scale_second"].shape == (64, 4) and tensors[down + "scale_bias"].shape == (64, 16)
+    report = _checker(out)
+    if report is not None:
+        assert "\n0 errors" in "\n" + report.strip().splitlines()[-1], report
+
+
+def test_w4a8d_refuses_linear_bias_and_per_channel_before_any_work(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(QCError, match=r"no engine can load this artifact: vLLM-Ascend: W4A8_DYNAMIC Linear bias"):
+        compile_model(CompileOptions(model=str(tiny_models["qwen2"]), out=out, passes=(("w4a8d", {}),)),
+                      log=lambda m: None)
+    with pytest.raises(QCError, match=r"group must be one of 32, 64, 128, 256, got 0 \(per-channel W4A8_DYNAMIC "
+                                      r"loads in no engine"):
+        make_pass("w4a8d", {"group": "0"})
+    assert not out.exists() and not list(tmp_path.iterdir())
+    # the qwen2 q/k/v (biased) kept out of w4a8d: the rest compiles
+    compile_model(CompileOptions(model=str(tiny_models["qwen2"]), out=out, calib_samples=2, seq_len=16,
+                                 passes=(("w8a8d", {"match": r"self_attn\.[qkv]_proj"}), ("w4a8d", {}))),
+                  log=lambda m: None)
+    assert json.loads((out / "quant_model_description.json").read_text())["group_size"] == 32
 
 
 def test_recipe_w8a16_down_proj_w8a8_elsewhere_passes_checker(tiny_models, calib_file, tmp_path):

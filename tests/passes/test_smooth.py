@@ -191,7 +191,8 @@ def test_order_contract():
     assert "smoothed" in PassManager([make_pass(n) for n in ("smooth", "w8a8", *TAIL)]).validate()
 
 
-@pytest.mark.parametrize("bad", [{"alpha": "1.5"}, {"grid": "0"}, {"tokens": "4"}, {"shift": "maybe"}, {"beta": "1"}])
+@pytest.mark.parametrize("bad", [{"alpha": "1.5"}, {"grid": "0"}, {"tokens": "4"}, {"shift": "maybe"}, {"beta": "1"},
+                                 {"subgraphs": "norm-linear+qkv"}, {"match": "("}])
 def test_bad_options(bad):
     with pytest.raises(QCError):
         make_pass("smooth", bad)
@@ -297,3 +298,33 @@ def test_compiled_artifact_reproduces_the_executable_layer(tiny_models, calib_fi
     with torch.inference_mode():
         got = model.layers.get(0)(h, position_embeddings=(cos, sin))
     assert torch.equal(got, want), (got - want).abs().max()
+
+
+# ---- selection and exponents as msModelSlim's processors take them (issue 14) ------------------------------
+def test_subgraphs_and_match_select_the_groups(tiny_models):
+    """subgraphs= uses msModelSlim's subgraph type names; match= is searched in the group's source module."""
+    layer, ctx = _setup(tiny_models["llama"])
+    result = make_pass("smooth", {"alpha": "0.5", "subgraphs": "norm-linear+up-down"}).run(_gm(layer, ctx), ctx)
+    assert set(result.stats["alphas"]) == {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}
+    result = make_pass("smooth", {"alpha": "0.5", "subgraphs": "ov"}).run(_gm(layer, ctx), ctx)
+    assert set(result.stats["alphas"]) == {"self_attn.v_proj"}
+    result = make_pass("smooth", {"alpha": "0.5", "match": r"layers\.0\.post_attention_layernorm$"}).run(
+        _gm(layer, ctx), ctx)
+    assert set(result.stats["alphas"]) == {"post_attention_layernorm"}
+    result = make_pass("smooth", {"alpha": "0.5", "subgraphs": "linear-linear"}).run(_gm(layer, ctx), ctx)
+    assert result.stats["alphas"] == {} and not result.modified   # no linear-linear subgraph in a dense layer
+
+
+def test_beta_is_the_weight_exponent(tiny_models):
+    """s = act^alpha / w^beta (msModelSlim flex smooth, FlexSmoothScaleCalculator.compute_smooth_scale)."""
+    layer, ctx = _setup(tiny_models["llama"])
+    before = _gm(layer, ctx)
+    gm = _gm(layer, ctx)
+    make_pass("smooth", {"alpha": "0.75", "beta": "0.1", "subgraphs": "norm-linear"}).run(gm, ctx)
+    (st,) = collect_linear_input_stats(before, ctx, ["mlp.gate_proj"]).values()
+    w = torch.stack([get_tensor(before, f"mlp.{n}_proj.weight").float().abs().amax(0) for n in ("gate", "up")])
+    a, wmax = st.absmax.float(), w.amax(0)
+    s = (a.clamp_min(1e-12).pow(0.75) / wmax.clamp_min(1e-12).pow(0.1)).clamp(1e-5, 1e5)
+    torch.testing.assert_close(smooth_scales(st.absmax, w.amax(0), 0.75, beta=0.1), s)
+    norm = get_tensor(before, "post_attention_layernorm.weight")
+    assert torch.equal(get_tensor(gm, "post_attention_layernorm.weight"), (norm.float() / s).to(norm.dtype))

@@ -117,9 +117,10 @@ def test_w8a8s_rejected_on_910b_naming_310p(tiny_models, calib_file, tmp_path):
 
 def test_310p_unsure_types_warn():
     t = get_target("ascend310p")
-    assert check_target(t, torch.float16, {"W8A8S", "W8A8", "W8A16"}) == []
-    warnings = check_target(t, torch.float16, {"W8A8_DYNAMIC"})
-    assert len(warnings) == 1 and "W8A8_DYNAMIC" in warnings[0]
+    # W8A8_DYNAMIC: vLLM-Ascend has a 310P scheme (_310p/quantization/methods/w8a8_dynamic.py)
+    assert check_target(t, torch.float16, {"W8A8S", "W8A8", "W8A16", "W8A8_DYNAMIC"}) == []
+    warnings = check_target(t, torch.float16, {"W8A8_MIX"})
+    assert len(warnings) == 1 and "W8A8_MIX" in warnings[0]
 
 
 def test_fp16_range_checked_before_work(tiny_models, calib_file, tmp_path):
@@ -137,3 +138,48 @@ def test_fp16_range_checked_before_work(tiny_models, calib_file, tmp_path):
     assert not (tmp_path / "o").exists()
     with pytest.raises(QCError, match="compile with --dtype bfloat16"):
         _compile(model, tmp_path / "o", calib_file, [("w8a8", {})], dtype="float16")
+
+
+# ---- weight outliers keep int8 codes (msModelSlim's sparse-quant fraction / use_sigma; issue 14) ----------
+def test_outlier_split_codes_fraction_and_sigma():
+    from qcompiler.ir.qspec import OutlierSplit
+    from qcompiler.ir.weight_clip import outlier_split_codes
+    w = torch.tensor([[0.1, -0.2, 0.35, 3.0, -0.05, 0.0, 0.21, -0.14]])
+    q, scale = outlier_split_codes(w, 4, OutlierSplit(fraction=0.125))        # 1 outlier of 8: the 3.0
+    assert scale.item() == pytest.approx(0.35 / 7)                           # from the inliers' absmax
+    assert q.tolist() == [[2, -4, 7, 60, -1, 0, 4, -3]]                       # 3.0 / 0.05 = 60: an int8 code
+    q, scale = outlier_split_codes(w, 4, OutlierSplit(sigma=2.0))            # |w - mean| > 2 std: the 3.0 again
+    assert q[0, 3].item() == 60 and q.abs().masked_fill(q.abs() == 60, 0).max().item() <= 7
+    q, scale = outlier_split_codes(w, 4, OutlierSplit())                      # no outliers: plain absmax / 7
+    assert scale.item() == pytest.approx(3.0 / 7) and q.abs().max().item() == 7
+
+
+def test_w8a8s_fraction_compiles_and_keeps_outlier_codes(tiny_models, calib_file, tmp_path):
+    out = tmp_path / "o"
+    _compile(tiny_models["llama"], out, calib_file, [("sparse", {"ratio": "0"}), ("w8a8s", {"fraction": "0.05"})],
+             target="ascend310p", dtype="float16")
+    t = load_file(str(out / "quant_model_weights.safetensors"))
+    w = t["model.layers.0.mlp.gate_proj.weight"]
+    big = (w.abs() > 7).float().sum(1)                      # per row at most round(0.05 * 64) = 3 outliers
+    assert big.max().item() <= 3 and big.sum().item() > 0
+    assert w.abs().max().item() <= 127
+
+
+def test_w8a8s_fraction_refuses_gptq_codes(tiny_models, calib_file, tmp_path):
+    with pytest.raises(QCError, match="fraction/sigma choose"):
+        _compile(tiny_models["llama"], tmp_path / "o", calib_file,
+                 [("sparse", {"ratio": "0"}), ("gptq", {}), ("w8a8s", {"fraction": "0.05"})],
+                 target="ascend310p", dtype="float16")
+    with pytest.raises(QCError, match="weight_observer=minmax"):
+        make_pass("w8a8s", {"fraction": "0.05", "weight_observer": "mse"})
+
+
+def test_sparse_ratio_zero_records_natural_sparsity(tiny_models, calib_file, tmp_path):
+    """`sparse:ratio=0,w8a8s` (msModelSlim's lowbit: no pruning) prunes nothing: the stored codes are the plain
+    4-bit-range round of the unpruned weights."""
+    out = tmp_path / "o"
+    rep = _compile(tiny_models["llama"], out, calib_file, [("sparse", {"ratio": "0"}), ("w8a8s", {})],
+                   target="ascend310p", dtype="float16")
+    recs = rep["layers"][0]["passes"]["sparse"]["linears"]
+    assert {r["method"] for r in recs.values()} == {"none (ratio=0)"}
+    assert all(r["sparsity"] < 0.01 for r in recs.values())

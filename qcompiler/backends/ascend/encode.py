@@ -6,18 +6,26 @@ Contract
 - Each `encode_<type>` returns `dict[suffix, Tensor]` (`weight`, `bias`, `input_scale`, ...) with the spec's
   exact dtypes and shapes; the caller prefixes the Linear's HF path and types every tensor with the quant type
   except `bias`, which is "FLOAT" (`tensor_quant_type` says which).
+- Numerics as loaded: every float tensor an engine holds in the model dtype (`ENGINE_MODEL_DTYPE` says which,
+  with the engine code it was read in) is stored as float32 holding a value exactly representable in the model
+  dtype (`engine_scale`, `engine_float`), and weight codes are computed against that rounded scale; so the
+  engines' cast on load changes nothing and the executable graph computes with the very values the NPU uses.
 - Weights are symmetric and never use the most negative code: int8 codes lie in [-127, 127] and int4 codes in
   [-7, 7] (the checker reports -128 / -8 as asymmetric, and symmetric kernels assume it).
 - A zero row (per-channel) or zero group gets scale 1.0, so every stored scale is finite and > 0.
 - Every encoder takes either the float `weight` (quantized here with absmax scales), or `weight` plus a given
-  `scale=` (clipping searches pick their own scale), or precomputed integer codes `q=` plus `scale=`
-  (error-compensating passes such as GPTQ do their own rounding; `weight` may then be None).
+  `scale=` (clipping searches pick their own scale; it is rounded to the model dtype here), or precomputed
+  integer codes `q=` plus `scale=` (error-compensating passes such as GPTQ do their own rounding against
+  `quantize_weight(..., model_dtype=)`'s rounded scale; `weight` may then be None; a scale that is not
+  representable in the model dtype is then an error, since the codes were not computed against what runs).
 
 Limits
-- Model dtype must be float16 or bfloat16 (what the engines run); it only matters for the static activation
-  scale (rounded to it) and for the `deq_scale` encoding (int64 bit-copy for fp16, float32 for bf16).
+- Model dtype must be float16 or bfloat16 (what the engines run); it decides the rounding of the scales and the
+  `deq_scale` encoding (int64 bit-copy for fp16, float32 for bf16).
 - q/k/v (and gate/up) of one layer must share `input_scale`/`input_offset`: the caller passes the same values.
 - W8A8S uses `encode_w8a8` on sparsified codes (`q=`); W8A8SC, W16A16S, C8 and FA3 tensors are not encoded here.
+- W4A8_DYNAMIC is per-group only (the two-stage form both engines load) and refuses a Linear bias (neither engine
+  adds it; `engines.py`).
 """
 from __future__ import annotations
 
@@ -118,14 +126,66 @@ def _check_scale(scale: Tensor, n: int, k: int, group_size: int) -> Tensor:
     return scale.contiguous()
 
 
+# ---- numerics as loaded ------------------------------------------------------------------------------------------
+#: Per quant type, the stored float tensors the engines hold in the model dtype (so they round the file's float32
+#: on load). vLLM-Ascend 0.23.0 / 0.26.0rc1 create them as `params_dtype` parameters and `copy_` the file into
+#: them: methods/w8a8_static.py (`get_pertensor_param`: input_scale; `get_perchannel_param`: weight_scale,
+#: weight_offset; deq_scale is float32 for bf16 / int64 for fp16, quant_bias int32, input_offset int8),
+#: w8a8_pdmix.py (same, via the static method), w8a8_dynamic.py and w8a16.py (`get_perchannel_param`),
+#: w4a8.py (`get_pergroup_param`: weight_scale, weight_offset, weight_scale_second, weight_offset_second in
+#: params_dtype, scale_bias float32), _310p/.../w8a8_base.py (input_scale), vLLM's Linear `bias` (params_dtype),
+#: kv_c8.py (C8 scales in `torch.get_default_dtype()`, the model dtype while the model is built; fa_*.scale too).
+#: MindIE atb casts every non-integer tensor to the model dtype except bf16-mode deq_scale and scale_bias
+#: (atb_llm/utils/weights.py `Weights.correct_tensor_dtype`). deq_scale and scale_bias stay float32.
+ENGINE_MODEL_DTYPE = {
+    W8A8: ("input_scale", "input_offset", "weight_scale", "weight_offset", "bias"),
+    W8A8_MIX: ("input_scale", "input_offset", "weight_scale", "weight_offset", "bias"),
+    W8A8S: ("input_scale", "input_offset", "bias"),
+    W8A8_DYNAMIC: ("weight_scale", "weight_offset", "bias"),
+    W8A16: ("weight_scale", "weight_offset", "bias"),
+    W4A16: ("weight_scale", "weight_offset", "bias"),
+    W4A8_DYNAMIC: ("weight_scale", "weight_offset", "weight_scale_second", "weight_offset_second"),
+    C8: ("kv_cache_scale", "kv_cache_offset"),
+    FAQUANT: ("scale",),
+}
+
+
+def engine_float(t: Tensor, model_dtype: torch.dtype | str) -> Tensor:
+    """float32 copy of `t` with every value rounded to the model dtype (round-half-to-even, torch's cast): what an
+    engine holds after copying the file's value into a model-dtype parameter. Non-finite results are an error."""
+    dtype = as_model_dtype(model_dtype)
+    r = torch.as_tensor(t).detach().float().to(dtype).float()
+    if not torch.isfinite(r).all():
+        raise ValueError(f"value out of range for {dtype} (an engine holding it in the model dtype overflows)")
+    return r.contiguous()
+
+
+def engine_scale(scale: Tensor, model_dtype: torch.dtype | str) -> Tensor:
+    """A positive scale as the engines hold it (`engine_float`), kept > 0: a value that rounds to 0 in the model
+    dtype becomes the dtype's smallest positive (subnormal) value instead, so codes computed against it stay
+    finite (they clamp; such a row or group is all but zero anyway)."""
+    dtype = as_model_dtype(model_dtype)
+    r = engine_float(scale, dtype)
+    tiniest = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # 2**-24 (fp16), 2**-133 (bf16)
+    return torch.where(r > 0, r, torch.full_like(r, tiniest))
+
+
+def is_engine_exact(t: Tensor, model_dtype: torch.dtype | str) -> bool:
+    """True when every value of `t` is exactly representable in the model dtype (the engines' cast keeps it)."""
+    tf = torch.as_tensor(t).detach().float()
+    return bool(torch.equal(tf.to(as_model_dtype(model_dtype)).float(), tf))
+
+
 # ---- weights ------------------------------------------------------------------------------------------------------
-def quantize_weight(w: Tensor, bits: int = 8, group_size: int = 0,
-                    scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def quantize_weight(w: Tensor, bits: int = 8, group_size: int = 0, scale: Tensor | None = None,
+                    model_dtype: torch.dtype | str | None = None) -> tuple[Tensor, Tensor]:
     """Symmetric weight quantization: returns (int8 codes [n, k], float32 scale [n, 1] or [n, k/group_size]).
 
     scale = absmax / qmax per row (group_size 0) or per group of `group_size` along k, qmax = 127 (8 bits) or
-    7 (4 bits); zero rows/groups get scale 1.0. q = clamp(round(w / scale), -qmax, qmax): -128 / -8 never occur.
-    A given `scale` ([n, G], or [n] per-channel) is used as is (finite, > 0).
+    7 (4 bits); zero rows/groups get scale 1.0. A given `scale` ([n, G], or [n] per-channel) is used as is
+    (finite, > 0). With `model_dtype` the scale is first rounded to it (`engine_scale`: what the engines hold),
+    and the codes are computed against the rounded scale. q = clamp(round(w / scale), -qmax, qmax): -128 / -8
+    never occur.
     """
     qmax = _qmax(bits)
     n, k = _check_2d(w, "weight")
@@ -140,17 +200,19 @@ def quantize_weight(w: Tensor, bits: int = 8, group_size: int = 0,
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     else:
         scale = _check_scale(scale, n, k, group_size)
+    if model_dtype is not None:
+        scale = engine_scale(scale, model_dtype)
     q = torch.round(groups / scale.unsqueeze(-1)).clamp_(-qmax, qmax)
     return q.to(torch.int8).reshape(n, k), scale.contiguous()
 
 
 def _resolve_weight(weight: Tensor | None, q: Tensor | None, scale: Tensor | None,
-                    bits: int, group_size: int) -> tuple[Tensor, Tensor]:
-    """(int8 codes, float32 scale) from a float weight or from precomputed codes (see the module docstring)."""
+                    bits: int, group_size: int, model_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(int8 codes, float32 scale rounded to the model dtype) from a float weight or from precomputed codes."""
     if q is None:
         if weight is None:
             raise ValueError("pass a float `weight`, or precomputed codes `q=` with `scale=`")
-        return quantize_weight(weight, bits, group_size, scale)
+        return quantize_weight(weight, bits, group_size, scale, model_dtype)
     if scale is None:
         raise ValueError("precomputed codes `q=` need their `scale=`")
     n, k = _check_2d(q, "q")
@@ -162,11 +224,15 @@ def _resolve_weight(weight: Tensor | None, q: Tensor | None, scale: Tensor | Non
     if q.numel() and (q.min() < -qmax or q.max() > qmax):
         raise ValueError(f"q must lie in the symmetric range [-{qmax}, {qmax}] for {bits}-bit weights, "
                          f"got [{int(q.min())}, {int(q.max())}]")
-    return q.detach().to(torch.int8).contiguous(), _check_scale(scale, n, k, group_size)
+    scale = _check_scale(scale, n, k, group_size)
+    if not is_engine_exact(scale, model_dtype):
+        raise ValueError(f"precomputed codes `q=` were computed against a scale that is not representable in "
+                         f"{model_dtype} (the engines round it on load): quantize with model_dtype= first")
+    return q.detach().to(torch.int8).contiguous(), scale
 
 
-def _bias(bias: Tensor | None, n: int) -> Tensor | None:
-    """The float bias as stored: float32 [n]."""
+def _bias(bias: Tensor | None, n: int, model_dtype: torch.dtype) -> Tensor | None:
+    """The float bias as stored: float32 [n], rounded to the model dtype (both engines hold it so)."""
     if bias is None:
         return None
     b = bias.detach().float().reshape(-1).contiguous()
@@ -174,13 +240,13 @@ def _bias(bias: Tensor | None, n: int) -> Tensor | None:
         raise ValueError(f"bias shape {list(bias.shape)}, expected {[n]}")
     if not torch.isfinite(b).all():
         raise ValueError("bias contains NaN or Inf")
-    return b
+    return engine_float(b, model_dtype)
 
 
-def _weight_tensors(q: Tensor, scale: Tensor, bias: Tensor | None) -> dict[str, Tensor]:
+def _weight_tensors(q: Tensor, scale: Tensor, bias: Tensor | None, model_dtype: torch.dtype) -> dict[str, Tensor]:
     """weight, weight_scale, weight_offset (zeros: symmetric) and the optional float bias."""
     out = {"weight": q, "weight_scale": scale, "weight_offset": torch.zeros_like(scale)}
-    b = _bias(bias, q.shape[0])
+    b = _bias(bias, q.shape[0], model_dtype)
     if b is not None:
         out["bias"] = b
     return out
@@ -234,11 +300,18 @@ def _activation_param(value: Tensor | float, what: str) -> Tensor:
     return t.contiguous()
 
 
-def _static_params(input_scale: Tensor | float, input_offset: Tensor | float) -> tuple[Tensor, Tensor]:
+def _static_params(input_scale: Tensor | float, input_offset: Tensor | float,
+                   model_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(input_scale rounded to the model dtype, input_offset) as float32 [1]: the engines hold input_scale in the
+    model dtype and quantize with dtype(1 / dtype(s)), so deq_scale must be formed from the rounded value."""
     s_x = _activation_param(input_scale, "input_scale")
     o_x = _activation_param(input_offset, "input_offset")
     if not (torch.isfinite(s_x).all() and (s_x > 0).all()):
         raise ValueError(f"input_scale must be finite and > 0, got {s_x.item()}")
+    s_x = engine_float(s_x, model_dtype)
+    if not (s_x > 0).all() or not torch.isfinite((1 / s_x.to(model_dtype)).to(model_dtype)).all():
+        raise ValueError(f"input_scale {s_x.item()!r} is out of range for {model_dtype}: the engine's reciprocal "
+                         "dtype(1 / s) is not finite (see min_activation_scale)")
     o = o_x.item()
     if o != round(o) or not -128 <= o <= 127:
         raise ValueError(f"input_offset must be an integer in [-128, 127], got {o}")
@@ -289,11 +362,14 @@ def encode_w8a8(weight: Tensor | None, bias: Tensor | None, input_scale: Tensor 
                 q: Tensor | None = None, scale: Tensor | None = None) -> dict[str, Tensor]:
     """W8A8 static: weight i8 [n,k] per-channel, input_scale/input_offset f32 [1], deq_scale [n] (int64 for fp16,
     f32 for bf16) = input_scale * weight_scale, quant_bias i32 [n], weight_scale/weight_offset f32 [n,1],
-    bias f32 [n] only when the Linear has one (already folded into quant_bias; typed FLOAT)."""
+    bias f32 [n] only when the Linear has one (already folded into quant_bias; typed FLOAT).
+    weight_scale is rounded to the model dtype before the codes are computed (the PD-mix prefill path of
+    W8A8_MIX runs with it as the engines hold it), input_scale too (the engines quantize with dtype(1/dtype(s)));
+    deq_scale is their float32 product, which both engines keep in float32 (int64 bit-copy for fp16)."""
     dtype = as_model_dtype(model_dtype)
-    wq, ws = _resolve_weight(weight, q, scale, bits=8, group_size=0)
-    s_x, o_x = _static_params(input_scale, input_offset)
-    out = _weight_tensors(wq, ws, bias)
+    wq, ws = _resolve_weight(weight, q, scale, bits=8, group_size=0, model_dtype=dtype)
+    s_x, o_x = _static_params(input_scale, input_offset, dtype)
+    out = _weight_tensors(wq, ws, bias, dtype)
     deq = s_x * ws[:, 0]  # float32 product: what the checker and the engine compare against
     out.update(input_scale=s_x, input_offset=o_x, deq_scale=encode_deq_scale(deq, dtype),
                quant_bias=_quant_bias(wq, out.get("bias"), deq, o_x))
@@ -320,51 +396,115 @@ def encode_w8a8s(weight: Tensor | None, bias: Tensor | None, input_scale: Tensor
     return out
 
 
-def encode_w8a8_dynamic(weight: Tensor | None, bias: Tensor | None, *,
+def encode_w8a8_dynamic(weight: Tensor | None, bias: Tensor | None, model_dtype: torch.dtype | str, *,
                         q: Tensor | None = None, scale: Tensor | None = None) -> dict[str, Tensor]:
-    """W8A8_DYNAMIC: weight i8 [n,k], weight_scale f32 [n,1] > 0, weight_offset zeros [n,1], optional bias."""
-    wq, ws = _resolve_weight(weight, q, scale, bits=8, group_size=0)
-    return _weight_tensors(wq, ws, bias)
+    """W8A8_DYNAMIC: weight i8 [n,k], weight_scale f32 [n,1] > 0, weight_offset zeros [n,1], optional bias;
+    weight_scale and bias rounded to the model dtype (the engines pass both to npu_quant_matmul in it)."""
+    dtype = as_model_dtype(model_dtype)
+    wq, ws = _resolve_weight(weight, q, scale, bits=8, group_size=0, model_dtype=dtype)
+    return _weight_tensors(wq, ws, bias, dtype)
 
 
-def encode_w8a16(weight: Tensor | None, bias: Tensor | None, group_size: int = 0, *,
+def encode_w8a16(weight: Tensor | None, bias: Tensor | None, group_size: int, model_dtype: torch.dtype | str, *,
                  q: Tensor | None = None, scale: Tensor | None = None) -> dict[str, Tensor]:
     """W8A16: weight i8 [n,k]; weight_scale/weight_offset (zeros) f32 [n,1], or [n,k/g] per-group (MindIE only;
-    the description's top-level group_size must then equal `group_size`); optional bias."""
-    wq, ws = _resolve_weight(weight, q, scale, bits=8, group_size=group_size)
-    return _weight_tensors(wq, ws, bias)
+    the description's top-level group_size must then equal `group_size`); optional bias. Scales and bias rounded
+    to the model dtype (npu_weight_quant_batchmatmul takes antiquant_scale in x's dtype)."""
+    dtype = as_model_dtype(model_dtype)
+    wq, ws = _resolve_weight(weight, q, scale, bits=8, group_size=group_size, model_dtype=dtype)
+    return _weight_tensors(wq, ws, bias, dtype)
 
 
-def encode_w4a16(weight: Tensor | None, bias: Tensor | None, group_size: int = 0, *,
+def encode_w4a16(weight: Tensor | None, bias: Tensor | None, group_size: int, model_dtype: torch.dtype | str, *,
                  q: Tensor | None = None, scale: Tensor | None = None) -> dict[str, Tensor]:
     """W4A16 (version 1.0.0 packing): codes in [-7,7]; per-channel (scale [n,1]) packs along k -> i8 [n,k/2],
     per-group (scale [n,k/g]) packs along n -> i8 [n/2,k]; weight_scale/weight_offset (zeros) f32; optional bias.
     group_size == k gives a [n,1] scale and is therefore packed (and read by the engines) as per-channel."""
-    wq, ws = _resolve_weight(weight, q, scale, bits=4, group_size=group_size)
-    out = _weight_tensors(wq, ws, bias)
+    dtype = as_model_dtype(model_dtype)
+    wq, ws = _resolve_weight(weight, q, scale, bits=4, group_size=group_size, model_dtype=dtype)
+    out = _weight_tensors(wq, ws, bias, dtype)
     out["weight"] = _pack(wq, dim=1 if ws.shape[1] == 1 else 0, what="W4A16 weight")
     return out
 
 
-def encode_w4a8_dynamic(weight: Tensor | None, bias: Tensor | None, row_parallel: bool, *,
-                        q: Tensor | None = None, scale: Tensor | None = None) -> dict[str, Tensor]:
-    """W4A8_DYNAMIC: per-channel int4 codes packed along n -> i8 [n/2,k] (rows 2i/2i+1 share a byte, 2i low);
-    weight_scale f32 [n,1]; weight_offset zeros [n,1]; optional bias; scale_bias f32 (spec, reproduced as written):
-    8 * (W_q * weight_scale).sum(1, keepdim=True) -> [n,1], or for row-parallel Linears (o_proj, down_proj)
-    8 * deq.reshape(-1, k // 16).sum(1).reshape(n, 16) -> [n,16] (k must be a multiple of 16)."""
-    wq, ws = _resolve_weight(weight, q, scale, bits=4, group_size=0)
-    n, k = wq.shape
-    deq = wq.float() * ws
+def split_two_stage_scale(scale: Tensor, model_dtype: torch.dtype | str) -> tuple[Tensor, Tensor]:
+    """W4A8_DYNAMIC's two-stage scales (weight_scale [n,1], weight_scale_second [n,G]) whose product, as the
+    engines form it, is exactly the per-group scale `scale` [n,G] (already representable in the model dtype).
+
+    msModelSlim's two-stage quantization (llm_ptq save/complex_quantifier.py, W4A8_DYNAMIC branch of
+    `generate_weight_of_linear_module`) quantizes the weight per channel to int8 (weight_scale) and those int8
+    values per group to int4 (weight_scale_second); the engines only ever use the product: MindIE
+    `W4A8LinearDynamic.__init__` (atb_llm/utils/quantize/w4a8.py) multiplies the two model-dtype tensors
+    (`scale_in_k_n * scale_second_in_k_n`, a model-dtype product) before `npu_trans_quant_param`; vLLM-Ascend
+    `AscendW4A8DynamicLinearMethod.process_scale_second` (methods/w4a8.py) multiplies float32(weight_scale) by
+    the model-dtype weight_scale_second and casts the product to x's dtype in `apply`. Here weight_scale is the
+    power of two nearest the stage-one int8 scale (absmax_row / 127 = max_g scale * 7 / 127), so
+    weight_scale_second = scale / weight_scale is exact and both engines' products give `scale` back bit for bit
+    (a row where that would leave the dtype's range gets weight_scale 1 and weight_scale_second = scale)."""
+    dtype = as_model_dtype(model_dtype)
+    s = torch.as_tensor(scale).detach().float()
+    stage_one = s.amax(dim=1, keepdim=True) * 7 / 127
+    s1 = torch.exp2(torch.round(torch.log2(stage_one)))
+    s2 = s / s1
+    good = (s1.to(dtype).float() == s1).all(1, keepdim=True) & (s2.to(dtype).float() == s2).all(1, keepdim=True) \
+        & (_two_stage_product(s1, s2, dtype) == s).all(1, keepdim=True)
+    s1 = torch.where(good, s1, torch.ones_like(s1))
+    s2 = torch.where(good, s2, s)
+    if not torch.equal(_two_stage_product(s1, s2, dtype), s):
+        raise ValueError("W4A8_DYNAMIC per-group scale is not representable in the model dtype")
+    return s1.contiguous(), s2.contiguous()
+
+
+def _two_stage_product(s1: Tensor, s2: Tensor, dtype: torch.dtype) -> Tensor:
+    """dtype(dtype(s1) * dtype(s2)) as float32: the per-group scale both engines form (see split_two_stage_scale);
+    for values exactly representable in dtype, float32(s1) * s2 is exact, so MindIE's model-dtype product and
+    vLLM-Ascend's float32 product cast to x's dtype agree."""
+    return (s1.to(dtype) * s2.to(dtype)).float()
+
+
+def w4a8_scale_bias(q: Tensor, scale: Tensor, row_parallel: bool) -> Tensor:
+    """scale_bias float32 [n,1] (column-parallel) or [n,16] (row-parallel: o_proj, down_proj), as msModelSlim's
+    saver computes it (llm_ptq save/complex_quantifier.py `process_scale(name, bias, 16)` on the dequantized
+    weight q * scale): 8 * sum over k, or 8 * the sums over 16 equal chunks of k (column j covers inputs
+    j*k/16 .. (j+1)*k/16, so each of up to 16 tensor-parallel ranks sums its own chunks: MindIE
+    `Weights.get_multi_weights_row` shards it along dim 1). The NPU kernel adds it inside the int4 matmul
+    (aclnnQuantMatmulV5 `yOffset`, MindIE `W4A8LinearDynamic`: scale_bias.sum(1)); the math it completes is the
+    plain dequantized product, which is what the executable graph computes."""
+    n, k = q.shape
+    deq = (q.float().reshape(n, scale.shape[1], -1) * scale.unsqueeze(-1)).reshape(n, k)
     if row_parallel:
         if k % 16:
             raise ValueError(f"W4A8_DYNAMIC row-parallel scale_bias needs k % 16 == 0, got k={k}")
-        scale_bias = 8 * deq.reshape(-1, k // 16).sum(1).reshape(n, 16)
-    else:
-        scale_bias = 8 * deq.sum(1, keepdim=True)
-    out = _weight_tensors(wq, ws, bias)
-    out["weight"] = _pack(wq, dim=0, what="W4A8_DYNAMIC weight")
-    out["scale_bias"] = scale_bias.contiguous()
-    return out
+        return (8 * deq.reshape(-1, k // 16).sum(dim=1, keepdim=True)).reshape(n, 16).contiguous()
+    return (8 * deq.sum(dim=1, keepdim=True)).contiguous()
+
+
+def encode_w4a8_dynamic(weight: Tensor | None, bias: Tensor | None, row_parallel: bool, group_size: int,
+                        model_dtype: torch.dtype | str, *, q: Tensor | None = None,
+                        scale: Tensor | None = None) -> dict[str, Tensor]:
+    """W4A8_DYNAMIC in msModelSlim's two-stage per-group form (version 1.0.0), the only dense form an engine loads:
+    weight i8 [n/2,k] (int4 codes in [-7,7] packed along n, rows 2i/2i+1 in the low/high nibble),
+    weight_scale f32 [n,1] and weight_scale_second f32 [n,k/g] (`split_two_stage_scale`: their product is the
+    per-group scale the codes were computed against, rounded to the model dtype), weight_offset [n,1] and
+    weight_offset_second [n,k/g] zeros (symmetric; vLLM-Ascend creates both parameters), scale_bias f32
+    (`w4a8_scale_bias`). n must be a multiple of 8 (both engines view the packed [k, n/2] int8 weight as int32:
+    vLLM-Ascend `process_weights_after_loading`, MindIE `weight_compact.reshape(-1, n // 8)`).
+    A Linear bias is an error: neither engine adds it (vLLM-Ascend's dense `apply` ignores `bias`; MindIE's
+    `get_linear` W4A8 branch replaces the Linear's bias by scale_bias)."""
+    dtype = as_model_dtype(model_dtype)
+    if group_size <= 0:
+        raise ValueError("W4A8_DYNAMIC is per-group only (group_size > 0): the per-channel form loads in no engine "
+                         "for a dense Linear")
+    if bias is not None:
+        raise ValueError("W4A8_DYNAMIC Linear with a bias: neither vLLM-Ascend nor MindIE adds it")
+    wq, s = _resolve_weight(weight, q, scale, bits=4, group_size=group_size, model_dtype=dtype)
+    n, k = wq.shape
+    if n % 8:
+        raise ValueError(f"W4A8_DYNAMIC needs n % 8 == 0 (the engines read the packed weight as int32), got n={n}")
+    s1, s2 = split_two_stage_scale(s, dtype)
+    return {"weight": _pack(wq, dim=0, what="W4A8_DYNAMIC weight"), "weight_scale": s1,
+            "weight_offset": torch.zeros_like(s1), "weight_scale_second": s2,
+            "weight_offset_second": torch.zeros_like(s2), "scale_bias": w4a8_scale_bias(wq, s, row_parallel)}
 
 
 # ---- model-level names --------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ Contract (shapes as the artifact stores them; `n` outputs, `k` inputs; "..." any
 - `quant_matmul(x int8 [..., k], weight int8 [n, k], deq_scale [n] f32 or int64-encoded, quant_bias
   int32 [n])`: W8A8 static, `dtype((x @ W^T + quant_bias) * deq_scale)`.
 - `dynamic_quant(x)`: per-token symmetric int8, returns `(y int8 [..., k], scale f32 [...])`.
-- `quant_matmul_pertoken(...)`: W8A8_DYNAMIC / W4A8_DYNAMIC matmul with per-token and per-channel scales.
+- `quant_matmul_pertoken(...)`: W8A8_DYNAMIC matmul with per-token and per-channel scales; the weight scale and
+  the float bias as the engines hold them, in the model (output) dtype.
+- `quant_matmul_pergroup(...)`: W4A8_DYNAMIC two-stage per-group matmul (int8 per-token x int4 per-group).
 - `weight_quant_matmul(...)`: W8A16 / W4A16 weight-only matmul (`+ offset` NPU semantics).
 
 Integer products are exact: the accumulator is int32 on the NPU; here it is computed exactly (int32
@@ -121,19 +123,28 @@ def int_matmul(x: Tensor, weight: Tensor) -> Tensor:
 # qc::quantize
 
 
+def quantize_reciprocal(input_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """float32 of `dtype(1 / dtype(s_x))`: the multiplier npu_quantize gets (depends on no activation)."""
+    return (1 / input_scale.to(dtype)).to(dtype).float()
+
+
+def quantize_prepared(x: Tensor, recip: Tensor, offset: Tensor) -> Tensor:
+    """`quantize` with `recip = quantize_reciprocal(input_scale, x.dtype)` and `offset = f32(input_offset)`
+    computed beforehand (layouts.py does it once at load)."""
+    # torch.mul promotes x to float32 inside the kernel (exact): one pass instead of x.float() then *;
+    # the in-place ops below keep the same float32 rounding steps as the written-out formula.
+    y = torch.mul(x, recip)
+    y.add_(offset).round_().clamp_(-128, 127)
+    return y.to(torch.int8)
+
+
 def quantize(x: Tensor, input_scale: Tensor, input_offset: Tensor) -> Tensor:
     """Static per-tensor int8 quantization as npu_quantize runs it in the engines (spec sec. 3 W8A8).
 
     `recip = dtype(1 / dtype(s_x))` (the engines hold input_scale in the model dtype and pass its
     reciprocal, again in the model dtype), then `clamp(rint(f32(x) * f32(recip) + f32(o_x)), -128, 127)`.
     """
-    dt = x.dtype
-    recip = (1 / input_scale.to(dt)).to(dt)
-    # torch.mul promotes x to float32 inside the kernel (exact): one pass instead of x.float() then *;
-    # the in-place ops below keep the same float32 rounding steps as the written-out formula.
-    y = torch.mul(x, recip.float())
-    y.add_(input_offset.float()).round_().clamp_(-128, 127)
-    return y.to(torch.int8)
+    return quantize_prepared(x, quantize_reciprocal(input_scale, x.dtype), input_offset.float())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,20 +159,35 @@ def quant_matmul_ref(
     return (acc.to(torch.float32) * decode_deq_scale(deq_scale)).to(output_dtype)
 
 
+def quant_bias_accumulator(k: int, quant_bias: Tensor) -> Tensor:
+    """quant_bias in the integer dtype the fast path adds it in: int32 when `|x @ W^T| + |bias|` provably
+    fits int32 for this k, else int64 (depends on no activation)."""
+    return quant_bias.to(torch.int32 if _int32_sum_safe(k, quant_bias) else torch.int64)
+
+
+def quant_matmul_prepared(
+    x: Tensor, weight: Tensor, deq_scale_f32: Tensor, quant_bias_acc: Tensor, output_dtype: torch.dtype
+) -> Tensor:
+    """`quant_matmul` with `deq_scale_f32 = decode_deq_scale(deq_scale)` and `quant_bias_acc =
+    quant_bias_accumulator(k, quant_bias)` computed beforehand (layouts.py does it once at load)."""
+    acc = int_matmul(x, weight)
+    if acc.dtype == torch.int32 and quant_bias_acc.dtype != torch.int32:
+        acc = acc.to(torch.int64)
+    acc.add_(quant_bias_acc)
+    # int * float32 promotes inside one kernel (same int -> float32 rounding as .to(float32)) and the
+    # out= store rounds float32 -> output dtype exactly like .to(): one memory pass instead of three.
+    out = torch.empty(acc.shape, dtype=output_dtype)
+    return torch.mul(acc, deq_scale_f32, out=out)
+
+
 def quant_matmul(
     x: Tensor, weight: Tensor, deq_scale: Tensor, quant_bias: Tensor, output_dtype: torch.dtype
 ) -> Tensor:
     """Fast path of `quant_matmul_ref`, bit-identical: `torch._int_mm` for the product, then the bias
     in int32 when the sum provably cannot overflow (else int64). Both integer sums are exact and the
     integer -> float32 conversion rounds the same exact value, so the result equals the reference."""
-    acc = int_matmul(x, weight)
-    if acc.dtype == torch.int32 and not _int32_sum_safe(x.shape[-1], quant_bias):
-        acc = acc.to(torch.int64)
-    acc.add_(quant_bias.to(acc.dtype))
-    # int * float32 promotes inside one kernel (same int -> float32 rounding as .to(float32)) and the
-    # out= store rounds float32 -> output dtype exactly like .to(): one memory pass instead of three.
-    out = torch.empty(acc.shape, dtype=output_dtype)
-    return torch.mul(acc, decode_deq_scale(deq_scale), out=out)
+    return quant_matmul_prepared(x, weight, decode_deq_scale(deq_scale),
+                                 quant_bias_accumulator(x.shape[-1], quant_bias), output_dtype)
 
 
 def _int32_sum_safe(k: int, bias: Tensor) -> bool:
@@ -174,17 +200,32 @@ def _int32_sum_safe(k: int, bias: Tensor) -> bool:
 # qc::dynamic_quant
 
 
-def dynamic_quant(x: Tensor) -> tuple[Tensor, Tensor]:
+def _check_dynamic_input(x: Tensor) -> None:
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"dynamic_quant needs a non-empty last dim, got shape {tuple(x.shape)}")
+
+
+def dynamic_quant_ref(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-token symmetric int8 (npu_dynamic_quant): per row over the last dim
     `s = max|f32(x)| / 127` in float32 (s == 0 -> 1), `y = clamp(round(f32(x) / s), -128, 127)`.
     Returns `(y int8 [..., k], s float32 [...])`."""
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"dynamic_quant needs a non-empty last dim, got shape {tuple(x.shape)}")
+    _check_dynamic_input(x)
     xf = x.float()
     s = xf.abs().amax(dim=-1) / 127
     s = torch.where(s == 0, torch.ones_like(s), s)  # all-zero rows quantize to zeros with scale 1
     y = torch.round(xf / s.unsqueeze(-1)).clamp(-128, 127).to(torch.int8)
     return y, s
+
+
+def dynamic_quant(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Fast path of `dynamic_quant_ref`, bit-identical: no float32 copy of x. |x| and its row max are
+    exact in x's dtype (so is their widening to float32), and torch.div promotes x to float32 inside
+    the kernel, dividing the same float32 values; round/clamp run in place."""
+    _check_dynamic_input(x)
+    s = x.abs().amax(dim=-1).float().div_(127)
+    s.masked_fill_(s == 0, 1.0)  # all-zero rows quantize to zeros with scale 1
+    y = torch.div(x, s.unsqueeze(-1))
+    return y.round_().clamp_(-128, 127).to(torch.int8), s
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,6 +238,17 @@ def _pertoken_weight(weight: Tensor, weight_scale: Tensor, packing: int, k: int)
     return unpack_weight(weight, packing, weight_scale.shape[0], k)
 
 
+def pertoken_operands(
+    weight_scale: Tensor, bias: Tensor | None, output_dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """(weight_scale float32 [n], bias float32 or None) as the epilogue reads them: as the engines hold them,
+    in the model (output) dtype, widened to float32 (vLLM-Ascend W8A8_DYNAMIC passes its params_dtype
+    weight_scale and Linear bias to npu_quant_matmul; MindIE casts both on load, atb_llm/utils/weights.py
+    `correct_tensor_dtype`). Depends on no activation: layouts.py computes it once at load."""
+    ws = weight_scale.to(output_dtype).float().reshape(weight_scale.shape[0])
+    return ws, None if bias is None else bias.to(output_dtype).float()
+
+
 def _pertoken_epilogue(
     acc: Tensor,
     weight_scale: Tensor,
@@ -204,12 +256,12 @@ def _pertoken_epilogue(
     bias: Tensor | None,
     output_dtype: torch.dtype,
 ) -> Tensor:
-    # float32, left to right: ((f32(acc) * weight_scale) * pertoken_scale) + bias, then one rounding
-    # to the output dtype.
-    n = weight_scale.shape[0]
-    y = acc.to(torch.float32) * weight_scale.float().reshape(n) * pertoken_scale.float().unsqueeze(-1)
-    if bias is not None:
-        y = y + bias.float()
+    # float32, left to right: ((f32(acc) * ws) * pertoken_scale) + b, then one rounding to the output dtype
+    # (ws, b: pertoken_operands).
+    ws, b = pertoken_operands(weight_scale, bias, output_dtype)
+    y = acc.to(torch.float32) * ws * pertoken_scale.float().unsqueeze(-1)
+    if b is not None:
+        y = y + b
     return y.to(output_dtype)
 
 
@@ -223,10 +275,35 @@ def quant_matmul_pertoken_ref(
     output_dtype: torch.dtype,
 ) -> Tensor:
     """npu_quant_matmul with pertoken_scale, in float32 and in this order:
-    `y = ((f32(x @ W^T) * weight_scale[n]) * pertoken_scale[..., None]) + f32(bias)`, then
-    `y.to(output_dtype)`. `x @ W^T` is exact (int); weight int8 [n, k] or int4 packed along n."""
+    `y = ((f32(x @ W^T) * ws[n]) * pertoken_scale[..., None]) + b`, then `y.to(output_dtype)`, with
+    `ws = f32(dtype(weight_scale))`, `b = f32(dtype(bias))` (dtype = output_dtype, the model dtype).
+    `x @ W^T` is exact (int); weight int8 [n, k] or int4 packed along n."""
     w = _pertoken_weight(weight, weight_scale, packing, x.shape[-1])
     return _pertoken_epilogue(int_matmul_ref(x, w), weight_scale, pertoken_scale, bias, output_dtype)
+
+
+def quant_matmul_pertoken_prepared(
+    x: Tensor,
+    weight_int8: Tensor,
+    weight_scale_f32: Tensor,
+    pertoken_scale: Tensor,
+    bias_f32: Tensor | None,
+    output_dtype: torch.dtype,
+) -> Tensor:
+    """`quant_matmul_pertoken` with the weight unpacked to int8 [n, k] and `weight_scale_f32, bias_f32 =
+    pertoken_operands(...)` computed beforehand (layouts.py does it once at load).
+
+    Same float32 operations in the same order as the reference epilogue, fewer memory passes: int32 *
+    float32 promotes inside one kernel (the same int -> float32 rounding as `.to(float32)`), the second
+    product and the bias run in place, and without a bias the last product stores straight into the
+    output dtype (the same float32 -> dtype rounding as `.to()`)."""
+    acc = int_matmul(x, weight_int8)
+    y = torch.mul(acc, weight_scale_f32)
+    scale = pertoken_scale.float().unsqueeze(-1)
+    if bias_f32 is None:
+        return torch.mul(y, scale, out=torch.empty(y.shape, dtype=output_dtype))
+    y.mul_(scale).add_(bias_f32)
+    return y.to(output_dtype)
 
 
 def quant_matmul_pertoken(
@@ -240,7 +317,106 @@ def quant_matmul_pertoken(
 ) -> Tensor:
     """Fast path of `quant_matmul_pertoken_ref` (`torch._int_mm` product), bit-identical to it."""
     w = _pertoken_weight(weight, weight_scale, packing, x.shape[-1])
-    return _pertoken_epilogue(int_matmul(x, w), weight_scale, pertoken_scale, bias, output_dtype)
+    ws, b = pertoken_operands(weight_scale, bias, output_dtype)
+    return quant_matmul_pertoken_prepared(x, w, ws, pertoken_scale, b, output_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# qc::quant_matmul_pergroup (W4A8_DYNAMIC, two-stage per-group)
+
+# Token rows per block of the float32 group sums: keeps a block's [rows, n] partial sum in cache
+# (measured 6x faster than whole-tensor group sums for 4096 x 1536 x 576, group 32).
+_PERGROUP_ROWS = 64
+
+
+def two_stage_scale(weight_scale: Tensor, weight_scale_second: Tensor, dtype: torch.dtype) -> Tensor:
+    """The per-group weight scale the engines form, float32 [n, G]: `dtype(dtype(weight_scale[n, 1]) *
+    dtype(weight_scale_second[n, G]))` (MindIE `W4A8LinearDynamic.__init__`, atb_llm/utils/quantize/w4a8.py:
+    the product of the two model-dtype tensors, then float32 for npu_trans_quant_param; vLLM-Ascend
+    `AscendW4A8DynamicLinearMethod`: float32 product cast to x's dtype in `apply`)."""
+    return (weight_scale.to(dtype) * weight_scale_second.to(dtype)).float()
+
+
+def _check_pergroup(x, weight, scale, group_size):
+    n, groups = scale.shape
+    k = x.shape[-1]
+    if group_size <= 0 or groups * group_size != k:
+        raise ValueError(f"quant_matmul_pergroup: k={k} is not {groups} groups of group_size={group_size}")
+    if group_size * 128 * 8 >= 2**24:
+        raise ValueError(f"quant_matmul_pergroup: group_size {group_size} too large for exact float32 group sums")
+    if x.dtype != torch.int8:
+        raise ValueError(f"quant_matmul_pergroup: x must be int8, got {x.dtype}")
+    return unpack_weight(weight, PACK_INT4_N, n, k), n, groups, k
+
+
+def quant_matmul_pergroup(
+    x: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    weight_scale_second: Tensor,
+    pertoken_scale: Tensor,
+    group_size: int,
+    output_dtype: torch.dtype,
+) -> Tensor:
+    """W4A8_DYNAMIC per-group: int8 per-token activations x int4 weights with the two-stage scale, [..., n].
+
+    The math of MindIE's aclnnQuantMatmulV5 A8W4 call (`W4A8LinearDynamic`; CANN: `out = ((x1 @ (x2 * x2scale))
+    + yoffset) * x1scale`, where yoffset = scale_bias completes the kernel's int4 decomposition of x1, so the
+    result is the plain dequantized product), in float32 and in this order, with `S = two_stage_scale(...)`:
+
+        acc_g = x[..., group g] @ W[:, group g]^T                       exact integers
+        y = f32(acc_0 * S[:, 0]);  y = f32(y + f32(acc_g * S[:, g]))    for g = 1 .. G-1, in order
+        out = output_dtype(f32(y * pertoken_scale[..., None]))
+
+    The integer group sums come from float32 batched matmuls: every partial sum is an integer below
+    group_size * 128 * 8 < 2**24, so float32 holds it exactly (float64 when matmul precision is lowered).
+    weight: int4 packed along n [n/2, k]; weight_scale [n, 1]; weight_scale_second [n, G]; pertoken_scale
+    float32 [...]. Plain tensor math: the same on any device (the NPU's fused kernel sums in its own order).
+    """
+    s = two_stage_scale(weight_scale, weight_scale_second, output_dtype)
+    w, n, groups, k = _check_pergroup(x, weight, s, group_size)
+    wg, st = pergroup_operands(w, s, group_size)
+    return quant_matmul_pergroup_prepared(x, wg, st, pertoken_scale, output_dtype)
+
+
+def _pergroup_acc_dtype() -> torch.dtype:
+    return torch.float32 if torch.get_float32_matmul_precision() == "highest" else torch.float64
+
+
+def pergroup_operands(w: Tensor, scale: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """(weight [G, group_size, n] in the exact accumulation dtype, scale [G, 1, n] float32) from the
+    unpacked int8 weight [n, k] and `two_stage_scale` [n, G]. Depends on no activation: layouts.py
+    computes it once at load."""
+    n, groups = scale.shape
+    wg = w.to(_pergroup_acc_dtype()).reshape(n, groups, group_size).permute(1, 2, 0).contiguous()
+    return wg, scale.t().contiguous().unsqueeze(1)
+
+
+def quant_matmul_pergroup_prepared(
+    x: Tensor, wg: Tensor, st: Tensor, pertoken_scale: Tensor, output_dtype: torch.dtype
+) -> Tensor:
+    """`quant_matmul_pergroup` with `wg, st = pergroup_operands(...)` computed beforehand."""
+    if x.dtype != torch.int8:
+        raise ValueError(f"quant_matmul_pergroup: x must be int8, got {x.dtype}")
+    groups, group_size, n = wg.shape
+    k = groups * group_size
+    if x.shape[-1] != k:
+        raise ValueError(f"quant_matmul_pergroup: x [..., {x.shape[-1]}] vs {groups} groups of {group_size}")
+    acc_dtype = _pergroup_acc_dtype()
+    if wg.dtype != acc_dtype:  # matmul precision changed since the operands were prepared
+        wg = wg.to(acc_dtype)
+    rows = math.prod(x.shape[:-1])
+    xf = x.reshape(rows, k)
+    y = torch.empty(rows, n, dtype=torch.float32, device=x.device)
+    for r0 in range(0, rows, _PERGROUP_ROWS):
+        xs = xf[r0:r0 + _PERGROUP_ROWS].to(acc_dtype).reshape(-1, groups, group_size).transpose(0, 1)
+        acc = torch.bmm(xs, wg).to(torch.float32).mul_(st)                               # [G, r, n]
+        block = y[r0:r0 + _PERGROUP_ROWS]
+        block.copy_(acc[0])
+        for g in range(1, groups):
+            block.add_(acc[g])
+    y.mul_(pertoken_scale.float().reshape(rows, 1))
+    return y.to(output_dtype).reshape(*x.shape[:-1], n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,6 +454,15 @@ def dequantize_weight(
     return (w.to(dtype) + offset) * scale
 
 
+def weight_quant_matmul_prepared(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`weight_quant_matmul` with `weight = dequantize_weight(...)` [n, k] in x's dtype and the bias in
+    x's dtype computed beforehand (layouts.py does it once at load): `x @ weight.T (+ bias)`."""
+    y = x @ weight.T
+    if bias is not None:
+        y = y + bias
+    return y
+
+
 def weight_quant_matmul(
     x: Tensor,
     weight: Tensor,
@@ -292,14 +477,12 @@ def weight_quant_matmul(
     This is both the reference and the CPU path: dequantize + one matmul in x's dtype.
     `torch._weight_int8pack_mm` was measured not bit-identical (it scales after accumulating), so it
     is not used. The NPU accumulates in float32 in its own order, so CPU and NPU agree to matmul
-    rounding only, not bit for bit.
+    rounding only, not bit for bit. The executable graph dequantizes once at load instead of per call
+    (layouts.py; `weight_quant_matmul_prepared`), which is the same computation.
     """
     if not x.dtype.is_floating_point:
         raise ValueError(f"weight_quant_matmul expects float activations, got {x.dtype}")
     w = dequantize_weight(
         weight, antiquant_scale, antiquant_offset, group_size, packing, x.shape[-1], x.dtype
     )
-    y = x @ w.T
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y
+    return weight_quant_matmul_prepared(x, w, None if bias is None else bias.to(x.dtype))

@@ -10,6 +10,7 @@ kernel giving output shape and dtype, symbolic token dims included), run on CPU 
 | qc::quant_matmul | (Tensor x, Tensor weight, Tensor deq_scale, Tensor quant_bias, ScalarType output_dtype) -> Tensor | npu_quant_matmul |
 | qc::dynamic_quant | (Tensor x) -> (Tensor, Tensor) | npu_dynamic_quant |
 | qc::quant_matmul_pertoken | (Tensor x, Tensor weight, Tensor weight_scale, Tensor pertoken_scale, Tensor? bias, int packing, ScalarType output_dtype) -> Tensor | npu_quant_matmul |
+| qc::quant_matmul_pergroup | (Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_scale_second, Tensor pertoken_scale, int group_size, ScalarType output_dtype) -> Tensor | plain tensor math on every device (see below) |
 | qc::weight_quant_matmul | (Tensor x, Tensor weight, Tensor antiquant_scale, Tensor antiquant_offset, Tensor? bias, int group_size, int packing) -> Tensor | npu_weight_quant_batchmatmul |
 
 Arguments are the artifact's tensors as stored (weight [n, k] HF layout, scales [n, 1], deq_scale in its
@@ -20,6 +21,11 @@ NPU (PrivateUse1) kernels import torch_npu inside the function: it needs CANN an
 and a tensor on the NPU means torch_npu is loaded already. They cannot run here; the tests check their
 argument encoding against a stand-in torch_npu written from the CANN docs.
 Limits: int4 weights reach the NPU unpacked to int8 (same integers, same results, not int4 speed).
+`qc::quant_matmul_pergroup` (W4A8_DYNAMIC) has one kernel for every device, the plain tensor math of
+`kernels.quant_matmul_pergroup`: the fused A8W4 kernel the engines call (aclnnQuantMatmulV5 through MindIE's
+`W4A8LinearDynamic`, with the uint64 `npu_trans_quant_param` scale and scale_bias as yoffset) has no documented
+torch_npu binding in the releases the spec was written against, so an NPU runs the same formula with its own
+float32 matmuls instead (exact group sums; slower than the fused kernel).
 """
 from __future__ import annotations
 
@@ -175,15 +181,51 @@ def _quant_matmul_pertoken_npu(x, weight, weight_scale, pertoken_scale, bias, pa
     n, k = weight_scale.shape[0], x.shape[-1]
     # int4 widened to int8 keeps the same integers, so the int8 kernel gives the W4A8 result.
     w = weight if packing == kernels.PACK_NONE else unpack_int4(weight, dim=0, size=n)
+    # weight_scale and bias rounded to the model dtype as the engines hold them, passed as float32
+    # (the dtype npu_quant_matmul takes with pertoken_scale for both fp16 and bf16 output)
     y = torch_npu.npu_quant_matmul(
         x.reshape(-1, k),
         w.t().contiguous(),
-        weight_scale.float().reshape(n),
+        weight_scale.to(output_dtype).float().reshape(n),
         pertoken_scale=pertoken_scale.float().reshape(-1),
-        bias=None if bias is None else bias.float(),
+        bias=None if bias is None else bias.to(output_dtype).float(),
         output_dtype=output_dtype,
     )
     return y.reshape(_out_shape(x, n))
+
+
+# --------------------------------------------------------------------------------------------------
+# qc::quant_matmul_pergroup
+
+
+@torch.library.custom_op(
+    "qc::quant_matmul_pergroup",
+    mutates_args=(),
+    schema=(
+        "(Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_scale_second, Tensor pertoken_scale, "
+        "int group_size, ScalarType output_dtype) -> Tensor"
+    ),
+)
+def quant_matmul_pergroup(
+    x: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    weight_scale_second: Tensor,
+    pertoken_scale: Tensor,
+    group_size: int,
+    output_dtype: torch.dtype,
+) -> Tensor:
+    """W4A8_DYNAMIC two-stage per-group: x int8 [..., k], weight int4 along n [n/2, k], weight_scale [n, 1],
+    weight_scale_second [n, k/group_size], pertoken_scale [...] -> [..., n] in output_dtype."""
+    return kernels.quant_matmul_pergroup(
+        x, weight, weight_scale, weight_scale_second, pertoken_scale, group_size, output_dtype
+    )
+
+
+@quant_matmul_pergroup.register_fake
+def _(x, weight, weight_scale, weight_scale_second, pertoken_scale, group_size, output_dtype):
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "quant_matmul_pergroup: x [..., k] vs weight")
+    return x.new_empty(_out_shape(x, weight_scale.shape[0]), dtype=output_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,5 +289,6 @@ QC_OPS = (
     torch.ops.qc.quant_matmul.default,
     torch.ops.qc.dynamic_quant.default,
     torch.ops.qc.quant_matmul_pertoken.default,
+    torch.ops.qc.quant_matmul_pergroup.default,
     torch.ops.qc.weight_quant_matmul.default,
 )

@@ -8,7 +8,8 @@ Runs on the ModelProto that `torch.onnx.export` produced with `translate.py` (fl
 | quantize (W8A8 static) | QuantizeLinear(x, 1/recip, zp=o_x) int8 | engine: `rint(x * recip + o_x)` with `recip = dtype(1/dtype(s_x))`; ORT divides by the float32 `1/recip` instead of multiplying by `recip`: the two can differ by one ulp before rounding, so a value within an ulp of a .5 tie may round the other way (float noise) |
 | quant_matmul | MatMulInteger(int8, int8) + int32 quant_bias, Cast, Mul(deq_scale) | exact integer part; the float epilogue is float32 (no rounding to the model dtype) |
 | dynamic_quant (W8A8_DYNAMIC) | symmetric per-token int8 from primitives: ReduceMax(Abs) / 127 (0 -> 1), Round(x / s), Clip, Cast | same formula as npu_dynamic_quant (ONNX Round is half-to-even). Not DynamicQuantizeLinear: that is *per-tensor asymmetric uint8* (one scale and zero point for the whole tensor), a different and coarser quantizer than the NPU's per-token symmetric int8 |
-| quant_matmul_pertoken | MatMulInteger + Cast + Mul(weight_scale) + Mul(pertoken_scale) (+ bias) | exact integer part, float32 epilogue in the kernel's order |
+| quant_matmul_pertoken | MatMulInteger + Cast + Mul(weight_scale) + Mul(pertoken_scale) (+ bias) | exact integer part, float32 epilogue in the kernel's order (weight_scale and bias are stored rounded to the model dtype) |
+| quant_matmul_pergroup (W4A8_DYNAMIC) | Reshape/Transpose x to [G, M, g], batched MatMulInteger with the [G, g, n] int8 weight, Cast, Mul(two-stage scale [G, 1, n]), ReduceSum over G, Mul(pertoken_scale) | exact integer group sums; the scale is the engines' dtype(dtype(weight_scale) * dtype(weight_scale_second)); ReduceSum adds the groups in ORT's order, the kernel in group order (float32 noise) |
 | weight_quant_matmul int8 (W8A16) | com.microsoft MatMulNBits (bits 8, uint8 + zero point 128) | scale rounded to the model dtype first (the NPU takes antiquant_scale in x's dtype); the dequantized weight and the matmul stay float32 (the NPU rounds them to bf16/fp16). Not DequantizeLinear + MatMul: ORT's default graph optimizer rewrites an int8 DQ feeding MatMul into a *dynamically activation-quantized* integer matmul (measured: 0.29 max error on a 64-wide dot product vs 1e-5), i.e. it silently turns W8A16 into W8A8 |
 | kv_quant / kv_dequant (C8), fa_quant / fa_dequant (FAQuant) | Div, Round, Clip, Cast int8 / Cast, Mul | same formula (`clamp(round(x / s))`, `q * s`); from primitives because the scale spans two axes ([KVH, 1, D] for K/V per channel), which QuantizeLinear's per-axis form cannot express; the dequantized K/V stay float32 (the NPU rounds them to the model dtype) |
 | weight_quant_matmul int4 (W4A16) | com.microsoft MatMulNBits (bits 4, uint4 + zero point 8) | same integers: signed int4 `q` is stored as `q + 8` with MatMulNBits' default zero point 8, so `(u - 8) * s = q * s`; per-channel scales are repeated per block; scales in the model dtype as for W8A16 |
@@ -146,7 +147,7 @@ def _lower_pertoken(b: _Builder, node):
     x, w_name, ws_name, pts = node.input[:4]
     bias = node.input[4] if len(node.input) > 4 and node.input[4] else None
     p = node.name
-    ws = b.value(ws_name, node, "weight_scale").astype(np.float32)
+    ws = b.value(ws_name, node, "weight_scale").astype(np.float32)  # stored rounded to the model dtype (encode.py)
     n = ws.shape[0]
     w = _int8_weight(b, node, w_name, int(_attr(node, "packing", 0)), n, _stored_k(b, w_name, node))
     acc = _matmul_integer(b, node, x, w)
@@ -158,6 +159,39 @@ def _lower_pertoken(b: _Builder, node):
     b.node("Mul", [f"{p}.y0", f"{p}.pts"], [out], f"{p}.mul_t")
     if bias is not None:
         b.node("Add", [out, bias], [node.output[0]], f"{p}.add_bias")
+
+
+def _lower_pergroup(b: _Builder, node):
+    """W4A8_DYNAMIC: per-group int8 x int4 sums (batched MatMulInteger), scaled and summed over groups."""
+    import torch
+
+    from ..ascend.kernels import two_stage_scale
+    x, w_name, ws_name, wss_name, pts = node.input[:5]
+    p = node.name
+    g = int(_attr(node, "group_size"))
+    ws = b.value(ws_name, node, "weight_scale").astype(np.float32)
+    wss = b.value(wss_name, node, "weight_scale_second").astype(np.float32)
+    n, groups = wss.shape
+    k = groups * g
+    s = two_stage_scale(torch.from_numpy(ws), torch.from_numpy(wss), getattr(torch, b.dtype)).numpy()
+    w = _int8_weight(b, node, w_name, 2, n, k)
+    w3 = np.ascontiguousarray(w.reshape(n, groups, g).transpose(1, 2, 0))            # [G, g, n]
+    b.node("Shape", [x], [f"{p}.xshape"], f"{p}.shape")
+    b.node("Slice", [f"{p}.xshape", b.const(f"{p}.s0", np.array([0], np.int64)),
+                     b.const(f"{p}.s1", np.array([-1], np.int64))], [f"{p}.lead"], f"{p}.lead")
+    b.node("Reshape", [x, b.const(f"{p}.shape3", np.array([-1, groups, g], np.int64))], [f"{p}.x3"], f"{p}.rx")
+    b.node("Transpose", [f"{p}.x3"], [f"{p}.xt"], f"{p}.tx", perm=[1, 0, 2])               # [G, M, g]
+    b.node("MatMulInteger", [f"{p}.xt", b.const(f"{p}.W", w3)], [f"{p}.acc"], f"{p}.mmi")  # [G, M, n] int32
+    b.node("Cast", [f"{p}.acc"], [f"{p}.accf"], f"{p}.cast", to=TensorProto.FLOAT)
+    b.node("Mul", [f"{p}.accf", b.const(f"{p}.S", np.ascontiguousarray(s.T.reshape(groups, 1, n)))],
+           [f"{p}.scaled"], f"{p}.muls")
+    b.node("ReduceSum", [f"{p}.scaled", b.const(f"{p}.axis0", np.array([0], np.int64))], [f"{p}.y2"], f"{p}.sum",
+           keepdims=0)
+    b.node("Concat", [f"{p}.lead", b.const(f"{p}.n", np.array([n], np.int64))], [f"{p}.oshape"], f"{p}.cat", axis=0)
+    b.node("Reshape", [f"{p}.y2", f"{p}.oshape"], [f"{p}.y"], f"{p}.ry")
+    b.node("Unsqueeze", [pts, b.const(f"{p}.axes", np.array([-1], dtype=np.int64))], [f"{p}.pts"], f"{p}.unsq")
+    b.node("Mul", [f"{p}.y", f"{p}.pts"], [node.output[0]], f"{p}.mul_t")
+    b.count("MatMulInteger(per-group)")
 
 
 def _stored_k(b: _Builder, w_name: str, node) -> int:
@@ -266,6 +300,7 @@ LOWERINGS = {
     "quant_matmul": _lower_quant_matmul,
     "dynamic_quant": _lower_dynamic_quant,
     "quant_matmul_pertoken": _lower_pertoken,
+    "quant_matmul_pergroup": _lower_pergroup,
     "weight_quant_matmul": _lower_weight_quant,
 }
 

@@ -27,6 +27,8 @@ def _register_schemas() -> None:
         "dynamic_quant": (["x"], [("y", I8), ("scale", F32)], []),
         "quant_matmul_pertoken": (["x", "weight", "weight_scale", "pertoken_scale", "bias?"], [("y", F32)],
                                   ["packing"]),
+        "quant_matmul_pergroup": (["x", "weight", "weight_scale", "weight_scale_second", "pertoken_scale"],
+                                  [("y", F32)], ["group_size"]),
         "weight_quant_matmul": (["x", "weight", "antiquant_scale", "antiquant_offset", "bias?"], [("y", F32)],
                                 ["group_size", "packing"]),
         "kv_quant": (["x", "scale"], [("y", I8)], ["head_dim"]),
@@ -70,6 +72,11 @@ def _quant_matmul_pertoken(x, weight, weight_scale, pertoken_scale, bias, packin
     return QC.quant_matmul_pertoken(x, weight, weight_scale, pertoken_scale, bias, packing=packing)
 
 
+def _quant_matmul_pergroup(x, weight, weight_scale, weight_scale_second, pertoken_scale, group_size, output_dtype):
+    return QC.quant_matmul_pergroup(x, weight, weight_scale, weight_scale_second, pertoken_scale,
+                                    group_size=group_size)
+
+
 def _weight_quant_matmul(x, weight, antiquant_scale, antiquant_offset, bias, group_size, packing):
     if bias is None:
         return QC.weight_quant_matmul(x, weight, antiquant_scale, antiquant_offset,
@@ -109,6 +116,7 @@ def translation_table() -> dict:
         q.quant_matmul.default: _quant_matmul,
         q.dynamic_quant.default: _dynamic_quant,
         q.quant_matmul_pertoken.default: _quant_matmul_pertoken,
+        q.quant_matmul_pergroup.default: _quant_matmul_pergroup,
         q.weight_quant_matmul.default: _weight_quant_matmul,
         q.kv_quant.default: _kv_quant,
         q.kv_dequant.default: _kv_dequant,

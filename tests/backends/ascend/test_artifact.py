@@ -67,13 +67,13 @@ def encode_linear(quant, w, b, proj, dtype, group_size):
         fn = E.encode_w8a8 if quant == E.W8A8 else E.encode_w8a8_mix
         return fn(w, b, s_x, o_x, dtype)
     if quant == E.W8A8_DYNAMIC:
-        return E.encode_w8a8_dynamic(w, b)
+        return E.encode_w8a8_dynamic(w, b, dtype)
     if quant == E.W8A16:
-        return E.encode_w8a16(w, b, group_size)
+        return E.encode_w8a16(w, b, group_size, dtype)
     if quant == E.W4A16:
-        return E.encode_w4a16(w, b, group_size)
+        return E.encode_w4a16(w, b, group_size, dtype)
     if quant == E.W4A8_DYNAMIC:
-        return E.encode_w4a8_dynamic(w, b, row_parallel=proj in ("o_proj", "down_proj"))
+        return E.encode_w4a8_dynamic(w, b, proj in ("o_proj", "down_proj"), group_size, dtype)
     raise AssertionError(quant)
 
 
@@ -151,10 +151,12 @@ def test_w8a8_artifact_passes_checker(tmp_path, checker, sources, arch, dtype):
 @pytest.mark.parametrize("quant,group_size,dtype", [
     (E.W8A8_DYNAMIC, 0, torch.bfloat16), (E.W8A8_MIX, 0, torch.float16), (E.W8A16, 0, torch.float16),
     (E.W8A16, 32, torch.bfloat16), (E.W4A16, 0, torch.float16), (E.W4A16, 32, torch.bfloat16),
-    (E.W4A8_DYNAMIC, 0, torch.bfloat16)])
+    (E.W4A8_DYNAMIC, 32, torch.bfloat16), (E.W4A8_DYNAMIC, 16, torch.float16)])
 def test_other_types_pass_checker(tmp_path, checker, sources, quant, group_size, dtype):
     out = tmp_path / "out"
-    desc = write_artifact(out, sources["qwen2"], quant, dtype, group_size=group_size)
+    # W4A8_DYNAMIC refuses a Linear bias (no engine adds it): the llama source has none
+    source = sources["llama" if quant == E.W4A8_DYNAMIC else "qwen2"]
+    desc = write_artifact(out, source, quant, dtype, group_size=group_size)
     warnings = run_checker(checker, out)
     # only the checker's engine-support notes for MindIE-only types are acceptable
     assert all(w[2].endswith(".support") for w in warnings), warnings

@@ -167,7 +167,8 @@ def test_encode_w8a8(dtype, with_bias):
     out = E.encode_w8a8(w, b, s_x, o_x, dtype)
     keys = {"weight", "input_scale", "input_offset", "deq_scale", "quant_bias", "weight_scale", "weight_offset"}
     assert set(out) == keys | ({"bias"} if with_bias else set())
-    q, s_w = E.quantize_weight(w, 8)
+    q, s_w = E.quantize_weight(w, 8, model_dtype=dtype)   # codes against the scale rounded to the model dtype
+    assert torch.equal(out["weight_scale"], s_w) and torch.equal(s_w.to(dtype).float(), s_w)
     assert out["weight"].dtype == torch.int8 and torch.equal(out["weight"], q)
     assert out["input_scale"].shape == out["input_offset"].shape == (1,)
     assert out["input_scale"].dtype == out["input_offset"].dtype == torch.float32
@@ -202,13 +203,18 @@ def test_w8a8_engine_math_matches_float_linear():
 
 def test_encode_w8a8_precomputed_codes_and_mix():
     w = weight(8, 32)
-    q, s = E.quantize_weight(w, 8)
+    q, s = E.quantize_weight(w, 8, model_dtype=torch.float16)
     s_x, o_x = torch.tensor([0.02]), torch.tensor([-5.0])
     a = E.encode_w8a8(w, None, s_x, o_x, torch.float16)
     b = E.encode_w8a8(None, None, s_x, o_x, torch.float16, q=q, scale=s)
     c = E.encode_w8a8_mix(None, None, 0.02, -5, torch.float16, q=q, scale=s[:, 0])
     for other in (b, c):
         assert set(other) == set(a) and all(torch.equal(a[key], other[key]) for key in a)
+    # input_scale 0.02 is held as fp16(0.02) by the engines: stored so, and deq_scale is formed from it
+    assert a["input_scale"].item() == torch.tensor(0.02).half().item() != 0.02
+    assert torch.equal(E.decode_deq_scale(a["deq_scale"]), a["input_scale"] * s[:, 0])
+    with pytest.raises(ValueError, match="not representable"):  # codes computed against an unrounded scale
+        E.encode_w8a8(None, None, s_x, o_x, torch.float16, q=q, scale=s + 1e-7)
     with pytest.raises(ValueError, match="symmetric range"):
         E.encode_w8a8(None, None, s_x, o_x, torch.float16, q=torch.full((8, 32), -128, dtype=torch.int8), scale=s)
     with pytest.raises(ValueError, match="scale"):
@@ -222,20 +228,21 @@ def test_encode_w8a8_precomputed_codes_and_mix():
 
 
 # ---- weight-only and dynamic --------------------------------------------------------------------------------------
-def test_encode_w8a8_dynamic():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_encode_w8a8_dynamic(dtype):
     w, b = weight(8, 32), torch.randn(8)
-    out = E.encode_w8a8_dynamic(w, b)
+    out = E.encode_w8a8_dynamic(w, b, dtype)
     assert set(out) == {"weight", "weight_scale", "weight_offset", "bias"}
-    q, s = E.quantize_weight(w, 8)
+    q, s = E.quantize_weight(w, 8, model_dtype=dtype)
     assert torch.equal(out["weight"], q) and torch.equal(out["weight_scale"], s)
     assert out["weight_offset"].shape == (8, 1) and (out["weight_offset"] == 0).all()
-    assert torch.equal(out["bias"], b)
+    assert torch.equal(out["bias"], b.to(dtype).float())   # the engines hold the Linear bias in the model dtype
 
 
 @pytest.mark.parametrize("group_size", [0, 16])
 def test_encode_w8a16(group_size):
     w = weight(8, 64)
-    out = E.encode_w8a16(w, None, group_size)
+    out = E.encode_w8a16(w, None, group_size, torch.bfloat16)
     cols = 1 if group_size == 0 else 64 // group_size
     assert set(out) == {"weight", "weight_scale", "weight_offset"}
     assert out["weight"].shape == (8, 64) and out["weight"].dtype == torch.int8
@@ -247,8 +254,8 @@ def test_encode_w8a16(group_size):
 def test_encode_w4a16_packing(group_size):
     n, k = 8, 64
     w = weight(n, k)
-    q, s = E.quantize_weight(w, 4, group_size)
-    out = E.encode_w4a16(w, torch.ones(n), group_size)
+    q, s = E.quantize_weight(w, 4, group_size, model_dtype=torch.float16)
+    out = E.encode_w4a16(w, torch.ones(n), group_size, torch.float16)
     p = out["weight"]
     assert p.dtype == torch.int8
     if group_size == 0:                     # per-channel: packed along k
@@ -262,33 +269,127 @@ def test_encode_w4a16_packing(group_size):
 
 def test_encode_w4a16_odd_packing_dim_rejected():
     with pytest.raises(ValueError, match="even"):
-        E.encode_w4a16(weight(8, 33), None)
+        E.encode_w4a16(weight(8, 33), None, 0, torch.bfloat16)
     with pytest.raises(ValueError, match="even"):
-        E.encode_w4a16(weight(7, 32), None, 16)
+        E.encode_w4a16(weight(7, 32), None, 16, torch.bfloat16)
+
+
+def msmodelslim_scale_bias(q, s1, s2, group, row_parallel):
+    """msModelSlim's saver, written out (llm_ptq save/complex_quantifier.py, W4A8_DYNAMIC branch of
+    generate_weight_of_linear_module + process_scale(name, bias, 16)): bf16 scales, float32 sums."""
+    n, k = q.shape
+    weight = q.reshape(-1, group).to(torch.float32)
+    first = (weight * s2.to(torch.bfloat16).reshape(-1, 1)).reshape(n, k)
+    deq = first * s1.to(torch.bfloat16)
+    if not row_parallel:
+        return 8 * deq.sum(dim=1, keepdim=True)
+    return (8 * deq.reshape(-1, k // 16).sum(dim=1, keepdim=True)).reshape(n, -1)
 
 
 @pytest.mark.parametrize("row_parallel", [False, True])
-def test_encode_w4a8_dynamic(row_parallel):
-    n, k = 8, 64
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_encode_w4a8_dynamic_two_stage(row_parallel, dtype):
+    n, k, g = 16, 128, 32
     w = weight(n, k)
-    out = E.encode_w4a8_dynamic(w, None, row_parallel)
-    q, s = E.quantize_weight(w, 4)
-    assert set(out) == {"weight", "weight_scale", "weight_offset", "scale_bias"}
-    assert out["weight"].shape == (n // 2, k) and torch.equal(nibbles(out["weight"], 0), q.to(torch.int16))
-    assert out["weight_scale"].shape == out["weight_offset"].shape == (n, 1)
-    deq = q.float() * s
-    if row_parallel:
-        ref = 8 * deq.reshape(-1, k // 16).sum(1).reshape(n, 16)
-    else:
-        ref = 8 * (q.float() * s).sum(1, keepdim=True)
-    assert out["scale_bias"].dtype == torch.float32 and torch.equal(out["scale_bias"], ref)
+    w[3, 32:64] = 0                                      # a zero group: scale 1, codes 0
+    out = E.encode_w4a8_dynamic(w, None, row_parallel, g, dtype)
+    assert set(out) == {"weight", "weight_scale", "weight_offset", "weight_scale_second", "weight_offset_second",
+                        "scale_bias"}
+    s1, s2 = out["weight_scale"], out["weight_scale_second"]
+    assert s1.shape == out["weight_offset"].shape == (n, 1) and s2.shape == out["weight_offset_second"].shape == (n, 4)
+    assert all(out[t].dtype == torch.float32 for t in ("weight_scale", "weight_scale_second", "scale_bias"))
+    assert (out["weight_offset"] == 0).all() and (out["weight_offset_second"] == 0).all()
+    # the per-group scale both engines form, dtype(dtype(s1) * dtype(s2)), is absmax_group / 7 rounded to dtype
+    S = (s1.to(dtype) * s2.to(dtype)).float()
+    absmax = w.float().reshape(n, 4, g).abs().amax(-1)
+    assert torch.equal(S, torch.where(absmax > 0, absmax / 7, torch.ones_like(absmax)).to(dtype).float())
+    assert torch.equal(S, (s1 * s2).to(dtype).float())   # vLLM-Ascend: f32(s1) * s2, cast to x's dtype
+    assert torch.equal(s1.to(dtype).float(), s1) and torch.equal(s2.to(dtype).float(), s2)
+    assert torch.equal(torch.log2(s1), torch.round(torch.log2(s1)))   # stage one: a power of two near absmax/127
+    ratio = s1 / (w.float().abs().amax(1, keepdim=True) / 127)
+    rows = [r for r in range(n) if r != 3]             # row 3's zero group (scale 1) sets its stage-one scale
+    assert ((ratio[rows] > 0.7) & (ratio[rows] < 1.42)).all()
+    # codes against S, packed along n (rows 2i / 2i+1 in one byte)
+    q = nibbles(out["weight"], 0)
+    assert out["weight"].shape == (n // 2, k)
+    ref = torch.round(w.float().reshape(n, 4, g) / S[..., None]).clamp(-7, 7).reshape(n, k)
+    assert torch.equal(q.float(), ref) and (q[3, 32:64] == 0).all()
+    sb = out["scale_bias"]
+    assert sb.shape == ((n, 16) if row_parallel else (n, 1))
+    torch.testing.assert_close(sb, msmodelslim_scale_bias(q.float(), s1, s2, g, row_parallel), rtol=0, atol=0) \
+        if dtype == torch.bfloat16 else torch.testing.assert_close(
+            sb, 8 * (q.float() * S.repeat_interleave(g, 1)).reshape(n, 16 if row_parallel else 1, -1).sum(-1))
+
+
+def test_encode_w4a8_dynamic_refusals():
+    with pytest.raises(ValueError, match="per-group only"):
+        E.encode_w4a8_dynamic(weight(8, 64), None, False, 0, torch.bfloat16)
+    with pytest.raises(ValueError, match="bias"):
+        E.encode_w4a8_dynamic(weight(8, 64), torch.ones(8), False, 32, torch.bfloat16)
+    with pytest.raises(ValueError, match="n % 8"):
+        E.encode_w4a8_dynamic(weight(6, 64), None, False, 32, torch.bfloat16)
     with pytest.raises(ValueError, match="k % 16"):
-        E.encode_w4a8_dynamic(weight(8, 40), None, True)
+        E.encode_w4a8_dynamic(weight(8, 40), None, True, 8, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_two_stage_scale_is_exact_over_the_whole_range(dtype):
+    # per-group scales over many binades (and the dtype's extremes) come back bit for bit from both products
+    g = torch.Generator().manual_seed(5)
+    lo, hi = (-24, 15) if dtype == torch.float16 else (-120, 120)
+    S = torch.exp2(torch.randint(lo, hi, (64, 8), generator=g).float()) * (1 + torch.rand(64, 8, generator=g))
+    S = E.engine_scale(S, dtype)
+    s1, s2 = E.split_two_stage_scale(S, dtype)
+    assert torch.equal((s1.to(dtype) * s2.to(dtype)).float(), S)
+    assert torch.equal((s1 * s2).to(dtype).float(), S)
+    assert torch.isfinite(s2).all() and (s2 > 0).all()
+
+
+# ---- numerics as loaded -------------------------------------------------------------------------------------------
+ENCODERS = {
+    E.W8A8: lambda w, b, dt: E.encode_w8a8(w, b, *E.static_activation_params(-1.3, 2.9, dt), dt),
+    E.W8A8_MIX: lambda w, b, dt: E.encode_w8a8_mix(w, b, *E.static_activation_params(-1.3, 2.9, dt), dt),
+    E.W8A8S: lambda w, b, dt: E.encode_w8a8s(w, b, *E.static_activation_params(-1.3, 2.9, dt), dt),
+    E.W8A8_DYNAMIC: lambda w, b, dt: E.encode_w8a8_dynamic(w, b, dt),
+    E.W8A16: lambda w, b, dt: E.encode_w8a16(w, b, 32, dt),
+    E.W4A16: lambda w, b, dt: E.encode_w4a16(w, b, 32, dt),
+    E.W4A8_DYNAMIC: lambda w, b, dt: E.encode_w4a8_dynamic(w, None, True, 32, dt),
+}
+
+
+@pytest.mark.parametrize("quant", sorted(ENCODERS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tensors_the_engines_hold_in_the_model_dtype_are_stored_exact(quant, dtype):
+    """Every tensor ENGINE_MODEL_DTYPE lists is float32 holding a value of the model dtype (the engines' cast on
+    load is the identity), every other float tensor is one the engines keep in float32, and the weight codes are
+    the rounding of W against the stored (rounded) scale."""
+    w = weight(16, 64, seed=3, dtype=torch.float32) * 1.37     # scales not representable before rounding
+    b = torch.randn(16, generator=torch.Generator().manual_seed(4)) * 0.3
+    out = ENCODERS[quant](w, b, dtype)
+    held = E.ENGINE_MODEL_DTYPE[quant]
+    for suffix, t in out.items():
+        if suffix in held:
+            assert t.dtype == torch.float32 and torch.equal(t.to(dtype).float(), t), (quant, suffix)
+        elif t.is_floating_point():
+            assert suffix in ("deq_scale", "scale_bias"), (quant, suffix)  # kept float32 by both engines
+    unrounded = E.quantize_weight(w, 8)[1]
+    assert not torch.equal(unrounded.to(dtype).float(), unrounded)            # the rounding is not a no-op here
+    if quant in (E.W8A8, E.W8A8_MIX, E.W8A8_DYNAMIC):
+        assert torch.equal(out["weight"], torch.round(w / out["weight_scale"]).clamp(-127, 127).to(torch.int8))
+
+
+def test_engine_scale_keeps_scales_positive():
+    tiny = torch.tensor([[1e-30], [3e-8], [0.5]])
+    r = E.engine_scale(tiny, torch.float16)
+    assert (r > 0).all() and r[0, 0] == 2.0 ** -24 and r[2, 0] == 0.5
+    assert E.engine_scale(torch.tensor([1e-45]), torch.bfloat16).item() == 2.0 ** -133
+    with pytest.raises(ValueError, match="out of range"):
+        E.engine_float(torch.tensor([1e6]), torch.float16)
 
 
 def test_bias_shape_checked():
     with pytest.raises(ValueError, match="bias shape"):
-        E.encode_w8a8_dynamic(weight(8, 32), torch.ones(7))
+        E.encode_w8a8_dynamic(weight(8, 32), torch.ones(7), torch.bfloat16)
 
 
 # ---- model-level names --------------------------------------------------------------------------------------------

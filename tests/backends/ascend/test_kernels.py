@@ -69,10 +69,26 @@ def expect_dynamic_quant(x):
 
 
 def expect_pertoken(x, w, ws, pts, bias, out_dtype):
-    y = np_acc(x, w).astype(np.float32) * ws.numpy().reshape(-1) * pts.numpy()[..., None]
+    # the engines hold weight_scale and the Linear bias in the model (= output) dtype
+    ws_held = ws.to(out_dtype).float().numpy().reshape(-1)
+    y = np_acc(x, w).astype(np.float32) * ws_held * pts.numpy()[..., None]
     if bias is not None:
-        y = y + bias.numpy()
+        y = y + bias.to(out_dtype).float().numpy()
     return torch.from_numpy(y.astype(np.float32)).to(out_dtype)
+
+
+def expect_pergroup(x, w, s1, s2, pts, g, out_dtype):
+    """W4A8_DYNAMIC per-group, written out: S = dtype(dtype(s1) * dtype(s2)) (the engines' product), exact int
+    group sums, float32 sum over groups in order, times the per-token scale, then the output dtype."""
+    S = (s1.to(out_dtype) * s2.to(out_dtype)).float().numpy()
+    xs, ws = x.numpy().astype(np.int64), w.numpy().astype(np.int64)
+    y = None
+    for j in range(S.shape[1]):
+        acc = (xs[..., j * g:(j + 1) * g] @ ws[:, j * g:(j + 1) * g].T).astype(np.float32)
+        term = (acc * S[:, j]).astype(np.float32)
+        y = term if y is None else (y + term).astype(np.float32)
+    y = (y * pts.numpy()[..., None]).astype(np.float32)
+    return torch.from_numpy(y).to(out_dtype)
 
 
 def expect_weight_quant(x, w_int8, scale, offset, bias, group_size):
@@ -232,6 +248,71 @@ def test_quant_matmul_pertoken_matches_formula(dtype, packing, n, with_bias):
     assert torch.equal(y, expect_pertoken(x, w, ws, pts, bias, dtype))  # exact, float32 order fixed
 
 
+def test_quant_matmul_pertoken_rounds_scale_and_bias_to_the_model_dtype():
+    # 0.0123 and 0.31 are not bf16/fp16 values: the kernel computes with dtype(ws) and dtype(bias), as the engines
+    x, w = rand_int8(3, 32, seed=16), rand_int8(4, 32, seed=17)
+    ws, pts, bias = torch.full((4, 1), 0.0123), torch.ones(3), torch.full((4,), 0.31)
+    for dtype in DTYPES:
+        y = kernels.quant_matmul_pertoken(x, w, ws, pts, bias, 0, dtype)
+        held = torch.from_numpy(np_acc(x, w).astype(np.float32)) * ws.to(dtype).float().T + bias.to(dtype).float()
+        assert torch.equal(y, held.to(dtype))
+        unrounded = (torch.from_numpy(np_acc(x, w).astype(np.float32)) * ws.T + bias).to(dtype)
+        assert not torch.equal(y, unrounded)
+
+
+# --------------------------------------------------------------------------------------------------
+# qc::quant_matmul_pergroup (W4A8_DYNAMIC)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+@pytest.mark.parametrize("n,k,g", [(24, 64, 16), (16, 128, 32), (8, 512, 256)])
+@pytest.mark.parametrize("lead", [(2, 19), (1,), (70,)])
+def test_quant_matmul_pergroup_matches_formula(dtype, n, k, g, lead):
+    x = rand_int8(*lead, k, seed=18)
+    w = rand_int8(n, k, seed=19, lo=-7, hi=8)
+    s1 = torch.exp2(torch.randint(-9, -5, (n, 1), generator=gen(20)).float())
+    s2 = torch.rand(n, k // g, generator=gen(21)) * 20 + 0.1       # not dtype values: the kernel rounds them
+    pts = torch.rand(*lead, generator=gen(22)) * 0.05
+    y = qc.quant_matmul_pergroup(x, pack_int4(w, 0), s1, s2, pts, g, dtype)
+    assert y.dtype == dtype and y.shape == (*lead, n)
+    assert torch.equal(y, expect_pergroup(x, w, s1, s2, pts, g, dtype))   # bit for bit
+
+
+def test_quant_matmul_pergroup_exact_at_extremes_and_lowered_matmul_precision():
+    # -128 x -8 over a 256-group: every group sum is 262144, exact in float32; float64 sums when the float32
+    # matmul precision is lowered (the result must not change)
+    n, k, g = 8, 512, 256
+    x = torch.full((3, k), -128, dtype=torch.int8)
+    w = torch.full((n, k), -8, dtype=torch.int8)
+    s1, s2, pts = torch.ones(n, 1), torch.full((n, 2), 2.0 ** -10), torch.ones(3)
+    y = kernels.quant_matmul_pergroup(x, pack_int4(w, 0), s1, s2, pts, g, torch.float32)
+    assert (y == 2 * 262144 * 2.0 ** -10).all()
+    x, w = rand_int8(33, k, seed=23), rand_int8(n, k, seed=24, lo=-8, hi=8)
+    s2 = torch.rand(n, 2, generator=gen(25))
+    before = torch.get_float32_matmul_precision()
+    ref = kernels.quant_matmul_pergroup(x, pack_int4(w, 0), s1, s2, pts.new_ones(33), g, torch.bfloat16)
+    try:
+        torch.set_float32_matmul_precision("medium")
+        low = kernels.quant_matmul_pergroup(x, pack_int4(w, 0), s1, s2, pts.new_ones(33), g, torch.bfloat16)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.equal(low, ref)
+
+
+def test_quant_matmul_pergroup_rejects_bad_groups():
+    x, w = rand_int8(2, 64, seed=26), pack_int4(rand_int8(8, 64, seed=27, lo=-7, hi=8), 0)
+    with pytest.raises(ValueError, match="groups"):
+        kernels.quant_matmul_pergroup(x, w, torch.ones(8, 1), torch.ones(8, 3), torch.ones(2), 16, torch.bfloat16)
+
+
+def test_two_stage_scale_is_the_engines_product():
+    s1, s2 = torch.tensor([[0.0123]]), torch.tensor([[3.77, 0.5]])
+    for dtype in DTYPES:
+        got = kernels.two_stage_scale(s1, s2, dtype)
+        assert torch.equal(got, (s1.to(dtype) * s2.to(dtype)).float())
+        assert torch.equal(got, (s1.to(dtype).float() * s2.to(dtype).float()).to(dtype).float())  # vLLM-Ascend's
+
+
 def test_quant_matmul_pertoken_rejects_packing_along_k():
     with pytest.raises(ValueError, match="packing"):
         kernels.quant_matmul_pertoken(
@@ -363,6 +444,7 @@ class AllOps(torch.nn.Module):
         b("w4k", pack_int4(rand_int8(n, k, seed=56, lo=-8, hi=8), 1))
         b("gscale", torch.rand(n, k // 16, generator=gen(57)) * 1e-2)
         b("goffset", torch.zeros(n, k // 16))
+        b("s2", torch.rand(n, k // 32, generator=gen(58)) * 10)
 
     def forward(self, x):
         xq_static = qc.quantize(x, self.in_scale, self.in_offset)
@@ -370,7 +452,8 @@ class AllOps(torch.nn.Module):
         xq, ts = qc.dynamic_quant(x)
         y2 = qc.quant_matmul_pertoken(xq, self.w4n, self.ws, ts, self.bias, 2, x.dtype)
         y3 = qc.weight_quant_matmul(x, self.w4k, self.gscale, self.goffset, None, 16, 1)
-        return y1 + y2 + y3
+        y4 = qc.quant_matmul_pergroup(xq, self.w4n, self.ws, self.s2, ts, 32, x.dtype)
+        return y1 + y2 + y3 + y4
 
 
 def test_export_dynamic_tokens_and_save_load_round_trip():
@@ -403,6 +486,8 @@ def test_opcheck_fake_kernels_and_schemas():
         (qc.quant_matmul.default, (q, w8, torch.rand(16), qbias, torch.float16)),
         (qc.dynamic_quant.default, (x,)),
         (qc.quant_matmul_pertoken.default, (q, w4n, torch.rand(15, 1), torch.rand(3, 5), None, 2, torch.bfloat16)),
+        (qc.quant_matmul_pergroup.default, (q, w4n, torch.rand(15, 1), torch.rand(15, 2), torch.rand(3, 5), 16,
+                                            torch.bfloat16)),
         (qc.weight_quant_matmul.default, (x, w8, torch.rand(16, 4), torch.rand(16, 4), torch.randn(16), 8, 0)),
     ]
     for op, args in cases:
@@ -416,10 +501,13 @@ def test_schemas_and_npu_kernels_registered():
         "qc::quant_matmul(Tensor x, Tensor weight, Tensor deq_scale, Tensor quant_bias, ScalarType output_dtype) -> Tensor",
         "qc::dynamic_quant(Tensor x) -> (Tensor, Tensor)",
         "qc::quant_matmul_pertoken(Tensor x, Tensor weight, Tensor weight_scale, Tensor pertoken_scale, Tensor? bias, int packing, ScalarType output_dtype) -> Tensor",
+        "qc::quant_matmul_pergroup(Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_scale_second, Tensor pertoken_scale, int group_size, ScalarType output_dtype) -> Tensor",
         "qc::weight_quant_matmul(Tensor x, Tensor weight, Tensor antiquant_scale, Tensor antiquant_offset, Tensor? bias, int group_size, int packing) -> Tensor",
     }
     for op in ops.QC_OPS:
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "PrivateUse1"), op
+        # quant_matmul_pergroup: one plain-tensor-math kernel for every device (CompositeExplicitAutograd)
+        keys = ("CompositeExplicitAutograd",) if op is qc.quant_matmul_pergroup.default else ("PrivateUse1",)
+        assert all(torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), k) for k in keys), op
 
 
 def test_torch_npu_never_imported_at_module_level():

@@ -66,7 +66,8 @@ class AllOps(torch.nn.Module):
                 Q.weight_quant_matmul(x, self.w4k, self.ws, self.zc, None, 0, 1),
                 Q.weight_quant_matmul(x, self.w4n, self.wg, self.zg, None, self.g, 2),
                 Q.kv_dequant(Q.kv_quant(h, self.kv_s), self.kv_s, f32),
-                Q.fa_dequant(Q.fa_quant(h, self.fa_s), self.fa_s, f32))
+                Q.fa_dequant(Q.fa_quant(h, self.fa_s), self.fa_s, f32),
+                Q.quant_matmul_pergroup(xq, self.w4n, self.ws, self.wg * 100, ts, self.g, f32))
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,7 @@ def test_every_op_is_lowered_to_standard_ops(ops_session):
     _, sess, stats = ops_session
     assert stats["MatMulNBits4"] == 2 and stats["MatMulNBits8"] == 2
     assert stats["MatMulInteger"] == 3 and stats["QuantizeLinear"] == 1
+    assert stats["MatMulInteger(per-group)"] == 1
 
 
 def test_op_lowerings_match_the_reference_kernels(ops_session):
@@ -120,6 +122,11 @@ def test_op_lowerings_match_the_reference_kernels(ops_session):
     for i, w in zip(range(6, 10), wo):
         torch.testing.assert_close(got[i], w, rtol=1e-4, atol=1e-4)
     assert torch.equal(got[10], ref[10]) and torch.equal(got[11], ref[11])  # KV / FA int8 round trip: exact
+    # W4A8_DYNAMIC per-group: exact integer group sums, the engines' two-stage scale product in the model dtype
+    # (bf16); ORT's ReduceSum adds the groups in its own order
+    s = kernels.two_stage_scale(m.ws, m.wg * 100, torch.bfloat16)
+    w4a8 = kernels.quant_matmul_pergroup(ref[0], m.w4n, s, torch.ones_like(s), ref[1], m.g, torch.float32)
+    torch.testing.assert_close(got[12], w4a8, rtol=1e-5, atol=1e-5)
 
 
 # (tiny arch, passes): every scheme the issue names, mixed per Linear group so two compiles cover them;

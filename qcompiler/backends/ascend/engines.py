@@ -1,0 +1,298 @@
+"""Which inference engines load an Ascend artifact: the engine support matrix (one source of truth).
+
+Every fact below was read in the engines' own code (file + function in `source`) and, for vLLM-Ascend, checked
+by running its loader on CPU (`../shared/tools/loader_check`, pinned releases 0.23.0 and 0.26.0rc1; the e2e
+tests run it on every artifact they compile). MindIE means MindIE-LLM's atb_models loader
+(`examples/atb_models/atb_llm`); its newer torch runtime (`mindie_llm/runtime/layers/quantization/ms_model_slim`)
+registers fewer types (dense: W8A8, W8A8_DYNAMIC, W8A8_MIX, W8A8SC) and is not what this matrix describes.
+
+A *feature* is one way an artifact uses a quant type (`W4A8_DYNAMIC per-group`, `C8`, ...); a `Support` per
+(feature, engine) says on which devices the engine loads it and computes what the executable graph computes.
+- `ArtifactFeatures` describes an artifact: from a compile pipeline before any work (`engine_check.py` in the
+  driver) or from a finished OUT folder (`features_of_artifact`).
+- `refusals(engine, features)`: why an engine cannot load it ([] = it loads); `engines_loading(features)`.
+- `matrix_markdown()`: the README table (a test keeps README.md equal to it).
+- `expected_loader_exit(features, version)`: what `loader_check/vllm_ascend_load.py --engine VERSION` must
+  return for the artifact: 0 (loads) or 3 (an engine limit listed here).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VLLM_ASCEND = "vllm-ascend"
+MINDIE = "mindie"
+ENGINES = (VLLM_ASCEND, MINDIE)
+ENGINE_CHOICES = ("any",) + ENGINES
+ENGINE_NAMES = {VLLM_ASCEND: "vLLM-Ascend", MINDIE: "MindIE"}
+DEVICES = ("910b", "310p")          # Atlas 800I A2 (--target ascend910b / onnx), Atlas 300I Duo (ascend310p)
+BOTH = frozenset(DEVICES)
+#: vLLM-Ascend releases the loader check pins, oldest first (`loader_check/vllm_ascend_load.py` ENGINES)
+VLLM_ASCEND_VERSIONS = ("0.23.0", "0.26.0rc1")
+
+_VA = "vllm-ascend 0.23.0/0.26.0rc1 vllm_ascend/quantization/"
+_MI = "MindIE-LLM examples/atb_models/atb_llm/"
+
+
+@dataclass(frozen=True)
+class Support:
+    """An engine's support of one feature: the devices it loads it on (empty: none), devices where that is not
+    confirmed (allowed with a warning: the spec's "unsure" 310P types), a one-line note, the code it was read in,
+    and (vLLM-Ascend) the first pinned release that loads it for llama / qwen2 when older pins do not (`since`)."""
+    devices: frozenset = BOTH
+    note: str = ""
+    source: str = ""
+    since: str | None = None
+    unsure: frozenset = frozenset()
+
+    @property
+    def loads(self) -> bool:
+        return bool(self.devices)
+
+
+NO = frozenset()
+A2 = frozenset({"910b"})
+P310 = frozenset({"310p"})
+
+
+@dataclass(frozen=True)
+class Feature:
+    key: str          # what ArtifactFeatures.keys() yields
+    scheme: str       # README: the compiler pass (or "-" when the compiler does not produce it)
+    layer: str        # "dense" | "MoE"
+    support: dict     # engine -> Support
+
+
+FEATURES = (
+    Feature("W8A8", "`w8a8`", "dense", {
+        VLLM_ASCEND: Support(BOTH, "", _VA + "methods/w8a8_static.py AscendW8A8LinearMethod; "
+                             "vllm_ascend/_310p/quantization/methods/w8a8_static.py"),
+        MINDIE: Support(BOTH, "", _MI + "utils/layers/linear/__init__.py get_linear (W8A8 -> W8A8LinearStatic); "
+                        "utils/weights.py get_multi_weights_col")}),
+    Feature("W8A8_DYNAMIC", "`w8a8d`", "dense", {
+        VLLM_ASCEND: Support(BOTH, "", _VA + "methods/w8a8_dynamic.py AscendW8A8DynamicLinearMethod; _310p/.../"
+                             "w8a8_dynamic.py"),
+        MINDIE: Support(A2, "", _MI + "utils/layers/linear/__init__.py get_linear (W8A8LinearDynamic)",
+                        unsure=P310)}),
+    Feature("W8A8_MIX", "`w8a8mix`", "dense", {
+        VLLM_ASCEND: Support(A2, "runs the per-token path except on a PD-disaggregated decode "
+                             "instance (kv consumer), which runs the static path the executable graph runs",
+                             _VA + "methods/w8a8_pdmix.py AscendW8A8PDMixLinearMethod.apply"),
+        MINDIE: Support(A2, "", _MI + "utils/layers/linear/__init__.py get_linear (W8A8PDMixLinear)",
+                        unsure=P310)}),
+    Feature("W8A16", "`w8a16`", "dense", {
+        VLLM_ASCEND: Support(A2, "per-channel only; no 310P scheme",
+                             _VA + "methods/w8a16.py AscendW8A16LinearMethod.get_perchannel_param ([n, 1])"),
+        MINDIE: Support(BOTH, "", _MI + "utils/layers/linear/__init__.py get_linear (W8A16LinearStatic)")}),
+    Feature("W8A16 per-group", "`w8a16:group=G`", "dense", {
+        VLLM_ASCEND: Support(NO, "its weight_scale parameter is [n, 1] (shape mismatch on load)",
+                             _VA + "methods/w8a16.py get_perchannel_param"),
+        MINDIE: Support(A2, "", _MI + "utils/weights.py get_multi_weights_col (W8A16 branch)", unsure=P310)}),
+    Feature("W4A16", "`w4a16`", "dense", {
+        VLLM_ASCEND: Support(NO, "registered for MoE experts only", _VA + 'methods/w4a16.py register_scheme('
+                             '"W4A16", "moe")'),
+        MINDIE: Support(A2, "", _MI + "utils/layers/linear/__init__.py get_linear (W4A16LinearStatic)",
+                        unsure=P310)}),
+    Feature("W4A8_DYNAMIC per-group", "`w4a8d` (group 32)", "dense", {
+        VLLM_ASCEND: Support(A2, "loads; runs it weight-only (activations not quantized: "
+                             "W4A16 math with weight_scale * weight_scale_second); deprecated in 0.26.0rc1",
+                             _VA + "methods/w4a8.py AscendW4A8DynamicLinearMethod.get_pergroup_param / apply"),
+        MINDIE: Support(A2, "int8 per-token x int4 per-group (aclnnQuantMatmulV5), the math of the executable "
+                        "graph", _MI + "utils/quantize/w4a8.py W4A8LinearDynamic; utils/weights.py "
+                        "get_multi_weights_col / get_multi_weights_row (W4A8_DYNAMIC branch)", unsure=P310)}),
+    Feature("W4A8_DYNAMIC per-channel", "-", "dense", {
+        VLLM_ASCEND: Support(NO, "the dense scheme is per-group only (divides by group_size, needs "
+                             "weight_scale_second)", _VA + "methods/w4a8.py AscendW4A8DynamicLinearMethod."
+                             "get_pergroup_param"),
+        MINDIE: Support(NO, "with group_size 0 the dense Linear multiplies weight_scale by a missing "
+                        "weight_scale_second", _MI + "utils/quantize/w4a8.py W4A8LinearDynamic.__init__")}),
+    Feature("W4A8_DYNAMIC Linear bias", "-", "dense", {
+        VLLM_ASCEND: Support(NO, "the Linear's bias is never added (apply ignores `bias`)",
+                             _VA + "methods/w4a8.py AscendW4A8DynamicLinearMethod.apply"),
+        MINDIE: Support(NO, "the Linear's bias is replaced by scale_bias (`qweight, scale, scale_second, bias = "
+                        "weight`)", _MI + "utils/layers/linear/__init__.py get_linear (W4A8_DYNAMIC branch)")}),
+    Feature("W8A8S", "`sparse,w8a8s` (ascend310p)", "dense", {
+        VLLM_ASCEND: Support(P310, "310P only", "vllm_ascend/_310p/quantization/methods/w8a8s.py "
+                             "AscendW8A8SLinearMethod310; w8a8_base.py get_perchannel_param"),
+        MINDIE: Support(P310, "", _MI + "utils/layers/linear/__init__.py get_linear "
+                        "([W8A8, W8A8S] -> W8A8LinearStatic)")}),
+    Feature("W16A16S", "`sparse,w16a16s`", "dense", {
+        VLLM_ASCEND: Support(NO, "no W16A16S scheme is registered", _VA + "methods (register_scheme: no W16A16S)"),
+        MINDIE: Support(A2, "a FastLinear on the pruned float weight", _MI + "utils/layers/linear/__init__.py "
+                        "get_linear (W16A16S -> FastLinear)", unsure=P310)}),
+    Feature("C8", "`kv8`", "dense", {
+        VLLM_ASCEND: Support(A2, "for llama/qwen2; 0.23.0 maps the scales for qwen3 / glm4_moe / minimax_m2 "
+                             "only (patch/worker/patch_gqa_c8.py)", _VA + "methods/kv_c8.py "
+                             "AscendC8KVCacheAttentionMethod; modelslim_config.py get_cache_scale_mapper",
+                             since="0.26.0rc1"),
+        MINDIE: Support(A2, "", _MI + "utils/layers/attention/kv_cache.py KvCache.load", unsure=P310)}),
+    Feature("FAQuant", "`fa3`", "dense", {
+        VLLM_ASCEND: Support(NO, 'no "FAQuant" attention scheme (registers "FAKQuant" / "INT8_DYNAMIC", MLA)',
+                             _VA + "methods/kv_c8.py register_scheme"),
+        MINDIE: Support(A2, "", _MI + "models/base/modeling.py (FA3.load); utils/layers/attention/fa3.py FA3",
+                        unsure=P310)}),
+    # MoE experts: documentation only (the compiler captures dense decoder layers); "-" = not read.
+    Feature("W8A8_DYNAMIC MoE", "-", "MoE", {
+        VLLM_ASCEND: Support(BOTH, "", _VA + "methods/w8a8_dynamic.py AscendW8A8DynamicFusedMoEMethod"),
+        MINDIE: Support(A2, "", "MindIE-LLM mindie_llm/runtime/layers/quantization/ms_model_slim/"
+                        "quantization_config.py (W8A8PerTokenFusedMoEMethod)", unsure=P310)}),
+    Feature("W8A8_MIX MoE", "-", "MoE", {
+        VLLM_ASCEND: Support(A2, "", _VA + "methods/w8a8_pdmix.py AscendW8A8PDMixFusedMoeMethod"),
+        MINDIE: Support(NO, "not read", "")}),
+    Feature("W4A16 MoE", "-", "MoE", {
+        VLLM_ASCEND: Support(A2, "", _VA + "methods/w4a16.py (register_scheme moe)"),
+        MINDIE: Support(NO, "not read", "")}),
+    Feature("W4A8_DYNAMIC MoE", "-", "MoE", {
+        VLLM_ASCEND: Support(A2, "per-channel and per-group",
+                             _VA + "methods/w4a8.py AscendW4A8DynamicFusedMoEMethod"),
+        MINDIE: Support(A2, "", "MindIE-LLM mindie_llm/runtime/layers/quantization/ms_model_slim/"
+                        "w4a8.py W4A8PerTokenFusedMoEMethod")}),
+)
+FEATURE_BY_KEY = {f.key: f for f in FEATURES}
+
+
+@dataclass(frozen=True)
+class ArtifactFeatures:
+    """What decides which engines load an artifact. linear_types: quant types of the decoder Linears (FLOAT
+    left out); grouped_types: those quantized per group (weight scale [n, k/g]; W4A8_DYNAMIC: two-stage);
+    biased_types: quant types of Linears that carry a float bias; kv_cache / fa_quant: C8 / FAQuant present;
+    device: "910b" or "310p"; model_type: config.json's."""
+    linear_types: frozenset = frozenset()
+    grouped_types: frozenset = frozenset()
+    biased_types: frozenset = frozenset()
+    kv_cache: bool = False
+    fa_quant: bool = False
+    device: str = "910b"
+    model_type: str = "llama"
+    extra: tuple = field(default=())       # further feature keys (tests)
+
+    def keys(self) -> list[str]:
+        """The FEATURES keys this artifact uses."""
+        keys = []
+        for t in sorted(self.linear_types):
+            if t == "W4A8_DYNAMIC":
+                keys.append(f"W4A8_DYNAMIC {'per-group' if t in self.grouped_types else 'per-channel'}")
+            elif t == "W8A16" and t in self.grouped_types:
+                keys.append("W8A16 per-group")
+            else:
+                keys.append(t)
+        if "W4A8_DYNAMIC" in self.biased_types:
+            keys.append("W4A8_DYNAMIC Linear bias")
+        if self.kv_cache:
+            keys.append("C8")
+        if self.fa_quant:
+            keys.append("FAQuant")
+        return keys + list(self.extra)
+
+
+def _version_index(version: str) -> int:
+    if version not in VLLM_ASCEND_VERSIONS:
+        raise ValueError(f"unknown vLLM-Ascend version {version!r}; known: {', '.join(VLLM_ASCEND_VERSIONS)}")
+    return VLLM_ASCEND_VERSIONS.index(version)
+
+
+def refusals(engine: str, features: ArtifactFeatures, version: str | None = None) -> list[str]:
+    """Why `engine` cannot load the artifact (one line each; [] = it loads). `version`: a pinned vLLM-Ascend
+    release (default: the newest); only vLLM-Ascend facts depend on it."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
+    why = []
+    for key in features.keys():
+        feature = FEATURE_BY_KEY.get(key)
+        if feature is None:
+            why.append(f"{key}: not in the engine support matrix")
+            continue
+        s = feature.support[engine]
+        if features.device not in s.devices | s.unsure:
+            where = "" if not s.loads else f" on {features.device.upper()} (only {', '.join(sorted(s.devices))})"
+            why.append(f"{key}{where}: {s.note or 'not supported'} [{s.source}]")
+        elif (engine == VLLM_ASCEND and s.since and version is not None and features.model_type != "qwen3"
+              and _version_index(version) < _version_index(s.since)):
+            why.append(f"{key} on {features.model_type}: vLLM-Ascend {version} does not load it ({s.note}) "
+                       f"[{s.source}]")
+    return why
+
+
+def engines_loading(features: ArtifactFeatures) -> list[str]:
+    """The engines (newest vLLM-Ascend) that load the artifact."""
+    return [e for e in ENGINES if not refusals(e, features)]
+
+
+def notes(engine: str, features: ArtifactFeatures) -> list[str]:
+    """Notes on how `engine` runs what it loads (versions, numerics that differ from the executable graph,
+    devices where support is not confirmed)."""
+    out = []
+    for key in features.keys():
+        s = FEATURE_BY_KEY[key].support[engine] if key in FEATURE_BY_KEY else None
+        if s is None or features.device not in s.devices | s.unsure:
+            continue
+        if features.device in s.unsure:
+            out.append(f"{key} on {features.device.upper()}: not confirmed in the engine's code; verify on the device")
+        if s.note:
+            out.append(f"{key}: {s.note}")
+    return out
+
+
+def expected_loader_exit(features: ArtifactFeatures, version: str) -> int:
+    """Exit status `loader_check/vllm_ascend_load.py --engine VERSION` must give: 0 when this matrix says that
+    vLLM-Ascend release loads the artifact, 3 (documented engine limit) when it does not."""
+    return 0 if not refusals(VLLM_ASCEND, features, version) else 3
+
+
+def _scale_columns(out: Path) -> dict[str, int]:
+    """{tensor name ending in .weight_scale: its number of columns} from the safetensors headers of `out`."""
+    from safetensors import safe_open
+    cols = {}
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                if k.endswith(".weight_scale"):
+                    shape = h.get_slice(k).get_shape()
+                    cols[k] = shape[1] if len(shape) == 2 else 1
+    return cols
+
+
+def features_of_artifact(out: Path) -> ArtifactFeatures:
+    """ArtifactFeatures of a finished artifact folder (its description, config.json, the weight scales' shapes and,
+    for the device, the qcompile report's target)."""
+    out = Path(out)
+    desc = json.loads((out / "quant_model_description.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    linear = {k[:-len(".weight")]: v for k, v in desc.items() if isinstance(v, str) and k.endswith("_proj.weight")}
+    types = frozenset(v for v in linear.values() if v != "FLOAT")
+    biased = frozenset(t for name, t in linear.items() if t != "FLOAT" and f"{name}.bias" in desc)
+    cols = _scale_columns(out)
+    grouped = frozenset(t for name, t in linear.items() if t != "FLOAT" and (
+        f"{name}.weight_scale_second" in desc or cols.get(f"{name}.weight_scale", 1) > 1))
+    device = "910b"
+    report = out / "qcompile_report.json"
+    if report.is_file() and json.loads(report.read_text()).get("target") == "ascend310p":
+        device = "310p"
+    elif types & {"W8A8S", "W8A8SC"}:
+        device = "310p"
+    return ArtifactFeatures(linear_types=types, grouped_types=grouped, biased_types=biased,
+                            kv_cache=desc.get("kv_cache_type") == "C8", fa_quant=bool(desc.get("fa_quant_type")),
+                            device=device, model_type=str(config.get("model_type", "llama")))
+
+
+def _cell(s: Support) -> str:
+    if not s.loads:
+        return "-" if s.note == "not read" else "no" + (f": {s.note}" if s.note else "")
+    where = "" if s.devices == BOTH else f" ({', '.join(d.upper() for d in sorted(s.devices))}" + (
+        f"; {', '.join(d.upper() for d in sorted(s.unsure))} unconfirmed)" if s.unsure else ")")
+    since = f" from {s.since}" if s.since else ""
+    return f"yes{where}{since}" + (f": {s.note}" if s.note else "")
+
+
+def matrix_markdown() -> str:
+    """The README's engine support table, generated from FEATURES."""
+    lines = ["| feature | compiler pass | layers | vLLM-Ascend | MindIE (atb) |", "|---|---|---|---|---|"]
+    for f in FEATURES:
+        lines.append(f"| {f.key} | {f.scheme} | {f.layer} | {_cell(f.support[VLLM_ASCEND])} | "
+                     f"{_cell(f.support[MINDIE])} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(matrix_markdown(), end="")

@@ -1,0 +1,211 @@
+"""Weight layouts prepared once at load: the executable graph's CPU fast path (bit-identical).
+
+`prepare_layer(gm) -> gm` takes a loaded layer graph (or its decode step, ir/decode.py) whose tensors are on
+the CPU and returns it rewritten so that every tensor that depends on no activation is computed once, here,
+instead of on every call, and the `torch.ops.qc.*` nodes call the CPU kernels directly (a custom op's
+dispatch costs ~10 us, and a decoded token makes 200+ such calls):
+
+| node | prepared tensors (module attributes `prepared_N`) | kernel called |
+|---|---|---|
+| qc.weight_quant_matmul (W8A16, W4A16) | `dequantize_weight(...)` [n, k] in x's dtype; bias in x's dtype | `weight_quant_matmul_prepared` |
+| qc.quant_matmul_pertoken (W8A8/W4A8_DYNAMIC) | weight unpacked to int8 [n, k]; weight_scale f32 [n]; bias f32 | `quant_matmul_pertoken_prepared` |
+| qc.quant_matmul_pergroup (W4A8_DYNAMIC per-group) | int4 unpacked to [G, g, n] in the exact float dtype; two-stage scale [G, 1, n] | `quant_matmul_pergroup_prepared` |
+| qc.quant_matmul (W8A8 static) | deq_scale decoded to f32; quant_bias in its accumulator dtype | `quant_matmul_prepared` |
+| qc.quantize | f32 reciprocal `dtype(1 / dtype(s))`; f32 offset | `quantize_prepared` |
+| qc.dynamic_quant, attention ops | none | their kernels |
+| aten._assert_tensor_metadata, export's `_guards_fn` | none | dropped (checks, no value) |
+
+The prepared kernels are the ones the ops' CPU kernels call after computing the same tensors per call
+(kernels.py), so a prepared graph computes the same bits (tests/backends/ascend/test_layouts.py also checks
+every prepared tensor against the artifact's own tensors in quant_model_weights*.safetensors).
+The tensors the prepared ones replace are dropped from the module (W8A16/W4A16 then hold the dequantized
+weight in the model dtype: decode speed of the float model, at its weight memory).
+`gm.meta[PREPARED]` maps each prepared attribute to `{"kind", "from": [source attribute names]}`; the
+source names are the layer's executable tensor names (the artifact's without `model.layers.N.`).
+Graphs whose tensors are not all on the CPU (an NPU) are returned unchanged: torch_npu runs the ops there.
+Limits: a node whose operands are not module tensors, or whose input's dtype / k is unknown, keeps its op.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import attention, kernels
+
+#: gm.meta key: {attribute: {"kind": str, "from": [source attribute, ...]}}
+PREPARED = "qc_prepared_layouts"
+
+_OPS = torch.ops.qc
+#: ops whose CPU kernel is a Python function of the same arguments: called directly
+_DIRECT = {
+    _OPS.dynamic_quant.default: kernels.dynamic_quant,
+    _OPS.kv_quant.default: attention.kv_quant_ref,
+    _OPS.kv_dequant.default: attention.kv_dequant_ref,
+    _OPS.fa_quant.default: attention.fa_quant_ref,
+    _OPS.fa_dequant.default: attention.fa_dequant_ref,
+    _OPS.cached_attention.default: attention.cached_attention_ref,
+}
+_DROP = (torch.ops.aten._assert_tensor_metadata.default,)  # export's dtype checks: no value, only a call
+
+
+def _tensor(gm, node):
+    if isinstance(node, torch.fx.Node) and node.op == "get_attr":
+        t = _fetch(gm, node.target)
+        return t if isinstance(t, torch.Tensor) else None
+    return None
+
+
+def _fetch(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _input_type(node):
+    from ...ir import meta
+    return meta.tensor_type(node) if isinstance(node, torch.fx.Node) else None
+
+
+def _on_cpu(gm) -> bool:
+    return all(t.device.type == "cpu" for t in list(gm.parameters()) + list(gm.buffers()))
+
+
+class _Preparer:
+    def __init__(self, gm):
+        self.gm, self.graph = gm, gm.graph
+        self.record = gm.meta.setdefault(PREPARED, {})
+        self._cache: dict = {}  # (kind, source targets) -> get_attr target: q/k/v share a quantize
+
+    def attr(self, node, kind: str, sources: list, compute) -> torch.fx.Node:
+        key = (kind, tuple(sources))
+        name = self._cache.get(key)
+        if name is None:
+            name = f"prepared_{len(self.record)}"
+            self.gm.register_buffer(name, compute().contiguous())
+            self.record[name] = {"kind": kind, "from": list(sources)}
+            self._cache[key] = name
+        with self.graph.inserting_before(node):
+            return self.graph.get_attr(name)
+
+    def replace(self, node, fn, args) -> None:
+        with self.graph.inserting_before(node):
+            new = self.graph.call_function(fn, tuple(args))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+
+    def weight_only(self, node) -> None:
+        x, w, s, o, b, group, packing = node.args
+        tw, ts, to = (_tensor(self.gm, a) for a in (w, s, o))
+        xt = _input_type(x)
+        if tw is None or ts is None or to is None or xt is None or (b is not None and _tensor(self.gm, b) is None):
+            return
+        k = xt.shape[-1]
+        if not isinstance(k, int):
+            return
+        dt = xt.dtype
+        wq = self.attr(node, f"dequantized_weight:{dt}", [w.target, s.target, o.target],
+                       lambda: kernels.dequantize_weight(tw, ts, to, group, packing, k, dt))
+        bias = None if b is None else self.attr(node, f"bias:{dt}", [b.target],
+                                                lambda: _tensor(self.gm, b).to(dt))
+        self.replace(node, kernels.weight_quant_matmul_prepared, (x, wq, bias))
+
+    def pertoken(self, node) -> None:
+        xq, w, ws, s, b, packing, out_dtype = node.args
+        tw, tws = _tensor(self.gm, w), _tensor(self.gm, ws)
+        if tw is None or tws is None or (b is not None and _tensor(self.gm, b) is None):
+            return
+        k = tw.shape[1]  # both packings keep k along dim 1
+        wq = self.attr(node, "int8_weight", [w.target],
+                       lambda: kernels._pertoken_weight(tw, tws, packing, k))
+        wsf = self.attr(node, f"weight_scale_f32:{out_dtype}", [ws.target],
+                        lambda: kernels.pertoken_operands(tws, None, out_dtype)[0])
+        bias = None if b is None else self.attr(
+            node, f"bias_f32:{out_dtype}", [b.target],
+            lambda: kernels.pertoken_operands(tws, _tensor(self.gm, b), out_dtype)[1])
+        self.replace(node, kernels.quant_matmul_pertoken_prepared, (xq, wq, wsf, s, bias, out_dtype))
+
+    def pergroup(self, node) -> None:
+        xq, w, ws, ws2, s, group_size, out_dtype = node.args
+        tw, tws, tws2 = (_tensor(self.gm, a) for a in (w, ws, ws2))
+        if tw is None or tws is None or tws2 is None:
+            return
+        k = tw.shape[1]
+        scale = kernels.two_stage_scale(tws, tws2, out_dtype)
+
+        def operands():
+            xt = torch.empty(1, k, dtype=torch.int8)
+            unpacked = kernels._check_pergroup(xt, tw, scale, group_size)[0]
+            return kernels.pergroup_operands(unpacked, scale, group_size)
+        wg = self.attr(node, f"pergroup_weight:g={group_size}", [w.target], lambda: operands()[0])
+        st = self.attr(node, f"pergroup_scale:{out_dtype}:g={group_size}", [ws.target, ws2.target],
+                       lambda: operands()[1])
+        self.replace(node, kernels.quant_matmul_pergroup_prepared, (xq, wg, st, s, out_dtype))
+
+    def static(self, node) -> None:
+        xq, w, deq, qb, out_dtype = node.args
+        tw, tdeq, tqb = (_tensor(self.gm, a) for a in (w, deq, qb))
+        if tw is None or tdeq is None or tqb is None:
+            return
+        k = tw.shape[1]
+        d = self.attr(node, "deq_scale_f32", [deq.target], lambda: kernels.decode_deq_scale(tdeq))
+        bias = self.attr(node, f"quant_bias_acc:k={k}", [qb.target], lambda: kernels.quant_bias_accumulator(k, tqb))
+        self.replace(node, kernels.quant_matmul_prepared, (xq, w, d, bias, out_dtype))
+
+    def quantize(self, node) -> None:
+        x, s, o = node.args
+        ts, to, xt = _tensor(self.gm, s), _tensor(self.gm, o), _input_type(x)
+        if ts is None or to is None or xt is None:
+            return
+        recip = self.attr(node, f"reciprocal_f32:{xt.dtype}", [s.target],
+                          lambda: kernels.quantize_reciprocal(ts, xt.dtype))
+        off = self.attr(node, "offset_f32", [o.target], lambda: to.float())
+        self.replace(node, kernels.quantize_prepared, (x, recip, off))
+
+
+_PREPARE = {
+    _OPS.weight_quant_matmul.default: _Preparer.weight_only,
+    _OPS.quant_matmul_pertoken.default: _Preparer.pertoken,
+    _OPS.quant_matmul_pergroup.default: _Preparer.pergroup,
+    _OPS.quant_matmul.default: _Preparer.static,
+    _OPS.quantize.default: _Preparer.quantize,
+}
+
+
+def prepare_layer(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """`gm` rewritten in place to read prepared tensors and call the CPU kernels directly (module
+    docstring); returned unchanged when a tensor is not on the CPU. Idempotent."""
+    if not _on_cpu(gm):
+        return gm
+    prep = _Preparer(gm)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _PREPARE:
+            _PREPARE[node.target](prep, node)
+        elif node.target in _DIRECT:
+            node.target = _DIRECT[node.target]
+        elif node.target in _DROP and not node.users:
+            gm.graph.erase_node(node)
+    for node in list(gm.graph.nodes):  # torch.export's input-shape guard of captured float layers: code, no value
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
+    _drop_unused_tensors(gm)
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _drop_unused_tensors(gm: torch.fx.GraphModule) -> None:
+    """Remove dead nodes, then the module tensors no get_attr reads any more (the packed weights, ...)."""
+    gm.graph.eliminate_dead_code()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]:
+        if name not in used:
+            mod_path, _, attr = name.rpartition(".")
+            mod = gm.get_submodule(mod_path) if mod_path else gm
+            mod._parameters.pop(attr, None)
+            mod._buffers.pop(attr, None)

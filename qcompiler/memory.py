@@ -1,0 +1,71 @@
+"""Memory the float model needs when calibration text is sampled from it, checked before any work.
+
+Without calibration text (`qcompile MODEL` without --calib, `qcompile quant` without --calib_file) the driver
+loads the whole float model (ir/capture.py `HFSkeleton.float_model`, on the validated safetensors) and samples
+text from it (calib_data.sample_windows_from_model);
+the compile itself holds about one decoder layer. A model that cannot fit must be refused before any work with
+a one-line error asking for calibration text, never killed by the out-of-memory killer half way.
+
+Estimate (`sampling_bytes`, bytes): the weights as loaded, sum over the safetensors headers of numel x the
+itemsize of the compile dtype (read from the headers only, no tensor data), times 1.2 for the loader's transient
+copies and allocator slack, plus the KV cache of `sequences` x `seq_len` tokens (2 x layers x kv_heads x head_dim
+values each) and two float32 logits rows per sequence and step, plus a fixed 512 MiB for the sampling loop.
+It is compared with psutil's `virtual_memory().available` (memory the process can take without swapping).
+"""
+from __future__ import annotations
+
+import torch
+from safetensors import safe_open
+
+from .errors import QCError
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+LOADER_FACTOR = 1.2
+FIXED_OVERHEAD = 512 * 2**20
+
+
+def weight_numel(ckpt) -> tuple[int, int]:
+    """(floating-point elements, bytes of the other tensors as stored) over every safetensors file's header."""
+    floats = other = 0
+    for file_name in sorted(set(ckpt.weight_map.values())):
+        with safe_open(ckpt.path / file_name, "pt") as h:
+            for name in h.keys():
+                sl = h.get_slice(name)
+                numel = 1
+                for d in sl.get_shape():
+                    numel *= int(d)
+                dtype = sl.get_dtype()
+                if dtype in ("F64", "F32", "F16", "BF16"):
+                    floats += numel
+                else:
+                    other += numel * _ITEMSIZE.get(dtype, 1)
+    return floats, other
+
+
+def sampling_bytes(ckpt, sequences: int, seq_len: int) -> int:
+    """Estimated peak bytes of loading the float model and sampling `sequences` x `seq_len` tokens from it."""
+    floats, other = weight_numel(ckpt)
+    itemsize = torch.tensor([], dtype=ckpt.dtype).element_size()
+    cfg = ckpt.config
+    heads = int(cfg["num_attention_heads"])
+    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    kv = 2 * ckpt.num_layers * kv_heads * head_dim * sequences * seq_len * itemsize
+    logits = 2 * sequences * int(cfg["vocab_size"]) * 4
+    return int((floats * itemsize + other) * LOADER_FACTOR) + kv + logits + FIXED_OVERHEAD
+
+
+def available_bytes() -> int:
+    import psutil
+    return int(psutil.virtual_memory().available)
+
+
+def check_sampling_memory(ckpt, sequences: int, seq_len: int, available: int | None = None) -> None:
+    """QCError (before any work) when sampling calibration text from the float model would not fit in memory."""
+    need = sampling_bytes(ckpt, sequences, seq_len)
+    have = available_bytes() if available is None else available
+    if need > have:
+        raise QCError(f"{ckpt.path}: no calibration text was given, and sampling it from the float model needs "
+                      f"about {need / 2**30:.1f} GiB of memory ({have / 2**30:.1f} GiB available): pass calibration "
+                      f"text with --calib FILE (qcompile quant: --calib_file FILE), which compiles one decoder layer "
+                      f"at a time")

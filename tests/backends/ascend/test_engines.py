@@ -1,0 +1,137 @@
+"""The engine support matrix (backends/ascend/engines.py), --engine, the report's engine list, and the README
+table generated from the matrix."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from qcompiler import cli
+from qcompiler.backends.ascend import engines as EN
+from qcompiler.backends.ascend.engines import ArtifactFeatures as F
+from qcompiler.engine_check import check_engine
+from qcompiler.errors import QCError
+
+ROOT = Path(__file__).resolve().parents[3]
+SMALL = ["--calib-samples", "2", "--seq-len", "16"]
+W4A8 = frozenset({"W4A8_DYNAMIC"})
+
+
+def test_readme_matrix_is_the_backend_table():
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"<!-- engine-matrix:begin -->\n(.*?)<!-- engine-matrix:end -->", text, re.S)
+    assert m, "README.md has no engine-matrix section"
+    assert m.group(1) == EN.matrix_markdown(), ("README's engine matrix differs from backends/ascend/engines.py; "
+                                               "regenerate it with python3 -m qcompiler.backends.ascend.engines")
+
+
+def test_every_feature_cites_the_engine_code_it_was_read_in():
+    for f in EN.FEATURES:
+        assert set(f.support) == set(EN.ENGINES) and f.layer in ("dense", "MoE")
+        for engine, s in f.support.items():
+            assert s.source or s.note == "not read", (f.key, engine)
+            assert s.devices <= EN.BOTH and s.unsure <= EN.BOTH and not (s.devices & s.unsure)
+
+
+@pytest.mark.parametrize("features,vllm,mindie", [
+    (F(frozenset({"W8A8"})), True, True),
+    (F(frozenset({"W8A8_DYNAMIC", "W8A16"})), True, True),
+    (F(frozenset({"W8A16"}), grouped_types=frozenset({"W8A16"})), False, True),   # per-group W8A16: MindIE only
+    (F(frozenset({"W4A16"}), grouped_types=frozenset({"W4A16"})), False, True),
+    (F(frozenset({"W4A8_DYNAMIC"}), grouped_types=W4A8), True, True),   # two-stage per-group
+    (F(frozenset({"W4A8_DYNAMIC"})), False, False),                     # per-channel: no engine
+    (F(frozenset({"W4A8_DYNAMIC"}), grouped_types=W4A8, biased_types=W4A8), False, False),
+    (F(frozenset({"W8A8"}), fa_quant=True), False, True),               # FAQuant: MindIE only
+    (F(frozenset({"W8A8_DYNAMIC"}), kv_cache=True), True, True),        # C8: newest vLLM-Ascend
+    (F(frozenset({"W8A8S"}), device="310p"), True, True),
+    (F(frozenset({"W8A8S"}), device="910b"), False, False),
+    (F(frozenset({"W8A16"}), device="310p"), False, True),              # no 310P W8A16 scheme in vLLM-Ascend
+    (F(frozenset({"W8A8_DYNAMIC"}), device="310p"), True, True),        # MindIE: unconfirmed on 310P (warning)
+])
+def test_refusals(features, vllm, mindie):
+    assert (not EN.refusals(EN.VLLM_ASCEND, features)) is vllm
+    assert (not EN.refusals(EN.MINDIE, features)) is mindie
+    assert EN.engines_loading(features) == [e for e, ok in ((EN.VLLM_ASCEND, vllm), (EN.MINDIE, mindie)) if ok]
+
+
+def test_c8_on_llama_needs_vllm_ascend_0_26_but_qwen3_loads_on_0_23():
+    llama = F(frozenset({"W8A8_DYNAMIC"}), kv_cache=True, model_type="llama")
+    assert EN.expected_loader_exit(llama, "0.23.0") == 3 and EN.expected_loader_exit(llama, "0.26.0rc1") == 0
+    assert EN.expected_loader_exit(F(frozenset({"W8A8_DYNAMIC"}), kv_cache=True, model_type="qwen3"), "0.23.0") == 0
+    assert EN.expected_loader_exit(F(frozenset({"W4A16"})), "0.26.0rc1") == 3
+    with pytest.raises(ValueError, match="unknown vLLM-Ascend version"):
+        EN.expected_loader_exit(llama, "0.9")
+
+
+def test_check_engine_errors_and_warnings():
+    fa3 = F(frozenset({"W8A8"}), fa_quant=True)
+    with pytest.raises(QCError, match=r"vLLM-Ascend cannot load this artifact: FAQuant.*--engine any"):
+        check_engine("vllm-ascend", fa3)
+    assert check_engine("mindie", fa3) == check_engine("any", fa3) == []
+    with pytest.raises(QCError, match=r"no engine can load this artifact: vLLM-Ascend: W4A8_DYNAMIC per-channel"):
+        check_engine("any", F(frozenset({"W4A8_DYNAMIC"})))
+    warnings = check_engine("any", F(frozenset({"W4A8_DYNAMIC"}), grouped_types=W4A8))
+    assert any("weight-only" in w for w in warnings)   # vLLM-Ascend runs it without activation quantization
+    assert any("unconfirmed" not in w and "verify on the device" in w
+               for w in check_engine("mindie", F(frozenset({"W8A8_DYNAMIC"}), device="310p")))
+
+
+def test_engine_option_refuses_before_any_work(capsys, tiny_models, tmp_path):
+    out = tmp_path / "out"
+    rc = cli.main([str(tiny_models["llama"]), "-o", str(out), *SMALL, "--passes", "w8a8,fa3", "--engine",
+                   "vllm-ascend"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("qcompile: error: ")
+    assert "vLLM-Ascend cannot load this artifact: FAQuant" in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+    rc = cli.main([str(tiny_models["llama"]), "-o", str(out), *SMALL, "--passes", "w4a16", "--engine", "vllm-ascend"])
+    assert rc == 2 and "W4A16" in capsys.readouterr().err and not out.exists()
+
+
+def test_features_of_artifact_sees_per_group_scales(tiny_models, calib_file, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main([str(tiny_models["llama"]), "-o", str(out), "--calib", str(calib_file), *SMALL,
+                     "--passes", "w8a16:match=mlp\\.,w4a8d"]) == 0
+    f = EN.features_of_artifact(out)
+    assert f.linear_types == {"W8A16", "W4A8_DYNAMIC"} and f.grouped_types == W4A8   # W8A16 is per-channel here
+    assert f.keys() == ["W4A8_DYNAMIC per-group", "W8A16"]
+
+
+def test_report_lists_the_engines_and_features_of_artifact_agree(capsys, tiny_models, calib_file, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main([str(tiny_models["llama"]), "-o", str(out), "--calib", str(calib_file), *SMALL,
+                     "--passes", "w8a8d,fa3", "--engine", "mindie"]) == 0
+    report = json.loads((out / "qcompile_report.json").read_text())
+    assert report["engine"] == "mindie"
+    assert report["engines"]["mindie"]["loads"] and not report["engines"]["vllm-ascend"]["loads"]
+    assert any("FAQuant" in w for w in report["engines"]["vllm-ascend"]["why_not"])
+    md = (out / "qcompile_report.md").read_text()
+    assert "- loads in: MindIE (--engine mindie)" in md
+    features = EN.features_of_artifact(out)
+    assert features == F(frozenset({"W8A8_DYNAMIC"}), fa_quant=True, model_type="llama")
+    assert EN.expected_loader_exit(features, "0.23.0") == 3
+
+
+def test_features_of_artifact_reads_bias_group_and_device(tmp_path):
+    out = tmp_path / "a"
+    out.mkdir()
+    desc = {"model_quant_type": "W8A8S", "version": "1.0.0", "group_size": 0,
+            "model.layers.0.self_attn.q_proj.weight": "W8A8S", "model.layers.0.self_attn.q_proj.bias": "FLOAT",
+            "model.layers.0.mlp.down_proj.weight": "FLOAT", "lm_head.weight": "FLOAT"}
+    (out / "quant_model_description.json").write_text(json.dumps(desc))
+    (out / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    f = EN.features_of_artifact(out)
+    assert f == F(frozenset({"W8A8S"}), biased_types=frozenset({"W8A8S"}), device="310p", model_type="qwen2")
+
+
+def test_engine_from_recipe_and_bad_value(capsys, tiny_models, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes: [w4a16]\nengine: vllm-ascend\n")
+    rc = cli.main([str(tiny_models["llama"]), "-o", str(tmp_path / "out"), *SMALL, "--recipe", str(recipe)])
+    assert rc == 2 and "vLLM-Ascend cannot load this artifact: W4A16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):   # argparse: --engine takes any | vllm-ascend | mindie
+        cli.main([str(tiny_models["llama"]), "-o", str(tmp_path / "out"), "--engine", "tgi"])
+    recipe.write_text("passes: [w8a8d]\nengine: tgi\n")
+    rc = cli.main([str(tiny_models["llama"]), "-o", str(tmp_path / "out"), *SMALL, "--recipe", str(recipe)])
+    assert rc == 2 and "--engine 'tgi' is not one of any, vllm-ascend, mindie" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,180 @@
+"""Prepared weight layouts (backends/ascend/layouts.py): the prepared graph computes the same bits as the
+loaded one (prefill layer, decode step, generation), and every prepared tensor equals what the artifact's own
+tensors (quant_model_weights*.safetensors) give, recomputed here from the spec's formulas (a test that fails
+when the prepared layout and the artifact disagree: checked by corrupting one prepared tensor)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qcompiler import cli
+from qcompiler.backends.ascend import kernels, layouts
+from qcompiler.backends.ascend.int4 import unpack_int4
+from qcompiler.generate import generate
+from qcompiler.ir.decode import build_decode_graph
+from qcompiler.runtime import load_model
+from tests.test_cli_errors import SMALL
+
+CASES = [("llama", "w8a8,kv8"), ("qwen2", "w8a8d"), ("qwen2", "w8a16"), ("qwen3", "w4a16:group=32,fa3"),
+         ("llama", "w4a16:group=0"), ("llama", "w4a8d"), ("llama", "w8a16:group=32")]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def compiled(request, tmp_path_factory, tiny_models, calib_file):
+    arch, passes = request.param
+    out = tmp_path_factory.mktemp("layouts") / "out"
+    assert cli.main([str(tiny_models[arch]), "-o", str(out), "--passes", passes, "--calib", str(calib_file),
+                     *SMALL]) == 0
+    return out
+
+
+def _artifact(out) -> dict:
+    t = {}
+    for f in sorted(out.glob("quant_model_weights*.safetensors")):
+        t.update(load_file(f))
+    return t
+
+
+def _unpacked(w: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The artifact's weight as int8 [n, k] (spec sec. 3: int4 packed along k [n, k/2] or along n [n/2, k])."""
+    if tuple(w.shape) == (n, k):
+        return w
+    if tuple(w.shape) == (n, (k + 1) // 2):
+        return unpack_int4(w, dim=1, size=k)
+    assert tuple(w.shape) == ((n + 1) // 2, k), tuple(w.shape)
+    return unpack_int4(w, dim=0, size=n)
+
+
+def _per_column(t: torch.Tensor, k: int) -> torch.Tensor:
+    """[n, 1] or per-group [n, k/g] -> [n, k]."""
+    return t.expand(-1, k) if t.shape[1] == 1 else t.repeat_interleave(k // t.shape[1], dim=1)
+
+
+def _expected(kind: str, art: list, n_k, dtype) -> torch.Tensor:
+    """What a prepared tensor of `kind` must hold, from the artifact tensors it was prepared from."""
+    name = kind.split(":")[0]
+    if name == "dequantized_weight":  # npu_weight_quant_batchmatmul: (w + offset) * scale in x's dtype
+        w, scale, offset = art
+        n, k = n_k
+        return (_unpacked(w, n, k).to(dtype) + _per_column(offset, k).to(dtype)) * _per_column(scale, k).to(dtype)
+    if name == "int8_weight":
+        (w,) = art
+        return _unpacked(w, *n_k)
+    if name == "weight_scale_f32":  # W8A8_DYNAMIC: the engines hold weight_scale and bias in the model dtype
+        return art[0].to(dtype).float().reshape(-1)
+    if name == "bias_f32":
+        return art[0].to(dtype).float()
+    if name == "pergroup_weight":  # W4A8_DYNAMIC per-group: int4 along n -> [G, group, n]
+        (w,) = art
+        groups, group, n = n_k
+        return _unpacked(w, n, groups * group).float().reshape(n, groups, group).permute(1, 2, 0)
+    if name == "pergroup_scale":  # two-stage scale dtype(dtype(weight_scale) * dtype(weight_scale_second)) [G, 1, n]
+        ws, ws2 = art
+        return (ws.to(dtype) * ws2.to(dtype)).float().t().unsqueeze(1)
+    if name == "bias":
+        return art[0].to(dtype)
+    if name == "deq_scale_f32":
+        d = art[0]
+        if d.dtype == torch.int64:  # low 32 bits are a float32's bits (spec sec. 4, fp16 artifacts)
+            d = (d & 0xFFFFFFFF).to(torch.int64).numpy().astype("uint32").view("float32")
+            return torch.from_numpy(d.copy())
+        return d.float()
+    if name == "quant_bias_acc":
+        return art[0].to(torch.int64)
+    if name == "reciprocal_f32":  # vLLM-Ascend W8A8: 1 / input_scale in the model dtype
+        return (1 / art[0].to(dtype)).to(dtype).float()
+    if name == "offset_f32":
+        return art[0].float()
+    raise AssertionError(f"no expectation for prepared kind {kind}")
+
+
+def mismatches(gm, artifact: dict, layer: int, dtype) -> list[str]:
+    """Prepared tensors of `gm` (layer `layer`) that differ from what the artifact's tensors give."""
+    bad = []
+    for name, entry in gm.meta[layouts.PREPARED].items():
+        got = getattr(gm, name)
+        art = [artifact[f"model.layers.{layer}.{src}"] for src in entry["from"]]
+        kind = entry["kind"]
+        want = _expected(kind, art, tuple(got.shape), dtype)
+        if kind.startswith("quant_bias_acc"):
+            got = got.to(torch.int64)
+        if got.dtype != want.dtype or not torch.equal(got, want):
+            bad.append(f"{name} ({kind} from {entry['from']})")
+    return bad
+
+
+def test_prepared_tensors_equal_the_artifact(compiled):
+    model = load_model(compiled)
+    dtype = model.head.dtype
+    artifact = _artifact(compiled)
+    kinds = set()
+    for i in range(model.layers.num_layers):
+        gm = model.layers.get(i, prepared=True)
+        record = gm.meta[layouts.PREPARED]
+        assert record, "nothing was prepared"
+        kinds |= {e["kind"].split(":")[0] for e in record.values()}
+        assert mismatches(gm, artifact, i, dtype) == []
+        # no qc custom op is left to dispatch, and no packed / encoded tensor is kept next to its prepared form
+        assert not any(n.op == "call_function" and str(n.target).startswith("qc.") for n in gm.graph.nodes)
+    desc = json.loads((compiled / "quant_model_description.json").read_text())
+    quant = desc["model_quant_type"]
+    expect = {"W8A8": {"deq_scale_f32", "quant_bias_acc", "reciprocal_f32", "offset_f32"},
+              "W8A8_DYNAMIC": {"int8_weight", "weight_scale_f32"}, "W4A8_DYNAMIC": {"pergroup_weight", "pergroup_scale"},
+              "W8A16": {"dequantized_weight"}, "W4A16": {"dequantized_weight"}}[quant]
+    assert expect <= kinds, (quant, kinds)
+
+
+def test_artifact_check_fails_on_a_corrupted_layout(compiled):
+    model = load_model(compiled)
+    gm = model.layers.get(0, prepared=True)
+    name = next(iter(gm.meta[layouts.PREPARED]))
+    t = getattr(gm, name)
+    flat = t.view(-1)
+    flat[0] = flat[0] + 1 if not t.dtype.is_floating_point else flat[0] * 2 + 1
+    assert mismatches(gm, _artifact(compiled), 0, model.head.dtype) != []
+
+
+def test_prepared_layer_and_decode_step_compute_the_same_bits(compiled):
+    model = load_model(compiled)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 250, (2, 19), generator=g)
+    h_ref = h_prep = model.head.embed(ids)
+    pe = model.head.rope(19)
+    dtype = model.head.dtype
+    with torch.inference_mode():
+        for i in range(model.layers.num_layers):
+            h_ref = model.layers.get(i)(h_ref, position_embeddings=pe)
+            h_prep = model.layers.get(i, prepared=True)(h_prep, position_embeddings=pe)
+            assert torch.equal(h_ref, h_prep), i
+            # decode step: prefill 11 tokens then 1 token, prepared vs the op graph
+            plain, spec = build_decode_graph(model.layers.get(i), dtype)
+            prepared, _ = model.layers.decode(i)
+            x = model.head.embed(ids[:1])
+            ca, cb = spec.buffers(1, 16), spec.buffers(1, 16)
+            for start, n in ((0, 11), (11, 1)):
+                cos, sin = model.head.rope(n, start=start)
+                a = plain(x[:, start:start + n], cos, sin, *ca, torch.tensor(start))
+                b = prepared(x[:, start:start + n], cos, sin, *cb, torch.tensor(start))
+                assert all(torch.equal(p, q) for p, q in zip(a, b)), (i, start)
+                for cache, outs in ((ca, a), (cb, b)):
+                    cache[0][:, :, start:start + n], cache[1][:, :, start:start + n] = outs[1], outs[2]
+    assert generate(model, "quantization", 5, raw=True) == generate(model, "quantization", 5, raw=True,
+                                                                     use_cache=False)
+
+
+def test_prepare_leaves_graphs_on_another_device_alone():
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4).to("meta"))
+    code = gm.code
+    assert layouts.prepare_layer(gm) is gm and gm.code == code
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dynamic_quant_fast_equals_reference(dtype):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(7, 33, 576, generator=g) * torch.rand(7, 33, 1, generator=g) * 40).to(dtype)
+    x[0, 0] = 0
+    x[1, 2, :5] = torch.tensor([0.5, 1.5, -2.5, 127, -127], dtype=dtype)
+    y, s = kernels.dynamic_quant(x)
+    ry, rs = kernels.dynamic_quant_ref(x)
+    assert torch.equal(y, ry) and torch.equal(s, rs)

@@ -1,0 +1,45 @@
+"""Sampling calibration text needs the whole float model in memory: estimated and refused before any work."""
+import pytest
+
+from qcompiler import memory
+from qcompiler.config import CompileOptions
+from qcompiler.driver import compile_model
+from qcompiler.errors import QCError
+from qcompiler.loading import open_checkpoint
+
+
+def test_estimate_counts_every_weight_at_the_compile_dtype(tiny_models):
+    ckpt = open_checkpoint(tiny_models["llama"])
+    floats, other = memory.weight_numel(ckpt)
+    from safetensors.torch import load_file
+    state = {}
+    for f in set(ckpt.weight_map.values()):
+        state.update(load_file(str(ckpt.path / f)))
+    assert floats == sum(t.numel() for t in state.values()) and other == 0
+    need = memory.sampling_bytes(ckpt, 16, 256)
+    assert need >= floats * 2 * memory.LOADER_FACTOR + memory.FIXED_OVERHEAD   # bf16: 2 bytes each
+    assert memory.sampling_bytes(ckpt, 32, 256) > need                          # the KV cache grows with it
+    ckpt32 = open_checkpoint(tiny_models["llama"], "float16")
+    assert memory.sampling_bytes(ckpt32, 16, 256) == need                       # same itemsize
+
+
+def test_decision_with_mocked_available_memory(tiny_models):
+    ckpt = open_checkpoint(tiny_models["llama"])
+    need = memory.sampling_bytes(ckpt, 16, 256)
+    memory.check_sampling_memory(ckpt, 16, 256, available=need)           # fits exactly: fine
+    with pytest.raises(QCError, match=r"needs about .* GiB .* --calib FILE \(qcompile quant: --calib_file FILE\)"):
+        memory.check_sampling_memory(ckpt, 16, 256, available=need - 1)
+
+
+def test_compile_without_calib_refuses_before_any_work(monkeypatch, tiny_models, tmp_path):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)      # 1 MiB free
+    with pytest.raises(QCError, match="no calibration text was given"):
+        compile_model(CompileOptions(model=str(tiny_models["llama"]), out=tmp_path / "o"), log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []                                # nothing written
+
+
+def test_with_calibration_text_no_check(monkeypatch, tiny_models, calib_file, tmp_path):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)
+    rep = compile_model(CompileOptions(model=str(tiny_models["llama"]), out=tmp_path / "o", calib=calib_file,
+                                       calib_samples=2, seq_len=32), log=lambda m: None)
+    assert rep["model_quant_type"] == "W8A8"

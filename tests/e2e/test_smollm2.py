@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qcompiler.cli import main
-from tests.conftest import SHARED
+from tests.helpers import SHARED
 
 pytestmark = pytest.mark.skipif(not (SHARED / "models" / "get_models.py").is_file(), reason="needs ../shared")
 

@@ -6,8 +6,6 @@ Layer-level tests reuse one captured tiny Qwen2 layer (it has q/k/v biases, so t
 full compiles cover the executable graph and the artifact checker."""
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,8 +21,7 @@ from qcompiler.loading import open_checkpoint
 from qcompiler.passes import TAIL, LayerContext, PassManager, make_pass
 from qcompiler.passes.group_size import resolve_group_sizes
 from qcompiler.runtime import load_model
-from tests.conftest import SHARED
-from tests.passes.test_w8a8 import _linear_params, _w8a8_linear, reference_layer
+from tests.helpers import assert_checker_clean, linear_params, reference_layer, w8a8_linear
 
 QC = torch.ops.qc
 SCHEMES = ("w8a8d", "w8a8mix", "w8a16", "w4a16", "w4a8d")
@@ -190,10 +187,10 @@ def _weight_only_linear(x, p, dtype, int4):
 
 def _reference_layer(tensors, desc, i, cfg, h, cos, sin, dtype):
     def lin(name, x):
-        p = _linear_params(tensors, name)
+        p = linear_params(tensors, name)
         t = desc[name + ".weight"]
         if t in ("W8A8", "W8A8_MIX"):  # W8A8_MIX: the static (decode) path is what the graph runs
-            return _w8a8_linear(x, p, dtype)
+            return w8a8_linear(x, p, dtype)
         if t in ("W8A8_DYNAMIC", "W4A8_DYNAMIC"):
             return _dynamic_linear(x, p, dtype, packed=t == "W4A8_DYNAMIC")
         if t in ("W8A16", "W4A16"):
@@ -241,14 +238,6 @@ def _compile_and_compare(model_dir, calib_file, out, passes, dtype):
     return desc
 
 
-def _checker(out):
-    if not (SHARED / "tools" / "check_ascend_artifact.py").is_file():
-        return None
-    r = subprocess.run([sys.executable, str(SHARED / "tools" / "check_ascend_artifact.py"), str(out)],
-                       capture_output=True, text=True)
-    return r.stdout + r.stderr
-
-
 def test_mixed_w8a8d_attention_w4a16_mlp_executable_matches_formula(tiny_models, calib_file, tmp_path):
     """Qwen2 (q/k/v bias), bf16: W8A8_DYNAMIC on attention, W4A16 on the MLP (group 64: gate/up k=64 one
     group, packed along k; down k=128 two groups, packed along n), in one artifact."""
@@ -259,9 +248,7 @@ def test_mixed_w8a8d_attention_w4a16_mlp_executable_matches_formula(tiny_models,
     assert desc["model.layers.1.self_attn.v_proj.weight"] == "W8A8_DYNAMIC"
     assert desc["model.layers.1.self_attn.v_proj.bias"] == "FLOAT"
     assert desc["model.layers.1.mlp.down_proj.weight"] == "W4A16"
-    report = _checker(out)
-    if report is not None:
-        assert "\n0 errors" in "\n" + report.strip().splitlines()[-1], report
+    assert_checker_clean(out)
 
 
 def test_recipe_w8a16_down_proj_w8a8_elsewhere_passes_checker(tiny_models, calib_file, tmp_path):
@@ -276,10 +263,7 @@ def test_recipe_w8a16_down_proj_w8a8_elsewhere_passes_checker(tiny_models, calib
              and k.startswith("model.layers.0.") and "layernorm" not in k}
     assert types == {**{n: "W8A8" for n in SHAPES}, "mlp.down_proj": "W8A16"}
     assert desc["model_quant_type"] == "W8A8" and desc["group_size"] == 0
-    report = _checker(out)
-    if report is None:
-        pytest.skip("../shared/tools/check_ascend_artifact.py absent")
-    assert "\n0 errors" in "\n" + report.strip().splitlines()[-1], report
+    assert_checker_clean(out)
 
 
 # ---- group size: one per artifact, decided from config.json before any work -----------------------------

@@ -37,7 +37,7 @@ from .outdir import OutputFolder, estimate_output_bytes
 from .passes import TAIL, LayerContext, PassManager, make_pass
 from .passes.fallback import check_fallback, fallback_index, presweep
 from .passes.group_size import first_claim, model_linear_shapes, resolve_group_sizes
-from .passes.instruments import DumpInstrument, StatsInstrument, TimingInstrument
+from .passes.instruments import DumpInstrument, StatsInstrument, TimingInstrument, check_dump_filter
 from .policy import policy_excludes, resolve_policy
 from .report import write_report
 from .executable import EXECUTABLE_DIR, ExecutableWriter
@@ -183,6 +183,9 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     check_fallback(pm.passes, ckpt.config, opts.exclude)
     pm.passes, group_size = resolve_group_sizes(pm.passes, ckpt.config, opts.exclude)
     _check_dump(dump)
+    if (opts.dump_layers is not None or opts.dump_passes is not None) and not dump:
+        raise QCError("--dump-layers / --dump-passes select what --dump writes: give --dump DIR too")
+    check_dump_filter(opts.dump_layers, opts.dump_passes, ckpt.num_layers, pm.names)
     # bf16 -> fp16 (e.g. ascend310p, fp16 only): every weight in fp16's range, checked before any work
     check_float16_range(ckpt, "compile with --dtype bfloat16" if torch.bfloat16 in target.dtypes else
                         f"target {target.name} runs float16 only (use a checkpoint that fits it, or "
@@ -216,7 +219,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
     instruments = [timing, StatsInstrument()]
     dump = opts.dump or knobs.dump_dir()
     if dump:
-        instruments.append(DumpInstrument(dump))
+        instruments.append(DumpInstrument(dump, opts.dump_layers, opts.dump_passes))
     pm.instruments = instruments
 
     writer = ArtifactWriter(tmp, ckpt.dtype)

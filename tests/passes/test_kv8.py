@@ -144,7 +144,7 @@ def test_executable_graph_evaluates(kv8_out, calib_file):
 
 def test_decode_with_int8_cache_matches_recomputation(kv8_out):
     from qcompiler.runtime import load_model
-    from tests.ir.test_decode import cached_logits, recompute_logits
+    from tests.helpers import cached_logits, recompute_logits
     model = load_model(kv8_out)
     ids = torch.randint(0, 250, (1, 20), generator=torch.Generator().manual_seed(6))
     want = recompute_logits(model, ids)[:, 5:]

@@ -95,6 +95,18 @@ def check_scheme_groups(passes, config: dict, exclude=()) -> None:
                           f"scheme passes before it take every Linear it matches")
 
 
+def check_specs_honoured(passes) -> None:
+    """Every scheme pass's spec is one the backend lowers exactly (backends/ascend/capability.py); else an
+    error before any work (never codes silently written at another width)."""
+    from .backends.ascend.capability import unhonoured
+    for p in passes:
+        if callable(getattr(p, "observed_spec", None)):
+            spec = p.observed_spec(getattr(p.options, "group", 0) or 0)
+            why = unhonoured(spec)
+            if why:
+                raise QCError(f"pass {p.name} asks for {spec.describe()}: {why}")
+
+
 def check_calib_seq_len(opts: CompileOptions, ckpt) -> CompileOptions:
     """--seq-len beyond max_position_embeddings is an error before any work; a default beyond it is lowered to it."""
     limit = ckpt.config.get("max_position_embeddings")
@@ -180,6 +192,7 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     opts = dataclasses.replace(opts, policy=policy, exclude=tuple(opts.exclude) + policy_excludes(policy))
     check_exclude_groups(opts.exclude, ckpt.num_layers)
     check_scheme_groups(pm.passes, ckpt.config, opts.exclude)
+    check_specs_honoured(pm.passes)
     check_fallback(pm.passes, ckpt.config, opts.exclude)
     pm.passes, group_size = resolve_group_sizes(pm.passes, ckpt.config, opts.exclude)
     _check_dump(dump)

@@ -61,10 +61,11 @@ def weight_scale(w: torch.Tensor, bits: int, group: int = 0) -> torch.Tensor:
     return absmax_scale(group_view(w, group).abs().amax(-1), bits)
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes clamp(round(x / scale), -qmax, qmax) as floats (x and scale broadcast)."""
-    top = qmax(bits)
-    return torch.round(x / scale).clamp_(-top, top)
+def quantize(x: torch.Tensor, scale: torch.Tensor, bits: int, narrow: bool = True) -> torch.Tensor:
+    """Codes clamp(round(x / scale), lowest, qmax) as floats (x and scale broadcast); lowest = -qmax (narrow,
+    weights) or -qmax - 1 (activations: the full two's-complement range)."""
+    low, high = code_range(bits, narrow)
+    return torch.round(x / scale).clamp_(low, high)
 
 
 def quantize_weight(w: torch.Tensor, bits: int, group: int = 0,

@@ -15,7 +15,8 @@ compares after each step. Both lists run through `qcompiler.cli.main` (the user'
   `flock /tmp/qc-heavy.lock nice -n 5 python3 -m tests.byte_identity record --set real -o FILE`.
 
 What is hashed, per case (keys of the digest dict):
-  `file:<path>`               every file of OUT except the report (it holds wall times and paths)
+  `file:<path>`               every file of OUT except the report (it holds wall times and paths); a JSON
+                              file that holds wall times (`seconds`, `*_seconds`) is hashed without them
   `tensor:<path>:<name>`      every tensor of every *.safetensors (dtype, shape and raw bytes), so a
                               difference names the tensor even when only a file's layout changed
   `loaded:<head|layerN>/<name>`  every tensor of the executable graph as this checkout's reader loads it
@@ -98,7 +99,12 @@ def digest_out(out: Path) -> dict[str, str]:
         rel = path.relative_to(out).as_posix()
         if rel.startswith("qcompile_report."):
             continue
-        digests[f"file:{rel}"] = _sha(path.read_bytes())
+        data = path.read_bytes()
+        if path.suffix == ".json":  # wall times written beside the result (onnx_model.json: export_seconds)
+            doc = json.loads(data)
+            if _without_times(doc) != doc:
+                data = json.dumps(_without_times(doc), sort_keys=True).encode()
+        digests[f"file:{rel}"] = _sha(data)
         if path.suffix == ".safetensors":
             with safe_open(str(path), "pt") as f:
                 for name in f.keys():

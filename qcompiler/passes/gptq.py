@@ -86,8 +86,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits: i
     is compensated like any rounding error, as SparseGPT's joint mode does).
 
     Returns int8 codes [n, k] in [-qmax, qmax] (qmax of `bits`, ir/qnumerics.py) in the original column
-    order; `q * scale` (per group of
-    k / G columns) is the quantized weight.
+    order; `q * scale` (per group of k / G columns) is the quantized weight.
     """
     with single_thread():
         return _gptq(w, h, scale, bits, damp, block, act_order, keep_zero)

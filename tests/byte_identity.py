@@ -207,6 +207,7 @@ def main(argv=None) -> int:
     r.add_argument("--only", default=None, help="only cases whose name contains one of these (comma-separated)")
     r.add_argument("-o", "--output", type=Path, required=True)
     r.add_argument("--keep", type=Path, default=None, help="compile into this folder and keep it")
+    r.add_argument("--shared", type=Path, default=SHARED, help=f"the shared folder (default {SHARED})")
     c = sub.add_parser("compare")
     c.add_argument("before", type=Path)
     c.add_argument("after", type=Path)
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
             results.update(record_tiny(work / "tiny", cases, log))
         if a.set in ("real", "all"):
             cases = _select(REAL_CASES, a.only)
-            calib = SHARED / "data" / "calib" / "wiki_calib.jsonl"
+            calib = a.shared / "data" / "calib" / "wiki_calib.jsonl"
             results.update(record(cases, work / "real", {"smollm2": _real_model()}, calib, REAL_CALIB, log))
     import torch
     doc = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -109,12 +109,15 @@ def float32_bits_to_int64(values: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(d.numpy().tobytes(), dtype=np.int32).astype(np.int64).copy())
 
 
-def int64_bits_to_float32(t: torch.Tensor) -> torch.Tensor:
-    """Inverse of `float32_bits_to_int64`; a float tensor is returned as float32. ValueError when the high
-    32 bits are not zero (not a float32 bit-copy of a positive value)."""
+def int64_bits_to_float32(t: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """Inverse of `float32_bits_to_int64` in torch ops only (kernels call it on every matmul); a float tensor
+    is returned as float32. `check`: ValueError when the high 32 bits are not zero (not a float32 bit-copy of
+    a positive value)."""
     if t.dtype != torch.int64:
         return t.float()
-    raw = t.numpy()
-    if (raw >> 32).any():
+    if check and bool((t >> 32).any()):
         raise ValueError("int64 deq_scale has non-zero high 32 bits: not a float32 bit-copy")
-    return torch.from_numpy((raw & 0xFFFFFFFF).astype(np.uint32).view(np.float32).copy())
+    low = t & 0xFFFFFFFF
+    # the unsigned 32-bit pattern as the signed int32 with the same bits, then reinterpreted as float32
+    low = torch.where(low >= 2 ** 31, low - 2 ** 32, low)
+    return low.to(torch.int32).contiguous().view(torch.float32)

@@ -158,7 +158,7 @@ def _real_model() -> Path:
     return resolve_model_dir("smollm2-135m")
 
 
-def record(cases, work: Path, models: dict[str, Path], calib: Path, calib_flags, log=None) -> dict:
+def record(cases, work: Path, models: dict[str, Path], calib: Path, calib_flags, log=None, save=None) -> dict:
     """{case name: {key: sha256}} for `cases` [(name, model key, passes, flags)], compiled into `work`."""
     results = {}
     for name, model_key, passes, flags in cases:
@@ -167,15 +167,17 @@ def record(cases, work: Path, models: dict[str, Path], calib: Path, calib_flags,
         results[name] = digest_out(out)
         if log:
             log(f"{name}: {len(results[name])} digests")
+        if save:  # after every case: a long (real-model) recording that is stopped keeps what it did
+            save(results)
     return results
 
 
-def record_tiny(work: Path, cases=TINY_CASES, log=None) -> dict:
+def record_tiny(work: Path, cases=TINY_CASES, log=None, save=None) -> dict:
     """Build the tiny checkpoints and calibration file under `work`, compile `cases`, return the digests."""
     work.mkdir(parents=True, exist_ok=True)
     models = {arch: make_tiny_model(work / "models" / arch, arch) for arch in sorted({c[1] for c in cases})}
     calib = write_calib_file(work / "calib.jsonl")
-    return record(cases, work / "out", models, calib, TINY_CALIB, log)
+    return record(cases, work / "out", models, calib, TINY_CALIB, log, save)
 
 
 def compare(before: dict, after: dict) -> list[str]:
@@ -222,21 +224,25 @@ def main(argv=None) -> int:
         print("\n".join(diff) if diff else f"byte-identical: {a.before} == {a.after}")
         return 1 if diff else 0
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    import torch
+    done = {}
+
+    def save(results):
+        done.update(results)
+        doc = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "threads": torch.get_num_threads(), "cases": done}
+        a.output.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
     with contextlib.ExitStack() as stack:
         work = a.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qc-identity-")))
-        results = {}
         if a.set in ("tiny", "all"):
-            cases = _select(TINY_CASES, a.only)
-            results.update(record_tiny(work / "tiny", cases, log))
+            record_tiny(work / "tiny", _select(TINY_CASES, a.only), log, save)
         if a.set in ("real", "all"):
-            cases = _select(REAL_CASES, a.only)
             calib = a.shared / "data" / "calib" / "wiki_calib.jsonl"
-            results.update(record(cases, work / "real", {"smollm2": _real_model()}, calib, REAL_CALIB, log))
-    import torch
-    doc = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "threads": torch.get_num_threads(), "cases": results}
-    a.output.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    log(f"wrote {a.output}: {len(results)} cases")
+            record(_select(REAL_CASES, a.only), work / "real", {"smollm2": _real_model()}, calib, REAL_CALIB, log,
+                   save)
+    save({})
+    log(f"wrote {a.output}: {len(done)} cases")
     return 0
 
 

@@ -68,7 +68,7 @@ def digests(folder: Path, checkout: Path) -> dict[str, str]:
 
 def run_all(checkout: Path, work: Path) -> dict:
     sys.path.insert(0, str(ROOT))
-    from tests.conftest import TEXT, make_tiny_model
+    from tests.helpers import TEXT, make_tiny_model
     work.mkdir(parents=True, exist_ok=True)
     calib = work / "calib.jsonl"
     calib.write_text("".join(json.dumps({"inputs_pretokenized": TEXT[i * 200:(i + 1) * 200]}) + "\n"

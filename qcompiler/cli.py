@@ -76,7 +76,11 @@ def _compile_parser(prog="qcompile"):
                    help="engine that must load the artifact: a pipeline it cannot load is an error before any work "
                    "(e.g. fa3 or w4a16 with vllm-ascend); any (default): at least one engine; the report lists which "
                    "engines load it (README: engine support matrix)")
-    p.add_argument("--dump", type=Path, help="write the graph after every pass that changed it to DIR")
+    p.add_argument("--dump", type=Path, help="write the graph after every pass that changed it to DIR "
+                   "(DIR/layerLLL/NNN_PASS.txt: shapes of every node, the pass's stats and what it did to each tensor)")
+    p.add_argument("--dump-layers", default=None, metavar="LIST", help="with --dump: only these layers, e.g. 0,3")
+    p.add_argument("--dump-passes", default=None, metavar="LIST",
+                   help="with --dump: only these passes, e.g. smooth,lower (capture: the graph before any pass)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per layer forward (default: 16384 tokens' worth)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -143,13 +147,32 @@ def _cmd_compile(argv):
         calib_samples=a.calib_samples if a.calib_samples is not None else recipe.get("calib_samples"),
         seq_len=a.seq_len if a.seq_len is not None else recipe.get("seq_len"),
         exclude=tuple(a.exclude if a.exclude is not None else recipe.get("exclude", [])),
-        dump=a.dump, batch_size=a.batch_size, force=a.force, recipe=recipe,
+        dump=a.dump, dump_layers=_int_list("--dump-layers", a.dump_layers),
+        dump_passes=_name_list("--dump-passes", a.dump_passes), batch_size=a.batch_size, force=a.force, recipe=recipe,
         policy=a.policy or recipe.get("policy", "auto"), trust_remote_code=a.trust_remote_code,
         engine=a.engine or recipe.get("engine", "any"))
     report = compile_model(opts)
     print(f"wrote {a.out}: {report['model_quant_type']} for {report['target']} ({report['dtype']}), "
           f"{report['wall_seconds']} s, peak RSS {report['peak_rss_mib']} MiB; report: "
           f"{a.out / 'qcompile_report.md'}")
+
+
+def _int_list(option: str, text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise QCError(f"{option} {text!r}: expected layer numbers separated by commas, e.g. 0,3") from None
+
+
+def _name_list(option: str, text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(x.strip() for x in text.split(","))
+    if not all(names):
+        raise QCError(f"{option} {text!r}: expected pass names separated by commas, e.g. smooth,lower")
+    return names
 
 
 def _cmd_eval(argv):

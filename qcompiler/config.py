@@ -112,6 +112,8 @@ class CompileOptions:
     seq_len: int | None = None         # None: 512, or 256 when sampled from the model
     exclude: tuple[str, ...] = ()
     dump: Path | None = None
+    dump_layers: tuple[int, ...] | None = None   # --dump-layers: only these layers (None: all)
+    dump_passes: tuple[str, ...] | None = None   # --dump-passes: only these passes (`capture`: the captured graph)
     batch_size: int | None = None     # None: runtime.auto_batch_size(seq_len)
     force: bool = False
     recipe_path: Path | None = None    # the --recipe file (an input OUT must not contain)

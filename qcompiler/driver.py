@@ -41,7 +41,7 @@ from .outdir import OutputFolder, estimate_output_bytes
 from .passes import TAIL, LayerContext, PassManager, make_pass
 from .passes.fallback import check_fallback, fallback_index, presweep
 from .passes.group_size import first_claim, model_linear_shapes, resolve_group_sizes
-from .passes.instruments import DumpInstrument, StatsInstrument, TimingInstrument
+from .passes.instruments import DumpInstrument, StatsInstrument, TimingInstrument, check_dump_filter
 from .passes.simulate_tp import check_simulate_tp
 from .policy import policy_excludes, resolve_policy
 from .report import write_report
@@ -98,6 +98,18 @@ def check_scheme_groups(passes, config: dict, exclude=()) -> None:
         if getattr(p, "claims", None) is not None and not any(o is p for o in owner.values()):
             raise QCError(f"pass {p.name} (match {p.options.match!r}) would quantize no Linear: --exclude or the "
                           f"scheme passes before it take every Linear it matches")
+
+
+def check_specs_honoured(passes) -> None:
+    """Every scheme pass's spec is one the backend lowers exactly (backends/ascend/capability.py); else an
+    error before any work (never codes silently written at another width)."""
+    from .backends.ascend.capability import unhonoured
+    for p in passes:
+        if callable(getattr(p, "observed_spec", None)):
+            spec = p.observed_spec(getattr(p.options, "group", 0) or 0)
+            why = unhonoured(spec)
+            if why:
+                raise QCError(f"pass {p.name} asks for {spec.describe()}: {why}")
 
 
 def check_calib_seq_len(opts: CompileOptions, ckpt) -> CompileOptions:
@@ -197,12 +209,16 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     opts = dataclasses.replace(opts, policy=policy, exclude=tuple(opts.exclude) + policy_excludes(policy))
     check_exclude_groups(opts.exclude, ckpt.num_layers)
     check_scheme_groups(pm.passes, ckpt.config, opts.exclude)
+    check_specs_honoured(pm.passes)
     check_fallback(pm.passes, ckpt.config, opts.exclude)
     pm.passes, group_size = resolve_group_sizes(pm.passes, ckpt.config, opts.exclude)
     check_simulate_tp(pm.passes, ckpt.config, group_size)
     features = pipeline_features(pm.passes, ckpt.config, opts.exclude, ckpt.has, target.name, ckpt.model_type)
     warnings = warnings + check_engine(opts.engine, features)  # --engine: exit 2 here if it cannot load it
     _check_dump(dump)
+    if (opts.dump_layers is not None or opts.dump_passes is not None) and not dump:
+        raise QCError("--dump-layers / --dump-passes select what --dump writes: give --dump DIR too")
+    check_dump_filter(opts.dump_layers, opts.dump_passes, ckpt.num_layers, pm.names)
     # bf16 -> fp16 (e.g. ascend310p, fp16 only): every weight in fp16's range, checked before any work
     check_float16_range(ckpt, "compile with --dtype bfloat16" if torch.bfloat16 in target.dtypes else
                         f"target {target.name} runs float16 only (use a checkpoint that fits it, or "
@@ -262,7 +278,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
     instruments = [timing, StatsInstrument()]
     dump = opts.dump or knobs.dump_dir()
     if dump:
-        instruments.append(DumpInstrument(dump))
+        instruments.append(DumpInstrument(dump, opts.dump_layers, opts.dump_passes))
     pm.instruments = instruments
 
     writer = ArtifactWriter(tmp, ckpt.dtype, **shard_limit(opts.part_file_size))

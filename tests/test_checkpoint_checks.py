@@ -14,30 +14,9 @@ from safetensors.torch import load_file
 from qcompiler import cli
 from qcompiler.checkpoint_checks import check_token_ids
 from qcompiler.errors import QCError
-from tests.conftest import make_tiny_model
-from tests.test_cli_errors import SMALL, _edit_config, _leftovers, _rewrite_weights, expect_error, model_copy  # noqa: F401
+from tests.helpers import MODEL_COMMANDS, SMALL, edit_config, expect_error, expect_refused, leftovers, make_tiny_model, model_command_argv, rewrite_weights
 
-COMMANDS = ("compile", "eval", "run", "inspect")
-
-
-def _argv(command, model, tmp_path, data):
-    return {"compile": [model, "-o", tmp_path / "out", "--calib", data, *SMALL],
-            "eval": ["eval", model, "--data", data, "--seq-len", "32", "--max-windows", "1"],
-            "run": ["run", model, "--prompt", "hello", "--raw", "--max-new-tokens", "1"],
-            "inspect": ["inspect", model]}[command]
-
-
-def expect_refused(capsys, monkeypatch, tmp_path, command, model, data, *needles):
-    """`command` on `model` fails with one error line holding every needle; a compile does no work and
-    leaves nothing behind."""
-    import qcompiler.driver as driver
-
-    def no_work(*a, **k):
-        raise AssertionError("work started before the checkpoint was checked")
-    monkeypatch.setattr(driver, "_compile_into", no_work)
-    line = expect_error(capsys, _argv(command, model, tmp_path, data), *needles)
-    assert _leftovers(tmp_path) == []
-    return line
+COMMANDS = MODEL_COMMANDS  # compile, eval, run, inspect
 
 
 # ------------------------------------------------------------------------------------------- shapes
@@ -46,7 +25,7 @@ def expect_refused(capsys, monkeypatch, tmp_path, command, model, data, *needles
 def test_tensor_shape_disagrees_with_config(capsys, monkeypatch, tmp_path, model_copy, calib_file, command):
     """A q_proj of [64, 32] where config.json implies [64, 64] gave a traceback after work began."""
     name = "model.layers.1.self_attn.q_proj.weight"
-    _rewrite_weights(model_copy, lambda t: t.update({name: t[name][:, :32].clone()}))
+    rewrite_weights(model_copy, lambda t: t.update({name: t[name][:, :32].clone()}))
     expect_refused(capsys, monkeypatch, tmp_path, command, model_copy, calib_file,
                    name, "[64, 32]", "config.json implies [64, 64]", "model.safetensors")
 
@@ -55,25 +34,25 @@ def test_tensor_shape_disagrees_with_config(capsys, monkeypatch, tmp_path, model
                                        ("model.norm.weight", (slice(0, 63),)),
                                        ("model.layers.0.mlp.down_proj.weight", (slice(None), slice(0, 100)))])
 def test_other_shapes_checked(capsys, monkeypatch, tmp_path, model_copy, calib_file, name, cut):
-    _rewrite_weights(model_copy, lambda t: t.update({name: t[name][cut].clone()}))
+    rewrite_weights(model_copy, lambda t: t.update({name: t[name][cut].clone()}))
     expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file, name, "config.json implies")
 
 
 def test_unexpected_tensor(capsys, monkeypatch, tmp_path, model_copy, calib_file):
     name = "model.layers.0.self_attn.extra_gate"
-    _rewrite_weights(model_copy, lambda t: t.update({name: torch.ones(4, dtype=torch.bfloat16)}))
+    rewrite_weights(model_copy, lambda t: t.update({name: torch.ones(4, dtype=torch.bfloat16)}))
     expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file,
                    name, "not part of a LlamaForCausalLM")
 
 
 def test_rotary_inv_freq_in_checkpoint_is_ignored(capsys, model_copy):
     """Older checkpoints store the rotary buffers; transformers recomputes them, so do we."""
-    _rewrite_weights(model_copy, lambda t: t.update({"model.rotary_emb.inv_freq": torch.ones(8)}))
+    rewrite_weights(model_copy, lambda t: t.update({"model.rotary_emb.inv_freq": torch.ones(8)}))
     assert cli.main(["inspect", str(model_copy)]) == 0, capsys.readouterr().err
 
 
 def test_model_type_must_build_the_architecture(capsys, monkeypatch, tmp_path, model_copy, calib_file):
-    _edit_config(model_copy, model_type="qwen2")
+    edit_config(model_copy, model_type="qwen2")
     expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file,
                    "architectures says LlamaForCausalLM", "'qwen2'", "Qwen2ForCausalLM")
 
@@ -122,13 +101,13 @@ def _float_scales_beside_float_weights(t):  # e.g. a compressed-tensors / fp8 ex
 @pytest.mark.parametrize("command", ["compile", "eval"])
 def test_already_quantized_weights(capsys, monkeypatch, tmp_path, model_copy, calib_file, layout, needle, command):
     """float8 projection weights without a quantization_config crashed with NotImplementedError."""
-    _rewrite_weights(model_copy, layout)
+    rewrite_weights(model_copy, layout)
     expect_refused(capsys, monkeypatch, tmp_path, command, model_copy, calib_file,
                    needle, "already quantized", "float checkpoint")
 
 
 def test_compression_config_is_quantized(capsys, monkeypatch, tmp_path, model_copy, calib_file):
-    _edit_config(model_copy, compression_config={"quant_method": "compressed-tensors"})
+    edit_config(model_copy, compression_config={"quant_method": "compressed-tensors"})
     expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file,
                    "already quantized", "compression_config")
 
@@ -137,13 +116,13 @@ def test_compression_config_is_quantized(capsys, monkeypatch, tmp_path, model_co
 
 def _tied(folder, keep):
     """Make `folder` a tied checkpoint storing the shared matrix only under `keep`."""
-    _edit_config(folder, tie_word_embeddings=True)
+    edit_config(folder, tie_word_embeddings=True)
 
     def edit(t):
         shared = t.pop("model.embed_tokens.weight")
         t.pop("lm_head.weight")
         t[keep] = shared
-    _rewrite_weights(folder, edit)
+    rewrite_weights(folder, edit)
 
 
 def test_tied_embedding_stored_as_lm_head(capsys, tmp_path, tiny_models, calib_file):
@@ -171,7 +150,7 @@ def test_tied_embedding_stored_as_lm_head(capsys, tmp_path, tiny_models, calib_f
 
 
 def test_untied_model_needs_lm_head(capsys, monkeypatch, tmp_path, model_copy, calib_file):
-    _rewrite_weights(model_copy, lambda t: t.pop("lm_head.weight"))
+    rewrite_weights(model_copy, lambda t: t.pop("lm_head.weight"))
     expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file, "lm_head.weight", "missing")
 
 
@@ -211,11 +190,11 @@ def test_token_ids_beyond_embedding(capsys, monkeypatch, tmp_path, chat_token_mo
     """A tokenizer emitting ids beyond vocab_size crashed compile/eval/run with IndexError."""
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"text": "Quantization maps weights <|chat|> to small integers. " * 8}) + "\n")
-    argv = _argv(command, chat_token_model, tmp_path, data)
+    argv = model_command_argv(command, chat_token_model, tmp_path, data)
     if command == "run":
         argv[argv.index("hello")] = "hello <|chat|>"
     line = expect_error(capsys, argv, "'<|chat|>'", "id 300", "300 rows")
-    assert _leftovers(tmp_path) == [], line
+    assert leftovers(tmp_path) == [], line
 
 
 def test_bos_beyond_embedding_when_sampling(capsys, tmp_path, chat_token_model):
@@ -225,7 +204,7 @@ def test_bos_beyond_embedding_when_sampling(capsys, tmp_path, chat_token_model):
     tok.bos_token = "<|chat|>"
     tok.save_pretrained(str(chat_token_model))
     expect_error(capsys, [chat_token_model, "-o", tmp_path / "out", *SMALL], "'<|chat|>'", "300 rows", "BOS")
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_check_token_ids_unit():

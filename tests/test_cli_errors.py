@@ -9,48 +9,18 @@ import shutil
 import subprocess
 
 import pytest
-from safetensors.torch import load_file, save_file
 
 from qcompiler import cli
 from qcompiler.errors import QCError
-
-SMALL = ["--calib-samples", "2", "--seq-len", "32"]
+from tests.helpers import SMALL, edit_config, expect_error, leftovers, make_old_out, rewrite_weights
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-def _leftovers(parent, name="out"):
-    """Entries of `parent` that a compile into parent/name would have made (OUT, `.OUT.tmp-PID`,
-    `.OUT.lock-PID`, `.OUT.old-PID`)."""
-    return sorted(p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}."))
-
-
-def make_old_out(out, note="old"):
-    """A folder that looks like a previous compile's OUT (what --force may replace), with a note file."""
-    out.mkdir()
-    (out / "qcompile_report.json").write_text("{}")
-    (out / "old.txt").write_text(note)
-    return out
-
-
-def expect_error(capsys, argv, *needles):
-    """Run main(argv): exit 2, exactly one 'qcompile: error:' line, the last one, holding every needle."""
-    rc = cli.main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert rc == 2, err
-    assert "Traceback" not in err, err
-    errors = [line for line in lines if line.startswith("qcompile: error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], f"not one error line:\n{err}"
-    for needle in needles:
-        assert needle.lower() in errors[0].lower(), f"{needle!r} not in {errors[0]!r}"
-    return errors[0]
-
-
 def expect_compile_error(capsys, tmp_path, model, extra, *needles):
     """A compile of `model` into tmp_path/out that must fail cleanly and leave nothing behind."""
     msg = expect_error(capsys, [model, "-o", tmp_path / "out", *SMALL, *extra], *needles)
-    assert _leftovers(tmp_path) == [], os.listdir(tmp_path)
+    assert leftovers(tmp_path) == [], os.listdir(tmp_path)
     return msg
 
 
@@ -66,25 +36,6 @@ def expect_usage_error(capsys, argv, *needles):
     for needle in needles:
         assert needle in last, f"{needle!r} not in {last!r}"
     return last
-
-
-@pytest.fixture
-def model_copy(tiny_models, tmp_path):
-    """A private copy of the tiny llama checkpoint that a test may corrupt."""
-    return shutil.copytree(tiny_models["llama"], tmp_path / "model")
-
-
-def _rewrite_weights(folder, edit):
-    path = folder / "model.safetensors"
-    tensors = load_file(path)
-    edit(tensors)
-    save_file(tensors, path, metadata={"format": "pt"})
-
-
-def _edit_config(folder, **changes):
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(changes)
-    (folder / "config.json").write_text(json.dumps(cfg))
 
 
 # ------------------------------------------------------------------------------------------ model folder
@@ -105,7 +56,7 @@ def test_config_not_json(capsys, tmp_path, model_copy):
 
 @pytest.mark.parametrize("arch", ["MistralForCausalLM", "GPT2LMHeadModel"])
 def test_unsupported_architecture(capsys, tmp_path, model_copy, arch):
-    _edit_config(model_copy, architectures=[arch])
+    edit_config(model_copy, architectures=[arch])
     expect_compile_error(capsys, tmp_path, model_copy, [], arch, "not supported",
                          "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -132,7 +83,7 @@ def test_nan_weight(capsys, tmp_path, model_copy, calib_file, with_calib):
 
     def poison(t):
         t[name][0, 0] = float("nan")
-    _rewrite_weights(model_copy, poison)
+    rewrite_weights(model_copy, poison)
     extra = ["--calib", calib_file] if with_calib else []
     expect_compile_error(capsys, tmp_path, model_copy, extra, name, "NaN")
 
@@ -140,7 +91,7 @@ def test_nan_weight(capsys, tmp_path, model_copy, calib_file, with_calib):
 @pytest.mark.parametrize("with_calib", [True, False], ids=["calib", "self-sampled"])
 def test_missing_weight(capsys, tmp_path, model_copy, calib_file, with_calib):
     name = "model.layers.1.self_attn.k_proj.weight"
-    _rewrite_weights(model_copy, lambda t: t.pop(name))
+    rewrite_weights(model_copy, lambda t: t.pop(name))
     extra = ["--calib", calib_file] if with_calib else []
     expect_compile_error(capsys, tmp_path, model_copy, extra, name, "missing")
 
@@ -150,7 +101,7 @@ def test_already_quantized_folder(capsys, tmp_path, model_copy, how):
     if how == "description":  # a compiled OUT given as MODEL_DIR
         (model_copy / "quant_model_description.json").write_text("{}")
     else:
-        _edit_config(model_copy, quantize="w8a8")
+        edit_config(model_copy, quantize="w8a8")
     expect_compile_error(capsys, tmp_path, model_copy, [], "already quantized", "float Hugging Face checkpoint")
 
 
@@ -159,7 +110,7 @@ def test_already_quantized_folder(capsys, tmp_path, model_copy, how):
 def test_dtype_choice_is_usage_error(capsys, tmp_path, tiny_models):
     expect_usage_error(capsys, [tiny_models["llama"], "-o", tmp_path / "out", "--dtype", "float32"],
                        "--dtype", "float32", "bfloat16", "float16")
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_unknown_target(capsys, tmp_path, tiny_models):
@@ -314,7 +265,7 @@ def test_out_exists_needs_force(capsys, tmp_path, tiny_models, calib_file):
     assert cli.main([str(a) for a in argv] + ["--force"]) == 0
     assert not (out / "old.txt").exists()
     assert (out / "quant_model_description.json").is_file()
-    assert _leftovers(tmp_path) == ["out"]
+    assert leftovers(tmp_path) == ["out"]
 
 
 def _fail_mid_work(monkeypatch, tmp_path, exc):
@@ -345,14 +296,14 @@ def test_internal_error_mid_work_leaves_nothing(tmp_path, tiny_models, calib_fil
     _fail_mid_work(monkeypatch, tmp_path, RuntimeError("simulated bug"))
     with pytest.raises(RuntimeError, match="simulated bug"):
         cli.main([str(tiny_models["llama"]), "-o", str(tmp_path / "out"), "--calib", str(calib_file), *SMALL])
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_interrupt_mid_work_leaves_nothing(capsys, tmp_path, tiny_models, calib_file, monkeypatch):
     _fail_mid_work(monkeypatch, tmp_path, KeyboardInterrupt())
     rc = cli.main([str(tiny_models["llama"]), "-o", str(tmp_path / "out"), "--calib", str(calib_file), *SMALL])
     assert rc == 130 and "interrupted" in capsys.readouterr().err
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_failure_mid_work_with_force_keeps_old_out(capsys, tmp_path, tiny_models, calib_file, monkeypatch):
@@ -360,7 +311,7 @@ def test_failure_mid_work_with_force_keeps_old_out(capsys, tmp_path, tiny_models
     _fail_mid_work(monkeypatch, tmp_path, QCError("simulated failure"))
     expect_error(capsys, [tiny_models["llama"], "-o", out, "--calib", calib_file, "--force", *SMALL], "simulated")
     assert (out / "old.txt").read_text() == "old"
-    assert _leftovers(tmp_path) == ["out"]
+    assert leftovers(tmp_path) == ["out"]
 
 
 # ------------------------------------------------------------------------------------ other subcommands
@@ -443,7 +394,7 @@ def test_console_script_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("qcompile: error: ") and "missing-model" in lines[0]
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_dump_is_a_file(capsys, tmp_path, tiny_models):

@@ -22,7 +22,7 @@ from qcompiler.executable import (EXECUTABLE_DIR, FORMAT_VERSION, ExecutableWrit
 from qcompiler.ir.capture import export_program
 from qcompiler.runtime import load_model
 
-from .test_cli_errors import SMALL, expect_error
+from tests.helpers import SMALL, expect_error
 
 
 class _Payload:

@@ -229,7 +229,7 @@ def test_unsupported_or_bad_flag_is_one_line(capsys, tiny_models, tmp_path, argv
 
 def test_calib_texts_and_part_file_size(capsys, tiny_models, tmp_path):
     """--calib_texts calibrates on the given strings; --part_file_size 0 writes one weight file."""
-    from tests.conftest import TEXT
+    from tests.helpers import TEXT
     out = tmp_path / "o"
     rc = cli.main(["quant", "--model_path", str(tiny_models["llama"]), "--save_directory", str(out), "--a_bit", "16",
                    "--calib_texts", TEXT[:1500], TEXT[1500:3000], "--part_file_size", "0", *SMALL])

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from qcompiler import cli, outdir
-from tests.test_cli_errors import SMALL, _leftovers, expect_error, make_old_out
+from tests.helpers import SMALL, expect_error, leftovers, make_old_out
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,7 +138,7 @@ def test_out_appearing_while_compiling_is_not_replaced(capsys, tmp_path, tiny_mo
     expect_error(capsys, [tiny_models["llama"], "-o", out, "--calib", calib_file, *SMALL],
                  "appeared while compiling", "--force")
     assert (out / "old.txt").read_text() == "the other compile"
-    assert _leftovers(tmp_path) == ["out"]
+    assert leftovers(tmp_path) == ["out"]
 
 
 def test_force_swaps_atomically(tmp_path, tiny_models, calib_file, monkeypatch):
@@ -155,7 +155,7 @@ def test_force_swaps_atomically(tmp_path, tiny_models, calib_file, monkeypatch):
     assert cli.main(argv) == 0
     assert calls == [(f".out.tmp-{os.getpid()}", "out", outdir._RENAME_EXCHANGE)]
     assert not (out / "old.txt").exists() and (out / "quant_model_description.json").is_file()
-    assert _leftovers(tmp_path) == ["out"]
+    assert leftovers(tmp_path) == ["out"]
 
 
 @pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
@@ -168,7 +168,7 @@ def test_placement_without_renameat2(tmp_path, tiny_models, calib_file, monkeypa
     argv = [str(tiny_models["llama"]), "-o", str(out), "--calib", str(calib_file), *SMALL]
     assert cli.main(argv + (["--force"] if force else [])) == 0
     assert (out / "quant_model_description.json").is_file() and not (out / "old.txt").exists()
-    assert _leftovers(tmp_path) == ["out"]
+    assert leftovers(tmp_path) == ["out"]
 
 
 def test_rename_noreplace_fallback_refuses_existing(tmp_path, monkeypatch):
@@ -235,7 +235,7 @@ def test_disk_full_one_line_exit_1(capsys, tmp_path, tiny_models, calib_file, mo
     assert rc == 1, err
     assert "Traceback" not in err
     assert len(lines) == 1 and str(out) in lines[0] and "no space left on device" in lines[0], err
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_disk_full_with_force_keeps_old_out(capsys, tmp_path, tiny_models, calib_file, monkeypatch):
@@ -243,7 +243,7 @@ def test_disk_full_with_force_keeps_old_out(capsys, tmp_path, tiny_models, calib
     out = make_old_out(tmp_path / "out")
     rc = cli.main([str(tiny_models["llama"]), "-o", str(out), "--calib", str(calib_file), "--force", *SMALL])
     assert rc == 1 and "no space left on device" in capsys.readouterr().err
-    assert (out / "old.txt").read_text() == "old" and _leftovers(tmp_path) == ["out"]
+    assert (out / "old.txt").read_text() == "old" and leftovers(tmp_path) == ["out"]
 
 
 def test_not_enough_free_space_before_work(capsys, tmp_path, tiny_models, monkeypatch):
@@ -252,7 +252,7 @@ def test_not_enough_free_space_before_work(capsys, tmp_path, tiny_models, monkey
     rc = cli.main([str(tiny_models["llama"]), "-o", str(tmp_path / "out"), *SMALL])
     err = capsys.readouterr().err
     assert rc == 1 and "not enough free space" in err and str(tmp_path / "out") in err, err
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_output_estimate_is_a_lower_bound(tmp_path, tiny_models, calib_file):
@@ -337,7 +337,7 @@ def test_signal_mid_work_cleans_up(tmp_path, tiny_models, calib_file, sig, code)
     assert proc.returncode == code, err
     assert err.strip().splitlines()[-1] == f"qcompile: interrupted ({sig.name})"
     assert "Traceback" not in err
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_signal_while_replacing_keeps_the_new_out(tmp_path, tiny_models, calib_file, sig=signal.SIGINT):
@@ -352,7 +352,7 @@ def test_signal_while_replacing_keeps_the_new_out(tmp_path, tiny_models, calib_f
     assert proc.returncode == 128 + sig, err
     assert not (out / "old.txt").exists()
     assert (out / "quant_model_description.json").is_file() and (out / "qcompile_report.json").read_text() != "{}"
-    assert _leftovers(tmp_path) == ["out"]
+    assert leftovers(tmp_path) == ["out"]
 
 
 def test_kill_while_replacing_then_next_run_cleans_up(tmp_path, tiny_models, calib_file):
@@ -372,7 +372,7 @@ def test_kill_while_replacing_then_next_run_cleans_up(tmp_path, tiny_models, cal
     assert rerun.returncode == 0, rerun.stderr
     old_tree = tmp_path / next(n for n in stale if n.startswith(".out.tmp-"))
     assert f"removed {old_tree}" in rerun.stderr
-    assert _leftovers(tmp_path) == ["out"]
+    assert leftovers(tmp_path) == ["out"]
 
 
 def test_two_concurrent_compiles_one_fails(tmp_path, tiny_models, calib_file):
@@ -385,7 +385,7 @@ def test_two_concurrent_compiles_one_fails(tmp_path, tiny_models, calib_file):
     assert codes == [0, 2], results
     loser = next(r for r in results if r[0] == 2)
     assert "appeared while compiling" in loser[2] and "wrote" not in loser[1]
-    assert _leftovers(tmp_path) == ["out"]
+    assert leftovers(tmp_path) == ["out"]
 
 
 def _fake_stale(tmp_path, pid, with_lock=True, host=None, kind="tmp"):
@@ -420,7 +420,7 @@ def test_stale_aside_removed_when_out_exists(capsys, tmp_path, tiny_models, cali
                    *SMALL])
     assert rc == 0
     assert not aside.exists() and f"removed {aside}" in capsys.readouterr().err
-    assert _leftovers(tmp_path) == ["out"]
+    assert leftovers(tmp_path) == ["out"]
 
 
 def test_running_compile_is_not_touched(capsys, tmp_path, tiny_models, calib_file):

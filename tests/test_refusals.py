@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from qcompiler import cli
-from tests.test_cli_errors import SMALL, _edit_config, _leftovers, _rewrite_weights, expect_error, model_copy  # noqa: F401
-from tests.test_checkpoint_checks import expect_refused
+from tests.helpers import SMALL, edit_config, expect_error, expect_refused, leftovers, rewrite_weights
 
 
 @pytest.fixture
@@ -33,14 +32,14 @@ LONGROPE = {"short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "original_max_p
 @pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
 def test_length_dependent_rope_refused(capsys, monkeypatch, tmp_path, model_copy, calib_file, key, rope):
     """`dynamic` under rope_parameters (transformers 5's key) compiled and gave wrong logits at other lengths."""
-    _edit_config(model_copy, **{key: dict(rope, rope_theta=10000.0)})
+    edit_config(model_copy, **{key: dict(rope, rope_theta=10000.0)})
     name = rope.get("rope_type") or rope["type"]
     expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file, "config.json", repr(name),
                    "supported: default", "linear")
 
 
 def test_length_dependent_rope_refused_in_eval(capsys, monkeypatch, tmp_path, model_copy, calib_file):
-    _edit_config(model_copy, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    edit_config(model_copy, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     expect_refused(capsys, monkeypatch, tmp_path, "eval", model_copy, calib_file, "'dynamic'", "sequence length")
 
 
@@ -48,7 +47,7 @@ def test_length_dependent_rope_refused_in_eval(capsys, monkeypatch, tmp_path, mo
                          ids=["linear", "yarn"])
 def test_static_rope_scaling_compiles(capsys, tmp_path, model_copy, calib_file, rope):
     """Scalings whose tables do not depend on the length are one table: the graph computes them exactly."""
-    _edit_config(model_copy, rope_parameters=dict(rope, rope_theta=10000.0))
+    edit_config(model_copy, rope_parameters=dict(rope, rope_theta=10000.0))
     rc = cli.main([str(model_copy), "-o", str(tmp_path / "out"), "--calib", str(calib_file), *SMALL])
     assert rc == 0, capsys.readouterr().err
 
@@ -59,24 +58,24 @@ def test_static_rope_scaling_compiles(capsys, tmp_path, model_copy, calib_file, 
 def test_sliding_window_refused(capsys, monkeypatch, tmp_path, tiny_models, calib_file, arch):
     """Qwen2 with use_sliding_window compiled at --seq-len below the window; the graph attends to everything."""
     model = shutil.copytree(tiny_models[arch], tmp_path / "model")
-    _edit_config(model, use_sliding_window=True, sliding_window=16, max_window_layers=0)
+    edit_config(model, use_sliding_window=True, sliding_window=16, max_window_layers=0)
     argv_extra = ["--seq-len", "8"]  # below the window: it would have compiled
     monkeypatch.setattr("qcompiler.driver._compile_into", lambda *a, **k: pytest.fail("work started"))
     expect_error(capsys, [model, "-o", tmp_path / "out", "--calib", calib_file, "--calib-samples", "2", *argv_extra],
                  "sliding window of 16 tokens", "layer 0", "max_position_embeddings 512")
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_sliding_window_from_layer_types(capsys, monkeypatch, tmp_path, qwen_copy, calib_file):
     """Explicit layer_types win over max_window_layers: layer 1 slides."""
-    _edit_config(qwen_copy, use_sliding_window=True, sliding_window=16, max_window_layers=2,
+    edit_config(qwen_copy, use_sliding_window=True, sliding_window=16, max_window_layers=2,
                  layer_types=["full_attention", "sliding_attention"])
     expect_refused(capsys, monkeypatch, tmp_path, "inspect", qwen_copy, calib_file, "layer 1", "sliding window")
 
 
 def test_sliding_window_that_cannot_take_effect_is_accepted(capsys, qwen_copy):
     """A window as long as max_position_embeddings never masks anything the graph computes."""
-    _edit_config(qwen_copy, use_sliding_window=True, sliding_window=512, max_window_layers=0)
+    edit_config(qwen_copy, use_sliding_window=True, sliding_window=512, max_window_layers=0)
     assert cli.main(["inspect", str(qwen_copy)]) == 0, capsys.readouterr().err
 
 
@@ -99,10 +98,10 @@ def _overflowing_head(t):
 def test_float16_overflow_in_a_layer(capsys, tmp_path, model_copy, calib_file, passes):
     """--dtype float16 of a bf16 model whose activations exceed fp16 exited 0 (w8a16; eval then printed
     perplexity NaN) or failed inside a pass (w8a8)."""
-    _rewrite_weights(model_copy, _overflowing_mlp)
+    rewrite_weights(model_copy, _overflowing_mlp)
     expect_error(capsys, [model_copy, "-o", tmp_path / "out", "--calib", calib_file, "--passes", passes,
                           "--dtype", "float16", *SMALL], "layer 1", "NaN/Inf", "float16", "--dtype bfloat16")
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("norm_scale, where", [(3000, "final norm and lm_head"), (30000, "final norm (before lm_head)")],
@@ -113,14 +112,14 @@ def test_float16_overflow_in_the_head(capsys, tmp_path, model_copy, calib_file, 
     def edit(t):
         _overflowing_head(t)
         t["model.norm.weight"] *= norm_scale / 3000
-    _rewrite_weights(model_copy, edit)
+    rewrite_weights(model_copy, edit)
     expect_error(capsys, [model_copy, "-o", tmp_path / "out", "--calib", calib_file, "--dtype", "float16", *SMALL],
                  where, "NaN/Inf", "--dtype bfloat16")
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_same_model_compiles_in_bfloat16(capsys, tmp_path, model_copy, calib_file):
-    _rewrite_weights(model_copy, _overflowing_mlp)
+    rewrite_weights(model_copy, _overflowing_mlp)
     rc = cli.main([str(model_copy), "-o", str(tmp_path / "out"), "--calib", str(calib_file), "--passes", "w8a16",
                    *SMALL])
     assert rc == 0, capsys.readouterr().err
@@ -142,7 +141,7 @@ def test_non_finite_compiled_layer_is_refused(capsys, tmp_path, tiny_models, cal
     monkeypatch.setattr(driver, "run_layer_batched", nan_out)
     expect_error(capsys, [tiny_models["llama"], "-o", tmp_path / "out", "--calib", calib_file, *SMALL],
                  "layer 0", "as compiled", "NaN/Inf")
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 # ------------------------------------------------------------------------------------------- --seq-len
@@ -154,7 +153,7 @@ def test_compile_seq_len_beyond_max_positions(capsys, monkeypatch, tmp_path, tin
     extra = ["--calib", calib_file] if with_calib else []
     expect_error(capsys, [tiny_models["llama"], "-o", tmp_path / "out", "--seq-len", "1000", *extra],
                  "--seq-len 1000", "max_position_embeddings (512)")
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_eval_seq_len_beyond_max_positions(capsys, monkeypatch, tmp_path, tiny_models, calib_file):
@@ -169,7 +168,7 @@ def test_eval_seq_len_beyond_max_positions(capsys, monkeypatch, tmp_path, tiny_m
 
 def test_default_seq_len_follows_a_short_max_positions(capsys, tmp_path, model_copy, calib_file):
     """Without --seq-len, a model with fewer positions than the default (512) calibrates at its maximum."""
-    _edit_config(model_copy, max_position_embeddings=24)
+    edit_config(model_copy, max_position_embeddings=24)
     rc = cli.main([str(model_copy), "-o", str(tmp_path / "out"), "--calib", str(calib_file), "--calib-samples", "2"])
     assert rc == 0, capsys.readouterr().err
     assert "(2 x 24 tokens)" in json.loads((tmp_path / "out" / "qcompile_report.json").read_text())["calibration"]
@@ -212,7 +211,7 @@ def test_float_transform_alone_names_the_schemes(capsys, tmp_path, tiny_models, 
                         f"--passes {passes}", "quantization scheme", "w8a8", "w8a8d", "w4a16",
                         f"--passes {passes},w8a8")
     assert "observe" not in line and "w8a8s" not in line  # w8a8s needs sparse, it cannot follow
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_kv8_alone_names_what_must_come_first(capsys, tmp_path, tiny_models):

@@ -18,7 +18,7 @@ from qcompiler.calib_data import sample_windows_from_model
 from qcompiler.ir.capture import HFSkeleton
 from qcompiler.loading import load_tokenizer, open_checkpoint
 
-from .test_cli_errors import SMALL, expect_error
+from tests.helpers import SMALL, expect_error
 
 CODE_FILES = ("configuration_custom.py", "modeling_custom.py", "tokenization_custom.py", "tokenizer.py")
 CONFIG_AUTO_MAP = {"AutoConfig": "configuration_custom.CustomConfig",

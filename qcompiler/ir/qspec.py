@@ -5,6 +5,8 @@ dataclasses validated at construction, so a nonsensical spec fails where it is m
 """
 from dataclasses import dataclass
 
+from .qnumerics import check_bits
+
 
 @dataclass(frozen=True)
 class PerTensor:
@@ -104,8 +106,7 @@ class TensorQuant:
     observer: Observer = MinMax()  # how the range/scale is chosen (activations: calibration statistic)
 
     def __post_init__(self):
-        if self.bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, got {self.bits}")
+        check_bits(self.bits)  # any width 2..8; a backend says before any work which it can honour
         if self.dynamic and not isinstance(self.granularity, PerToken):
             raise ValueError("dynamic quantization is per-token")
         if self.dynamic and not isinstance(self.observer, MinMax):

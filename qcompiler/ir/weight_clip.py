@@ -12,11 +12,8 @@ Cost: grid + 1 fake-quantizations of the weight, in row chunks to bound memory, 
 """
 import torch
 
+from . import qnumerics as qn
 from .qspec import MSEClip, OutlierSplit
-
-
-def _qmax(bits: int) -> int:
-    return {8: 127, 4: 7}[bits]
 
 
 def mse_weight_scale(w: torch.Tensor, bits: int, group_size: int = 0, clip: MSEClip = MSEClip(),
@@ -26,7 +23,7 @@ def mse_weight_scale(w: torch.Tensor, bits: int, group_size: int = 0, clip: MSEC
         raise ValueError(f"weight must be 2-D [n, k], got shape {list(w.shape)}")
     if clip.grid < 1 or not 0.0 < clip.min_ratio < 1.0:
         raise ValueError(f"MSE clip search needs grid >= 1 and 0 < min_ratio < 1, got {clip}")
-    qmax = _qmax(bits)
+    qmax = qn.qmax(bits)
     n, k = w.shape
     g = 1 if group_size == 0 else k // group_size
     if group_size and k % group_size:
@@ -38,7 +35,7 @@ def mse_weight_scale(w: torch.Tensor, bits: int, group_size: int = 0, clip: MSEC
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _search(groups, absmax, ratios, qmax, best_scale, max(1, chunk_elems // k))
+        _search(groups, absmax, ratios, bits, best_scale, max(1, chunk_elems // k))
     finally:
         torch.set_num_threads(threads)
     # zero row/group: any scale codes it as 0; 1.0 keeps it finite (the encoder's rule)
@@ -46,9 +43,9 @@ def mse_weight_scale(w: torch.Tensor, bits: int, group_size: int = 0, clip: MSEC
 
 
 @torch.no_grad()
-def _search(groups, absmax, ratios, qmax, best_scale, rows):
+def _search(groups, absmax, ratios, bits, best_scale, rows):
     """Fill best_scale [n, G] in place with the least-error candidate scale of each row/group."""
-    n = groups.shape[0]
+    n, qmax = groups.shape[0], qn.qmax(bits)
     for r0 in range(0, n, rows):
         x = groups[r0:r0 + rows]
         amax = absmax[r0:r0 + rows]
@@ -57,7 +54,7 @@ def _search(groups, absmax, ratios, qmax, best_scale, rows):
         for r in ratios:
             s = (amax * r / qmax).clamp_min(torch.finfo(torch.float32).tiny)
             s3 = s.unsqueeze(-1)
-            err = (x - torch.round(x / s3).clamp_(-qmax, qmax) * s3).pow_(2).sum(-1)
+            err = (x - qn.quantize(x, s3, bits) * s3).pow_(2).sum(-1)
             if best_err is None:
                 best_err, best = err, s.clone()
             else:
@@ -69,12 +66,11 @@ def _search(groups, absmax, ratios, qmax, best_scale, rows):
 
 def weight_mse(w: torch.Tensor, scale: torch.Tensor, bits: int) -> float:
     """Mean squared quantization error of `w` with the given per-channel/per-group scale [n, G]."""
-    qmax = _qmax(bits)
     n, k = w.shape
     g = scale.shape[1]
     x = w.detach().float().reshape(n, g, k // g)
     s3 = scale.float().unsqueeze(-1)
-    return float((x - torch.round(x / s3).clamp(-qmax, qmax) * s3).pow(2).mean())
+    return float((x - qn.quantize(x, s3, bits) * s3).pow(2).mean())
 
 
 def outlier_split_codes(w: torch.Tensor, bits: int, split: OutlierSplit,
@@ -96,11 +92,11 @@ def outlier_split_codes(w: torch.Tensor, bits: int, split: OutlierSplit,
             idx = torch.topk(w32.abs(), count, dim=1).indices
             outlier.scatter_(1, idx, True)
     inlier_absmax = w32.abs().masked_fill(outlier, 0.0).amax(1, keepdim=True)
-    scale = inlier_absmax / _qmax(bits)
+    scale = inlier_absmax / qn.qmax(bits)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if model_dtype is not None:
         from ..backends.ascend.encode import engine_scale
         scale = engine_scale(scale, model_dtype)
     q = torch.round(w32 / scale).clamp(-127, 127)
-    q = torch.where(outlier, q, q.clamp(-_qmax(bits), _qmax(bits)))
+    q = torch.where(outlier, q, q.clamp(-qn.qmax(bits), qn.qmax(bits)))
     return q.to(torch.int8), scale

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ir import meta
+from ..ir import qnumerics as qn
 from ..ir.linear_inputs import LayerRunner, replace_tensor
 from ..ir.patterns import get_tensor, linear_sites, shared_input_groups
 from .base import Pass, PassResult
@@ -142,7 +143,7 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, t: WeightTarget, clip_grid: in
         best_err = best_scale = base = None
         for i in range(clip_grid + 1):
             r = 1.0 - max_shrink * i / clip_grid
-            scale = torch.where(absmax > 0, absmax * r / t.qmax, torch.ones_like(absmax))
+            scale = qn.absmax_scale(absmax, t.bits, r)
             wq, scale = fake_quant(w, t, scale)
             err = group_errors(w - wq, hb).reshape(n, G, per_block).sum(-1)
             if i == 0:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ir import meta
+from ..ir import qnumerics as qn
 from ..ir.linear_inputs import replace_tensor, stage_input_stats
 from ..ir.patterns import get_tensor, linear_sites, shared_input_groups
 from .base import Pass, PassResult
@@ -78,20 +79,20 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError("Hessian is not positive definite even with dampening x10^4")
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: int, *, damp: float = 0.01,
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits: int, *, damp: float = 0.01,
                   block: int = 128, act_order: bool = True, keep_zero: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ codes for weight `w` [n, k] with Hessian `h` [k, k] and fixed scales `scale` [n, G].
     `keep_zero` (bool [n, k], e.g. the weights the sparse pass pruned): those codes stay 0 (their error
     is compensated like any rounding error, as SparseGPT's joint mode does).
 
-    Returns int8 codes [n, k] in [-qmax, qmax] in the original column order; `q * scale` (per group of
-    k / G columns) is the quantized weight.
+    Returns int8 codes [n, k] in [-qmax, qmax] (qmax of `bits`, ir/qnumerics.py) in the original column
+    order; `q * scale` (per group of k / G columns) is the quantized weight.
     """
     with single_thread():
-        return _gptq(w, h, scale, qmax, damp, block, act_order, keep_zero)
+        return _gptq(w, h, scale, bits, damp, block, act_order, keep_zero)
 
 
-def _gptq(w, h, scale, qmax, damp, block, act_order, keep_zero=None):
+def _gptq(w, h, scale, bits, damp, block, act_order, keep_zero=None):
     n, k = w.shape
     W = w.detach().float().clone()
     H = h.detach().float().clone()
@@ -118,7 +119,7 @@ def _gptq(w, h, scale, qmax, damp, block, act_order, keep_zero=None):
         H1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col, s = W1[i], St[i1 + i]
-            q = torch.round(col / s).clamp_(-qmax, qmax)
+            q = qn.quantize(col, s, bits)
             if Zt is not None:
                 q.masked_fill_(Zt[i1 + i], 0.0)
             Q[i1 + i] = q
@@ -189,7 +190,7 @@ class GPTQ(Pass):
             w_all, s_all = torch.cat(weights), torch.cat(scales)
             # weights the sparse pass pruned keep zero codes (else compensation would refill them)
             keep_zero = (w_all == 0) if any(meta.SPARSITY in s.node.meta for s in sites) else None
-            codes = gptq_quantize(w_all, h, s_all, t.qmax, damp=self.options.damp,
+            codes = gptq_quantize(w_all, h, s_all, t.bits, damp=self.options.damp,
                                   block=self.options.block, act_order=self.options.act_order,
                                   keep_zero=keep_zero)
             wq_all = dequantize(codes, s_all)

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ir import qnumerics as qn
 from ..ir.linear_inputs import InputStats, LayerRunner
 from ..ir.patterns import LinearSite, get_tensor, linear_sites, shared_input_groups
 from ..ir.qspec import LinearQuantSpec, PerChannel, PerGroup, PerTensor, PerToken, TensorQuant
@@ -255,27 +256,23 @@ class QTensor:
 
 
 def quant_weight(w: torch.Tensor, q: TensorQuant) -> QTensor:
-    """Symmetric per-channel / per-group quantization of [n, k] float32 (codes in [-qmax, qmax])."""
-    qmax = 2 ** (q.bits - 1) - 1
+    """Symmetric per-channel / per-group quantization of [n, k] float32 (codes in [-qmax, qmax], ir/qnumerics.py)."""
     n, k = w.shape
     if isinstance(q.granularity, PerGroup) and k % q.granularity.size == 0 and q.granularity.size < k:
         wg = w.view(n, k // q.granularity.size, q.granularity.size)
-        scale = wg.abs().amax(-1, keepdim=True) / qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return QTensor(torch.clamp(torch.round(wg / scale), -qmax, qmax).to(torch.int8).view(n, k), scale)
-    scale = w.abs().amax(-1, keepdim=True) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return QTensor(torch.clamp(torch.round(w / scale), -qmax, qmax).to(torch.int8), scale)
+        scale = qn.absmax_scale(wg.abs().amax(-1, keepdim=True), q.bits)
+        return QTensor(qn.quantize(wg, scale, q.bits).to(torch.int8).view(n, k), scale)
+    scale = qn.absmax_scale(w.abs().amax(-1, keepdim=True), q.bits)
+    return QTensor(qn.quantize(w, scale, q.bits).to(torch.int8), scale)
 
 
 def quant_activation(x: torch.Tensor, q: TensorQuant, lo: float, hi: float) -> QTensor:
     """x [r, k] float32 as the scheme quantizes it: per-tensor with the calibration range [lo, hi]
     (asymmetric: the spec's W8A8 convention x_q = round(x / s + o)) or per-token symmetric (dynamic)."""
-    qmin, qmax = -(2 ** (q.bits - 1)), 2 ** (q.bits - 1) - 1
+    qmin, qmax = qn.code_range(q.bits, narrow=False)
     if isinstance(q.granularity, PerToken) or q.dynamic:
-        s = x.abs().amax(-1, keepdim=True) / qmax
-        s = torch.where(s > 0, s, torch.ones_like(s))
-        return QTensor(torch.clamp(torch.round(x / s), qmin, qmax).to(torch.int8), s)
+        s = qn.absmax_scale(x.abs().amax(-1, keepdim=True), q.bits)
+        return QTensor(qn.quantize(x, s, q.bits, narrow=False).to(torch.int8), s)
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     if q.symmetric:
         s, o = max(abs(lo), abs(hi)) / qmax, 0.0

@@ -1,20 +1,21 @@
 """Readable text of a layer graph: one line per node, with quantization specs and tensor shapes.
 
 Used by `--dump` and `qcompile inspect`. Format:
+    # title
+    # header lines (the caller's: pass stats, tensor summary, ...)
     %name = target(args)   : dtype[shape]   # spec / observer
+Every node shows its dtype and shape, nodes a pass inserted too (ir/type_prop.py). torch.export's
+bookkeeping is left out (EXPORT_NOISE: its input-shape guard, `_assert_tensor_metadata`, and `sym_size`
+nodes, whose uses print as the dimension's symbol, e.g. `s47`, or `%x.shape[0]`).
 """
 import torch
 
 from ..ir import meta
+from ..ir.type_prop import infer_types
 
-
-def _fmt_arg(a) -> str:
-    if isinstance(a, torch.fx.Node):
-        return f"%{a.name}"
-    if isinstance(a, (list, tuple)):
-        inner = ", ".join(_fmt_arg(x) for x in a)
-        return f"[{inner}]"
-    return repr(a)
+#: torch.export bookkeeping that computes nothing of the layer (targets by name)
+EXPORT_NOISE = frozenset({"_guards_fn", "aten._assert_tensor_metadata", "aten._assert_scalar",
+                          "aten.sym_size", "aten.sym_constrain_range_for_size"})
 
 
 def _target(node) -> str:
@@ -25,14 +26,36 @@ def _target(node) -> str:
     return str(node.target)
 
 
-def _val(node) -> str:
-    t = meta.tensor_type(node)
+def is_export_noise(node: torch.fx.Node) -> bool:
+    return node.op in ("call_function", "call_module") and _target(node) in EXPORT_NOISE
+
+
+def _size_ref(node: torch.fx.Node) -> str:
+    """How a use of a hidden `sym_size` node prints: its symbol, else `%x.shape[d]`."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.SymInt):
+        return str(val)
+    if len(node.args) >= 2 and isinstance(node.args[0], torch.fx.Node):
+        return f"%{node.args[0].name}.shape[{node.args[1]}]"
+    return f"%{node.name}"
+
+
+def _fmt_arg(a) -> str:
+    if isinstance(a, torch.fx.Node):
+        return _size_ref(a) if is_export_noise(a) else f"%{a.name}"
+    if isinstance(a, (list, tuple)):
+        inner = ", ".join(_fmt_arg(x) for x in a)
+        return f"[{inner}]"
+    return repr(a)
+
+
+def _fmt_type(t: meta.TensorType | None) -> str:
     if t is None:
         return ""
     return f"{str(t.dtype).replace('torch.', '')}[{', '.join(map(str, t.shape))}]"
 
 
-def node_line(node: torch.fx.Node) -> str:
+def node_line(node: torch.fx.Node, types: dict | None = None) -> str:
     if node.op == "placeholder":
         body = f"%{node.name} = input"
     elif node.op == "output":
@@ -51,14 +74,18 @@ def node_line(node: torch.fx.Node) -> str:
         notes.append(f"observer {node.meta[meta.OBSERVER]}")
     if meta.LOWERED_FROM in node.meta:
         notes.append(f"lowered from {node.meta[meta.LOWERED_FROM]}")
-    val = _val(node)
+    val = _fmt_type(types.get(node) if types is not None else meta.tensor_type(node))
     line = body + (f"   : {val}" if val else "")
     return line + (f"   # {'; '.join(notes)}" if notes else "")
 
 
-def graph_text(gm: torch.fx.GraphModule, title: str = "") -> str:
+def graph_text(gm: torch.fx.GraphModule, title: str = "", header: list[str] = ()) -> str:
+    """The graph as text: `title` and `header` lines (written as `# ...` comments) first, then one line per
+    node (export noise left out), then the module's tensors."""
     lines = [f"# {title}"] if title else []
-    lines += [node_line(n) for n in gm.graph.nodes]
+    lines += [f"# {h}" if h else "#" for h in header]
+    types = infer_types(gm)
+    lines += [node_line(n, types) for n in gm.graph.nodes if not is_export_noise(n)]
     params = [(k, v) for k, v in list(gm.named_parameters()) + list(gm.named_buffers())]
     if params:
         lines.append("")

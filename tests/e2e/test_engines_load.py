@@ -11,7 +11,7 @@ loader time per artifact (warm cache); skipped, not failed, when the tool cannot
 import pytest
 
 from qcompiler.backends.ascend.engines import expected_loader_exit, features_of_artifact
-from tests.e2e.conftest import NEEDS_SHARED, run_checker
+from tests.e2e.helpers import NEEDS_SHARED, run_checker
 
 pytestmark = NEEDS_SHARED
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import loader_runner
+from tests.e2e.helpers import loader_runner
 
 
 def _tool(tmp_path: Path, setup_rc: int, run_rc: int) -> Path:

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from qcompiler.cli import main
-from tests.e2e.conftest import EVAL, NEEDS_SHARED, run_checker
+from tests.e2e.helpers import EVAL, NEEDS_SHARED, run_checker
 
 pytestmark = NEEDS_SHARED
 

@@ -4,38 +4,14 @@ import pytest
 import torch
 
 from qcompiler.errors import QCError
-from qcompiler.generate import KVCache, decode_layers, forward_cached, generate_ids_cached
+from qcompiler.generate import generate_ids_cached
 from qcompiler.ir.capture import LayerInputs
 from qcompiler.ir.decode import build_decode_graph
 from qcompiler.runtime import load_model
+from tests.helpers import cached_logits, recompute_logits
 
 CACHED = torch.ops.qc.cached_attention.default
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
-
-
-def recompute_logits(model, ids):
-    """Logits [1, L, V] of the full sequence through the ordinary (recomputing) layer graphs."""
-    h = model.head.embed(ids)
-    pe = model.head.rope(ids.shape[1])
-    with torch.inference_mode():
-        for i in range(model.layers.num_layers):
-            h = model.layers.get(i, LayerInputs(h, pe))(h, position_embeddings=pe)
-        return model.head.logits(h).float()
-
-
-def cached_logits(model, ids, prefill: int):
-    """Logits of positions prefill-1 .. L-1: one prefill of `prefill` tokens, then one token per step."""
-    sample = LayerInputs(model.head.embed(ids), model.head.rope(ids.shape[1]))
-    layers = decode_layers(model, sample)
-    cache = KVCache([s for _, s in layers], 1, ids.shape[1])
-    out = []
-    with torch.inference_mode():
-        h = forward_cached(model, layers, cache, ids[:, :prefill])
-        out.append(model.head.logits(h[:, -1:]).float())
-        for p in range(prefill, ids.shape[1]):
-            h = forward_cached(model, layers, cache, ids[:, p:p + 1])
-            out.append(model.head.logits(h).float())
-    return torch.cat(out, dim=1), cache
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,5 @@
 """Histogram (percentile, entropy) activation observers and the MSE weight clipping search, on synthetic
 tensors, plus their scheme options and one tiny-model compile per option through the artifact checker."""
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from qcompiler.ir.observers import MinMaxObserver
 from qcompiler.ir.qspec import Entropy, MinMax, MSEClip, Percentile
 from qcompiler.ir.weight_clip import mse_weight_scale, weight_mse
 from qcompiler.passes import make_pass
-from tests.conftest import SHARED
+from tests.helpers import assert_checker_clean
 
 
 def _outlier_tensor():
@@ -127,14 +125,6 @@ def test_observer_options_validate_and_reach_the_spec():
         assert words in str(e.value) and "\n" not in str(e.value)
 
 
-def _checker(out):
-    tool = SHARED / "tools" / "check_ascend_artifact.py"
-    if not tool.is_file():
-        pytest.skip("../shared/tools/check_ascend_artifact.py absent")
-    r = subprocess.run([sys.executable, str(tool), str(out)], capture_output=True, text=True)
-    return r.stdout + r.stderr
-
-
 @pytest.mark.parametrize("passes", [
     (("w8a8", {"act_observer": "entropy", "weight_observer": "mse"}),),
     (("w8a8", {"act_observer": "percentile", "percentile": "99.9"}),),
@@ -145,10 +135,12 @@ def test_compile_with_observers_passes_checker(tiny_models, calib_file, tmp_path
     out = tmp_path / "out"
     compile_model(CompileOptions(model=str(tiny_models["llama"]), out=out, passes=passes, calib=calib_file,
                                  calib_samples=4, seq_len=32), log=lambda m: None)
-    report = _checker(out)
-    assert "\n0 errors" in "\n" + report.strip().splitlines()[-1], report
-    model = load_model(str(out))
-    assert model is not None
+    model = load_model(str(out))  # the executable graph loads and runs on a few tokens
+    ids = torch.randint(0, 250, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        h = model.layers.get(0)(model.head.embed(ids), position_embeddings=model.head.rope(8))
+    assert h.shape == (1, 8, 64) and torch.isfinite(h.float()).all()
+    assert_checker_clean(out)  # last: skips when ../shared is absent
 
 
 def _layer(folder):

@@ -20,7 +20,7 @@ from qcompiler.passes import TAIL, LayerContext, PassManager, make_pass
 from qcompiler.passes.awq import group_errors, scale_loss, search_clip, search_scale
 from qcompiler.passes.weight_targets import WeightTarget, column_scale, dequantize
 
-from ..conftest import _config, _tokenizer
+from tests.helpers import tiny_config, tiny_tokenizer
 
 W4G32 = WeightTarget(bits=4, group=32, scheme="w4a16", quant_type="W4A16")
 
@@ -29,8 +29,8 @@ W4G32 = WeightTarget(bits=4, group=32, scheme="w4a16", quant_type="W4A16")
 def mha_llama(tmp_path_factory):
     """A tiny Llama without grouped-query attention (v_proj out == o_proj in), so v -> o is scaled."""
     folder = tmp_path_factory.mktemp("mha") / "llama"
-    tok = _tokenizer()
-    cfg, cls = _config("llama", len(tok))
+    tok = tiny_tokenizer()
+    cfg, cls = tiny_config("llama", len(tok))
     cfg.num_key_value_heads = cfg.num_attention_heads
     torch.manual_seed(0)
     model = cls(cfg).to(torch.bfloat16).eval()
@@ -93,7 +93,7 @@ def test_scaling_keeps_the_float_function(tiny_models, mha_llama, arch):
 def test_v_to_o_scaling_divides_v_bias(tmp_path):
     """Qwen2 has a v_proj bias: folding into v's rows must scale it too (function kept)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    tok = _tokenizer()
+    tok = tiny_tokenizer()
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=4, use_sliding_window=False,
                       tie_word_embeddings=False)

@@ -1,8 +1,6 @@
 """fa3 (FAQuant per-head int8 Q/K/V) on tiny models: structure, calibration vs a written-out reference,
 numerics, the non-matching error, combination with kv8, and the artifact of a whole compile."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,15 +12,14 @@ from qcompiler.driver import compile_model
 from qcompiler.errors import QCError
 from qcompiler.ir.patterns import attention_nodes
 from qcompiler.passes import TAIL, PassManager, make_pass
-from tests.conftest import SHARED
-from tests.passes.test_kv8 import _layer, _sdpa_inputs
+from tests.helpers import assert_checker_clean, capture_tiny_layer, sdpa_inputs
 
 FAQ, FADQ = torch.ops.qc.fa_quant.default, torch.ops.qc.fa_dequant.default
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_qdq_on_q_k_v_of_attention(tiny_models, arch):
-    gm, ctx = _layer(tiny_models[arch])
+    gm, ctx = capture_tiny_layer(tiny_models[arch])
     PassManager([make_pass(n) for n in ("w8a8", "fa3", *TAIL)]).run(gm, ctx)
     (attn,) = attention_nodes(gm)
     for edge, short in zip(attn.args[:3], "qkv"):
@@ -39,10 +36,10 @@ def test_qdq_on_q_k_v_of_attention(tiny_models, arch):
 
 
 def test_per_head_scales_and_numerics(tiny_models):
-    gm, ctx = _layer(tiny_models["llama"])
+    gm, ctx = capture_tiny_layer(tiny_models["llama"])
     with torch.no_grad():
         want = gm(ctx.inputs.hidden, position_embeddings=ctx.inputs.position_embeddings).float()
-    qkv = _sdpa_inputs(gm, ctx)
+    qkv = sdpa_inputs(gm, ctx)
     make_pass("w8a16").run(gm, ctx)
     make_pass("fa3").run(gm, ctx)
     for x, short in zip(qkv, "qkv"):
@@ -63,7 +60,7 @@ def test_per_head_scales_and_numerics(tiny_models):
 
 
 def test_non_matching_attention_is_an_error(tiny_models):
-    gm, ctx = _layer(tiny_models["llama"], index=1)
+    gm, ctx = capture_tiny_layer(tiny_models["llama"], index=1)
     make_pass("w8a8").run(gm, ctx)
     (attn,) = attention_nodes(gm)
     attn.args = (attn.args[2], *attn.args[1:])  # query now computed from v_proj
@@ -73,7 +70,7 @@ def test_non_matching_attention_is_an_error(tiny_models):
 
 
 def test_fa3_with_kv8_chains_both(tiny_models):
-    gm, ctx = _layer(tiny_models["llama"])
+    gm, ctx = capture_tiny_layer(tiny_models["llama"])
     PassManager([make_pass(n) for n in ("w8a8d", "kv8", "fa3", *TAIL)]).run(gm, ctx)
     (attn,) = attention_nodes(gm)
     k = attn.args[1]
@@ -100,12 +97,8 @@ def test_artifact(fa3_out):
         assert desc[f"{base}.scale"] == desc[f"{base}.offset"] == "FAQuant"
 
 
-@pytest.mark.skipif(not (SHARED / "tools" / "check_ascend_artifact.py").is_file(), reason="needs ../shared")
 def test_checker_accepts_the_artifact(fa3_out):
-    r = subprocess.run([sys.executable, str(SHARED / "tools" / "check_ascend_artifact.py"), str(fa3_out), "--json"],
-                       capture_output=True, text=True)
-    report = json.loads(r.stdout)
-    assert report["errors"] == 0, report["violations"]
+    assert_checker_clean(fa3_out)
 
 
 def test_targets():

@@ -6,8 +6,6 @@ Compiles use the tiny random checkpoints of conftest.py, 4 x 32 calibration toke
 """
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from qcompiler.errors import QCError
 from qcompiler.passes import make_pass
 from qcompiler.passes.fallback import UNITS, check_fallback, decide
 from qcompiler.policy import resolve_policy
-from tests.conftest import SHARED
+from tests.helpers import checker_report
 
 QKV, O, GU, DOWN = UNITS
 
@@ -144,14 +142,6 @@ def _float_linears(out):
                   if v == "FLOAT" and k.startswith("model.layers.") and k.endswith("proj.weight")), desc
 
 
-def _checker_errors(out):
-    tool = SHARED / "tools" / "check_ascend_artifact.py"
-    if not tool.is_file():
-        return None
-    r = subprocess.run([sys.executable, str(tool), "--json", str(out)], capture_output=True, text=True)
-    return json.loads(r.stdout)["errors"]
-
-
 def test_level_follows_measured_sensitivity_and_artifact_agrees(outlier_llama, calib_file, tmp_path):
     """w8a8, level=1: the injected outlier makes layer 1's down_proj the most sensitive unit by far (>= 10x the
     next: 64x the range for 1 channel of 128), and it is the one Linear left float in the artifact."""
@@ -170,7 +160,7 @@ def test_level_follows_measured_sensitivity_and_artifact_agrees(outlier_llama, c
     assert report["layers"][1]["passes"]["fallback"]["kept_float"] == ["mlp.down_proj"]
     md = (out / "qcompile_report.md").read_text()
     assert "## Fallback (level=1): 1 of 14" in md and "model.layers.1.mlp.down_proj" in md
-    assert _checker_errors(out) in (None, 0)
+    assert checker_report(out)["errors"] == 0  # last: skips when ../shared is absent
 
 
 def test_composes_with_smooth_dynamic_scheme_and_policy(tiny_models, calib_file, tmp_path):
@@ -189,7 +179,7 @@ def test_composes_with_smooth_dynamic_scheme_and_policy(tiny_models, calib_file,
             types = {desc[f"model.layers.{i}.{n}.weight"] for n in unit}
             assert len(types) == 1, (i, unit, types)
     assert report["policy"] == "qwen" and r"\.mlp\.down_proj$" in report["exclude"]
-    assert _checker_errors(out) in (None, 0)
+    assert checker_report(out)["errors"] == 0  # last: skips when ../shared is absent
 
 
 # ---- the Qwen policy -------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def test_gptq_beats_rtn_on_same_scales(bits, group, act_order):
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(1))
     h = _hessian(x)
     rtn_q, scale = quantize_weight(w, bits, group)
-    q = gptq_quantize(w, h, scale, 7 if bits == 4 else 127, act_order=act_order)
+    q = gptq_quantize(w, h, scale, bits, act_order=act_order)
     qmax = 7 if bits == 4 else 127
     assert q.dtype == torch.int8 and q.shape == w.shape
     assert int(q.abs().max()) <= qmax
@@ -64,7 +64,7 @@ def test_act_order_permutation_is_undone():
     diag = torch.rand(k, generator=g) + 0.1
     assert not torch.equal(torch.argsort(diag, descending=True), torch.arange(k))
     rtn_q, scale = quantize_weight(w, 4, 16)
-    q = gptq_quantize(w, torch.diag(diag), scale, 7, act_order=True, block=8)
+    q = gptq_quantize(w, torch.diag(diag), scale, 4, act_order=True, block=8)
     assert torch.equal(q, rtn_q)
 
 
@@ -75,8 +75,8 @@ def test_act_order_codes_follow_their_columns():
     h = _hessian(x)
     perm = torch.randperm(64, generator=torch.Generator().manual_seed(4))
     q, scale = quantize_weight(w, 8, 0)
-    a = gptq_quantize(w, h, scale, 127, act_order=True)
-    b = gptq_quantize(w[:, perm], h[perm][:, perm], scale, 127, act_order=True)
+    a = gptq_quantize(w, h, scale, 8, act_order=True)
+    b = gptq_quantize(w[:, perm], h[perm][:, perm], scale, 8, act_order=True)
     assert (a[:, perm] != b).float().mean() < 0.02   # equal up to float ties in diag(H) order
 
 
@@ -85,7 +85,7 @@ def test_dead_columns_get_zero_codes():
     x[:, [5, 40]] = 0
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(5))
     _, scale = quantize_weight(w, 4, 32)
-    q = gptq_quantize(w, _hessian(x), scale, 7)
+    q = gptq_quantize(w, _hessian(x), scale, 4)
     assert (q[:, [5, 40]] == 0).all()
     assert int(q.abs().max()) <= 7
 

@@ -1,8 +1,6 @@
 """kv8 (C8 int8 KV cache) on tiny models: graph structure, calibration, numerics vs a written-out
 reference, the non-matching-attention error, pipeline order, and the artifact of a whole compile."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,42 +11,17 @@ from qcompiler.config import CompileOptions
 from qcompiler.driver import compile_model
 from qcompiler.errors import QCError
 from qcompiler.executable import read_info, read_layer_tensors
-from qcompiler.ir.capture import HFSkeleton
 from qcompiler.ir.patterns import attention_nodes
-from qcompiler.loading import open_checkpoint
-from qcompiler.passes import TAIL, LayerContext, PassManager, make_pass
-from tests.conftest import SHARED
+from qcompiler.passes import TAIL, PassManager, make_pass
+from tests.helpers import assert_checker_clean, capture_tiny_layer, sdpa_inputs
 
 KVQ, KVDQ = torch.ops.qc.kv_quant.default, torch.ops.qc.kv_dequant.default
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
-def _layer(folder, index=0, seed=1):
-    ckpt = open_checkpoint(folder)
-    skel = HFSkeleton(ckpt)
-    inputs = skel.layer0_inputs(torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(seed)))
-    return skel.capture_layer(index, inputs), LayerContext(index=index, inputs=inputs, dtype=ckpt.dtype)
-
-
-def _sdpa_inputs(gm, ctx):
-    """The float q/k/v the attention node reads on the calibration data (fx Interpreter)."""
-    seen = {}
-
-    class Spy(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.op == "call_function" and n.target == SDPA:
-                seen["args"] = [self.env[a] for a in n.args[:3]]
-            return out
-
-    with torch.no_grad():
-        Spy(gm).run(ctx.inputs.hidden, *ctx.inputs.position_embeddings)
-    return seen["args"]
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_qdq_on_exactly_k_and_v_of_attention(tiny_models, arch):
-    gm, ctx = _layer(tiny_models[arch])
+    gm, ctx = capture_tiny_layer(tiny_models[arch])
     PassManager([make_pass(n) for n in ("w8a8d", "kv8", *TAIL)]).run(gm, ctx)
     (attn,) = attention_nodes(gm)
     q, k, v = attn.args[:3]
@@ -71,10 +44,10 @@ def test_qdq_on_exactly_k_and_v_of_attention(tiny_models, arch):
 
 
 def test_scales_and_numerics_match_written_out_reference(tiny_models):
-    gm, ctx = _layer(tiny_models["llama"])
+    gm, ctx = capture_tiny_layer(tiny_models["llama"])
     with torch.no_grad():
         want = gm(ctx.inputs.hidden, position_embeddings=ctx.inputs.position_embeddings).float()
-    _q, k, v = _sdpa_inputs(gm, ctx)
+    _q, k, v = sdpa_inputs(gm, ctx)
     make_pass("w8a16").run(gm, ctx)  # any scheme (kv8 requires one); not lowered here, Linears stay float
     make_pass("kv8").run(gm, ctx)
     # reference, written out with numpy: per channel (head, dim) absmax over batch and tokens, / 127
@@ -110,14 +83,14 @@ def test_kv_quant_ties_and_clamp():
 
 
 def test_non_matching_attention_is_an_error_naming_the_layer(tiny_models):
-    gm, ctx = _layer(tiny_models["llama"])
+    gm, ctx = capture_tiny_layer(tiny_models["llama"])
     make_pass("w8a8d").run(gm, ctx)
     (attn,) = attention_nodes(gm)
     attn.args = (attn.args[0], attn.args[0], *attn.args[2:])  # key now computed from q_proj
     gm.recompile()
     with pytest.raises(QCError, match=r"kv8: layer 0: the k input .* expected exactly one \*\.k_proj"):
         make_pass("kv8").run(gm, ctx)
-    gm2, ctx2 = _layer(tiny_models["llama"])
+    gm2, ctx2 = capture_tiny_layer(tiny_models["llama"])
     make_pass("w8a8d").run(gm2, ctx2)
     (attn2,) = attention_nodes(gm2)
     attn2.replace_all_uses_with(attn2.args[2])  # no attention node left
@@ -158,12 +131,8 @@ def test_artifact_tensors_and_description(kv8_out):
     assert torch.equal(layer0["self_attn.k_proj.kv_cache_scale"], tensors["model.layers.0.self_attn.k_proj.kv_cache_scale"])
 
 
-@pytest.mark.skipif(not (SHARED / "tools" / "check_ascend_artifact.py").is_file(), reason="needs ../shared")
 def test_checker_accepts_the_artifact(kv8_out):
-    r = subprocess.run([sys.executable, str(SHARED / "tools" / "check_ascend_artifact.py"), str(kv8_out), "--json"],
-                       capture_output=True, text=True)
-    report = json.loads(r.stdout)
-    assert report["errors"] == 0, report["violations"]
+    assert_checker_clean(kv8_out)
 
 
 def test_executable_graph_evaluates(kv8_out, calib_file):
@@ -178,7 +147,7 @@ def test_executable_graph_evaluates(kv8_out, calib_file):
 
 def test_decode_with_int8_cache_matches_recomputation(kv8_out):
     from qcompiler.runtime import load_model
-    from tests.ir.test_decode import cached_logits, recompute_logits
+    from tests.helpers import cached_logits, recompute_logits
     model = load_model(kv8_out)
     ids = torch.randint(0, 250, (1, 20), generator=torch.Generator().manual_seed(6))
     want = recompute_logits(model, ids)[:, 5:]

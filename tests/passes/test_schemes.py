@@ -5,10 +5,7 @@ mixed recipes, the one artifact group size, fused-group splits, and gptq/awq wei
 Layer-level tests reuse one captured tiny Qwen2 layer (it has q/k/v biases, so the bias paths run), and a tiny
 Llama layer for w4a8d (no engine adds a W4A8_DYNAMIC Linear's bias, so it refuses one); full compiles cover
 the executable graph and the artifact checker."""
-import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,56 +15,21 @@ from qcompiler.config import CompileOptions, load_recipe
 from qcompiler.driver import check_scheme_groups, compile_model
 from qcompiler.errors import QCError
 from qcompiler.ir import meta
-from qcompiler.ir.capture import HFSkeleton
 from qcompiler.ir.qspec import PerGroup
-from qcompiler.loading import open_checkpoint
-from qcompiler.passes import TAIL, LayerContext, PassManager, make_pass
+from qcompiler.passes import PassManager, make_pass
 from qcompiler.passes.group_size import resolve_group_sizes
 from qcompiler.runtime import load_model
-from tests.conftest import SHARED
-from tests.passes.test_w8a8 import _linear_params, _w8a8_linear, reference_layer
+from tests.helpers import (assert_checker_clean, dynamic_linear, fresh_layer, linear_params, reference_layer,
+                           run_passes, unpack_int4, w4a8_linear, w8a8_linear)
 
 QC = torch.ops.qc
 SCHEMES = ("w8a8d", "w8a8mix", "w8a16", "w4a16", "w4a8d")
-
-
-@pytest.fixture(scope="module")
-def qwen2_layer(tiny_models):
-    ckpt = open_checkpoint(tiny_models["qwen2"])
-    skel = HFSkeleton(ckpt)
-    inputs = skel.layer0_inputs(torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(1)))
-    gm = skel.capture_layer(0, inputs)
-    with torch.no_grad():
-        want = gm(inputs.hidden, position_embeddings=inputs.position_embeddings).float()
-    return gm, inputs, ckpt.dtype, want
-
-
-@pytest.fixture(scope="module")
-def llama_layer(tiny_models):
-    ckpt = open_checkpoint(tiny_models["llama"])
-    skel = HFSkeleton(ckpt)
-    inputs = skel.layer0_inputs(torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(1)))
-    gm = skel.capture_layer(0, inputs)
-    with torch.no_grad():
-        want = gm(inputs.hidden, position_embeddings=inputs.position_embeddings).float()
-    return gm, inputs, ckpt.dtype, want
 
 
 @pytest.fixture
 def layer_for(qwen2_layer, llama_layer):
     """The tiny layer a scheme's layer tests run on: llama for w4a8d (no Linear bias), else qwen2 (q/k/v bias)."""
     return lambda scheme: llama_layer if scheme == "w4a8d" else qwen2_layer
-
-
-def _fresh(layer):
-    gm, inputs, dtype, _ = layer
-    return copy.deepcopy(gm), LayerContext(index=0, inputs=inputs, dtype=dtype)
-
-
-def _run(gm, ctx, *passes):
-    PassManager([make_pass(*p) if isinstance(p, tuple) else make_pass(p) for p in passes]
-                + [make_pass(n) for n in TAIL]).run(gm, ctx)
-    return gm
 
 
 def _count(gm, target):
@@ -94,8 +56,8 @@ STRUCTURE = {  # scheme: ({qc op: count}, artifact type, weight shape (n, k) -> 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_structure_after_lowering(layer_for, scheme):
-    gm, ctx = _fresh(layer_for(scheme))
-    _run(gm, ctx, scheme)
+    gm, ctx = fresh_layer(layer_for(scheme))
+    run_passes(gm, ctx, scheme)
     ops, qtype, stored = STRUCTURE[scheme]
     assert _count(gm, torch.ops.aten.linear.default) == 0
     for op in (QC.quantize.default, QC.quant_matmul.default, QC.dynamic_quant.default,
@@ -130,9 +92,9 @@ TOLERANCE = {"w8a8d": 0.05, "w8a8mix": 0.10, "w8a16": 0.03, "w4a16": 0.25, "w4a8
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_quantized_layer_close_to_float(layer_for, scheme):
-    gm, ctx = _fresh(layer_for(scheme))
+    gm, ctx = fresh_layer(layer_for(scheme))
     want = layer_for(scheme)[3]
-    _run(gm, ctx, scheme)
+    run_passes(gm, ctx, scheme)
     with torch.no_grad():
         got = gm(ctx.inputs.hidden, position_embeddings=ctx.inputs.position_embeddings).float()
     rel = (got - want).norm() / (want - ctx.inputs.hidden.float()).norm()
@@ -140,8 +102,8 @@ def test_quantized_layer_close_to_float(layer_for, scheme):
 
 
 def test_w4a16_explicit_group_packs_along_n(qwen2_layer):
-    gm, ctx = _fresh(qwen2_layer)
-    _run(gm, ctx, ("w4a16", {"group": "32"}))
+    gm, ctx = fresh_layer(qwen2_layer)
+    run_passes(gm, ctx, ("w4a16", {"group": "32"}))
     t = ctx.artifact["self_attn.q_proj"].tensors
     assert t["weight"].shape == (32, 64) and t["weight_scale"].shape == (64, 2)
     node = next(n for n in gm.graph.nodes if n.target == QC.weight_quant_matmul.default)
@@ -149,16 +111,9 @@ def test_w4a16_explicit_group_packs_along_n(qwen2_layer):
 
 
 # ---- gptq/awq codes are what the artifact holds ---------------------------------------------------------
-def _unpack4(p, dim):
-    """Independent int4 unpack (bit ops): low nibble = even index along `dim`."""
-    p = p.to(torch.int16)
-    lo, hi = ((p & 0xF) ^ 8) - 8, (((p >> 4) & 0xF) ^ 8) - 8
-    return torch.stack([lo, hi], dim=dim + 1).flatten(dim, dim + 1).to(torch.int8)
-
-
 @pytest.mark.parametrize("scheme", ("w8a8",) + SCHEMES)
 def test_weight_qparams_are_encoded_exactly(layer_for, scheme):
-    gm, ctx = _fresh(layer_for(scheme))
+    gm, ctx = fresh_layer(layer_for(scheme))
     PassManager([make_pass(scheme), make_pass("observe"), make_pass("calibrate")]).run(gm, ctx)
     gen = torch.Generator().manual_seed(7)
     given = {}
@@ -177,9 +132,9 @@ def test_weight_qparams_are_encoded_exactly(layer_for, scheme):
         t = ctx.artifact[name].tensors
         w = t["weight"]
         if scheme == "w4a16":  # per-channel (one scale column) packs along k, per-group along n
-            w = _unpack4(w, 1 if scale.shape[1] == 1 else 0)
+            w = unpack_int4(w, 1 if scale.shape[1] == 1 else 0)
         elif scheme == "w4a8d":
-            w = _unpack4(w, 0)
+            w = unpack_int4(w, 0)
         assert torch.equal(w, q), name
         if scheme == "w4a8d":  # the two stages multiply back to the per-group scale, as the engines form it
             product = (t["weight_scale"].to(ctx.dtype) * t["weight_scale_second"].to(ctx.dtype)).float()
@@ -190,42 +145,12 @@ def test_weight_qparams_are_encoded_exactly(layer_for, scheme):
 
 
 # ---- executable layer vs an independent formula from the artifact ----------------------------------------
-def _per_token_int8(x):
-    xf = x.float()
-    s = xf.abs().amax(-1, keepdim=True) / 127
-    s = torch.where(s == 0, torch.ones_like(s), s)
-    return torch.clamp(torch.round(xf / s), -128, 127), s
-
-
-def _dynamic_linear(x, p, dtype):
-    """Spec section 3 W8A8_DYNAMIC engine math, written out; weight_scale and bias as the engines hold them
-    (model dtype)."""
-    xq, s = _per_token_int8(x)
-    acc = xq.double() @ p["weight"].double().T                  # exact integers
-    y = acc.float() * p["weight_scale"].to(dtype).float().T * s
-    return (y + p["bias"].to(dtype).float() if "bias" in p else y).to(dtype)
-
-
-def _w4a8_linear(x, p, dtype, group):
-    """W4A8_DYNAMIC two-stage per-group (MindIE's A8W4 math), written out: S = dtype(dtype(weight_scale) *
-    dtype(weight_scale_second)), exact integer group sums, float32 sum over the groups in order, * per-token s."""
-    w = _unpack4(p["weight"], 0)
-    S = (p["weight_scale"].to(dtype) * p["weight_scale_second"].to(dtype)).float()
-    xq, s = _per_token_int8(x)
-    y = None
-    for j in range(S.shape[1]):
-        acc = (xq[..., j * group:(j + 1) * group].double() @ w[:, j * group:(j + 1) * group].double().T).float()
-        term = acc * S[:, j]
-        y = term if y is None else y + term
-    return (y * s).to(dtype)
-
-
 def _weight_only_linear(x, p, dtype, int4):
     """W8A16 / W4A16: W = (W_q + offset) * scale in the model dtype (npu_weight_quant_batchmatmul), x @ W^T.
     int4 (spec, version 1.0.0): a per-channel scale [n, 1] means packed along k, per-group along n."""
     w = p["weight"]
     if int4:
-        w = _unpack4(w, 1 if p["weight_scale"].shape[1] == 1 else 0)
+        w = unpack_int4(w, 1 if p["weight_scale"].shape[1] == 1 else 0)
     reps = x.shape[-1] // p["weight_scale"].shape[1]
     scale = p["weight_scale"].repeat_interleave(reps, 1).to(dtype)
     offset = p["weight_offset"].repeat_interleave(reps, 1).to(dtype)
@@ -235,14 +160,14 @@ def _weight_only_linear(x, p, dtype, int4):
 
 def _reference_layer(tensors, desc, i, cfg, h, cos, sin, dtype):
     def lin(name, x):
-        p = _linear_params(tensors, name)
+        p = linear_params(tensors, name)
         t = desc[name + ".weight"]
         if t in ("W8A8", "W8A8_MIX"):  # W8A8_MIX: the static (decode) path is what the graph runs
-            return _w8a8_linear(x, p, dtype)
+            return w8a8_linear(x, p, dtype)
         if t == "W8A8_DYNAMIC":
-            return _dynamic_linear(x, p, dtype)
+            return dynamic_linear(x, p, dtype)
         if t == "W4A8_DYNAMIC":
-            return _w4a8_linear(x, p, dtype, desc["group_size"])
+            return w4a8_linear(x, p, dtype, desc["group_size"])
         if t in ("W8A16", "W4A16"):
             return _weight_only_linear(x, p, dtype, int4=t == "W4A16")
         raise AssertionError(t)
@@ -253,8 +178,8 @@ def _reference_layer(tensors, desc, i, cfg, h, cos, sin, dtype):
 @pytest.mark.parametrize("scheme", ("w8a8",) + SCHEMES)
 def test_lowered_layer_matches_formula_from_its_tensors(layer_for, tiny_models, scheme):
     """Every scheme, before saving: the lowered graph vs the formula on the tensors it records for the artifact."""
-    gm, ctx = _fresh(layer_for(scheme))
-    _run(gm, ctx, scheme)
+    gm, ctx = fresh_layer(layer_for(scheme))
+    run_passes(gm, ctx, scheme)
     pre = "model.layers.0."
     tensors = {f"{pre}{lin}.{sfx}": t for lin, art in ctx.artifact.items() for sfx, t in art.tensors.items()}
     tensors.update({pre + k: v for k, v in gm.named_parameters()})  # the two norms
@@ -289,14 +214,6 @@ def _compile_and_compare(model_dir, calib_file, out, passes, dtype):
     return desc
 
 
-def _checker(out):
-    if not (SHARED / "tools" / "check_ascend_artifact.py").is_file():
-        return None
-    r = subprocess.run([sys.executable, str(SHARED / "tools" / "check_ascend_artifact.py"), str(out)],
-                       capture_output=True, text=True)
-    return r.stdout + r.stderr
-
-
 def test_mixed_w8a8d_attention_w4a16_mlp_executable_matches_formula(tiny_models, calib_file, tmp_path):
     """Qwen2 (q/k/v bias), bf16: W8A8_DYNAMIC on attention, W4A16 on the MLP (group 64: gate/up k=64 one
     group, packed along k; down k=128 two groups, packed along n), in one artifact."""
@@ -307,9 +224,7 @@ def test_mixed_w8a8d_attention_w4a16_mlp_executable_matches_formula(tiny_models,
     assert desc["model.layers.1.self_attn.v_proj.weight"] == "W8A8_DYNAMIC"
     assert desc["model.layers.1.self_attn.v_proj.bias"] == "FLOAT"
     assert desc["model.layers.1.mlp.down_proj.weight"] == "W4A16"
-    report = _checker(out)
-    if report is not None:
-        assert "\n0 errors" in "\n" + report.strip().splitlines()[-1], report
+    assert_checker_clean(out)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -324,9 +239,7 @@ def test_w4a8d_two_stage_executable_matches_formula_and_passes_checker(tiny_mode
     assert {k[len(down):] for k in tensors if k.startswith(down)} == {
         "weight", "weight_scale", "weight_offset", "weight_scale_second", "weight_offset_second", "scale_bias"}
     assert tensors[down + "weight_scale_second"].shape == (64, 4) and tensors[down + "scale_bias"].shape == (64, 16)
-    report = _checker(out)
-    if report is not None:
-        assert "\n0 errors" in "\n" + report.strip().splitlines()[-1], report
+    assert_checker_clean(out)
 
 
 def test_w4a8d_refuses_linear_bias_and_per_channel_before_any_work(tiny_models, tmp_path):
@@ -357,10 +270,7 @@ def test_recipe_w8a16_down_proj_w8a8_elsewhere_passes_checker(tiny_models, calib
              and k.startswith("model.layers.0.") and "layernorm" not in k}
     assert types == {**{n: "W8A8" for n in SHAPES}, "mlp.down_proj": "W8A16"}
     assert desc["model_quant_type"] == "W8A8" and desc["group_size"] == 0
-    report = _checker(out)
-    if report is None:
-        pytest.skip("../shared/tools/check_ascend_artifact.py absent")
-    assert "\n0 errors" in "\n" + report.strip().splitlines()[-1], report
+    assert_checker_clean(out)
 
 
 # ---- group size: one per artifact, decided from config.json before any work -----------------------------

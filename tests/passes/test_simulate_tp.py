@@ -16,8 +16,8 @@ from qcompiler.driver import compile_model
 from qcompiler.errors import QCError
 from qcompiler.ir import meta
 from qcompiler.passes import make_pass
-from tests.passes.test_schemes import _dynamic_linear, _fresh, _run, _unpack4, _w4a8_linear, qwen2_layer  # noqa: F401
-from tests.passes.test_w8a8 import _linear_params, _w8a8_linear, reference_layer
+from tests.helpers import (dynamic_linear, fresh_layer, linear_params, reference_layer, run_passes, unpack_int4,
+                           w4a8_linear, w8a8_linear)
 
 ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
 
@@ -44,7 +44,7 @@ def _card(p: dict, r: int, n: int, k: int) -> dict:
 def _weight_only(x, p, dtype, int4_dim):
     """W8A16 / W4A16 (spec section 3): W = (W_q + offset) * scale in the model dtype; int4_dim: the packing
     dimension of the whole Linear (1: per-channel, along k; 0: per-group, along n), None for int8."""
-    w = p["weight"] if int4_dim is None else _unpack4(p["weight"], int4_dim)
+    w = p["weight"] if int4_dim is None else unpack_int4(p["weight"], int4_dim)
     reps = x.shape[-1] // p["weight_scale"].shape[1]
     scale = p["weight_scale"].repeat_interleave(reps, 1).to(dtype)
     offset = p["weight_offset"].repeat_interleave(reps, 1).to(dtype)
@@ -54,11 +54,11 @@ def _weight_only(x, p, dtype, int4_dim):
 
 def _one(x, p, t, dtype, int4_dim=None):
     if t in ("W8A8", "W8A8_MIX"):
-        return _w8a8_linear(x, p, dtype)
+        return w8a8_linear(x, p, dtype)
     if t == "W8A8_DYNAMIC":
-        return _dynamic_linear(x, p, dtype)
+        return dynamic_linear(x, p, dtype)
     if t == "W4A8_DYNAMIC":  # two-stage per-group: the group is k / the number of weight_scale_second columns
-        return _w4a8_linear(x, p, dtype, x.shape[-1] // p["weight_scale_second"].shape[1])
+        return w4a8_linear(x, p, dtype, x.shape[-1] // p["weight_scale_second"].shape[1])
     if t in ("W8A16", "W4A16"):
         return _weight_only(x, p, dtype, int4_dim)
     if t == "FLOAT":
@@ -70,10 +70,10 @@ def _one(x, p, t, dtype, int4_dim=None):
                                     "w8a8d:match=q_proj|k_proj|v_proj"])
 def test_cards_match_the_per_card_formula(qwen2_layer, tiny_models, scheme):
     n = 2
-    gm, ctx = _fresh(qwen2_layer)
+    gm, ctx = fresh_layer(qwen2_layer)
     name, _, opts = scheme.partition(":")
     options = dict(o.split("=") for o in opts.split(":")) if opts else {}
-    _run(gm, ctx, (name, options), ("simulate_tp", {"size": str(n)}))
+    run_passes(gm, ctx, (name, options), ("simulate_tp", {"size": str(n)}))
     pre = "model.layers.0."
     tensors = {f"{pre}{lin}.{sfx}": t for lin, art in ctx.artifact.items() for sfx, t in art.tensors.items()}
     tensors.update({pre + k: v for k, v in gm.named_parameters()})
@@ -84,7 +84,7 @@ def test_cards_match_the_per_card_formula(qwen2_layer, tiny_models, scheme):
     dtype = ctx.dtype
 
     def lin(full, x):
-        p = _linear_params(tensors, full)
+        p = linear_params(tensors, full)
         t = desc.get(full + ".weight", "FLOAT")  # float Linears that are no card split keep their params
         int4_dim = (1 if p["weight_scale"].shape[1] == 1 else 0) if t == "W4A16" else None
         if not full.endswith(ROW_PARALLEL):
@@ -108,8 +108,8 @@ def test_dynamic_cards_use_their_own_per_token_scales(qwen2_layer):
     """With per-token activations the split changes the numbers (each card's scale covers k/N columns)."""
     outs = []
     for size in ("1", "4"):
-        gm, ctx = _fresh(qwen2_layer)
-        _run(gm, ctx, "w8a8d", ("simulate_tp", {"size": size}))
+        gm, ctx = fresh_layer(qwen2_layer)
+        run_passes(gm, ctx, "w8a8d", ("simulate_tp", {"size": size}))
         with torch.no_grad():
             outs.append(gm(ctx.inputs.hidden, position_embeddings=ctx.inputs.position_embeddings).float())
     assert not torch.equal(outs[0], outs[1])
@@ -118,7 +118,7 @@ def test_dynamic_cards_use_their_own_per_token_scales(qwen2_layer):
 
 
 def test_marks_only_the_communication_linears(qwen2_layer):
-    gm, ctx = _fresh(qwen2_layer)
+    gm, ctx = fresh_layer(qwen2_layer)
     make_pass("w8a8d").run(gm, ctx)
     result = make_pass("simulate_tp", {"size": "2"}).run(gm, ctx)
     assert sorted(result.stats["linears"]) == sorted(ROW_PARALLEL)

@@ -4,8 +4,6 @@ contract with sparse, and the target / dtype errors raised before any work."""
 import json
 import math
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from qcompiler.executable import read_info, read_layer_tensors
 from qcompiler.passes import TAIL, PassManager, make_pass
 from qcompiler.runtime import load_model
 from qcompiler.targets import check_target, get_target
-from tests.conftest import SHARED
+from tests.helpers import assert_checker_clean
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -69,12 +67,12 @@ def test_w8a8s_artifact_zeros_range_and_fp16_encoding(w8a8s_out):
                 assert pruned.sum() == q.numel() // 2 and (q[pruned] == 0).all()
 
 
-def test_w8a8s_checker_and_executable(w8a8s_out, calib_file):
+def test_w8a8s_checker_accepts_the_artifact(w8a8s_out):
+    assert_checker_clean(w8a8s_out[0] / "w8a8s")
+
+
+def test_w8a8s_executable_runs(w8a8s_out, calib_file):
     out = w8a8s_out[0] / "w8a8s"
-    checker = SHARED / "tools" / "check_ascend_artifact.py"
-    if checker.is_file():
-        r = subprocess.run([sys.executable, str(checker), str(out)], capture_output=True, text=True)
-        assert r.returncode == 0 and "\n0 errors," in "\n" + r.stdout, r.stdout[-2000:]
     layer = read_layer_tensors(out / "executable", read_info(out / "executable"), 0)
     assert layer["self_attn.q_proj.deq_scale"].dtype == torch.int64
     model = load_model(out)

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from qcompiler.backends.ascend.int4 import pack_int4
 from qcompiler.errors import QCError
+from qcompiler.ir import qnumerics as qn
 
 # ---- quant type strings (spec section 2) -------------------------------------------------------------------------
 FLOAT = "FLOAT"
@@ -89,11 +90,11 @@ def tensor_quant_type(suffix: str, linear_type: str) -> str:
 
 
 def _qmax(bits: int) -> int:
-    if bits == 8:
-        return 127
-    if bits == 4:
-        return 7
-    raise ValueError(f"bits must be 8 or 4, got {bits}")
+    """qmax of the widths the Ascend artifact stores (8: int8, 4: int4); others are refused before any work
+    (capability.py), and here again rather than written at another width."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 8 or 4, got {bits}")
+    return qn.qmax(bits)
 
 
 def _check_2d(t: Tensor, what: str) -> tuple[int, int]:
@@ -331,18 +332,12 @@ def encode_deq_scale(deq: Tensor, model_dtype: torch.dtype | str) -> Tensor:
         raise ValueError("deq_scale must be finite and > 0 (input_scale * weight_scale underflowed?)")
     if dtype == torch.bfloat16:
         return d
-    bits = np.frombuffer(d.numpy().tobytes(), dtype=np.int32).astype(np.int64)
-    return torch.from_numpy(bits.copy())
+    return qn.float32_bits_to_int64(d)
 
 
 def decode_deq_scale(t: Tensor) -> Tensor:
     """Inverse of `encode_deq_scale`: the float32 deq_scale values from either stored form."""
-    if t.dtype != torch.int64:
-        return t.float()
-    raw = t.numpy()
-    if (raw >> 32).any():
-        raise ValueError("int64 deq_scale has non-zero high 32 bits: not a float32 bit-copy")
-    return torch.from_numpy((raw & 0xFFFFFFFF).astype(np.uint32).view(np.float32).copy())
+    return qn.int64_bits_to_float32(t)
 
 
 def _quant_bias(q: Tensor, bias: Tensor | None, deq: Tensor, o_x: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ import math
 import torch
 from torch import Tensor
 
+from ...ir import qnumerics as qn
 from .int4 import unpack_int4
 
 # Weight packings, as the artifact stores them (spec sec. 3).
@@ -57,10 +58,7 @@ def decode_deq_scale(deq_scale: Tensor) -> Tensor:
         return deq_scale
     if deq_scale.dtype != torch.int64:
         raise ValueError(f"deq_scale must be float32 or int64-encoded, got {deq_scale.dtype}")
-    low = deq_scale & 0xFFFFFFFF
-    # Map the unsigned 32-bit pattern to the signed int32 with the same bits, then reinterpret.
-    low = torch.where(low >= 2**31, low - 2**32, low)
-    return low.to(torch.int32).contiguous().view(torch.float32)
+    return qn.int64_bits_to_float32(deq_scale, check=False)  # the one codec (ir/qnumerics.py)
 
 
 def _check_int8_pair(x: Tensor, weight: Tensor, what: str) -> None:

@@ -14,7 +14,7 @@ from qcompiler.backends.ascend.int4 import unpack_int4
 from qcompiler.generate import generate
 from qcompiler.ir.decode import build_decode_graph
 from qcompiler.runtime import load_model
-from tests.test_cli_errors import SMALL
+from tests.helpers import SMALL
 
 CASES = [("llama", "w8a8,kv8"), ("qwen2", "w8a8d"), ("qwen2", "w8a16"), ("qwen3", "w4a16:group=32,fa3"),
          ("llama", "w4a16:group=0"), ("llama", "w4a8d"), ("llama", "w8a16:group=32")]

@@ -1,0 +1,123 @@
+"""The numbers behind a quantization spec: one definition of qmax, scales, codes, fake-quant and the
+deq_scale codec, for every integer width 2..8 (every other module calls these; none re-derives them).
+
+Symmetric integer codes of `bits` bits use the narrow range [-qmax, qmax], qmax = 2**(bits-1) - 1 (the
+most negative code is never produced: symmetric kernels assume it, and the artifact checker reads -128 / -8
+as asymmetric). Codes of any width 2..8 are stored in an int8 container (`storage_dtype`); 4-bit and narrower
+codes may also be packed two per byte by a backend (backends/ascend/int4.py), which is the backend's choice.
+
+    scale  = absmax(x over the channel / group) * ratio / qmax     (ratio 1: min-max; clipping searches < 1)
+             a zero scale (all-zero channel or group, or an underflow) becomes 1.0: any scale codes 0 as 0
+    q      = clamp(round(x / scale), -qmax, qmax)                  (round half to even, torch.round)
+    x_hat  = q * scale                                             (fake_quant = dequantize(quantize(x)))
+
+Shapes: weights are [n, k]; a scale is [n, G] (G = 1 per-channel, k / group per-group); `group_view`
+gives [n, G, k / G] so one broadcasting formula serves both. Math is float32 (callers pass float32).
+"""
+import numpy as np
+import torch
+
+#: integer widths a spec may ask for (TensorQuant.bits)
+BITS = range(2, 9)
+
+
+def check_bits(bits: int) -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"bits must be an integer in {BITS.start}..{BITS.stop - 1}, got {bits!r}")
+    return bits
+
+
+def qmax(bits: int) -> int:
+    """Largest symmetric code: 127 (8 bits), 31 (6), 7 (4), 1 (2)."""
+    return 2 ** (check_bits(bits) - 1) - 1
+
+
+def code_range(bits: int, narrow: bool = True) -> tuple[int, int]:
+    """(lowest, highest) code: symmetric narrow [-qmax, qmax], or the full two's-complement range."""
+    top = qmax(bits)
+    return (-top if narrow else -top - 1), top
+
+
+def storage_dtype(bits: int) -> torch.dtype:
+    """The unpacked container of `bits`-bit codes (int8 for every width 2..8)."""
+    check_bits(bits)
+    return torch.int8
+
+
+def group_view(w: torch.Tensor, group: int) -> torch.Tensor:
+    """[n, k] -> [n, G, k / G] with G = k / group (group 0: one group per row, per-channel)."""
+    n, k = w.shape
+    return w.reshape(n, k // (group or k), -1)
+
+
+def absmax_scale(absmax: torch.Tensor, bits: int, ratio: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """absmax * ratio / qmax, with 1.0 where that is not > 0 (zero channel or group)."""
+    scale = absmax * ratio / qmax(bits)  # ratio 1.0: x * 1.0 == x exactly, so min-max is absmax / qmax
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def weight_scale(w: torch.Tensor, bits: int, group: int = 0) -> torch.Tensor:
+    """Min-max symmetric scale [n, G] of weight w [n, k] (float32 math)."""
+    return absmax_scale(group_view(w, group).abs().amax(-1), bits)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, bits: int, narrow: bool = True) -> torch.Tensor:
+    """Codes clamp(round(x / scale), lowest, qmax) as floats (x and scale broadcast); lowest = -qmax (narrow,
+    weights) or -qmax - 1 (activations: the full two's-complement range)."""
+    low, high = code_range(bits, narrow)
+    return torch.round(x / scale).clamp_(low, high)
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group: int = 0,
+                    scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [n, k] in the storage dtype, scale [n, G]): `scale` given, or min-max (`weight_scale`)."""
+    n, k = w.shape
+    groups = group_view(w, group)
+    if scale is None:
+        scale = absmax_scale(groups.abs().amax(-1), bits)
+    q = quantize(groups, scale.unsqueeze(-1), bits)
+    return q.to(storage_dtype(bits)).reshape(n, k), scale
+
+
+def column_scale(scale: torch.Tensor, k: int) -> torch.Tensor:
+    """Scale [n, G] expanded to one value per weight element [n, k]."""
+    return scale.repeat_interleave(k // scale.shape[1], dim=1)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 q * scale, scale [n, G] per-channel or per-group over q [n, k]."""
+    return q.float() * column_scale(scale, q.shape[1])
+
+
+def fake_quant(w: torch.Tensor, bits: int, group: int = 0,
+               scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dequantized weight [n, k], scale [n, G]) = dequantize(quantize_weight(...)) in one pass over the
+    weight (no integer codes), for searches that try many candidate scales."""
+    n, k = w.shape
+    groups = group_view(w, group)
+    if scale is None:
+        scale = absmax_scale(groups.abs().amax(-1), bits)
+    s3 = scale.unsqueeze(-1)
+    return (quantize(groups, s3, bits) * s3).reshape(n, k), scale
+
+
+# ---- deq_scale codec: a float32 carried in an int64 (its IEEE-754 bits in the low 32 bits) ---------------------
+def float32_bits_to_int64(values: torch.Tensor) -> torch.Tensor:
+    """int64 [n] whose low 32 bits are the float32 bits of `values` (positive: high bits zero), i.e.
+    `np.frombuffer(f32.tobytes(), np.int32).astype(np.int64)` (spec section 3, fp16 deq_scale)."""
+    d = values.detach().float().reshape(-1).contiguous()
+    return torch.from_numpy(np.frombuffer(d.numpy().tobytes(), dtype=np.int32).astype(np.int64).copy())
+
+
+def int64_bits_to_float32(t: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """Inverse of `float32_bits_to_int64` in torch ops only (kernels call it on every matmul); a float tensor
+    is returned as float32. `check`: ValueError when the high 32 bits are not zero (not a float32 bit-copy of
+    a positive value)."""
+    if t.dtype != torch.int64:
+        return t.float()
+    if check and bool((t >> 32).any()):
+        raise ValueError("int64 deq_scale has non-zero high 32 bits: not a float32 bit-copy")
+    low = t & 0xFFFFFFFF
+    # the unsigned 32-bit pattern as the signed int32 with the same bits, then reinterpreted as float32
+    low = torch.where(low >= 2 ** 31, low - 2 ** 32, low)
+    return low.to(torch.int32).contiguous().view(torch.float32)

@@ -1,0 +1,354 @@
+"""Shared test helpers (imported by tests and by tests/byte_identity.py; never by the package).
+
+Tiny random HF checkpoints (Llama / Qwen2 / Qwen3) with a real tokenizer: the tokenizer is a small
+byte-level BPE trained here on a fixed text (tokenizers library), so fast tests need neither the network
+nor ../shared. Real-model fixtures (SmolLM2 via ../shared/models/get_models.py) live in tests/e2e and skip
+when ../shared is absent.
+"""
+import json
+from pathlib import Path
+
+import torch
+
+TEXT = ("Quantization maps floating point weights and activations to small integers. "
+        "The Ascend NPU runs int8 matrix multiplications with int32 accumulation. "
+        "A calibration set gives the ranges of the activations of every layer. ") * 20
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def tiny_config(arch: str, vocab: int):
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=False)
+    if arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+        return LlamaConfig(**common), LlamaForCausalLM
+    if arch == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        return Qwen2Config(**common, use_sliding_window=False), Qwen2ForCausalLM
+    if arch == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+        return Qwen3Config(**common, head_dim=16), Qwen3ForCausalLM
+    raise ValueError(arch)
+
+
+def make_tiny_model(folder: Path, arch: str = "llama", dtype=torch.bfloat16, seed: int = 0) -> Path:
+    """Save a tiny random `arch` checkpoint with a trained tokenizer into `folder`; returns it."""
+    tok = tiny_tokenizer()
+    cfg, cls = tiny_config(arch, len(tok))
+    torch.manual_seed(seed)
+    model = cls(cfg).to(dtype).eval()
+    if arch == "qwen2":  # random (non-zero) q/k/v biases, so the bias path is exercised
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.02)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+
+
+def write_calib_file(path: Path) -> Path:
+    """10 rows of TEXT in msModelSlim's layout (`inputs_pretokenized`), the tests' calibration file."""
+    rows = [{"inputs_pretokenized": TEXT[i * 200:(i + 1) * 200]} for i in range(10)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------- one layer graph
+
+def capture_tiny_layer(folder: Path, index: int = 0, seed: int = 1, seqs: int = 4, length: int = 16):
+    """(layer `index` of checkpoint `folder` captured as the compiler does, its LayerContext) on `seqs` x
+    `length` random token ids (generator seed `seed`)."""
+    from qcompiler.ir.capture import HFSkeleton
+    from qcompiler.loading import open_checkpoint
+    from qcompiler.passes import LayerContext
+    ckpt = open_checkpoint(folder)
+    skel = HFSkeleton(ckpt)
+    ids = torch.randint(0, 250, (seqs, length), generator=torch.Generator().manual_seed(seed))
+    inputs = skel.layer0_inputs(ids)
+    return skel.capture_layer(index, inputs), LayerContext(index=index, inputs=inputs, dtype=ckpt.dtype)
+
+
+def sdpa_inputs(gm, ctx):
+    """The float q/k/v the attention node of `gm` reads on ctx's inputs (fx Interpreter)."""
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    seen = {}
+
+    class Spy(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.op == "call_function" and n.target == sdpa:
+                seen["args"] = [self.env[a] for a in n.args[:3]]
+            return out
+
+    with torch.no_grad():
+        Spy(gm).run(ctx.inputs.hidden, *ctx.inputs.position_embeddings)
+    return seen["args"]
+
+
+# ------------------------------------------------------------------ scheme math written out (engine formulas)
+
+def unpack_int4(p: torch.Tensor, dim: int) -> torch.Tensor:
+    """Independent int4 unpack (bit ops) of int8 storage: low nibble = even index along `dim`."""
+    p = p.to(torch.int16)
+    lo, hi = ((p & 0xF) ^ 8) - 8, (((p >> 4) & 0xF) ^ 8) - 8
+    return torch.stack([lo, hi], dim=dim + 1).flatten(dim, dim + 1).to(torch.int8)
+
+
+def per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes as float, float32 scale [..., 1]): symmetric per-token dynamic quantization, absmax / 127."""
+    xf = x.float()
+    s = xf.abs().amax(-1, keepdim=True) / 127
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return torch.clamp(torch.round(xf / s), -128, 127), s
+
+
+def dynamic_linear(x: torch.Tensor, p: dict, dtype: torch.dtype) -> torch.Tensor:
+    """Spec section 3 W8A8_DYNAMIC engine math, written out; weight_scale and bias as the engines hold them
+    (model dtype)."""
+    xq, s = per_token_int8(x)
+    acc = xq.double() @ p["weight"].double().T                  # exact integers
+    y = acc.float() * p["weight_scale"].to(dtype).float().T * s
+    return (y + p["bias"].to(dtype).float() if "bias" in p else y).to(dtype)
+
+
+def w4a8_linear(x: torch.Tensor, p: dict, dtype: torch.dtype, group: int) -> torch.Tensor:
+    """W4A8_DYNAMIC two-stage per-group (MindIE's A8W4 math), written out: S = dtype(dtype(weight_scale) *
+    dtype(weight_scale_second)), exact integer group sums, float32 sum over the groups in order, * per-token s."""
+    w = unpack_int4(p["weight"], 0)
+    S = (p["weight_scale"].to(dtype) * p["weight_scale_second"].to(dtype)).float()
+    xq, s = per_token_int8(x)
+    y = None
+    for j in range(S.shape[1]):
+        acc = (xq[..., j * group:(j + 1) * group].double() @ w[:, j * group:(j + 1) * group].double().T).float()
+        term = acc * S[:, j]
+        y = term if y is None else y + term
+    return (y * s).to(dtype)
+
+
+# ------------------------------------------------------------------------- passes on one captured layer
+
+def capture_layer_and_output(folder: Path, seed: int = 1):
+    """(layer 0 graph, its LayerInputs, model dtype, float32 output) of checkpoint `folder` on 4 x 16 random ids."""
+    gm, ctx = capture_tiny_layer(folder, 0, seed=seed)
+    with torch.no_grad():
+        want = gm(ctx.inputs.hidden, position_embeddings=ctx.inputs.position_embeddings).float()
+    return gm, ctx.inputs, ctx.dtype, want
+
+
+def fresh_layer(layer):
+    """(a deep copy of the layer graph, a new LayerContext) from a capture_layer_and_output() tuple."""
+    import copy
+    from qcompiler.passes import LayerContext
+    gm, inputs, dtype, _ = layer
+    return copy.deepcopy(gm), LayerContext(index=0, inputs=inputs, dtype=dtype)
+
+
+def run_passes(gm, ctx, *passes):
+    """Run `passes` (names or (name, options)) then the tail (observe, calibrate, lower) on gm in place."""
+    from qcompiler.passes import TAIL, PassManager, make_pass
+    PassManager([make_pass(*p) if isinstance(p, tuple) else make_pass(p) for p in passes]
+                + [make_pass(n) for n in TAIL]).run(gm, ctx)
+    return gm
+
+
+# ---------------------------------------------------------------------------- generation with a KV cache
+
+def recompute_logits(model, ids):
+    """Logits [1, L, V] of the full sequence through the ordinary (recomputing) layer graphs."""
+    from qcompiler.ir.capture import LayerInputs
+    h = model.head.embed(ids)
+    pe = model.head.rope(ids.shape[1])
+    with torch.inference_mode():
+        for i in range(model.layers.num_layers):
+            h = model.layers.get(i, LayerInputs(h, pe))(h, position_embeddings=pe)
+        return model.head.logits(h).float()
+
+
+def cached_logits(model, ids, prefill: int):
+    """Logits of positions prefill-1 .. L-1: one prefill of `prefill` tokens, then one token per step."""
+    from qcompiler.generate import KVCache, decode_layers, forward_cached
+    from qcompiler.ir.capture import LayerInputs
+    sample = LayerInputs(model.head.embed(ids), model.head.rope(ids.shape[1]))
+    layers = decode_layers(model, sample)
+    cache = KVCache([s for _, s in layers], 1, ids.shape[1])
+    out = []
+    with torch.inference_mode():
+        h = forward_cached(model, layers, cache, ids[:, :prefill])
+        out.append(model.head.logits(h[:, -1:]).float())
+        for p in range(prefill, ids.shape[1]):
+            h = forward_cached(model, layers, cache, ids[:, p:p + 1])
+            out.append(model.head.logits(h).float())
+    return torch.cat(out, dim=1), cache
+
+
+# ------------------------------------------------- a decoder layer written out from the artifact's tensors
+
+def decode_deq_scale(t: torch.Tensor) -> torch.Tensor:
+    """An artifact deq_scale as float32: int64 holds the float32 bits in its low 32 bits (float16 models)."""
+    import numpy as np
+    if t.dtype == torch.int64:
+        return torch.from_numpy((t.numpy() & 0xFFFFFFFF).astype(np.uint32).view(np.float32).copy())
+    return t.float()
+
+
+def w8a8_linear(x: torch.Tensor, p: dict, dtype: torch.dtype) -> torch.Tensor:
+    """Spec section 3, W8A8 engine math, written out (p: the Linear's artifact tensors by suffix)."""
+    recip = (1.0 / p["input_scale"].to(dtype)).to(dtype).float()
+    xq = torch.clamp(torch.round(x.float() * recip + p["input_offset"].float()), -128, 127)
+    acc = xq.double() @ p["weight"].double().T + p["quant_bias"].double()   # exact integers in float64
+    return (acc.float() * decode_deq_scale(p["deq_scale"])).to(dtype)
+
+
+def _rms(x, w, eps):
+    x32 = x.float()
+    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotary embedding as transformers applies it (x [B, heads, L, D], cos/sin [1, L, D])."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(1) + rot * sin.unsqueeze(1)
+
+
+def linear_params(t: dict, prefix: str) -> dict:
+    """The artifact tensors of one Linear, keyed by suffix."""
+    return {k[len(prefix) + 1:]: v for k, v in t.items() if k.startswith(prefix + ".")}
+
+
+def reference_layer(lin, t, i, cfg, h, cos, sin):
+    """A decoder layer written out from artifact tensors; `lin(full_linear_name, x)` applies one Linear."""
+    import torch.nn.functional as F
+    pre = f"model.layers.{i}."
+    eps, nh, kvh = cfg["rms_norm_eps"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // nh
+    b, s, _ = h.shape
+    x = _rms(h, t[pre + "input_layernorm.weight"], eps)
+    q = lin(pre + "self_attn.q_proj", x).view(b, s, nh, hd).transpose(1, 2)
+    k = lin(pre + "self_attn.k_proj", x).view(b, s, kvh, hd).transpose(1, 2)
+    v = lin(pre + "self_attn.v_proj", x).view(b, s, kvh, hd).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    att = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hd ** -0.5, enable_gqa=True)
+    h = h + lin(pre + "self_attn.o_proj", att.transpose(1, 2).reshape(b, s, -1))
+    x = _rms(h, t[pre + "post_attention_layernorm.weight"], eps)
+    return h + lin(pre + "mlp.down_proj", F.silu(lin(pre + "mlp.gate_proj", x)) * lin(pre + "mlp.up_proj", x))
+
+
+# ------------------------------------------------------------------------------- the artifact checker
+
+CHECKER = SHARED / "tools" / "check_ascend_artifact.py"
+
+
+def checker_report(out: Path) -> dict:
+    """../shared/tools/check_ascend_artifact.py --json on `out` ({errors, warnings, violations, ...}).
+    Skips the calling test (visibly, never a silent pass) when ../shared is absent."""
+    import subprocess
+    import sys
+    import pytest
+    if not CHECKER.is_file():
+        pytest.skip(f"artifact checker {CHECKER} absent (../shared)")
+    r = subprocess.run([sys.executable, str(CHECKER), "--json", str(out)], capture_output=True, text=True)
+    try:
+        return json.loads(r.stdout)
+    except ValueError:
+        raise AssertionError(f"checker gave no JSON (exit {r.returncode}): {r.stdout[-1000:]}{r.stderr[-2000:]}")
+
+
+def assert_checker_clean(out: Path) -> dict:
+    """The checker finds 0 errors in `out` (call it last in a test: it skips when the checker is absent)."""
+    report = checker_report(out)
+    assert report["errors"] == 0, report["violations"]
+    return report
+
+
+# ------------------------------------------------------------------------------ the command line, in tests
+
+#: calibration flags of the CLI tests' tiny compiles
+SMALL = ["--calib-samples", "2", "--seq-len", "32"]
+
+
+def leftovers(parent: Path, name: str = "out") -> list[str]:
+    """Entries of `parent` that a compile into parent/name would have made (OUT, `.OUT.tmp-PID`,
+    `.OUT.lock-PID`, `.OUT.old-PID`)."""
+    return sorted(p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}."))
+
+
+def make_old_out(out: Path, note: str = "old") -> Path:
+    """A folder that looks like a previous compile's OUT (what --force may replace), with a note file."""
+    out.mkdir()
+    (out / "qcompile_report.json").write_text("{}")
+    (out / "old.txt").write_text(note)
+    return out
+
+
+def expect_error(capsys, argv, *needles) -> str:
+    """Run main(argv): exit 2, exactly one 'qcompile: error:' line, the last one, holding every needle."""
+    from qcompiler import cli
+    rc = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    errors = [line for line in lines if line.startswith("qcompile: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], f"not one error line:\n{err}"
+    for needle in needles:
+        assert needle.lower() in errors[0].lower(), f"{needle!r} not in {errors[0]!r}"
+    return errors[0]
+
+
+def rewrite_weights(folder: Path, edit) -> None:
+    """Apply `edit(tensors)` to folder/model.safetensors in place."""
+    from safetensors.torch import load_file, save_file
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def edit_config(folder: Path, **changes) -> None:
+    """Update keys of folder/config.json."""
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+#: the commands that read a model folder
+MODEL_COMMANDS = ("compile", "eval", "run", "inspect")
+
+
+def model_command_argv(command: str, model, tmp_path: Path, data) -> list:
+    """The smallest argv of `command` on `model` (compile into tmp_path/out, eval/run on one short window)."""
+    return {"compile": [model, "-o", tmp_path / "out", "--calib", data, *SMALL],
+            "eval": ["eval", model, "--data", data, "--seq-len", "32", "--max-windows", "1"],
+            "run": ["run", model, "--prompt", "hello", "--raw", "--max-new-tokens", "1"],
+            "inspect": ["inspect", model]}[command]
+
+
+def expect_refused(capsys, monkeypatch, tmp_path: Path, command: str, model, data, *needles) -> str:
+    """`command` on `model` fails with one error line holding every needle; a compile does no work and
+    leaves nothing behind."""
+    import qcompiler.driver as driver
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the checkpoint was checked")
+    monkeypatch.setattr(driver, "_compile_into", no_work)
+    line = expect_error(capsys, model_command_argv(command, model, tmp_path, data), *needles)
+    assert leftovers(tmp_path) == []
+    return line

@@ -1,0 +1,61 @@
+"""ir/qnumerics.py: the one definition of codes and scales, for every width 2..8 (formulas written out)."""
+import numpy as np
+import pytest
+import torch
+
+from qcompiler.ir import qnumerics as qn
+
+
+def test_qmax_and_ranges_every_width():
+    assert [qn.qmax(b) for b in range(2, 9)] == [1, 3, 7, 15, 31, 63, 127]
+    assert qn.code_range(8) == (-127, 127) and qn.code_range(8, narrow=False) == (-128, 127)
+    assert qn.code_range(2) == (-1, 1)
+    assert all(qn.storage_dtype(b) == torch.int8 for b in range(2, 9))
+    for bad in (1, 9, 0, 4.0, True):
+        with pytest.raises(ValueError, match="bits must be an integer in 2..8"):
+            qn.qmax(bad)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("group", [0, 4])
+def test_quantize_weight_is_the_written_out_formula(bits, group):
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(6, 8, generator=g)
+    w[1] = 0.0                                            # a zero row: scale 1.0, codes 0
+    q, scale = qn.quantize_weight(w, bits, group)
+    top = 2 ** (bits - 1) - 1
+    cols = group or 8
+    want_scale = w.reshape(6, 8 // cols, cols).abs().amax(-1) / top
+    want_scale[1] = 1.0
+    assert torch.equal(scale, want_scale)
+    per_elem = want_scale.repeat_interleave(cols, dim=1)
+    assert q.dtype == torch.int8
+    assert torch.equal(q, torch.clamp(torch.round(w / per_elem), -top, top).to(torch.int8))
+    assert int(q.abs().max()) == top                       # the row absmax maps to +-qmax exactly
+    assert (q[1] == 0).all()
+    hat, s2 = qn.fake_quant(w, bits, group)
+    assert torch.equal(s2, scale) and torch.equal(hat, qn.dequantize(q, scale))
+
+
+def test_given_scale_clamps_to_the_narrow_range():
+    w = torch.tensor([[1.0, -1.0, 0.24, -0.26]])
+    q, scale = qn.quantize_weight(w, 3, 0, torch.tensor([[0.1]]))
+    assert torch.equal(scale, torch.tensor([[0.1]])) and q.tolist() == [[3, -3, 2, -3]]  # 0.24/0.1 -> 2
+
+
+def test_ratio_one_is_min_max():
+    a = torch.tensor([0.0, 1e-3, 5.0])
+    assert torch.equal(qn.absmax_scale(a, 8, 1.0), torch.where(a > 0, a / 127, torch.ones_like(a)))  # float32 math
+    assert torch.equal(qn.absmax_scale(a, 4, 0.5), torch.where(a > 0, a * 0.5 / 7, torch.ones_like(a)))
+
+
+def test_deq_scale_codec():
+    f = torch.tensor([1.0, 2.5e-6, 3.0e-4], dtype=torch.float32)
+    bits = qn.float32_bits_to_int64(f)
+    assert bits.dtype == torch.int64
+    assert bits.tolist() == np.frombuffer(f.numpy().tobytes(), np.int32).astype(np.int64).tolist()
+    assert bits[0].item() == 0x3F800000
+    assert torch.equal(qn.int64_bits_to_float32(bits), f)
+    assert torch.equal(qn.int64_bits_to_float32(f), f)
+    with pytest.raises(ValueError, match="high 32 bits"):
+        qn.int64_bits_to_float32(torch.tensor([1 << 40]))

@@ -63,6 +63,8 @@ TINY_PIPELINES = (
     ("gptq-w8a8d", "gptq,w8a8d", []),
     ("sparse", "sparse:ratio=0.5", []),
     ("sparse-w8a8s-310p", "sparse:ratio=0.5,w8a8s", ["--target", "ascend310p", "--dtype", "float16"]),
+    ("sparse-w16a16s", "sparse:ratio=0.5,w16a16s", []),
+    ("w8a8d-tp2", "w8a8d,simulate_tp:size=2", []),
     ("w8a8-310p", "w8a8", ["--target", "ascend310p", "--dtype", "float16"]),
     ("w8a8-kv8", "w8a8,kv8", []),
     ("w8a8d-fa3", "w8a8d,fa3", []),

@@ -34,9 +34,12 @@ def test_tiny_list_covers_every_pass_architecture_and_target():
     assert set(user_pass_names()) <= used, f"passes without a byte-identity case: {set(user_pass_names()) - used}"
     schemes = {n for n, cls in REGISTRY.items() if cls.quant_type and "annotated" in cls.produces}
     for arch in byte_identity.ARCHS:
-        # every scheme alone on every architecture (w8a8s only after sparse: it requires it)
+        # every scheme alone on every architecture (w8a8s / w16a16s only after sparse: they require it)
         alone = {passes for name, a, passes, _ in cases if a == arch}
-        assert schemes - {"w8a8s"} <= alone, (arch, schemes - alone)
+        after_sparse = {n for n in schemes if "sparse" in REGISTRY[n].requires}
+        assert after_sparse == {"w8a8s", "w16a16s"}
+        assert schemes - after_sparse <= alone, (arch, schemes - alone)
+        assert {f"sparse:ratio=0.5,{n}" for n in after_sparse} <= alone, arch
     targets = {flags[flags.index("--target") + 1] for *_, flags in cases if "--target" in flags} | {"ascend910b"}
     assert targets == set(TARGETS)
     assert {a for _, a, _, _ in cases} == {"llama", "qwen2", "qwen3"}

@@ -47,11 +47,15 @@ def test_recipe_is_the_measured_best(quant_type, variant):
 
 
 def test_quant_command_reproduces_the_w8a8_recipe():
+    """On SmolLM2, `qcompile quant --quant_type w8a8` reaches exactly the recipe's measured perplexity (the rows
+    of `bench/run_recipes.py --rows quant`); skipped, naming what is missing, until they are measured."""
     res = _results()
-    for variant in ("llama", "qwen2"):
-        quant = res.get(f"{variant}/quant/--quant_type w8a8")
-        if quant is None:
-            continue
+    measured = [v for v in ("llama", "qwen2") if f"{v}/quant/--quant_type w8a8" in res]
+    if not measured:
+        pytest.skip("no `qcompile quant --quant_type w8a8` row in bench/results/recipes.json yet "
+                    "(python3 bench/run_recipes.py --rows quant)")
+    for variant in measured:
+        quant = res[f"{variant}/quant/--quant_type w8a8"]
         recipe = recipe_for("w8a8", variant)
         rows = [r for r in res.values() if r.get("variant") == variant and r.get("quant_type_key") == "w8a8"
                 and r["settings"]["passes"] == recipe.passes]

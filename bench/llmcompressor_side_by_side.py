@@ -40,7 +40,6 @@ says why in one line, records it in bench/results/llmcompressor.md and exits 0.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import math
 import os
@@ -50,11 +49,13 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HeavyLock  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 CALIB = SHARED / "data" / "calib" / "wiki_calib.jsonl"
 EVAL = SHARED / "data" / "calib" / "wiki_eval.jsonl"
-LOCK = "/tmp/qc-heavy.lock"
 RESULTS = ROOT / "bench" / "results" / "llmcompressor.json"
 OURS = ROOT / "bench" / "results" / "pipelines.json"
 MODEL = Path.home() / ".cache" / "qc-models" / "smollm2-135m"
@@ -237,19 +238,15 @@ def run_worker(recipe: str, args) -> dict:
            "--model", str(args.model), "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len),
            "--max-windows", str(args.max_windows)]
     print("$ " + " ".join(cmd), flush=True)
-    with open(LOCK, "a") as lk:
-        fcntl.flock(lk, fcntl.LOCK_EX)
-        try:
-            load = round(os.getloadavg()[0], 2)
-            t0 = time.perf_counter()
-            with open(log, "w") as f:
-                # cwd: the work folder (llm-compressor may write logs into the current directory)
-                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=args.work)
-                _, status, usage = os.wait4(proc.pid, 0)
-            wall = time.perf_counter() - t0
-            load_after = round(os.getloadavg()[0], 2)
-        finally:
-            fcntl.flock(lk, fcntl.LOCK_UN)
+    with HeavyLock():
+        load = round(os.getloadavg()[0], 2)
+        t0 = time.perf_counter()
+        with open(log, "w") as f:
+            # cwd: the work folder (llm-compressor may write logs into the current directory)
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=args.work)
+            _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        load_after = round(os.getloadavg()[0], 2)
     if os.waitstatus_to_exitcode(status) or not out.exists():
         lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
         err = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "?")

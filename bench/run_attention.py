@@ -23,9 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import LOCK, HeavyLock  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-LOCK = "/tmp/qc-heavy.lock"
 
 #: in run order (most important first: the report is rewritten after every step, so a cut-off run still
 #: leaves its figures); the generation timing runs right after w8a8d_kv8 (it needs that artifact)
@@ -43,24 +45,6 @@ PROMPT = "Explain in a few sentences why large language models are quantized bef
 def qcompile() -> list[str]:
     exe = shutil.which("qcompile")
     return [exe] if exe else [sys.executable, "-m", "qcompiler.cli"]
-
-
-class heavy_lock:
-    """The global heavy-job lock (flock(2) on LOCK, the same lock `flock /tmp/qc-heavy.lock CMD` takes), held
-    for one config's compile + eval (or the generation runs): fewer, still short, turns at the lock."""
-
-    def __enter__(self):
-        import fcntl
-        self.f = open(LOCK, "a")
-        t0 = time.perf_counter()
-        fcntl.flock(self.f, fcntl.LOCK_EX)
-        print(f"(lock after {time.perf_counter() - t0:.0f} s)", flush=True)
-        return self
-
-    def __exit__(self, *exc):
-        import fcntl
-        fcntl.flock(self.f, fcntl.LOCK_UN)
-        self.f.close()
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -176,7 +160,7 @@ def main(argv=None) -> int:
         if not todo:
             continue
         heavy = any(not step_done(args, n) for n in todo)
-        with (heavy_lock() if heavy else contextlib.nullcontext()):
+        with (HeavyLock("compile + eval") if heavy else contextlib.nullcontext()):
             for name in todo:
                 if name == "gen":
                     run_generation(args, gen, commands)

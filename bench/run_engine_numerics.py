@@ -34,6 +34,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import replace_block  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "bench" / "results"
@@ -139,7 +142,6 @@ def render(data: dict) -> str:
     return "\n".join(line for line in lines if line is not None) + "\n"
 
 
-BENCHMARKS = ROOT / "BENCHMARKS.md"
 BEGIN, END = "<!-- engine-numerics:begin -->", "<!-- engine-numerics:end -->"
 
 
@@ -149,11 +151,7 @@ def write_results(data: dict) -> str:
     (RESULTS / "engine_numerics.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     table = render(data)
     (RESULTS / "engine_numerics.md").write_text(table)
-    text = BENCHMARKS.read_text()
-    if BEGIN in text and END in text:
-        body = table.split("\n", 2)[2]  # without the md file's title line
-        head, rest = text.split(BEGIN, 1)
-        BENCHMARKS.write_text(head + BEGIN + "\n" + body + END + rest.split(END, 1)[1])
+    replace_block(BEGIN, END, table.split("\n", 2)[2])  # without the md file's title line
     return table
 
 

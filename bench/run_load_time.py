@@ -15,8 +15,6 @@ The compile and the whole measurement each hold /tmp/qc-heavy.lock (shared machi
 Results: bench/results/load_time.{md,json}.
 """
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import statistics
@@ -25,11 +23,13 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HeavyLock  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "bench" / "results"
 CALIB = SHARED / "data" / "calib" / "wiki_calib.jsonl"
-LOCK = "/tmp/qc-heavy.lock"
 PROMPT = "What is quantization?"
 PHASES = r"""
 import json, sys, time
@@ -49,16 +49,6 @@ t5 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "load_model_s": t2 - t1, "layers_and_prefill_s": t3 - t2,
                   "load_to_first_token_s": t3 - t1, "all_layers_get_s": t5 - t4}))
 """
-
-
-@contextlib.contextmanager
-def heavy_lock():
-    with open(LOCK, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _env():
@@ -88,7 +78,7 @@ def main() -> int:
     if out is None:
         out = a.work / "smollm2-w8a8"
         if not out.exists():
-            with heavy_lock():
+            with HeavyLock():
                 subprocess.run([sys.executable, "-m", "qcompiler.cli", "smollm2-135m", "--passes", "w8a8", "--calib",
                                 str(CALIB), "--calib-samples", "8", "--seq-len", "128", "-o", str(out)],
                                cwd=ROOT, env=_env(), check=True)
@@ -97,7 +87,7 @@ def main() -> int:
         old_out, old_code = a.before.split(":", 1)
         sides = {"before": (Path(old_out), Path(old_code)), **sides}
     runs = {name: [] for name in sides}
-    with heavy_lock():  # one hold for all runs: the sides are measured under the same machine load
+    with HeavyLock():  # one hold for all runs: the sides are measured under the same machine load
         for i in range(a.runs):
             for name, (o, code) in sides.items():
                 runs[name].append(measure(o, code))

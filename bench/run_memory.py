@@ -46,12 +46,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
 import synthetic_checkpoint as sc  # noqa: E402
-from run_pipelines import HeavyLock, load1  # noqa: E402
+from common import HeavyLock, replace_block  # noqa: E402
+from run_pipelines import load1  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 CALIB = SHARED / "data" / "calib" / "wiki_calib.jsonl"
 RESULTS = ROOT / "bench" / "results" / "memory.json"
-BENCHMARKS = ROOT / "BENCHMARKS.md"
 CACHE = Path.home() / ".cache" / "qc-bench" / "synthetic"
 
 CASES = ["smollm2-135m-depth8", "smollm2-135m-depth30", "smollm2-135m-depth120",
@@ -296,13 +296,8 @@ def update_benchmarks(results: dict) -> None:
                 body += ["Extrapolated to the full models:", ""] + ex + [""]
     if not body:
         return
-    block = "<!-- memory -->\n" + "\n".join(body).rstrip() + "\n<!-- /memory -->"
-    text = BENCHMARKS.read_text()
-    if "<!-- memory -->" in text:
-        text = re.sub(r"<!-- memory -->.*?<!-- /memory -->", lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n## Memory at real widths (issue 15) — `python3 bench/run_memory.py`\n\n" + block + "\n"
-    BENCHMARKS.write_text(text)
+    replace_block("<!-- memory -->", "<!-- /memory -->", "\n".join(body),
+                  heading="## Memory at real widths (issue 15) — `python3 bench/run_memory.py`")
 
 
 def main(argv=None) -> int:

@@ -20,8 +20,6 @@ Every heavy step takes /tmp/qc-heavy.lock (shared machine). Results: bench/resul
 Bound from the issue: |ppl_onnx / ppl_executable - 1| <= 1% per scheme (exit 1 otherwise).
 """
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import platform
@@ -31,25 +29,15 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HeavyLock  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "bench" / "results"
 CALIB = SHARED / "data" / "calib" / "wiki_calib.jsonl"
 EVAL = SHARED / "data" / "calib" / "wiki_eval.jsonl"
 PASSES = {"w8a8d": "w8a8d", "w8a16": "w8a16", "w4a16": "w4a16:group=64"}
-LOCK = "/tmp/qc-heavy.lock"
-
-
-@contextlib.contextmanager
-def heavy(what: str):
-    print(f"[lock] waiting for {LOCK}: {what}", file=sys.stderr, flush=True)
-    with open(LOCK, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            print(f"[lock] {what}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
 
 def compile_scheme(scheme: str, out: Path) -> float | None:
@@ -59,7 +47,7 @@ def compile_scheme(scheme: str, out: Path) -> float | None:
            "--calib-samples", "16", "--seq-len", "512", "-o", str(out), "--force"]
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    with heavy(f"compile {scheme}"):
+    with HeavyLock(f"compile {scheme}"):
         subprocess.run(cmd, check=True, env=dict(os.environ, QC_NO_PROGRESS="1"))
     return round(time.perf_counter() - t0, 1)
 
@@ -127,7 +115,7 @@ def main() -> int:
         compile_s = None if a.from_dir else compile_scheme(s, out)
         if a.skip_check:
             continue
-        with heavy(f"crosscheck {s}"):
+        with HeavyLock(f"crosscheck {s}"):
             t0 = time.perf_counter()
             r = crosscheck(out, EVAL, 512, a.windows, onnx_dir=onnx_dir)
         r.update(scheme=s, passes=PASSES[s], compile_s=compile_s, check_s=round(time.perf_counter() - t0, 1),
@@ -136,14 +124,14 @@ def main() -> int:
         print(json.dumps(r), flush=True)
     float_dir = a.work / "float-onnx"
     if not (float_dir / "model.onnx").is_file():
-        with heavy("export float onnx"):
+        with HeavyLock("export float onnx"):
             m, info, src = build_float_model("smollm2-135m")
             export_model(m, info, float_dir, src)
             del m
     if a.float_check:
         # Control: the same comparison without any quantization (bf16 graph vs float32 ONNX), i.e. how far
         # the two runtimes drift from the dtype alone.
-        with heavy("crosscheck float"):
+        with HeavyLock("crosscheck float"):
             r = crosscheck("smollm2-135m", EVAL, 512, a.windows, onnx_dir=float_dir)
         r.update(scheme="float", passes="", compile_s=None, onnx_ops={})
         rows["float"] = r
@@ -155,7 +143,7 @@ def main() -> int:
     from qcompiler.loading import load_tokenizer
     ids = make_windows(load_tokenizer(tok_src), read_texts(EVAL), 512, 1)[:1]
     bench = {}
-    with heavy("prefill benchmark"):
+    with HeavyLock("prefill benchmark"):
         for name, folder in [("float32 ONNX (onnxruntime)", float_dir)] + \
                 [(f"{s} ONNX (onnxruntime)", dirs[s][1]) for s in schemes]:
             ort_model = OrtModel(folder, a.threads)

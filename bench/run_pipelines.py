@@ -27,7 +27,6 @@ eval windows) are already measured there is skipped, so the script can be run in
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import platform
@@ -37,12 +36,14 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HeavyLock  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 CALIB = SHARED / "data" / "calib" / "wiki_calib.jsonl"
 EVAL = SHARED / "data" / "calib" / "wiki_eval.jsonl"
 CHECKER = SHARED / "tools" / "check_ascend_artifact.py"
-LOCK = "/tmp/qc-heavy.lock"
 RESULTS = ROOT / "bench" / "results" / "pipelines.json"
 MODELS = {"llama": "smollm2-135m", "qwen2": "smollm2-135m-qwen2"}
 
@@ -77,29 +78,6 @@ def run_measured(cmd: list[str], log: Path) -> tuple[int, float, float]:
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024  # Linux: KiB
-
-
-class HeavyLock:
-    """One acquisition of the machine-wide heavy-job lock (blocks until free). With QC_HEAVY_LOCK_HELD=1 the
-    caller already holds it for a whole series (`flock /tmp/qc-heavy.lock env QC_HEAVY_LOCK_HELD=1 python3
-    bench/...`): nothing is acquired (a second flock on the file would wait for ourselves)."""
-
-    def __enter__(self):
-        self.held = os.environ.get("QC_HEAVY_LOCK_HELD") == "1"
-        self.waited = 0.0
-        if self.held:
-            return self
-        self.f = open(LOCK, "a")
-        t0 = time.perf_counter()
-        fcntl.flock(self.f, fcntl.LOCK_EX)
-        self.waited = time.perf_counter() - t0
-        return self
-
-    def __exit__(self, *exc):
-        if self.held:
-            return
-        fcntl.flock(self.f, fcntl.LOCK_UN)
-        self.f.close()
 
 
 def load1() -> float:

@@ -40,11 +40,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's qcompiler, not an installed one
-from run_pipelines import CALIB, EVAL, MODELS, SHARED, HeavyLock, check, load1, qcompile, run_measured  # noqa: E402
+from common import HeavyLock, replace_block  # noqa: E402
+from run_pipelines import CALIB, EVAL, MODELS, SHARED, check, load1, qcompile, run_measured  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES_JSON = ROOT / "bench" / "results" / "pipelines.json"
-BENCHMARKS = ROOT / "BENCHMARKS.md"
 PROMPT = "What is quantization?"
 FP16_310P = ("--target", "ascend310p", "--dtype", "float16")
 DOWN_FLOAT = ("--exclude", r"mlp\.down_proj")
@@ -351,14 +351,7 @@ def write_markdown(results: dict, path: Path) -> str:
 
 
 def update_benchmarks(results: dict) -> None:
-    if not BENCHMARKS.exists():
-        return
-    text = BENCHMARKS.read_text()
-    body = "\n".join(table(results))
-    start, end = "<!-- recipes -->", "<!-- /recipes -->"
-    if start in text and end in text:
-        text = text[:text.index(start) + len(start)] + "\n" + body + "\n" + text[text.index(end):]
-        BENCHMARKS.write_text(text)
+    replace_block("<!-- recipes -->", "<!-- /recipes -->", "\n".join(table(results)))
 
 
 def main(argv=None) -> int:

@@ -26,8 +26,6 @@ worker holds /tmp/qc-heavy.lock (shared machine); the machine's load average is 
 Results: bench/results/runtime_speed[_LABEL].{md,json}.
 """
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -37,27 +35,19 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HeavyLock  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "bench" / "results"
 CALIB = SHARED / "data" / "calib" / "wiki_calib.jsonl"
 EVAL = SHARED / "data" / "calib" / "wiki_eval.jsonl"
-LOCK = "/tmp/qc-heavy.lock"
 MODEL = "smollm2-135m"
 SCHEMES = ("w8a8", "w8a8d", "w8a16", "w4a16", "w4a8d")
 PROMPT = "What is quantization? Explain it to a software engineer."
 NEW_TOKENS = 64
 PREFILL_TOKENS = 512
-
-
-@contextlib.contextmanager
-def heavy_lock():
-    with open(LOCK, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _env():
@@ -274,7 +264,7 @@ def prepare_outs(work: Path) -> Path:
     outs = work / "outs"
     for s in SCHEMES:
         if not (outs / s).exists():
-            with heavy_lock():
+            with HeavyLock():
                 subprocess.run([sys.executable, "-m", "qcompiler.cli", MODEL, "--passes", s, "--calib", str(CALIB),
                                 "--calib-samples", "8", "--seq-len", "128", "-o", str(outs / s)],
                                cwd=ROOT, env=_env(), check=True)
@@ -308,7 +298,7 @@ tok.save_pretrained({str(folder)!r})
     for s in SCHEMES:
         out = work / "qwen7b-outs" / s
         if not out.exists():
-            with heavy_lock():
+            with HeavyLock():
                 subprocess.run([sys.executable, "-m", "qcompiler.cli", str(folder), "--passes", s, "--calib",
                                 str(CALIB), "--calib-samples", "4", "--seq-len", "128", "-o", str(out)],
                                cwd=ROOT, env=_env(), check=True)
@@ -318,7 +308,7 @@ def run_worker(section: str, code: Path, a, threads: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", section, "--code", str(code),
            "--schemes", ",".join(SCHEMES),
            "--threads", str(threads), "--reps", str(a.reps), "--batches", a.batches, "--work", str(a.work)]
-    with heavy_lock():
+    with HeavyLock():
         load = os.getloadavg()[0]
         r = subprocess.run(cmd, cwd=code, env=_env(), capture_output=True, text=True)
     if r.returncode:
@@ -379,7 +369,7 @@ def main() -> int:
             if not data.exists():
                 data.write_text("".join(line for line in EVAL.read_text().splitlines(True)[:20]))
             per = {}
-            with heavy_lock():
+            with HeavyLock():
                 load = os.getloadavg()[0]
                 for r in range(a.rounds * a.reps):
                     side_order = list(sides) if r % 2 == 0 else list(reversed(sides))

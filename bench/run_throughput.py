@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -41,12 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from run_memory import _commit, run_compile  # noqa: E402
-from run_pipelines import HeavyLock, load1  # noqa: E402
+from common import HeavyLock, replace_block  # noqa: E402
+from run_pipelines import load1  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 CALIB = SHARED / "data" / "calib" / "wiki_calib.jsonl"
 RESULTS = ROOT / "bench" / "results" / "throughput.json"
-BENCHMARKS = ROOT / "BENCHMARKS.md"
 MODEL = "smollm2-135m"
 
 #: (row, --passes, extra CLI arguments, goal x float forward)
@@ -189,14 +188,8 @@ def update_benchmarks(results: dict) -> None:
             body += [f"**{label}** ({', '.join(commits)}):", ""] + t + [""]
     if not body:
         return
-    block = "<!-- throughput -->\n" + "\n".join(body).rstrip() + "\n<!-- /throughput -->"
-    text = BENCHMARKS.read_text()
-    if "<!-- throughput -->" in text:
-        text = re.sub(r"<!-- throughput -->.*?<!-- /throughput -->", lambda _: block, text, flags=re.S)
-    else:
-        text = (text.rstrip() + "\n\n## Compile throughput (issue 15) — `python3 bench/run_throughput.py`\n\n"
-                + block + "\n")
-    BENCHMARKS.write_text(text)
+    replace_block("<!-- throughput -->", "<!-- /throughput -->", "\n".join(body),
+                  heading="## Compile throughput (issue 15) — `python3 bench/run_throughput.py`")
 
 
 def main(argv=None) -> int:

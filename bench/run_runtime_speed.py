@@ -28,7 +28,6 @@ Results: bench/results/runtime_speed[_LABEL].{md,json}.
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys

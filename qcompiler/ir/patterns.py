@@ -46,3 +46,24 @@ def get_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
     """The parameter or buffer a get_attr target names."""
     mod_path, _, attr = target.rpartition(".")
     return getattr(gm.get_submodule(mod_path) if mod_path else gm, attr)
+
+
+def set_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Store `value` as a buffer at `target` (replacing a parameter or buffer of that name)."""
+    mod_path, _, attr = target.rpartition(".")
+    mod = gm.get_submodule(mod_path) if mod_path else gm
+    mod._parameters.pop(attr, None)
+    mod._buffers.pop(attr, None)
+    mod.register_buffer(attr, value)
+
+
+def prune_unused_tensors(gm: torch.fx.GraphModule) -> None:
+    """Drop dead nodes, then parameters/buffers that no get_attr node reads any more."""
+    gm.graph.eliminate_dead_code()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [k for k, _ in gm.named_parameters()] + [k for k, _ in gm.named_buffers()]:
+        if name not in used:
+            mod_path, _, attr = name.rpartition(".")
+            mod = gm.get_submodule(mod_path) if mod_path else gm
+            mod._parameters.pop(attr, None)
+            mod._buffers.pop(attr, None)

@@ -38,32 +38,11 @@ from ..backends.ascend import encode, kernels, ops  # noqa: F401  (ops registers
 from ..errors import QCError
 from ..ir import meta
 from ..ir.observers import MinMaxObserver
-from ..ir.patterns import get_tensor, linear_sites
+from ..ir.patterns import get_tensor, linear_sites, prune_unused_tensors, set_tensor
 from ..ir.qspec import MSEClip, OutlierSplit, PerGroup
 from ..ir.weight_clip import mse_weight_scale, outlier_split_codes
 from .base import LinearArtifact, Pass, PassResult
 from .registry import register
-
-
-def set_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
-    """Store `value` as a buffer at `target` (replacing a parameter or buffer of that name)."""
-    mod_path, _, attr = target.rpartition(".")
-    mod = gm.get_submodule(mod_path) if mod_path else gm
-    mod._parameters.pop(attr, None)
-    mod._buffers.pop(attr, None)
-    mod.register_buffer(attr, value)
-
-
-def prune_unused_tensors(gm: torch.fx.GraphModule) -> None:
-    """Drop dead nodes, then parameters/buffers that no get_attr node reads any more."""
-    gm.graph.eliminate_dead_code()
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in [k for k, _ in gm.named_parameters()] + [k for k, _ in gm.named_buffers()]:
-        if name not in used:
-            mod_path, _, attr = name.rpartition(".")
-            mod = gm.get_submodule(mod_path) if mod_path else gm
-            mod._parameters.pop(attr, None)
-            mod._buffers.pop(attr, None)
 
 
 def remove_observers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, MinMaxObserver]:

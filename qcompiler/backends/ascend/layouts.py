@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from ...ir.patterns import prune_unused_tensors
 from . import attention, kernels
 
 #: gm.meta key: {attribute: {"kind": str, "from": [source attribute, ...]}}
@@ -192,20 +193,8 @@ def prepare_layer(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for node in list(gm.graph.nodes):  # torch.export's input-shape guard of captured float layers: code, no value
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
             gm.graph.erase_node(node)
-    _drop_unused_tensors(gm)
+    prune_unused_tensors(gm)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
     return gm
-
-
-def _drop_unused_tensors(gm: torch.fx.GraphModule) -> None:
-    """Remove dead nodes, then the module tensors no get_attr reads any more (the packed weights, ...)."""
-    gm.graph.eliminate_dead_code()
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]:
-        if name not in used:
-            mod_path, _, attr = name.rpartition(".")
-            mod = gm.get_submodule(mod_path) if mod_path else gm
-            mod._parameters.pop(attr, None)
-            mod._buffers.pop(attr, None)

@@ -7,9 +7,9 @@
 A refactoring that promises "behaviour and artifacts unchanged" records the digests on main first and
 compares after each step. Both lists run through `qcompiler.cli.main` (the user's command line, in-process).
 
-- tiny (TINY_CASES, ~40 compiles, a few minutes on 2 cores): the random Llama / Qwen2 / Qwen3 checkpoints of
-  tests/helpers.py (seed 0) x every scheme, smooth, awq, gptq, sparse (+w8a8s on ascend310p), kv8, fa3,
-  fallback, mixed schemes and the onnx target, calibrated on 4 x 32 tokens of tests/helpers.TEXT.
+- tiny (TINY_CASES, 23 pipelines x 3 architectures, several minutes on 2 cores): the random Llama / Qwen2 /
+  Qwen3 checkpoints of tests/helpers.py (seed 0) x every scheme, smooth, awq, gptq, sparse (+w8a8s on ascend310p,
+  +w16a16s), simulate_tp, kv8, fa3, fallback, mixed schemes and the onnx target, calibrated on 4 x 32 tokens of tests/helpers.TEXT.
 - real (REAL_CASES): SmolLM2-135M (llama architecture) w8a8; smooth,w8a8d,kv8; awq,gptq,w4a16 at 16 x 512
   tokens of ../shared/data/calib/wiki_calib.jsonl. Run it under the global lock:
   `flock /tmp/qc-heavy.lock nice -n 5 python3 -m tests.byte_identity record --set real -o FILE`.

@@ -84,6 +84,11 @@ def _compile_parser(prog="qcompile"):
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per layer forward (default: 16384 tokens' worth)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a compile of OUT that was killed (SIGKILL, power loss) or stopped (SIGINT/SIGTERM "
+                   "of a --resume run) from its last completed layer: same model, options and calibration, "
+                   "byte-identical result; without one, compile from the start. A --resume run stopped by "
+                   "SIGINT/SIGTERM keeps its state for the next --resume")
     trust.add_flag(p)
     return p
 
@@ -150,7 +155,7 @@ def _cmd_compile(argv):
         dump=a.dump, dump_layers=_int_list("--dump-layers", a.dump_layers),
         dump_passes=_name_list("--dump-passes", a.dump_passes), batch_size=a.batch_size, force=a.force, recipe=recipe,
         policy=a.policy or recipe.get("policy", "auto"), trust_remote_code=a.trust_remote_code,
-        engine=a.engine or recipe.get("engine", "any"))
+        engine=a.engine or recipe.get("engine", "any"), resume=a.resume)
     report = compile_model(opts)
     print(f"wrote {a.out}: {report['model_quant_type']} for {report['target']} ({report['dtype']}), "
           f"{report['wall_seconds']} s, peak RSS {report['peak_rss_mib']} MiB; report: "

@@ -12,8 +12,13 @@
 |                 |                                 | a known point; phases: work (OUT's temporary folder  |
 |                 |                                 | exists), replace (new OUT in place, old not yet      |
 |                 |                                 | deleted). Not for users.                             |
+| QC_TEST_KILL_   | unset                           | test hook: K makes a compile SIGKILL itself right    |
+| AFTER_LAYER     |                                 | after layer K's resume state is committed (printing  |
+|                 |                                 | "qcompile: test kill after layer K"), as a power     |
+|                 |                                 | loss would stop it (resume.py). Not for users.       |
 """
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -49,3 +54,11 @@ def test_pause(phase: str) -> None:
         return
     print(f"qcompile: test pause at {phase}", file=sys.stderr, flush=True)
     time.sleep(float(seconds or 60))
+
+
+def test_kill_after_layer(index: int) -> None:
+    """Test hook (QC_TEST_KILL_AFTER_LAYER=K): SIGKILL this process after layer K (nothing runs after it:
+    no cleanup, no buffered output); else nothing."""
+    if os.environ.get("QC_TEST_KILL_AFTER_LAYER", "") == str(index):
+        print(f"qcompile: test kill after layer {index}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)

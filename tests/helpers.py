@@ -29,8 +29,8 @@ def tiny_tokenizer(vocab_size: int = 300):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
-def tiny_config(arch: str, vocab: int):
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+def tiny_config(arch: str, vocab: int, layers: int = 2):
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   tie_word_embeddings=False)
     if arch == "llama":
@@ -45,10 +45,10 @@ def tiny_config(arch: str, vocab: int):
     raise ValueError(arch)
 
 
-def make_tiny_model(folder: Path, arch: str = "llama", dtype=torch.bfloat16, seed: int = 0) -> Path:
-    """Save a tiny random `arch` checkpoint with a trained tokenizer into `folder`; returns it."""
+def make_tiny_model(folder: Path, arch: str = "llama", dtype=torch.bfloat16, seed: int = 0, layers: int = 2) -> Path:
+    """Save a tiny random `arch` checkpoint (`layers` decoder layers) with a trained tokenizer into `folder`."""
     tok = tiny_tokenizer()
-    cfg, cls = tiny_config(arch, len(tok))
+    cfg, cls = tiny_config(arch, len(tok), layers)
     torch.manual_seed(seed)
     model = cls(cfg).to(dtype).eval()
     if arch == "qwen2":  # random (non-zero) q/k/v biases, so the bias path is exercised

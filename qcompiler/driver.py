@@ -194,7 +194,8 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     model_dir = resolve_model_dir(opts.model)
     dump = opts.dump or knobs.dump_dir()
     out = OutputFolder(opts.out, opts.force, models=[model_dir], folders=[dump], log=log,
-                       files=[("--calib", opts.calib), ("--recipe", opts.recipe_path)])  # outdir.py: exit 2
+                       files=[("--calib", opts.calib), ("--recipe", opts.recipe_path)],
+                       resume=opts.resume)  # outdir.py: exit 2
     ckpt = open_checkpoint(model_dir, opts.dtype, opts.trust_remote_code)
     opts = check_calib_seq_len(opts, ckpt)
     target = get_target(opts.target)
@@ -372,6 +373,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
         with phases("resume state"):  # a kill from here on resumes at layer i + 1 (resume.py)
             saver.commit(i + 1, inputs, writer, executable, _jsonable(record()))
         knobs.test_kill_after_layer(i)
+        knobs.test_pause(f"layer{i}")
     with phases("head, logits check, finish"):
         description = _finish(writer, executable, ckpt, skeleton, inputs, target, pm, group_size, extra_description)
 

@@ -10,8 +10,9 @@
 |                 |                                 | "qcompile: test pause at PHASE" on stderr and sleep  |
 |                 |                                 | (default 60 s) there, so a test can send a signal at |
 |                 |                                 | a known point; phases: work (OUT's temporary folder  |
-|                 |                                 | exists), replace (new OUT in place, old not yet      |
-|                 |                                 | deleted). Not for users.                             |
+|                 |                                 | exists), layerK (layer K's resume state committed),  |
+|                 |                                 | replace (new OUT in place, old not yet deleted).     |
+|                 |                                 | Not for users.                                       |
 | QC_TEST_KILL_   | unset                           | test hook: K makes a compile SIGKILL itself right    |
 | AFTER_LAYER     |                                 | after layer K's resume state is committed (printing  |
 |                 |                                 | "qcompile: test kill after layer K"), as a power     |

@@ -18,9 +18,11 @@ Contract
   or another sha256 ("damaged"). Returns `Restored`; `sweep(folder, restored)` then deletes the garbage.
 - `fingerprint(opts, ckpt, calibration)`: {component: digest or value} of what decides the artifact: the
   compile options that change it (passes, target, dtype, exclude, policy, engine, batch size, shard
-  size, calibration shape), the checkpoint (config.json, index, tokenizer files, every safetensors
-  header and size), the calibration windows (`calibration_digest`), qcompiler's version and source code
-  and torch's version (a different compiler could write other bytes).
+  size, calibration shape), the checkpoint (config.json, index, tokenizer files by content; every
+  safetensors file by size, header and 64 evenly spaced 64 KiB samples of its data: a weight edited
+  between the samples goes unnoticed, a whole-file hash would cost minutes on a 70B checkpoint), the
+  calibration windows (`calibration_digest`), qcompiler's version and source code and torch's version
+  (a different compiler could write other bytes).
 - `describe(folder)` -> (layers done, layers) of a staging folder holding a state (outdir.py reports
   it), or None.
 Trust: state files are JSON and safetensors only (nothing is unpickled); paths in the manifest must lie
@@ -71,9 +73,14 @@ def _sha256_file(path: Path, start: int = 0, end: int | None = None) -> str:
     return h.hexdigest()
 
 
+#: a safetensors file's data enters the checkpoint digest by this many evenly spaced samples of _SAMPLE bytes
+#: (4 MiB a file: hashing a 140 GB checkpoint whole would add minutes to every compile)
+_SAMPLES, _SAMPLE = 64, 64 * 2**10
+
+
 def _checkpoint_digest(folder: Path) -> str:
-    """sha256 over the model folder's top-level files: safetensors by (name, size, header), others (config,
-    index, tokenizer, ...) by content when under 64 MiB."""
+    """sha256 over the model folder's top-level files: safetensors by name, size, header and _SAMPLES
+    evenly spaced samples of their data; others (config, index, tokenizer, ...) by content when under 64 MiB."""
     h = hashlib.sha256()
     for p in sorted(Path(folder).iterdir()):
         if not p.is_file():
@@ -85,6 +92,11 @@ def _checkpoint_digest(folder: Path) -> str:
                 head = f.read(8)
                 n = int.from_bytes(head, "little") if len(head) == 8 else 0
                 h.update(head + f.read(min(n, 100 * 2**20)))
+                start = 8 + n
+                step = max((size - start) // _SAMPLES, 1)
+                for at in range(start, size, step):
+                    f.seek(at)
+                    h.update(f.read(_SAMPLE))
         elif size < 64 * 2**20:
             h.update(bytes.fromhex(_sha256_file(p)))
     return h.hexdigest()

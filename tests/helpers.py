@@ -284,6 +284,48 @@ def assert_checker_clean(out: Path) -> dict:
 SMALL = ["--calib-samples", "2", "--seq-len", "32"]
 
 
+def cli_env(**extra) -> dict:
+    """Environment of a `python3 -m qcompiler.cli` subprocess: this checkout's package, no progress bars."""
+    import os
+    env = dict(os.environ, QC_NO_PROGRESS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]), **extra)
+    env.pop("QC_DEBUG", None)
+    return env
+
+
+def start_cli(argv, **env):
+    """`python3 -m qcompiler.cli ARGV` started in the background (text pipes; `env` added to cli_env)."""
+    import subprocess
+    import sys
+    return subprocess.Popen([sys.executable, "-m", "qcompiler.cli", *map(str, argv)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=cli_env(**env))
+
+
+def run_cli(argv, timeout=600, **env):
+    """`python3 -m qcompiler.cli ARGV` to its end: CompletedProcess (text)."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "qcompiler.cli", *map(str, argv)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          env=cli_env(**env), timeout=timeout)
+
+
+def wait_for_pause(proc, phase, timeout=300) -> list[str]:
+    """Read `proc`'s stderr until the QC_TEST_PAUSE marker of `phase` (knobs.py); returns the lines read."""
+    import time
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if f"test pause at {phase}" in line:
+            return seen
+    proc.kill()
+    raise AssertionError(f"no pause at {phase}: {''.join(seen)}")
+
+
 def leftovers(parent: Path, name: str = "out") -> list[str]:
     """Entries of `parent` that a compile into parent/name would have made (OUT, `.OUT.tmp-PID`,
     `.OUT.lock-PID`, `.OUT.old-PID`)."""

@@ -4,7 +4,8 @@ and writes the same bytes as a compile that was never stopped.
 The kill is real: `python3 -m qcompiler.cli` with QC_TEST_KILL_AFTER_LAYER=K SIGKILLs itself right after
 layer K's state is committed (knobs.py; nothing runs after it, as on a power loss). Models: a 4-layer
 tiny Qwen2 (q/k/v biases), 4 x 32 calibration tokens. "Same bytes": every file of OUT except the report,
-and the report's JSON apart from timings (seconds, wall time, peak RSS) and `resumed_at_layer`.
+and the report's JSON apart from timings (seconds, wall time, peak RSS) and `resumed_at_layer`
+(tests/byte_identity.py `compile_differences`).
 """
 import hashlib
 import json
@@ -19,13 +20,12 @@ import torch
 from qcompiler import cli
 from qcompiler.backends.ascend.artifact import ArtifactWriter
 from qcompiler.resume import MANIFEST, STATE_DIR
+from tests.byte_identity import compile_differences
 from tests.helpers import leftovers, make_tiny_model, run_cli, start_cli, wait_for_pause
 
 LAYERS = 4
 CALIB = ["--calib-samples", "4", "--seq-len", "32"]
-SCHEMES = ["w8a8", "smooth,w8a8,kv8", "gptq,w4a16"]
-#: report keys that are timings (they differ between any two runs)
-TIMINGS = ("pass_seconds", "phase_seconds", "wall_seconds", "peak_rss_mib", "resumed_at_layer")
+SCHEMES = ["w8a8", "smooth,w8a8,kv8", "gptq,w4a16", "w8a8,fallback:level=2"]
 
 
 @pytest.fixture(scope="module")
@@ -43,23 +43,8 @@ def _files(folder) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file() or p.is_symlink()}
 
 
-def _report(out) -> dict:
-    r = json.loads((out / "qcompile_report.json").read_text())
-    for k in TIMINGS:
-        r.pop(k, None)
-    for layer in r["layers"]:
-        layer.pop("seconds")
-    if r.get("fallback"):
-        r["fallback"].pop("seconds", None)
-    return r
-
-
 def assert_same_compile(ref, out):
-    a, b = _files(ref), _files(out)
-    for name in ("qcompile_report.json", "qcompile_report.md"):
-        a.pop(name), b.pop(name)
-    assert a == b
-    assert _report(ref) == _report(out)
+    assert compile_differences(ref, out) == []
 
 
 def _kill_after(argv, layer):
@@ -99,9 +84,23 @@ def test_resume_after_kill_equals_uninterrupted(passes, model4, calib_file, refe
     assert cli.main(argv + ["--resume"]) == 0
     err = capsys.readouterr().err
     assert f"--resume: continuing {folder} at layer {k + 1} of {LAYERS}" in err, (k, err)
+    assert "fallback" not in err, err  # the fallback decision is restored, not measured again
     assert_same_compile(reference(passes), tmp_path / "out")
     assert json.loads((tmp_path / "out" / "qcompile_report.json").read_text())["resumed_at_layer"] == k + 1
     assert leftovers(tmp_path) == ["out"], k
+
+
+def test_resume_with_calibration_sampled_from_the_model(model4, tmp_path, capsys):
+    """No --calib: the windows are sampled from the model (seed 0); a resume does not sample again (it
+    needs only the committed layer inputs) and writes the uninterrupted result."""
+    def argv(out):
+        return [str(model4), "-o", str(out), "--calib-samples", "2", "--seq-len", "16", "--passes", "w8a8"]
+    assert cli.main(argv(tmp_path / "ref")) == 0
+    _kill_after(argv(tmp_path / "out"), 2)
+    capsys.readouterr()
+    assert cli.main(argv(tmp_path / "out") + ["--resume"]) == 0
+    assert "sampling" not in capsys.readouterr().err
+    assert_same_compile(tmp_path / "ref", tmp_path / "out")
 
 
 @pytest.fixture(scope="module")

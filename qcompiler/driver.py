@@ -232,8 +232,11 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
         log(f"warning: {w}")
     out.check_free_space(estimate_output_bytes(ckpt, pm.passes, opts.exclude))
     phases = PhaseTimer()
-    adopt, restored, windows = _resume_point(out, opts, ckpt, texts, log) if opts.resume else (None, None, None)
     phases.seconds["checks before work"] = time.perf_counter() - t0
+    adopt, restored, windows = None, None, None
+    if opts.resume:
+        with phases("resume: validate state"):
+            adopt, restored, windows = _resume_point(out, opts, ckpt, texts, log)
     with out.staging(adopt) as tmp:  # removed on any failure; a full disk is one line, exit 1
         report = _compile_into(tmp, opts, ckpt, pm, target, texts, log, t0, warnings, group_size, phases,
                                engine_report(features), restored=restored, windows=windows)

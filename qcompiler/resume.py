@@ -25,6 +25,7 @@ Contract
   (a different compiler could write other bytes).
 - `describe(folder)` -> (layers done, layers) of a staging folder holding a state (outdir.py reports
   it), or None.
+The manifest carries the sha256 of its own content (`checksum`).
 Trust: state files are JSON and safetensors only (nothing is unpickled); paths in the manifest must lie
 inside the folder (no `..`, no absolute path, no symlink).
 """
@@ -201,6 +202,7 @@ class StateSaver:
         manifest = {"format": FORMAT, "version": VERSION, "layers_done": done, "num_layers": self.num_layers,
                     "fingerprint": self.fingerprint, "inputs": rel_inputs, "files": files, "spill": spill,
                     "artifact": artifact, "executable": executable.state(), "record": record}
+        manifest["checksum"] = _checksum(manifest)
         _atomic_bytes(self.tmp / STATE_DIR / MANIFEST,
                       json.dumps(manifest, indent=1, allow_nan=False).encode())
         # committed: what only the previous state needed goes
@@ -237,6 +239,12 @@ def has_state(folder: Path) -> bool:
     return (Path(folder) / STATE_DIR).is_dir()
 
 
+def _checksum(manifest: dict) -> str:
+    """sha256 of the manifest without its `checksum` (a bit flipped inside a value is found, too)."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
 def _read_manifest(folder: Path):
     path = Path(folder) / STATE_DIR / MANIFEST
     try:
@@ -245,6 +253,8 @@ def _read_manifest(folder: Path):
         return None, f"{path} is unreadable ({e.__class__.__name__})"
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
         return None, f"{path} is not a {FORMAT} v{VERSION} manifest"
+    if m.get("checksum") != _checksum(m):
+        return None, f"{path} does not match its checksum"
     return m, None
 
 

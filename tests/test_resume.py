@@ -19,7 +19,7 @@ import torch
 
 from qcompiler import cli
 from qcompiler.backends.ascend.artifact import ArtifactWriter
-from qcompiler.resume import MANIFEST, STATE_DIR
+from qcompiler.resume import MANIFEST, STATE_DIR, _checksum
 from tests.byte_identity import compile_differences
 from tests.helpers import leftovers, make_tiny_model, run_cli, start_cli, wait_for_pause
 
@@ -175,7 +175,7 @@ def _flip_byte(path, at=-1):
 
 
 @pytest.mark.parametrize("damage", ["shard-spill", "executable-layer", "program", "inputs", "truncated-spill",
-                                    "manifest", "missing-file", "symlink"])
+                                    "manifest", "manifest-value", "missing-file", "symlink"])
 def test_damaged_state_is_refused(damage, killed, tmp_path, model4, calib_file, capsys):
     """Any reused file that is not what was committed (a bit flipped, cut short, missing, replaced by a
     symlink, a torn manifest): exit 2 naming the file, nothing written, the folder left as it is."""
@@ -196,6 +196,9 @@ def test_damaged_state_is_refused(damage, killed, tmp_path, model4, calib_file, 
     elif damage == "manifest":
         m = folder / STATE_DIR / MANIFEST
         m.write_bytes(m.read_bytes()[:100])
+    elif damage == "manifest-value":  # still valid JSON: found by the manifest's checksum
+        m = folder / STATE_DIR / MANIFEST
+        m.write_text(m.read_text().replace('"W8A8"', '"W8A16"', 1))
     elif damage == "missing-file":
         layer0.unlink()
     elif damage == "symlink":
@@ -273,6 +276,7 @@ def test_most_advanced_of_two_stopped_compiles_is_resumed(killed, tmp_path, mode
     shutil.copytree(folder, other)
     manifest = json.loads((other / STATE_DIR / MANIFEST).read_text())
     manifest["layers_done"] = 1  # only read by the choice (never resumed here)
+    manifest["checksum"] = _checksum(manifest)
     (other / STATE_DIR / MANIFEST).write_text(json.dumps(manifest))
     (tmp_path / ".out.lock-4000010").write_text(json.dumps({"pid": 4000010, "host": socket.gethostname()}))
     assert cli.main(_argv(model4, tmp_path / "out", calib_file, "w8a8", "--resume")) == 0

@@ -33,6 +33,7 @@ Limits
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import re
@@ -230,7 +231,12 @@ class ArtifactWriter:
     def _place(self, part: str, final: str) -> None:
         """A shard under its final name: renamed, or hard-linked when resumable (the part stays valid)."""
         if self._resumable:
-            os.link(self.out_dir / part, self.out_dir / final)
+            try:
+                os.link(self.out_dir / part, self.out_dir / final)
+            except OSError as e:  # a file system without hard links: a copy (same bytes, more disk)
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+                shutil.copyfile(self.out_dir / part, self.out_dir / final)
         else:
             (self.out_dir / part).rename(self.out_dir / final)
 

@@ -31,16 +31,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
+from common import HeavyLock, replace_block  # noqa: E402
 from run_memory import _commit, run_compile  # noqa: E402
-from run_pipelines import HeavyLock, load1  # noqa: E402
+from run_pipelines import load1  # noqa: E402
 from tests.byte_identity import compile_differences  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 CALIB = SHARED / "data" / "calib" / "wiki_calib.jsonl"
 RESULTS = ROOT / "bench" / "results" / "resume.json"
-BENCHMARKS = ROOT / "BENCHMARKS.md"
 MODEL = "smollm2-135m"
 MARK = ("<!-- resume -->", "<!-- /resume -->")
+HEADING = ("## Resume after a kill (issue 15) — `flock /tmp/qc-heavy.lock env QC_HEAVY_LOCK_HELD=1 nice -n 5 "
+           "python3 bench/run_resume.py`")
 
 
 def _phase(out: Path, name: str) -> float:
@@ -53,7 +55,7 @@ def measure(args, work: Path) -> dict:
     a, b = work / "a", work / "b"
     row = {"passes": args.passes, "calib": f"{args.calib_samples} x {args.seq_len}", "kill_at": args.kill_at,
            "commit": _commit(ROOT)}
-    with HeavyLock() as lock:
+    with HeavyLock("bench/run_resume.py") as lock:
         row["lock_wait_s"], row["load_before"] = round(lock.waited, 1), load1()
         row["uninterrupted"] = run_compile(cmd + ["-o", str(a)], ROOT, work / "a.log")
         os.environ["QC_TEST_KILL_AFTER_LAYER"] = str(args.kill_at - 1)
@@ -109,18 +111,6 @@ def markdown(row: dict) -> str:
     ]) + "\n"
 
 
-def write_benchmarks(text: str) -> None:
-    doc = BENCHMARKS.read_text()
-    block = f"{MARK[0]}\n{text}{MARK[1]}"
-    if MARK[0] in doc:
-        head, rest = doc.split(MARK[0], 1)
-        doc = head + block + rest.split(MARK[1], 1)[1]
-    else:
-        doc += ("\n## Resume after a kill (issue 15) — `flock /tmp/qc-heavy.lock env QC_HEAVY_LOCK_HELD=1 nice -n 5 "
-                "python3 bench/run_resume.py`\n\n" + block + "\n")
-    BENCHMARKS.write_text(doc)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--passes", default="w8a8")
@@ -139,7 +129,7 @@ def main(argv=None) -> int:
     RESULTS.write_text(json.dumps(row, indent=1) + "\n")
     text = markdown(row)
     (RESULTS.with_suffix(".md")).write_text(text)
-    write_benchmarks(text)
+    replace_block(*MARK, text, heading=HEADING)
     return 0 if not row["differences"] else 1
 
 

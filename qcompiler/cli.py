@@ -8,7 +8,8 @@
     qcompile quant --model_path DIR --save_path OUT --quant_type w8a8|...         (msModelSlim-style front)
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming what was wrong), 1 no space left for OUT (one
-line) or an internal error, 130 / 143 stopped by SIGINT / SIGTERM (one line; nothing half-written is left).
+line) or an internal error, 130 / 143 stopped by SIGINT / SIGTERM (one line; nothing half-written is left, except
+that a compile started with --resume keeps its temporary folder for the next --resume: qcompiler/resume.py).
 """
 import argparse
 import dataclasses

@@ -31,6 +31,7 @@ inside the folder (no `..`, no absolute path, no symlink).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -103,7 +104,9 @@ def _checkpoint_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
 def _code_digest() -> str:
+    """qcompiler's version, its source files and torch's version (read once a process: the code it runs)."""
     from . import __version__
     h = hashlib.sha256(f"{__version__}\0torch {torch.__version__}\0".encode())
     root = Path(__file__).parent

@@ -37,6 +37,7 @@ from torch.export import Dim
 from ..errors import QCError
 from ..loading import Checkpoint
 from . import meta
+from .moe import is_router, replace_moe_blocks
 
 STOP = "qc-stop-after-layer0-inputs"
 
@@ -69,6 +70,7 @@ class HFSkeleton:
         self.hf_config = _hf_config(ckpt)
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.hf_config, dtype=ckpt.dtype, trust_remote_code=False)
+        replace_moe_blocks(self.model)  # per-expert Linears under the checkpoint's names (ir/moe.py)
         self.model.eval()
         base = self.model.model
         # Rotary tables are computed at construction: rebuild on CPU (meta buffers hold no values).
@@ -246,9 +248,12 @@ def linear_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 
 def annotate_linears(gm: torch.fx.GraphModule) -> None:
-    """Set meta.LINEAR_NAME on each aten.linear node from its weight's get_attr target."""
+    """Set meta.LINEAR_NAME on each aten.linear node from its weight's get_attr target, and meta.ROUTER on
+    MoE routers (ir/moe.py: float, no quantization site)."""
     for node in linear_nodes(gm):
         weight = node.args[1]
         if weight.op != "get_attr" or not str(weight.target).endswith(".weight"):
             raise QCError(f"captured graph: linear {node.name} does not read a named weight")
         node.meta[meta.LINEAR_NAME] = str(weight.target)[: -len(".weight")]
+        if is_router(node.meta[meta.LINEAR_NAME]):
+            node.meta[meta.ROUTER] = True

@@ -187,13 +187,18 @@ def check_expert_passes(passes, config: dict, exclude=()) -> None:
         if p.name in STATISTICS_PASSES:
             raise QCError(f"pass {p.name} is not supported on mixture-of-experts models ({config.get('model_type')}): "
                           "its statistics would see every token at every expert and the router is not adjusted; "
-                          "supported there: w8a8d, w4a8d, w4a16 on experts (dynamic or weight-only), kv8, fa3")
+                          "supported there: w8a8d, w4a8d on experts (dynamic activations), any scheme on attention, kv8")
     for name in model_linear_shapes(config):
         owner = first_claim(passes, name, exclude)
         if owner is None or EXPERT_LINEAR.search(name) is None:
             continue
         act = owner.spec(0).activation
-        if act is not None and not act.dynamic:
+        if act is None:
+            raise QCError(f"pass {owner.name} would quantize expert Linear {name} weight-only ({owner.quant_type}): "
+                          "no engine loads a weight-only fused-MoE layout qcompile writes (vLLM-Ascend's W4A16 MoE "
+                          "method reads LLM-Compressor's weight_packed layout: backends/ascend/engines.py); use w8a8d "
+                          f"or w4a8d on experts (e.g. --passes '{owner.name}:match=self_attn,w4a8d')")
+        if not act.dynamic:
             raise QCError(f"pass {owner.name} would quantize expert Linear {name} with static (calibrated) activation "
                           "ranges, which qcompile does not calibrate per expert yet; use w8a8d or w4a8d on experts "
                           f"(e.g. --passes '{owner.name}:match=self_attn,w8a8d')")

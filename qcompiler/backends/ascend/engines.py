@@ -141,7 +141,9 @@ FEATURES = (
         VLLM_ASCEND: Support(A2, "", _VA + "methods/w8a8_pdmix.py AscendW8A8PDMixFusedMoeMethod"),
         MINDIE: Support(NO, "not read", "")}),
     Feature("W4A16 MoE", "-", "MoE", {
-        VLLM_ASCEND: Support(A2, "", _VA + "methods/w4a16.py (register_scheme moe)"),
+        VLLM_ASCEND: Support(NO, "loads LLM-Compressor's expert layout only (weight_packed int32 [n, k/8] in "
+                             "offset-binary nibbles, weight_shape), not msModelSlim's packed int8 weight",
+                             _VA + "methods/w4a16.py AscendW4A16FusedMoEMethod (docstring, get_weight)"),
         MINDIE: Support(NO, "not read", "")}),
     Feature("W4A8_DYNAMIC MoE", "`w4a8d:match=mlp\\.experts`", "MoE", {
         VLLM_ASCEND: Support(A2, "per-channel and per-group",

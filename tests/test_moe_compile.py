@@ -172,3 +172,28 @@ def test_moe_refusals_before_any_work(moe_models, tmp_path, capsys, passes, extr
     expect_error(capsys, [moe_models["qwen3_moe"], "--passes", passes, *extra, *CALIB, "-o", tmp_path / "out"],
                  *needles)
     assert not (tmp_path / "out").exists()
+
+
+def test_engine_features_of_moe_pipelines(moe_models):
+    """Routed experts are the fused-MoE features ("<type> MoE"); the shared expert and attention are dense Linears.
+    vLLM-Ascend loads quantized qwen3_moe experts, not qwen2_moe ones (no packed mapping); MindIE loads both."""
+    from qcompiler.engine_check import pipeline_features
+    from qcompiler.loading import open_checkpoint
+    from qcompiler.passes import make_pass
+    passes = [make_pass("w4a8d", {"match": r"mlp\.experts"}), make_pass("w8a8d")]
+    for arch in ("qwen3_moe", "qwen2_moe"):
+        ckpt = open_checkpoint(moe_models[arch])
+        f = pipeline_features(passes, ckpt.config, (), ckpt.has, "ascend910b", ckpt.model_type)
+        assert f.moe_types == {"W4A8_DYNAMIC"} and f.linear_types == {"W8A8_DYNAMIC"}
+        assert (refusals("vllm-ascend", f) == []) == (arch == "qwen3_moe")
+        assert refusals("mindie", f) == []
+    ckpt = open_checkpoint(moe_models["qwen3_moe"])
+    floats = pipeline_features([make_pass("w8a8d", {"match": "self_attn"})], ckpt.config, (), ckpt.has, "ascend910b",
+                               ckpt.model_type)
+    assert floats.moe_types == frozenset() and "W8A8_DYNAMIC" in floats.linear_types
+
+
+def test_qwen2_moe_report_says_which_engine_loads_it(compiled_moe):
+    report = json.loads((compiled_moe("qwen2_moe", "w8a8d") / "qcompile_report.json").read_text())
+    assert report["engines"]["mindie"]["loads"] and not report["engines"]["vllm-ascend"]["loads"]
+    assert any("qwen2_moe" in w for w in report["engines"]["vllm-ascend"]["why_not"])

@@ -146,10 +146,18 @@ FEATURES = (
                              _VA + "methods/w4a16.py AscendW4A16FusedMoEMethod (docstring, get_weight)"),
         MINDIE: Support(NO, "not read", "")}),
     Feature("W4A8_DYNAMIC MoE", "`w4a8d:match=mlp\\.experts`", "MoE", {
-        VLLM_ASCEND: Support(A2, "per-channel and per-group",
-                             _VA + "methods/w4a8.py AscendW4A8DynamicFusedMoEMethod"),
+        VLLM_ASCEND: Support(A2, "", _VA + "methods/w4a8.py AscendW4A8DynamicFusedMoEMethod (msModelSlim 1.0.0 "
+                             "per-group: get_weight_modelslim, get_dynamic_quant_param_modelslim)"),
         MINDIE: Support(A2, "", "MindIE-LLM mindie_llm/runtime/layers/quantization/ms_model_slim/"
                         "w4a8.py W4A8PerTokenFusedMoEMethod")}),
+    Feature("MoE experts on qwen2_moe", "`w8a8d`, `w4a8d:match=mlp\\.experts` (Qwen2-MoE)", "MoE", {
+        VLLM_ASCEND: Support(NO, "quantized routed experts of qwen2_moe: packed_modules_model_mapping has no qwen2_moe "
+                             "entry, so the quant config looks up `<layer>.mlp.experts.weight` (KeyError)",
+                             _VA + "modelslim_config.py packed_modules_model_mapping, is_layer_skipped_ascend"),
+        MINDIE: Support(A2, "per-expert mlp.experts.{e}.gate_proj/up_proj/down_proj (pack type from expert 0), "
+                        "shared_expert as a dense MLP, float router and shared_expert_gate",
+                        _MI + "models/qwen2_moe/modeling_qwen2_moe.py QwenMoe.__init__ (load_moe), QwenMLP, "
+                        "QwenSharedExpertGate", unsure=P310)}),
 )
 FEATURE_BY_KEY = {f.key: f for f in FEATURES}
 
@@ -183,6 +191,8 @@ class ArtifactFeatures:
         if "W4A8_DYNAMIC" in self.biased_types:
             keys.append("W4A8_DYNAMIC Linear bias")
         keys += [f"{t} MoE" for t in sorted(self.moe_types)]
+        if self.moe_types and self.model_type == "qwen2_moe":
+            keys.append("MoE experts on qwen2_moe")
         if self.kv_cache:
             keys.append("C8")
         if self.fa_quant:

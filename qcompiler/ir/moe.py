@@ -170,6 +170,13 @@ def replace_moe_blocks(model: torch.nn.Module) -> None:
         layer.mlp = new
 
 
+#: what `qcompile passes` says about mixture-of-experts models
+MOE_PASSES_NOTE = (
+    "mixture of experts (Qwen3-MoE, Qwen2-MoE): expert Linears are sites named mlp.experts.{e}.gate_proj/up_proj/"
+    "down_proj; all experts of a layer take one scheme, w8a8d or w4a8d (--passes 'w4a8d:match=mlp\\.experts,w8a8d'); "
+    "attention takes any scheme, kv8 and fa3 work; the router (mlp.gate) and Qwen2-MoE's shared_expert_gate stay "
+    "float. Refused on MoE models: smooth, awq, gptq, sparse, fallback, and static-activation or weight-only "
+    "schemes on experts.")
 #: passes that gather statistics from (or transform) Linears through their calibration inputs: on a MoE model the
 #: dense dispatch gives every expert every token, and smoothing the post-attention norm would also have to scale
 #: the router, so these are refused for MoE models (module docstring, Limits)

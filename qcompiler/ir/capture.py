@@ -23,6 +23,9 @@ Contract:
   captured layer has none of (use_cache=False); tests/ir/test_capture.py checks that a copy equals a
   fresh export, graph and numbers, for every architecture. (torch.export of a decoder layer takes about
   2 s; the copy 0.1 s: a third of a SmolLM2 compile's wall time was export.)
+Mixture-of-experts models (Qwen3-MoE, Qwen2-MoE): the skeleton's sparse MoE blocks are replaced by ir/moe.py's
+SparseMoeBlock (per-expert Linears under the checkpoint's names, explicit routing) before anything is exported;
+`annotate_linears` marks the router Linears meta.ROUTER (float, no quantization site).
 Limits: causal attention without padding (the captured mask must be None); the captured graph computes
 the layer for sequences of length >= 2 and for length 1 with no cache.
 """

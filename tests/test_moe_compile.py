@@ -197,3 +197,19 @@ def test_qwen2_moe_report_says_which_engine_loads_it(compiled_moe):
     report = json.loads((compiled_moe("qwen2_moe", "w8a8d") / "qcompile_report.json").read_text())
     assert report["engines"]["mindie"]["loads"] and not report["engines"]["vllm-ascend"]["loads"]
     assert any("qwen2_moe" in w for w in report["engines"]["vllm-ascend"]["why_not"])
+
+
+def test_moe_model_with_a_dense_layer_compiles(tmp_path, calib_file):
+    """mlp_only_layers=[0]: layer 0 keeps a dense MLP (mlp.gate_proj ..., quantized as in a dense model), layer 1
+    is MoE; the report has routed token counts for layer 1 only."""
+    from tests.helpers import make_tiny_model
+    model = make_tiny_model(tmp_path / "m", "qwen3_moe", mlp_only_layers=[0])
+    out = tmp_path / "out"
+    assert cli.main([str(model), "--passes", r"w4a8d:match=mlp\.experts,w8a8d", "--calib", str(calib_file), *CALIB,
+                     "-o", str(out)]) == 0
+    desc = _description(out)
+    assert desc["model.layers.0.mlp.down_proj.weight"] == "W8A8_DYNAMIC"
+    assert desc["model.layers.1.mlp.experts.0.down_proj.weight"] == "W4A8_DYNAMIC"
+    assert "model.layers.0.mlp.gate.weight" not in desc and desc["model.layers.1.mlp.gate.weight"] == "FLOAT"
+    layers = json.loads((out / "qcompile_report.json").read_text())["layers"]
+    assert "expert_tokens" not in layers[0] and sum(layers[1]["expert_tokens"]) == 4 * 32 * 2

@@ -185,6 +185,7 @@ def _add_layer_tensors(writer, ctx: LayerContext, gm, ckpt) -> tuple[dict[str, s
     for name, (t, qtype) in sorted(ctx.extra_tensors.items()):  # kv8 / fa3 scales (C8, FAQuant)
         writer.add(ctx.prefix + name, t, qtype)
         written[name] = t
+    linears = layer_linear_shapes(ckpt.config, ctx.index)
     for name, t in sorted(gm.state_dict().items()):
         linear = name.rsplit(".", 1)[0]
         if linear in ctx.artifact:
@@ -193,7 +194,7 @@ def _add_layer_tensors(writer, ctx: LayerContext, gm, ckpt) -> tuple[dict[str, s
             continue  # a constant export lifted into the graph, not a model tensor
         writer.add(ctx.prefix + name, t, "FLOAT")
         written[name] = t
-        if linear in layer_linear_shapes(ckpt.config, ctx.index):
+        if linear in linears:
             types[linear] = "FLOAT"
     lost = sorted(n for n in ckpt.weight_map if n.startswith(ctx.prefix) and n[len(ctx.prefix):] not in written)
     if lost:

@@ -24,8 +24,11 @@ expert order. Per-token math (dynamic per-token activation quantization included
 result of a token does not depend on which other tokens share the batch.
 Cost: E / top-k times the expert FLOPs of a sparse dispatch (calibration, eval and run on CPU); the artifact
 is unaffected (engines dispatch sparsely).
-Limits: statistics a pass gathers from an expert's input (static activation ranges, smooth, awq, gptq) would
-see every token, not the ones routed to the expert: those passes refuse expert Linears (`check_expert_passes`).
+Limits: statistics a pass gathers from an expert's input (static activation ranges, smooth, awq, gptq, sparse,
+fallback) would see every token, not the ones routed to the expert, and smoothing the post-attention norm would
+have to rescale the router: `check_expert_passes` refuses those passes on MoE models, and static-activation or
+weight-only schemes on experts (no engine is known to load a weight-only MoE layout qcompile writes), before any
+work. `routed_token_counts` gives the report the tokens the router sent to each expert.
 """
 from __future__ import annotations
 
@@ -36,8 +39,9 @@ import torch
 import torch.nn.functional as F
 
 #: Linears inside a MoE block that route (the router, Qwen2-MoE's shared-expert gate): always float, no
-#: quantization site (ir/patterns.linear_sites skips them). vLLM-Ascend keeps both unquantized: the router is a
-#: ReplicatedLinear with quant_config=None (models/qwen3_moe.py Qwen3MoeSparseMoeBlock.__init__ upstream vLLM).
+#: quantization site (ir/patterns.linear_sites skips them). vLLM builds the router as a ReplicatedLinear with the
+#: quant config (vllm 0.23.0 models/qwen3_moe.py Qwen3MoeSparseMoeBlock.__init__): its FLOAT description entry gives
+#: it the unquantized method (vLLM-Ascend modelslim_config.py is_layer_skipped_ascend); routing stays float there.
 ROUTER_LINEAR = re.compile(r"(^|\.)mlp\.(gate|shared_expert_gate)$")
 #: an expert Linear's full or layer-relative name: group 1 = expert index
 EXPERT_LINEAR = re.compile(r"(?:^|\.)mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")

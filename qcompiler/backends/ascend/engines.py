@@ -154,9 +154,9 @@ FEATURES = (
         VLLM_ASCEND: Support(NO, "quantized routed experts of qwen2_moe: packed_modules_model_mapping has no qwen2_moe "
                              "entry, so the quant config looks up `<layer>.mlp.experts.weight` (KeyError)",
                              _VA + "modelslim_config.py packed_modules_model_mapping, is_layer_skipped_ascend"),
-        MINDIE: Support(A2, "per-expert mlp.experts.{e}.gate_proj/up_proj/down_proj (pack type from expert 0), "
-                        "shared_expert as a dense MLP, float router and shared_expert_gate",
-                        _MI + "models/qwen2_moe/modeling_qwen2_moe.py QwenMoe.__init__ (load_moe), QwenMLP, "
+        # MindIE reads per-expert mlp.experts.{e}.gate_proj/up_proj/down_proj (pack type from expert 0), the shared
+        # expert as a dense MLP, the router and shared_expert_gate as float Linears
+        MINDIE: Support(A2, "", _MI + "models/qwen2_moe/modeling_qwen2_moe.py QwenMoe.__init__ (load_moe), QwenMLP, "
                         "QwenSharedExpertGate", unsure=P310)}),
 )
 FEATURE_BY_KEY = {f.key: f for f in FEATURES}

@@ -213,3 +213,21 @@ def test_moe_model_with_a_dense_layer_compiles(tmp_path, calib_file):
     assert "model.layers.0.mlp.gate.weight" not in desc and desc["model.layers.1.mlp.gate.weight"] == "FLOAT"
     layers = json.loads((out / "qcompile_report.json").read_text())["layers"]
     assert "expert_tokens" not in layers[0] and sum(layers[1]["expert_tokens"]) == 4 * 32 * 2
+
+
+def test_quant_front_picks_the_moe_recipes(moe_models, calib_file, tmp_path, capsys):
+    """`qcompile quant --quant_type` on a MoE model: the dynamic MoE pipelines (recipes.MOE_RECIPES), never a dense
+    best practice that MoE refuses (smooth); a quant type without one is one line, exit 2."""
+    from qcompiler.recipes import recipe_for
+    assert recipe_for("w8a8_dynamic", "qwen3_moe").passes == "w8a8d"
+    assert recipe_for("w8a8_dynamic", "qwen3").passes == "smooth,w8a8d"
+    out = tmp_path / "q"
+    assert cli.main(["quant", "--model_path", str(moe_models["qwen3_moe"]), "--save_path", str(out),
+                     "--quant_type", "w4a8", "--calib_file", str(calib_file), "--calib_samples", "4",
+                     "--seq_len", "32"]) == 0
+    desc = _description(out)
+    assert desc["model.layers.0.mlp.experts.1.gate_proj.weight"] == "W4A8_DYNAMIC"
+    assert desc["model.layers.0.self_attn.q_proj.weight"] == "W8A8_DYNAMIC"
+    capsys.readouterr()
+    expect_error(capsys, ["quant", "--model_path", moe_models["qwen3_moe"], "--save_path", tmp_path / "q2",
+                          "--quant_type", "w8a8"], "no recipe for mixture-of-experts")

@@ -395,7 +395,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
         if expert_tokens is not None:  # MoE layer: calibration tokens the router sent to each expert (ir/moe.py)
             layers_report[-1]["expert_tokens"] = expert_tokens
         inputs = LayerInputs(hidden=out_hidden, position_embeddings=inputs.position_embeddings)
-        del gm, ctx
+        del gm, ctx, written  # the layer's tensors are on disk: hold none of them while the next layer compiles
         with phases("resume state"):  # a kill from here on resumes at layer i + 1 (resume.py)
             saver.commit(i + 1, inputs, writer, executable, _jsonable(record()))
         knobs.test_kill_after_layer(i)

@@ -29,7 +29,9 @@ folder is built under a temporary name beside the target and renamed when comple
 Shape facts: SmolLM2-135M from the model's own config.json (../shared/models); Qwen2.5-7B-Instruct and
 Qwen2.5-72B-Instruct from their published config.json files (hidden 3584 / 8192, intermediate 18944 /
 29568, 28 / 64 query heads, 4 / 8 kv heads, q/k/v bias, untied 152064-token vocabulary, rope_theta 1e6,
-rms_norm_eps 1e-6).
+rms_norm_eps 1e-6). Qwen3-30B-A3B (issue 17): hidden 2048, 128 experts of moe_intermediate 768, top-8, 32 query /
+4 kv heads of 128, 48 layers, untied 151936-token vocabulary; stored per expert (`mlp.experts.{e}.gate_proj` ...),
+as its checkpoint and transformers' save_pretrained store it (qcompiler/ir/moe.py).
 """
 from __future__ import annotations
 
@@ -97,6 +99,13 @@ PRESETS: dict[str, Preset] = {
     "qwen2.5-72b": Preset("qwen2", dict(
         _QWEN25, hidden_size=8192, intermediate_size=29568, num_attention_heads=64, num_key_value_heads=8,
         num_hidden_layers=80, max_window_layers=80), "Qwen2.5-72B-Instruct config.json"),
+    "qwen3-30b-a3b": Preset("qwen3_moe", dict(
+        architectures=["Qwen3MoeForCausalLM"], hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_hidden_layers=48, vocab_size=151936,
+        hidden_act="silu", max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        attention_bias=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        use_sliding_window=False, sliding_window=None), "Qwen3-30B-A3B config.json (issue 17 part 6 shapes)"),
 }
 
 _DEPTH = re.compile(r"^(?P<base>.+?)-(?:depth|layers)(?P<n>[1-9][0-9]*)$")
@@ -146,8 +155,10 @@ def tensor_shapes(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor the checkpoint stores, in the model's order (tied weights once),
     from the transformers model built on the meta device."""
     from transformers import AutoModelForCausalLM
+    from qcompiler.ir.moe import replace_moe_blocks
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config(spec), trust_remote_code=False)
+    replace_moe_blocks(model)  # MoE: the per-expert names checkpoints store, not transformers' fused experts
     persistent = set(model.state_dict())
     out = [(n, tuple(p.shape)) for n, p in model.named_parameters()]  # deduplicated: a tied lm_head once
     out += [(n, tuple(b.shape)) for n, b in model.named_buffers() if n in persistent]

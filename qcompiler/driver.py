@@ -34,13 +34,15 @@ from .config import CompileOptions
 from .engine_check import check_engine, engine_report, pipeline_features
 from .errors import QCError
 from .ir.capture import HFSkeleton, LayerInputs
+from .ir.moe import check_expert_passes, is_moe_layer, routed_token_counts
 from .loading import check_float16_range, dtype_name, load_tokenizer, open_checkpoint
 from .memory import check_sampling_memory
 from .model_zoo import resolve_model_dir
 from .outdir import OutputFolder, estimate_output_bytes
 from .passes import TAIL, LayerContext, PassManager, make_pass
 from .passes.fallback import check_fallback, fallback_index, presweep, with_decision
-from .passes.group_size import first_claim, model_linear_shapes, resolve_group_sizes
+from .passes.group_size import first_claim, layer_fused_groups, layer_linear_shapes, model_linear_shapes, \
+    resolve_group_sizes
 from .passes.instruments import DumpInstrument, StatsInstrument, TimingInstrument, check_dump_filter
 from .passes.simulate_tp import check_simulate_tp
 from .policy import policy_excludes, resolve_policy
@@ -49,9 +51,6 @@ from .executable import EXECUTABLE_DIR, HEAD_ARTIFACT_NAMES, ExecutableWriter
 from .runtime import auto_batch_size, head_from_checkpoint, run_layer_batched
 from .targets import check_target, get_target
 
-LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-FUSED_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 
 
 def build_pipeline(opts: CompileOptions) -> PassManager:
@@ -70,15 +69,26 @@ def build_pipeline(opts: CompileOptions) -> PassManager:
     return pm
 
 
-def check_exclude_groups(patterns, num_layers: int) -> None:
-    """An --exclude that splits q/k/v or gate/up (engines fuse them) is an error before any work."""
-    for i in range(num_layers):
-        for group in FUSED_GROUPS:
+def check_exclude_groups(patterns, config: dict) -> None:
+    """An --exclude that splits q/k/v or gate/up (an expert's too: engines fuse them) is an error before any work."""
+    for i in range(int(config["num_hidden_layers"])):
+        for group in layer_fused_groups(config, i):
             hit = [n for n in group if any(re.search(p, f"model.layers.{i}.{n}") for p in patterns)]
             if hit and len(hit) != len(group):
                 rest = [n for n in group if n not in hit]
-                raise QCError(f"--exclude matches model.layers.{i}.{hit[0]} but not {', '.join(rest)}: engines fuse "
-                              f"{'/'.join(n.split('.')[-1] for n in group)}, so exclude all of them or none")
+                raise QCError(f"--exclude matches model.layers.{i}.{hit[0]} but not {_names(rest)}: engines fuse "
+                              f"{_group_name(group)}, so exclude all of them or none")
+
+
+def _group_name(group) -> str:
+    """q_proj/k_proj/v_proj, or 'mlp.experts.* (every expert's gate/up/down)' for a MoE layer's experts."""
+    if len(group) > 3:
+        return "mlp.experts.* (every expert's gate_proj/up_proj/down_proj: one fused-MoE scheme per layer)"
+    return "/".join(n.split(".")[-1] for n in group)
+
+
+def _names(names) -> str:
+    return ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} and {len(names) - 2} more"
 
 
 def check_scheme_groups(passes, config: dict, exclude=()) -> None:
@@ -86,11 +96,16 @@ def check_scheme_groups(passes, config: dict, exclude=()) -> None:
     scheme pass that would quantize no Linear at all, are errors before any work."""
     owner = {n: first_claim(passes, n, exclude) for n in model_linear_shapes(config)}
     for i in range(int(config["num_hidden_layers"])):
-        for group in FUSED_GROUPS:
+        for group in layer_fused_groups(config, i):
             owners = [owner[f"model.layers.{i}.{n}"] for n in group]
             if len({id(o) for o in owners}) > 1:
-                got = ", ".join(f"{n.split('.')[-1]}: {o.name if o else 'float'}" for n, o in zip(group, owners))
-                where = f"model.layers.{i}.{group[0].rsplit('.', 1)[0]}.{'/'.join(n.split('.')[-1] for n in group)}"
+                if len(group) <= 3:
+                    got = ", ".join(f"{n.split('.')[-1]}: {o.name if o else 'float'}" for n, o in zip(group, owners))
+                    where = f"model.layers.{i}.{group[0].rsplit('.', 1)[0]}.{_group_name(group)}"
+                else:  # a MoE layer's experts: name the first two Linears whose schemes differ
+                    j = next(j for j, o in enumerate(owners) if o is not owners[0])
+                    got = ", ".join(f"{group[x]}: {owners[x].name if owners[x] else 'float'}" for x in (0, j))
+                    where = f"model.layers.{i}.{_group_name(group)}"
                 raise QCError(f"the schemes would split {where} "
                               f"({got}): engines fuse them, so one scheme must take all of them (adjust the "
                               f"passes' match option or --exclude)")
@@ -170,6 +185,7 @@ def _add_layer_tensors(writer, ctx: LayerContext, gm, ckpt) -> tuple[dict[str, s
     for name, (t, qtype) in sorted(ctx.extra_tensors.items()):  # kv8 / fa3 scales (C8, FAQuant)
         writer.add(ctx.prefix + name, t, qtype)
         written[name] = t
+    linears = layer_linear_shapes(ckpt.config, ctx.index)
     for name, t in sorted(gm.state_dict().items()):
         linear = name.rsplit(".", 1)[0]
         if linear in ctx.artifact:
@@ -178,7 +194,7 @@ def _add_layer_tensors(writer, ctx: LayerContext, gm, ckpt) -> tuple[dict[str, s
             continue  # a constant export lifted into the graph, not a model tensor
         writer.add(ctx.prefix + name, t, "FLOAT")
         written[name] = t
-        if linear in LAYER_LINEARS:
+        if linear in linears:
             types[linear] = "FLOAT"
     lost = sorted(n for n in ckpt.weight_map if n.startswith(ctx.prefix) and n[len(ctx.prefix):] not in written)
     if lost:
@@ -207,9 +223,10 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
         check_available()  # onnx / onnxscript / onnxruntime importable, before any work
     policy = resolve_policy(opts.policy, ckpt.model_type, pm.passes)  # policy.py: adds exclusions
     opts = dataclasses.replace(opts, policy=policy, exclude=tuple(opts.exclude) + policy_excludes(policy))
-    check_exclude_groups(opts.exclude, ckpt.num_layers)
+    check_exclude_groups(opts.exclude, ckpt.config)
     check_scheme_groups(pm.passes, ckpt.config, opts.exclude)
     check_specs_honoured(pm.passes)
+    check_expert_passes(pm.passes, ckpt.config, opts.exclude)
     check_fallback(pm.passes, ckpt.config, opts.exclude)
     pm.passes, group_size = resolve_group_sizes(pm.passes, ckpt.config, opts.exclude)
     check_simulate_tp(pm.passes, ckpt.config, group_size)
@@ -364,6 +381,10 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
                 check_finite(run_layer_batched(float_gm, inputs.hidden, inputs.position_embeddings, batch_size),
                              i, ckpt.dtype, "float, before any pass")
             raise
+        expert_tokens = None
+        if is_moe_layer(ckpt.config, i):
+            with phases("experts: routed calibration tokens"):
+                expert_tokens = routed_token_counts(gm, inputs.hidden, inputs.position_embeddings, batch_size)
         with phases("artifact tensors"):
             types, written = _add_layer_tensors(writer, ctx, gm, ckpt)
         extra_description.update(ctx.description)
@@ -371,8 +392,10 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
             executable.add(gm, inputs, in_artifact=written)  # what the artifact holds is not stored twice
         layers_report.append({"layer": i, "linears": types, "seconds": round(time.perf_counter() - t_layer, 3),
                               "passes": _jsonable(ctx.records)})
+        if expert_tokens is not None:  # MoE layer: calibration tokens the router sent to each expert (ir/moe.py)
+            layers_report[-1]["expert_tokens"] = expert_tokens
         inputs = LayerInputs(hidden=out_hidden, position_embeddings=inputs.position_embeddings)
-        del gm, ctx
+        del gm, ctx, written  # the layer's tensors are on disk: hold none of them while the next layer compiles
         with phases("resume state"):  # a kill from here on resumes at layer i + 1 (resume.py)
             saver.commit(i + 1, inputs, writer, executable, _jsonable(record()))
         knobs.test_kill_after_layer(i)

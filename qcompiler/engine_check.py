@@ -12,6 +12,7 @@ A fallback pass may later keep more Linears float; the check is made on the pipe
 """
 from .backends.ascend.engines import (ENGINE_CHOICES, ENGINE_NAMES, ENGINES, ArtifactFeatures, notes, refusals)
 from .errors import QCError
+from .ir.moe import EXPERT_LINEAR
 from .passes.group_size import first_claim, model_linear_shapes
 
 
@@ -24,10 +25,13 @@ def pipeline_features(passes, config: dict, exclude, has_tensor, target_name: st
                       model_type: str) -> ArtifactFeatures:
     """ArtifactFeatures of the artifact this pipeline (group sizes resolved) will write. `has_tensor(name)`:
     whether the checkpoint holds a tensor (Linear biases)."""
-    types, grouped, biased = set(), set(), set()
+    types, grouped, biased, moe = set(), set(), set(), set()
     for name in model_linear_shapes(config):
         owner = first_claim(passes, name, exclude)
         if owner is None:
+            continue
+        if EXPERT_LINEAR.search(name):  # routed experts: the fused-MoE methods ("<type> MoE" features)
+            moe.add(owner.quant_type)
             continue
         types.add(owner.quant_type)
         if getattr(owner.options, "group", 0):
@@ -38,7 +42,8 @@ def pipeline_features(passes, config: dict, exclude, has_tensor, target_name: st
     return ArtifactFeatures(linear_types=frozenset(types), grouped_types=frozenset(grouped),
                             biased_types=frozenset(biased),
                             kv_cache="C8" in pass_types, fa_quant="FAQuant" in pass_types,
-                            device="310p" if target_name == "ascend310p" else "910b", model_type=model_type)
+                            device="310p" if target_name == "ascend310p" else "910b", model_type=model_type,
+                            moe_types=frozenset(moe))
 
 
 def check_engine(engine: str, features: ArtifactFeatures) -> list[str]:

@@ -1,7 +1,7 @@
 """Loading a Hugging Face checkpoint folder: config, lazy safetensors weights, tokenizer.
 
 Contract:
-- `open_checkpoint(path, dtype)` validates the folder (config.json, a supported dense architecture,
+- `open_checkpoint(path, dtype)` validates the folder (config.json, a supported architecture,
   not already quantized, readable safetensors) and returns a `Checkpoint`; every problem is a
   one-line `QCError`.
 - Weights are read lazily, one tensor at a time, from the safetensors files (memory-mapped by
@@ -18,7 +18,8 @@ Contract:
 - Nothing in the folder is run or unpickled (trust.py): a config.json / tokenizer_config.json asking for
   custom code is refused before anything is loaded, and every transformers call passes
   `trust_remote_code=False`.
-Limits: dense LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM only; no .bin checkpoints.
+Limits: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and the MoE Qwen3MoeForCausalLM /
+Qwen2MoeForCausalLM (ir/moe.py) only; no .bin checkpoints.
 """
 import json
 from dataclasses import dataclass, field
@@ -31,11 +32,13 @@ from .checkpoint_checks import check_checkpoint, header_dtype
 from .errors import QCError
 from .trust import check_config, check_tokenizer_files
 
-#: architecture (config.json "architectures"[0]) -> model_type. Only dense decoders.
+#: architecture (config.json "architectures"[0]) -> model_type.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",   # mixture of experts: ir/moe.py
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -193,9 +196,6 @@ def _architecture(cfg: dict, path: Path) -> str:
     arch = archs[0] if archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
         raise QCError(f"{path}: architecture {arch!r} is not supported; supported: "
-                      f"{', '.join(SUPPORTED_ARCHITECTURES)} (dense only)")
-    if cfg.get("num_experts") or cfg.get("num_local_experts"):
-        raise QCError(f"{path}: mixture-of-experts models are not supported; supported: dense "
                       f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     return arch
 

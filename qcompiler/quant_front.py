@@ -165,7 +165,7 @@ def plan_for(a: argparse.Namespace, model_dir: Path):
     """The FrontPlan of the parsed arguments (mode per `choose_mode`)."""
     from .msmodelslim_plan import FrontPlan
     from .config import parse_passes
-    from .recipes import arch_family, recipe_for
+    from .recipes import MOE_MODEL_TYPES, arch_family, recipe_for
     config = _read_config(model_dir, a.trust_remote_code)
     model_type = str(config.get("model_type", ""))
     mode = choose_mode(a)
@@ -185,8 +185,11 @@ def plan_for(a: argparse.Namespace, model_dir: Path):
     check_bits(quant_type, a.w_bit, a.a_bit)
     recipe = recipe_for(quant_type, model_type)
     family = arch_family(model_type)
+    why = QUANT_TYPE_RECIPES[quant_type].why
+    if model_type in MOE_MODEL_TYPES:
+        family, why = model_type, "MOE_RECIPES: the dynamic pipelines mixture-of-experts compiles support"
     plan = FrontPlan(source=f"best practice of --quant_type {quant_type} for {family} models (qcompiler/recipes.py: "
-                            f"{QUANT_TYPE_RECIPES[quant_type].why})",
+                            f"{why})",
                      passes=parse_passes(recipe.passes), target=recipe.target, dtype=recipe.dtype,
                      exclude=list(recipe.exclude), policy="auto")
     if a.model_type:

@@ -113,6 +113,17 @@ UNAVAILABLE = {
 }
 
 
+#: mixture-of-experts models (ir/moe.py): smooth / awq / gptq and static or weight-only schemes on experts are refused
+#: there, so the dense recipes do not apply. These are the dynamic pipelines MoE compiles support (experts int4 and
+#: attention int8 is msModelSlim's Qwen3-MoE W4A8 split); not measured on a real MoE model here.
+MOE_RECIPES: dict[str, Recipe] = {
+    "w8a8_dynamic": Recipe("w8a8d"),
+    "w4a8": Recipe(r"w4a8d:match=mlp\.experts,w8a8d"),
+    "w4a8c8": Recipe(r"w4a8d:match=mlp\.experts,w8a8d,kv8"),
+}
+MOE_MODEL_TYPES = ("qwen3_moe", "qwen2_moe")
+
+
 def arch_family(model_type: str) -> str:
     """'qwen' for qwen2/qwen3 (config.json model_type, or the bench variant 'qwen2'), else 'llama'."""
     return "qwen" if str(model_type).lower().startswith("qwen") else "llama"
@@ -142,5 +153,12 @@ def markdown_table() -> list[str]:
 
 
 def recipe_for(quant_type: str, model_type: str) -> Recipe:
-    """The best-practice Recipe of `quant_type` for a model of config.json `model_type`."""
-    return check_quant_type(quant_type).for_family(arch_family(model_type))
+    """The best-practice Recipe of `quant_type` for a model of config.json `model_type` (MoE models: MOE_RECIPES,
+    QCError for a quant type that has none)."""
+    row = check_quant_type(quant_type)
+    if str(model_type) in MOE_MODEL_TYPES:
+        if row.quant_type not in MOE_RECIPES:
+            raise QCError(f"--quant_type {quant_type} has no recipe for mixture-of-experts models ({model_type}): "
+                          f"expected one of {', '.join(MOE_RECIPES)} (README \"Mixture of experts\")")
+        return MOE_RECIPES[row.quant_type]
+    return row.for_family(arch_family(model_type))

@@ -37,6 +37,7 @@ def _markdown(r: dict) -> str:
     if r.get("fallback"):
         lines += _fallback_md(r["fallback"])
     lines += _sparsity_md(r["layers"])
+    lines += _experts_md(r["layers"])
     lines += ["", "## Layers", "", "| layer | seconds | float Linears |", "|---|---|---|"]
     for layer in r["layers"]:
         floats = [k for k, v in layer["linears"].items() if v == "FLOAT"]
@@ -70,6 +71,23 @@ def _sparsity_md(layers: list) -> list[str]:
     for index, rec in recs:
         lines.append(f"| {index} | " + " | ".join(f"{rec[n]['sparsity']:.4f}" if n in rec else "dense"
                                                   for n in names) + " |")
+    return lines
+
+
+def _experts_md(layers: list) -> list[str]:
+    """Mixture-of-experts layers: calibration tokens the router sent to each expert (top-k per token). Dynamic and
+    weight-only schemes on experts use none of them; passes that would need per-expert statistics are refused
+    (ir/moe.py check_expert_passes), so these counts say how well calibration covers the experts."""
+    rows = [(layer["layer"], layer["expert_tokens"]) for layer in layers if layer.get("expert_tokens") is not None]
+    if not rows:
+        return []
+    lines = ["", "## Experts: calibration tokens routed to each expert", "",
+             "| layer | experts | tokens routed (top-k) | min | median | max | experts with 0 tokens |",
+             "|---|---|---|---|---|---|---|"]
+    for index, counts in rows:
+        ranked = sorted(counts)
+        lines.append(f"| {index} | {len(counts)} | {sum(counts)} | {ranked[0]} | {ranked[len(ranked) // 2]} | "
+                     f"{ranked[-1]} | {sum(1 for c in counts if c == 0)} |")
     return lines
 
 

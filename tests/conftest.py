@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random HF checkpoints (Llama / Qwen2 / Qwen3) and a calibration file.
+"""Shared fixtures: tiny random HF checkpoints (Llama / Qwen2 / Qwen3; Qwen3-MoE / Qwen2-MoE) and a calibration file.
 
 The builders live in tests/helpers.py (import helpers from there, never from test modules).
 """
@@ -16,6 +16,13 @@ def tiny_models(tmp_path_factory):
     """{'llama': dir, 'qwen2': dir, 'qwen3': dir} of tiny bf16 checkpoints (built once per session)."""
     root = tmp_path_factory.mktemp("tiny")
     return {arch: make_tiny_model(root / arch, arch) for arch in ("llama", "qwen2", "qwen3")}
+
+
+@pytest.fixture(scope="session")
+def moe_models(tmp_path_factory):
+    """{'qwen3_moe': dir, 'qwen2_moe': dir} of tiny bf16 mixture-of-experts checkpoints (4 experts, top-2)."""
+    root = tmp_path_factory.mktemp("tiny-moe")
+    return {arch: make_tiny_model(root / arch, arch) for arch in ("qwen3_moe", "qwen2_moe")}
 
 
 @pytest.fixture(scope="session")

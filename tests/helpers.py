@@ -29,10 +29,19 @@ def tiny_tokenizer(vocab_size: int = 300):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
-def tiny_config(arch: str, vocab: int, layers: int = 2):
+def tiny_config(arch: str, vocab: int, layers: int = 2, **overrides):
+    """(transformers config, model class) of the tiny `arch` with `layers` decoder layers; `overrides` replace config
+    fields."""
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   tie_word_embeddings=False)
+    config, cls = _tiny_config(arch, common)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config, cls
+
+
+def _tiny_config(arch: str, common: dict):
     if arch == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
         return LlamaConfig(**common), LlamaForCausalLM
@@ -42,15 +51,33 @@ def tiny_config(arch: str, vocab: int, layers: int = 2):
     if arch == "qwen3":
         from transformers import Qwen3Config, Qwen3ForCausalLM
         return Qwen3Config(**common, head_dim=16), Qwen3ForCausalLM
+    # mixture of experts (ir/moe.py): 4 experts of 128, top-2: at tp=2 (loader check) each rank holds 2 of w4a8d's
+    # 32-groups of down_proj (the loader check takes a w2 scale of 1 group per rank for a per-channel one)
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, norm_topk_prob=True)
+    if arch == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+        return Qwen3MoeConfig(**common, **moe, head_dim=16), Qwen3MoeForCausalLM
+    if arch == "qwen2_moe":
+        from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+        return Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=64, use_sliding_window=False,
+                              qkv_bias=True), Qwen2MoeForCausalLM
     raise ValueError(arch)
 
 
-def make_tiny_model(folder: Path, arch: str = "llama", dtype=torch.bfloat16, seed: int = 0, layers: int = 2) -> Path:
-    """Save a tiny random `arch` checkpoint (`layers` decoder layers) with a trained tokenizer into `folder`."""
+def make_tiny_model(folder: Path, arch: str = "llama", dtype=torch.bfloat16, seed: int = 0, layers: int = 2,
+                    **overrides) -> Path:
+    """Save a tiny random `arch` checkpoint (`layers` decoder layers) with a trained tokenizer into `folder`; returns
+    it. `arch`: llama, qwen2, qwen3, or the mixture-of-experts qwen3_moe / qwen2_moe (random routers); `overrides`:
+    config fields (e.g. mlp_only_layers=[0])."""
     tok = tiny_tokenizer()
-    cfg, cls = tiny_config(arch, len(tok), layers)
+    cfg, cls = tiny_config(arch, len(tok), layers, **overrides)
     torch.manual_seed(seed)
     model = cls(cfg).to(dtype).eval()
+    if arch in ("qwen3_moe", "qwen2_moe"):  # transformers initialises the router to zeros: every tie would route
+        with torch.no_grad():               # to experts 0..k-1; random routers exercise the routing
+            for layer in model.model.layers:
+                if hasattr(layer.mlp, "experts"):
+                    layer.mlp.gate.weight.normal_(0, 0.5)
     if arch == "qwen2":  # random (non-zero) q/k/v biases, so the bias path is exercised
         with torch.no_grad():
             for layer in model.model.layers:

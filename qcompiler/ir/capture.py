@@ -23,6 +23,9 @@ Contract:
   captured layer has none of (use_cache=False); tests/ir/test_capture.py checks that a copy equals a
   fresh export, graph and numbers, for every architecture. (torch.export of a decoder layer takes about
   2 s; the copy 0.1 s: a third of a SmolLM2 compile's wall time was export.)
+Mixture-of-experts models (Qwen3-MoE, Qwen2-MoE): the skeleton's sparse MoE blocks are replaced by ir/moe.py's
+SparseMoeBlock (per-expert Linears under the checkpoint's names, explicit routing) before anything is exported;
+`annotate_linears` marks the router Linears meta.ROUTER (float, no quantization site).
 Limits: causal attention without padding (the captured mask must be None); the captured graph computes
 the layer for sequences of length >= 2 and for length 1 with no cache.
 """
@@ -37,6 +40,7 @@ from torch.export import Dim
 from ..errors import QCError
 from ..loading import Checkpoint
 from . import meta
+from .moe import is_router, replace_moe_blocks
 
 STOP = "qc-stop-after-layer0-inputs"
 
@@ -69,6 +73,7 @@ class HFSkeleton:
         self.hf_config = _hf_config(ckpt)
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.hf_config, dtype=ckpt.dtype, trust_remote_code=False)
+        replace_moe_blocks(self.model)  # per-expert Linears under the checkpoint's names (ir/moe.py)
         self.model.eval()
         base = self.model.model
         # Rotary tables are computed at construction: rebuild on CPU (meta buffers hold no values).
@@ -246,9 +251,12 @@ def linear_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 
 def annotate_linears(gm: torch.fx.GraphModule) -> None:
-    """Set meta.LINEAR_NAME on each aten.linear node from its weight's get_attr target."""
+    """Set meta.LINEAR_NAME on each aten.linear node from its weight's get_attr target, and meta.ROUTER on
+    MoE routers (ir/moe.py: float, no quantization site)."""
     for node in linear_nodes(gm):
         weight = node.args[1]
         if weight.op != "get_attr" or not str(weight.target).endswith(".weight"):
             raise QCError(f"captured graph: linear {node.name} does not read a named weight")
         node.meta[meta.LINEAR_NAME] = str(weight.target)[: -len(".weight")]
+        if is_router(node.meta[meta.LINEAR_NAME]):
+            node.meta[meta.ROUTER] = True

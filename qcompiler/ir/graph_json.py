@@ -10,8 +10,8 @@ come from safetensors files the caller reads (`tensors`: get_attr target -> tens
 Node encoding:
 - op: placeholder | get_attr | call_function | output (nothing else is accepted).
 - name, placeholder target: Python identifiers that are no keyword, builtin, dunder or name of the
-  generated code's own globals (`RESERVED`), unique; get_attr target: dotted such identifiers that name
-  a tensor in `tensors`; kwargs keys: parameter names of the op's schema.
+  generated code's own globals (`RESERVED`), unique; get_attr target: dotted such identifiers (after the first, a part may
+  also be a decimal ModuleList index: MoE experts) that name a tensor in `tensors`; kwargs keys: parameter names of the op's schema.
 - call_function target: a name from the allow-list, resolved to the object by lookup (never by import
   or eval): `aten.<op>.<overload>` for the ops in `ATEN_OPS` (pure tensor math and shape ops: what
   torch.export produces for the supported decoder layers, plus close kin), `qc.<op>.<overload>` (our
@@ -59,7 +59,7 @@ ATEN_OPS = frozenset({
     "ne", "new_ones", "new_zeros", "ones", "ones_like", "permute", "reciprocal", "relu", "repeat",
     "repeat_interleave", "rms_norm", "round", "scalar_tensor", "select", "sigmoid", "sign", "sin", "softmax",
     "split", "split_with_sizes", "sqrt", "squeeze", "sub", "sum", "sym_constrain_range_for_size", "sym_numel",
-    "sym_stride", "t", "tanh", "tril", "triu", "type_as", "unflatten", "view_as", "where", "zeros",
+    "sym_stride", "t", "tanh", "topk", "tril", "triu", "type_as", "unflatten", "view_as", "where", "zeros",
     "zeros_like",
 })
 #: op namespaces resolved through torch.ops: aten (restricted to ATEN_OPS) and our own kernels.
@@ -85,6 +85,8 @@ _DEVICE = re.compile(r"^(cpu|meta|npu|cuda)(:\d{1,4})?$")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,199}$")
 _SYMBOL = re.compile(r"^[A-Za-z0-9_ +\-*/()]{1,64}$")
 #: names the generated forward() itself uses (fx's globals and the module argument).
+#: a decimal ModuleList index inside a dotted tensor name (torch.fx emits `getattr(m, "0")` for it)
+_INDEX = re.compile(r"(0|[1-9][0-9]{0,8})\Z")
 RESERVED = frozenset({"self", "torch", "fx_pytree", "pytree", "operator", "device", "inf", "nan", "NoneType",
                       "math", "builtins"})
 _OPS = ("placeholder", "get_attr", "call_function", "output")
@@ -185,7 +187,10 @@ def _identifier(text, what: str) -> str:
 def _dotted(text, what: str) -> str:
     if not isinstance(text, str):
         raise _Bad(f"{what} {text!r} is not a string")
-    for part in text.split("."):
+    parts = text.split(".")
+    for i, part in enumerate(parts):
+        if i and _INDEX.match(part):  # a ModuleList index (`mlp.experts.0.gate_proj.weight`): fx quotes it
+            continue
         _identifier(part, what)
     return text
 

@@ -9,6 +9,9 @@ import torch
 
 #: str, on `aten.linear` nodes: the Linear's path inside its decoder layer (`self_attn.q_proj`).
 LINEAR_NAME = "qc_linear"
+#: True, on `aten.linear` nodes of a MoE router or shared-expert gate (ir/moe.py): stays float, never a Linear
+#: site (ir/patterns.linear_sites skips it).
+ROUTER = "qc_router"
 #: LinearQuantSpec, on `aten.linear` nodes: the decision of an annotation pass (w8a8, ...).
 QUANT_SPEC = "qc_quant_spec"
 #: str, on observer `call_module` nodes: the name of the observer submodule.

@@ -21,8 +21,11 @@ class LinearSite:
 
 
 def linear_sites(gm: torch.fx.GraphModule) -> list[LinearSite]:
+    """The Linears passes may transform, in graph order: every `aten.linear` but MoE routers (meta.ROUTER)."""
     sites = []
     for node in linear_nodes(gm):
+        if node.meta.get(meta.ROUTER):
+            continue
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         sites.append(LinearSite(node=node, name=node.meta[meta.LINEAR_NAME], input=node.args[0],
                                 weight=node.args[1], bias=bias))

@@ -18,7 +18,7 @@ num_attention_heads, num_key_value_heads, head_dim), so the group is resolved he
 are rebuilt, options stay frozen) and the artifact's `group_size` (0 when no Linear is quantized per-group).
 Which pass quantizes which Linear is simulated with the same rule the scheme passes apply at run time
 (`first_claim`: --exclude wins, then the first scheme pass whose `match` selects the Linear).
-Limits: dense decoder layers with the seven Linears of Llama / Qwen2 / Qwen3 (what capture supports).
+Limits: the Linears of Llama / Qwen2 / Qwen3 decoder layers and of Qwen3-MoE / Qwen2-MoE ones (what capture supports).
 """
 import dataclasses
 import re
@@ -31,22 +31,37 @@ GROUP_SIZES = (0, 32, 64, 128, 256)
 DEFAULT_GROUPS = (128, 64)
 
 
-def layer_linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
-    """{Linear path inside a decoder layer: (n, k)} from a Llama / Qwen2 / Qwen3 config.json dict."""
+#: the Linears engines fuse in a dense layer (one scheme each group); MoE layers: ir/moe.moe_fused_groups
+DENSE_FUSED_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def layer_linear_shapes(config: dict, index: int = 0) -> dict[str, tuple[int, int]]:
+    """{Linear path inside decoder layer `index`: (n, k)} from a Llama / Qwen2 / Qwen3 config.json dict, or a
+    Qwen3-MoE / Qwen2-MoE one (a MoE layer's expert Linears, ir/moe.py; routers are no quantization site)."""
+    from ..ir.moe import is_moe_layer, moe_mlp_shapes
     h, heads, inter = config["hidden_size"], config["num_attention_heads"], config["intermediate_size"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or h // heads
     q, kv = heads * head_dim, kv_heads * head_dim
-    return {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
-            "mlp.down_proj": (h, inter)}
+    attention = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+                 "self_attn.o_proj": (h, q)}
+    if is_moe_layer(config, index):
+        return {**attention, **moe_mlp_shapes(config)}
+    return {**attention, "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter)}
+
+
+def layer_fused_groups(config: dict, index: int = 0) -> tuple[tuple[str, ...], ...]:
+    """The Linear groups of decoder layer `index` that engines fuse (q/k/v, gate/up; each expert's gate/up)."""
+    from ..ir.moe import is_moe_layer, moe_fused_groups
+    if is_moe_layer(config, index):
+        return (DENSE_FUSED_GROUPS[0],) + moe_fused_groups(config)
+    return DENSE_FUSED_GROUPS
 
 
 def model_linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
     """{full HF Linear name (`model.layers.3.mlp.down_proj`): (n, k)} for every decoder layer."""
-    per_layer = layer_linear_shapes(config)
     return {f"model.layers.{i}.{name}": shape for i in range(int(config["num_hidden_layers"]))
-            for name, shape in per_layer.items()}
+            for name, shape in layer_linear_shapes(config, i).items()}
 
 
 def first_claim(passes, full_name: str, exclude=()):

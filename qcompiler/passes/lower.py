@@ -29,6 +29,7 @@ Limits: the quant types in `LOWERINGS`; anything else is an error naming the typ
 scale_bias and weight offsets are written to the artifact only (the kernel math does not read them).
 """
 import operator
+import re
 
 import torch
 
@@ -57,7 +58,10 @@ def remove_observers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, MinMaxObse
     return seen
 
 
-ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")  # W4A8_DYNAMIC scale_bias is [n, 16] for these
+#: row-parallel Linears (layer-relative names): W4A8_DYNAMIC scale_bias is [n, 16] for these. An expert's (and Qwen2-MoE's
+#: shared expert's) down_proj too: vLLM-Ascend's w2_scale_bias is [E, hidden, 16 // tp]
+#: (quantization/methods/w4a8.py AscendW4A8DynamicFusedMoEMethod.get_dynamic_quant_param_modelslim)
+ROW_PARALLEL = re.compile(r"(^self_attn\.o_proj|^mlp\.down_proj|^mlp\.(experts\.\d+|shared_expert)\.down_proj)$")
 
 
 def _group_size(spec) -> int:
@@ -259,7 +263,7 @@ class _Lowering:
     def w4a8_dynamic(self, site, spec):
         weight, bias, given = self.weight_args(site)
         group = _group_size(spec)
-        tensors = encode.encode_w4a8_dynamic(weight, bias, site.name in ROW_PARALLEL, group, self.ctx.dtype,
+        tensors = encode.encode_w4a8_dynamic(weight, bias, bool(ROW_PARALLEL.match(site.name)), group, self.ctx.dtype,
                                              **given)
         g = self.gm.graph
         n = self.shards(site)

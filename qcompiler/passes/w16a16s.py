@@ -20,11 +20,11 @@ from ..errors import QCError
 from ..ir import meta
 from ..ir.patterns import linear_sites
 from .base import Pass, PassResult
+from .group_size import DENSE_FUSED_GROUPS
 from .registry import register
 
 W16A16S = "W16A16S"
 #: Linears the engines fuse (each group must carry one type)
-_FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class W16A16Sparse(Pass):
                               f"match/--exclude as w16a16s")
             site.node.meta[meta.FLOAT_QUANT_TYPE] = W16A16S
             claimed.append(site.name)
-        for group in _FUSED:
+        for group in DENSE_FUSED_GROUPS:
             hit = [n for n in group if n in claimed]
             if hit and len(hit) != len(group):
                 raise QCError(f"w16a16s would split {ctx.prefix}{'/'.join(group)} (engines fuse them): claim all of "

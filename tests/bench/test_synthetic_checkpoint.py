@@ -69,6 +69,23 @@ def test_build_passes_checkpoint_checks_and_matches_transformers(tmp_path, prese
     assert torch.isfinite(logits).all() and 0.1 < float(logits.float().std()) < 10  # activations in range
 
 
+def test_moe_preset_stores_per_expert_tensors_transformers_loads(tmp_path):
+    """qwen3-30b-a3b (issue 17): the checkpoint holds per-expert tensors, as real Qwen3-MoE checkpoints do; qcompiler's
+    checks accept it and transformers loads it with no missing or unexpected key (it fuses the experts itself)."""
+    spec = sc.resolve("qwen3-30b-a3b-layers2", **TINY, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                      head_dim=16)
+    folder = sc.build_checkpoint(tmp_path / "ckpt", spec, seed=1)
+    ckpt = open_checkpoint(folder)
+    assert ckpt.model_type == "qwen3_moe" and ckpt.has("model.layers.1.mlp.experts.3.down_proj.weight")
+    assert ckpt.tensor("model.layers.0.mlp.gate.weight").shape == (4, 64)
+    from transformers import AutoModelForCausalLM
+    model, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        logits = model(torch.tensor([[0, 5, 17, 300, 1000]])).logits
+    assert torch.isfinite(logits).all()
+
+
 def test_deterministic_by_seed_and_sharded_like_unsharded(tmp_path):
     spec = sc.resolve("qwen2.5-7b-layers2", **TINY)
     a = _digests(sc.build_checkpoint(tmp_path / "a", spec, seed=0))

@@ -74,12 +74,12 @@ def test_capture_releases_eager_weights(tiny_models):
     assert all(p.device.type == "meta" for p in skel.model.model.layers[1].parameters())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_copied_layer_equals_a_fresh_export(tiny_models, arch):
+@pytest.mark.parametrize("arch", [*ARCHS, "qwen3_moe", "qwen2_moe"])
+def test_copied_layer_equals_a_fresh_export(tiny_models, moe_models, arch):
     """Layers after the first of a structure are copies of an exported template holding their own tensors:
     the same graph (code, node metadata) and the same numbers as exporting that layer itself."""
     from qcompiler.ir.capture import annotate_linears, export_layer
-    ckpt = open_checkpoint(tiny_models[arch])
+    ckpt = open_checkpoint({**tiny_models, **moe_models}[arch])
     skel = HFSkeleton(ckpt)
     inputs = skel.layer0_inputs(torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(3)))
     skel.capture_layer(0, inputs)
@@ -99,6 +99,7 @@ def test_copied_layer_equals_a_fresh_export(tiny_models, arch):
     for a, b in zip(copied.graph.nodes, fresh.graph.nodes):
         assert (a.name, a.op, a.target) == (b.name, b.op, b.target)
         assert a.meta.get(meta.LINEAR_NAME) == b.meta.get(meta.LINEAR_NAME)
+        assert a.meta.get(meta.ROUTER) == b.meta.get(meta.ROUTER)
         va, vb = a.meta.get("val"), b.meta.get("val")
         if isinstance(va, torch.Tensor):
             assert str(va.shape) == str(vb.shape) and va.dtype == vb.dtype

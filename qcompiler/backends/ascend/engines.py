@@ -132,8 +132,8 @@ FEATURES = (
                              _VA + "methods/kv_c8.py register_scheme"),
         MINDIE: Support(A2, "", _MI + "models/base/modeling.py (FA3.load); utils/layers/attention/fa3.py FA3",
                         unsure=P310)}),
-    # MoE experts: documentation only (the compiler captures dense decoder layers); "-" = not read.
-    Feature("W8A8_DYNAMIC MoE", "-", "MoE", {
+    # MoE experts (Qwen3-MoE / Qwen2-MoE routed experts, ir/moe.py; one scheme per layer's experts); "-" = not read.
+    Feature("W8A8_DYNAMIC MoE", "`w8a8d`", "MoE", {
         VLLM_ASCEND: Support(BOTH, "", _VA + "methods/w8a8_dynamic.py AscendW8A8DynamicFusedMoEMethod"),
         MINDIE: Support(A2, "", "MindIE-LLM mindie_llm/runtime/layers/quantization/ms_model_slim/"
                         "quantization_config.py (W8A8PerTokenFusedMoEMethod)", unsure=P310)}),
@@ -141,13 +141,23 @@ FEATURES = (
         VLLM_ASCEND: Support(A2, "", _VA + "methods/w8a8_pdmix.py AscendW8A8PDMixFusedMoeMethod"),
         MINDIE: Support(NO, "not read", "")}),
     Feature("W4A16 MoE", "-", "MoE", {
-        VLLM_ASCEND: Support(A2, "", _VA + "methods/w4a16.py (register_scheme moe)"),
+        VLLM_ASCEND: Support(NO, "loads LLM-Compressor's expert layout only (weight_packed int32 [n, k/8] in "
+                             "offset-binary nibbles, weight_shape), not msModelSlim's packed int8 weight",
+                             _VA + "methods/w4a16.py AscendW4A16FusedMoEMethod (docstring, get_weight)"),
         MINDIE: Support(NO, "not read", "")}),
-    Feature("W4A8_DYNAMIC MoE", "-", "MoE", {
-        VLLM_ASCEND: Support(A2, "per-channel and per-group",
-                             _VA + "methods/w4a8.py AscendW4A8DynamicFusedMoEMethod"),
+    Feature("W4A8_DYNAMIC MoE", "`w4a8d:match=mlp\\.experts`", "MoE", {
+        VLLM_ASCEND: Support(A2, "", _VA + "methods/w4a8.py AscendW4A8DynamicFusedMoEMethod (msModelSlim 1.0.0 "
+                             "per-group: get_weight_modelslim, get_dynamic_quant_param_modelslim)"),
         MINDIE: Support(A2, "", "MindIE-LLM mindie_llm/runtime/layers/quantization/ms_model_slim/"
                         "w4a8.py W4A8PerTokenFusedMoEMethod")}),
+    Feature("MoE experts on qwen2_moe", "`w8a8d`, `w4a8d:match=mlp\\.experts` (Qwen2-MoE)", "MoE", {
+        VLLM_ASCEND: Support(NO, "quantized routed experts of qwen2_moe: packed_modules_model_mapping has no qwen2_moe "
+                             "entry, so the quant config looks up `<layer>.mlp.experts.weight` (KeyError)",
+                             _VA + "modelslim_config.py packed_modules_model_mapping, is_layer_skipped_ascend"),
+        # MindIE reads per-expert mlp.experts.{e}.gate_proj/up_proj/down_proj (pack type from expert 0), the shared
+        # expert as a dense MLP, the router and shared_expert_gate as float Linears
+        MINDIE: Support(A2, "", _MI + "models/qwen2_moe/modeling_qwen2_moe.py QwenMoe.__init__ (load_moe), QwenMLP, "
+                        "QwenSharedExpertGate", unsure=P310)}),
 )
 FEATURE_BY_KEY = {f.key: f for f in FEATURES}
 
@@ -166,6 +176,7 @@ class ArtifactFeatures:
     device: str = "910b"
     model_type: str = "llama"
     extra: tuple = field(default=())       # further feature keys (tests)
+    moe_types: frozenset = frozenset()     # quant types of routed-expert Linears (FLOAT left out): "<type> MoE"
 
     def keys(self) -> list[str]:
         """The FEATURES keys this artifact uses."""
@@ -179,6 +190,9 @@ class ArtifactFeatures:
                 keys.append(t)
         if "W4A8_DYNAMIC" in self.biased_types:
             keys.append("W4A8_DYNAMIC Linear bias")
+        keys += [f"{t} MoE" for t in sorted(self.moe_types)]
+        if self.moe_types and self.model_type == "qwen2_moe":
+            keys.append("MoE experts on qwen2_moe")
         if self.kv_cache:
             keys.append("C8")
         if self.fa_quant:
@@ -259,7 +273,10 @@ def features_of_artifact(out: Path) -> ArtifactFeatures:
     out = Path(out)
     desc = json.loads((out / "quant_model_description.json").read_text())
     config = json.loads((out / "config.json").read_text())
-    linear = {k[:-len(".weight")]: v for k, v in desc.items() if isinstance(v, str) and k.endswith("_proj.weight")}
+    from ...ir.moe import EXPERT_LINEAR
+    every = {k[:-len(".weight")]: v for k, v in desc.items() if isinstance(v, str) and k.endswith("_proj.weight")}
+    linear = {k: v for k, v in every.items() if not EXPERT_LINEAR.search(k)}
+    moe = frozenset(v for k, v in every.items() if EXPERT_LINEAR.search(k) and v != "FLOAT")
     types = frozenset(v for v in linear.values() if v != "FLOAT")
     biased = frozenset(t for name, t in linear.items() if t != "FLOAT" and f"{name}.bias" in desc)
     cols = _scale_columns(out)
@@ -273,7 +290,7 @@ def features_of_artifact(out: Path) -> ArtifactFeatures:
         device = "310p"
     return ArtifactFeatures(linear_types=types, grouped_types=grouped, biased_types=biased,
                             kv_cache=desc.get("kv_cache_type") == "C8", fa_quant=bool(desc.get("fa_quant_type")),
-                            device=device, model_type=str(config.get("model_type", "llama")))
+                            device=device, model_type=str(config.get("model_type", "llama")), moe_types=moe)
 
 
 def _cell(s: Support) -> str:

@@ -84,8 +84,21 @@ def _compile_parser(prog="qcompile"):
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per layer forward (default: 16384 tokens' worth)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--workers", type=_workers_value, default=1, metavar="N",
+                   help="split the calibration over N local processes (torch.distributed, gloo; default 1); "
+                   "several machines: torchrun --nnodes M --nproc_per_node N -m qcompiler.cli MODEL_DIR ...")
     trust.add_flag(p)
     return p
+
+
+def _workers_value(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return n
 
 
 RUNTIME_HELP = ("onnx: OUT/onnx/model.onnx with onnxruntime; executable: OUT/executable; auto (default): onnx for "
@@ -134,8 +147,12 @@ def _inspect_parser():
 
 def _cmd_compile(argv):
     from .config import CompileOptions, load_recipe, parse_passes
+    from . import distributed
     from .driver import compile_model
     a = _compile_parser().parse_args(argv)
+    if distributed.check_workers(a.workers) > 1:  # N local processes, each running this command line
+        return distributed.launch_workers(a.workers, list(argv) + ["--workers", "1"])  # rank 0 says "wrote"
+    distributed.init_from_env(log=lambda msg: print(msg, file=sys.stderr))
     recipe = load_recipe(a.recipe) if a.recipe else {}
     passes = parse_passes(a.passes) if a.passes else recipe.get("passes") or [("w8a8", {})]
     calib = a.calib or (Path(str(recipe["calib"])) if recipe.get("calib") else None)
@@ -151,7 +168,13 @@ def _cmd_compile(argv):
         dump_passes=_name_list("--dump-passes", a.dump_passes), batch_size=a.batch_size, force=a.force, recipe=recipe,
         policy=a.policy or recipe.get("policy", "auto"), trust_remote_code=a.trust_remote_code,
         engine=a.engine or recipe.get("engine", "any"))
-    report = compile_model(opts)
+    writer = distributed.is_writer()
+    try:
+        report = compile_model(opts)
+    finally:
+        distributed.finish()
+    if not writer:
+        return
     print(f"wrote {a.out}: {report['model_quant_type']} for {report['target']} ({report['dtype']}), "
           f"{report['wall_seconds']} s, peak RSS {report['peak_rss_mib']} MiB; report: "
           f"{a.out / 'qcompile_report.md'}")
@@ -237,6 +260,14 @@ def _cmd_passes(argv):
               f"produces {sorted(cls.produces)}")
 
 
+def _launched_world() -> int:
+    """WORLD_SIZE set by torchrun / --workers (1 when started alone)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if knobs.threads():
@@ -249,19 +280,26 @@ def main(argv=None) -> int:
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
     handler = {"compile": _cmd_compile, "eval": _cmd_eval, "run": _cmd_run, "inspect": _cmd_inspect,
                "passes": _cmd_passes, "quant": _cmd_quant}[command]
+    if command != "compile" and _launched_world() > 1:
+        print("qcompile: error: only compile runs on several processes (torchrun / --workers); run "
+              f"`qcompile {command}` as one process", file=sys.stderr)
+        return 2
     try:
         with handle_signals():  # SIGTERM ends a command like SIGINT: cleanup runs, one line, 128 + signal
-            handler(rest)
+            code = handler(rest)
     except QCError as e:
-        print(f"qcompile: error: {e}", file=sys.stderr)
+        from .distributed import report_error
+        if not report_error(str(e)):  # a rank of several: its launcher prints the first failure (distributed.py)
+            print(f"qcompile: error: {e}", file=sys.stderr)
         if os.environ.get("QC_DEBUG"):
             raise
         return e.exit_code
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"qcompile: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        if os.environ.get("QC_WORKERS_LAUNCHED") != "1":  # --workers ranks: the launcher says what stopped them
+            print(f"qcompile: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
         return 128 + signum
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

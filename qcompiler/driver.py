@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import knobs
+from . import distributed, knobs
 from .backends.ascend.artifact import ArtifactWriter
 from .activation_checks import check_finite, check_logits
 from .calib_data import calibration_shortfall, make_windows, read_texts, sample_windows_from_model
@@ -191,6 +191,8 @@ def _add_layer_tensors(writer, ctx: LayerContext, gm, ckpt) -> tuple[dict[str, s
 def compile_model(opts: CompileOptions, log=None) -> dict:
     """Run a whole compile; returns the report dict. Raises QCError on bad input (before any work)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    if not distributed.is_writer():  # several processes: rank 0 alone speaks and writes (distributed.py)
+        log = _silent
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(opts.model)
     dump = opts.dump or knobs.dump_dir()
@@ -211,11 +213,12 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     check_scheme_groups(pm.passes, ckpt.config, opts.exclude)
     check_specs_honoured(pm.passes)
     check_fallback(pm.passes, ckpt.config, opts.exclude)
+    distributed.check_supported(pm.passes)  # several processes: what is not reduced across ranks is refused
     pm.passes, group_size = resolve_group_sizes(pm.passes, ckpt.config, opts.exclude)
     check_simulate_tp(pm.passes, ckpt.config, group_size)
     features = pipeline_features(pm.passes, ckpt.config, opts.exclude, ckpt.has, target.name, ckpt.model_type)
     warnings = warnings + check_engine(opts.engine, features)  # --engine: exit 2 here if it cannot load it
-    _check_dump(dump)
+    _check_dump(dump if distributed.is_writer() else None)
     if (opts.dump_layers is not None or opts.dump_passes is not None) and not dump:
         raise QCError("--dump-layers / --dump-passes select what --dump writes: give --dump DIR too")
     check_dump_filter(opts.dump_layers, opts.dump_passes, ckpt.num_layers, pm.names)
@@ -233,11 +236,18 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     out.check_free_space(estimate_output_bytes(ckpt, pm.passes, opts.exclude))
     phases = PhaseTimer()
     phases.seconds["checks before work"] = time.perf_counter() - t0
+    if not distributed.is_writer():  # ranks > 0 compute their share of the calibration and write nothing
+        return _compile_into(None, opts, ckpt, pm, target, texts, log, t0, warnings, group_size, phases,
+                             engine_report(features))
     with out.staging() as tmp:  # removed on any failure; a full disk is one line, exit 1
         report = _compile_into(tmp, opts, ckpt, pm, target, texts, log, t0, warnings, group_size, phases,
                                engine_report(features))
         out.commit()  # umask modes; no-replace (or atomic exchange with --force), signals deferred
     return report
+
+
+def _silent(msg: str) -> None:
+    """The log of ranks > 0."""
 
 
 class PhaseTimer:
@@ -255,19 +265,24 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, group_size: int = 0,
+def _compile_into(tmp: Path | None, opts, ckpt, pm, target, texts, log, t0, warnings, group_size: int = 0,
                   phases: PhaseTimer | None = None, engines: dict | None = None) -> dict:
     phases = phases or PhaseTimer()
     with phases("calibration data"):
         tokenizer = load_tokenizer(ckpt.path, ckpt.trust_remote_code)
         skeleton = HFSkeleton(ckpt)
-        windows, calib_source = _calibration_windows(opts, skeleton, tokenizer, texts, log)
-        check_token_ids(windows, ckpt.config.get("vocab_size"), tokenizer, "calibration text")
+        windows = calib_source = None
+        if distributed.rank() == 0:  # several processes: rank 0 makes the windows, every rank gets them
+            windows, calib_source = _calibration_windows(opts, skeleton, tokenizer, texts, log)
+            check_token_ids(windows, ckpt.config.get("vocab_size"), tokenizer, "calibration text")
+        windows, calib_source = distributed.broadcast_windows(windows, calib_source)
     for w in calibration_shortfall(opts.calib_shape(), tuple(windows.shape), opts.calib):
         log(f"warning: {w}")
         warnings.append(w)
+    distributed.check_shares(windows.shape[0])
+    start, stop = distributed.shard(windows.shape[0])  # this rank's contiguous share (all of it alone)
     with phases("layer 0 inputs"):
-        inputs = skeleton.layer0_inputs(windows)
+        inputs = skeleton.layer0_inputs(windows[start:stop])
     batch_size = opts.batch_size or auto_batch_size(windows.shape[1])
     fallback_report = None
     if fallback_index(pm.passes) is not None:  # model-wide choice: measure every layer first (passes/fallback.py)
@@ -277,13 +292,15 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
     timing = TimingInstrument()
     instruments = [timing, StatsInstrument()]
     dump = opts.dump or knobs.dump_dir()
-    if dump:
+    if dump and tmp is not None:
         instruments.append(DumpInstrument(dump, opts.dump_layers, opts.dump_passes))
     pm.instruments = instruments
 
-    writer = ArtifactWriter(tmp, ckpt.dtype, **shard_limit(opts.part_file_size))
-    executable = ExecutableWriter(tmp / EXECUTABLE_DIR)
-    writer.add("model.embed_tokens.weight", skeleton.embed_weight, "FLOAT")
+    writer = executable = None
+    if tmp is not None:
+        writer = ArtifactWriter(tmp, ckpt.dtype, **shard_limit(opts.part_file_size))
+        executable = ExecutableWriter(tmp / EXECUTABLE_DIR)
+        writer.add("model.embed_tokens.weight", skeleton.embed_weight, "FLOAT")
     # memory: the head (embedding, lm_head) is not held while the layers compile; it is read again after them
     skeleton.release_embedding()
     layers_report = []
@@ -291,6 +308,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
     bar = tqdm(range(ckpt.num_layers), desc="compiling layers", unit="layer", file=sys.stderr,
                disable=not knobs.progress_enabled())
     for i in bar:
+        knobs.test_pause(f"layer{i}")
         t_layer = time.perf_counter()
         with phases("capture (torch.export)"):
             gm = skeleton.capture_layer(i, inputs)
@@ -308,23 +326,28 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
                 check_finite(run_layer_batched(float_gm, inputs.hidden, inputs.position_embeddings, batch_size),
                              i, ckpt.dtype, "float, before any pass")
             raise
-        with phases("artifact tensors"):
-            types, written = _add_layer_tensors(writer, ctx, gm, ckpt)
-        extra_description.update(ctx.description)
-        with phases("executable graph"):
-            executable.add(gm, inputs, in_artifact=written)  # what the artifact holds is not stored twice
+        types = {}
+        if writer is not None:
+            with phases("artifact tensors"):
+                types, written = _add_layer_tensors(writer, ctx, gm, ckpt)
+            extra_description.update(ctx.description)
+            with phases("executable graph"):
+                executable.add(gm, inputs, in_artifact=written)  # what the artifact holds is not stored twice
         layers_report.append({"layer": i, "linears": types, "seconds": round(time.perf_counter() - t_layer, 3),
                               "passes": _jsonable(ctx.records)})
         inputs = LayerInputs(hidden=out_hidden, position_embeddings=inputs.position_embeddings)
         del gm, ctx
     with phases("head, logits check, finish"):
+        if writer is None:  # ranks > 0: their share's logits are checked too, nothing is written
+            check_logits(head_from_checkpoint(ckpt, skeleton.rotary), inputs.hidden, ckpt.dtype)
+            return {"rank": distributed.rank(), "layers": layers_report}
         description = _finish(writer, executable, ckpt, skeleton, inputs, target, pm, group_size, extra_description)
 
     report = {
         "model": str(opts.model), "model_dir": str(ckpt.path), "architecture": ckpt.architecture,
         "target": target.name, "dtype": dtype_name(ckpt.dtype), "passes": pm.names,
         "pass_options": [[n, {k: str(v) for k, v in o.items()}] for n, o in opts.passes],
-        "source": opts.source, "notes": list(opts.notes),
+        "source": opts.source, "notes": list(opts.notes), "processes": distributed.world(),
         "exclude": list(opts.exclude), "policy": opts.policy, "calibration": calib_source,
         "model_quant_type": description["model_quant_type"], "warnings": warnings,
         "engine": opts.engine, "engines": engines or {},

@@ -11,7 +11,8 @@
 |                 |                                 | (default 60 s) there, so a test can send a signal at |
 |                 |                                 | a known point; phases: work (OUT's temporary folder  |
 |                 |                                 | exists), replace (new OUT in place, old not yet      |
-|                 |                                 | deleted). Not for users.                             |
+|                 |                                 | deleted), layerN (start of decoder layer N, every    |
+|                 |                                 | rank). Not for users.                                |
 """
 import os
 import sys
@@ -31,7 +32,10 @@ def dump_dir() -> Path | None:
 
 
 def progress_enabled() -> bool:
-    """False when QC_NO_PROGRESS=1."""
+    """False when QC_NO_PROGRESS=1, and on every rank but 0 of a compile on several processes (RANK, set by
+    torchrun / --workers: distributed.py), so one bar is shown."""
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return False
     return os.environ.get("QC_NO_PROGRESS", "") not in ("1", "true", "yes")
 
 
@@ -47,5 +51,6 @@ def test_pause(phase: str) -> None:
     name, _, seconds = value.partition(":")
     if name != phase:
         return
-    print(f"qcompile: test pause at {phase}", file=sys.stderr, flush=True)
+    print(f"qcompile: test pause at {phase} (pid {os.getpid()}, rank {os.environ.get('RANK', '0') or '0'})",
+          file=sys.stderr, flush=True)
     time.sleep(float(seconds or 60))

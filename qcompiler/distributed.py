@@ -13,9 +13,10 @@ Contract:
   it, before the pass uses it: `ir.linear_inputs.LayerRunner.collect` (Gram matrices, |x| sums, row counts,
   per-channel min/max, sampled rows: smooth, awq, gptq, sparse), `ir.observers.MinMaxObserver.reduce_across_ranks`
   (static activation ranges; the `calibrate` pass calls it), `passes.attention_quant.calibrate_absmax` (kv8,
-  fa3) and `passes.fallback.measure_layer` (sensitivities). Exact: min, max, integer counts, rows gathered in
-  global order. Float sums (Gram matrices, |x| sums, fallback errors) add per-rank partial sums, so they round
-  differently than one process (tests/test_distributed.py asserts how much).
+  fa3) and `passes.fallback._relative_error` (sensitivities). Exact: min, max, integer counts, rows and per-token
+  errors gathered in global order. Float sums (Gram matrices X^T X, |x| sums: gptq, sparse, awq) add the per-rank
+  partial sums once: exactly what one process adds when its batches end where the ranks split (`--batch-size
+  n/W`, tests/test_distributed.py); with other batch sizes they round differently (BENCHMARKS.md).
 - What is not reduced yet is refused before any work under W > 1 (`check_supported`): histogram activation
   observers (act_observer=percentile|entropy|histogram: the histogram is rebinned in the order batches arrive).
 - Only rank 0 writes (`is_writer()`): OUT's temporary folder, the report, --dump. The others compute, log

@@ -29,13 +29,17 @@ def _env(**extra):
     return env
 
 
-def _compile(model, calib, out, passes, workers=1, extra=()):
+def _compile(model, calib, out, passes, workers=1, extra=(), torchrun=False):
     argv = [model, "--passes", passes, "--calib", calib, *CALIB, "-o", out, *extra]
     if workers == 1:  # in-process: the single-process reference
         assert cli.main([str(a) for a in argv]) == 0
         return None
-    proc = subprocess.run([sys.executable, "-m", "qcompiler.cli", *map(str, argv), "--workers", str(workers)],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    if torchrun:  # torchrun's own entry point, as a user types it: torchrun --standalone --nproc_per_node N -m ...
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(workers),
+               "-m", "qcompiler.cli", *map(str, argv)]
+    else:
+        cmd = [sys.executable, "-m", "qcompiler.cli", *map(str, argv), "--workers", str(workers)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -45,11 +49,12 @@ def _differences(a: Path, b: Path) -> list[str]:
     return sorted(k for k in set(da) | set(db) if da.get(k) != db.get(k))
 
 
-@pytest.mark.parametrize("passes", ["w8a8", "w8a8d", "smooth,w8a8"])
-def test_two_ranks_write_the_single_process_artifact(tmp_path, tiny_models, calib_file, passes):
+@pytest.mark.parametrize("passes, torchrun", [("w8a8", False), ("w8a8d", True), ("smooth,w8a8", False)],
+                         ids=["w8a8-workers", "w8a8d-torchrun", "smooth,w8a8-workers"])
+def test_two_ranks_write_the_single_process_artifact(tmp_path, tiny_models, calib_file, passes, torchrun):
     """min/max observers and smooth's absmax + sampled rows are reduced exactly: every file and tensor equal."""
     _compile(tiny_models["llama"], calib_file, tmp_path / "one", passes)
-    proc = _compile(tiny_models["llama"], calib_file, tmp_path / "two", passes, workers=2)
+    proc = _compile(tiny_models["llama"], calib_file, tmp_path / "two", passes, workers=2, torchrun=torchrun)
     assert "calibrating on 2 processes (gloo)" in proc.stderr
     assert proc.stdout.count("wrote ") == 1  # rank 0 alone reports (and writes)
     assert _differences(tmp_path / "one", tmp_path / "two") == []

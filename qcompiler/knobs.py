@@ -5,14 +5,19 @@
 | QC_CACHE        | ~/.cache/qcompiler              | where model aliases (smollm2-135m, ...) are built    |
 | QC_DUMP_DIR     | unset                           | like --dump DIR: write the graph after every pass    |
 | QC_NO_PROGRESS  | unset                           | "1" hides progress bars (CI logs)                    |
-| QC_THREADS      | unset (torch's default)         | torch intra-op threads                               |
-| QC_TEST_PAUSE   | unset                           | test hook: PHASE[:SECONDS] makes a compile print     |
-|                 |                                 | "qcompile: test pause at PHASE" on stderr and sleep  |
+| QC_THREADS      | unset (torch's default; with    | torch intra-op threads                               |
+|                 | --workers N: cores / N)         |                                                      |
+| QC_TEST_PAUSE   | unset                           | test hook: PHASE[@RANK][:SECONDS] makes a compile    |
+|                 |                                 | print "qcompile: test pause at PHASE (pid P, rank R)"|
+|                 |                                 | on stderr and sleep                                  |
 |                 |                                 | (default 60 s) there, so a test can send a signal at |
 |                 |                                 | a known point; phases: work (OUT's temporary folder  |
 |                 |                                 | exists), replace (new OUT in place, old not yet      |
 |                 |                                 | deleted), layerN (start of decoder layer N, every    |
 |                 |                                 | rank). Not for users.                                |
+| QC_WORKERS_     | unset                           | "1" in the ranks `--workers N` starts: they leave    |
+| LAUNCHED        |                                 | printing errors to the launcher (distributed.py).    |
+|                 |                                 | Set by qcompile, not for users.                      |
 """
 import os
 import sys
@@ -49,7 +54,8 @@ def test_pause(phase: str) -> None:
     """Test hook (QC_TEST_PAUSE=PHASE[:SECONDS]): announce PHASE on stderr and sleep there; else nothing."""
     value = os.environ.get("QC_TEST_PAUSE", "")
     name, _, seconds = value.partition(":")
-    if name != phase:
+    name, _, rank = name.partition("@")  # PHASE@R: only rank R of a compile on several processes pauses
+    if name != phase or (rank and rank != (os.environ.get("RANK") or "0")):
         return
     print(f"qcompile: test pause at {phase} (pid {os.getpid()}, rank {os.environ.get('RANK', '0') or '0'})",
           file=sys.stderr, flush=True)

@@ -89,17 +89,20 @@ def test_fallback_two_ranks_same_choice_and_sensitivities(tmp_path, tiny_models,
     assert _differences(tmp_path / "one", tmp_path / "two") == []
 
 
-def test_a_killed_rank_stops_the_compile_and_leaves_nothing(tmp_path, tiny_models, calib_file):
-    """SIGKILL of rank 1 at layer 1: the launcher stops rank 0 (its temporary folder removed), one error
-    line, non-zero exit, no OUT and no temporary folder or lock."""
+@pytest.mark.parametrize("pause", ["layer1", "layer1@1"], ids=["both-paused", "rank0-in-a-collective"])
+def test_a_killed_rank_stops_the_compile_and_leaves_nothing(tmp_path, tiny_models, calib_file, pause):
+    """SIGKILL of rank 1 at layer 1, while rank 0 sleeps there too (the launcher stops it: SIGTERM) or while
+    rank 0 waits for rank 1 in a collective (gloo: connection closed -> RankLostError): one error line naming
+    the dead process, non-zero exit, no OUT and no temporary folder or lock left."""
     argv = [tiny_models["llama"], "--passes", "w8a8", "--calib", calib_file, *CALIB, "-o", tmp_path / "out",
             "--workers", "2"]
     proc = subprocess.Popen([sys.executable, "-m", "qcompiler.cli", *map(str, argv)], cwd=ROOT,
-                            env=_env(QC_TEST_PAUSE="layer1:120"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_env(QC_TEST_PAUSE=f"{pause}:120"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     pids, seen = {}, []
+    want = 1 if "@" in pause else 2
     deadline = time.monotonic() + 300
-    while len(pids) < 2 and time.monotonic() < deadline:
+    while len(pids) < want and time.monotonic() < deadline:
         line = proc.stderr.readline()
         if not line:
             break
@@ -107,9 +110,10 @@ def test_a_killed_rank_stops_the_compile_and_leaves_nothing(tmp_path, tiny_model
         if "test pause at layer1" in line:  # "... (pid P, rank R)"
             pid, rank = line.rsplit("(pid ", 1)[1].rstrip(")\n").split(", rank ")
             pids[int(rank)] = int(pid)
-    if len(pids) < 2:
+    if 1 not in pids or len(pids) < want:
         proc.kill()
         raise AssertionError("".join(seen))
+    time.sleep(1)  # rank 0 reaches layer 1's first collective (or its pause)
     assert any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())  # rank 0 was writing
     os.kill(pids[1], signal.SIGKILL)
     _, err = proc.communicate(timeout=300)

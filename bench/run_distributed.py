@@ -29,14 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
+from common import HeavyLock, replace_block  # noqa: E402
 from run_memory import _commit, run_compile  # noqa: E402
-from run_pipelines import HeavyLock, load1  # noqa: E402
+from run_pipelines import load1  # noqa: E402
 from tests.byte_identity import digest_out  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 CALIB = SHARED / "data" / "calib" / "wiki_calib.jsonl"
 RESULTS = ROOT / "bench" / "results" / "distributed.json"
-BENCHMARKS = ROOT / "BENCHMARKS.md"
 MODEL = "smollm2-135m"
 PIPELINES = ("w8a8d", "smooth,w8a8")  # also run: --only gptq,w4a16:group=64 --workers 1 2
 BEGIN, END = "<!-- distributed -->", "<!-- /distributed -->"
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    with HeavyLock() as lock:
+    with HeavyLock("bench/run_distributed.py") as lock:
         load_before = load1()
         for passes in a.only:
             base = None
@@ -119,15 +119,8 @@ def render(data: dict) -> None:
                 if diff else "-")
         lines.append(f"| `{r['passes']}` | {r['workers']} | {r['wall_s']} | {walls[r['passes']] / r['wall_s']:.2f}x "
                      f"| {r['peak_rss_mib']:,.0f} | {same} |")
-    block = BEGIN + "\n" + "\n".join(lines) + "\n" + END
-    text = BENCHMARKS.read_text()
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + ("\n\n## Several processes (issue 15 part 3) — `flock /tmp/qc-heavy.lock env "
-                                    "QC_HEAVY_LOCK_HELD=1 python3 bench/run_distributed.py`\n\n") + block + "\n"
-    BENCHMARKS.write_text(text)
+    replace_block(BEGIN, END, "\n".join(lines), heading="## Several processes (issue 15 part 3) — `flock "
+                  "/tmp/qc-heavy.lock env QC_HEAVY_LOCK_HELD=1 python3 bench/run_distributed.py`")
 
 
 if __name__ == "__main__":

@@ -161,12 +161,20 @@ def _collective(fn, *args, **kwargs):
                             "nothing was written") from None
 
 
+def _on_backend(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy where the backend reduces: the CPU for gloo, this rank's NPU for hccl (which takes
+    device tensors only; not tested here)."""
+    if dist.get_backend() == "hccl":
+        return t.detach().to(f"npu:{int(os.environ.get('LOCAL_RANK', '0'))}").contiguous()
+    return t.detach().clone().contiguous()
+
+
 def _reduce(t: torch.Tensor, op) -> torch.Tensor:
     if world() <= 1:
         return t
-    out = t.detach().clone().contiguous()
+    out = _on_backend(t)
     _collective(dist.all_reduce, out, op=op)
-    return out
+    return out.to(t.device)
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
@@ -186,8 +194,9 @@ def all_gather_counts(n: int) -> list[int]:
     """[n of rank 0, n of rank 1, ...]."""
     if world() <= 1:
         return [int(n)]
-    out = [torch.zeros(1, dtype=torch.int64) for _ in range(world())]
-    _collective(dist.all_gather, out, torch.tensor([int(n)], dtype=torch.int64))
+    mine = _on_backend(torch.tensor([int(n)], dtype=torch.int64))
+    out = [torch.zeros_like(mine) for _ in range(world())]
+    _collective(dist.all_gather, out, mine)
     return [int(t.item()) for t in out]
 
 
@@ -199,9 +208,16 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     width = max(counts)
     padded = torch.zeros((width,) + tuple(x.shape[1:]), dtype=x.dtype)
     padded[:x.shape[0]] = x
+    padded = _on_backend(padded)
     out = [torch.empty_like(padded) for _ in counts]
-    _collective(dist.all_gather, out, padded.contiguous())
-    return torch.cat([t[:c] for t, c in zip(out, counts)])
+    _collective(dist.all_gather, out, padded)
+    return torch.cat([t[:c] for t, c in zip(out, counts)]).to(x.device)
+
+
+def _broadcast(t: torch.Tensor) -> torch.Tensor:
+    out = _on_backend(t)
+    _collective(dist.broadcast, out, src=0)
+    return out.cpu()
 
 
 def broadcast_windows(windows: torch.Tensor | None, source: str | None) -> tuple[torch.Tensor, str]:
@@ -209,16 +225,12 @@ def broadcast_windows(windows: torch.Tensor | None, source: str | None) -> tuple
     tensors: nothing is pickled)."""
     if world() <= 1:
         return windows, source
-    shape = torch.tensor(list(windows.shape) if rank() == 0 else [0, 0], dtype=torch.int64)
-    _collective(dist.broadcast, shape, src=0)
-    ids = windows.to(torch.int64).contiguous() if rank() == 0 else torch.empty(tuple(shape.tolist()), dtype=torch.int64)
-    _collective(dist.broadcast, ids, src=0)
-    text = torch.tensor(list(source.encode()) if rank() == 0 else [], dtype=torch.uint8)
-    size = torch.tensor([text.numel()], dtype=torch.int64)
-    _collective(dist.broadcast, size, src=0)
-    if rank() != 0:
-        text = torch.empty(int(size.item()), dtype=torch.uint8)
-    _collective(dist.broadcast, text, src=0)
+    first = rank() == 0
+    shape = _broadcast(torch.tensor(list(windows.shape) if first else [0, 0], dtype=torch.int64))
+    ids = _broadcast(windows.to(torch.int64) if first else torch.zeros(tuple(shape.tolist()), dtype=torch.int64))
+    text = torch.tensor(list(source.encode()) if first else [], dtype=torch.uint8)
+    size = _broadcast(torch.tensor([text.numel()], dtype=torch.int64))
+    text = _broadcast(text if first else torch.zeros(int(size.item()), dtype=torch.uint8))
     return ids, bytes(text.tolist()).decode()
 
 

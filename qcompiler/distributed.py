@@ -49,6 +49,10 @@ LAUNCHED_ENV = "QC_WORKERS_LAUNCHED"
 TIMEOUT = datetime.timedelta(minutes=60)
 
 
+#: what RankLostError says (the launcher reports the rank that caused it instead)
+LOST_MARK = "another rank of this compile stopped"
+
+
 class RankLostError(QCError):
     """Another rank of this compile stopped (died, or failed on its share): this one stops too."""
     exit_code = 1
@@ -157,8 +161,7 @@ def _collective(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (RuntimeError, ValueError) as e:  # gloo: "Connection closed by peer", timeouts, ...
-        raise RankLostError(f"rank {rank()}: another rank of this compile stopped ({_first_line(e)}); "
-                            "nothing was written") from None
+        raise RankLostError(f"rank {rank()}: {LOST_MARK} ({_first_line(e)}); nothing was written") from None
 
 
 def _on_backend(t: torch.Tensor) -> torch.Tensor:
@@ -277,7 +280,7 @@ def launch_workers(n: int, argv: list[str], log=None) -> int:
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "qcompiler.cli", *argv)
     except ChildFailedError as e:
-        local, failure = e.get_first_failure()
+        local, failure = _root_failure(e.failures)
         message = failure.message if isinstance(failure.message, str) else str(failure.message)
         if failure.exitcode < 0 or not failure.error_file_data.get("message"):
             why = (f"died ({failure.signal_name()})" if failure.exitcode < 0 else f"exited with code {failure.exitcode}")
@@ -291,6 +294,17 @@ def launch_workers(n: int, argv: list[str], log=None) -> int:
             else:
                 os.environ[k] = v
     return 0
+
+
+def _root_failure(failures: dict) -> tuple[int, object]:
+    """The failure that stopped the compile: a rank killed by a signal, else one that failed on its own, else the
+    first; never a rank that only saw another one go (RankLostError), whatever the timestamps say (elastic keeps
+    them in whole seconds, and a rank without an error file gets the time the launcher noticed it)."""
+    def cause(item):
+        local, f = item
+        lost = isinstance(f.message, str) and LOST_MARK in f.message
+        return (0 if f.exitcode < 0 else 2 if lost else 1, f.timestamp, local)
+    return min(failures.items(), key=cause)
 
 
 def _quiet_elastic_logs() -> None:

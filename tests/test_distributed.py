@@ -178,3 +178,14 @@ def test_histogram_observers_are_refused_on_several_ranks(monkeypatch, option):
     with pytest.raises(QCError, match=f"act_observer={option} cannot run on several processes"):
         distributed.check_supported(passes)
     distributed.check_supported([make_pass("w8a8"), make_pass("w8a8d")])  # minmax / dynamic: reduced
+
+
+def test_the_launcher_reports_the_rank_that_caused_the_stop():
+    """A rank that only lost its peer (RankLostError) may carry an earlier timestamp than the killed rank (elastic
+    rounds to seconds; a rank without error file gets the time it was noticed): the killed rank is reported."""
+    from types import SimpleNamespace as F
+    lost = F(exitcode=1, message=f"rank 0: {distributed.LOST_MARK} (connection closed)", timestamp=5)
+    assert distributed._root_failure({0: lost, 1: F(exitcode=-9, message="", timestamp=9)})[0] == 1
+    assert distributed._root_failure({0: lost, 1: F(exitcode=2, message="bad input", timestamp=9)})[0] == 1
+    same = F(exitcode=2, message="bad input", timestamp=5)
+    assert distributed._root_failure({1: same, 0: same})[0] == 0

@@ -33,6 +33,7 @@ import datetime
 import json
 import os
 import re
+import signal
 import sys
 import time
 import uuid
@@ -265,6 +266,7 @@ def launch_workers(n: int, argv: list[str], log=None) -> int:
     """Run `python -m qcompiler.cli ARGV` on n local processes (torch.distributed.launcher's elastic_launch,
     torchrun's own code: rendezvous on a free local port, no restarts); returns the exit code. A failed rank
     stops the others; the first failure is printed as one line."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=f"qcompile-{uuid.uuid4().hex[:8]}",
@@ -279,6 +281,9 @@ def launch_workers(n: int, argv: list[str], log=None) -> int:
     _quiet_elastic_logs()
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "qcompiler.cli", *argv)
+    except SignalException as e:  # Ctrl-C / SIGTERM to the launcher: elastic stopped the ranks (they cleaned up)
+        from .interrupts import Interrupted
+        raise Interrupted(int(e.sigval)) from None
     except ChildFailedError as e:
         local, failure = _root_failure(e.failures)
         message = failure.message if isinstance(failure.message, str) else str(failure.message)
@@ -298,17 +303,21 @@ def launch_workers(n: int, argv: list[str], log=None) -> int:
 
 def _root_failure(failures: dict) -> tuple[int, object]:
     """The failure that stopped the compile: a rank killed by a signal, else one that failed on its own, else the
-    first; never a rank that only saw another one go (RankLostError), whatever the timestamps say (elastic keeps
+    first; never a rank that only saw another one go (RankLostError) or that the launcher stopped (SIGTERM),
+    whatever the timestamps say (elastic keeps
     them in whole seconds, and a rank without an error file gets the time the launcher noticed it)."""
+    stopped = {-signal.SIGTERM, 128 + signal.SIGTERM}  # how the launcher stops the other ranks
+
     def cause(item):
         local, f = item
-        lost = isinstance(f.message, str) and LOST_MARK in f.message
-        return (0 if f.exitcode < 0 else 2 if lost else 1, f.timestamp, local)
+        lost = f.exitcode in stopped or (isinstance(f.message, str) and LOST_MARK in f.message)
+        return (2 if lost else 0 if f.exitcode < 0 else 1, f.timestamp, local)
     return min(failures.items(), key=cause)
 
 
 def _quiet_elastic_logs() -> None:
     """The elastic agent logs every start/stop at INFO/WARNING; the one line above says what failed."""
     import logging
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    for name in list(logging.Logger.manager.loggerDict):  # elastic sets a level on each of its module loggers
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)

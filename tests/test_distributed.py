@@ -125,6 +125,28 @@ def test_a_killed_rank_stops_the_compile_and_leaves_nothing(tmp_path, tiny_model
     assert leftovers(tmp_path) == []
 
 
+def test_ctrl_c_to_the_launcher_stops_every_rank(tmp_path, tiny_models, calib_file):
+    """SIGINT to `qcompile --workers 2`: elastic stops the ranks (rank 0 removes its temporary folder), one line,
+    exit 130, nothing left."""
+    argv = [tiny_models["llama"], "--calib", calib_file, *CALIB, "-o", tmp_path / "out", "--workers", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "qcompiler.cli", *map(str, argv)], cwd=ROOT,
+                            env=_env(QC_TEST_PAUSE="layer1@0:120"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    seen = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        seen.append(line)
+        if not line or "test pause at layer1" in line:
+            break
+    assert "test pause at layer1" in seen[-1], "".join(seen)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "qcompile: interrupted (SIGINT)" and "Traceback" not in err, err
+    assert leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
 def test_bad_workers_value_exits_2(capsys, tmp_path, tiny_models, value):
     from qcompiler import cli as cli_module
@@ -187,5 +209,7 @@ def test_the_launcher_reports_the_rank_that_caused_the_stop():
     lost = F(exitcode=1, message=f"rank 0: {distributed.LOST_MARK} (connection closed)", timestamp=5)
     assert distributed._root_failure({0: lost, 1: F(exitcode=-9, message="", timestamp=9)})[0] == 1
     assert distributed._root_failure({0: lost, 1: F(exitcode=2, message="bad input", timestamp=9)})[0] == 1
+    stopped = F(exitcode=-15, message="", timestamp=4)  # SIGTERM: the launcher stopping rank 0
+    assert distributed._root_failure({0: stopped, 1: F(exitcode=-9, message="", timestamp=9)})[0] == 1
     same = F(exitcode=2, message="bad input", timestamp=5)
     assert distributed._root_failure({1: same, 0: same})[0] == 0

@@ -260,12 +260,14 @@ def _cmd_passes(argv):
               f"produces {sorted(cls.produces)}")
 
 
-def _launched_world() -> int:
-    """WORLD_SIZE set by torchrun / --workers (1 when started alone)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1") or 1)
-    except ValueError:
-        return 1
+def _single_process_only(command: str) -> None:
+    """Only compile runs on several processes (torchrun / --workers set WORLD_SIZE)."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        return
+    from .distributed import env_world
+    if env_world() > 1:
+        raise QCError(f"only compile runs on several processes (torchrun / --workers); run `qcompile {command}` "
+                      "as one process")
 
 
 def main(argv=None) -> int:
@@ -280,12 +282,10 @@ def main(argv=None) -> int:
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
     handler = {"compile": _cmd_compile, "eval": _cmd_eval, "run": _cmd_run, "inspect": _cmd_inspect,
                "passes": _cmd_passes, "quant": _cmd_quant}[command]
-    if command != "compile" and _launched_world() > 1:
-        print("qcompile: error: only compile runs on several processes (torchrun / --workers); run "
-              f"`qcompile {command}` as one process", file=sys.stderr)
-        return 2
     try:
         with handle_signals():  # SIGTERM ends a command like SIGINT: cleanup runs, one line, 128 + signal
+            if command != "compile":
+                _single_process_only(command)
             code = handler(rest)
     except QCError as e:
         from .distributed import report_error

@@ -213,3 +213,8 @@ def test_the_launcher_reports_the_rank_that_caused_the_stop():
     assert distributed._root_failure({0: stopped, 1: F(exitcode=-9, message="", timestamp=9)})[0] == 1
     same = F(exitcode=2, message="bad input", timestamp=5)
     assert distributed._root_failure({1: same, 0: same})[0] == 0
+
+
+def test_other_commands_refuse_several_processes(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    expect_error(capsys, ["passes"], "only compile runs on several processes")

@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
+    base = base_out = None
     with HeavyLock("bench/run_distributed.py") as lock:
         load_before = load1()
         for passes in a.only:
@@ -77,16 +78,20 @@ def main(argv=None) -> int:
                 print(json.dumps({k: v for k, v in row.items() if k != "differ_from_1"}
                                  | {"differ": len(row.get("differ_from_1") or [])}), flush=True)
                 rows.append(row)
-        old = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
-        done = {(r["passes"], r["workers"]) for r in rows}
-        rows = [r for r in old if (r["passes"], r["workers"]) not in done] + rows  # earlier rows kept
-        data = {"commit": _commit(ROOT), "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-                "lock_waited_s": round(lock.waited, 1), "load": [load_before, load1()],
-                "calib": f"{a.calib_samples} x {a.seq_len} of {CALIB.name}", "rows": rows}
+                save(rows, a, lock.waited, load_before)  # after every row: a stopped series keeps what it measured
+    return 0
+
+
+def save(rows: list[dict], a, waited: float, load_before: float) -> None:
+    old = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
+    done = {(r["passes"], r["workers"]) for r in rows}
+    data = {"commit": _commit(ROOT), "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+            "lock_waited_s": round(waited, 1), "load": [load_before, load1()],
+            "calib": f"{a.calib_samples} x {a.seq_len} of {CALIB.name}",
+            "rows": [r for r in old if (r["passes"], r["workers"]) not in done] + rows}  # earlier rows kept
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(data, indent=1))
     render(data)
-    return 0
 
 
 def weight_bytes_differ(a: Path, b: Path) -> float:

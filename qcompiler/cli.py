@@ -8,7 +8,8 @@
     qcompile quant --model_path DIR --save_path OUT --quant_type w8a8|...         (msModelSlim-style front)
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming what was wrong), 1 no space left for OUT (one
-line) or an internal error, 130 / 143 stopped by SIGINT / SIGTERM (one line; nothing half-written is left).
+line) or an internal error, 130 / 143 stopped by SIGINT / SIGTERM (one line; nothing half-written is left, except
+that a compile started with --resume keeps its temporary folder for the next --resume: qcompiler/resume.py).
 """
 import argparse
 import dataclasses
@@ -84,6 +85,11 @@ def _compile_parser(prog="qcompile"):
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per layer forward (default: 16384 tokens' worth)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a compile of OUT that was killed (SIGKILL, power loss) or stopped (SIGINT/SIGTERM "
+                   "of a --resume run) from its last completed layer: same model, options and calibration, "
+                   "byte-identical result; without one, compile from the start. A --resume run stopped by "
+                   "SIGINT/SIGTERM keeps its state for the next --resume")
     p.add_argument("--workers", type=_workers_value, default=1, metavar="N",
                    help="split the calibration over N local processes (torch.distributed, gloo; default 1); "
                    "several machines: torchrun --nnodes M --nproc_per_node N -m qcompiler.cli MODEL_DIR ...")
@@ -167,7 +173,7 @@ def _cmd_compile(argv):
         dump=a.dump, dump_layers=_int_list("--dump-layers", a.dump_layers),
         dump_passes=_name_list("--dump-passes", a.dump_passes), batch_size=a.batch_size, force=a.force, recipe=recipe,
         policy=a.policy or recipe.get("policy", "auto"), trust_remote_code=a.trust_remote_code,
-        engine=a.engine or recipe.get("engine", "any"))
+        engine=a.engine or recipe.get("engine", "any"), resume=a.resume)
     writer = distributed.is_writer()
     try:
         report = compile_model(opts)

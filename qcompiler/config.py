@@ -125,6 +125,7 @@ class CompileOptions:
     part_file_size: int | None = None  # GiB per weight shard (None: the writer's 5 GiB), 0: one file
     source: str | None = None          # how the options were chosen (qcompile quant: recipe / config / flags)
     notes: tuple[str, ...] = ()        # what a front decided on the way (reported)
+    resume: bool = False               # --resume: continue a killed compile of OUT (resume.py); stay resumable
 
     def calib_shape(self) -> tuple[int, int]:
         """(sequences, tokens per sequence) of calibration, defaults resolved."""

@@ -18,7 +18,8 @@ Contract:
   partial sums once: exactly what one process adds when its batches end where the ranks split (`--batch-size
   n/W`, tests/test_distributed.py); with other batch sizes they round differently (BENCHMARKS.md).
 - What is not reduced yet is refused before any work under W > 1 (`check_supported`): histogram activation
-  observers (act_observer=percentile|entropy|histogram: the histogram is rebinned in the order batches arrive).
+  observers (act_observer=percentile|entropy|histogram: the histogram is rebinned in the order batches arrive),
+  and --resume (resume.py's state is one process's; several processes save none, so nothing resumable is left).
 - Only rank 0 writes (`is_writer()`): OUT's temporary folder, the report, --dump. The others compute, log
   nothing and write nothing.
 - A collective that fails because another rank is gone raises `RankLostError` (one line, exit 1); the
@@ -132,10 +133,14 @@ def check_shares(n: int) -> None:
                       "(--workers / torchrun --nproc_per_node x --nnodes) or more --calib-samples")
 
 
-def check_supported(passes) -> None:
-    """Before any work, under W > 1: refuse what no collective reduces yet (one line, exit 2)."""
+def check_supported(passes, resume: bool = False) -> None:
+    """Before any work, under W > 1: refuse what no collective reduces yet, and --resume (its per-layer state
+    holds one process's layer outputs on the whole calibration set; a rank holds only its share) (exit 2)."""
     if world() <= 1:
         return
+    if resume:
+        raise QCError("--resume runs as one process: the resume state holds the layer outputs on the whole "
+                      "calibration set, a rank of several holds only its share (compile with one process to resume)")
     from .ir.qspec import MinMax
     for p in passes:
         spec_of = getattr(p, "observed_spec", None)

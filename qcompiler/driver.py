@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import distributed, knobs
+from . import distributed, knobs, resume
 from .backends.ascend.artifact import ArtifactWriter
 from .activation_checks import check_finite, check_logits
 from .calib_data import calibration_shortfall, make_windows, read_texts, sample_windows_from_model
@@ -39,7 +39,7 @@ from .memory import check_sampling_memory
 from .model_zoo import resolve_model_dir
 from .outdir import OutputFolder, estimate_output_bytes
 from .passes import TAIL, LayerContext, PassManager, make_pass
-from .passes.fallback import check_fallback, fallback_index, presweep
+from .passes.fallback import check_fallback, fallback_index, presweep, with_decision
 from .passes.group_size import first_claim, model_linear_shapes, resolve_group_sizes
 from .passes.instruments import DumpInstrument, StatsInstrument, TimingInstrument, check_dump_filter
 from .passes.simulate_tp import check_simulate_tp
@@ -126,8 +126,7 @@ def _calibration_windows(opts, skeleton, tokenizer, texts, log):
     if texts is not None:
         n, seq_len = opts.calib_shape()
         windows = make_windows(tokenizer, texts, seq_len, n)
-        where = opts.calib if opts.calib is not None else f"{len(texts)} calibration texts given inline"
-        return windows, f"{where} ({windows.shape[0]} x {windows.shape[1]} tokens)"
+        return windows, _calibration_source(opts, texts, windows)
     n, seq_len = opts.calib_shape()
     log(f"no --calib: sampling {n} x {seq_len} tokens from the float model (seed 0)")
     with skeleton.float_model() as model:  # the validated safetensors, never *.bin (capture.py)
@@ -197,7 +196,8 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     model_dir = resolve_model_dir(opts.model)
     dump = opts.dump or knobs.dump_dir()
     out = OutputFolder(opts.out, opts.force, models=[model_dir], folders=[dump], log=log,
-                       files=[("--calib", opts.calib), ("--recipe", opts.recipe_path)])  # outdir.py: exit 2
+                       files=[("--calib", opts.calib), ("--recipe", opts.recipe_path)],
+                       resume=opts.resume)  # outdir.py: exit 2
     ckpt = open_checkpoint(model_dir, opts.dtype, opts.trust_remote_code)
     opts = check_calib_seq_len(opts, ckpt)
     target = get_target(opts.target)
@@ -213,7 +213,7 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     check_scheme_groups(pm.passes, ckpt.config, opts.exclude)
     check_specs_honoured(pm.passes)
     check_fallback(pm.passes, ckpt.config, opts.exclude)
-    distributed.check_supported(pm.passes)  # several processes: what is not reduced across ranks is refused
+    distributed.check_supported(pm.passes, resume=opts.resume)  # several processes: what is not reduced is refused
     pm.passes, group_size = resolve_group_sizes(pm.passes, ckpt.config, opts.exclude)
     check_simulate_tp(pm.passes, ckpt.config, group_size)
     features = pipeline_features(pm.passes, ckpt.config, opts.exclude, ckpt.has, target.name, ckpt.model_type)
@@ -239,15 +239,36 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     if not distributed.is_writer():  # ranks > 0 compute their share of the calibration and write nothing
         return _compile_into(None, opts, ckpt, pm, target, texts, log, t0, warnings, group_size, phases,
                              engine_report(features))
-    with out.staging() as tmp:  # removed on any failure; a full disk is one line, exit 1
+    adopt, restored, windows = None, None, None
+    if opts.resume:
+        with phases("resume: validate state"):
+            adopt, restored, windows = _resume_point(out, opts, ckpt, texts, log)
+    with out.staging(adopt) as tmp:  # removed on any failure; a full disk is one line, exit 1
         report = _compile_into(tmp, opts, ckpt, pm, target, texts, log, t0, warnings, group_size, phases,
-                               engine_report(features))
+                               engine_report(features), restored=restored, windows=windows)
         out.commit()  # umask modes; no-replace (or atomic exchange with --force), signals deferred
     return report
 
 
 def _silent(msg: str) -> None:
     """The log of ranks > 0."""
+
+
+def _resume_point(out: OutputFolder, opts, ckpt, texts, log):
+    """--resume: (the stopped compile's folder, its validated state, the calibration windows when from text)
+    or (None, None, None) when there is none. QCError (exit 2; the folder left as it is) when its state is
+    damaged or was made with another model, other options or calibration (resume.py)."""
+    candidate = out.find_resumable()
+    if candidate is None:
+        log(f"--resume: no interrupted compile of {opts.out} to resume: compiling from layer 0")
+        return None, None, None
+    windows = None
+    if texts is not None:  # the windows' digest is part of the fingerprint (cheap: tokenizing the text)
+        windows, _ = _calibration_windows(opts, None, load_tokenizer(ckpt.path, ckpt.trust_remote_code), texts, log)
+    expected = resume.fingerprint(opts, ckpt, resume.calibration_digest(windows, opts.calib_shape()))
+    restored = resume.load(candidate.folder, expected, ckpt.num_layers)
+    log(f"--resume: continuing {candidate.folder} at layer {restored.done} of {ckpt.num_layers}")
+    return candidate, restored, windows
 
 
 class PhaseTimer:
@@ -266,49 +287,85 @@ class PhaseTimer:
 
 
 def _compile_into(tmp: Path | None, opts, ckpt, pm, target, texts, log, t0, warnings, group_size: int = 0,
-                  phases: PhaseTimer | None = None, engines: dict | None = None) -> dict:
+                  phases: PhaseTimer | None = None, engines: dict | None = None,
+                  restored: resume.Restored | None = None, windows=None) -> dict:
+    """The work inside the staging folder `tmp`: from layer 0, or, with `restored` (a validated state of a
+    stopped compile, now in `tmp`), from its next layer. After every layer the resume state is committed (one
+    process only). Ranks > 0 of several processes get tmp None: they compute and write nothing."""
     phases = phases or PhaseTimer()
-    with phases("calibration data"):
-        tokenizer = load_tokenizer(ckpt.path, ckpt.trust_remote_code)
-        skeleton = HFSkeleton(ckpt)
-        windows = calib_source = None
-        if distributed.rank() == 0:  # several processes: rank 0 makes the windows, every rank gets them
-            windows, calib_source = _calibration_windows(opts, skeleton, tokenizer, texts, log)
-            check_token_ids(windows, ckpt.config.get("vocab_size"), tokenizer, "calibration text")
-        windows, calib_source = distributed.broadcast_windows(windows, calib_source)
-    for w in calibration_shortfall(opts.calib_shape(), tuple(windows.shape), opts.calib):
+    timing = TimingInstrument()
+    if restored is None:
+        with phases("calibration data"):
+            tokenizer = load_tokenizer(ckpt.path, ckpt.trust_remote_code)
+            skeleton = HFSkeleton(ckpt)
+            windows = calib_source = None
+            if distributed.rank() == 0:  # several processes: rank 0 makes the windows, every rank gets them
+                windows, calib_source = _calibration_windows(opts, skeleton, tokenizer, texts, log)
+                check_token_ids(windows, ckpt.config.get("vocab_size"), tokenizer, "calibration text")
+            windows, calib_source = distributed.broadcast_windows(windows, calib_source)
+        windows_shape = tuple(windows.shape)
+        distributed.check_shares(windows.shape[0])
+        first, stop = distributed.shard(windows.shape[0])  # this rank's contiguous share (all of it alone)
+        with phases("layer 0 inputs"):
+            inputs = skeleton.layer0_inputs(windows[first:stop])
+        fingerprint = resume.fingerprint(opts, ckpt, resume.calibration_digest(
+            windows if texts is not None else None, opts.calib_shape()))
+        del windows
+        batch_size = opts.batch_size or auto_batch_size(inputs.hidden.shape[1])
+        fallback_report, fallback_keep = None, None
+        if fallback_index(pm.passes) is not None:  # model-wide choice: measure every layer first (passes/fallback.py)
+            with phases("fallback pre-sweep"):
+                pm.passes, fallback_report = presweep(pm.passes, skeleton, inputs, ckpt, opts.exclude, batch_size, log)
+            fallback_keep = sorted(pm.passes[fallback_index(pm.passes)].decision.keep)
+        writer = executable = saver = None
+        if tmp is not None:
+            writer = ArtifactWriter(tmp, ckpt.dtype, **shard_limit(opts.part_file_size), resumable=True)
+            executable = ExecutableWriter(tmp / EXECUTABLE_DIR)
+            writer.add("model.embed_tokens.weight", skeleton.embed_weight, "FLOAT")
+        if tmp is not None and distributed.world() == 1:  # a rank's state holds only its share: not resumable
+            saver = resume.StateSaver(tmp, fingerprint, ckpt.num_layers)
+        layers_report, extra_description, start = [], {}, 0  # extra: top-level description keys set by passes
+    else:
+        with phases("resume: restore state"):
+            removed = resume.sweep(tmp, restored)  # what the stopped compile did after its last commit
+            if removed:
+                log(f"--resume: removed {len(removed)} files of work after layer {restored.done - 1}'s commit")
+            skeleton = HFSkeleton(ckpt)
+            rec = restored.record
+            inputs, start, windows_shape = restored.inputs, restored.done, tuple(rec["windows_shape"])
+            calib_source = _calibration_source(opts, texts, windows) if texts is not None else rec["calibration"]
+            fallback_report, fallback_keep = rec["fallback"], rec["fallback_keep"]
+            if fallback_keep is not None:
+                pm.passes = with_decision(pm.passes, fallback_keep, fallback_report)
+            layers_report, extra_description = list(rec["layers"]), dict(rec["extra_description"])
+            for k, v in rec["pass_seconds"].items():
+                timing.seconds[k] += v
+            for k, v in rec["phase_seconds"].items():
+                phases.seconds[k] = phases.seconds.get(k, 0.0) + v
+            batch_size = opts.batch_size or auto_batch_size(inputs.hidden.shape[1])
+            writer = ArtifactWriter.restore(tmp, ckpt.dtype, restored.artifact)
+            executable = ExecutableWriter(tmp / EXECUTABLE_DIR, state=restored.executable)
+            saver = resume.StateSaver(tmp, restored.fingerprint, ckpt.num_layers, restored)
+    for w in calibration_shortfall(opts.calib_shape(), windows_shape, opts.calib):
         log(f"warning: {w}")
         warnings.append(w)
-    distributed.check_shares(windows.shape[0])
-    start, stop = distributed.shard(windows.shape[0])  # this rank's contiguous share (all of it alone)
-    with phases("layer 0 inputs"):
-        inputs = skeleton.layer0_inputs(windows[start:stop])
-    batch_size = opts.batch_size or auto_batch_size(windows.shape[1])
-    fallback_report = None
-    if fallback_index(pm.passes) is not None:  # model-wide choice: measure every layer first (passes/fallback.py)
-        with phases("fallback pre-sweep"):
-            pm.passes, fallback_report = presweep(pm.passes, skeleton, inputs, ckpt, opts.exclude, batch_size, log)
 
-    timing = TimingInstrument()
     instruments = [timing, StatsInstrument()]
     dump = opts.dump or knobs.dump_dir()
     if dump and tmp is not None:
         instruments.append(DumpInstrument(dump, opts.dump_layers, opts.dump_passes))
     pm.instruments = instruments
-
-    writer = executable = None
-    if tmp is not None:
-        writer = ArtifactWriter(tmp, ckpt.dtype, **shard_limit(opts.part_file_size))
-        executable = ExecutableWriter(tmp / EXECUTABLE_DIR)
-        writer.add("model.embed_tokens.weight", skeleton.embed_weight, "FLOAT")
     # memory: the head (embedding, lm_head) is not held while the layers compile; it is read again after them
     skeleton.release_embedding()
-    layers_report = []
-    extra_description = {}  # top-level description keys set by passes (kv8: kv_cache_type, ...)
-    bar = tqdm(range(ckpt.num_layers), desc="compiling layers", unit="layer", file=sys.stderr,
-               disable=not knobs.progress_enabled())
+
+    def record() -> dict:  # what the report needs of the layers done (resume state)
+        return {"layers": layers_report, "extra_description": extra_description, "fallback": fallback_report,
+                "fallback_keep": fallback_keep, "calibration": calib_source, "windows_shape": list(windows_shape),
+                "pass_seconds": dict(timing.seconds), "phase_seconds": dict(phases.seconds)}
+
+    bar = tqdm(range(start, ckpt.num_layers), desc="compiling layers", unit="layer", file=sys.stderr,
+               disable=not knobs.progress_enabled(), initial=start, total=ckpt.num_layers)
     for i in bar:
-        knobs.test_pause(f"layer{i}")
         t_layer = time.perf_counter()
         with phases("capture (torch.export)"):
             gm = skeleton.capture_layer(i, inputs)
@@ -337,6 +394,11 @@ def _compile_into(tmp: Path | None, opts, ckpt, pm, target, texts, log, t0, warn
                               "passes": _jsonable(ctx.records)})
         inputs = LayerInputs(hidden=out_hidden, position_embeddings=inputs.position_embeddings)
         del gm, ctx
+        if saver is not None:
+            with phases("resume state"):  # a kill from here on resumes at layer i + 1 (resume.py)
+                saver.commit(i + 1, inputs, writer, executable, _jsonable(record()))
+        knobs.test_kill_after_layer(i)
+        knobs.test_pause(f"layer{i}")
     with phases("head, logits check, finish"):
         if writer is None:  # ranks > 0: their share's logits are checked too, nothing is written
             check_logits(head_from_checkpoint(ckpt, skeleton.rotary), inputs.hidden, ckpt.dtype)
@@ -359,11 +421,22 @@ def _compile_into(tmp: Path | None, opts, ckpt, pm, target, texts, log, t0, warn
         "fallback": _jsonable(fallback_report),
         "layers": layers_report,
     }
+    if restored is not None:  # seconds above add up both runs; wall_seconds and peak RSS are this run's
+        report["resumed_at_layer"] = restored.done
     if target.name == "onnx":  # lowered from the executable graph written above (backends/onnx/export.py)
         from .backends.onnx.export import export_onnx
         report["onnx"] = export_onnx(tmp, log=log)
     write_report(tmp, report)
+    writer.drop_resume_files()  # complete: nothing resumes from here (a kill now leaves a stale folder)
+    if saver is not None:
+        saver.discard()
     return report
+
+
+def _calibration_source(opts, texts, windows) -> str:
+    """The report's calibration line for windows made from text."""
+    where = opts.calib if opts.calib is not None else f"{len(texts)} calibration texts given inline"
+    return f"{where} ({windows.shape[0]} x {windows.shape[1]} tokens)"
 
 
 def _finish(writer, executable, ckpt, skeleton, inputs, target, pm, group_size, extra_description) -> dict:

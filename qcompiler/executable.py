@@ -106,13 +106,33 @@ class ExecutableWriter:
     program is written once per distinct structure and `model.json` maps every layer to its program.
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, state: dict | None = None):
+        """`state`: a `state()` of a writer that stopped (resumable compiles, resume.py): continue after its
+        last layer (its files are in `folder`; the caller validated them)."""
         self.folder = Path(folder)
-        (self.folder / LAYERS_DIR).mkdir(parents=True)
+        (self.folder / LAYERS_DIR).mkdir(parents=True, exist_ok=state is not None)
         self._signatures: dict[str, int] = {}
         self._layer_program: list[int] = []
         self._from_artifact: list[list[str]] = []
         self._head_from_artifact: dict[str, str] = {}
+        if state is not None:
+            self._signatures = {str(sig): int(k) for sig, k in state["signatures"]}
+            self._layer_program = [int(k) for k in state["layer_programs"]]
+            self._from_artifact = [[str(n) for n in names] for names in state["artifact_tensors"]]
+            if (sorted(self._signatures.values()) != list(range(len(self._signatures)))
+                    or len(self._from_artifact) != len(self._layer_program)
+                    or not set(self._layer_program) <= set(self._signatures.values())):
+                raise ValueError("inconsistent executable writer state")
+
+    def state(self) -> dict:
+        """JSON of the layers added so far (what `ExecutableWriter(folder, state)` continues from)."""
+        return {"signatures": [[sig, k] for sig, k in self._signatures.items()],
+                "layer_programs": list(self._layer_program), "artifact_tensors": [list(x) for x in self._from_artifact]}
+
+    def written_files(self) -> list[str]:
+        """Paths (relative to `folder`) of the files written for the layers added so far."""
+        return ([f"{LAYERS_DIR}/{program_file(k)}" for k in range(len(self._signatures))]
+                + [f"{LAYERS_DIR}/{layer_file(i)}" for i in range(len(self._layer_program))])
 
     @staticmethod
     def signature(gm) -> str:

@@ -12,14 +12,19 @@
 |                 |                                 | on stderr and sleep                                  |
 |                 |                                 | (default 60 s) there, so a test can send a signal at |
 |                 |                                 | a known point; phases: work (OUT's temporary folder  |
-|                 |                                 | exists), replace (new OUT in place, old not yet      |
-|                 |                                 | deleted), layerN (start of decoder layer N, every    |
-|                 |                                 | rank). Not for users.                                |
+|                 |                                 | exists), layerK (every rank: end of layer K, its     |
+|                 |                                 | resume state committed), replace (new OUT in place,  |
+|                 |                                 | old not yet deleted). Not for users.                 |
+| QC_TEST_KILL_   | unset                           | test hook: K makes a compile SIGKILL itself right    |
+| AFTER_LAYER     |                                 | after layer K's resume state is committed (printing  |
+|                 |                                 | "qcompile: test kill after layer K"), as a power     |
+|                 |                                 | loss would stop it (resume.py). Not for users.       |
 | QC_WORKERS_     | unset                           | "1" in the ranks `--workers N` starts: they leave    |
 | LAUNCHED        |                                 | printing errors to the launcher (distributed.py).    |
 |                 |                                 | Set by qcompile, not for users.                      |
 """
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -60,3 +65,11 @@ def test_pause(phase: str) -> None:
     print(f"qcompile: test pause at {phase} (pid {os.getpid()}, rank {os.environ.get('RANK', '0') or '0'})",
           file=sys.stderr, flush=True)
     time.sleep(float(seconds or 60))
+
+
+def test_kill_after_layer(index: int) -> None:
+    """Test hook (QC_TEST_KILL_AFTER_LAYER=K): SIGKILL this process after layer K (nothing runs after it:
+    no cleanup, no buffered output); else nothing."""
+    if os.environ.get("QC_TEST_KILL_AFTER_LAYER", "") == str(index):
+        print(f"qcompile: test kill after layer {index}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -7,12 +7,19 @@ Contract (rule 1 of the project: never delete, overwrite or write inside anythin
   followed), with or without --force. OUT that exists needs --force, must be a folder, and --force only
   replaces a folder that is empty or a previous compile's output (`looks_like_output`): anything else is
   not ours to delete.
-- `staging()` makes the temporary sibling `.OUT.tmp-PID` everything is written into, plus the owner
-  lock file `.OUT.lock-PID` (JSON pid/host, flock-held while the process lives). On start it looks at the
-  siblings of earlier runs: a temporary folder whose lock is free (its process is gone) on this host is
-  removed; one without a lock file, or whose process still runs, is reported on stderr and left alone; a
-  previous OUT moved aside (`.OUT.old-PID`) is removed only when OUT exists again, else reported (it may be
-  the user's only copy). When the block fails the temporary folder is removed (signals deferred, lock last).
+- `staging(adopt=None)` makes the temporary sibling `.OUT.tmp-PID` everything is written into, plus the
+  owner lock file `.OUT.lock-PID` (JSON pid/host, flock-held while the process lives). On start it looks at
+  the siblings of earlier runs: a temporary folder whose lock is free (its process is gone) on this host is
+  removed, unless it holds a resume state (resume.py: a compile killed after a committed layer), which is
+  kept and reported ("OUT: an interrupted compile at layer k of N can be resumed with --resume (or remove
+  FOLDER)"), never reused without --resume; one without a lock file, or whose process still runs, is
+  reported on stderr and left alone; a previous OUT moved aside (`.OUT.old-PID`) is removed only when OUT
+  exists again, else reported (it may be the user's only copy). When the block fails the temporary folder
+  is removed (signals deferred, lock last), except that with `resume=True` a SIGINT/SIGTERM keeps a
+  folder holding a resume state (lock file left, unlocked) and says how to continue.
+- `find_resumable()` -> `Resumable` (the stale temporary folder with a resume state and the most layers
+  done, its process gone, on this host) or None; `staging(adopt=that)` claims its lock (a second
+  `--resume` of the same folder fails, exit 2) and renames it to this process's temporary folder.
   A full disk (ENOSPC / EDQUOT anywhere, including safetensors' and torch's writers, which do not raise
   OSError) becomes `DiskFullError`: one line naming OUT, exit 1, nothing left behind.
 - `commit()` gives every file and folder the user's umask (safetensors writes 0600), then, with SIGINT and
@@ -36,9 +43,10 @@ import json
 import os
 import shutil
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import knobs
+from . import knobs, resume
 from .errors import DiskFullError, QCError
 from .interrupts import deferred
 
@@ -172,10 +180,12 @@ class _OwnerLock:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         os.write(self._fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
 
-    def release(self) -> None:
+    def release(self, keep_file: bool = False) -> None:
+        """Unlock; delete the lock file unless `keep_file` (a kept folder then reads as its process gone)."""
         if self._fd is not None:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
+            if not keep_file:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
             os.close(self._fd)
             self._fd = None
 
@@ -203,13 +213,23 @@ class _OwnerLock:
             os.close(fd)
 
 
+@dataclass(frozen=True)
+class Resumable:
+    """A stopped compile's temporary folder holding a resume state, and its (free) owner lock file."""
+    folder: Path
+    lock: Path
+    done: int      # layers done (-1: the manifest is unreadable; resume.load says why)
+    total: int
+
+
 class OutputFolder:
     """OUT of one compile; see the module docstring."""
 
-    def __init__(self, out: Path, force: bool, models=(), files=(), folders=(), log=None):
+    def __init__(self, out: Path, force: bool, models=(), files=(), folders=(), log=None, resume: bool = False):
         self.given = Path(out)
         self.path = resolved(out)
         self.force = force
+        self.resume = resume  # --resume: a SIGINT/SIGTERM keeps a resumable temporary folder
         self.log = log or (lambda msg: None)
         self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
         self._lock_path = self.path.parent / f".{self.path.name}.lock-{os.getpid()}"
@@ -261,17 +281,40 @@ class OutputFolder:
 
     # ------------------------------------------------------------------------------------------- staging
 
-    def _clean_stale(self) -> None:
-        """Remove what stopped compiles of this OUT left behind; report what cannot be proven stale."""
+    def _siblings(self) -> dict[str, dict[str, Path]]:
+        """{pid: {"tmp" | "old" | "lock": path}} of what compiles of this OUT left beside it."""
         parent, stem = self.path.parent, f".{self.path.name}."
-        if not parent.is_dir():
-            return
         entries = {}
+        if not parent.is_dir():
+            return entries
         for p in sorted(parent.iterdir()):
             kind, _, pid = p.name[len(stem):].partition("-") if p.name.startswith(stem) else ("", "", "")
             if kind in ("tmp", "old", "lock") and pid.isdigit():
                 entries.setdefault(pid, {})[kind] = p
-        for pid, found in entries.items():
+        return entries
+
+    def find_resumable(self) -> Resumable | None:
+        """The stopped compile of this OUT to resume (module docstring), or None."""
+        found = []
+        for pid, entry in self._siblings().items():
+            tmp, lock = entry.get("tmp"), entry.get("lock")
+            if tmp and lock and tmp.is_dir() and resume.has_state(tmp) and _OwnerLock.owner_gone(lock):
+                done, total = resume.describe(tmp) or (-1, -1)
+                found.append((done, tmp.stat().st_mtime, Resumable(tmp, lock, done, total)))
+        return max(found, key=lambda x: x[:2])[2] if found else None
+
+    def _resumable_note(self, folder: Path) -> str:
+        where = resume.describe(folder)
+        if where is None:
+            return (f"warning: {folder} holds the resume state of an interrupted compile of {self.given} that "
+                    "cannot be read; remove it")
+        return (f"{self.given}: an interrupted compile at layer {where[0]} of {where[1]} can be resumed with "
+                f"--resume (or remove {folder})")
+
+    def _clean_stale(self, adopt: Path | None = None) -> None:
+        """Remove what stopped compiles of this OUT left behind; report what cannot be proven stale and
+        what can be resumed (except `adopt`, the folder this compile resumes)."""
+        for pid, found in self._siblings().items():
             lock = found.get("lock")
             gone = _OwnerLock.owner_gone(lock) if lock else None
             if gone is False:
@@ -280,7 +323,11 @@ class OutputFolder:
                              f"another compile of {self.given}? The one that finishes second fails without --force")
                 continue
             if "tmp" in found:
-                if gone:
+                if found["tmp"] == adopt:
+                    continue
+                if gone and resume.has_state(found["tmp"]):  # resumable: never removed, never reused silently
+                    self.log(self._resumable_note(found["tmp"]))
+                elif gone:
                     remove_tree(found["tmp"], None)
                     self.log(f"removed {found['tmp']}, left by a qcompile that was stopped")
                 else:
@@ -303,15 +350,26 @@ class OutputFolder:
                     lock.unlink()
 
     @contextlib.contextmanager
-    def staging(self):
-        """Yield the temporary folder; remove it (and map a full disk to DiskFullError) unless committed."""
-        self._clean_stale()
+    def staging(self, adopt: Resumable | None = None):
+        """Yield the temporary folder (with `adopt`: that stopped compile's folder, renamed to ours); remove
+        it (and map a full disk to DiskFullError) unless committed or kept for --resume."""
+        self._clean_stale(adopt.folder if adopt else None)
+        if adopt is None and self.tmp.is_dir() and resume.has_state(self.tmp):
+            raise QCError(f"{self.tmp} (a stopped compile that had this process's id) holds a resume state: "
+                          "rerun with --resume, or remove it")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock = _OwnerLock(self._lock_path)
-            if self.tmp.exists():  # a dead process had our pid: its folder is stale by definition
-                shutil.rmtree(self.tmp)
-            self.tmp.mkdir()
+            if self.tmp.exists() and (adopt is None or adopt.folder != self.tmp):
+                shutil.rmtree(self.tmp)  # a dead process had our pid: its folder is stale by definition
+            if adopt is not None:
+                self._take_over(adopt)
+            else:
+                self.tmp.mkdir()
+        except QCError:
+            self._lock.release()
+            self._lock = None
+            raise
         except OSError as e:
             self._discard()
             reason = is_disk_full(e)
@@ -321,6 +379,12 @@ class OutputFolder:
         try:
             knobs.test_pause("work")
             yield self.tmp
+        except KeyboardInterrupt:
+            if self.resume and resume.describe(self.tmp):
+                self.log(self._resumable_note(self.tmp))
+                self._lock.release(keep_file=True)
+                self._lock = None
+            raise
         except Exception as e:  # a QCError is never blamed on a nearly full disk, only on its own errno/text
             reason = is_disk_full(e, None if isinstance(e, QCError) else self.tmp)
             self._discard()
@@ -330,6 +394,26 @@ class OutputFolder:
             raise
         finally:
             self._discard()
+
+    def _take_over(self, adopt: Resumable) -> None:
+        """Claim `adopt`'s lock (held until its folder is ours) and rename its folder to ours."""
+        if adopt.lock == self._lock_path:  # it had our pid: our own lock (taken above) is its lock
+            return
+        try:
+            fd = os.open(adopt.lock, os.O_RDWR)
+        except FileNotFoundError:
+            raise QCError(f"--resume: another qcompile took over {adopt.folder}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise QCError(f"--resume: another qcompile is resuming {adopt.folder}") from None
+            if not adopt.folder.is_dir():
+                raise QCError(f"--resume: another qcompile took over {adopt.folder}")
+            os.rename(adopt.folder, self.tmp)
+            adopt.lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
     def _discard(self) -> None:
         if self._committed or self._lock is None:

@@ -7,7 +7,9 @@ This module writes the same bytes with a bounded footprint:
 - `SpilledFile`: tensors arrive one by one in any order (`add(name, tensor)`); each tensor's bytes go to a
   spill file on disk at once, only (name, dtype, shape, position) stays in memory. `finish(path)` writes
   the safetensors header and copies the data from the spill file in the file's layout order, in chunks
-  (`os.copy_file_range`: in-kernel, never more than CHUNK_BYTES in user memory), then deletes the spill.
+  (`os.copy_file_range`: in-kernel, never more than CHUNK_BYTES in user memory), then deletes the spill
+  (or keeps it, `keep_spill=True`, for a resumable compile: resume.py). `state()` / `SpilledFile.reopen`
+  carry an open spill across processes: its entries as JSON, its bytes beyond the saved end cut off.
 - `StreamingFile`: every tensor's (name, dtype, shape) is known before any data exists (e.g. a synthetic
   checkpoint drawn row block by row block): the header is written first, then the data is streamed in
   layout order (`layout_order`), any number of chunks per tensor.
@@ -158,8 +160,38 @@ class SpilledFile:
         self._entries[name] = (entry, self._end)
         self._end += entry.nbytes
 
-    def finish(self, path: Path, metadata: dict[str, str] | None = None) -> None:
-        """Write the safetensors file `path` (must not exist) and delete the spill file."""
+    def sync(self) -> None:
+        """Flush the spill file to the disk (fsync): what was added survives a power loss."""
+        self._spill.flush()
+        os.fsync(self._spill.fileno())
+
+    def state(self) -> dict:
+        """JSON of what was added: {"end": data bytes, "entries": [[name, dtype, shape, offset], ...]}."""
+        return {"end": self._end, "entries": [[e.name, str(e.dtype).removeprefix("torch."), list(e.shape), off]
+                                              for e, off in self._entries.values()]}
+
+    @classmethod
+    def reopen(cls, spill_path: Path, state: dict) -> "SpilledFile":
+        """The spill file `spill_path` as `state()` described it (bytes beyond state["end"], written after
+        that state was taken, are cut off); ValueError when the file is shorter or `state` is malformed."""
+        self = cls.__new__(cls)
+        self.spill_path = Path(spill_path)
+        self._entries = {}
+        for name, dtype, shape, offset in state["entries"]:
+            dt = getattr(torch, str(dtype), None)
+            if not isinstance(dt, torch.dtype) or not isinstance(name, str) or name in self._entries:
+                raise ValueError(f"{spill_path}: bad entry {name!r} ({dtype})")
+            self._entries[name] = (Entry(name, dt, tuple(int(d) for d in shape)), int(offset))
+        self._end = int(state["end"])
+        if os.path.getsize(self.spill_path) < self._end:
+            raise ValueError(f"{spill_path}: shorter than the {self._end} bytes recorded")
+        self._spill = open(self.spill_path, "r+b")
+        self._spill.truncate(self._end)
+        self._spill.seek(self._end)
+        return self
+
+    def finish(self, path: Path, metadata: dict[str, str] | None = None, keep_spill: bool = False) -> None:
+        """Write the safetensors file `path` (must not exist) and delete the spill file (unless `keep_spill`)."""
         self._spill.flush()
         header, ordered = layout([e for e, _ in self._entries.values()], metadata)
         with open(self.spill_path, "rb") as src, open(path, "xb") as dst:
@@ -167,7 +199,10 @@ class SpilledFile:
             for e in ordered:
                 if e.nbytes:
                     _copy_range(src, dst, self._entries[e.name][1], e.nbytes)
-        self.discard()
+        if keep_spill:
+            self._spill.close()
+        else:
+            self.discard()
 
     def discard(self) -> None:
         """Close and delete the spill file (finish does this; call it on failure)."""

@@ -120,6 +120,29 @@ def digest_out(out: Path) -> dict[str, str]:
     return digests
 
 
+#: report fields of one run, not of the result (besides wall times): they differ between two equal compiles
+RUN_FIELDS = ("peak_rss_mib", "resumed_at_layer")
+
+
+def compile_differences(a: Path, b: Path) -> list[str]:
+    """What differs between two compiled OUT folders: every file byte for byte (reports aside), and the
+    report JSON without wall times and RUN_FIELDS. [] when they are the same compile."""
+    def files(out):
+        return {p.relative_to(out).as_posix(): _sha(p.read_bytes()) if p.is_file() else "symlink"
+                for p in sorted(out.rglob("*")) if (p.is_file() or p.is_symlink())
+                and not p.name.startswith("qcompile_report.")}
+
+    def report(out):
+        r = json.loads((out / "qcompile_report.json").read_text())
+        return _without_times({k: v for k, v in r.items() if k not in RUN_FIELDS})
+    fa, fb = files(a), files(b)
+    diff = [f"file {n}: {'differs' if n in fa and n in fb else 'only in ' + str(a if n in fa else b)}"
+            for n in sorted(set(fa) | set(fb)) if fa.get(n) != fb.get(n)]
+    ra, rb = report(a), report(b)
+    diff += [f"report {k} differs" for k in sorted(set(ra) | set(rb)) if ra.get(k) != rb.get(k)]
+    return diff
+
+
 def _without_times(obj):
     """`obj` without wall-time entries (keys `seconds` / `*_seconds`), which differ between runs."""
     if isinstance(obj, dict):

@@ -29,8 +29,8 @@ def tiny_tokenizer(vocab_size: int = 300):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
-def tiny_config(arch: str, vocab: int):
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+def tiny_config(arch: str, vocab: int, layers: int = 2):
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   tie_word_embeddings=False)
     if arch == "llama":
@@ -45,10 +45,10 @@ def tiny_config(arch: str, vocab: int):
     raise ValueError(arch)
 
 
-def make_tiny_model(folder: Path, arch: str = "llama", dtype=torch.bfloat16, seed: int = 0) -> Path:
-    """Save a tiny random `arch` checkpoint with a trained tokenizer into `folder`; returns it."""
+def make_tiny_model(folder: Path, arch: str = "llama", dtype=torch.bfloat16, seed: int = 0, layers: int = 2) -> Path:
+    """Save a tiny random `arch` checkpoint (`layers` decoder layers) with a trained tokenizer into `folder`."""
     tok = tiny_tokenizer()
-    cfg, cls = tiny_config(arch, len(tok))
+    cfg, cls = tiny_config(arch, len(tok), layers)
     torch.manual_seed(seed)
     model = cls(cfg).to(dtype).eval()
     if arch == "qwen2":  # random (non-zero) q/k/v biases, so the bias path is exercised
@@ -282,6 +282,48 @@ def assert_checker_clean(out: Path) -> dict:
 
 #: calibration flags of the CLI tests' tiny compiles
 SMALL = ["--calib-samples", "2", "--seq-len", "32"]
+
+
+def cli_env(**extra) -> dict:
+    """Environment of a `python3 -m qcompiler.cli` subprocess: this checkout's package, no progress bars."""
+    import os
+    env = dict(os.environ, QC_NO_PROGRESS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]), **extra)
+    env.pop("QC_DEBUG", None)
+    return env
+
+
+def start_cli(argv, **env):
+    """`python3 -m qcompiler.cli ARGV` started in the background (text pipes; `env` added to cli_env)."""
+    import subprocess
+    import sys
+    return subprocess.Popen([sys.executable, "-m", "qcompiler.cli", *map(str, argv)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=cli_env(**env))
+
+
+def run_cli(argv, timeout=600, **env):
+    """`python3 -m qcompiler.cli ARGV` to its end: CompletedProcess (text)."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "qcompiler.cli", *map(str, argv)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          env=cli_env(**env), timeout=timeout)
+
+
+def wait_for_pause(proc, phase, timeout=300) -> list[str]:
+    """Read `proc`'s stderr until the QC_TEST_PAUSE marker of `phase` (knobs.py); returns the lines read."""
+    import time
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if f"test pause at {phase}" in line:
+            return seen
+    proc.kill()
+    raise AssertionError(f"no pause at {phase}: {''.join(seen)}")
 
 
 def leftovers(parent: Path, name: str = "out") -> list[str]:

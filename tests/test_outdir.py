@@ -17,13 +17,12 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from qcompiler import cli, outdir
-from tests.helpers import SMALL, expect_error, leftovers, make_old_out
+from tests.helpers import SMALL, cli_env, expect_error, leftovers, make_old_out, start_cli, wait_for_pause
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -280,12 +279,6 @@ def _can_mount_tmpfs() -> bool:
     return probe.returncode == 0
 
 
-def _env(**extra):
-    env = dict(os.environ, QC_NO_PROGRESS="1", PYTHONPATH=str(ROOT), **extra)
-    env.pop("QC_DEBUG", None)
-    return env
-
-
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root and unshare to mount a small tmpfs")
 def test_disk_full_for_real(tmp_path, tiny_models):
     """A real 200 KiB file system (private mount namespace): passes the free-space estimate (~150 KB since the
@@ -295,7 +288,7 @@ def test_disk_full_for_real(tmp_path, tiny_models):
     script = (f"mount -t tmpfs -o size=200k tmpfs {mnt} && {sys.executable} -m qcompiler.cli "
               f"{tiny_models['llama']} -o {mnt}/out --calib-samples 2 --seq-len 32; rc=$?; ls -A {mnt}; exit $rc")
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=ROOT,
-                          env=_env(), timeout=600)
+                          env=cli_env(), timeout=600)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("qcompile:")]
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -305,32 +298,12 @@ def test_disk_full_for_real(tmp_path, tiny_models):
 
 # -------------------------------------------------------------------------------- signals, stale folders
 
-def _start(argv, **env):
-    return subprocess.Popen([sys.executable, "-m", "qcompiler.cli", *map(str, argv)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(**env))
-
-
-def _wait_for_pause(proc, phase, timeout=300):
-    """Read stderr until the QC_TEST_PAUSE marker of `phase`; returns the lines read."""
-    seen = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-        if f"test pause at {phase}" in line:
-            return seen
-    proc.kill()
-    raise AssertionError(f"no pause at {phase}: {''.join(seen)}")
-
-
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_signal_mid_work_cleans_up(tmp_path, tiny_models, calib_file, sig, code):
     """SIGTERM killed the compile with no message and left the temporary folder: now like SIGINT."""
-    proc = _start([tiny_models["llama"], "-o", tmp_path / "out", "--calib", calib_file, *SMALL],
+    proc = start_cli([tiny_models["llama"], "-o", tmp_path / "out", "--calib", calib_file, *SMALL],
                   QC_TEST_PAUSE="work:120")
-    _wait_for_pause(proc, "work")
+    wait_for_pause(proc, "work")
     assert any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -344,9 +317,9 @@ def test_signal_while_replacing_keeps_the_new_out(tmp_path, tiny_models, calib_f
     """A signal after the new OUT is in place, while the old one is deleted: the new OUT stays complete,
     the old one is deleted completely, then the signal ends the command."""
     out = make_old_out(tmp_path / "out")
-    proc = _start([tiny_models["llama"], "-o", out, "--calib", calib_file, "--force", *SMALL],
+    proc = start_cli([tiny_models["llama"], "-o", out, "--calib", calib_file, "--force", *SMALL],
                   QC_TEST_PAUSE="replace:2")
-    _wait_for_pause(proc, "replace")
+    wait_for_pause(proc, "replace")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err
@@ -360,15 +333,15 @@ def test_kill_while_replacing_then_next_run_cleans_up(tmp_path, tiny_models, cal
     temporary name is removed by the next compile of that OUT, which says so."""
     out = make_old_out(tmp_path / "out")
     argv = [tiny_models["llama"], "-o", out, "--calib", calib_file, "--force", *SMALL]
-    proc = _start(argv, QC_TEST_PAUSE="replace:120")
-    _wait_for_pause(proc, "replace")
+    proc = start_cli(argv, QC_TEST_PAUSE="replace:120")
+    wait_for_pause(proc, "replace")
     proc.kill()
     proc.communicate(timeout=60)
     assert (out / "quant_model_description.json").is_file() and not (out / "old.txt").exists()
     stale = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     assert sorted(n.split("-")[0] for n in stale) == [".out.lock", ".out.tmp"], stale
     rerun = subprocess.run([sys.executable, "-m", "qcompiler.cli", *map(str, argv)], cwd=ROOT, capture_output=True,
-                           text=True, env=_env(), timeout=600)
+                           text=True, env=cli_env(), timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     old_tree = tmp_path / next(n for n in stale if n.startswith(".out.tmp-"))
     assert f"removed {old_tree}" in rerun.stderr
@@ -379,7 +352,7 @@ def test_two_concurrent_compiles_one_fails(tmp_path, tiny_models, calib_file):
     """Two processes compile the same OUT at once: exactly one writes it, the other fails (exit 2) and
     leaves it alone; neither says 'wrote' falsely."""
     argv = [tiny_models["llama"], "-o", tmp_path / "out", "--calib", calib_file, *SMALL]
-    procs = [_start(argv, QC_TEST_PAUSE="work:3") for _ in range(2)]
+    procs = [start_cli(argv, QC_TEST_PAUSE="work:3") for _ in range(2)]
     results = [(p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for p in procs]
     codes = sorted(rc for rc, _, _ in results)
     assert codes == [0, 2], results

@@ -289,6 +289,13 @@ def presweep(passes, skeleton, inputs: LayerInputs, ckpt, exclude, batch_size: i
     if log is not None:
         log(f"fallback {passes[idx].options.describe()}: keeping {len(decision.keep)} Linears float "
             f"(estimated error {decision.report['error_before']:.4g} -> {decision.report['error_after']:.4g})")
+    return with_decision(passes, decision.keep, decision.report), decision.report
+
+
+def with_decision(passes, keep, report: dict) -> list:
+    """The pipeline with its fallback pass carrying a decision (from `presweep`, or restored by a resumed
+    compile: resume.py): `keep` = full names of the Linears kept float."""
+    idx = fallback_index(passes)
     new = list(passes)
-    new[idx] = Fallback(passes[idx].options, decision)
-    return new, decision.report
+    new[idx] = Fallback(passes[idx].options, Decision(keep=frozenset(keep), report=report))
+    return new

@@ -16,6 +16,14 @@ Contract
   engines load every top-level `*.safetensors`, so other outputs (reports, graphs) belong in a subfolder.
 - Output is deterministic: the same adds and arguments give byte-identical files (no timestamps; shard split
   follows add order; JSON keys in a fixed order).
+- Resumable (`resumable=True`, the compile driver; resume.py): `state()` is the JSON of everything added
+  (types, sizes, closed shards, the open shard's spill entries) and `ArtifactWriter.restore(out_dir, dtype,
+  state)` continues from it in another process (the open spill's bytes beyond the state are cut off), so
+  the files come out as if the writer had never stopped. To keep every state valid until the next one is
+  committed, a closed shard's spill file is kept (`retired_spills`; `release_retired()` deletes them once
+  the newer state is committed) and `finish` hard-links the shards to their final names instead of
+  renaming them (a stop during the finish can be resumed); `drop_resume_files()` deletes the part files
+  and spills once nothing will resume (before OUT is put in place).
 
 Limits
 - The writer does not check the tensors against the spec (encode.py produces them; the conformance checker
@@ -25,7 +33,9 @@ Limits
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -73,7 +83,8 @@ def natural_key(name: str) -> tuple:
 class ArtifactWriter:
     """Streams quantized tensors into an AscendV1 artifact folder; see the module docstring."""
 
-    def __init__(self, out_dir: Path, model_dtype: torch.dtype | str, max_shard_bytes: int = 5 * 2**30):
+    def __init__(self, out_dir: Path, model_dtype: torch.dtype | str, max_shard_bytes: int = 5 * 2**30,
+                 resumable: bool = False):
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
         self.out_dir = Path(out_dir)
@@ -90,6 +101,59 @@ class ArtifactWriter:
         self._open: SpilledFile | None = None  # the shard being filled (its tensors are on disk already)
         self._shards: list[tuple[str, list[str]]] = []  # (streaming file name, tensor names)
         self._finished = False
+        self._resumable = resumable
+        self._retired: list[str] = []         # spill files of closed shards, kept until release_retired()
+
+    # ------------------------------------------------------------------------------ resumable compiles
+
+    def state(self) -> dict[str, Any]:
+        """JSON of everything added so far (module docstring: Resumable); the open spill's data is synced to disk."""
+        if self._open is not None:
+            self._open.sync()
+        return {"max_shard_bytes": self.max_shard_bytes, "types": [[n, t] for n, t in self._types.items()],
+                "sizes": [[n, s] for n, s in self._sizes.items()],
+                "shards": [[f, list(names)] for f, names in self._shards],
+                "open": None if self._open is None else {"spill": self._open.spill_path.name, **self._open.state()}}
+
+    def part_files(self) -> list[str]:
+        """File names (in out_dir) of the closed shards so far."""
+        return [f for f, _ in self._shards]
+
+    @property
+    def open_spill(self) -> Path | None:
+        """The spill file of the shard being filled (None before the first add / after a flush)."""
+        return None if self._open is None else self._open.spill_path
+
+    @classmethod
+    def restore(cls, out_dir: Path, model_dtype: torch.dtype | str, state: dict[str, Any]) -> "ArtifactWriter":
+        """A resumable writer continuing from `state()` (module docstring); ValueError/KeyError/TypeError on a
+        malformed state (the caller validated the files' bytes)."""
+        self = cls.__new__(cls)
+        self.out_dir = Path(out_dir)
+        self.model_dtype = as_model_dtype(model_dtype)
+        self.max_shard_bytes = int(state["max_shard_bytes"])
+        self._types = {str(n): str(t) for n, t in state["types"]}
+        self._sizes = {str(n): int(s) for n, s in state["sizes"]}
+        self._shards = [(str(f), [str(n) for n in names]) for f, names in state["shards"]]
+        self._open = None
+        if state["open"] is not None:
+            self._open = SpilledFile.reopen(self.out_dir / state["open"]["spill"], state["open"])
+        if set(self._types) != set(self._sizes):
+            raise ValueError("types and sizes name different tensors")
+        self._finished, self._resumable, self._retired = False, True, []
+        return self
+
+    def release_retired(self) -> None:
+        """Delete the spill files of shards closed before the last committed state (module docstring)."""
+        for name in self._retired:
+            (self.out_dir / name).unlink(missing_ok=True)
+        self._retired = []
+
+    def drop_resume_files(self) -> None:
+        """After `finish`: delete what only a resume would read (part files, kept spills)."""
+        self.release_retired()
+        for name, _ in self._shards:
+            (self.out_dir / name).unlink(missing_ok=True)
 
     @property
     def quant_types(self) -> dict[str, str]:
@@ -120,7 +184,9 @@ class ArtifactWriter:
         if self._open is None or not len(self._open):
             return
         fname = f"quant_model_weights-part{len(self._shards):05d}.safetensors"
-        self._open.finish(self.out_dir / fname, metadata={"format": "pt"})
+        self._open.finish(self.out_dir / fname, metadata={"format": "pt"}, keep_spill=self._resumable)
+        if self._resumable:
+            self._retired.append(self._open.spill_path.name)
         self._shards.append((fname, self._open.names))
         self._open = None
 
@@ -162,15 +228,27 @@ class ArtifactWriter:
         head.update({k: types[k] for k in sorted(types, key=natural_key)})
         return head
 
+    def _place(self, part: str, final: str) -> None:
+        """A shard under its final name: renamed, or hard-linked when resumable (the part stays valid)."""
+        if self._resumable:
+            try:
+                os.link(self.out_dir / part, self.out_dir / final)
+            except OSError as e:  # a file system without hard links: a copy (same bytes, more disk)
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+                shutil.copyfile(self.out_dir / part, self.out_dir / final)
+        else:
+            (self.out_dir / part).rename(self.out_dir / final)
+
     def _name_weight_files(self) -> None:
         if len(self._shards) == 1:
-            (self.out_dir / self._shards[0][0]).rename(self.out_dir / WEIGHTS_FILE)
+            self._place(self._shards[0][0], WEIGHTS_FILE)
             return
         total = len(self._shards)
         weight_map = {}
         for i, (tmp, names) in enumerate(self._shards, start=1):
             final = f"quant_model_weights-{i:05d}-of-{total:05d}.safetensors"
-            (self.out_dir / tmp).rename(self.out_dir / final)
+            self._place(tmp, final)
             weight_map.update({n: final for n in names})
         index = {"metadata": {"total_size": sum(self._sizes.values())},
                  "weight_map": {n: weight_map[n] for n in sorted(weight_map, key=natural_key)}}

@@ -89,9 +89,9 @@ def test_fallback_two_ranks_same_choice_and_sensitivities(tmp_path, tiny_models,
     assert _differences(tmp_path / "one", tmp_path / "two") == []
 
 
-@pytest.mark.parametrize("pause", ["layer1", "layer1@1"], ids=["both-paused", "rank0-in-a-collective"])
+@pytest.mark.parametrize("pause", ["layer0", "layer0@1"], ids=["both-paused", "rank0-in-a-collective"])
 def test_a_killed_rank_stops_the_compile_and_leaves_nothing(tmp_path, tiny_models, calib_file, pause):
-    """SIGKILL of rank 1 at layer 1, while rank 0 sleeps there too (the launcher stops it: SIGTERM) or while
+    """SIGKILL of rank 1 after layer 0, while rank 0 sleeps there too (the launcher stops it: SIGTERM) or while
     rank 0 waits for rank 1 in a collective (gloo: connection closed -> RankLostError): one error line naming
     the dead process, non-zero exit, no OUT and no temporary folder or lock left."""
     argv = [tiny_models["llama"], "--passes", "w8a8", "--calib", calib_file, *CALIB, "-o", tmp_path / "out",
@@ -107,13 +107,13 @@ def test_a_killed_rank_stops_the_compile_and_leaves_nothing(tmp_path, tiny_model
         if not line:
             break
         seen.append(line)
-        if "test pause at layer1" in line:  # "... (pid P, rank R)"
+        if "test pause at layer0" in line:  # "... (pid P, rank R)"
             pid, rank = line.rsplit("(pid ", 1)[1].rstrip(")\n").split(", rank ")
             pids[int(rank)] = int(pid)
     if 1 not in pids or len(pids) < want:
         proc.kill()
         raise AssertionError("".join(seen))
-    time.sleep(1)  # rank 0 reaches layer 1's first collective (or its pause)
+    time.sleep(1)  # rank 0 reaches layer 1's first collective (or sleeps after layer 0)
     assert any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())  # rank 0 was writing
     os.kill(pids[1], signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
@@ -130,16 +130,16 @@ def test_ctrl_c_to_the_launcher_stops_every_rank(tmp_path, tiny_models, calib_fi
     exit 130, nothing left."""
     argv = [tiny_models["llama"], "--calib", calib_file, *CALIB, "-o", tmp_path / "out", "--workers", "2"]
     proc = subprocess.Popen([sys.executable, "-m", "qcompiler.cli", *map(str, argv)], cwd=ROOT,
-                            env=_env(QC_TEST_PAUSE="layer1@0:120"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_env(QC_TEST_PAUSE="layer0@0:120"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     seen = []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
         seen.append(line)
-        if not line or "test pause at layer1" in line:
+        if not line or "test pause at layer0" in line:
             break
-    assert "test pause at layer1" in seen[-1], "".join(seen)
+    assert "test pause at layer0" in seen[-1], "".join(seen)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
@@ -156,6 +156,14 @@ def test_bad_workers_value_exits_2(capsys, tmp_path, tiny_models, value):
     err = capsys.readouterr().err
     assert "--workers" in err and "expected a whole number >= 1" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_on_several_processes_is_refused(capsys, tmp_path, tiny_models, monkeypatch):
+    """A rank holds only its share of the layer outputs: several processes save no resume state, and --resume is
+    refused before any work (checked with the rank count faked: the check runs before any collective)."""
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    expect_error(capsys, [tiny_models["llama"], "-o", tmp_path / "out", "--resume"], "--resume runs as one process")
+    assert leftovers(tmp_path) == []
 
 
 def test_workers_with_torchrun_environment_is_refused(capsys, tmp_path, tiny_models, monkeypatch):

@@ -94,8 +94,21 @@ def _compile_parser(prog="qcompile"):
                    "of a --resume run) from its last completed layer: same model, options and calibration, "
                    "byte-identical result; without one, compile from the start. A --resume run stopped by "
                    "SIGINT/SIGTERM keeps its state for the next --resume")
+    p.add_argument("--workers", type=_workers_value, default=1, metavar="N",
+                   help="split the calibration over N local processes (torch.distributed, gloo; default 1); "
+                   "several machines: torchrun --nnodes M --nproc_per_node N -m qcompiler.cli MODEL_DIR ...")
     trust.add_flag(p)
     return p
+
+
+def _workers_value(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return n
 
 
 RUNTIME_HELP = ("onnx: OUT/onnx/model.onnx with onnxruntime; executable: OUT/executable; auto (default): onnx for "
@@ -144,8 +157,12 @@ def _inspect_parser():
 
 def _cmd_compile(argv):
     from .config import CompileOptions, load_recipe, parse_passes
+    from . import distributed
     from .driver import compile_model
     a = _compile_parser().parse_args(argv)
+    if distributed.check_workers(a.workers) > 1:  # N local processes, each running this command line
+        return distributed.launch_workers(a.workers, list(argv) + ["--workers", "1"])  # rank 0 says "wrote"
+    distributed.init_from_env(log=lambda msg: print(msg, file=sys.stderr))
     recipe = load_recipe(a.recipe) if a.recipe else {}
     passes = parse_passes(a.passes) if a.passes else recipe.get("passes") or [("w8a8", {})]
     calib = a.calib or (Path(str(recipe["calib"])) if recipe.get("calib") else None)
@@ -161,7 +178,13 @@ def _cmd_compile(argv):
         dump_passes=_name_list("--dump-passes", a.dump_passes), batch_size=a.batch_size, force=a.force, recipe=recipe,
         policy=a.policy or recipe.get("policy", "auto"), trust_remote_code=a.trust_remote_code,
         engine=a.engine or recipe.get("engine", "any"), resume=a.resume)
-    report = compile_model(opts)
+    writer = distributed.is_writer()
+    try:
+        report = compile_model(opts)
+    finally:
+        distributed.finish()
+    if not writer:
+        return
     print(f"wrote {a.out}: {report['model_quant_type']} for {report['target']} ({report['dtype']}), "
           f"{report['wall_seconds']} s, peak RSS {report['peak_rss_mib']} MiB; report: "
           f"{a.out / 'qcompile_report.md'}")
@@ -249,6 +272,16 @@ def _cmd_passes(argv):
     print(MOE_PASSES_NOTE)
 
 
+def _single_process_only(command: str) -> None:
+    """Only compile runs on several processes (torchrun / --workers set WORLD_SIZE)."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        return
+    from .distributed import env_world
+    if env_world() > 1:
+        raise QCError(f"only compile runs on several processes (torchrun / --workers); run `qcompile {command}` "
+                      "as one process")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if knobs.threads():
@@ -263,17 +296,22 @@ def main(argv=None) -> int:
                "passes": _cmd_passes, "quant": _cmd_quant}[command]
     try:
         with handle_signals():  # SIGTERM ends a command like SIGINT: cleanup runs, one line, 128 + signal
-            handler(rest)
+            if command != "compile":
+                _single_process_only(command)
+            code = handler(rest)
     except QCError as e:
-        print(f"qcompile: error: {e}", file=sys.stderr)
+        from .distributed import report_error
+        if not report_error(str(e)):  # a rank of several: its launcher prints the first failure (distributed.py)
+            print(f"qcompile: error: {e}", file=sys.stderr)
         if os.environ.get("QC_DEBUG"):
             raise
         return e.exit_code
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"qcompile: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        if os.environ.get("QC_WORKERS_LAUNCHED") != "1":  # --workers ranks: the launcher says what stopped them
+            print(f"qcompile: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
         return 128 + signum
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

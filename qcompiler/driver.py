@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import knobs, resume
+from . import distributed, knobs, resume
 from .backends.ascend.artifact import ArtifactWriter
 from .activation_checks import check_finite, check_logits
 from .calib_data import calibration_shortfall, make_windows, read_texts, sample_windows_from_model
@@ -206,6 +206,8 @@ def _add_layer_tensors(writer, ctx: LayerContext, gm, ckpt) -> tuple[dict[str, s
 def compile_model(opts: CompileOptions, log=None) -> dict:
     """Run a whole compile; returns the report dict. Raises QCError on bad input (before any work)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    if not distributed.is_writer():  # several processes: rank 0 alone speaks and writes (distributed.py)
+        log = _silent
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(opts.model)
     dump = opts.dump or knobs.dump_dir()
@@ -228,11 +230,12 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     check_specs_honoured(pm.passes)
     check_expert_passes(pm.passes, ckpt.config, opts.exclude)
     check_fallback(pm.passes, ckpt.config, opts.exclude)
+    distributed.check_supported(pm.passes, resume=opts.resume)  # several processes: what is not reduced is refused
     pm.passes, group_size = resolve_group_sizes(pm.passes, ckpt.config, opts.exclude)
     check_simulate_tp(pm.passes, ckpt.config, group_size)
     features = pipeline_features(pm.passes, ckpt.config, opts.exclude, ckpt.has, target.name, ckpt.model_type)
     warnings = warnings + check_engine(opts.engine, features)  # --engine: exit 2 here if it cannot load it
-    _check_dump(dump)
+    _check_dump(dump if distributed.is_writer() else None)
     if (opts.dump_layers is not None or opts.dump_passes is not None) and not dump:
         raise QCError("--dump-layers / --dump-passes select what --dump writes: give --dump DIR too")
     check_dump_filter(opts.dump_layers, opts.dump_passes, ckpt.num_layers, pm.names)
@@ -250,6 +253,9 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     out.check_free_space(estimate_output_bytes(ckpt, pm.passes, opts.exclude))
     phases = PhaseTimer()
     phases.seconds["checks before work"] = time.perf_counter() - t0
+    if not distributed.is_writer():  # ranks > 0 compute their share of the calibration and write nothing
+        return _compile_into(None, opts, ckpt, pm, target, texts, log, t0, warnings, group_size, phases,
+                             engine_report(features))
     adopt, restored, windows = None, None, None
     if opts.resume:
         with phases("resume: validate state"):
@@ -259,6 +265,10 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
                                engine_report(features), restored=restored, windows=windows)
         out.commit()  # umask modes; no-replace (or atomic exchange with --force), signals deferred
     return report
+
+
+def _silent(msg: str) -> None:
+    """The log of ranks > 0."""
 
 
 def _resume_point(out: OutputFolder, opts, ckpt, texts, log):
@@ -293,22 +303,28 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, group_size: int = 0,
+def _compile_into(tmp: Path | None, opts, ckpt, pm, target, texts, log, t0, warnings, group_size: int = 0,
                   phases: PhaseTimer | None = None, engines: dict | None = None,
                   restored: resume.Restored | None = None, windows=None) -> dict:
     """The work inside the staging folder `tmp`: from layer 0, or, with `restored` (a validated state of a
-    stopped compile, now in `tmp`), from its next layer. After every layer the resume state is committed."""
+    stopped compile, now in `tmp`), from its next layer. After every layer the resume state is committed (one
+    process only). Ranks > 0 of several processes get tmp None: they compute and write nothing."""
     phases = phases or PhaseTimer()
     timing = TimingInstrument()
     if restored is None:
         with phases("calibration data"):
             tokenizer = load_tokenizer(ckpt.path, ckpt.trust_remote_code)
             skeleton = HFSkeleton(ckpt)
-            windows, calib_source = _calibration_windows(opts, skeleton, tokenizer, texts, log)
-            check_token_ids(windows, ckpt.config.get("vocab_size"), tokenizer, "calibration text")
+            windows = calib_source = None
+            if distributed.rank() == 0:  # several processes: rank 0 makes the windows, every rank gets them
+                windows, calib_source = _calibration_windows(opts, skeleton, tokenizer, texts, log)
+                check_token_ids(windows, ckpt.config.get("vocab_size"), tokenizer, "calibration text")
+            windows, calib_source = distributed.broadcast_windows(windows, calib_source)
         windows_shape = tuple(windows.shape)
+        distributed.check_shares(windows.shape[0])
+        first, stop = distributed.shard(windows.shape[0])  # this rank's contiguous share (all of it alone)
         with phases("layer 0 inputs"):
-            inputs = skeleton.layer0_inputs(windows)
+            inputs = skeleton.layer0_inputs(windows[first:stop])
         fingerprint = resume.fingerprint(opts, ckpt, resume.calibration_digest(
             windows if texts is not None else None, opts.calib_shape()))
         del windows
@@ -318,11 +334,14 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
             with phases("fallback pre-sweep"):
                 pm.passes, fallback_report = presweep(pm.passes, skeleton, inputs, ckpt, opts.exclude, batch_size, log)
             fallback_keep = sorted(pm.passes[fallback_index(pm.passes)].decision.keep)
-        writer = ArtifactWriter(tmp, ckpt.dtype, **shard_limit(opts.part_file_size), resumable=True)
-        executable = ExecutableWriter(tmp / EXECUTABLE_DIR)
-        writer.add("model.embed_tokens.weight", skeleton.embed_weight, "FLOAT")
+        writer = executable = saver = None
+        if tmp is not None:
+            writer = ArtifactWriter(tmp, ckpt.dtype, **shard_limit(opts.part_file_size), resumable=True)
+            executable = ExecutableWriter(tmp / EXECUTABLE_DIR)
+            writer.add("model.embed_tokens.weight", skeleton.embed_weight, "FLOAT")
+        if tmp is not None and distributed.world() == 1:  # a rank's state holds only its share: not resumable
+            saver = resume.StateSaver(tmp, fingerprint, ckpt.num_layers)
         layers_report, extra_description, start = [], {}, 0  # extra: top-level description keys set by passes
-        saver = resume.StateSaver(tmp, fingerprint, ckpt.num_layers)
     else:
         with phases("resume: restore state"):
             removed = resume.sweep(tmp, restored)  # what the stopped compile did after its last commit
@@ -350,7 +369,7 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
 
     instruments = [timing, StatsInstrument()]
     dump = opts.dump or knobs.dump_dir()
-    if dump:
+    if dump and tmp is not None:
         instruments.append(DumpInstrument(dump, opts.dump_layers, opts.dump_passes))
     pm.instruments = instruments
     # memory: the head (embedding, lm_head) is not held while the layers compile; it is read again after them
@@ -384,30 +403,38 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
         expert_tokens = None
         if is_moe_layer(ckpt.config, i):
             with phases("experts: routed calibration tokens"):
-                expert_tokens = routed_token_counts(gm, inputs.hidden, inputs.position_embeddings, batch_size)
-        with phases("artifact tensors"):
-            types, written = _add_layer_tensors(writer, ctx, gm, ckpt)
-        extra_description.update(ctx.description)
-        with phases("executable graph"):
-            executable.add(gm, inputs, in_artifact=written)  # what the artifact holds is not stored twice
+                counts = routed_token_counts(gm, inputs.hidden, inputs.position_embeddings, batch_size)
+                # several processes: each routed its own share of the windows; the report counts them all
+                expert_tokens = distributed.all_sum(torch.tensor(counts)).tolist()
+        types, written = {}, None
+        if writer is not None:
+            with phases("artifact tensors"):
+                types, written = _add_layer_tensors(writer, ctx, gm, ckpt)
+            extra_description.update(ctx.description)
+            with phases("executable graph"):
+                executable.add(gm, inputs, in_artifact=written)  # what the artifact holds is not stored twice
         layers_report.append({"layer": i, "linears": types, "seconds": round(time.perf_counter() - t_layer, 3),
                               "passes": _jsonable(ctx.records)})
         if expert_tokens is not None:  # MoE layer: calibration tokens the router sent to each expert (ir/moe.py)
             layers_report[-1]["expert_tokens"] = expert_tokens
         inputs = LayerInputs(hidden=out_hidden, position_embeddings=inputs.position_embeddings)
         del gm, ctx, written  # the layer's tensors are on disk: hold none of them while the next layer compiles
-        with phases("resume state"):  # a kill from here on resumes at layer i + 1 (resume.py)
-            saver.commit(i + 1, inputs, writer, executable, _jsonable(record()))
+        if saver is not None:
+            with phases("resume state"):  # a kill from here on resumes at layer i + 1 (resume.py)
+                saver.commit(i + 1, inputs, writer, executable, _jsonable(record()))
         knobs.test_kill_after_layer(i)
         knobs.test_pause(f"layer{i}")
     with phases("head, logits check, finish"):
+        if writer is None:  # ranks > 0: their share's logits are checked too, nothing is written
+            check_logits(head_from_checkpoint(ckpt, skeleton.rotary), inputs.hidden, ckpt.dtype)
+            return {"rank": distributed.rank(), "layers": layers_report}
         description = _finish(writer, executable, ckpt, skeleton, inputs, target, pm, group_size, extra_description)
 
     report = {
         "model": str(opts.model), "model_dir": str(ckpt.path), "architecture": ckpt.architecture,
         "target": target.name, "dtype": dtype_name(ckpt.dtype), "passes": pm.names,
         "pass_options": [[n, {k: str(v) for k, v in o.items()}] for n, o in opts.passes],
-        "source": opts.source, "notes": list(opts.notes),
+        "source": opts.source, "notes": list(opts.notes), "processes": distributed.world(),
         "exclude": list(opts.exclude), "policy": opts.policy, "calibration": calib_source,
         "model_quant_type": description["model_quant_type"], "warnings": warnings,
         "engine": opts.engine, "engines": engines or {},
@@ -426,7 +453,8 @@ def _compile_into(tmp: Path, opts, ckpt, pm, target, texts, log, t0, warnings, g
         report["onnx"] = export_onnx(tmp, log=log)
     write_report(tmp, report)
     writer.drop_resume_files()  # complete: nothing resumes from here (a kill now leaves a stale folder)
-    saver.discard()
+    if saver is not None:
+        saver.discard()
     return report
 
 

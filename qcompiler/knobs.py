@@ -5,18 +5,23 @@
 | QC_CACHE        | ~/.cache/qcompiler              | where model aliases (smollm2-135m, ...) are built    |
 | QC_DUMP_DIR     | unset                           | like --dump DIR: write the graph after every pass    |
 | QC_NO_PROGRESS  | unset                           | "1" hides progress bars (CI logs)                    |
-| QC_THREADS      | unset (torch's default)         | torch intra-op threads                               |
-| QC_TEST_PAUSE   | unset                           | test hook: PHASE[:SECONDS] makes a compile print     |
-|                 |                                 | "qcompile: test pause at PHASE" on stderr and sleep  |
+| QC_THREADS      | unset (torch's default; with    | torch intra-op threads                               |
+|                 | --workers N: cores / N)         |                                                      |
+| QC_TEST_PAUSE   | unset                           | test hook: PHASE[@RANK][:SECONDS] makes a compile    |
+|                 |                                 | print "qcompile: test pause at PHASE (pid P, rank R)"|
+|                 |                                 | on stderr and sleep                                  |
 |                 |                                 | (default 60 s) there, so a test can send a signal at |
 |                 |                                 | a known point; phases: work (OUT's temporary folder  |
-|                 |                                 | exists), layerK (layer K's resume state committed),  |
-|                 |                                 | replace (new OUT in place, old not yet deleted).     |
-|                 |                                 | Not for users.                                       |
+|                 |                                 | exists), layerK (every rank: end of layer K, its     |
+|                 |                                 | resume state committed), replace (new OUT in place,  |
+|                 |                                 | old not yet deleted). Not for users.                 |
 | QC_TEST_KILL_   | unset                           | test hook: K makes a compile SIGKILL itself right    |
 | AFTER_LAYER     |                                 | after layer K's resume state is committed (printing  |
 |                 |                                 | "qcompile: test kill after layer K"), as a power     |
 |                 |                                 | loss would stop it (resume.py). Not for users.       |
+| QC_WORKERS_     | unset                           | "1" in the ranks `--workers N` starts: they leave    |
+| LAUNCHED        |                                 | printing errors to the launcher (distributed.py).    |
+|                 |                                 | Set by qcompile, not for users.                      |
 """
 import os
 import signal
@@ -37,7 +42,10 @@ def dump_dir() -> Path | None:
 
 
 def progress_enabled() -> bool:
-    """False when QC_NO_PROGRESS=1."""
+    """False when QC_NO_PROGRESS=1, and on every rank but 0 of a compile on several processes (RANK, set by
+    torchrun / --workers: distributed.py), so one bar is shown."""
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return False
     return os.environ.get("QC_NO_PROGRESS", "") not in ("1", "true", "yes")
 
 
@@ -51,9 +59,11 @@ def test_pause(phase: str) -> None:
     """Test hook (QC_TEST_PAUSE=PHASE[:SECONDS]): announce PHASE on stderr and sleep there; else nothing."""
     value = os.environ.get("QC_TEST_PAUSE", "")
     name, _, seconds = value.partition(":")
-    if name != phase:
+    name, _, rank = name.partition("@")  # PHASE@R: only rank R of a compile on several processes pauses
+    if name != phase or (rank and rank != (os.environ.get("RANK") or "0")):
         return
-    print(f"qcompile: test pause at {phase}", file=sys.stderr, flush=True)
+    print(f"qcompile: test pause at {phase} (pid {os.getpid()}, rank {os.environ.get('RANK', '0') or '0'})",
+          file=sys.stderr, flush=True)
     time.sleep(float(seconds or 60))
 
 

@@ -27,6 +27,10 @@ Statistics (each only when asked for): `xtx` float32 (`accumulate_gram`: bf16 pr
 uniformly at random, seed 0, over the whole calibration set, in row order; all rows when there are
 fewer); `rows` = tokens seen. Every dimension but the last (channels) is flattened into rows.
 The subgraph is rebuilt at every `collect`, so it reads the graph's current parameters.
+Several processes (distributed.py): each rank runs its share of the calibration sequences (a contiguous slice,
+in rank order) and `collect` reduces every statistic across ranks before returning it: `rows` and the float
+sums `xtx` / `abs_sum` are summed (per-rank partial sums: rounding differs from one process), `min` / `max` are
+exact, and `samples` are the same global row indices as one process draws, gathered in global order (exact).
 Limits: the graph's placeholders must be (hidden, cos, sin), as captured decoder layers are.
 """
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed
 from .patterns import get_tensor
 
 
@@ -173,13 +178,14 @@ def _rows_per_sequence(node: torch.fx.Node, seq_len: int) -> int:
 class _RowSampler:
     """Keeps the rows at fixed global indices (drawn once, seeded) as they stream past, batch by batch."""
 
-    def __init__(self, keep_rows: int, total: int, seed: int):
+    def __init__(self, keep_rows: int, total: int, seed: int, offset: int = 0):
+        """total: rows of the whole calibration set (every rank); offset: global index of this rank's first row."""
         if keep_rows < total:
             g = torch.Generator().manual_seed(seed)
             self.keep = torch.randperm(total, generator=g)[:keep_rows].sort().values
         else:
             self.keep = torch.arange(total)
-        self.offset, self.kept = 0, []
+        self.offset, self.kept = offset, []
 
     def update(self, x: torch.Tensor) -> None:
         lo, hi = self.offset, self.offset + x.shape[0]
@@ -227,9 +233,11 @@ class LayerRunner:
         samplers = {}
         if keep_rows > 0:
             hidden = self.ctx.inputs.hidden
+            counts = distributed.all_gather_counts(int(hidden.shape[0]))  # sequences of every rank
             for n in targets:
-                total = int(hidden.shape[0]) * _rows_per_sequence(n, int(hidden.shape[1]))
-                samplers[n] = _RowSampler(keep_rows, total, seed)
+                per_seq = _rows_per_sequence(n, int(hidden.shape[1]))
+                samplers[n] = _RowSampler(keep_rows, sum(counts) * per_seq, seed,
+                                          offset=sum(counts[:distributed.rank()]) * per_seq)
         with torch.no_grad():
             for b in range(len(self.batches)):
                 outs = module(*[self._source_value(s, b) for s in used])
@@ -258,11 +266,27 @@ class LayerRunner:
                 del outs
         for node, sampler in samplers.items():
             stats[node].samples = sampler.finish(stats[node].k)
+        for node in targets:  # several processes: every statistic over the whole calibration set
+            _reduce_across_ranks(stats[node])
         self.cache.update(kept)
         return stats
 
     def drop(self, node: torch.fx.Node) -> None:
         self.cache.pop(node, None)
+
+
+def _reduce_across_ranks(st: InputStats) -> None:
+    """In place: one rank's InputStats -> the whole calibration set's (identity with one process)."""
+    if distributed.world() <= 1:
+        return
+    st.rows = int(distributed.all_sum(torch.tensor([st.rows], dtype=torch.int64)).item())
+    if st.xtx is not None:
+        st.xtx = distributed.all_sum(st.xtx)
+    st.abs_sum = distributed.all_sum(st.abs_sum)
+    if st.min is not None:
+        st.min, st.max = distributed.all_min(st.min), distributed.all_max(st.max)
+    if st.samples is not None:
+        st.samples = distributed.gather_rows(st.samples)
 
 
 def replace_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:

@@ -31,5 +31,15 @@ class MinMaxObserver(torch.nn.Module):
             raise RuntimeError("observer saw no data")
         return self.min, self.max
 
+    def reduce_across_ranks(self) -> None:
+        """Several processes (distributed.py): min / max / count over every rank's share (exact); no-op alone."""
+        from .. import distributed
+        if distributed.world() <= 1:
+            return
+        lo = distributed.all_min(torch.tensor([self.min], dtype=torch.float64))
+        hi = distributed.all_max(torch.tensor([self.max], dtype=torch.float64))
+        n = distributed.all_sum(torch.tensor([self.count], dtype=torch.int64))
+        self.min, self.max, self.count = float(lo.item()), float(hi.item()), int(n.item())
+
     def extra_repr(self) -> str:
         return f"min={self.min:.4g}, max={self.max:.4g}, count={self.count}"

@@ -7,7 +7,7 @@
   whose attention does not match is never silently skipped.
 - `calibrate_absmax(gm, ctx, edges)`: temporary `AbsMaxObserver` nodes on the given attention inputs, one
   forward of the layer's calibration data (`ctx.run_layer`), then removed; returns the per-head /
-  per-channel absmax tensors.
+  per-channel absmax tensors (several processes: the max over every rank's share, distributed.py).
 - `insert_qdq(...)`: `dequant(quant(x, scale), scale, dtype)` on one input edge of the attention node
   only (other readers of x keep the float value); the scale is a buffer of the graph named like its
   artifact tensor (`self_attn.k_proj.kv_cache_scale`), so the executable layer carries it.
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backends.ascend.encode import engine_scale
+from .. import distributed
 from ..errors import QCError
 from ..ir import meta
 from ..ir.patterns import attention_nodes
@@ -131,7 +132,7 @@ def calibrate_absmax(gm: torch.fx.GraphModule, ctx, attn: torch.fx.Node,
             amax = gm.get_submodule(name).amax
             if amax is None:
                 raise QCError(f"layer {ctx.index}: no calibration data reached the attention")
-            result[i] = amax
+            result[i] = distributed.all_max(amax)  # several processes: over every rank's share (exact)
     finally:
         for i, (name, obs, src) in added.items():
             _set_arg(attn, i, src)

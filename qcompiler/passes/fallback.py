@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .. import knobs
+from .. import distributed, knobs
 from ..errors import QCError
 from ..ir import meta
 from ..ir.capture import LayerInputs
@@ -125,9 +125,12 @@ def _strip(node) -> None:
 
 # ---- measurement --------------------------------------------------------------------------------------
 def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean over tokens of the per-token relative squared error. Several processes (distributed.py): the
+    per-token values of every rank are gathered in global token order first, so the mean is the one a single
+    process computes (exact)."""
     d = (y.float() - ref.float()).pow(2).sum(-1)
     r = ref.float().pow(2).sum(-1).clamp_min(1e-30)
-    return float((d / r).mean())
+    return float(distributed.gather_rows((d / r).reshape(-1)).mean())
 
 
 def measure_layer(gm: torch.fx.GraphModule, ctx: LayerContext) -> tuple[list[tuple[tuple[str, ...], float]],

@@ -15,6 +15,7 @@ TEXT = ("Quantization maps floating point weights and activations to small integ
         "A calibration set gives the ranges of the activations of every layer. ") * 20
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def tiny_tokenizer(vocab_size: int = 300):
@@ -421,3 +422,17 @@ def expect_refused(capsys, monkeypatch, tmp_path: Path, command: str, model, dat
     line = expect_error(capsys, model_command_argv(command, model, tmp_path, data), *needles)
     assert leftovers(tmp_path) == []
     return line
+
+
+# ------------------------------------------------------------------------------------ bench scripts
+
+def bench_module(name: str):
+    """bench/NAME.py loaded as a module `bench_NAME` (a fresh execution per call; registered in sys.modules,
+    where dataclasses resolve their annotations)."""
+    import importlib.util
+    import sys
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -3,7 +3,6 @@
 For every quant type and model family with measured candidates, the recipe must be the candidate with the lowest
 perplexity (the measurement that chose it); `qcompile quant --quant_type w8a8` must reproduce its recipe's
 perplexity exactly (same pipeline, same settings, deterministic)."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from qcompiler.errors import QCError
 from qcompiler.recipes import QUANT_TYPE_RECIPES, arch_family, check_quant_type, markdown_table, recipe_for
+from tests.helpers import bench_module
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "recipes.json"
 
@@ -19,22 +19,13 @@ def _results() -> dict:
     return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
 
 
-def _bench():
-    """bench/run_recipes.py as a module (its candidate list decides when a type is fully measured)."""
-    path = RESULTS.parents[1] / "run_recipes.py"
-    spec = importlib.util.spec_from_file_location("run_recipes", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("quant_type", list(QUANT_TYPE_RECIPES))
 @pytest.mark.parametrize("variant", ["llama", "qwen2"])
 def test_recipe_is_the_measured_best(quant_type, variant):
     """Once every candidate of bench/run_recipes.py is measured for a type and model, the recipe is the best."""
     results = _results()
     rows = [r for r in results.values() if r.get("variant") == variant and r.get("quant_type_key") == quant_type]
-    bench = _bench()
+    bench = bench_module("run_recipes")
     measured = {(r["settings"]["passes"], tuple(r["settings"].get("flags", ()))) for r in rows}
     missing = [c for c, flags, _ in bench.expand(results, variant, quant_type)
                if (c, tuple(flags)) not in measured and c not in bench.REUSE_ONLY]

@@ -1,22 +1,14 @@
 """bench/common.py: the generated blocks of BENCHMARKS.md and the heavy-job lock every bench script shares."""
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "common.py"
+from tests.helpers import bench_module
 
-
-def _common():
-    spec = importlib.util.spec_from_file_location("bench_common", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_replace_block_rewrites_only_between_its_markers(tmp_path):
-    common = _common()
+    common = bench_module("common")
     md = tmp_path / "B.md"
     md.write_text("# T\n\n<!-- a -->\nold a\n<!-- /a -->\n\n<!-- b -->\nold b\n<!-- /b -->\ntail\n")
     assert common.replace_block("<!-- a -->", "<!-- /a -->", "new a\nline 2\n", path=md)
@@ -30,7 +22,7 @@ def test_replace_block_rewrites_only_between_its_markers(tmp_path):
 
 def test_heavy_lock_excludes_a_second_holder_and_honours_held(tmp_path, monkeypatch):
     import fcntl
-    common = _common()
+    common = bench_module("common")
     monkeypatch.setattr(common, "LOCK", str(tmp_path / "lock"))
     monkeypatch.delenv("QC_HEAVY_LOCK_HELD", raising=False)
     with common.HeavyLock() as lock:

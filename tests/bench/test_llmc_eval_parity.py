@@ -1,7 +1,6 @@
 """bench/llmcompressor_side_by_side.py evaluates llm-compressor's model with its own copy of qcompiler's
 windowing and perplexity (it runs in a venv without qcompiler). These tests pin that copy to the real
 thing on a tiny model, so the side-by-side perplexities are comparable."""
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -10,19 +9,13 @@ from qcompiler.calib_data import make_windows, read_texts
 from qcompiler.evaluate import evaluate_file
 from qcompiler.loading import load_tokenizer
 from qcompiler.runtime import load_model
+from tests.helpers import bench_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "llmcompressor_side_by_side.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("llmc_side_by_side", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_windows_identical(tiny_models, calib_file):
-    mod = _script()
+    mod = bench_module("llmcompressor_side_by_side")
     tok = load_tokenizer(tiny_models["llama"])
     assert mod.read_texts(calib_file) == read_texts(calib_file)
     for seq_len, max_windows in [(16, 5), (32, 1000)]:
@@ -37,7 +30,7 @@ def test_perplexity_matches_qcompile_eval(tiny_models, calib_file):
     rounding; a windowing or scoring difference (e.g. scoring token 1, or overlapping windows) moves a
     random tiny model's perplexity by far more than that."""
     from transformers import AutoModelForCausalLM
-    mod = _script()
+    mod = bench_module("llmcompressor_side_by_side")
     path = tiny_models["llama"]
     ours = evaluate_file(load_model(path), calib_file, seq_len=32, max_windows=6)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, trust_remote_code=False).eval()

@@ -3,7 +3,6 @@
 Tiny shapes (the presets' layouts with small widths) keep these fast; the real widths are exercised by
 bench/run_memory.py."""
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,20 +13,12 @@ import torch
 
 from qcompiler.errors import QCError
 from qcompiler.loading import open_checkpoint
+from tests.helpers import bench_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "synthetic_checkpoint.py"
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=1100)
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("synthetic_checkpoint", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
-
-
-sc = _module()
+sc = bench_module("synthetic_checkpoint")
 
 
 def _digests(folder: Path) -> dict[str, str]:

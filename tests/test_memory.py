@@ -1,5 +1,6 @@
 """Sampling calibration text needs the whole float model in memory: estimated and refused before any work."""
 import sys
+
 import pytest
 
 from qcompiler import memory

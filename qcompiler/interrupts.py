@@ -9,10 +9,16 @@ Contract:
   (`signal.raise_signal`) to whatever handler is installed then. Used where being stopped half-way would
   leave the user's files inconsistent (putting OUT in place, removing a folder whose owner marker must go
   last). Python runs signal handlers only in the main thread; elsewhere both context managers do nothing.
+- A signal that arrives while Python runs a finalizer (a weakref callback, `__del__`, e.g. during garbage
+  collection) would have its `Interrupted` swallowed there ("Exception ignored in ...", and the command goes on):
+  inside `handle_signals()` such an `Interrupted` is caught by `sys.unraisablehook` and the signal is sent again
+  from a helper thread, so the main thread gets it as soon as it is back in ordinary code.
 Limits: SIGKILL cannot be caught; stale temporary folders it leaves are found by outdir.py on the next run.
 """
 import contextlib
+import os
 import signal
+import sys
 import threading
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -30,8 +36,23 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+#: signals that arrived while the unraisable hook was re-sending one (handled by it, not raised inside it)
+_in_hook: list[int] = []
+_HOOK_BUSY = -1
+
+
 def _raise(signum, _frame):
+    if _in_hook and _in_hook[0] == _HOOK_BUSY:
+        _in_hook.append(signum)
+        return
     raise Interrupted(signum)
+
+
+def _send_later(signum: int) -> None:
+    """`signum` to this process from a helper thread, a moment later (the main thread's handler runs then)."""
+    timer = threading.Timer(0.01, os.kill, args=(os.getpid(), signum))
+    timer.daemon = True
+    timer.start()
 
 
 def _main_thread() -> bool:
@@ -45,9 +66,26 @@ def handle_signals():
         yield
         return
     previous = {s: signal.signal(s, _raise) for s in SIGNALS}
+    previous_hook = sys.unraisablehook
+
+    def redeliver(unraisable):
+        if not isinstance(unraisable.exc_value, Interrupted):
+            previous_hook(unraisable)
+            return
+        _in_hook[:] = [_HOOK_BUSY]  # a signal arriving meanwhile is recorded, not raised inside this hook
+        try:
+            _send_later(unraisable.exc_value.signum)  # swallowed by a finalizer: send it again
+        finally:
+            arrived, _in_hook[:] = _in_hook[1:], []
+        for signum in dict.fromkeys(arrived):
+            if signum != unraisable.exc_value.signum:
+                _send_later(signum)
+
+    sys.unraisablehook = redeliver
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for s, handler in previous.items():
             signal.signal(s, handler)
 

@@ -26,3 +26,28 @@ def test_deferred_delivers_after_the_block():
             for i in range(1000):  # plenty of bytecodes: the signal must not interrupt them
                 done.append(i)
     assert len(done) == 1000 and exc.value.signum == signal.SIGTERM
+
+
+def test_signal_swallowed_by_a_finalizer_is_delivered_again(capsys):
+    """SIGTERM handled while a weakref callback runs (as during garbage collection): the Interrupted raised there
+    would be printed as "Exception ignored" and lost; it reaches the main code instead, nothing printed."""
+    import sys
+    import time
+    import weakref
+
+    class Layer:
+        pass
+    hook_before = sys.unraisablehook
+    reached = []
+    with pytest.raises(Interrupted) as exc, handle_signals():
+        obj = Layer()
+        ref = weakref.ref(obj, lambda _: signal.raise_signal(signal.SIGTERM))  # handler runs inside the callback
+        del obj
+        reached.append("after the finalizer")  # the callback swallowed it: the command went on
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # ordinary code: the re-sent signal arrives here
+            time.sleep(0.01)
+    assert ref() is None and reached == ["after the finalizer"]
+    assert exc.value.signum == signal.SIGTERM
+    assert "Exception ignored" not in capsys.readouterr().err
+    assert sys.unraisablehook is hook_before

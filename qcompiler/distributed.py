@@ -10,8 +10,8 @@ Contract:
   deterministic; more ranks than windows is an error before any work (`check_shares`).
 - Collectives (`all_sum`, `all_min`, `all_max`, `all_gather_counts`, `gather_rows`, `broadcast_windows`) are
   identities with one process. Every statistic a pass reads is reduced with them inside the code that collects
-  it, before the pass uses it: `ir.linear_inputs.LayerRunner.collect` (Gram matrices, |x| sums, row counts,
-  per-channel min/max, sampled rows: smooth, awq, gptq, sparse), `ir.observers.MinMaxObserver.reduce_across_ranks`
+  it, before the pass uses it: `calibration.linear_inputs.LayerRunner.collect` (Gram matrices, |x| sums, row counts,
+  per-channel min/max, sampled rows: smooth, awq, gptq, sparse), `calibration.observers.MinMaxObserver.reduce_across_ranks`
   (static activation ranges; the `calibrate` pass calls it), `passes.attention_quant.calibrate_absmax` (kv8,
   fa3) and `passes.fallback._relative_error` (sensitivities). Exact: min, max, integer counts, rows and per-token
   errors gathered in global order. Float sums (Gram matrices X^T X, |x| sums: gptq, sparse, awq) add the per-rank

@@ -38,10 +38,10 @@ aten = torch.ops.aten
 from ..backends.ascend import encode, kernels, ops  # noqa: F401  (ops registers torch.ops.qc.*)
 from ..errors import QCError
 from ..ir import meta
-from ..ir.observers import MinMaxObserver
+from ..calibration.observers import MinMaxObserver
 from ..ir.patterns import get_tensor, linear_sites, prune_unused_tensors, set_tensor
 from ..ir.qspec import MSEClip, OutlierSplit, PerGroup
-from ..ir.weight_clip import mse_weight_scale, outlier_split_codes
+from ..calibration.weight_clip import mse_weight_scale, outlier_split_codes
 from .base import LinearArtifact, Pass, PassResult
 from .registry import register
 

@@ -9,10 +9,10 @@ from qcompiler.config import CompileOptions
 from qcompiler.driver import compile_model
 from qcompiler.errors import QCError
 from qcompiler.ir import meta
-from qcompiler.ir.histogram import HistogramObserver
-from qcompiler.ir.observers import MinMaxObserver
+from qcompiler.calibration.histogram import HistogramObserver
+from qcompiler.calibration.observers import MinMaxObserver
 from qcompiler.ir.qspec import Entropy, MinMax, MSEClip, Percentile
-from qcompiler.ir.weight_clip import mse_weight_scale, weight_mse
+from qcompiler.calibration.weight_clip import mse_weight_scale, weight_mse
 from qcompiler.passes import make_pass
 from tests.helpers import assert_checker_clean
 
@@ -188,7 +188,7 @@ def test_recipe_takes_the_same_option_names_and_values(tmp_path):
 # ---- act_observer=histogram: PyTorch's L2 histogram search (msModelSlim's histogram observer; issue 14) -----
 def test_l2_histogram_range_is_pytorchs_search():
     from torch.ao.quantization import HistogramObserver as TorchHistogramObserver
-    from qcompiler.ir.histogram import L2HistogramObserver
+    from qcompiler.calibration.histogram import L2HistogramObserver
     torch.manual_seed(0)
     x = torch.randn(200_000)
     x[:20] = 30.0                                       # rare outliers

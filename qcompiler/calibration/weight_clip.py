@@ -12,8 +12,8 @@ Cost: grid + 1 fake-quantizations of the weight, in row chunks to bound memory, 
 """
 import torch
 
-from . import qnumerics as qn
-from .qspec import MSEClip, OutlierSplit
+from ..ir import qnumerics as qn
+from ..ir.qspec import MSEClip, OutlierSplit
 
 
 def mse_weight_scale(w: torch.Tensor, bits: int, group_size: int = 0, clip: MSEClip = MSEClip(),

@@ -21,7 +21,7 @@ therefore exact to within one bin width (A / bins); with the default 2048 bins p
 import numpy as np
 import torch
 
-from .qspec import Entropy, L2Histogram, Percentile
+from ..ir.qspec import Entropy, L2Histogram, Percentile
 
 QUANT_LEVELS = 128  # TensorRT: levels of one side of a symmetric int8 grid
 

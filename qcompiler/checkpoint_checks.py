@@ -55,9 +55,9 @@ _QUANTIZED_HINT = ("the checkpoint is already quantized; qcompile needs the floa
 
 def _hf_config_of(ckpt):
     """transformers' config of `ckpt` (QCError naming config.json if transformers refuses it)."""
-    from .ir.capture import _hf_config
+    from .ir.capture import hf_config
     try:
-        return _hf_config(ckpt)
+        return hf_config(ckpt)
     except Exception as e:  # transformers raises many types for inconsistent configs
         raise _config_error(ckpt, e) from None
 

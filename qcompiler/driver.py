@@ -34,7 +34,7 @@ from .config import CompileOptions
 from .engine_check import check_engine, engine_report, pipeline_features
 from .errors import QCError
 from .ir.capture import HFSkeleton, LayerInputs
-from .ir.moe import check_expert_passes, is_moe_layer, routed_token_counts
+from .ir.moe import is_moe_layer, routed_token_counts
 from .loading import check_float16_range, dtype_name, load_tokenizer, open_checkpoint
 from .memory import check_sampling_memory
 from .model_zoo import resolve_model_dir
@@ -43,6 +43,7 @@ from .passes import TAIL, LayerContext, PassManager, make_pass
 from .passes.fallback import check_fallback, fallback_index, presweep, with_decision
 from .passes.group_size import first_claim, layer_fused_groups, layer_linear_shapes, model_linear_shapes, \
     resolve_group_sizes
+from .passes.moe_checks import check_expert_passes
 from .passes.instruments import DumpInstrument, StatsInstrument, TimingInstrument, check_dump_filter
 from .passes.simulate_tp import check_simulate_tp
 from .policy import policy_excludes, resolve_policy

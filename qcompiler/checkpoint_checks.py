@@ -217,7 +217,7 @@ def check_token_ids(ids, rows: int | None, tokenizer, where: str) -> None:
 
 
 def embedding_rows(model) -> int | None:
-    """Rows of a runtime.LoadedModel's embedding (its vocab_size for whole-model runtimes; None if unknown)."""
+    """Rows of a model.LoadedModel's embedding (its vocab_size for whole-model runtimes; None if unknown)."""
     if model.head is not None:
         return int(model.head.embed_weight.shape[0])
     value = model.info.get("vocab_size")

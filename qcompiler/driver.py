@@ -49,7 +49,7 @@ from .passes.simulate_tp import check_simulate_tp
 from .policy import policy_excludes, resolve_policy
 from .report import write_report
 from .executable import EXECUTABLE_DIR, HEAD_ARTIFACT_NAMES, ExecutableWriter
-from .runtime import auto_batch_size, head_from_checkpoint, run_layer_batched
+from .model import auto_batch_size, head_from_checkpoint, run_layer_batched
 from .targets import check_target, get_target
 
 

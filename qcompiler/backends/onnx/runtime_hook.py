@@ -1,4 +1,5 @@
-"""How `runtime.load_model` decides to run a folder with onnxruntime (kept here, out of runtime.py).
+"""How `runtime.load_model` decides to run a folder with onnxruntime (kept here, out of runtime.py; nothing here
+imports runtime.py).
 
 `pick_onnx` only looks at files until it finds an ONNX model to load (onnxruntime is imported then).
 """

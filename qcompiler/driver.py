@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed, knobs, resume
+from .backends.ascend import lower as _ascend_lower  # noqa: F401  registers the "lower" pass TAIL names
 from .backends.ascend.artifact import ArtifactWriter
 from .activation_checks import check_finite, check_logits
 from .calib_data import calibration_shortfall, make_windows, read_texts, sample_windows_from_model

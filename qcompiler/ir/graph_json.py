@@ -15,7 +15,7 @@ Node encoding:
 - call_function target: a name from the allow-list, resolved to the object by lookup (never by import
   or eval): `aten.<op>.<overload>` for the ops in `ATEN_OPS` (pure tensor math and shape ops: what
   torch.export produces for the supported decoder layers, plus close kin), `qc.<op>.<overload>` (our
-  own kernels, backends/ascend/ops.py), and `PYTHON_FUNCTIONS` (operator.getitem, SymInt arithmetic).
+  op vocabulary, ir/qc_ops.py), and `PYTHON_FUNCTIONS` (operator.getitem, SymInt arithmetic).
   Overloads that mutate an input are refused.
 - args / kwargs values: null, bool, int, finite float, str; `{"node": name}` (an earlier node);
   `{"tuple": [...]}`, `[...]`; `{"float": "inf"|"-inf"|"nan"}`; `{"dtype"|"layout"|"memory_format": name}`

@@ -32,7 +32,8 @@ caller wrote to the artifact for this layer), `save_head(head, tied, in_artifact
 Reader: `read_info(folder)`, `load_head(folder, info)`, `read_layer_tensors(folder, info, i)`,
 `ExecutableLayers(folder, info).get(i)` -> a GraphModule called
 `layer(hidden [B, L, H], position_embeddings=(cos, sin) [1, L, D] each) -> hidden`;
-`load_compiled_model(OUT)` -> model.LoadedModel (kind "executable") for eval / run.
+`load_compiled_model(OUT)` -> model.LoadedModel (kind "executable") for eval / run; `compiled_target(OUT)`: the
+--target model.json names, without loading anything (how runtime.load_model spots an ONNX compile).
 No file holds an absolute path.
 """
 from __future__ import annotations
@@ -231,6 +232,17 @@ def _fields(info: dict, path: Path) -> dict:
         need("head_artifact_tensors", lambda v: isinstance(v, dict) and all(
             HEAD_ARTIFACT_NAMES.get(k) == x for k, x in v.items()), f"a subset of {HEAD_ARTIFACT_NAMES}")
     return info
+
+
+def compiled_target(path: Path) -> str | None:
+    """The `target` model.json of the compiled OUT folder `path` names (e.g. "onnx"), or None when there is no
+    readable description (not ours to report here: read_info names a damaged file when the graph is loaded)."""
+    info = Path(path) / EXECUTABLE_DIR / MODEL_FILE
+    try:
+        content = json.loads(info.read_text(encoding="utf-8")) if info.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return content.get("target") if isinstance(content, dict) else None
 
 
 def _readable() -> str:

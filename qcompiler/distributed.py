@@ -11,15 +11,18 @@ Contract:
 - Collectives (`all_sum`, `all_min`, `all_max`, `all_gather_counts`, `gather_rows`, `broadcast_windows`) are
   identities with one process. Every statistic a pass reads is reduced with them inside the code that collects
   it, before the pass uses it: `calibration.linear_inputs.LayerRunner.collect` (Gram matrices, |x| sums, row counts,
-  per-channel min/max, sampled rows: smooth, awq, gptq, sparse), `calibration.observers.MinMaxObserver.reduce_across_ranks`
-  (static activation ranges; the `calibrate` pass calls it), `passes.attention_quant.calibrate_absmax` (kv8,
+  per-channel min/max, sampled rows: smooth, awq, gptq, sparse), the observers' `reduce_across_ranks` (static
+  activation ranges: `calibration.observers.MinMaxObserver`, `calibration.histogram.HistogramObserver` / `L2HistogramObserver`;
+  the `calibrate` pass calls it), `passes.attention_quant.calibrate_absmax` (kv8,
   fa3) and `passes.fallback._relative_error` (sensitivities). Exact: min, max, integer counts, rows and per-token
   errors gathered in global order. Float sums (Gram matrices X^T X, |x| sums: gptq, sparse, awq) add the per-rank
   partial sums once: exactly what one process adds when its batches end where the ranks split (`--batch-size
-  n/W`, tests/test_distributed.py); with other batch sizes they round differently (BENCHMARKS.md).
-- What is not reduced yet is refused before any work under W > 1 (`check_supported`): histogram activation
-  observers (act_observer=percentile|entropy|histogram: the histogram is rebinned in the order batches arrive),
-  and --resume (resume.py's state is one process's; several processes save none, so nothing resumable is left).
+  n/W`, tests/test_distributed.py); with other batch sizes they round differently (BENCHMARKS.md). Histograms
+  (act_observer=percentile|entropy|histogram) are moved onto the widest rank's grid and their counts summed
+  (exact); they differ from one process's only by where rebinning put the counts (at most two bin widths per
+  quantile, calibration/histogram.py).
+- --resume is refused before any work under W > 1 (`check_supported`): resume.py's state is one process's;
+  several processes save none, so nothing resumable is left.
 - Only rank 0 writes (`is_writer()`): OUT's temporary folder, the report, --dump. The others compute, log
   nothing and write nothing.
 - A collective that fails because another rank is gone raises `RankLostError` (one line, exit 1); the
@@ -134,23 +137,14 @@ def check_shares(n: int) -> None:
 
 
 def check_supported(passes, resume: bool = False) -> None:
-    """Before any work, under W > 1: refuse what no collective reduces yet, and --resume (its per-layer state
-    holds one process's layer outputs on the whole calibration set; a rank holds only its share) (exit 2)."""
+    """Before any work, under W > 1: refuse --resume (its per-layer state holds one process's layer outputs on
+    the whole calibration set; a rank holds only its share) (exit 2). `passes`: every pass's statistics are
+    reduced (an observer without `reduce_across_ranks` is refused by the calibrate pass, passes/calibrate.py)."""
     if world() <= 1:
         return
     if resume:
         raise QCError("--resume runs as one process: the resume state holds the layer outputs on the whole "
                       "calibration set, a rank of several holds only its share (compile with one process to resume)")
-    from .ir.qspec import MinMax
-    for p in passes:
-        spec_of = getattr(p, "observed_spec", None)
-        if not callable(spec_of):
-            continue
-        act = spec_of(getattr(p.options, "group", 0) or 0).activation
-        if act is not None and not act.dynamic and not isinstance(act.observer, MinMax):
-            raise QCError(f"pass {p.name}: act_observer={p.options.act_observer} cannot run on several processes "
-                          "(its histogram is rebinned in the order batches arrive, so per-rank histograms do not "
-                          "add up exactly); use act_observer=minmax or one process")
 
 
 # ---- collectives (identities with one process) -----------------------------------------------------------

@@ -37,7 +37,7 @@ from .errors import QCError
 from .ir.capture import HFSkeleton, LayerInputs
 from .ir.moe import is_moe_layer, routed_token_counts
 from .loading import check_float16_range, dtype_name, load_tokenizer, open_checkpoint
-from .memory import check_sampling_memory
+from .memory import check_sampling_memory, release_freed_memory
 from .model_zoo import resolve_model_dir
 from .outdir import OutputFolder, estimate_output_bytes
 from .passes import TAIL, LayerContext, PassManager, make_pass
@@ -421,6 +421,7 @@ def _compile_into(tmp: Path | None, opts, ckpt, pm, target, texts, log, t0, warn
             layers_report[-1]["expert_tokens"] = expert_tokens
         inputs = LayerInputs(hidden=out_hidden, position_embeddings=inputs.position_embeddings)
         del gm, ctx, written  # the layer's tensors are on disk: hold none of them while the next layer compiles
+        release_freed_memory()  # peak RSS independent of depth (memory.py)
         if saver is not None:
             with phases("resume state"):  # a kill from here on resumes at layer i + 1 (resume.py)
                 saver.commit(i + 1, inputs, writer, executable, _jsonable(record()))

@@ -17,11 +17,17 @@ clip range of least L2 quantization error; `range()` is the range its scale and 
 Accuracy: when a later batch widens A, the old counts are moved to the new bin holding each old bin's
 centre (at most one new bin width of error per value, as PyTorch's HistogramObserver does). Quantiles are
 therefore exact to within one bin width (A / bins); with the default 2048 bins per side that is 0.05% of A.
+Several processes (distributed.py): `reduce_across_ranks()` moves each rank's counts onto the widest rank's
+grid (the same bin-centre rebinning) and sums them (integer counts in float64: exact); min, max and count are
+reduced exactly. The result differs from one process that saw every batch only by where rebinning put the
+counts: each value lies at most one bin of the final grid away from where exact binning would put it on
+either path, so a quantile moves by at most two bin widths (tests/ir/test_observers_calib.py).
 """
 import numpy as np
 import torch
 
 from ..ir.qspec import Entropy, L2Histogram, Percentile
+from .observers import reduce_min_max_count
 
 QUANT_LEVELS = 128  # TensorRT: levels of one side of a symmetric int8 grid
 
@@ -45,13 +51,20 @@ class HistogramObserver(torch.nn.Module):
 
     def _rebin(self, new_absmax: float) -> None:
         """Move the counts to a histogram over [-new_absmax, new_absmax] (bin centre -> new bin)."""
-        n = 2 * self.bins
         if self.absmax > 0 and self.hist.sum() > 0:
-            old_w = 2 * self.absmax / n
-            centres = -self.absmax + (torch.arange(n, dtype=torch.float64) + 0.5) * old_w
-            idx = ((centres + new_absmax) / (2 * new_absmax) * n).floor().clamp_(0, n - 1).long()
-            self.hist = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, self.hist)
+            self.hist = rebin_centres(self.hist, -self.absmax, self.absmax, -new_absmax, new_absmax)
         self.absmax = new_absmax
+
+    def reduce_across_ranks(self) -> None:
+        """Several processes: one histogram over every rank's share (module docstring); no-op alone."""
+        from .. import distributed
+        if distributed.world() <= 1:
+            return
+        absmax = float(distributed.all_max(torch.tensor([self.absmax], dtype=torch.float64)).item())
+        if absmax > self.absmax:
+            self._rebin(absmax)
+        self.hist = distributed.all_sum(self.hist)
+        self.min, self.max, self.count = reduce_min_max_count(self.min, self.max, self.count)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.detach().float().reshape(-1)
@@ -153,6 +166,23 @@ class L2HistogramObserver(torch.nn.Module):
             self.count += x32.numel()
         return x
 
+    def reduce_across_ranks(self) -> None:
+        """Several processes: each rank's torch histogram moved onto the common [min, max] (bin centre -> new
+        bin, as HistogramObserver does) and summed; min, max and count exact; no-op alone."""
+        from .. import distributed
+        if distributed.world() <= 1:
+            return
+        obs = self.torch_observer
+        lo = float(distributed.all_min(obs.min_val.reshape(1).double()).item())
+        hi = float(distributed.all_max(obs.max_val.reshape(1).double()).item())
+        hist = obs.histogram.double()
+        if hist.sum() > 0 and (float(obs.min_val), float(obs.max_val)) != (lo, hi):
+            hist = rebin_centres(hist, float(obs.min_val), float(obs.max_val), lo, hi)
+        obs.histogram = distributed.all_sum(hist).to(obs.histogram.dtype)
+        obs.min_val = torch.tensor(lo, dtype=obs.min_val.dtype)
+        obs.max_val = torch.tensor(hi, dtype=obs.max_val.dtype)
+        self.min, self.max, self.count = reduce_min_max_count(self.min, self.max, self.count)
+
     def range(self) -> tuple[float, float]:
         if not self.observed:
             raise RuntimeError("observer saw no data")
@@ -165,3 +195,16 @@ class L2HistogramObserver(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.method}, min={self.min:.4g}, max={self.max:.4g}, count={self.count}"
+
+
+def rebin_centres(hist: torch.Tensor, lo: float, hi: float, new_lo: float, new_hi: float) -> torch.Tensor:
+    """Counts `hist` [n] over equal bins of [lo, hi] moved onto n equal bins of [new_lo, new_hi] ⊇ [lo, hi]:
+    each old bin's count goes to the new bin holding its centre (float64)."""
+    n = hist.numel()
+    centres = lo + (torch.arange(n, dtype=torch.float64) + 0.5) * ((hi - lo) / n)
+    span = new_hi - new_lo
+    if span <= 0:  # every value seen is one number: all mass in one bin
+        return torch.zeros(n, dtype=torch.float64).index_add_(0, torch.zeros(n, dtype=torch.long), hist.double())
+    idx = ((centres - new_lo) / span * n).floor().clamp_(0, n - 1).long()
+    return torch.zeros(n, dtype=torch.float64).index_add_(0, idx, hist.double())
+

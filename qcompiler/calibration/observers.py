@@ -36,10 +36,16 @@ class MinMaxObserver(torch.nn.Module):
         from .. import distributed
         if distributed.world() <= 1:
             return
-        lo = distributed.all_min(torch.tensor([self.min], dtype=torch.float64))
-        hi = distributed.all_max(torch.tensor([self.max], dtype=torch.float64))
-        n = distributed.all_sum(torch.tensor([self.count], dtype=torch.int64))
-        self.min, self.max, self.count = float(lo.item()), float(hi.item()), int(n.item())
+        self.min, self.max, self.count = reduce_min_max_count(self.min, self.max, self.count)
 
     def extra_repr(self) -> str:
         return f"min={self.min:.4g}, max={self.max:.4g}, count={self.count}"
+
+
+def reduce_min_max_count(lo: float, hi: float, count: int) -> tuple[float, float, int]:
+    """(min, max, count) over every rank of several processes (exact: min, max and an integer sum)."""
+    from .. import distributed
+    lo = distributed.all_min(torch.tensor([lo], dtype=torch.float64))
+    hi = distributed.all_max(torch.tensor([hi], dtype=torch.float64))
+    n = distributed.all_sum(torch.tensor([count], dtype=torch.int64))
+    return float(lo.item()), float(hi.item()), int(n.item())

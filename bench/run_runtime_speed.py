@@ -194,7 +194,8 @@ def worker_decode(a) -> dict:
 def worker_layer7b(a) -> dict:
     import torch
     from qcompiler.ir.capture import LayerInputs
-    from qcompiler.runtime import load_model, run_layer_batched
+    from qcompiler.model import run_layer_batched
+    from qcompiler.runtime import load_model
     torch.set_num_threads(a.threads)
     hidden = None
     runs: dict = {}

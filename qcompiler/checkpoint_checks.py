@@ -55,9 +55,9 @@ _QUANTIZED_HINT = ("the checkpoint is already quantized; qcompile needs the floa
 
 def _hf_config_of(ckpt):
     """transformers' config of `ckpt` (QCError naming config.json if transformers refuses it)."""
-    from .ir.capture import _hf_config
+    from .ir.capture import hf_config
     try:
-        return _hf_config(ckpt)
+        return hf_config(ckpt)
     except Exception as e:  # transformers raises many types for inconsistent configs
         raise _config_error(ckpt, e) from None
 
@@ -217,7 +217,7 @@ def check_token_ids(ids, rows: int | None, tokenizer, where: str) -> None:
 
 
 def embedding_rows(model) -> int | None:
-    """Rows of a runtime.LoadedModel's embedding (its vocab_size for whole-model runtimes; None if unknown)."""
+    """Rows of a model.LoadedModel's embedding (its vocab_size for whole-model runtimes; None if unknown)."""
     if model.head is not None:
         return int(model.head.embed_weight.shape[0])
     value = model.info.get("vocab_size")

@@ -114,7 +114,7 @@ class CompileOptions:
     dump: Path | None = None
     dump_layers: tuple[int, ...] | None = None   # --dump-layers: only these layers (None: all)
     dump_passes: tuple[str, ...] | None = None   # --dump-passes: only these passes (`capture`: the captured graph)
-    batch_size: int | None = None     # None: runtime.auto_batch_size(seq_len)
+    batch_size: int | None = None     # None: model.auto_batch_size(seq_len)
     force: bool = False
     recipe_path: Path | None = None    # the --recipe file (an input OUT must not contain)
     recipe: dict = field(default_factory=dict)

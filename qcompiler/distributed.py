@@ -10,9 +10,9 @@ Contract:
   deterministic; more ranks than windows is an error before any work (`check_shares`).
 - Collectives (`all_sum`, `all_min`, `all_max`, `all_gather_counts`, `gather_rows`, `broadcast_windows`) are
   identities with one process. Every statistic a pass reads is reduced with them inside the code that collects
-  it, before the pass uses it: `ir.linear_inputs.LayerRunner.collect` (Gram matrices, |x| sums, row counts,
+  it, before the pass uses it: `calibration.linear_inputs.LayerRunner.collect` (Gram matrices, |x| sums, row counts,
   per-channel min/max, sampled rows: smooth, awq, gptq, sparse), the observers' `reduce_across_ranks` (static
-  activation ranges: `ir.observers.MinMaxObserver`, `ir.histogram.HistogramObserver` / `L2HistogramObserver`;
+  activation ranges: `calibration.observers.MinMaxObserver`, `calibration.histogram.HistogramObserver` / `L2HistogramObserver`;
   the `calibrate` pass calls it), `passes.attention_quant.calibrate_absmax` (kv8,
   fa3) and `passes.fallback._relative_error` (sensitivities). Exact: min, max, integer counts, rows and per-token
   errors gathered in global order. Float sums (Gram matrices X^T X, |x| sums: gptq, sparse, awq) add the per-rank
@@ -20,7 +20,7 @@ Contract:
   n/W`, tests/test_distributed.py); with other batch sizes they round differently (BENCHMARKS.md). Histograms
   (act_observer=percentile|entropy|histogram) are moved onto the widest rank's grid and their counts summed
   (exact); they differ from one process's only by where rebinning put the counts (at most two bin widths per
-  quantile, ir/histogram.py).
+  quantile, calibration/histogram.py).
 - --resume is refused before any work under W > 1 (`check_supported`): resume.py's state is one process's;
   several processes save none, so nothing resumable is left.
 - Only rank 0 writes (`is_writer()`): OUT's temporary folder, the report, --dump. The others compute, log

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed, knobs, resume
+from .backends.ascend import lower as _ascend_lower  # noqa: F401  registers the "lower" pass TAIL names
 from .backends.ascend.artifact import ArtifactWriter
 from .activation_checks import check_finite, check_logits
 from .calib_data import calibration_shortfall, make_windows, read_texts, sample_windows_from_model
@@ -34,7 +35,7 @@ from .config import CompileOptions
 from .engine_check import check_engine, engine_report, pipeline_features
 from .errors import QCError
 from .ir.capture import HFSkeleton, LayerInputs
-from .ir.moe import check_expert_passes, is_moe_layer, routed_token_counts
+from .ir.moe import is_moe_layer, routed_token_counts
 from .loading import check_float16_range, dtype_name, load_tokenizer, open_checkpoint
 from .memory import check_sampling_memory, release_freed_memory
 from .model_zoo import resolve_model_dir
@@ -43,12 +44,13 @@ from .passes import TAIL, LayerContext, PassManager, make_pass
 from .passes.fallback import check_fallback, fallback_index, presweep, with_decision
 from .passes.group_size import first_claim, layer_fused_groups, layer_linear_shapes, model_linear_shapes, \
     resolve_group_sizes
+from .passes.moe_checks import check_expert_passes
 from .passes.instruments import DumpInstrument, StatsInstrument, TimingInstrument, check_dump_filter
 from .passes.simulate_tp import check_simulate_tp
 from .policy import policy_excludes, resolve_policy
 from .report import write_report
 from .executable import EXECUTABLE_DIR, HEAD_ARTIFACT_NAMES, ExecutableWriter
-from .runtime import auto_batch_size, head_from_checkpoint, run_layer_batched
+from .model import auto_batch_size, head_from_checkpoint, run_layer_batched
 from .targets import check_target, get_target
 
 

@@ -17,7 +17,7 @@ from . import knobs
 from .calib_data import make_windows, read_texts
 from .checkpoint_checks import check_token_ids, embedding_rows
 from .ir.capture import LayerInputs
-from .runtime import LoadedModel, auto_batch_size, run_layer_batched
+from .model import LoadedModel, auto_batch_size, run_layer_batched
 
 
 #: windows per lm_head batch: logits are windows x seq_len x vocab floats (4 x 512 x 152k x 4 B = 1.2 GB)

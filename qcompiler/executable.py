@@ -31,7 +31,9 @@ ATen-level and canonical; one program per distinct `signature`; `in_artifact` = 
 caller wrote to the artifact for this layer), `save_head(head, tied, in_artifact)`, `finish(info)`.
 Reader: `read_info(folder)`, `load_head(folder, info)`, `read_layer_tensors(folder, info, i)`,
 `ExecutableLayers(folder, info).get(i)` -> a GraphModule called
-`layer(hidden [B, L, H], position_embeddings=(cos, sin) [1, L, D] each) -> hidden`.
+`layer(hidden [B, L, H], position_embeddings=(cos, sin) [1, L, D] each) -> hidden`;
+`load_compiled_model(OUT)` -> model.LoadedModel (kind "executable") for eval / run; `compiled_target(OUT)`: the
+--target model.json names, without loading anything (how runtime.load_model spots an ONNX compile).
 No file holds an absolute path.
 """
 from __future__ import annotations
@@ -47,7 +49,7 @@ from safetensors.torch import save_file
 
 from .errors import QCError
 from .ir import graph_json
-from .runtime import Head
+from .model import Head, LoadedModel
 
 EXECUTABLE_DIR = "executable"
 FORMAT = "qcompiler-executable"
@@ -230,6 +232,17 @@ def _fields(info: dict, path: Path) -> dict:
         need("head_artifact_tensors", lambda v: isinstance(v, dict) and all(
             HEAD_ARTIFACT_NAMES.get(k) == x for k, x in v.items()), f"a subset of {HEAD_ARTIFACT_NAMES}")
     return info
+
+
+def compiled_target(path: Path) -> str | None:
+    """The `target` model.json of the compiled OUT folder `path` names (e.g. "onnx"), or None when there is no
+    readable description (not ours to report here: read_info names a damaged file when the graph is loaded)."""
+    info = Path(path) / EXECUTABLE_DIR / MODEL_FILE
+    try:
+        content = json.loads(info.read_text(encoding="utf-8")) if info.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return content.get("target") if isinstance(content, dict) else None
 
 
 def _readable() -> str:
@@ -420,3 +433,15 @@ class ExecutableLayers:
         from .backends.ascend.layouts import prepare_layer
         step, spec = build_decode_graph(self.get(index, sample), DTYPES[self.info["dtype"]])
         return prepare_layer(step), spec
+
+
+def load_compiled_model(path: Path, dtype: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+    """The executable graph of the compiled OUT folder `path` (is_compiled(path)) with OUT's tokenizer.
+    `dtype` must be None or the dtype it was compiled for (QCError otherwise); `trust_remote_code`: trust.py."""
+    from .loading import load_tokenizer
+    folder = Path(path) / EXECUTABLE_DIR
+    info = read_info(folder)
+    if dtype and dtype != info["dtype"]:
+        raise QCError(f"{path} was compiled for {info['dtype']}; --dtype {dtype} cannot change that")
+    return LoadedModel(load_head(folder, info), ExecutableLayers(folder, info),
+                       load_tokenizer(path, trust_remote_code), "executable", info)

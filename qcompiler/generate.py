@@ -12,7 +12,7 @@ import torch
 from .checkpoint_checks import check_token_ids, embedding_rows
 from .errors import QCError
 from .ir.capture import LayerInputs
-from .runtime import LoadedModel
+from .model import LoadedModel
 
 
 def encode_prompt(tokenizer, prompt: str, raw: bool) -> list[int]:

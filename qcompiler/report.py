@@ -77,7 +77,7 @@ def _sparsity_md(layers: list) -> list[str]:
 def _experts_md(layers: list) -> list[str]:
     """Mixture-of-experts layers: calibration tokens the router sent to each expert (top-k per token). Dynamic and
     weight-only schemes on experts use none of them; passes that would need per-expert statistics are refused
-    (ir/moe.py check_expert_passes), so these counts say how well calibration covers the experts."""
+    (passes/moe_checks.py check_expert_passes), so these counts say how well calibration covers the experts."""
     rows = [(layer["layer"], layer["expert_tokens"]) for layer in layers if layer.get("expert_tokens") is not None]
     if not rows:
         return []

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+import qcompiler.backends.ascend  # noqa: F401  the target the tests run: the qc ops' kernels, the "lower" pass
 from tests.helpers import make_tiny_model, write_calib_file
 
 os.environ.setdefault("QC_NO_PROGRESS", "1")

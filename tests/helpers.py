@@ -436,3 +436,17 @@ def bench_module(name: str):
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def collect_linear_input_stats(gm, ctx, names, keep_rows: int = 0, seed: int = 0) -> dict:
+    """{input node: InputStats} (min, max, absmax, mean |x|) of the inputs of the Linears named in `names`
+    (layer-relative, e.g. `mlp.gate_proj`), over `ctx.inputs`; q/k/v (gate/up) share one entry."""
+    from qcompiler.calibration.linear_inputs import LayerRunner
+    from qcompiler.ir.patterns import linear_sites
+    sites = {s.name: s for s in linear_sites(gm)}
+    missing = set(names) - set(sites)
+    if missing:
+        raise KeyError(f"no Linear named {sorted(missing)} in the graph")
+    inputs = list(dict.fromkeys(sites[n].input for n in names))
+    return LayerRunner(gm, ctx).collect(inputs, hessian=False, abs_mean=True, extrema=True,
+                                        keep_rows=keep_rows, seed=seed)

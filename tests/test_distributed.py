@@ -199,7 +199,7 @@ def test_shares_are_contiguous_and_cover_every_window(monkeypatch):
 
 
 def test_histogram_observer_on_two_ranks_is_one_process_within_rebinning(tmp_path, tiny_models, calib_file):
-    """act_observer=percentile on 2 ranks: the histograms are reduced (ir/histogram.py), so the compile runs and
+    """act_observer=percentile on 2 ranks: the histograms are reduced (calibration/histogram.py), so the compile runs and
     every static activation scale is within 1% of one process's (a range end moves by at most two of 2048 bins
     of the absmax, tests/ir/test_observers_calib.py; 1% leaves room for ranges much narrower than the absmax);
     everything but the activation scales and offsets is identical."""

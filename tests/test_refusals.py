@@ -222,7 +222,7 @@ def test_kv8_alone_names_what_must_come_first(capsys, tmp_path, tiny_models):
 def test_logit_check_computes_logits_only_when_the_bound_needs_it():
     """The lm_head check costs a full logits pass only when max||normed|| x max||row|| reaches the limit."""
     from qcompiler.activation_checks import check_logits
-    from qcompiler.runtime import Head
+    from qcompiler.model import Head
     torch.manual_seed(0)
     calls = []
 

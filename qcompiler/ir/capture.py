@@ -38,7 +38,6 @@ import torch
 from torch.export import Dim
 
 from ..errors import QCError
-from ..loading import Checkpoint
 from . import meta
 from .moe import is_router, replace_moe_blocks
 
@@ -56,7 +55,9 @@ class LayerInputs:
     position_embeddings: tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [1, L, head_dim]
 
 
-def _hf_config(ckpt: Checkpoint):
+def hf_config(ckpt):
+    """transformers' config of `ckpt` (a loading.Checkpoint) as every capture builds it: never custom code, sdpa
+    attention (one scaled_dot_product_attention node per layer), no KV cache."""
     from transformers import AutoConfig
     cfg = AutoConfig.from_pretrained(str(ckpt.path), trust_remote_code=False)  # trust.py: never custom code
     cfg._attn_implementation = "sdpa"  # one scaled_dot_product_attention node per layer
@@ -67,10 +68,10 @@ def _hf_config(ckpt: Checkpoint):
 class HFSkeleton:
     """The transformers model of a checkpoint on the meta device, materialized one piece at a time."""
 
-    def __init__(self, ckpt: Checkpoint):
+    def __init__(self, ckpt):
         from transformers import AutoModelForCausalLM
         self.ckpt = ckpt
-        self.hf_config = _hf_config(ckpt)
+        self.hf_config = hf_config(ckpt)
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.hf_config, dtype=ckpt.dtype, trust_remote_code=False)
         replace_moe_blocks(self.model)  # per-expert Linears under the checkpoint's names (ir/moe.py)

@@ -1,7 +1,7 @@
 """Decode graph: a layer graph rewritten to read and extend a KV cache (token-by-token generation).
 
 `build_decode_graph(gm, dtype)` copies a (captured or lowered) decoder-layer graph and replaces its one
-`aten.scaled_dot_product_attention` node by `qc.cached_attention` (backends/ascend/attention.py):
+`aten.scaled_dot_product_attention` node by `qc.cached_attention` (ir/qc_ops.py):
 
     forward(hidden [B, L, H], cos [1, L, D], sin [1, L, D], k_cache [B, KVH, S, D], v_cache [B, KVH, S, D],
             cache_pos: int64 scalar tensor) -> (hidden_out, k_new [B, KVH, L, D], v_new [B, KVH, L, D])
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..backends.ascend import attention  # noqa: F401  registers torch.ops.qc.cached_attention
+from . import qc_ops  # noqa: F401  defines torch.ops.qc.cached_attention, kv_dequant
 from ..errors import QCError
 from . import meta
 

@@ -15,7 +15,7 @@ Node encoding:
 - call_function target: a name from the allow-list, resolved to the object by lookup (never by import
   or eval): `aten.<op>.<overload>` for the ops in `ATEN_OPS` (pure tensor math and shape ops: what
   torch.export produces for the supported decoder layers, plus close kin), `qc.<op>.<overload>` (our
-  own kernels, backends/ascend/ops.py), and `PYTHON_FUNCTIONS` (operator.getitem, SymInt arithmetic).
+  op vocabulary, ir/qc_ops.py), and `PYTHON_FUNCTIONS` (operator.getitem, SymInt arithmetic).
   Overloads that mutate an input are refused.
 - args / kwargs values: null, bool, int, finite float, str; `{"node": name}` (an earlier node);
   `{"tuple": [...]}`, `[...]`; `{"float": "inf"|"-inf"|"nan"}`; `{"dtype"|"layout"|"memory_format": name}`
@@ -41,6 +41,7 @@ import torch
 
 from ..errors import QCError
 from . import meta
+from . import qc_ops  # noqa: F401  the qc namespace resolves when a graph is read (kernels: a backend)
 
 FORMAT = "qcompiler-fx-graph"
 VERSION = 1
@@ -62,7 +63,7 @@ ATEN_OPS = frozenset({
     "sym_stride", "t", "tanh", "topk", "tril", "triu", "type_as", "unflatten", "view_as", "where", "zeros",
     "zeros_like",
 })
-#: op namespaces resolved through torch.ops: aten (restricted to ATEN_OPS) and our own kernels.
+#: op namespaces resolved through torch.ops: aten (restricted to ATEN_OPS) and our own vocabulary (ir/qc_ops.py).
 OP_NAMESPACES = ("aten", "qc")
 #: Python callables torch.export leaves in graphs (tuple indexing, SymInt arithmetic).
 PYTHON_FUNCTIONS = {

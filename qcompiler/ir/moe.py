@@ -26,7 +26,7 @@ Cost: E / top-k times the expert FLOPs of a sparse dispatch (calibration, eval a
 is unaffected (engines dispatch sparsely).
 Limits: statistics a pass gathers from an expert's input (static activation ranges, smooth, awq, gptq, sparse,
 fallback) would see every token, not the ones routed to the expert, and smoothing the post-attention norm would
-have to rescale the router: `check_expert_passes` refuses those passes on MoE models, and static-activation or
+have to rescale the router: `passes/moe_checks.check_expert_passes` refuses those passes on MoE models, and static-activation or
 weight-only schemes on experts (no engine is known to load a weight-only MoE layout qcompile writes), before any
 work. `routed_token_counts` gives the report the tokens the router sent to each expert.
 """
@@ -181,40 +181,6 @@ MOE_PASSES_NOTE = (
     "attention takes any scheme, kv8 and fa3 work; the router (mlp.gate) and Qwen2-MoE's shared_expert_gate stay "
     "float. Refused on MoE models: smooth, awq, gptq, sparse, fallback, and static-activation or weight-only "
     "schemes on experts.")
-#: passes that gather statistics from (or transform) Linears through their calibration inputs: on a MoE model the
-#: dense dispatch gives every expert every token, and smoothing the post-attention norm would also have to scale
-#: the router, so these are refused for MoE models (module docstring, Limits)
-STATISTICS_PASSES = ("smooth", "awq", "gptq", "sparse", "fallback")
-
-
-def check_expert_passes(passes, config: dict, exclude=()) -> None:
-    """QCError (before any work) for what a MoE model's graph cannot compute faithfully: a STATISTICS_PASSES pass,
-    or a scheme with static (calibrated) activation ranges claiming an expert Linear."""
-    from ..errors import QCError
-    from ..passes.group_size import first_claim, model_linear_shapes
-    if not any(is_moe_layer(config, i) for i in range(int(config["num_hidden_layers"]))):
-        return
-    for p in passes:
-        if p.name in STATISTICS_PASSES:
-            raise QCError(f"pass {p.name} is not supported on mixture-of-experts models ({config.get('model_type')}): "
-                          "its statistics would see every token at every expert and the router is not adjusted; "
-                          "supported there: w8a8d, w4a8d on experts (dynamic activations), any scheme on attention, kv8")
-    for name in model_linear_shapes(config):
-        owner = first_claim(passes, name, exclude)
-        if owner is None or EXPERT_LINEAR.search(name) is None:
-            continue
-        act = owner.spec(0).activation
-        if act is None:
-            raise QCError(f"pass {owner.name} would quantize expert Linear {name} weight-only ({owner.quant_type}): "
-                          "no engine loads a weight-only fused-MoE layout qcompile writes (vLLM-Ascend's W4A16 MoE "
-                          "method reads LLM-Compressor's weight_packed layout: backends/ascend/engines.py); use w8a8d "
-                          f"or w4a8d on experts (e.g. --passes '{owner.name}:match=self_attn,w4a8d')")
-        if not act.dynamic:
-            raise QCError(f"pass {owner.name} would quantize expert Linear {name} with static (calibrated) activation "
-                          "ranges, which qcompile does not calibrate per expert yet; use w8a8d or w4a8d on experts "
-                          f"(e.g. --passes '{owner.name}:match=self_attn,w8a8d')")
-
-
 def _topk_index_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     """The top-k expert index outputs (getitem 1 of each aten.topk) of a layer graph, in graph order."""
     out = []

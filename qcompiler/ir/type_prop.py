@@ -3,7 +3,7 @@
 Passes insert nodes (quantize, quant_matmul, kv_quant, ...) without a FakeTensor `val`; `infer_types(gm)`
 re-runs the graph on fake tensors: the placeholders' own FakeTensors from capture (so dimensions stay the
 symbols torch.export chose, e.g. `s47`) and the module's tensors as static fakes, through every op's fake
-(meta) kernel (`qc.*` ops register one: backends/ascend/ops.py). Nothing is computed on real data, no
+(meta) kernel (`qc.*` ops get theirs from ir/qc_ops.py). Nothing is computed on real data, no
 observer records anything (observers are identities here), and the graph and its meta are left as they
 are, so a dump never changes what the compile writes.
 """

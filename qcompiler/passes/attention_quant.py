@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends.ascend.encode import engine_scale
+from ..ir.model_dtype import engine_scale
 from .. import distributed
 from ..errors import QCError
 from ..ir import meta

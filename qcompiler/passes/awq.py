@@ -38,7 +38,7 @@ import torch
 
 from ..ir import meta
 from ..ir import qnumerics as qn
-from ..ir.linear_inputs import LayerRunner, replace_tensor
+from ..calibration.linear_inputs import LayerRunner, replace_tensor
 from ..ir.patterns import get_tensor, linear_sites, shared_input_groups
 from .base import Pass, PassResult
 from .registry import register

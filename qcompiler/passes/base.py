@@ -69,7 +69,7 @@ class LayerContext:
 
     def run_layer(self, gm: torch.fx.GraphModule) -> torch.Tensor:
         """Run `gm` over every calibration sequence (in batches); returns the stacked outputs."""
-        from ..runtime import run_layer_batched
+        from ..model import run_layer_batched
         return run_layer_batched(gm, self.inputs.hidden, self.inputs.position_embeddings, self.batch_size)
 
 

@@ -20,7 +20,7 @@ order), which the spec neither describes nor forbids.
 """
 import torch
 
-from ..backends.ascend import attention  # noqa: F401  registers torch.ops.qc.fa_quant / fa_dequant
+from ..ir import qc_ops  # noqa: F401  defines torch.ops.qc.fa_quant / fa_dequant (kernels: the backend)
 from .attention_quant import K, Q, V, calibrate_absmax, insert_qdq, match_attention, scale_from_absmax
 from .base import Pass, PassResult
 from .registry import register

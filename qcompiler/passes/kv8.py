@@ -25,7 +25,7 @@ Linears (the layer's own weight quantization is not applied to them during calib
 """
 import torch
 
-from ..backends.ascend import attention  # noqa: F401  registers torch.ops.qc.kv_quant / kv_dequant
+from ..ir import qc_ops  # noqa: F401  defines torch.ops.qc.kv_quant / kv_dequant (kernels: the backend)
 from .attention_quant import K, V, calibrate_absmax, insert_qdq, match_attention, scale_from_absmax
 from .base import Pass, PassResult
 from .registry import register

@@ -4,13 +4,13 @@ One observer per distinct input node, shared by all annotated Linears that read 
 a fused group gets identical activation statistics. Other consumers of the input keep reading it
 directly. Observers are `call_module` nodes (`qc_observer_<n>` submodules, `meta.OBSERVER` set).
 The observer's kind follows the activation spec's `observer` type: MinMax -> MinMaxObserver, Percentile /
-Entropy -> HistogramObserver, L2Histogram -> L2HistogramObserver (ir/histogram.py). Linears sharing an input share one scheme (checked by the
+Entropy -> HistogramObserver, L2Histogram -> L2HistogramObserver (calibration/histogram.py). Linears sharing an input share one scheme (checked by the
 driver), so the first one's spec decides.
 Requires: annotated. Produces: observed. Lowering removes them.
 """
 from ..ir import meta
-from ..ir.histogram import HistogramObserver, L2HistogramObserver
-from ..ir.observers import MinMaxObserver
+from ..calibration.histogram import HistogramObserver, L2HistogramObserver
+from ..calibration.observers import MinMaxObserver
 from ..ir.qspec import L2Histogram, MinMax
 from ..ir.patterns import linear_sites, shared_input_groups
 from .base import Pass, PassResult

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ir import qnumerics as qn
-from ..ir.linear_inputs import InputStats, LayerRunner
+from ..calibration.linear_inputs import InputStats, LayerRunner
 from ..ir.patterns import LinearSite, get_tensor, linear_sites, shared_input_groups
 from ..ir.qspec import LinearQuantSpec, PerChannel, PerGroup, PerTensor, PerToken, TensorQuant
 from .base import Pass, PassResult

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ir import meta
-from ..ir.linear_inputs import replace_tensor, stage_input_stats
+from ..calibration.linear_inputs import replace_tensor, stage_input_stats
 from ..ir.patterns import get_tensor, linear_sites, shared_input_groups
 from .base import Pass, PassResult
 from .gptq import _inverse_cholesky, row_errors

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends.ascend.encode import quantize_weight
+from ..ir.model_dtype import quantize_weight
 from ..ir.patterns import get_tensor, linear_sites
 from .group_size import default_group_size, first_claim
 

@@ -9,10 +9,10 @@ from qcompiler.config import CompileOptions
 from qcompiler.driver import compile_model
 from qcompiler.errors import QCError
 from qcompiler.ir import meta
-from qcompiler.ir.histogram import HistogramObserver
-from qcompiler.ir.observers import MinMaxObserver
+from qcompiler.calibration.histogram import HistogramObserver
+from qcompiler.calibration.observers import MinMaxObserver
 from qcompiler.ir.qspec import Entropy, MinMax, MSEClip, Percentile
-from qcompiler.ir.weight_clip import mse_weight_scale, weight_mse
+from qcompiler.calibration.weight_clip import mse_weight_scale, weight_mse
 from qcompiler.passes import make_pass
 from tests.helpers import assert_checker_clean
 
@@ -188,7 +188,7 @@ def test_recipe_takes_the_same_option_names_and_values(tmp_path):
 # ---- act_observer=histogram: PyTorch's L2 histogram search (msModelSlim's histogram observer; issue 14) -----
 def test_l2_histogram_range_is_pytorchs_search():
     from torch.ao.quantization import HistogramObserver as TorchHistogramObserver
-    from qcompiler.ir.histogram import L2HistogramObserver
+    from qcompiler.calibration.histogram import L2HistogramObserver
     torch.manual_seed(0)
     x = torch.randn(200_000)
     x[:20] = 30.0                                       # rare outliers
@@ -212,7 +212,7 @@ def test_histogram_act_observer_option_compiles(tiny_models, calib_file, tmp_pat
         == "L2Histogram"
 
 
-# ---- several processes: histograms reduced across ranks (qcompiler/distributed.py, ir/histogram.py) ---------
+# ---- several processes: histograms reduced across ranks (qcompiler/distributed.py, calibration/histogram.py) ---------
 class ThreadRanks:
     """`world` threads standing in for ranks: every collective waits for all of them, then each gets the
     elementwise sum / min / max of the tensors they gave (what gloo's all_reduce returns)."""
@@ -291,7 +291,7 @@ def _two_ranks_and_one_process(monkeypatch, method, x):
 def test_histogram_reduced_over_ranks_matches_one_process(monkeypatch, percentile):
     """Two ranks, each fed half the batches, reduce to one histogram: min/max/count exact, both ranks hold the
     same histogram, and a percentile range is within two bins of one process that saw every batch (each path
-    leaves a value at most one final bin from exact binning; ir/histogram.py)."""
+    leaves a value at most one final bin from exact binning; calibration/histogram.py)."""
     (a, _), one = _two_ranks_and_one_process(monkeypatch, Percentile(percentile), _skewed())
     width = 2 * one.absmax / (2 * one.bins)
     for got, want in zip(a.range(), one.range()):
@@ -311,7 +311,7 @@ def test_l2_histogram_reduced_over_ranks(monkeypatch):
     """PyTorch's histogram moved onto the common [min, max] and summed: counts and ends exact; the L2 search
     on it picks a range within 1% of the span of one process's (the search steps over whole bins, and the
     reduced histogram differs from one process's by bin-centre rebinning only)."""
-    from qcompiler.ir.histogram import L2HistogramObserver
+    from qcompiler.calibration.histogram import L2HistogramObserver
     x = _skewed(1)
     batches = list(x.chunk(8))
     one = L2HistogramObserver()

@@ -14,7 +14,7 @@ from qcompiler.driver import compile_model
 from qcompiler.errors import QCError
 from qcompiler.ir import meta
 from qcompiler.ir.capture import HFSkeleton
-from qcompiler.ir.linear_inputs import LayerRunner, replace_tensor
+from qcompiler.calibration.linear_inputs import LayerRunner, replace_tensor
 from qcompiler.ir.patterns import get_tensor, linear_sites
 from qcompiler.loading import open_checkpoint
 from qcompiler.passes import TAIL, LayerContext, PassManager, make_pass

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from qcompiler.errors import QCError
 from qcompiler.ir import meta
-from qcompiler.ir.activation_stats import collect_linear_input_stats
+from tests.helpers import collect_linear_input_stats
 from qcompiler.ir.capture import HFSkeleton
 from qcompiler.ir.patterns import get_tensor, linear_sites
 from qcompiler.loading import open_checkpoint

@@ -141,7 +141,7 @@ def test_fp16_range_checked_before_work(tiny_models, calib_file, tmp_path):
 # ---- weight outliers keep int8 codes (msModelSlim's sparse-quant fraction / use_sigma; issue 14) ----------
 def test_outlier_split_codes_fraction_and_sigma():
     from qcompiler.ir.qspec import OutlierSplit
-    from qcompiler.ir.weight_clip import outlier_split_codes
+    from qcompiler.calibration.weight_clip import outlier_split_codes
     w = torch.tensor([[0.1, -0.2, 0.35, 3.0, -0.05, 0.0, 0.21, -0.14]])
     q, scale = outlier_split_codes(w, 4, OutlierSplit(fraction=0.125))        # 1 outlier of 8: the 3.0
     assert scale.item() == pytest.approx(0.35 / 7)                           # from the inliers' absmax

@@ -1,6 +1,7 @@
-"""Attention-side quantization ops (KV cache int8 "C8", FA3 per-head Q/K/V) and cached attention, as
-`torch.ops.qc.*` custom ops with fake kernels (spec: ascend-artifact.md sec. 3 "KV cache int8", "Attention
-(FA3) quant", sec. 4 `npu_fused_infer_attention_score` with `key/value_antiquant_scale`).
+"""Kernels of the attention ops of the `qc` vocabulary (KV cache int8 "C8", FA3 per-head Q/K/V, cached
+attention; schemas and fake kernels: ir/qc_ops.py), registered when this module is imported (spec:
+ascend-artifact.md sec. 3 "KV cache int8", "Attention (FA3) quant", sec. 4 `npu_fused_infer_attention_score`
+with `key/value_antiquant_scale`).
 
 All tensors are in the attention layout `[B, N, L, D]` (N heads, L tokens, D head_dim), i.e. K after RoPE.
 
@@ -30,6 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ...ir import qc_ops
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,69 +88,10 @@ def cached_attention_ref(q, k, v, k_cache, v_cache, pos, k_scale, v_scale, scale
 
 
 # --------------------------------------------------------------------------------------------------
-# ops
+# kernels of the attention ops (ir/qc_ops.py): plain tensor math, registered for every device
 
-
-@torch.library.custom_op("qc::kv_quant", mutates_args=(), schema="(Tensor x, Tensor scale) -> Tensor")
-def kv_quant(x: Tensor, scale: Tensor) -> Tensor:
-    """C8 cache quantization of K (after RoPE) or V [B, KVH, L, D], per channel scale [KVH*D]."""
-    return kv_quant_ref(x, scale)
-
-
-@kv_quant.register_fake
-def _(x, scale):
-    return torch.empty_like(x, dtype=torch.int8)
-
-
-@torch.library.custom_op("qc::kv_dequant", mutates_args=(),
-                         schema="(Tensor q, Tensor scale, ScalarType dtype) -> Tensor")
-def kv_dequant(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """C8 dequantization inside attention: `q * scale` per channel, in the model dtype."""
-    return kv_dequant_ref(q, scale, dtype)
-
-
-@kv_dequant.register_fake
-def _(q, scale, dtype):
-    return torch.empty_like(q, dtype=dtype)
-
-
-@torch.library.custom_op("qc::fa_quant", mutates_args=(), schema="(Tensor x, Tensor scale) -> Tensor")
-def fa_quant(x: Tensor, scale: Tensor) -> Tensor:
-    """FA3 per-head int8 quantization of Q, K or V [B, N, L, D], scale [N, 1]."""
-    return fa_quant_ref(x, scale)
-
-
-@fa_quant.register_fake
-def _(x, scale):
-    return torch.empty_like(x, dtype=torch.int8)
-
-
-@torch.library.custom_op("qc::fa_dequant", mutates_args=(),
-                         schema="(Tensor q, Tensor scale, ScalarType dtype) -> Tensor")
-def fa_dequant(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """FA3 dequantization (what the int8 attention kernel applies to its scores/outputs), per head."""
-    return fa_dequant_ref(q, scale, dtype)
-
-
-@fa_dequant.register_fake
-def _(q, scale, dtype):
-    return torch.empty_like(q, dtype=dtype)
-
-
-@torch.library.custom_op(
-    "qc::cached_attention", mutates_args=(),
-    schema=("(Tensor q, Tensor k, Tensor v, Tensor k_cache, Tensor v_cache, Tensor pos, Tensor? k_scale, "
-            "Tensor? v_scale, float? scale, ScalarType dtype) -> Tensor"))
-def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor,
-                     k_scale: Tensor | None, v_scale: Tensor | None, scale: float | None, dtype: torch.dtype) -> Tensor:
-    """Attention of L new queries over cache[:pos] ++ the new keys/values (see the module docstring)."""
-    return cached_attention_ref(q, k, v, k_cache, v_cache, pos, k_scale, v_scale, scale, dtype)
-
-
-@cached_attention.register_fake
-def _(q, k, v, k_cache, v_cache, pos, k_scale, v_scale, scale, dtype):
-    return q.new_empty([q.shape[0], q.shape[1], q.shape[2], v.shape[3]], dtype=dtype)
-
-
-ATTENTION_QUANT_OPS = (torch.ops.qc.kv_quant.default, torch.ops.qc.kv_dequant.default,
-                       torch.ops.qc.fa_quant.default, torch.ops.qc.fa_dequant.default)
+qc_ops.kv_quant.register_kernel(None)(kv_quant_ref)
+qc_ops.kv_dequant.register_kernel(None)(kv_dequant_ref)
+qc_ops.fa_quant.register_kernel(None)(fa_quant_ref)
+qc_ops.fa_dequant.register_kernel(None)(fa_dequant_ref)
+qc_ops.cached_attention.register_kernel(None)(cached_attention_ref)

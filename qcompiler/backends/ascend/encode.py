@@ -38,7 +38,12 @@ from torch import Tensor
 
 from qcompiler.backends.ascend.int4 import pack_int4
 from qcompiler.errors import QCError
+from qcompiler.ir import model_dtype as md
 from qcompiler.ir import qnumerics as qn
+# the model dtype and its rounding are target-neutral (passes compute codes against them too); encode's callers
+# and this module's docstring name them here
+from qcompiler.ir.model_dtype import (as_model_dtype, check_2d, check_scale, engine_float, engine_scale,  # noqa: F401
+                                      is_engine_exact, model_dtype_name, num_groups)
 
 # ---- quant type strings (spec section 2) -------------------------------------------------------------------------
 FLOAT = "FLOAT"
@@ -66,23 +71,6 @@ LINEAR_QUANT_TYPES = (FLOAT, W16A16S, W8A16, W8A8_DYNAMIC, W8A8_MIX, W8A8, W8A8S
 # the activation-quantized type wins).
 _MODEL_TYPE_ORDER = (FLOAT, W16A16S, W8A16, W8A8_DYNAMIC, W8A8_MIX, W8A8, W8A8S, W8A8SC, W4A16, W4A8_DYNAMIC)
 
-_MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-# ---- small helpers ------------------------------------------------------------------------------------------------
-def as_model_dtype(model_dtype: torch.dtype | str) -> torch.dtype:
-    """torch.float16 / torch.bfloat16 (also accepts "float16", "bfloat16", "torch.float16"); else QCError."""
-    if isinstance(model_dtype, str):
-        model_dtype = _MODEL_DTYPES.get(model_dtype.replace("torch.", ""), model_dtype)
-    if model_dtype not in (torch.float16, torch.bfloat16):
-        raise QCError(f"model dtype {model_dtype!r} is not supported: Ascend artifacts are float16 or bfloat16")
-    return model_dtype
-
-
-def model_dtype_name(model_dtype: torch.dtype | str) -> str:
-    """The model dtype as config.json spells it: "float16" or "bfloat16"."""
-    return str(as_model_dtype(model_dtype)).replace("torch.", "")
-
 
 def tensor_quant_type(suffix: str, linear_type: str) -> str:
     """Description type of one encoded tensor: the Linear's type, except its float `bias` (spec section 2)."""
@@ -97,37 +85,7 @@ def _qmax(bits: int) -> int:
     return qn.qmax(bits)
 
 
-def _check_2d(t: Tensor, what: str) -> tuple[int, int]:
-    if t.dim() != 2:
-        raise ValueError(f"{what} must be 2-D [n, k], got shape {list(t.shape)}")
-    return t.shape[0], t.shape[1]
-
-
-def _num_groups(k: int, group_size: int) -> int:
-    """Scale columns: 1 per-channel (group_size 0), k / group_size per-group."""
-    if group_size < 0:
-        raise ValueError(f"group_size must be >= 0, got {group_size}")
-    if group_size == 0:
-        return 1
-    if k % group_size:
-        raise ValueError(f"k={k} is not a multiple of group_size={group_size}")
-    return k // group_size
-
-
-def _check_scale(scale: Tensor, n: int, k: int, group_size: int) -> Tensor:
-    """A given weight scale as float32 [n, G]; per-channel also accepts [n]. Finite and > 0."""
-    g = _num_groups(k, group_size)
-    scale = torch.as_tensor(scale).detach().float()
-    if g == 1 and scale.shape == (n,):
-        scale = scale.reshape(n, 1)
-    if tuple(scale.shape) != (n, g):
-        raise ValueError(f"weight scale shape {list(scale.shape)}, expected {[n, g]} (group_size={group_size})")
-    if not (torch.isfinite(scale).all() and (scale > 0).all()):
-        raise ValueError("weight scale must be finite and > 0")
-    return scale.contiguous()
-
-
-# ---- numerics as loaded ------------------------------------------------------------------------------------------
+# ---- numerics as loaded (the rounding itself: ir/model_dtype.py) -----------------------------------------------
 #: Per quant type, the stored float tensors the engines hold in the model dtype (so they round the file's float32
 #: on load). vLLM-Ascend 0.23.0 / 0.26.0rc1 create them as `params_dtype` parameters and `copy_` the file into
 #: them: methods/w8a8_static.py (`get_pertensor_param`: input_scale; `get_perchannel_param`: weight_scale,
@@ -151,60 +109,13 @@ ENGINE_MODEL_DTYPE = {
 }
 
 
-def engine_float(t: Tensor, model_dtype: torch.dtype | str) -> Tensor:
-    """float32 copy of `t` with every value rounded to the model dtype (round-half-to-even, torch's cast): what an
-    engine holds after copying the file's value into a model-dtype parameter. Non-finite results are an error."""
-    dtype = as_model_dtype(model_dtype)
-    r = torch.as_tensor(t).detach().float().to(dtype).float()
-    if not torch.isfinite(r).all():
-        raise ValueError(f"value out of range for {dtype} (an engine holding it in the model dtype overflows)")
-    return r.contiguous()
-
-
-def engine_scale(scale: Tensor, model_dtype: torch.dtype | str) -> Tensor:
-    """A positive scale as the engines hold it (`engine_float`), kept > 0: a value that rounds to 0 in the model
-    dtype becomes the dtype's smallest positive (subnormal) value instead, so codes computed against it stay
-    finite (they clamp; such a row or group is all but zero anyway)."""
-    dtype = as_model_dtype(model_dtype)
-    r = engine_float(scale, dtype)
-    tiniest = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # 2**-24 (fp16), 2**-133 (bf16)
-    return torch.where(r > 0, r, torch.full_like(r, tiniest))
-
-
-def is_engine_exact(t: Tensor, model_dtype: torch.dtype | str) -> bool:
-    """True when every value of `t` is exactly representable in the model dtype (the engines' cast keeps it)."""
-    tf = torch.as_tensor(t).detach().float()
-    return bool(torch.equal(tf.to(as_model_dtype(model_dtype)).float(), tf))
-
-
 # ---- weights ------------------------------------------------------------------------------------------------------
 def quantize_weight(w: Tensor, bits: int = 8, group_size: int = 0, scale: Tensor | None = None,
                     model_dtype: torch.dtype | str | None = None) -> tuple[Tensor, Tensor]:
-    """Symmetric weight quantization: returns (int8 codes [n, k], float32 scale [n, 1] or [n, k/group_size]).
-
-    scale = absmax / qmax per row (group_size 0) or per group of `group_size` along k, qmax = 127 (8 bits) or
-    7 (4 bits); zero rows/groups get scale 1.0. A given `scale` ([n, G], or [n] per-channel) is used as is
-    (finite, > 0). With `model_dtype` the scale is first rounded to it (`engine_scale`: what the engines hold),
-    and the codes are computed against the rounded scale. q = clamp(round(w / scale), -qmax, qmax): -128 / -8
-    never occur.
-    """
-    qmax = _qmax(bits)
-    n, k = _check_2d(w, "weight")
-    g = _num_groups(k, group_size)
-    wf = w.detach().float()
-    if not torch.isfinite(wf).all():
-        raise ValueError("weight contains NaN or Inf")
-    groups = wf.reshape(n, g, k // g)
-    if scale is None:
-        scale = groups.abs().amax(dim=-1) / qmax
-        # zero group (or an absmax so small that /qmax underflows): any scale codes it as 0; 1.0 keeps it finite
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    else:
-        scale = _check_scale(scale, n, k, group_size)
-    if model_dtype is not None:
-        scale = engine_scale(scale, model_dtype)
-    q = torch.round(groups / scale.unsqueeze(-1)).clamp_(-qmax, qmax)
-    return q.to(torch.int8).reshape(n, k), scale.contiguous()
+    """`ir/model_dtype.quantize_weight` for the widths the Ascend artifact stores (8: int8, 4: int4; others are a
+    ValueError, `_qmax`): (int8 codes [n, k], float32 scale [n, 1] or [n, k/group_size])."""
+    _qmax(bits)
+    return md.quantize_weight(w, bits, group_size, scale, model_dtype)
 
 
 def _resolve_weight(weight: Tensor | None, q: Tensor | None, scale: Tensor | None,
@@ -216,7 +127,7 @@ def _resolve_weight(weight: Tensor | None, q: Tensor | None, scale: Tensor | Non
         return quantize_weight(weight, bits, group_size, scale, model_dtype)
     if scale is None:
         raise ValueError("precomputed codes `q=` need their `scale=`")
-    n, k = _check_2d(q, "q")
+    n, k = check_2d(q, "q")
     if weight is not None and tuple(weight.shape) != (n, k):
         raise ValueError(f"weight shape {list(weight.shape)} != q shape {[n, k]}")
     qmax = _qmax(bits)
@@ -225,7 +136,7 @@ def _resolve_weight(weight: Tensor | None, q: Tensor | None, scale: Tensor | Non
     if q.numel() and (q.min() < -qmax or q.max() > qmax):
         raise ValueError(f"q must lie in the symmetric range [-{qmax}, {qmax}] for {bits}-bit weights, "
                          f"got [{int(q.min())}, {int(q.max())}]")
-    scale = _check_scale(scale, n, k, group_size)
+    scale = check_scale(scale, n, k, group_size)
     if not is_engine_exact(scale, model_dtype):
         raise ValueError(f"precomputed codes `q=` were computed against a scale that is not representable in "
                          f"{model_dtype} (the engines round it on load): quantize with model_dtype= first")

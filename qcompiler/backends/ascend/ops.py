@@ -1,21 +1,19 @@
-"""The Ascend backend's fused quantized ops, registered as `torch.ops.qc.*` (torch.library custom ops).
+"""The Ascend backend's kernels for the Linear ops of the `qc` vocabulary (`torch.ops.qc.*`, ir/qc_ops.py).
 
-Purpose: the lowered graph calls these ops; they stay opaque nodes under torch.export (each has a fake
-kernel giving output shape and dtype, symbolic token dims included), run on CPU through
-`kernels.py` (numerics of the NPU kernels), and on an NPU through torch_npu.
+Purpose: the lowered graph calls these ops; ir/qc_ops.py defines them (schema, fake kernel: they stay opaque
+nodes under torch.export); importing this module registers how they run: on CPU through `kernels.py` (numerics
+of the NPU kernels), and on an NPU through torch_npu.
 
-| op | schema | NPU kernel |
-|---|---|---|
-| qc::quantize | (Tensor x, Tensor input_scale, Tensor input_offset) -> Tensor | npu_quantize |
-| qc::quant_matmul | (Tensor x, Tensor weight, Tensor deq_scale, Tensor quant_bias, ScalarType output_dtype) -> Tensor | npu_quant_matmul |
-| qc::dynamic_quant | (Tensor x) -> (Tensor, Tensor) | npu_dynamic_quant |
-| qc::quant_matmul_pertoken | (Tensor x, Tensor weight, Tensor weight_scale, Tensor pertoken_scale, Tensor? bias, int packing, ScalarType output_dtype) -> Tensor | npu_quant_matmul |
-| qc::quant_matmul_pergroup | (Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_scale_second, Tensor pertoken_scale, int group_size, ScalarType output_dtype) -> Tensor | plain tensor math on every device (see below) |
-| qc::weight_quant_matmul | (Tensor x, Tensor weight, Tensor antiquant_scale, Tensor antiquant_offset, Tensor? bias, int group_size, int packing) -> Tensor | npu_weight_quant_batchmatmul |
+| op | NPU kernel |
+|---|---|
+| qc::quantize | npu_quantize |
+| qc::quant_matmul | npu_quant_matmul |
+| qc::dynamic_quant | npu_dynamic_quant |
+| qc::quant_matmul_pertoken | npu_quant_matmul |
+| qc::quant_matmul_pergroup | plain tensor math on every device (see below) |
+| qc::weight_quant_matmul | npu_weight_quant_batchmatmul |
 
-Arguments are the artifact's tensors as stored (weight [n, k] HF layout, scales [n, 1], deq_scale in its
-dtype-dependent encoding); see kernels.py for the math and ascend-artifact.md sec. 3-4 for the source.
-`packing`: 0 int8 [n, k]; 1 int4 packed along k [n, ceil(k/2)]; 2 int4 packed along n [ceil(n/2), k].
+Schemas and argument encodings: ir/qc_ops.py; the math: kernels.py; the source: ascend-artifact.md sec. 3-4.
 
 NPU (PrivateUse1) kernels import torch_npu inside the function: it needs CANN and a device to import,
 and a tensor on the NPU means torch_npu is loaded already. They cannot run here; the tests check their
@@ -30,39 +28,30 @@ float32 matmuls instead (exact group sums; slower than the fused kernel).
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
+from ...ir import qc_ops
 from . import kernels
 from .int4 import unpack_int4
 
 _NPU = "privateuseone"  # torch_npu's device; its dispatch key is PrivateUse1
 
 
-def _out_shape(x: Tensor, n) -> list:
+def _out_shape(x, n) -> list:
     return [*x.shape[:-1], n]
 
 
-# --------------------------------------------------------------------------------------------------
-# qc::quantize
+# ---- CPU kernels: the NPU's numerics (kernels.py) ----------------------------------------------------------------
+qc_ops.quantize.register_kernel("cpu")(kernels.quantize)
+qc_ops.quant_matmul.register_kernel("cpu")(kernels.quant_matmul)
+qc_ops.dynamic_quant.register_kernel("cpu")(kernels.dynamic_quant)
+qc_ops.quant_matmul_pertoken.register_kernel("cpu")(kernels.quant_matmul_pertoken)
+qc_ops.weight_quant_matmul.register_kernel("cpu")(kernels.weight_quant_matmul)
+# W4A8_DYNAMIC: one plain-tensor-math kernel for every device (module docstring)
+qc_ops.quant_matmul_pergroup.register_kernel(None)(kernels.quant_matmul_pergroup)
 
 
-@torch.library.custom_op(
-    "qc::quantize",
-    mutates_args=(),
-    device_types="cpu",
-    schema="(Tensor x, Tensor input_scale, Tensor input_offset) -> Tensor",
-)
-def quantize(x: Tensor, input_scale: Tensor, input_offset: Tensor) -> Tensor:
-    """Static per-tensor int8 activation quantization (W8A8); int8 with x's shape."""
-    return kernels.quantize(x, input_scale, input_offset)
-
-
-@quantize.register_fake
-def _(x, input_scale, input_offset):
-    return torch.empty_like(x, dtype=torch.int8)
-
-
-@quantize.register_kernel(_NPU)
+# ---- NPU kernels: torch_npu, imported inside each kernel -------------------------------------------------------
+@qc_ops.quantize.register_kernel(_NPU)
 def _quantize_npu(x, input_scale, input_offset):
     import torch_npu  # noqa: PLC0415  needs CANN; only reached with NPU tensors
 
@@ -74,33 +63,7 @@ def _quantize_npu(x, input_scale, input_offset):
     return torch_npu.npu_quantize(x, recip, offset, torch.qint8, -1, False)
 
 
-# --------------------------------------------------------------------------------------------------
-# qc::quant_matmul
-
-
-@torch.library.custom_op(
-    "qc::quant_matmul",
-    mutates_args=(),
-    device_types="cpu",
-    schema=(
-        "(Tensor x, Tensor weight, Tensor deq_scale, Tensor quant_bias, ScalarType output_dtype) "
-        "-> Tensor"
-    ),
-)
-def quant_matmul(
-    x: Tensor, weight: Tensor, deq_scale: Tensor, quant_bias: Tensor, output_dtype: torch.dtype
-) -> Tensor:
-    """W8A8 static: `dtype((x @ W^T + quant_bias) * deq_scale)`, x int8 [..., k] -> [..., n]."""
-    return kernels.quant_matmul(x, weight, deq_scale, quant_bias, output_dtype)
-
-
-@quant_matmul.register_fake
-def _(x, weight, deq_scale, quant_bias, output_dtype):
-    torch._check(x.shape[-1] == weight.shape[1], lambda: "quant_matmul: x [..., k] vs weight [n, k]")
-    return x.new_empty(_out_shape(x, weight.shape[0]), dtype=output_dtype)
-
-
-@quant_matmul.register_kernel(_NPU)
+@qc_ops.quant_matmul.register_kernel(_NPU)
 def _quant_matmul_npu(x, weight, deq_scale, quant_bias, output_dtype):
     import torch_npu  # noqa: PLC0415
 
@@ -113,24 +76,7 @@ def _quant_matmul_npu(x, weight, deq_scale, quant_bias, output_dtype):
     return y.reshape(_out_shape(x, n))
 
 
-# --------------------------------------------------------------------------------------------------
-# qc::dynamic_quant
-
-
-@torch.library.custom_op(
-    "qc::dynamic_quant", mutates_args=(), device_types="cpu", schema="(Tensor x) -> (Tensor, Tensor)"
-)
-def dynamic_quant(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token symmetric int8: `(y int8 [..., k], scale float32 [...])`."""
-    return kernels.dynamic_quant(x)
-
-
-@dynamic_quant.register_fake
-def _(x):
-    return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
-
-
-@dynamic_quant.register_kernel(_NPU)
+@qc_ops.dynamic_quant.register_kernel(_NPU)
 def _dynamic_quant_npu(x):
     import torch_npu  # noqa: PLC0415
 
@@ -138,43 +84,7 @@ def _dynamic_quant_npu(x):
     return y, scale
 
 
-# --------------------------------------------------------------------------------------------------
-# qc::quant_matmul_pertoken
-
-
-@torch.library.custom_op(
-    "qc::quant_matmul_pertoken",
-    mutates_args=(),
-    device_types="cpu",
-    schema=(
-        "(Tensor x, Tensor weight, Tensor weight_scale, Tensor pertoken_scale, Tensor? bias, "
-        "int packing, ScalarType output_dtype) -> Tensor"
-    ),
-)
-def quant_matmul_pertoken(
-    x: Tensor,
-    weight: Tensor,
-    weight_scale: Tensor,
-    pertoken_scale: Tensor,
-    bias: Tensor | None,
-    packing: int,
-    output_dtype: torch.dtype,
-) -> Tensor:
-    """W8A8_DYNAMIC / W4A8_DYNAMIC: float32 `((acc * weight_scale) * pertoken_scale) + bias`, then
-    `output_dtype`; weight int8 [n, k] (packing 0) or int4 along n [ceil(n/2), k] (packing 2)."""
-    return kernels.quant_matmul_pertoken(
-        x, weight, weight_scale, pertoken_scale, bias, packing, output_dtype
-    )
-
-
-@quant_matmul_pertoken.register_fake
-def _(x, weight, weight_scale, pertoken_scale, bias, packing, output_dtype):
-    torch._check(packing in (0, 2), lambda: f"quant_matmul_pertoken: packing {packing} not in (0, 2)")
-    torch._check(x.shape[-1] == weight.shape[1], lambda: "quant_matmul_pertoken: x [..., k] vs weight")
-    return x.new_empty(_out_shape(x, weight_scale.shape[0]), dtype=output_dtype)
-
-
-@quant_matmul_pertoken.register_kernel(_NPU)
+@qc_ops.quant_matmul_pertoken.register_kernel(_NPU)
 def _quant_matmul_pertoken_npu(x, weight, weight_scale, pertoken_scale, bias, packing, output_dtype):
     import torch_npu  # noqa: PLC0415
 
@@ -194,75 +104,7 @@ def _quant_matmul_pertoken_npu(x, weight, weight_scale, pertoken_scale, bias, pa
     return y.reshape(_out_shape(x, n))
 
 
-# --------------------------------------------------------------------------------------------------
-# qc::quant_matmul_pergroup
-
-
-@torch.library.custom_op(
-    "qc::quant_matmul_pergroup",
-    mutates_args=(),
-    schema=(
-        "(Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_scale_second, Tensor pertoken_scale, "
-        "int group_size, ScalarType output_dtype) -> Tensor"
-    ),
-)
-def quant_matmul_pergroup(
-    x: Tensor,
-    weight: Tensor,
-    weight_scale: Tensor,
-    weight_scale_second: Tensor,
-    pertoken_scale: Tensor,
-    group_size: int,
-    output_dtype: torch.dtype,
-) -> Tensor:
-    """W4A8_DYNAMIC two-stage per-group: x int8 [..., k], weight int4 along n [n/2, k], weight_scale [n, 1],
-    weight_scale_second [n, k/group_size], pertoken_scale [...] -> [..., n] in output_dtype."""
-    return kernels.quant_matmul_pergroup(
-        x, weight, weight_scale, weight_scale_second, pertoken_scale, group_size, output_dtype
-    )
-
-
-@quant_matmul_pergroup.register_fake
-def _(x, weight, weight_scale, weight_scale_second, pertoken_scale, group_size, output_dtype):
-    torch._check(x.shape[-1] == weight.shape[1], lambda: "quant_matmul_pergroup: x [..., k] vs weight")
-    return x.new_empty(_out_shape(x, weight_scale.shape[0]), dtype=output_dtype)
-
-
-# --------------------------------------------------------------------------------------------------
-# qc::weight_quant_matmul
-
-
-@torch.library.custom_op(
-    "qc::weight_quant_matmul",
-    mutates_args=(),
-    device_types="cpu",
-    schema=(
-        "(Tensor x, Tensor weight, Tensor antiquant_scale, Tensor antiquant_offset, Tensor? bias, "
-        "int group_size, int packing) -> Tensor"
-    ),
-)
-def weight_quant_matmul(
-    x: Tensor,
-    weight: Tensor,
-    antiquant_scale: Tensor,
-    antiquant_offset: Tensor,
-    bias: Tensor | None,
-    group_size: int,
-    packing: int,
-) -> Tensor:
-    """W8A16 / W4A16: `x @ ((w + offset) * scale)^T (+ bias)` in x's dtype; [..., k] -> [..., n]."""
-    return kernels.weight_quant_matmul(
-        x, weight, antiquant_scale, antiquant_offset, bias, group_size, packing
-    )
-
-
-@weight_quant_matmul.register_fake
-def _(x, weight, antiquant_scale, antiquant_offset, bias, group_size, packing):
-    torch._check(packing in (0, 1, 2), lambda: f"weight_quant_matmul: packing {packing} not in (0, 1, 2)")
-    return x.new_empty(_out_shape(x, antiquant_scale.shape[0]))
-
-
-@weight_quant_matmul.register_kernel(_NPU)
+@qc_ops.weight_quant_matmul.register_kernel(_NPU)
 def _weight_quant_matmul_npu(x, weight, antiquant_scale, antiquant_offset, bias, group_size, packing):
     import torch_npu  # noqa: PLC0415
 
@@ -283,12 +125,5 @@ def _weight_quant_matmul_npu(x, weight, antiquant_scale, antiquant_offset, bias,
     return y.reshape(_out_shape(x, n))
 
 
-# The op overloads this module defines, for passes and verifiers that need to recognise them.
-QC_OPS = (
-    torch.ops.qc.quantize.default,
-    torch.ops.qc.quant_matmul.default,
-    torch.ops.qc.dynamic_quant.default,
-    torch.ops.qc.quant_matmul_pertoken.default,
-    torch.ops.qc.quant_matmul_pergroup.default,
-    torch.ops.qc.weight_quant_matmul.default,
-)
+# the Linear ops' overloads (defined in ir/qc_ops.py), for this backend's tests and tools
+QC_OPS = qc_ops.QC_OPS

@@ -33,17 +33,18 @@ def crosscheck(out_dir: Path, data_path: Path, seq_len: int = 512, max_windows: 
     """Both runtimes on the same windows; `onnx_dir` defaults to OUT/onnx (exported when missing)."""
     from ...calib_data import make_windows, read_texts
     from ...ir.capture import LayerInputs
-    from ...runtime import auto_batch_size, load_model, run_layer_batched
+    from ...executable import load_compiled_model
+    from ...model import auto_batch_size, run_layer_batched
     from .export import export_onnx
-    from .runtime_hook import _onnx_folder
+    from .runtime_hook import _onnx_folder, pick_onnx
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out_dir = Path(out_dir)
     onnx_dir = Path(onnx_dir) if onnx_dir is not None else out_dir / "onnx"
     if _onnx_folder(onnx_dir) != onnx_dir:
         log(f"{onnx_dir} missing: exporting")
         export_onnx(out_dir, dest=onnx_dir, log=log)
-    exe = load_model(out_dir, runtime="executable")
-    onx = load_model(onnx_dir, runtime="onnx")
+    exe = load_compiled_model(out_dir)
+    onx = pick_onnx(onnx_dir, None, "onnx")
     windows = make_windows(exe.tokenizer, read_texts(data_path), seq_len, max_windows)
     head = exe.head
     pe = head.rope(windows.shape[1])

@@ -73,9 +73,10 @@ def build_float_model(model_dir):
     """(WholeModel in float32, info) of a float HF checkpoint (folder or alias), through the same captured
     layers as `qcompile eval MODEL_DIR`: the unquantized reference for benchmarks."""
     from ...ir.capture import LayerInputs
-    from ...runtime import load_model
+    from ...model import load_float_model
+    from ...model_zoo import resolve_model_dir
     from .prepare import WholeModel, float32_layer
-    m = load_model(model_dir)
+    m = load_float_model(Path(model_dir) if Path(model_dir).is_dir() else resolve_model_dir(str(model_dir)))
     sample = LayerInputs(m.head.embed(torch.zeros(2, 8, dtype=torch.long)), m.head.rope(8))
     modules = [float32_layer(m.layers.get(i, sample)) for i in range(m.layers.num_layers)]
     ckpt = m.layers.skeleton.ckpt

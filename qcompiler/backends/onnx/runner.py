@@ -1,6 +1,6 @@
 """Run an exported ONNX model (OUT/onnx) with onnxruntime's CPU provider, for `qcompile eval` / `run`.
 
-`OrtModel` is the callable `ids [B, L] int64 -> logits [B, L, V] float32` that `runtime.LoadedModel.forward` holds.
+`OrtModel` is the callable `ids [B, L] int64 -> logits [B, L, V] float32` that `model.LoadedModel.forward` holds.
 The model takes whole sequences (no KV cache), like the executable graph's runtime.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def load_onnx_model(folder: Path, trust_remote_code: bool = False):
     """LoadedModel(kind="onnx") for eval / run: tokenizer from the folder (trust.py), forward = OrtModel."""
     from ... import knobs
     from ...loading import load_tokenizer
-    from ...runtime import LoadedModel
+    from ...model import LoadedModel
     try:
         meta = json.loads((folder / META_FILE).read_text())
     except (OSError, ValueError) as e:

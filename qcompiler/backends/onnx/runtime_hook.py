@@ -1,10 +1,10 @@
-"""How `runtime.load_model` decides to run a folder with onnxruntime (kept here, out of runtime.py).
+"""How `runtime.load_model` decides to run a folder with onnxruntime (kept here, out of runtime.py; nothing here
+imports runtime.py).
 
 `pick_onnx` only looks at files until it finds an ONNX model to load (onnxruntime is imported then).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ...errors import QCError
@@ -20,12 +20,8 @@ def _onnx_folder(path: Path) -> Path | None:
 
 
 def _compiled_for_onnx(path: Path) -> bool:
-    info = path / "executable" / "model.json"
-    try:
-        content = json.loads(info.read_text()) if info.is_file() else None
-    except (OSError, ValueError):
-        return False  # not ours to report: executable.read_info names the damaged file
-    return isinstance(content, dict) and content.get("target") == "onnx"
+    from ...executable import compiled_target
+    return compiled_target(path) == "onnx"
 
 
 def pick_onnx(path: Path, dtype: str | None, runtime: str, trust_remote_code: bool = False):

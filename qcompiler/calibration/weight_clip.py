@@ -1,7 +1,7 @@
 """Weight scales other than absmax: MSE-optimal clipping (`weight_observer=mse`) and outlier split (w8a8s).
 
 Contract: `mse_weight_scale(w, bits, group_size, clip)` -> float32 scale [n, G] (G = 1 per-channel, k / g
-per-group), for `encode.quantize_weight(w, bits, group_size, scale=...)`. Per row (or row-group) it tries
+per-group), for `ir/model_dtype.quantize_weight(w, bits, group_size, scale=...)`. Per row (or row-group) it tries
 scale = r * absmax / qmax for r on `clip.grid` equal steps from 1.0 down to `clip.min_ratio` and keeps the
 r with the least sum of squared quantization error sum((w - s * clamp(round(w / s), -qmax, qmax))^2).
 r = 1.0 (min-max) is tried first and replaced only by a strictly smaller error, so the result never has a
@@ -12,8 +12,9 @@ Cost: grid + 1 fake-quantizations of the weight, in row chunks to bound memory, 
 """
 import torch
 
-from . import qnumerics as qn
-from .qspec import MSEClip, OutlierSplit
+from ..ir import qnumerics as qn
+from ..ir.model_dtype import engine_scale
+from ..ir.qspec import MSEClip, OutlierSplit
 
 
 def mse_weight_scale(w: torch.Tensor, bits: int, group_size: int = 0, clip: MSEClip = MSEClip(),
@@ -77,7 +78,7 @@ def outlier_split_codes(w: torch.Tensor, bits: int, split: OutlierSplit,
                         model_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes [n, k], float32 scale [n, 1]) per `OutlierSplit` (qspec.py): the scale comes from each row's
     inliers, inliers keep to [-qmax, qmax], outliers use the rest of the int8 range (+-127). With `model_dtype`
-    the scale is first rounded as the engines hold it (encode.engine_scale) and the codes computed against it."""
+    the scale is first rounded as the engines hold it (ir/model_dtype.engine_scale) and the codes computed against it."""
     if w.dim() != 2:
         raise ValueError(f"weight must be 2-D [n, k], got shape {list(w.shape)}")
     w32 = w.detach().float()
@@ -95,7 +96,6 @@ def outlier_split_codes(w: torch.Tensor, bits: int, split: OutlierSplit,
     scale = inlier_absmax / qn.qmax(bits)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if model_dtype is not None:
-        from ..backends.ascend.encode import engine_scale
         scale = engine_scale(scale, model_dtype)
     q = torch.round(w32 / scale).clamp(-127, 127)
     q = torch.where(outlier, q, q.clamp(-qn.qmax(bits), qn.qmax(bits)))

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import distributed
-from .patterns import get_tensor
+from ..ir.patterns import get_tensor
 
 
 @dataclass

@@ -26,8 +26,8 @@ either path, so a quantile moves by at most two bin widths (tests/ir/test_observ
 import numpy as np
 import torch
 
+from ..ir.qspec import Entropy, L2Histogram, Percentile
 from .observers import reduce_min_max_count
-from .qspec import Entropy, L2Histogram, Percentile
 
 QUANT_LEVELS = 128  # TensorRT: levels of one side of a symmetric int8 grid
 

@@ -1,6 +1,8 @@
-"""lower (internal): replace every annotated Linear by the Ascend backend's fused quantized ops.
+"""lower (internal pass of the Ascend backend): replace every annotated Linear by its fused quantized ops.
 
-For each annotated `aten.linear` node: encode the artifact tensors (backends/ascend/encode.py), store
+The target-neutral pipeline appends it by name (passes.TAIL); it is registered when qcompiler.backends.ascend
+is imported (the driver does; ONNX lowers the executable graph this pass writes: backends/onnx/).
+For each annotated `aten.linear` node: encode the artifact tensors (encode.py), store
 the ones the kernel reads as buffers under the Linear's HF names (`self_attn.q_proj.weight` becomes the
 int8 weight, `...deq_scale`, `...quant_bias`, `...weight_scale`, ...), rewrite the node into
 `torch.ops.qc.*` calls, and record the full tensor set in `ctx.artifact` for the artifact writer.
@@ -35,15 +37,15 @@ import torch
 
 aten = torch.ops.aten
 
-from ..backends.ascend import encode, kernels, ops  # noqa: F401  (ops registers torch.ops.qc.*)
-from ..errors import QCError
-from ..ir import meta
-from ..ir.observers import MinMaxObserver
-from ..ir.patterns import get_tensor, linear_sites, prune_unused_tensors, set_tensor
-from ..ir.qspec import MSEClip, OutlierSplit, PerGroup
-from ..ir.weight_clip import mse_weight_scale, outlier_split_codes
-from .base import LinearArtifact, Pass, PassResult
-from .registry import register
+from ...calibration.observers import MinMaxObserver
+from ...calibration.weight_clip import mse_weight_scale, outlier_split_codes
+from ...errors import QCError
+from ...ir import meta
+from ...ir.patterns import get_tensor, linear_sites, prune_unused_tensors, set_tensor
+from ...ir.qspec import MSEClip, OutlierSplit, PerGroup
+from ...passes.base import LinearArtifact, Pass, PassResult
+from ...passes.registry import register
+from . import encode, kernels, ops  # noqa: F401  (ops registers the CPU / NPU kernels of torch.ops.qc.*)
 
 
 def remove_observers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, MinMaxObserver]:

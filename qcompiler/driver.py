@@ -387,7 +387,7 @@ def _compile_into(tmp: Path | None, opts, ckpt, pm, target, texts, log, t0, warn
         with phases("capture (torch.export)"):
             gm = skeleton.capture_layer(i, inputs)
         ctx = LayerContext(index=i, inputs=inputs, dtype=ckpt.dtype, exclude=tuple(opts.exclude),
-                           batch_size=batch_size, pipeline=tuple(pm.passes))
+                           batch_size=batch_size)
         try:
             with phases("passes"):
                 gm = pm.run(gm, ctx)

@@ -26,7 +26,7 @@ calibration inputs: mean |x| per channel and X^T X, `ir.linear_inputs`):
    these), and the float weight clamped to +-qmax * scale (a following gptq then reads the clipped
    absmax as its scale). Norm weights and v/up rows change: the artifact must take every float tensor
    of the layer from the graph, not from the checkpoint.
-Bits and group come from the scheme pass after awq (`weight_targets`). The searches run on one thread
+Bits and group come from each Linear's spec (`weight_targets`; the scheme passes annotate first). The searches run on one thread
 and rank candidates with bf16 products (losses reported in float32); see `quadratic_rows`.
 Requires: captured. Produces: awq. Forbids: annotated, gptq (gptq must see awq's weights).
 Limits: all four Hessians of a layer are held at once (intermediate_size^2 floats for down_proj);
@@ -40,7 +40,7 @@ from ..ir import meta
 from ..ir import qnumerics as qn
 from ..ir.linear_inputs import LayerRunner, replace_tensor
 from ..ir.patterns import get_tensor, linear_sites, shared_input_groups
-from .base import Pass, PassResult
+from .base import Pass, PassResult, Phase
 from .registry import register
 from .weight_targets import WeightTarget, column_scale, fake_quant, quantize, single_thread, weight_targets
 
@@ -249,6 +249,7 @@ class AWQ(Pass):
     requires = frozenset({"captured"})
     produces = frozenset({"awq"})
     forbids = frozenset({"annotated", "gptq"})
+    phase = Phase.TRANSFORM
     Options = AWQOptions
 
     def run(self, gm, ctx):

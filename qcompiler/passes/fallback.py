@@ -278,7 +278,7 @@ def presweep(passes, skeleton, inputs: LayerInputs, ckpt, exclude, batch_size: i
     for i in bar:
         gm = skeleton.capture_layer(i, inputs)
         ctx = LayerContext(index=i, inputs=inputs, dtype=ckpt.dtype, exclude=tuple(exclude),
-                           batch_size=batch_size, pipeline=tuple(passes))
+                           batch_size=batch_size)
         gm = before.run(gm, ctx)
         units, ref = measure_layer(gm, ctx)
         measured += [(i, unit, s) for unit, s in units]

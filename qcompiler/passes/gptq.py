@@ -6,8 +6,8 @@ of the layer's output error, H = 2 X^T X / N (X: the Linear's calibration inputs
 better codes: lower output error, notably at 4 bits.
 
 How, per decoder layer:
-- Target quantization (`weight_targets`): bits and group of the scheme pass after gptq that will claim
-  each Linear (respecting --exclude and the scheme's `match`). Scales are the artifact's: symmetric
+- Target quantization (`weight_targets`): bits and group of each Linear's spec (`meta.QUANT_SPEC`, written
+  by the scheme passes, which run before gptq whatever the --passes order: passes/base.py Phase). Scales are the artifact's: symmetric
   absmax / qmax per channel or per group, computed from the float weight as it is when gptq runs (after
   smooth/awq) and kept fixed ("static groups"), so the stored per-group scales match the unpermuted
   layout even with act-order. Codes lie in [-127, 127] / [-7, 7].
@@ -39,7 +39,7 @@ from ..ir import meta
 from ..ir import qnumerics as qn
 from ..ir.linear_inputs import replace_tensor, stage_input_stats
 from ..ir.patterns import get_tensor, linear_sites, shared_input_groups
-from .base import Pass, PassResult
+from .base import Pass, PassResult, Phase
 from .registry import register
 from .weight_targets import (WeightTarget, column_scale, dequantize, quantize, single_thread,
                              weight_targets)
@@ -157,6 +157,7 @@ class GPTQ(Pass):
     requires = frozenset({"captured"})
     produces = frozenset({"gptq"})
     forbids = frozenset({"annotated"})
+    phase = Phase.TRANSFORM
     Options = GPTQOptions
 
     def run(self, gm, ctx):

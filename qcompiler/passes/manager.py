@@ -4,9 +4,11 @@
   produced by the passes before it, or whose `forbids` already hold, is an error naming the pass, what it
   needs and which user passes could supply it there (internal passes the driver appends are never named:
   `--passes smooth` says which schemes can follow smooth). Nothing runs before the pipeline is valid.
-- `run(gm, ctx)` runs the passes in order; instruments see every pass (timing, dumps); the verifier runs
+- `run(gm, ctx)` runs the passes phase by phase (`execution_order`: `Pass.phase`, the user's order kept
+  inside a phase: scheme passes annotate first, float transforms then read the annotations; passes/base.py);
+  instruments see every pass (timing, dumps; `index` is the position in execution order); the verifier runs
   after each pass that modified the graph (on by default); a failure is re-raised as `PassError` naming
-  the pass, the layer and the passes that ran before it.
+  the pass, the layer and the passes that ran before it. `ctx.records` keeps the pipeline's order.
 """
 from collections.abc import Sequence
 
@@ -52,9 +54,13 @@ class PassManager:
             seen.append(p.name)
         return frozenset(have)
 
+    def execution_order(self) -> list[Pass]:
+        """The passes as `run` executes them: by phase, in pipeline order inside a phase (a stable sort)."""
+        return sorted(self.passes, key=lambda p: p.phase)
+
     def run(self, gm: torch.fx.GraphModule, ctx: LayerContext) -> torch.fx.GraphModule:
         done = []
-        for index, p in enumerate(self.passes):
+        for index, p in enumerate(self.execution_order()):
             for inst in self.instruments:
                 inst.before_pass(index, p, gm, ctx)
             try:
@@ -72,6 +78,10 @@ class PassManager:
             for inst in self.instruments:
                 inst.after_pass(index, p, result, ctx)
             done.append(p.name)
+        order = {p.name: i for i, p in enumerate(self.passes)}  # report: records in pipeline order
+        records = sorted(ctx.records.items(), key=lambda kv: order.get(kv[0], len(order)))
+        ctx.records.clear()
+        ctx.records.update(records)
         return gm
 
 

@@ -25,9 +25,9 @@ outputs on a sample of calibration rows (`tokens`) with fake quantization (weigh
 scheme quantizes them; activations per-tensor asymmetric min-max over the whole calibration set for
 static schemes, per-token symmetric for dynamic ones, float for weight-only ones) are compared with the
 float outputs; the alpha with the lowest MSE wins. The chosen alphas and the MSE before/after go to
-PassResult.stats (`alphas`, `mse`), so into the report. The scheme of a group is that of the first
-scheme pass after this one in `ctx.pipeline` that claims the group's Linears (w8a8 when there is none,
-e.g. a pass run on its own); groups whose Linears no scheme quantizes are left alone.
+PassResult.stats (`alphas`, `mse`), so into the report. How each Linear will be quantized is its spec
+(`meta.QUANT_SPEC`): the scheme passes annotate before smooth runs, whatever the --passes order (passes/
+base.py Phase); groups whose Linears carry no spec (no scheme quantizes them) are left alone.
 
 shift (`shift=true`, norm groups only): z_j = (max_j + min_j) / 2 is subtracted from the normed
 activation first: the norm gains a bias (`<norm>.bias` = -z/s, a new parameter read by a new `add`
@@ -36,7 +36,7 @@ consumer Linear already has a bias (Qwen2's q/k/v): the artifact layout has no p
 architecture lacks (engines and the checker reject it, and static W8A8's quant_bias must match the stored
 bias). Groups where it cannot apply are smoothed without shift and named in stats["shift_skipped"].
 
-Requires: captured. Produces: smoothed. Forbids: annotated (run it before the scheme pass).
+Requires: captured. Produces: smoothed. Forbids: annotated (write it before the scheme pass). Phase: TRANSFORM.
 Cost: one extra forward of the calibration set per layer for the statistics, plus (grid + 2) quantized
 matmuls of `tokens` rows through every Linear of the layer (int8 `torch._int_mm`): about 6 CPU-seconds per
 SmolLM2-135M layer at the defaults; lower `grid` / `tokens` for big models.
@@ -49,11 +49,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ir import meta
 from ..ir import qnumerics as qn
 from ..ir.linear_inputs import InputStats, LayerRunner
 from ..ir.patterns import LinearSite, get_tensor, linear_sites, shared_input_groups
-from ..ir.qspec import LinearQuantSpec, PerChannel, PerGroup, PerTensor, PerToken, TensorQuant
-from .base import Pass, PassResult
+from ..ir.qspec import LinearQuantSpec, PerGroup, PerToken, TensorQuant
+from .base import Pass, PassResult, Phase
 from .registry import register
 
 S_MIN, S_MAX = 1e-5, 1e5
@@ -204,42 +205,6 @@ def find_smooth_groups(gm: torch.fx.GraphModule) -> tuple[list[SmoothGroup], dic
 
 
 # ---- the quantization the search emulates ------------------------------------------------------------
-STATIC_W8A8 = LinearQuantSpec("W8A8", TensorQuant(8, True, PerChannel()), TensorQuant(8, False, PerTensor()),
-                              "smooth")
-
-
-def _scheme_spec(p, full_name: str, k: int) -> LinearQuantSpec | None:
-    """The spec scheme pass `p` gives Linear `full_name` (in-features k), or None if it does not claim it."""
-    claims = getattr(p, "claims", None)
-    if claims is not None and not claims(full_name):
-        return None
-    group = getattr(p.options, "group", 0)
-    if group is None:
-        group = next((g for g in (128, 64) if k % g == 0), 0)
-    try:
-        return p.spec(group)
-    except TypeError:
-        return p.spec()
-
-
-def following_spec(ctx, me: Pass, site: LinearSite, k: int) -> LinearQuantSpec | None:
-    """How the scheme after `me` in ctx.pipeline will quantize `site` (None: stays float).
-    A pipeline without scheme passes (a pass run alone) is taken as static w8a8."""
-    full = ctx.prefix + site.name
-    if any(re.search(p, full) for p in ctx.exclude):
-        return None
-    pipeline = list(ctx.pipeline)
-    after = pipeline[pipeline.index(me) + 1:] if me in pipeline else pipeline
-    schemes = [p for p in after if p.quant_type and hasattr(p, "spec")]
-    if not schemes:
-        return STATIC_W8A8
-    for p in schemes:
-        spec = _scheme_spec(p, full, k)
-        if spec is not None:
-            return spec
-    return None
-
-
 @dataclass
 class QTensor:
     """Integer codes with their scale (and offset): value ~ (codes - offset) * scale."""
@@ -437,6 +402,7 @@ class Smooth(Pass):
     requires = frozenset({"captured"})
     produces = frozenset({"smoothed"})
     forbids = frozenset({"annotated", "gptq", "awq"})  # their chosen codes would go stale
+    phase = Phase.TRANSFORM
     Options = SmoothOptions
 
     def alphas(self) -> list[float]:
@@ -452,8 +418,7 @@ class Smooth(Pass):
             if g.kind not in kinds or re.search(self.options.match, ctx.prefix + g.producer) is None:
                 skipped[g.sites[0].name] = f"not selected (subgraphs={self.options.subgraphs}, match)"
                 continue
-            k = get_tensor(gm, g.sites[0].weight.target).shape[1]
-            specs = [following_spec(ctx, self, s, k) for s in g.sites]
+            specs = [s.node.meta.get(meta.QUANT_SPEC) for s in g.sites]  # None: stays float
             if all(sp is None for sp in specs):
                 skipped[g.sites[0].name] = "no scheme quantizes these Linears"
                 continue

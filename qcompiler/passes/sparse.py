@@ -24,7 +24,9 @@ Linears stay float and dense). Sequential (default, as gptq): Linears sharing an
 share one Hessian; groups run in graph order and each Hessian comes from inputs computed with the
 already-pruned Linears before it. `sequential=false`: every statistic from the unpruned layer.
 Result: the float weight parameter is replaced by the pruned one (model dtype); `meta.SPARSITY` on the
-Linear's node holds the achieved fraction of zeros (w8a8s reads it).
+Linear's node holds the achieved fraction of zeros (gptq keeps those codes zero). Phase: TRANSFORM (after
+the scheme passes' annotation): a Linear a scheme marked `meta.NEEDS_PRUNING` (w8a8s, w16a16s) that this
+pass does not prune is a one-line error.
 Records per Linear: method, sparsity (zeros / numel of the stored weight), protected (outliers kept per
 row), and for calibration-aware methods rel_err = tr(dW H dW^T) / tr(W H W^T).
 Requires: captured. Produces: sparse. Forbids: annotated, awq, gptq (weights they choose would go stale;
@@ -42,10 +44,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import QCError
 from ..ir import meta
 from ..ir.linear_inputs import replace_tensor, stage_input_stats
 from ..ir.patterns import get_tensor, linear_sites, shared_input_groups
-from .base import Pass, PassResult
+from .base import Pass, PassResult, Phase
 from .gptq import _inverse_cholesky, row_errors
 from .registry import register
 from .weight_targets import single_thread
@@ -191,6 +194,7 @@ class Sparse(Pass):
     requires = frozenset({"captured"})
     produces = frozenset({"sparse"})
     forbids = frozenset({"annotated", "gptq", "awq"})
+    phase = Phase.TRANSFORM
     Options = SparseOptions
     #: `--passes sparse` alone is a valid compile: the driver then writes the pruned float model (no scheme)
     standalone = True
@@ -202,6 +206,12 @@ class Sparse(Pass):
 
     def run(self, gm, ctx):
         sites = self._targets(gm, ctx)
+        pruned = {s.name for s in sites}
+        for site in linear_sites(gm):  # a scheme annotated it for pruned weights (w8a8s, w16a16s)
+            claimer = site.node.meta.get(meta.NEEDS_PRUNING)
+            if claimer is not None and site.name not in pruned:
+                raise QCError(f"{claimer} claims {ctx.prefix}{site.name} but the sparse pass did not prune it; "
+                              f"give sparse the same match/--exclude as {claimer}")
         if not sites:
             return PassResult(gm, modified=False, stats={"linears": {}})
         if self.options.ratio == 0.0:

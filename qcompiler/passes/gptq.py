@@ -37,8 +37,8 @@ import torch
 
 from ..ir import meta
 from ..ir import qnumerics as qn
-from ..ir.linear_inputs import replace_tensor, stage_input_stats
-from ..ir.patterns import get_tensor, linear_sites, shared_input_groups
+from ..ir.linear_inputs import stage_input_stats
+from ..ir.patterns import get_tensor, linear_sites, replace_tensor, shared_input_groups
 from .base import Pass, PassResult, Phase
 from .registry import register
 from .weight_targets import (WeightTarget, column_scale, dequantize, quantize, single_thread,

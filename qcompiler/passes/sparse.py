@@ -46,8 +46,8 @@ import torch
 
 from ..errors import QCError
 from ..ir import meta
-from ..ir.linear_inputs import replace_tensor, stage_input_stats
-from ..ir.patterns import get_tensor, linear_sites, shared_input_groups
+from ..ir.linear_inputs import stage_input_stats
+from ..ir.patterns import get_tensor, linear_sites, replace_tensor, shared_input_groups
 from .base import Pass, PassResult, Phase
 from .gptq import _inverse_cholesky, row_errors
 from .registry import register

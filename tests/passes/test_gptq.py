@@ -14,8 +14,8 @@ from qcompiler.driver import compile_model
 from qcompiler.errors import QCError
 from qcompiler.ir import meta
 from qcompiler.ir.capture import HFSkeleton
-from qcompiler.ir.linear_inputs import LayerRunner, replace_tensor
-from qcompiler.ir.patterns import get_tensor, linear_sites
+from qcompiler.ir.linear_inputs import LayerRunner
+from qcompiler.ir.patterns import get_tensor, linear_sites, replace_tensor
 from qcompiler.loading import open_checkpoint
 from qcompiler.passes import TAIL, LayerContext, PassManager, make_pass
 from qcompiler.passes.gptq import gptq_quantize, output_error

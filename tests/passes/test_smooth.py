@@ -16,7 +16,8 @@ from qcompiler.ir.patterns import get_tensor, linear_sites
 from qcompiler.loading import open_checkpoint
 from qcompiler.passes import TAIL, LayerContext, PassManager, make_pass
 from qcompiler.passes.instruments import StatsInstrument
-from qcompiler.passes.smooth import find_smooth_groups, smooth_scales
+from qcompiler.ir.folding import find_fold_groups
+from qcompiler.passes.smooth import smooth_scales
 from tests.helpers import annotate, assert_checker_clean
 
 aten = torch.ops.aten
@@ -74,7 +75,7 @@ def _rel(got, want, resid):
 
 def test_groups_found_by_dataflow(tiny_models):
     layer, ctx = _setup(tiny_models["qwen2"])
-    groups, skipped = find_smooth_groups(_gm(layer, ctx))
+    groups, skipped = find_fold_groups(_gm(layer, ctx))
     assert skipped == {}
     got = [(g.kind, g.producer, [s.name for s in g.sites], g.heads) for g in groups]
     assert got == [

@@ -31,7 +31,8 @@ calibration inputs: mean |x| per channel and X^T X, `ir.linear_inputs`):
    of the layer from the graph, not from the checkpoint.
 Bits and group come from each Linear's spec (`weight_targets`; the scheme passes annotate first). The searches run on one thread
 and rank candidates with bf16 products (losses reported in float32); see `quadratic_rows`.
-Requires: captured. Produces: awq. Forbids: annotated, gptq (gptq must see awq's weights).
+Requires: captured. Produces: weights_rounded. Forbids: annotated, weights_rounded (gptq must see
+awq's weights). Phase: TRANSFORM.
 Limits: all four Hessians of a layer are held at once (intermediate_size^2 floats for down_proj);
 per-channel clipping of a Linear with k > 4096 uses 512-wide diagonal blocks of H (an approximation).
 """
@@ -45,6 +46,7 @@ from ..ir.folding import fold, match_group
 from ..ir.linear_inputs import LayerRunner
 from ..ir.patterns import get_tensor, linear_sites, replace_tensor, shared_input_groups
 from .base import Pass, PassResult, Phase
+from .properties import ANNOTATED, CAPTURED, WEIGHTS_ROUNDED
 from .registry import register
 from .weight_targets import WeightTarget, column_scale, fake_quant, quantize, single_thread, weight_targets
 
@@ -159,9 +161,9 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, t: WeightTarget, clip_grid: in
 class AWQ(Pass):
     name = "awq"
     summary = "AWQ: activation-aware weight scaling (folded into norms / v / up) + weight clipping search"
-    requires = frozenset({"captured"})
-    produces = frozenset({"awq"})
-    forbids = frozenset({"annotated", "gptq"})
+    requires = frozenset({CAPTURED})
+    produces = frozenset({WEIGHTS_ROUNDED})
+    forbids = frozenset({ANNOTATED, WEIGHTS_ROUNDED})
     phase = Phase.TRANSFORM
     Options = AWQOptions
 

@@ -5,8 +5,8 @@ A pass is a small class:
     @register
     class MyPass(Pass):
         name = "mypass"                      # what --passes takes
-        requires = frozenset({"captured"})   # IR properties that must hold before it runs
-        produces = frozenset({"annotated"})  # properties that hold after it
+        requires = frozenset({CAPTURED})     # IR properties that must hold before it runs
+        produces = frozenset({ANNOTATED})    # properties that hold after it (facts, passes/properties.py)
         forbids = frozenset()                # properties that must NOT hold yet (e.g. float-only passes)
         phase = Phase.QUANTIZE               # when it runs: ANNOTATE, TRANSFORM or QUANTIZE (below)
         Options = MyOptions                  # frozen dataclass; parsed from `mypass:key=value`
@@ -106,12 +106,35 @@ class Pass:
     quant_type: ClassVar[str | None] = None
     #: internal passes are appended by the driver, not named by users
     internal: ClassVar[bool] = False
+    #: capability: the pass migrates activation outliers into the weights (smooth), so static int8 activations
+    #: need no outlier policy (policy.py's `auto` reads this, never a pass name)
+    migrates_outliers: ClassVar[bool] = False
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
 
     def run(self, gm: torch.fx.GraphModule, ctx: LayerContext) -> PassResult:
         raise NotImplementedError
+
+    def check_model(self, passes: list, config: dict, exclude: tuple) -> None:
+        """Before any work: QCError when this pass cannot do its job on this model with this pipeline (`config`:
+        config.json as a dict; `exclude`: --exclude regexes with the policy's). Default: nothing to check."""
+
+    #: a model-wide pass: the driver calls `presweep` once before any layer compiles (fallback measures every
+    #: layer there), and `restore` when a resumed compile continues
+    model_wide: ClassVar[bool] = False
+
+    def presweep(self, passes: list, skeleton, inputs, ckpt, exclude: tuple, batch_size: int,
+                 log=None) -> tuple["Pass", dict]:
+        """Model-wide work before the layers compile (model_wide passes only). `passes`: the whole pipeline
+        (this pass among them), `skeleton` / `inputs`: ir/capture.py's HFSkeleton and layer 0's calibration
+        inputs, `ckpt`: the checkpoint. Returns (the pass to run on every layer, its report: JSON-able, written
+        to the compile report under the pass's name and into the resume state)."""
+        raise NotImplementedError(f"pass {self.name} has no model-wide pre-sweep")
+
+    def restore(self, report: dict) -> "Pass":
+        """The pass `presweep` returned, rebuilt from its report (a resumed compile does not measure again)."""
+        raise NotImplementedError(f"pass {self.name} has no model-wide pre-sweep")
 
     def __repr__(self):
         return f"{type(self).__name__}({self.options})"

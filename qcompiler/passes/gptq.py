@@ -27,7 +27,8 @@ Cost per layer: about one forward of the layer over the calibration set (stage i
 Gram matrices (bf16 products accumulated in float32 for bf16 models, `ir.linear_inputs`), one
 Cholesky inverse and k column steps per shared input; GPTQ's own math runs on one thread.
 Records per Linear: relative output error tr(dW H dW^T) / tr(W H W^T) of GPTQ and of RTN (same scales).
-Requires: captured. Produces: gptq. Forbids: annotated (must precede the scheme pass).
+Requires: captured. Produces: weights_rounded. Forbids: annotated (written before the scheme pass).
+Phase: TRANSFORM.
 Limits: the float weight is replaced, so a pass that changes weights must not run after gptq (awq
 and smooth forbid it). The artifact's other float tensors are unchanged by gptq.
 """
@@ -40,6 +41,7 @@ from ..ir import qnumerics as qn
 from ..ir.linear_inputs import stage_input_stats
 from ..ir.patterns import get_tensor, linear_sites, replace_tensor, shared_input_groups
 from .base import Pass, PassResult, Phase
+from .properties import ANNOTATED, CAPTURED, WEIGHTS_ROUNDED
 from .registry import register
 from .weight_targets import (WeightTarget, column_scale, dequantize, quantize, single_thread,
                              weight_targets)
@@ -154,9 +156,9 @@ def row_errors(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 class GPTQ(Pass):
     name = "gptq"
     summary = "GPTQ error-compensating weight rounding for the scheme that follows (int8/int4, channel/group)"
-    requires = frozenset({"captured"})
-    produces = frozenset({"gptq"})
-    forbids = frozenset({"annotated"})
+    requires = frozenset({CAPTURED})
+    produces = frozenset({WEIGHTS_ROUNDED})
+    forbids = frozenset({ANNOTATED})
     phase = Phase.TRANSFORM
     Options = GPTQOptions
 

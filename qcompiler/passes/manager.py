@@ -1,6 +1,7 @@
 """PassManager: validates a whole pipeline before any work, then runs it on each layer graph.
 
-- `validate()` simulates the IR properties through the pipeline: a pass whose `requires` are not all
+- `validate()` simulates the IR properties (passes/properties.py; a name not there is an error) through the
+  pipeline: a pass whose `requires` are not all
   produced by the passes before it, or whose `forbids` already hold, is an error naming the pass, what it
   needs and which user passes could supply it there (internal passes the driver appends are never named:
   `--passes smooth` says which schemes can follow smooth). Nothing runs before the pipeline is valid.
@@ -17,10 +18,11 @@ import torch
 from ..errors import PassError, QCError
 from ..ir.verifier import verify
 from .base import LayerContext, Pass
+from .properties import CAPTURED, KNOWN
 from .registry import REGISTRY
 
 #: what a freshly captured layer graph satisfies
-INITIAL_PROPERTIES = frozenset({"captured"})
+INITIAL_PROPERTIES = frozenset({CAPTURED})
 
 
 class PassManager:
@@ -40,6 +42,10 @@ class PassManager:
         have = set(self.initial)
         seen = []
         for p in self.passes:
+            unknown = (p.requires | p.produces | p.forbids) - KNOWN
+            if unknown:
+                raise QCError(f"pass {p.name} declares unknown IR properties {sorted(unknown)}; the properties "
+                              f"are {', '.join(sorted(KNOWN))} (passes/properties.py)")
             missing = p.requires - have
             if missing:
                 raise QCError(_missing_message(p, missing, have, seen))

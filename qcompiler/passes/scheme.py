@@ -31,6 +31,7 @@ from ..ir.qspec import (Entropy, L2Histogram, LinearQuantSpec, MinMax, MSEClip, 
                         Percentile, TensorQuant)
 from .base import Pass, PassResult, Phase
 from .group_size import GROUP_SIZES, default_group_size
+from .properties import ANNOTATED, CAPTURED, LOWERED
 
 
 #: option values -> observer types (ir/qspec.py); the options stay strings so `name:key=value` parses them
@@ -122,9 +123,9 @@ def unclaimed_sites(gm, ctx, match: str) -> list:
 
 
 class SchemePass(Pass):
-    requires = frozenset({"captured"})
-    produces = frozenset({"annotated"})
-    forbids = frozenset({"lowered"})
+    requires = frozenset({CAPTURED})
+    produces = frozenset({ANNOTATED})
+    forbids = frozenset({LOWERED})
     phase = Phase.ANNOTATE
     Options = SchemeOptions
 

@@ -57,6 +57,7 @@ from ..ir.linear_inputs import InputStats, LayerRunner
 from ..ir.patterns import get_tensor, replace_tensor
 from ..ir.qspec import LinearQuantSpec, PerGroup, PerToken, TensorQuant
 from .base import Pass, PassResult, Phase
+from .properties import ANNOTATED, CAPTURED, SMOOTHED, WEIGHTS_ROUNDED
 from .registry import register
 
 S_MIN, S_MAX = 1e-5, 1e5
@@ -262,10 +263,11 @@ def group_error(x: torch.Tensor, refs: list[torch.Tensor], weights: list[torch.T
 class Smooth(Pass):
     name = "smooth"
     summary = "SmoothQuant: migrate activation outliers into weights (alpha searched per group; shift=true centers)"
-    requires = frozenset({"captured"})
-    produces = frozenset({"smoothed"})
-    forbids = frozenset({"annotated", "gptq", "awq"})  # their chosen codes would go stale
+    requires = frozenset({CAPTURED})
+    produces = frozenset({SMOOTHED})
+    forbids = frozenset({ANNOTATED, WEIGHTS_ROUNDED})  # codes gptq/awq chose would go stale
     phase = Phase.TRANSFORM
+    migrates_outliers = True
     Options = SmoothOptions
 
     def alphas(self) -> list[float]:

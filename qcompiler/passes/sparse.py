@@ -29,7 +29,7 @@ the scheme passes' annotation): a Linear a scheme marked `meta.NEEDS_PRUNING` (w
 pass does not prune is a one-line error.
 Records per Linear: method, sparsity (zeros / numel of the stored weight), protected (outliers kept per
 row), and for calibration-aware methods rel_err = tr(dW H dW^T) / tr(W H W^T).
-Requires: captured. Produces: sparse. Forbids: annotated, awq, gptq (weights they choose would go stale;
+Requires: captured. Produces: weights_pruned. Forbids: annotated, weights_rounded (codes gptq/awq chose would go stale;
 gptq/awq after sparse keep zeros zero: awq scales columns, gptq keeps zero codes for pruned weights).
 Alone (`--passes sparse:ratio=0.5`, no scheme) the compile writes the pruned float model: every tensor
 FLOAT, executable graph in float (the driver skips the quantization tail for `standalone` passes).
@@ -50,6 +50,7 @@ from ..ir.linear_inputs import stage_input_stats
 from ..ir.patterns import get_tensor, linear_sites, replace_tensor, shared_input_groups
 from .base import Pass, PassResult, Phase
 from .gptq import _inverse_cholesky, row_errors
+from .properties import ANNOTATED, CAPTURED, WEIGHTS_PRUNED, WEIGHTS_ROUNDED
 from .registry import register
 from .weight_targets import single_thread
 
@@ -191,9 +192,9 @@ class Sparse(Pass):
     name = "sparse"
     summary = ("unstructured pruning to ratio= zeros per row (sparsegpt | wanda | magnitude), fraction= "
                "outliers protected; a float pass before any scheme")
-    requires = frozenset({"captured"})
-    produces = frozenset({"sparse"})
-    forbids = frozenset({"annotated", "gptq", "awq"})
+    requires = frozenset({CAPTURED})
+    produces = frozenset({WEIGHTS_PRUNED})
+    forbids = frozenset({ANNOTATED, WEIGHTS_ROUNDED})
     phase = Phase.TRANSFORM
     Options = SparseOptions
     #: `--passes sparse` alone is a valid compile: the driver then writes the pruned float model (no scheme)

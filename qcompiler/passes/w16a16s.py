@@ -13,7 +13,7 @@ Options: match (regex on the full HF Linear name); Linears claimed as scheme pas
 unclaimed_sites). Every Linear it claims must be pruned by `sparse` (marked `meta.NEEDS_PRUNING`; the sparse
 pass, which runs after the annotation, checks it), and a fused group (q/k/v, gate/up) must be claimed whole:
 otherwise a one-line error on the first layer. Phase: ANNOTATE.
-Requires: captured, sparse. Produces: annotated (so the internal tail runs; nothing is quantized).
+Requires: captured, weights_pruned. Produces: annotated (so the internal tail runs; nothing is quantized).
 """
 import re
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from ..errors import QCError
 from ..ir import meta
 from .base import Pass, PassResult, Phase
 from .group_size import DENSE_FUSED_GROUPS
+from .properties import ANNOTATED, CAPTURED, LOWERED, WEIGHTS_PRUNED
 from .registry import register
 from .scheme import unclaimed_sites
 
@@ -46,9 +47,9 @@ class W16A16Sparse(Pass):
     name = "w16a16s"
     summary = "W16A16S: float sparse Linears (pruned float weights typed W16A16S); needs sparse before it"
     quant_type = W16A16S
-    requires = frozenset({"captured", "sparse"})
-    produces = frozenset({"annotated"})
-    forbids = frozenset({"annotated", "lowered"})
+    requires = frozenset({CAPTURED, WEIGHTS_PRUNED})
+    produces = frozenset({ANNOTATED})
+    forbids = frozenset({ANNOTATED, LOWERED})
     phase = Phase.ANNOTATE
     Options = W16A16SOptions
 

@@ -15,7 +15,7 @@ base.py Phase), stops with a one-line error on the first layer otherwise. fracti
 so gptq/awq refuse a Linear whose spec has that observer (weight_targets.weight_targets).
 Options: match (regex on the full HF Linear name), bits (4 or 8), fraction / sigma (weight outliers keep int8
 codes: ir/qspec.py OutlierSplit), and w8a8's observers (weight_observer, act_observer, percentile).
-Requires: captured, sparse. Produces: annotated.
+Requires: captured, weights_pruned (the sparse pass). Produces: annotated.
 Limits: the compressed W8A8SC form (what the 300I Duo runs fastest) is produced by a closed binary tool
 (msModelSlim's compressor): out of scope; this writes the uncompressed W8A8S artifact it reads.
 """
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from ..ir import meta
 from ..ir.patterns import linear_sites
 from ..ir.qspec import LinearQuantSpec, OutlierSplit, PerTensor, TensorQuant
+from .properties import CAPTURED, WEIGHTS_PRUNED
 from .registry import register
 from .scheme import SchemePass, StaticSchemeOptions, weight_quant
 
@@ -58,7 +59,7 @@ class W8A8S(SchemePass):
     summary = ("sparse W8A8 (W8A8S, ascend310p): static W8A8 on sparse-pruned weights, codes in [-7,7] (bits=4) "
                "stored in int8; needs sparse before it. W8A8SC compression (closed tool) is out of scope")
     quant_type = "W8A8S"
-    requires = frozenset({"captured", "sparse"})
+    requires = frozenset({CAPTURED, WEIGHTS_PRUNED})
     Options = W8A8SOptions
 
     def spec(self, group_size=0):

@@ -159,3 +159,22 @@ def test_transforms_read_the_spec_and_records_keep_pipeline_order(layer):
     assert ctx.records["smooth"]["schemes"] == {"input_layernorm": "W8A8_DYNAMIC", "self_attn.v_proj": "W8A8_DYNAMIC",
                                                 "post_attention_layernorm": "W8A8_DYNAMIC", "mlp.up_proj": "W8A16"}
     assert list(ctx.records)[:3] == ["smooth", "w8a16", "w8a8d"]
+
+
+class _Misspelt(Pass):
+    name = "misspelt-property-test"
+    requires = frozenset({"anotated"})
+
+
+def test_unknown_property_is_rejected():
+    """Properties are the names of passes/properties.py: a typo is an error, not a requirement nobody produces."""
+    with pytest.raises(QCError, match=r"pass misspelt-property-test declares unknown IR properties \['anotated'\]"):
+        PassManager([make_pass("w8a8"), _Misspelt()]).validate()
+
+
+def test_properties_are_facts_not_pass_names():
+    from qcompiler.passes.properties import KNOWN
+    from qcompiler.passes.registry import REGISTRY
+    for cls in REGISTRY.values():
+        assert cls.requires | cls.produces | cls.forbids <= KNOWN, cls.name
+    assert not KNOWN & set(REGISTRY)   # no property is named after a pass

@@ -41,7 +41,6 @@ from .memory import check_sampling_memory, release_freed_memory
 from .model_zoo import resolve_model_dir
 from .outdir import OutputFolder, estimate_output_bytes
 from .passes import TAIL, LayerContext, PassManager, make_pass
-from .passes.fallback import check_fallback, fallback_index, presweep, with_decision
 from .passes.group_size import first_claim, layer_fused_groups, layer_linear_shapes, model_linear_shapes, \
     resolve_group_sizes
 from .passes.moe_checks import check_expert_passes
@@ -231,7 +230,8 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     check_scheme_groups(pm.passes, ckpt.config, opts.exclude)
     check_specs_honoured(pm.passes)
     check_expert_passes(pm.passes, ckpt.config, opts.exclude)
-    check_fallback(pm.passes, ckpt.config, opts.exclude)
+    for p in pm.passes:  # each pass's own checks before work (Pass.check_model: fallback's level)
+        p.check_model(pm.passes, ckpt.config, opts.exclude)
     distributed.check_supported(pm.passes, resume=opts.resume)  # several processes: what is not reduced is refused
     pm.passes, group_size = resolve_group_sizes(pm.passes, ckpt.config, opts.exclude)
     check_simulate_tp(pm.passes, ckpt.config, group_size)
@@ -331,11 +331,12 @@ def _compile_into(tmp: Path | None, opts, ckpt, pm, target, texts, log, t0, warn
             windows if texts is not None else None, opts.calib_shape()))
         del windows
         batch_size = opts.batch_size or auto_batch_size(inputs.hidden.shape[1])
-        fallback_report, fallback_keep = None, None
-        if fallback_index(pm.passes) is not None:  # model-wide choice: measure every layer first (passes/fallback.py)
-            with phases("fallback pre-sweep"):
-                pm.passes, fallback_report = presweep(pm.passes, skeleton, inputs, ckpt, opts.exclude, batch_size, log)
-            fallback_keep = sorted(pm.passes[fallback_index(pm.passes)].decision.keep)
+        presweeps = {}  # model-wide passes (Pass.presweep, e.g. fallback): measure every layer first
+        for index, p in enumerate(pm.passes):
+            if p.model_wide:
+                with phases(f"{p.name} pre-sweep"):
+                    pm.passes[index], presweeps[p.name] = p.presweep(pm.passes, skeleton, inputs, ckpt, opts.exclude,
+                                                                     batch_size, log)
         writer = executable = saver = None
         if tmp is not None:
             writer = ArtifactWriter(tmp, ckpt.dtype, **shard_limit(opts.part_file_size), resumable=True)
@@ -353,9 +354,8 @@ def _compile_into(tmp: Path | None, opts, ckpt, pm, target, texts, log, t0, warn
             rec = restored.record
             inputs, start, windows_shape = restored.inputs, restored.done, tuple(rec["windows_shape"])
             calib_source = _calibration_source(opts, texts, windows) if texts is not None else rec["calibration"]
-            fallback_report, fallback_keep = rec["fallback"], rec["fallback_keep"]
-            if fallback_keep is not None:
-                pm.passes = with_decision(pm.passes, fallback_keep, fallback_report)
+            presweeps = dict(rec["presweeps"])
+            pm.passes = [p.restore(presweeps[p.name]) if p.name in presweeps else p for p in pm.passes]
             layers_report, extra_description = list(rec["layers"]), dict(rec["extra_description"])
             for k, v in rec["pass_seconds"].items():
                 timing.seconds[k] += v
@@ -378,8 +378,8 @@ def _compile_into(tmp: Path | None, opts, ckpt, pm, target, texts, log, t0, warn
     skeleton.release_embedding()
 
     def record() -> dict:  # what the report needs of the layers done (resume state)
-        return {"layers": layers_report, "extra_description": extra_description, "fallback": fallback_report,
-                "fallback_keep": fallback_keep, "calibration": calib_source, "windows_shape": list(windows_shape),
+        return {"layers": layers_report, "extra_description": extra_description, "presweeps": presweeps,
+                "calibration": calib_source, "windows_shape": list(windows_shape),
                 "pass_seconds": dict(timing.seconds), "phase_seconds": dict(phases.seconds)}
 
     bar = tqdm(range(start, ckpt.num_layers), desc="compiling layers", unit="layer", file=sys.stderr,
@@ -389,7 +389,7 @@ def _compile_into(tmp: Path | None, opts, ckpt, pm, target, texts, log, t0, warn
         with phases("capture (torch.export)"):
             gm = skeleton.capture_layer(i, inputs)
         ctx = LayerContext(index=i, inputs=inputs, dtype=ckpt.dtype, exclude=tuple(opts.exclude),
-                           batch_size=batch_size, pipeline=tuple(pm.passes))
+                           batch_size=batch_size)
         try:
             with phases("passes"):
                 gm = pm.run(gm, ctx)
@@ -446,7 +446,7 @@ def _compile_into(tmp: Path | None, opts, ckpt, pm, target, texts, log, t0, warn
         "phase_seconds": {k: round(v, 3) for k, v in phases.seconds.items()},
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "fallback": _jsonable(fallback_report),
+        **{name: _jsonable(r) for name, r in presweeps.items()},  # model-wide passes' reports ("fallback")
         "layers": layers_report,
     }
     if restored is not None:  # seconds above add up both runs; wall_seconds and peak RSS are this run's

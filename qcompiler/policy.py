@@ -4,8 +4,8 @@
          down_proj, silu(gate) * up, carries the largest activation outliers; static per-tensor int8 clips them)
   none   no policy Linears (only --exclude / the fallback pass decide)
   auto   the default: `qwen` for Qwen2/Qwen3 models when a scheme quantizes activations statically
-         (W8A8 / W8A8_MIX), no `smooth` pass migrates the outliers first and no scheme pass narrows its
-         `match` (explicit per-Linear choices win); `none` otherwise (dynamic per-token and weight-only
+         (W8A8 / W8A8_MIX), no pass migrates the outliers first (`Pass.migrates_outliers`: smooth) and no
+         scheme pass narrows its `match` (explicit per-Linear choices win); `none` otherwise (dynamic per-token and weight-only
          schemes, and smoothing, handle down_proj; bench/results/fallback.md has the measurements).
 A policy adds exclusion regexes (same effect as --exclude) before any validation, so fused-group and scheme
 checks see them; the report names the policy applied.
@@ -32,7 +32,8 @@ def resolve_policy(name: str, model_type: str, passes) -> str:
     # a scheme pass with its own `match` is an explicit per-Linear choice: auto does not override it (other
     # passes' match options, e.g. simulate_tp's, choose something else)
     matched = any(p.quant_type and getattr(getattr(p, "options", None), "match", ".*") != ".*" for p in passes)
-    if model_type in QWEN_MODEL_TYPES and static and not matched and not any(p.name == "smooth" for p in passes):
+    migrated = any(getattr(p, "migrates_outliers", False) for p in passes)  # Pass capability (smooth)
+    if model_type in QWEN_MODEL_TYPES and static and not matched and not migrated:
         return "qwen"
     return "none"
 

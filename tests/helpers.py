@@ -188,6 +188,16 @@ def fresh_layer(layer):
     return copy.deepcopy(gm), LayerContext(index=0, inputs=inputs, dtype=dtype)
 
 
+def annotate(gm, ctx, passes):
+    """Run the scheme passes (Phase.ANNOTATE) among `passes` (Pass objects) on gm in place, in their order: what
+    the PassManager does before any float transform (smooth, awq, gptq, sparse read the specs they write)."""
+    from qcompiler.passes.base import Phase
+    for p in passes:
+        if p.phase == Phase.ANNOTATE:
+            gm = p.run(gm, ctx).gm
+    return gm
+
+
 def run_passes(gm, ctx, *passes):
     """Run `passes` (names or (name, options)) then the tail (observe, calibrate, lower) on gm in place."""
     from qcompiler.passes import TAIL, PassManager, make_pass

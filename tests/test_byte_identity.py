@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qcompiler.passes import REGISTRY, user_pass_names
+from qcompiler.passes.properties import ANNOTATED, WEIGHTS_PRUNED
 from qcompiler.targets import TARGETS
 from tests import byte_identity
 
@@ -32,7 +33,7 @@ def test_tiny_list_covers_every_pass_architecture_and_target():
     cases = byte_identity.TINY_CASES
     used = set().union(*(_passes_of(passes) for _, _, passes, _ in cases))
     assert set(user_pass_names()) <= used, f"passes without a byte-identity case: {set(user_pass_names()) - used}"
-    schemes = {n for n, cls in REGISTRY.items() if cls.quant_type and "annotated" in cls.produces}
+    schemes = {n for n, cls in REGISTRY.items() if cls.quant_type and ANNOTATED in cls.produces}
     for arch in byte_identity.ARCHS:
         # every scheme alone on every architecture (w8a8s / w16a16s only after sparse: they require it)
         alone = {passes for name, a, passes, _ in cases if a == arch}
@@ -41,7 +42,7 @@ def test_tiny_list_covers_every_pass_architecture_and_target():
         for (a, name), passes in byte_identity.ARCH_PIPELINES.items():
             if a == arch and name in _passes_of(passes):
                 alone.add(name)
-        after_sparse = {n for n in schemes if "sparse" in REGISTRY[n].requires}
+        after_sparse = {n for n in schemes if WEIGHTS_PRUNED in REGISTRY[n].requires}
         assert after_sparse == {"w8a8s", "w16a16s"}
         assert schemes - after_sparse <= alone, (arch, schemes - alone)
         assert {f"sparse:ratio=0.5,{n}" for n in after_sparse} <= alone, arch

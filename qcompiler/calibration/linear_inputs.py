@@ -287,18 +287,3 @@ def _reduce_across_ranks(st: InputStats) -> None:
         st.min, st.max = distributed.all_min(st.min), distributed.all_max(st.max)
     if st.samples is not None:
         st.samples = distributed.gather_rows(st.samples)
-
-
-def replace_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
-    """Rebind the parameter (or buffer) `target` of `gm` to a new tensor (never written in place: the
-    captured weights may be backed by the checkpoint's files)."""
-    mod_path, _, attr = target.rpartition(".")
-    mod = gm.get_submodule(mod_path) if mod_path else gm
-    old = get_tensor(gm, target)
-    if tuple(old.shape) != tuple(value.shape):
-        raise ValueError(f"{target}: new shape {list(value.shape)} != {list(old.shape)}")
-    value = value.detach().to(old.dtype).contiguous()
-    if attr in mod._parameters:
-        mod._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
-    else:
-        mod._buffers[attr] = value

@@ -22,9 +22,11 @@ LOWERED_FROM = "qc_lowered_from"
 #: nodes: a weight rounding chosen by an error-compensating pass (gptq, awq clipping); lowering encodes
 #: exactly these codes and scales instead of rounding the float weight itself.
 WEIGHT_QPARAMS = "qc_weight_qparams"
-#: float, on `aten.linear` nodes: fraction of zeros of the weight after the sparse pass pruned it
-#: (w8a8s requires it on every Linear it claims).
+#: float, on `aten.linear` nodes: fraction of zeros of the weight after the sparse pass pruned it.
 SPARSITY = "qc_sparsity"
+#: str, on `aten.linear` nodes: the name of the scheme pass that claimed the Linear and needs its weight pruned
+#: (w8a8s, w16a16s); the sparse pass refuses to leave such a Linear unpruned.
+NEEDS_PRUNING = "qc_needs_pruning"
 #: str, on `aten.linear` nodes that stay float in the graph: the artifact quant type their float tensors carry
 #: (w16a16s: "W16A16S", a pruned float Linear); lowering records them under that type, unchanged.
 FLOAT_QUANT_TYPE = "qc_float_quant_type"

@@ -60,6 +60,26 @@ def set_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
     mod.register_buffer(attr, value)
 
 
+def replace_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor, create: bool = False) -> None:
+    """Rebind the parameter (or buffer) `target` to `value`, cast to its dtype, same shape (ValueError otherwise);
+    it keeps its kind and its place among the module's tensors. Never written in place: captured weights may be
+    backed by the checkpoint's files. `create`: a `target` that does not exist yet becomes a new parameter of
+    `value`'s dtype. The one setter of float transforms (lowering's `set_tensor` stores tensors of any shape)."""
+    mod_path, _, attr = target.rpartition(".")
+    mod = gm.get_submodule(mod_path) if mod_path else gm
+    if create and attr not in mod._parameters and attr not in mod._buffers:
+        mod.register_parameter(attr, torch.nn.Parameter(value.detach().contiguous(), requires_grad=False))
+        return
+    old = get_tensor(gm, target)
+    if tuple(old.shape) != tuple(value.shape):
+        raise ValueError(f"{target}: new shape {list(value.shape)} != {list(old.shape)}")
+    value = value.detach().to(old.dtype).contiguous()
+    if attr in mod._parameters:
+        mod._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        mod._buffers[attr] = value
+
+
 def prune_unused_tensors(gm: torch.fx.GraphModule) -> None:
     """Drop dead nodes, then parameters/buffers that no get_attr node reads any more."""
     gm.graph.eliminate_dead_code()

@@ -6,18 +6,21 @@ the input by the same factor in the op that produces it, so the float function i
 clips each weight group's range where that lowers the output error.
 
 How, per decoder layer (statistics of every Linear input from one run of the float layer over the
-calibration inputs: mean |x| per channel and X^T X, `ir.linear_inputs`):
-1. Scale search per shared input, with the op that absorbs 1/s:
+calibration inputs: mean |x| per channel and X^T X, `calibration.linear_inputs`):
+1. Scale search per shared input, with the op that absorbs 1/s (the mappings of ir/folding.py):
      input_layernorm weight (and the bias a shifting smooth added) -> q/k/v
      post_attention_layernorm weight -> gate/up
-     v_proj rows (and bias)      -> o_proj         (only when v_proj's out == o_proj's in: no GQA)
+     v_proj rows (and bias)      -> o_proj         (only when v_proj's out == o_proj's in: no GQA; the
+                                                   search scales each o_proj column on its own, so it
+                                                   takes the table with gqa=False)
      up_proj rows (and bias)     -> down_proj
    s = mean|x|^a / sqrt(max * min), a over `grid` points in [0, 1); the loss is the summed squared
    output error of the group's quantized Linears, tr(dW H dW^T) with dW = W - Q(W diag(s)) diag(s)^-1,
    exact over all calibration tokens via H = X^T X. a = 0 (s = 1) is in the grid, so scaling never
    raises this loss. A group is skipped (and the reason recorded) when its producer is not one of the
    above, or when the input or the producer output has other readers than the scaled ops.
-   Folding: producer / s, consumer columns * s, in the model dtype (float function unchanged up to it).
+   Folding: `folding.fold` (producer / s, consumer columns * s, in the model dtype: float function
+   unchanged up to it).
 2. Clip search per quantized Linear (q/k skipped unless `clip_qk`, as AutoAWQ does: attention scores
    are sensitive to clipping): per (row, group) the ratio r in 1.0 .. 1 - `max_shrink` (`clip_grid` + 1
    points) minimizing that group's output error d_g^T H_gg d_g (H of the scaled input), with scale
@@ -26,9 +29,10 @@ calibration inputs: mean |x| per channel and X^T X, `ir.linear_inputs`):
    these), and the float weight clamped to +-qmax * scale (a following gptq then reads the clipped
    absmax as its scale). Norm weights and v/up rows change: the artifact must take every float tensor
    of the layer from the graph, not from the checkpoint.
-Bits and group come from the scheme pass after awq (`weight_targets`). The searches run on one thread
+Bits and group come from each Linear's spec (`weight_targets`; the scheme passes annotate first). The searches run on one thread
 and rank candidates with bf16 products (losses reported in float32); see `quadratic_rows`.
-Requires: captured. Produces: awq. Forbids: annotated, gptq (gptq must see awq's weights).
+Requires: captured. Produces: weights_rounded. Forbids: annotated, weights_rounded (gptq must see
+awq's weights). Phase: TRANSFORM.
 Limits: all four Hessians of a layer are held at once (intermediate_size^2 floats for down_proj);
 per-channel clipping of a Linear with k > 4096 uses 512-wide diagonal blocks of H (an approximation).
 """
@@ -38,16 +42,14 @@ import torch
 
 from ..ir import meta
 from ..ir import qnumerics as qn
-from ..calibration.linear_inputs import LayerRunner, replace_tensor
-from ..ir.patterns import get_tensor, linear_sites, shared_input_groups
-from .base import Pass, PassResult
+from ..ir.folding import fold, match_group
+from ..calibration.linear_inputs import LayerRunner
+from ..ir.patterns import get_tensor, linear_sites, replace_tensor, shared_input_groups
+from .base import Pass, PassResult, Phase
+from .properties import ANNOTATED, CAPTURED, WEIGHTS_ROUNDED
 from .registry import register
 from .weight_targets import WeightTarget, column_scale, fake_quant, quantize, single_thread, weight_targets
 
-aten = torch.ops.aten
-#: ops that move values without mixing channels, on the v_proj -> attention -> o_proj path
-_VIEW_OPS = {aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default,
-             aten._unsafe_view.default, aten.contiguous.default, aten.clone.default}
 #: per-channel clip search uses exact row errors up to this k; above it, diagonal blocks of this size
 _EXACT_CLIP_K, _CLIP_BLOCK = 4096, 512
 
@@ -155,100 +157,14 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, t: WeightTarget, clip_grid: in
     return best_scale, best_err, base
 
 
-# ---- graph side ------------------------------------------------------------------------------------
-def _only_user(node, user) -> bool:
-    return list(node.users) == [user]
-
-
-def find_producer(gm, x: torch.fx.Node, consumers, sites_by_node):
-    """What can absorb 1/s for input node x: ("param", (weight target[, bias target])) for a norm weight
-    it multiplies (plus the bias a shifting smooth pass added after it), ("rows", site) for a Linear whose
-    output channels are x's channels; (None, reason) if nothing safely can."""
-    k = get_tensor(gm, consumers[0].weight.target).shape[1]
-    if set(x.users) != {s.node for s in consumers}:
-        return None, "its input has readers other than the Linears"
-
-    def channel_param(p):
-        """The target of a 1-D [k] parameter read only here, else None."""
-        if isinstance(p, torch.fx.Node) and p.op == "get_attr" and len(p.users) == 1:
-            t = get_tensor(gm, p.target)
-            if t.dim() == 1 and t.shape[0] == k:
-                return p.target
-        return None
-
-    def norm_weight(m):
-        """`weight * normed` -> the weight's target, else None."""
-        if isinstance(m, torch.fx.Node) and m.op == "call_function" and m.target == aten.mul.Tensor \
-                and len(m.args) == 2:
-            return next((t for t in map(channel_param, m.args) if t is not None), None)
-        return None
-
-    if x.op == "call_function" and x.target == aten.add.Tensor and len(x.args) == 2:   # norm + bias (shift)
-        for m, b in (x.args, x.args[::-1]):
-            bias, weight = channel_param(b), norm_weight(m)
-            if bias is not None and weight is not None and _only_user(m, x):
-                return ("param", (weight, bias)), None
-    if x.op == "call_function" and x.target == aten.mul.Tensor and len(x.args) == 2:
-        a, b = x.args
-        weight = norm_weight(x)
-        if weight is not None:
-            return ("param", (weight,)), None
-        for p in (a, b):
-            site = sites_by_node.get(p)
-            if site is not None and _only_user(p, x):
-                n_out = get_tensor(gm, site.weight.target).shape[0]
-                if n_out == k:
-                    return ("rows", site), None
-        return None, "its input is a product the scaling cannot be folded into"
-    # o_proj: x <- view ops <- sdpa(value) <- view ops <- v_proj
-    node, seen_attention = x, False
-    while True:
-        if not (isinstance(node, torch.fx.Node) and node.op == "call_function"):
-            break
-        if node.target in _VIEW_OPS:
-            prev = node.args[0]
-        elif node.target == aten.scaled_dot_product_attention.default and not seen_attention:
-            prev, seen_attention = node.args[2], True
-        else:
-            break
-        if not (isinstance(prev, torch.fx.Node) and _only_user(prev, node)):
-            return None, "the attention value path has other readers"
-        node = prev
-        site = sites_by_node.get(node)
-        if site is not None:
-            if not seen_attention:
-                break
-            n_out = get_tensor(gm, site.weight.target).shape[0]
-            if n_out != k:
-                return None, (f"{site.name} out {n_out} != in {k} (grouped-query attention: "
-                              f"heads share v channels)")
-            return ("rows", site), None
-    return None, "no norm weight or Linear produces its input channel by channel"
-
-
-def _fold(gm, producer, consumers, s: torch.Tensor) -> None:
-    """producer / s, consumer weight columns * s (model dtype)."""
-    kind, what = producer
-    if kind == "param":
-        for target in what:   # norm weight (and the bias smoothing's shift gave it)
-            replace_tensor(gm, target, get_tensor(gm, target).float() / s)
-    else:
-        w = get_tensor(gm, what.weight.target)
-        replace_tensor(gm, what.weight.target, w.float() / s[:, None])
-        if what.bias is not None:
-            replace_tensor(gm, what.bias.target, get_tensor(gm, what.bias.target).float() / s)
-    for site in consumers:
-        w = get_tensor(gm, site.weight.target)
-        replace_tensor(gm, site.weight.target, w.float() * s[None, :])
-
-
 @register
 class AWQ(Pass):
     name = "awq"
     summary = "AWQ: activation-aware weight scaling (folded into norms / v / up) + weight clipping search"
-    requires = frozenset({"captured"})
-    produces = frozenset({"awq"})
-    forbids = frozenset({"annotated", "gptq"})
+    requires = frozenset({CAPTURED})
+    produces = frozenset({WEIGHTS_ROUNDED})
+    forbids = frozenset({ANNOTATED, WEIGHTS_ROUNDED})
+    phase = Phase.TRANSFORM
     Options = AWQOptions
 
     def run(self, gm, ctx):
@@ -268,7 +184,7 @@ class AWQ(Pass):
             st = stats[x]
             h = st.xtx / max(st.rows, 1)
             key = "+".join(s.name.rsplit(".", 1)[-1] for s in group)
-            producer, reason = find_producer(gm, x, group, sites_by_node)
+            producer, reason = match_group(gm, group, sites_by_node, gqa=False)  # ir/folding.py
             if producer is None:
                 skipped[key] = reason
                 hessians[x] = h
@@ -276,10 +192,11 @@ class AWQ(Pass):
             weights = [get_tensor(gm, s.weight.target).float() for s in group]
             factor, a, loss, base = search_scale(st.mean_abs, weights, [targets.get(s.name) for s in group], h,
                                                  self.options.grid)
-            _fold(gm, producer, group, factor)
+            fold(gm, producer, factor)
             hessians[x] = h / (factor[:, None] * factor[None, :])   # the consumers now read x / factor
             group_records[key] = {"alpha": a, "loss_vs_unscaled": round(loss / base, 6) if base else 1.0,
-                                  "into": "+".join(producer[1]) if producer[0] == "param" else producer[1].name}
+                                  "into": "+".join(producer.producer_targets()) if producer.kind == "norm"
+                                  else producer.producer}
         clips = {}
         for group in groups:
             h = hessians[group[0].input]

@@ -11,6 +11,7 @@ import torch
 from ..ir import meta
 from ..errors import QCError
 from .base import Pass, PassResult
+from .properties import CALIBRATED, OBSERVED
 from .registry import register
 
 
@@ -32,8 +33,8 @@ def reduce_observers(gm, observers) -> None:
 class Calibrate(Pass):
     name = "calibrate"
     summary = "feed calibration data through observers"
-    requires = frozenset({"observed"})
-    produces = frozenset({"calibrated"})
+    requires = frozenset({OBSERVED})
+    produces = frozenset({CALIBRATED})
     internal = True
 
     def run(self, gm, ctx):

@@ -23,6 +23,7 @@ import torch
 from ..ir import qc_ops  # noqa: F401  defines torch.ops.qc.fa_quant / fa_dequant (kernels: the backend)
 from .attention_quant import K, Q, V, calibrate_absmax, insert_qdq, match_attention, scale_from_absmax
 from .base import Pass, PassResult
+from .properties import ANNOTATED, FA_QUANTIZED, LOWERED
 from .registry import register
 
 FAQUANT = "FAQuant"
@@ -32,9 +33,9 @@ FAQUANT = "FAQuant"
 class FA3(Pass):
     name = "fa3"
     summary = "FAQuant: per-head symmetric int8 Q, K, V before attention, calibrated (absmax/127)"
-    requires = frozenset({"annotated"})
-    produces = frozenset({"fa_quantized"})
-    forbids = frozenset({"lowered"})
+    requires = frozenset({ANNOTATED})
+    produces = frozenset({FA_QUANTIZED})
+    forbids = frozenset({LOWERED})
     quant_type = FAQUANT
 
     def run(self, gm, ctx):

@@ -24,13 +24,13 @@ most error; level=N takes c = N (always reachable when single o_proj/down_proj u
 unreachable N is an error before any work), budget=X takes the smallest c whose remaining error is <= X.
 Only Linears the scheme passes quantize are candidates (--exclude / unmatched ones are already float).
 
-Mechanism (the decision is model-wide, the driver compiles layer by layer): when the pipeline holds
-`fallback`, the driver first runs `presweep`: per layer, capture -> the user passes before `fallback` ->
+Mechanism (the decision is model-wide, the driver compiles layer by layer): fallback is a `model_wide` pass
+(passes/base.py), so the driver first runs its `presweep` (the module function below): per layer, capture -> the user passes before `fallback` ->
 `measure_layer`, with float inputs (layer i+1 gets y_ref of layer i). Then `decide` picks the units and the
 driver rebuilds the pipeline with the decided pass (`Fallback(options, decision)`). In the main compile this
 pass only strips the scheme annotation (and gptq/awq weight codes) from the chosen Linears, so they are
 lowered as float Linears and written "FLOAT". Cost: per layer, the pre-scheme passes once more plus about
-(2 + number of units) forwards of the calibration set. Requires: annotated. Produces: fallback.
+(2 + number of units) forwards of the calibration set. Requires: annotated. Produces: fallback_applied.
 Forbids: observed (the internal tail comes after it). No scheme pass may follow it (it would claim the
 Linears it released): checked before any work (`check_fallback`).
 Records (report): the decision (metric, E before/after, chosen units with their sensitivities and ranks,
@@ -52,6 +52,7 @@ from ..ir import meta
 from ..ir.capture import LayerInputs
 from ..ir.patterns import linear_sites
 from .base import LayerContext, Pass, PassResult
+from .properties import ANNOTATED, FALLBACK_APPLIED, LOWERED, OBSERVED
 from .registry import make_pass, register
 
 #: fallback units inside a decoder layer (fused groups fall back together), in graph order
@@ -95,14 +96,29 @@ class Decision:
 class Fallback(Pass):
     name = "fallback"
     summary = "keep the most sensitive decoder Linears float (measured on calibration data): level=N or budget=X"
-    requires = frozenset({"annotated"})
-    produces = frozenset({"fallback"})
-    forbids = frozenset({"observed", "lowered"})
+    requires = frozenset({ANNOTATED})
+    produces = frozenset({FALLBACK_APPLIED})
+    forbids = frozenset({OBSERVED, LOWERED})
     Options = FallbackOptions
+
+    model_wide = True
 
     def __init__(self, options=None, decision: Decision | None = None):
         super().__init__(options)
         self.decision = decision
+
+    def check_model(self, passes, config, exclude):
+        check_fallback(passes, config, exclude)
+
+    def presweep(self, passes, skeleton, inputs, ckpt, exclude, batch_size, log=None):
+        """Measure every layer and decide (module function `presweep`): (the pass with its decision, report)."""
+        decided, report = presweep(passes, skeleton, inputs, ckpt, exclude, batch_size, log)
+        return decided[fallback_index(decided)], report
+
+    def restore(self, report):
+        """The decided pass from its report (the Linears of its chosen units are the ones kept float)."""
+        keep = [name for unit in report["chosen"] for name in unit["linears"]]
+        return Fallback(self.options, Decision(keep=frozenset(keep), report=report))
 
     def run(self, gm, ctx):
         if self.decision is None:
@@ -278,7 +294,7 @@ def presweep(passes, skeleton, inputs: LayerInputs, ckpt, exclude, batch_size: i
     for i in bar:
         gm = skeleton.capture_layer(i, inputs)
         ctx = LayerContext(index=i, inputs=inputs, dtype=ckpt.dtype, exclude=tuple(exclude),
-                           batch_size=batch_size, pipeline=tuple(passes))
+                           batch_size=batch_size)
         gm = before.run(gm, ctx)
         units, ref = measure_layer(gm, ctx)
         measured += [(i, unit, s) for unit, s in units]

@@ -6,8 +6,8 @@ of the layer's output error, H = 2 X^T X / N (X: the Linear's calibration inputs
 better codes: lower output error, notably at 4 bits.
 
 How, per decoder layer:
-- Target quantization (`weight_targets`): bits and group of the scheme pass after gptq that will claim
-  each Linear (respecting --exclude and the scheme's `match`). Scales are the artifact's: symmetric
+- Target quantization (`weight_targets`): bits and group of each Linear's spec (`meta.QUANT_SPEC`, written
+  by the scheme passes, which run before gptq whatever the --passes order: passes/base.py Phase). Scales are the artifact's: symmetric
   absmax / qmax per channel or per group, computed from the float weight as it is when gptq runs (after
   smooth/awq) and kept fixed ("static groups"), so the stored per-group scales match the unpermuted
   layout even with act-order. Codes lie in [-127, 127] / [-7, 7].
@@ -24,10 +24,11 @@ How, per decoder layer:
   float32 [n, G])` (lowering encodes exactly these), and the float weight parameter is replaced by
   q * scale in the model dtype (what any later float consumer sees).
 Cost per layer: about one forward of the layer over the calibration set (stage inputs cached), the
-Gram matrices (bf16 products accumulated in float32 for bf16 models, `ir.linear_inputs`), one
+Gram matrices (bf16 products accumulated in float32 for bf16 models, `calibration.linear_inputs`), one
 Cholesky inverse and k column steps per shared input; GPTQ's own math runs on one thread.
 Records per Linear: relative output error tr(dW H dW^T) / tr(W H W^T) of GPTQ and of RTN (same scales).
-Requires: captured. Produces: gptq. Forbids: annotated (must precede the scheme pass).
+Requires: captured. Produces: weights_rounded. Forbids: annotated (written before the scheme pass).
+Phase: TRANSFORM.
 Limits: the float weight is replaced, so a pass that changes weights must not run after gptq (awq
 and smooth forbid it). The artifact's other float tensors are unchanged by gptq.
 """
@@ -37,9 +38,10 @@ import torch
 
 from ..ir import meta
 from ..ir import qnumerics as qn
-from ..calibration.linear_inputs import replace_tensor, stage_input_stats
-from ..ir.patterns import get_tensor, linear_sites, shared_input_groups
-from .base import Pass, PassResult
+from ..calibration.linear_inputs import stage_input_stats
+from ..ir.patterns import get_tensor, linear_sites, replace_tensor, shared_input_groups
+from .base import Pass, PassResult, Phase
+from .properties import ANNOTATED, CAPTURED, WEIGHTS_ROUNDED
 from .registry import register
 from .weight_targets import (WeightTarget, column_scale, dequantize, quantize, single_thread,
                              weight_targets)
@@ -154,9 +156,10 @@ def row_errors(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 class GPTQ(Pass):
     name = "gptq"
     summary = "GPTQ error-compensating weight rounding for the scheme that follows (int8/int4, channel/group)"
-    requires = frozenset({"captured"})
-    produces = frozenset({"gptq"})
-    forbids = frozenset({"annotated"})
+    requires = frozenset({CAPTURED})
+    produces = frozenset({WEIGHTS_ROUNDED})
+    forbids = frozenset({ANNOTATED})
+    phase = Phase.TRANSFORM
     Options = GPTQOptions
 
     def run(self, gm, ctx):

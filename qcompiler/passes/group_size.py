@@ -65,8 +65,9 @@ def model_linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
 
 
 def first_claim(passes, full_name: str, exclude=()):
-    """The scheme pass that will quantize `full_name` (None: it stays float), as SchemePass.run decides:
-    an --exclude match keeps it float, else the first pass with a `claims` method that selects it wins."""
+    """The scheme pass that will quantize `full_name` (None: it stays float), as SchemePass.run decides
+    (scheme.unclaimed_sites): an --exclude match keeps it float, else the first pass with a `claims` method that
+    selects it wins. For the checks before any work; passes at run time read `meta.QUANT_SPEC` instead."""
     if any(re.search(p, full_name) for p in exclude):
         return None
     for p in passes:

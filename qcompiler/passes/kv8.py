@@ -28,6 +28,7 @@ import torch
 from ..ir import qc_ops  # noqa: F401  defines torch.ops.qc.kv_quant / kv_dequant (kernels: the backend)
 from .attention_quant import K, V, calibrate_absmax, insert_qdq, match_attention, scale_from_absmax
 from .base import Pass, PassResult
+from .properties import ANNOTATED, KV_QUANTIZED, LOWERED
 from .registry import register
 
 C8 = "C8"
@@ -37,9 +38,9 @@ C8 = "C8"
 class KV8(Pass):
     name = "kv8"
     summary = "C8: int8 KV cache, per-channel symmetric K (after RoPE) and V, calibrated (absmax/127)"
-    requires = frozenset({"annotated"})
-    produces = frozenset({"kv_quantized"})
-    forbids = frozenset({"lowered"})
+    requires = frozenset({ANNOTATED})
+    produces = frozenset({KV_QUANTIZED})
+    forbids = frozenset({LOWERED})
     quant_type = C8
 
     def run(self, gm, ctx):

@@ -1,12 +1,15 @@
 """PassManager: validates a whole pipeline before any work, then runs it on each layer graph.
 
-- `validate()` simulates the IR properties through the pipeline: a pass whose `requires` are not all
+- `validate()` simulates the IR properties (passes/properties.py; a name not there is an error) through the
+  pipeline: a pass whose `requires` are not all
   produced by the passes before it, or whose `forbids` already hold, is an error naming the pass, what it
   needs and which user passes could supply it there (internal passes the driver appends are never named:
   `--passes smooth` says which schemes can follow smooth). Nothing runs before the pipeline is valid.
-- `run(gm, ctx)` runs the passes in order; instruments see every pass (timing, dumps); the verifier runs
+- `run(gm, ctx)` runs the passes phase by phase (`execution_order`: `Pass.phase`, the user's order kept
+  inside a phase: scheme passes annotate first, float transforms then read the annotations; passes/base.py);
+  instruments see every pass (timing, dumps; `index` is the position in execution order); the verifier runs
   after each pass that modified the graph (on by default); a failure is re-raised as `PassError` naming
-  the pass, the layer and the passes that ran before it.
+  the pass, the layer and the passes that ran before it. `ctx.records` keeps the pipeline's order.
 """
 from collections.abc import Sequence
 
@@ -15,10 +18,11 @@ import torch
 from ..errors import PassError, QCError
 from ..ir.verifier import verify
 from .base import LayerContext, Pass
+from .properties import CAPTURED, KNOWN
 from .registry import REGISTRY
 
 #: what a freshly captured layer graph satisfies
-INITIAL_PROPERTIES = frozenset({"captured"})
+INITIAL_PROPERTIES = frozenset({CAPTURED})
 
 
 class PassManager:
@@ -38,6 +42,10 @@ class PassManager:
         have = set(self.initial)
         seen = []
         for p in self.passes:
+            unknown = (p.requires | p.produces | p.forbids) - KNOWN
+            if unknown:
+                raise QCError(f"pass {p.name} declares unknown IR properties {sorted(unknown)}; the properties "
+                              f"are {', '.join(sorted(KNOWN))} (passes/properties.py)")
             missing = p.requires - have
             if missing:
                 raise QCError(_missing_message(p, missing, have, seen))
@@ -52,9 +60,13 @@ class PassManager:
             seen.append(p.name)
         return frozenset(have)
 
+    def execution_order(self) -> list[Pass]:
+        """The passes as `run` executes them: by phase, in pipeline order inside a phase (a stable sort)."""
+        return sorted(self.passes, key=lambda p: p.phase)
+
     def run(self, gm: torch.fx.GraphModule, ctx: LayerContext) -> torch.fx.GraphModule:
         done = []
-        for index, p in enumerate(self.passes):
+        for index, p in enumerate(self.execution_order()):
             for inst in self.instruments:
                 inst.before_pass(index, p, gm, ctx)
             try:
@@ -72,6 +84,10 @@ class PassManager:
             for inst in self.instruments:
                 inst.after_pass(index, p, result, ctx)
             done.append(p.name)
+        order = {p.name: i for i, p in enumerate(self.passes)}  # report: records in pipeline order
+        records = sorted(ctx.records.items(), key=lambda kv: order.get(kv[0], len(order)))
+        ctx.records.clear()
+        ctx.records.update(records)
         return gm
 
 

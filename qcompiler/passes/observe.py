@@ -14,6 +14,7 @@ from ..calibration.observers import MinMaxObserver
 from ..ir.qspec import L2Histogram, MinMax
 from ..ir.patterns import linear_sites, shared_input_groups
 from .base import Pass, PassResult
+from .properties import ANNOTATED, OBSERVED
 from .registry import register
 
 
@@ -30,8 +31,8 @@ def make_observer(kind):
 class Observe(Pass):
     name = "observe"
     summary = "insert activation observers (min-max or histogram) on inputs of statically quantized Linears"
-    requires = frozenset({"annotated"})
-    produces = frozenset({"observed"})
+    requires = frozenset({ANNOTATED})
+    produces = frozenset({OBSERVED})
     internal = True
 
     def run(self, gm, ctx):

@@ -11,9 +11,11 @@ driver rejects, before any work, a pipeline whose `match`/`--exclude` would spli
 Per-group schemes (w8a16, w4a16; w4a8d, per-group only, default 32) carry an option `group` (0 = per-channel,
 else the group size along k).
 The artifact has ONE group_size, so the driver resolves it over the whole model before any work
-(`group_size.resolve_group_sizes`) and rebuilds the pass with the resolved value; `ctx.pipeline` then
-holds the decided group (gptq/awq read it there). A pass run directly on one layer (tests) with
+(`group_size.resolve_group_sizes`) and rebuilds the pass with the resolved value; the spec written on each
+Linear carries it (smooth/awq/gptq read it there). A pass run directly on one layer (tests) with
 `group=None` resolves the default over that layer's Linears with the same rule.
+Phase: ANNOTATE (passes/base.py): every scheme pass runs before the float transforms, whatever the
+--passes order, so those read each Linear's spec from its node instead of predicting it.
 Observers (options on every scheme pass; values become types of ir/qspec.py on the spec, read by
 observe and lower): `weight_observer=minmax|mse`; static schemes (w8a8, w8a8mix) also take
 `act_observer=minmax|percentile|entropy|histogram` and `percentile=P` (with act_observer=percentile).
@@ -27,8 +29,9 @@ from ..ir import meta
 from ..ir.patterns import get_tensor, linear_sites
 from ..ir.qspec import (Entropy, L2Histogram, LinearQuantSpec, MinMax, MSEClip, PerChannel, PerGroup,
                         Percentile, TensorQuant)
-from .base import Pass, PassResult
+from .base import Pass, PassResult, Phase
 from .group_size import GROUP_SIZES, default_group_size
+from .properties import ANNOTATED, CAPTURED, LOWERED
 
 
 #: option values -> observer types (ir/qspec.py); the options stay strings so `name:key=value` parses them
@@ -46,7 +49,7 @@ class SchemeOptions:
     """match: regex searched in the full HF Linear name (`model.layers.3.mlp.down_proj`); the pass claims
     only matching Linears. Default `.*`: every Linear not claimed by an earlier scheme pass.
     weight_observer: minmax (absmax scale, default) or mse (per channel/group clip ratio minimizing the
-    weight's quantization MSE, ir/weight_clip.py); codes an earlier gptq/awq pass chose win over it."""
+    weight's quantization MSE, calibration/weight_clip.py); codes an earlier gptq/awq pass chose win over it."""
     match: str = ".*"
     weight_observer: str = field(default="minmax", metadata={"choices": "minmax|mse"})
 
@@ -71,7 +74,7 @@ class StaticSchemeOptions(SchemeOptions):
     """act_observer (static activation range from calibration): minmax (default), percentile (the
     `percentile` / 100 - `percentile` quantiles; percentile default 99.99, only with act_observer=percentile),
     entropy (TensorRT KL threshold) or histogram (L2-optimal clip range, PyTorch's / msModelSlim's histogram
-    observer); ir/histogram.py."""
+    observer); calibration/histogram.py."""
     act_observer: str = field(default="minmax", metadata={"choices": "minmax|percentile|entropy|histogram"})
     percentile: float | None = field(default=None, metadata={"choices": "50 < P <= 100, default 99.99"})
 
@@ -105,10 +108,25 @@ class GroupSchemeOptions(SchemeOptions):
                              f"(0 = per-channel), got {self.group!r}")
 
 
+def unclaimed_sites(gm, ctx, match: str) -> list:
+    """The Linear sites of the layer a scheme pass with `match` claims now: not yet claimed by an earlier scheme
+    pass (no `meta.QUANT_SPEC`), matching no --exclude regex, and `match` searched in the full HF name. The
+    one claim rule at run time; `group_size.first_claim` applies it to names before any work."""
+    sites = []
+    for site in linear_sites(gm):
+        full = ctx.prefix + site.name
+        if meta.QUANT_SPEC in site.node.meta or any(re.search(p, full) for p in ctx.exclude):
+            continue
+        if re.search(match, full) is not None:
+            sites.append(site)
+    return sites
+
+
 class SchemePass(Pass):
-    requires = frozenset({"captured"})
-    produces = frozenset({"annotated"})
-    forbids = frozenset({"lowered"})
+    requires = frozenset({CAPTURED})
+    produces = frozenset({ANNOTATED})
+    forbids = frozenset({LOWERED})
+    phase = Phase.ANNOTATE
     Options = SchemeOptions
 
     def spec(self, group_size: int = 0) -> LinearQuantSpec:
@@ -129,13 +147,7 @@ class SchemePass(Pass):
         return re.search(self.options.match, full_name) is not None
 
     def run(self, gm, ctx):
-        sites = []
-        for site in linear_sites(gm):
-            full = ctx.prefix + site.name
-            if meta.QUANT_SPEC in site.node.meta or any(re.search(p, full) for p in ctx.exclude):
-                continue
-            if self.claims(full):
-                sites.append(site)
+        sites = unclaimed_sites(gm, ctx, self.options.match)
         if not sites:
             return PassResult(gm, modified=False, stats={"linears": []})
         group = getattr(self.options, "group", 0)

@@ -34,6 +34,7 @@ from ..errors import QCError
 from ..ir import meta
 from ..ir.patterns import get_tensor, linear_sites
 from .base import Pass, PassResult
+from .properties import ANNOTATED, LOWERED, TP_SIMULATED
 from .registry import register
 
 TP_SIZES = (1, 2, 4, 8, 16)
@@ -60,9 +61,9 @@ class SimulateTP(Pass):
     name = "simulate_tp"
     summary = ("simulate size= tensor-parallel cards on the communication Linears (o_proj, down_proj): per-card "
                "partial products (per-card per-token scales for dynamic schemes) summed by an all-reduce")
-    requires = frozenset({"annotated"})
-    produces = frozenset({"tp_simulated"})
-    forbids = frozenset({"lowered"})
+    requires = frozenset({ANNOTATED})
+    produces = frozenset({TP_SIMULATED})
+    forbids = frozenset({LOWERED})
     Options = SimulateTPOptions
 
     def run(self, gm, ctx):

@@ -7,7 +7,8 @@ group of Linears that read one activation X, per input channel j
 
 clamped to [1e-5, 1e5] (s_j = 1 where channel j is all zero); X is divided by s (folded into the op
 that produces X) and the Linears' columns are multiplied by s, so the float layer computes the same
-function (up to rounding the folded tensors to the model dtype). Groups, found by graph dataflow:
+function (up to rounding the folded tensors to the model dtype). Groups, found by graph dataflow and
+folded by the one folding module (ir/folding.py: `find_fold_groups`, `fold`, `share_heads`):
 
   norm     `mul(norm.weight, rmsnorm(h))` -> q/k/v, and -> gate/up: s folded into the norm weight.
   attn_v   v_proj -> (sdpa value) -> o_proj: s folded into v_proj rows (and bias). o_proj's columns are
@@ -25,9 +26,9 @@ outputs on a sample of calibration rows (`tokens`) with fake quantization (weigh
 scheme quantizes them; activations per-tensor asymmetric min-max over the whole calibration set for
 static schemes, per-token symmetric for dynamic ones, float for weight-only ones) are compared with the
 float outputs; the alpha with the lowest MSE wins. The chosen alphas and the MSE before/after go to
-PassResult.stats (`alphas`, `mse`), so into the report. The scheme of a group is that of the first
-scheme pass after this one in `ctx.pipeline` that claims the group's Linears (w8a8 when there is none,
-e.g. a pass run on its own); groups whose Linears no scheme quantizes are left alone.
+PassResult.stats (`alphas`, `mse`), so into the report. How each Linear will be quantized is its spec
+(`meta.QUANT_SPEC`): the scheme passes annotate before smooth runs, whatever the --passes order (passes/
+base.py Phase); groups whose Linears carry no spec (no scheme quantizes them) are left alone.
 
 shift (`shift=true`, norm groups only): z_j = (max_j + min_j) / 2 is subtracted from the normed
 activation first: the norm gains a bias (`<norm>.bias` = -z/s, a new parameter read by a new `add`
@@ -36,7 +37,7 @@ consumer Linear already has a bias (Qwen2's q/k/v): the artifact layout has no p
 architecture lacks (engines and the checker reject it, and static W8A8's quant_bias must match the stored
 bias). Groups where it cannot apply are smoothed without shift and named in stats["shift_skipped"].
 
-Requires: captured. Produces: smoothed. Forbids: annotated (run it before the scheme pass).
+Requires: captured. Produces: smoothed. Forbids: annotated (write it before the scheme pass). Phase: TRANSFORM.
 Cost: one extra forward of the calibration set per layer for the statistics, plus (grid + 2) quantized
 matmuls of `tokens` rows through every Linear of the layer (int8 `torch._int_mm`): about 6 CPU-seconds per
 SmolLM2-135M layer at the defaults; lower `grid` / `tokens` for big models.
@@ -49,26 +50,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ir import meta
 from ..ir import qnumerics as qn
+from ..ir.folding import MAPPINGS, FoldGroup, find_fold_groups, fold, share_heads
 from ..calibration.linear_inputs import InputStats, LayerRunner
-from ..ir.patterns import LinearSite, get_tensor, linear_sites, shared_input_groups
-from ..ir.qspec import LinearQuantSpec, PerChannel, PerGroup, PerTensor, PerToken, TensorQuant
-from .base import Pass, PassResult
+from ..ir.patterns import get_tensor, replace_tensor
+from ..ir.qspec import LinearQuantSpec, PerGroup, PerToken, TensorQuant
+from .base import Pass, PassResult, Phase
+from .properties import ANNOTATED, CAPTURED, SMOOTHED, WEIGHTS_ROUNDED
 from .registry import register
 
 S_MIN, S_MAX = 1e-5, 1e5
 
 aten = torch.ops.aten
-#: ops that only move data (no arithmetic across channels of one head), walked through by dataflow
-_LAYOUT_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
-               aten.permute.default, aten.contiguous.default, aten.clone.default, aten.expand.default,
-               aten.unsqueeze.default, aten.alias.default}
-
-
 #: msModelSlim's subgraph type names (processor/anti_outlier/common/subgraph_type.py; the Qwen3 adapter
 #: `get_adapter_config_for_subgraph` maps norm-linear, ov, up-down) -> our group kinds. Dense Llama/Qwen decoder
 #: layers have no linear-linear subgraph (a Linear feeding a Linear directly), so it selects nothing here.
-SUBGRAPH_KINDS = {"norm-linear": "norm", "ov": "attn_v", "up-down": "mlp_up", "linear-linear": None}
+SUBGRAPH_KINDS = {**{sub: kind for kind, (sub, _) in MAPPINGS.items()}, "linear-linear": None}
 ALL_SUBGRAPHS = "norm-linear+ov+up-down"
 
 
@@ -111,135 +109,7 @@ class SmoothOptions:
         return {SUBGRAPH_KINDS[t] for t in self.subgraphs.split("+")} - {None}
 
 
-@dataclass
-class SmoothGroup:
-    kind: str                                  # "norm" | "attn_v" | "mlp_up"
-    producer: str                              # where 1/s is folded: norm name or Linear name
-    input: torch.fx.Node                       # the shared activation X
-    sites: list[LinearSite]                    # the Linears reading X
-    norm_weight: torch.fx.Node | None = None   # norm: get_attr of the norm weight
-    producer_site: LinearSite | None = None    # attn_v / mlp_up: v_proj / up_proj
-    heads: tuple[int, int, int] | None = None  # attn_v: (query heads, kv heads, head_dim)
-
-
-# ---- finding groups on the graph ----------------------------------------------------------------------
-def _through_layout(node: torch.fx.Node) -> torch.fx.Node:
-    """Walk back through single-user layout ops (view/transpose/...) to the op that made the data."""
-    while node.op == "call_function" and node.target in _LAYOUT_OPS and len(node.users) == 1 or \
-            (node.op == "call_function" and node.target == aten.slice.Tensor and _full_slice(node)
-             and len(node.users) == 1):
-        node = node.args[0]
-    return node
-
-
-def _full_slice(node) -> bool:
-    args = list(node.args) + [None] * 5
-    start, end, step = args[2] or 0, args[3], args[4] or 1
-    return start == 0 and step == 1 and (end is None or end >= (1 << 62))
-
-
-def _shape(node) -> tuple | None:
-    val = node.meta.get("val")
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
-def _concrete(d) -> int | None:
-    return d if isinstance(d, int) else None
-
-
-def _find_group(gm, x: torch.fx.Node, sites: list[LinearSite], linear_by_node) -> tuple[SmoothGroup | None, str]:
-    if set(x.users) != {s.node for s in sites}:
-        return None, "its input has consumers other than Linears"
-    # norm: mul(get_attr weight [k], normed)
-    if x.op == "call_function" and x.target == aten.mul.Tensor:
-        for a in x.args:
-            if isinstance(a, torch.fx.Node) and a.op == "get_attr" and len(a.users) == 1:
-                w = get_tensor(gm, a.target)
-                k = get_tensor(gm, sites[0].weight.target).shape[1]
-                if w.dim() == 1 and w.numel() == k and str(a.target).endswith(".weight"):
-                    return SmoothGroup("norm", str(a.target)[: -len(".weight")], x, sites, norm_weight=a), ""
-    src = _through_layout(x)
-    # mlp_up: mul(silu(gate), up_proj) -> down_proj
-    if src.op == "call_function" and src.target == aten.mul.Tensor:
-        for a in reversed(src.args):
-            site = linear_by_node.get(a) if isinstance(a, torch.fx.Node) else None
-            if site is not None and len(a.users) == 1 and list(src.args).count(a) == 1:
-                return SmoothGroup("mlp_up", site.name, x, sites, producer_site=site), ""
-        return None, "its input is a product with no Linear factor"
-    # attn_v: v_proj -> layout -> sdpa(value) -> layout -> o_proj
-    if src.op == "call_function" and src.target == aten.scaled_dot_product_attention.default \
-            and len(src.users) == 1:
-        value = src.args[2]
-        v = _through_layout(value)
-        site = linear_by_node.get(v)
-        if site is None or len(v.users) != 1:
-            return None, "the attention's value is not a Linear's output"
-        q_shape, v_shape, o_shape = _shape(src.args[0]), _shape(value), _shape(src)
-        vw = get_tensor(gm, site.weight.target)
-        ow = get_tensor(gm, sites[0].weight.target)
-        if not (q_shape and v_shape and o_shape) or len(q_shape) != 4:
-            return None, "attention shapes unknown"
-        nh, hd, vh = _concrete(q_shape[1]), _concrete(v_shape[-1]), _concrete(v_shape[1])
-        if None in (nh, hd, vh) or vw.shape[0] % hd or ow.shape[1] != nh * hd:
-            return None, "attention head layout not recognised"
-        kvh = vw.shape[0] // hd
-        if nh % kvh or vh not in (kvh, nh):
-            return None, "attention head layout not recognised"
-        return SmoothGroup("attn_v", site.name, x, sites, producer_site=site, heads=(nh, kvh, hd)), ""
-    return None, f"producer {src.name} ({src.target}) is not a norm, attention or gated product"
-
-
-def find_smooth_groups(gm: torch.fx.GraphModule) -> tuple[list[SmoothGroup], dict[str, str]]:
-    """Smoothable Linear groups in graph order, and {first Linear of a skipped group: why}."""
-    sites = linear_sites(gm)
-    by_node = {s.node: s for s in sites}
-    groups, skipped = [], {}
-    for members in shared_input_groups(sites):
-        g, why = _find_group(gm, members[0].input, members, by_node)
-        if g is None:
-            skipped[members[0].name] = why
-        else:
-            groups.append(g)
-    return groups, skipped
-
-
 # ---- the quantization the search emulates ------------------------------------------------------------
-STATIC_W8A8 = LinearQuantSpec("W8A8", TensorQuant(8, True, PerChannel()), TensorQuant(8, False, PerTensor()),
-                              "smooth")
-
-
-def _scheme_spec(p, full_name: str, k: int) -> LinearQuantSpec | None:
-    """The spec scheme pass `p` gives Linear `full_name` (in-features k), or None if it does not claim it."""
-    claims = getattr(p, "claims", None)
-    if claims is not None and not claims(full_name):
-        return None
-    group = getattr(p.options, "group", 0)
-    if group is None:
-        group = next((g for g in (128, 64) if k % g == 0), 0)
-    try:
-        return p.spec(group)
-    except TypeError:
-        return p.spec()
-
-
-def following_spec(ctx, me: Pass, site: LinearSite, k: int) -> LinearQuantSpec | None:
-    """How the scheme after `me` in ctx.pipeline will quantize `site` (None: stays float).
-    A pipeline without scheme passes (a pass run alone) is taken as static w8a8."""
-    full = ctx.prefix + site.name
-    if any(re.search(p, full) for p in ctx.exclude):
-        return None
-    pipeline = list(ctx.pipeline)
-    after = pipeline[pipeline.index(me) + 1:] if me in pipeline else pipeline
-    schemes = [p for p in after if p.quant_type and hasattr(p, "spec")]
-    if not schemes:
-        return STATIC_W8A8
-    for p in schemes:
-        spec = _scheme_spec(p, full, k)
-        if spec is not None:
-            return spec
-    return None
-
-
 @dataclass
 class QTensor:
     """Integer codes with their scale (and offset): value ~ (codes - offset) * scale."""
@@ -313,89 +183,48 @@ def smooth_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float
     s = a.clamp_min(1e-12).pow(alpha) / w.clamp_min(1e-12).pow(beta)
     s = torch.where((a > 0) & (w > 0), s.clamp(S_MIN, S_MAX), torch.ones_like(s))
     if heads is not None:
-        s = _share_heads(s, heads)
-        w = _share_heads(w, heads)
+        s = share_heads(s, heads)
+        w = share_heads(w, heads)
     if w_limit is not None:
         s = torch.minimum(s, w_limit / w.clamp_min(1e-12))
     return s
 
 
-def _share_heads(v: torch.Tensor, heads: tuple[int, int, int]) -> torch.Tensor:
-    nh, kvh, hd = heads
-    return v.view(kvh, nh // kvh, hd).amax(1, keepdim=True).expand(kvh, nh // kvh, hd).reshape(-1)
-
-
-def kv_rows(s_cols: torch.Tensor, heads: tuple[int, int, int]) -> torch.Tensor:
-    """Head-shared o_proj column scales [nh*hd] -> the v_proj row scales [kvh*hd]."""
-    nh, kvh, hd = heads
-    return s_cols.view(kvh, nh // kvh, hd)[:, 0].reshape(-1)
-
-
-# ---- folding ------------------------------------------------------------------------------------------
-def _replace(gm, target: str, value: torch.Tensor, new_parameter: bool = False) -> None:
-    mod_path, _, attr = target.rpartition(".")
-    mod = gm.get_submodule(mod_path) if mod_path else gm
-    if attr in mod._parameters or (new_parameter and attr not in mod._buffers):
-        mod._parameters.pop(attr, None)
-        mod._buffers.pop(attr, None)
-        mod.register_parameter(attr, torch.nn.Parameter(value, requires_grad=False))
-    else:
-        mod._buffers[attr] = value
-
-
-def _set_linear_bias(gm, site: LinearSite, bias: torch.Tensor) -> None:
-    """Give `site` the bias value (creating `<linear>.bias` and its get_attr if it had none)."""
-    target = f"{site.name}.bias"
-    if site.bias is not None:
-        _replace(gm, site.bias.target, bias)
-        return
-    _replace(gm, target, bias, new_parameter=True)
-    with gm.graph.inserting_before(site.node):
-        b = gm.graph.get_attr(target)
-    site.node.args = (site.node.args[0], site.node.args[1], b)
-    site.bias = b
-
-
-def fold(gm, group: SmoothGroup, s: torch.Tensor, z: torch.Tensor | None = None) -> None:
-    """Divide the group's input by s (after subtracting z) in its producer; multiply the Linears' columns
-    by s (and add W @ z to their biases). Tensors keep their dtype."""
+# ---- shift (norm groups): z subtracted before the scale ---------------------------------------------------
+def shift_linear_biases(gm, group: FoldGroup, z: torch.Tensor) -> None:
+    """Each consumer Linear's bias b becomes b + W @ z (W before folding; every consumer has a bias:
+    `shift_blocker`)."""
     for site in group.sites:
         w = get_tensor(gm, site.weight.target)
-        if z is not None:
-            old = get_tensor(gm, site.bias.target).float() if site.bias is not None else 0.0
-            _set_linear_bias(gm, site, (old + w.float() @ z).to(w.dtype))
-        _replace(gm, site.weight.target, (w.float() * s).to(w.dtype))
-    if group.kind == "norm":
-        nw = get_tensor(gm, group.norm_weight.target)
-        _replace(gm, group.norm_weight.target, (nw.float() / s).to(nw.dtype))
-        if z is not None:
-            target = f"{group.producer}.bias"
-            _replace(gm, target, (-z / s).to(nw.dtype), new_parameter=True)
-            x = group.input
-            with gm.graph.inserting_after(x):
-                b = gm.graph.get_attr(target)
-            with gm.graph.inserting_after(b):
-                y = gm.graph.call_function(aten.add.Tensor, (x, b))
-            y.meta["val"] = x.meta.get("val")
-            for site in group.sites:
-                site.node.replace_input_with(x, y)
-                site.input = y
-            group.input = y
-        return
-    rows = kv_rows(s, group.heads) if group.kind == "attn_v" else s
-    p = group.producer_site
-    pw = get_tensor(gm, p.weight.target)
-    _replace(gm, p.weight.target, (pw.float() / rows[:, None]).to(pw.dtype))
-    if p.bias is not None:
-        pb = get_tensor(gm, p.bias.target)
-        _replace(gm, p.bias.target, (pb.float() / rows).to(pb.dtype))
+        old = get_tensor(gm, site.bias.target).float()
+        replace_tensor(gm, site.bias.target, (old + w.float() @ z).to(w.dtype))
 
 
-def shift_blocker(group: SmoothGroup) -> str:
+def add_norm_bias(gm, group: FoldGroup, bias: torch.Tensor) -> None:
+    """Give the norm a new parameter `<norm>.bias` (in the norm weight's dtype) added to its output by a new
+    `add` node that the group's Linears read instead."""
+    nw = get_tensor(gm, group.norm_weight.target)
+    target = f"{group.producer}.bias"
+    replace_tensor(gm, target, bias.to(nw.dtype), create=True)
+    x = group.input
+    with gm.graph.inserting_after(x):
+        b = gm.graph.get_attr(target)
+    with gm.graph.inserting_after(b):
+        y = gm.graph.call_function(aten.add.Tensor, (x, b))
+    y.meta["val"] = x.meta.get("val")
+    for site in group.sites:
+        site.node.replace_input_with(x, y)
+        site.input = y
+    group.input = y
+
+
+def shift_blocker(group: FoldGroup) -> str:
     """Why shift cannot be applied to `group` ('' if it can). Each consumer Linear gains a bias W @ z; the
     artifact can only carry it where the architecture has that bias (Qwen2's q/k/v): engines and the
     checker reject a `bias` elsewhere, and without the tensor a static W8A8 `quant_bias` holding it no
     longer matches the layout's formula."""
+    if group.norm_bias is not None:
+        return f"{group.producer} already has a bias"
     for site in group.sites:
         if site.bias is None:
             return f"{site.name} has no bias in this architecture"
@@ -434,9 +263,11 @@ def group_error(x: torch.Tensor, refs: list[torch.Tensor], weights: list[torch.T
 class Smooth(Pass):
     name = "smooth"
     summary = "SmoothQuant: migrate activation outliers into weights (alpha searched per group; shift=true centers)"
-    requires = frozenset({"captured"})
-    produces = frozenset({"smoothed"})
-    forbids = frozenset({"annotated", "gptq", "awq"})  # their chosen codes would go stale
+    requires = frozenset({CAPTURED})
+    produces = frozenset({SMOOTHED})
+    forbids = frozenset({ANNOTATED, WEIGHTS_ROUNDED})  # codes gptq/awq chose would go stale
+    phase = Phase.TRANSFORM
+    migrates_outliers = True
     Options = SmoothOptions
 
     def alphas(self) -> list[float]:
@@ -445,15 +276,14 @@ class Smooth(Pass):
         return [round(i / self.options.grid, 6) for i in range(self.options.grid + 1)]
 
     def run(self, gm, ctx):
-        groups, skipped = find_smooth_groups(gm)
+        groups, skipped = find_fold_groups(gm)
         todo = []
         kinds = self.options.kinds()
         for g in groups:
             if g.kind not in kinds or re.search(self.options.match, ctx.prefix + g.producer) is None:
                 skipped[g.sites[0].name] = f"not selected (subgraphs={self.options.subgraphs}, match)"
                 continue
-            k = get_tensor(gm, g.sites[0].weight.target).shape[1]
-            specs = [following_spec(ctx, self, s, k) for s in g.sites]
+            specs = [s.node.meta.get(meta.QUANT_SPEC) for s in g.sites]  # None: stays float
             if all(sp is None for sp in specs):
                 skipped[g.sites[0].name] = "no scheme quantizes these Linears"
                 continue
@@ -495,7 +325,12 @@ class Smooth(Pass):
                 stats_out["mse"][g.producer] = [_sig(base), _sig(best_err)]
             else:
                 alpha = float(self.options.alpha)
-            fold(gm, g, smooth_scales(act_absmax, w_absmax, alpha, g.heads, limit, self.options.beta), z)
+            s = smooth_scales(act_absmax, w_absmax, alpha, g.heads, limit, self.options.beta)
+            if z is not None:
+                shift_linear_biases(gm, g, z)
+            fold(gm, g, s)
+            if z is not None:
+                add_norm_bias(gm, g, -z / s)
             stats_out["alphas"][g.producer] = alpha
             stats_out["groups"][g.producer] = [s.name for s in g.sites]
             stats_out["schemes"][g.producer] = next(sp.quant_type for sp in specs if sp is not None)

@@ -11,7 +11,7 @@ Methods (`method=`), all choosing per output row:
   `block`; at each block the weights to prune are those with the smallest `w^2 / [H^-1]_jj^2` (adaptive
   mask selection; `[H^-1]` = the upper Cholesky factor of the dampened inverse Hessian, as GPTQ uses)
   and each pruned weight's error is spread over the row's not-yet-processed weights through H^-1.
-  H = 2 X^T X / N from the calibration inputs (`ir.linear_inputs`, GPTQ's machinery). The per-row count
+  H = 2 X^T X / N from the calibration inputs (`calibration.linear_inputs`, GPTQ's machinery). The per-row count
   is spread over the blocks (cumulative `round(ratio * column)`), so the row total is exact.
 - `wanda`: Wanda (Sun et al. 2023). score |W_ij| * ||X_j||_2 (X_j: input channel j over every
   calibration token); the lowest scores of each row are zeroed; other weights unchanged.
@@ -24,10 +24,12 @@ Linears stay float and dense). Sequential (default, as gptq): Linears sharing an
 share one Hessian; groups run in graph order and each Hessian comes from inputs computed with the
 already-pruned Linears before it. `sequential=false`: every statistic from the unpruned layer.
 Result: the float weight parameter is replaced by the pruned one (model dtype); `meta.SPARSITY` on the
-Linear's node holds the achieved fraction of zeros (w8a8s reads it).
+Linear's node holds the achieved fraction of zeros (gptq keeps those codes zero). Phase: TRANSFORM (after
+the scheme passes' annotation): a Linear a scheme marked `meta.NEEDS_PRUNING` (w8a8s, w16a16s) that this
+pass does not prune is a one-line error.
 Records per Linear: method, sparsity (zeros / numel of the stored weight), protected (outliers kept per
 row), and for calibration-aware methods rel_err = tr(dW H dW^T) / tr(W H W^T).
-Requires: captured. Produces: sparse. Forbids: annotated, awq, gptq (weights they choose would go stale;
+Requires: captured. Produces: weights_pruned. Forbids: annotated, weights_rounded (codes gptq/awq chose would go stale;
 gptq/awq after sparse keep zeros zero: awq scales columns, gptq keeps zero codes for pruned weights).
 Alone (`--passes sparse:ratio=0.5`, no scheme) the compile writes the pruned float model: every tensor
 FLOAT, executable graph in float (the driver skips the quantization tail for `standalone` passes).
@@ -42,11 +44,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import QCError
 from ..ir import meta
-from ..calibration.linear_inputs import replace_tensor, stage_input_stats
-from ..ir.patterns import get_tensor, linear_sites, shared_input_groups
-from .base import Pass, PassResult
+from ..calibration.linear_inputs import stage_input_stats
+from ..ir.patterns import get_tensor, linear_sites, replace_tensor, shared_input_groups
+from .base import Pass, PassResult, Phase
 from .gptq import _inverse_cholesky, row_errors
+from .properties import ANNOTATED, CAPTURED, WEIGHTS_PRUNED, WEIGHTS_ROUNDED
 from .registry import register
 from .weight_targets import single_thread
 
@@ -188,9 +192,10 @@ class Sparse(Pass):
     name = "sparse"
     summary = ("unstructured pruning to ratio= zeros per row (sparsegpt | wanda | magnitude), fraction= "
                "outliers protected; a float pass before any scheme")
-    requires = frozenset({"captured"})
-    produces = frozenset({"sparse"})
-    forbids = frozenset({"annotated", "gptq", "awq"})
+    requires = frozenset({CAPTURED})
+    produces = frozenset({WEIGHTS_PRUNED})
+    forbids = frozenset({ANNOTATED, WEIGHTS_ROUNDED})
+    phase = Phase.TRANSFORM
     Options = SparseOptions
     #: `--passes sparse` alone is a valid compile: the driver then writes the pruned float model (no scheme)
     standalone = True
@@ -202,6 +207,12 @@ class Sparse(Pass):
 
     def run(self, gm, ctx):
         sites = self._targets(gm, ctx)
+        pruned = {s.name for s in sites}
+        for site in linear_sites(gm):  # a scheme annotated it for pruned weights (w8a8s, w16a16s)
+            claimer = site.node.meta.get(meta.NEEDS_PRUNING)
+            if claimer is not None and site.name not in pruned:
+                raise QCError(f"{claimer} claims {ctx.prefix}{site.name} but the sparse pass did not prune it; "
+                              f"give sparse the same match/--exclude as {claimer}")
         if not sites:
             return PassResult(gm, modified=False, stats={"linears": {}})
         if self.options.ratio == 0.0:

@@ -9,19 +9,22 @@ keeps the bias "FLOAT" as every other type does, spec section 2). The executable
 atb_llm/utils/layers/linear/__init__.py `get_linear`; vLLM-Ascend has no W16A16S scheme, so the targets allow
 it with a warning). The compressed W16A16SC form needs MindIE's closed compressor: out of scope.
 Decides, does not transform: `meta.FLOAT_QUANT_TYPE` on each claimed Linear, read by lowering.
-Options: match (regex on the full HF Linear name). Every Linear it claims must have been pruned by `sparse`,
-and a fused group (q/k/v, gate/up) must be claimed whole: otherwise a one-line error on the first layer.
-Requires: captured, sparse. Produces: annotated (so the internal tail runs; nothing is quantized).
+Options: match (regex on the full HF Linear name); Linears claimed as scheme passes claim them (scheme.
+unclaimed_sites). Every Linear it claims must be pruned by `sparse` (marked `meta.NEEDS_PRUNING`; the sparse
+pass, which runs after the annotation, checks it), and a fused group (q/k/v, gate/up) must be claimed whole:
+otherwise a one-line error on the first layer. Phase: ANNOTATE.
+Requires: captured, weights_pruned. Produces: annotated (so the internal tail runs; nothing is quantized).
 """
 import re
 from dataclasses import dataclass
 
 from ..errors import QCError
 from ..ir import meta
-from ..ir.patterns import linear_sites
-from .base import Pass, PassResult
+from .base import Pass, PassResult, Phase
 from .group_size import DENSE_FUSED_GROUPS
+from .properties import ANNOTATED, CAPTURED, LOWERED, WEIGHTS_PRUNED
 from .registry import register
+from .scheme import unclaimed_sites
 
 W16A16S = "W16A16S"
 #: Linears the engines fuse (each group must carry one type)
@@ -44,23 +47,17 @@ class W16A16Sparse(Pass):
     name = "w16a16s"
     summary = "W16A16S: float sparse Linears (pruned float weights typed W16A16S); needs sparse before it"
     quant_type = W16A16S
-    requires = frozenset({"captured", "sparse"})
-    produces = frozenset({"annotated"})
-    forbids = frozenset({"annotated", "lowered"})
+    requires = frozenset({CAPTURED, WEIGHTS_PRUNED})
+    produces = frozenset({ANNOTATED})
+    forbids = frozenset({ANNOTATED, LOWERED})
+    phase = Phase.ANNOTATE
     Options = W16A16SOptions
 
     def run(self, gm, ctx):
         claimed = []
-        for site in linear_sites(gm):
-            full = ctx.prefix + site.name
-            if meta.QUANT_SPEC in site.node.meta or any(re.search(p, full) for p in ctx.exclude):
-                continue
-            if re.search(self.options.match, full) is None:
-                continue
-            if meta.SPARSITY not in site.node.meta:
-                raise QCError(f"w16a16s claims {full} but the sparse pass did not prune it; give sparse the same "
-                              f"match/--exclude as w16a16s")
+        for site in unclaimed_sites(gm, ctx, self.options.match):
             site.node.meta[meta.FLOAT_QUANT_TYPE] = W16A16S
+            site.node.meta[meta.NEEDS_PRUNING] = self.name   # the sparse pass (after this one) must prune it
             claimed.append(site.name)
         for group in DENSE_FUSED_GROUPS:
             hit = [n for n in group if n in claimed]

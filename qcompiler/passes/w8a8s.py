@@ -9,20 +9,22 @@ bit-copy for fp16), quant_bias (no weight_scale/weight_offset: encode.encode_w8a
 int8 weight (round(0 / s) = 0), and smaller weights that round to 0 add to the zeros.
 Why it requires `sparse` instead of pruning itself: the pruning method, ratio and outlier fraction are
 the sparse pass's options (one place to choose them, and `sparse` alone gives the float pruned model to
-compare with). Every Linear w8a8s claims must have been pruned by `sparse` (its `match`/`--exclude`
-must cover them): otherwise a one-line error on the first layer.
+compare with). Every Linear w8a8s claims must be pruned by `sparse` (its `match`/`--exclude` must cover
+them): w8a8s marks them `meta.NEEDS_PRUNING` and the sparse pass, which runs after the annotation (passes/
+base.py Phase), stops with a one-line error on the first layer otherwise. fraction/sigma choose the codes,
+so gptq/awq refuse a Linear whose spec has that observer (weight_targets.weight_targets).
 Options: match (regex on the full HF Linear name), bits (4 or 8), fraction / sigma (weight outliers keep int8
 codes: ir/qspec.py OutlierSplit), and w8a8's observers (weight_observer, act_observer, percentile).
-Requires: captured, sparse. Produces: annotated.
+Requires: captured, weights_pruned (the sparse pass). Produces: annotated.
 Limits: the compressed W8A8SC form (what the 300I Duo runs fastest) is produced by a closed binary tool
 (msModelSlim's compressor): out of scope; this writes the uncompressed W8A8S artifact it reads.
 """
 from dataclasses import dataclass
 
-from ..errors import QCError
 from ..ir import meta
 from ..ir.patterns import linear_sites
 from ..ir.qspec import LinearQuantSpec, OutlierSplit, PerTensor, TensorQuant
+from .properties import CAPTURED, WEIGHTS_PRUNED
 from .registry import register
 from .scheme import SchemePass, StaticSchemeOptions, weight_quant
 
@@ -57,7 +59,7 @@ class W8A8S(SchemePass):
     summary = ("sparse W8A8 (W8A8S, ascend310p): static W8A8 on sparse-pruned weights, codes in [-7,7] (bits=4) "
                "stored in int8; needs sparse before it. W8A8SC compression (closed tool) is out of scope")
     quant_type = "W8A8S"
-    requires = frozenset({"captured", "sparse"})
+    requires = frozenset({CAPTURED, WEIGHTS_PRUNED})
     Options = W8A8SOptions
 
     def spec(self, group_size=0):
@@ -68,12 +70,7 @@ class W8A8S(SchemePass):
     def run(self, gm, ctx):
         result = super().run(gm, ctx)
         claimed = set(result.stats["linears"])
-        split = self.options.fraction or self.options.sigma is not None
         for site in linear_sites(gm):
-            if site.name in claimed and meta.SPARSITY not in site.node.meta:
-                raise QCError(f"w8a8s claims {ctx.prefix}{site.name} but the sparse pass did not prune it; "
-                              f"give sparse the same match/--exclude as w8a8s")
-            if site.name in claimed and split and meta.WEIGHT_QPARAMS in site.node.meta:
-                raise QCError(f"w8a8s:fraction/sigma choose {ctx.prefix}{site.name}'s codes, but gptq/awq before it "
-                              f"already did; drop one of them")
+            if site.name in claimed:  # the sparse pass (TRANSFORM phase, after this one) must prune it
+                site.node.meta[meta.NEEDS_PRUNING] = self.name
         return result

@@ -1,16 +1,16 @@
-"""What weight quantization the scheme after a weight-rounding pass (gptq, awq) will apply, per Linear.
+"""How each Linear's weight will be quantized, read from its spec, for the passes that choose codes (gptq, awq).
 
 gptq and awq choose integer codes and scales themselves (`meta.WEIGHT_QPARAMS`), so they must quantize
-exactly as the scheme pass that follows them in the pipeline will: same bits, same granularity (per
-channel or per group of `group` input channels), same symmetric absmax scales as the encoder.
+exactly as the Linear's scheme will: same bits, same granularity (per channel or per group of `group` input
+channels), same symmetric absmax scales as the encoder.
 
-`weight_targets(gm, ctx, me)` -> `{linear name inside the layer: WeightTarget}` for every Linear some
-later scheme pass will claim: claims are simulated with the rule scheme passes apply at run time
-(`group_size.first_claim`: --exclude keeps it float, else the first later scheme pass whose `match`
-selects it). bits and group come from that pass's spec (its `options.group`, resolved by the driver; a
-pass left with `group=None`, e.g. in a test, resolves it over this layer as `SchemePass.run` does).
+`weight_targets(gm, ctx, me)` -> `{linear name inside the layer: WeightTarget}` for every Linear whose node
+carries a `meta.QUANT_SPEC`: the scheme passes annotate before any float transform runs (passes/base.py
+Phase), so bits and group are the spec's (`spec.weight.bits`, its PerGroup size or 0 per-channel). A Linear
+without a spec stays float and is absent. A spec whose weight observer chooses the codes itself (w8a8s's
+fraction/sigma, `qspec.OutlierSplit`) cannot take codes from `me`: QCError naming both passes.
 Quantization helpers (`quantize`, `dequantize`, `column_scale`, `fake_quant`) are the encoder's math
-(`encode.quantize_weight`: symmetric, codes in [-qmax, qmax], zero group -> scale 1.0); `quantize` rounds the
+(`ir.model_dtype.quantize_weight`: symmetric, codes in [-qmax, qmax], zero group -> scale 1.0); `quantize` rounds the
 scale to the target's model dtype first (what the engines hold), so the codes a pass chooses are computed
 against the scale that runs (`fake_quant`, the searches' cheap stand-in, does not).
 `single_thread()` runs a block on one torch thread (see its docstring).
@@ -21,17 +21,16 @@ from dataclasses import dataclass
 import torch
 
 from ..ir.model_dtype import quantize_weight
-from ..ir.patterns import get_tensor, linear_sites
-from .group_size import default_group_size, first_claim
-
-#: weight bits of the artifact quant types (fallback when a scheme has no usable spec)
-WEIGHT_BITS = {"W8A8": 8, "W8A8_DYNAMIC": 8, "W8A8_MIX": 8, "W8A16": 8, "W8A8S": 8,
-               "W4A16": 4, "W4A8_DYNAMIC": 4}
+from ..errors import QCError
+from ..ir import meta
+from ..ir import qnumerics as qn
+from ..ir.patterns import linear_sites
+from ..ir.qspec import OutlierSplit, PerGroup
 
 
 @dataclass(frozen=True)
 class WeightTarget:
-    bits: int           # 8 or 4
+    bits: int           # 2..8 (ir/qnumerics.py)
     group: int          # 0: per-channel, else scales per `group` input channels
     scheme: str         # the scheme pass that will quantize the Linear
     quant_type: str
@@ -39,46 +38,27 @@ class WeightTarget:
 
     @property
     def qmax(self) -> int:
-        return 127 if self.bits == 8 else 7
+        return qn.qmax(self.bits)
 
     def describe(self) -> str:
         return f"int{self.bits} {'per-group(' + str(self.group) + ')' if self.group else 'per-channel'}"
 
 
-def later_schemes(ctx, me) -> list:
-    """Scheme passes (with a quant_type) after `me` in ctx.pipeline (the whole pipeline if `me` is absent)."""
-    pipeline = list(ctx.pipeline)
-    index = next((i for i, p in enumerate(pipeline) if p is me), None)
-    after = pipeline[index + 1:] if index is not None else pipeline
-    return [p for p in after if getattr(p, "quant_type", None)]
-
-
-def _spec_weight(p, group: int):
-    try:
-        return p.spec(group).weight
-    except NotImplementedError:
-        return None
-
-
 def weight_targets(gm: torch.fx.GraphModule, ctx, me) -> dict[str, WeightTarget]:
-    """{layer-relative Linear name: WeightTarget} for the Linears a later scheme pass will quantize."""
-    schemes = later_schemes(ctx, me)
-    sites = linear_sites(gm)
-    owner = {s.name: first_claim(schemes, ctx.prefix + s.name, ctx.exclude) for s in sites}
+    """{layer-relative Linear name: WeightTarget} for the Linears whose spec quantizes the weight (`me`: the
+    pass asking, named in errors)."""
     targets = {}
-    for p in {id(p): p for p in owner.values() if p is not None}.values():
-        mine = [s for s in sites if owner[s.name] is p]
-        group = getattr(p.options, "group", 0)
-        if group is None:   # not resolved by the driver: the rule SchemePass.run applies to this layer
-            group = default_group_size({ctx.prefix + s.name: get_tensor(gm, s.weight.target).shape[1]
-                                        for s in mine})
-        w = _spec_weight(p, group)
-        bits = w.bits if w is not None else WEIGHT_BITS[p.quant_type]
-        size = getattr(getattr(w, "granularity", None), "size", None) if w is not None else None
-        group = int(size) if size else (0 if w is not None else int(group or 0))
-        for s in mine:
-            targets[s.name] = WeightTarget(bits=bits, group=group, scheme=p.name, quant_type=p.quant_type,
-                                           dtype=ctx.dtype)
+    for site in linear_sites(gm):
+        spec = site.node.meta.get(meta.QUANT_SPEC)
+        if spec is None:
+            continue
+        w = spec.weight
+        if isinstance(w.observer, OutlierSplit):
+            raise QCError(f"{spec.pass_name}:fraction/sigma choose {ctx.prefix}{site.name}'s codes, but {me.name} "
+                          f"would choose them too; drop one of them")
+        group = w.granularity.size if isinstance(w.granularity, PerGroup) else 0
+        targets[site.name] = WeightTarget(bits=w.bits, group=int(group), scheme=spec.pass_name,
+                                          quant_type=spec.quant_type, dtype=ctx.dtype)
     return targets
 
 

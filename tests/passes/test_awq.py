@@ -20,7 +20,7 @@ from qcompiler.passes import TAIL, LayerContext, PassManager, make_pass
 from qcompiler.passes.awq import group_errors, scale_loss, search_clip, search_scale
 from qcompiler.passes.weight_targets import WeightTarget, column_scale, dequantize
 
-from tests.helpers import tiny_config, tiny_tokenizer
+from tests.helpers import annotate, tiny_config, tiny_tokenizer
 
 W4G32 = WeightTarget(bits=4, group=32, scheme="w4a16", quant_type="W4A16")
 
@@ -52,8 +52,11 @@ def _layer(folder):
     return copy.deepcopy(gm), inputs, dtype
 
 
-def _ctx(inputs, dtype, passes, exclude=()):
-    return LayerContext(index=0, inputs=inputs, dtype=dtype, exclude=tuple(exclude), pipeline=tuple(passes))
+def _ctx(gm, inputs, dtype, passes, exclude=()):
+    """A layer context, gm annotated by the scheme passes among `passes` (they run before awq: base.Phase)."""
+    ctx = LayerContext(index=0, inputs=inputs, dtype=dtype, exclude=tuple(exclude))
+    annotate(gm, ctx, passes)
+    return ctx
 
 
 def _forward(gm, inputs):
@@ -73,7 +76,7 @@ def test_scaling_keeps_the_float_function(tiny_models, mha_llama, arch):
     want = _forward(gm, inputs)
     before = {k: v.clone() for k, v in gm.state_dict().items()}
     passes = [make_pass("awq", {"clip": False}), make_pass("w4a16", {"group": 32})]
-    stats = passes[0].run(gm, _ctx(inputs, dtype, passes)).stats
+    stats = passes[0].run(gm, _ctx(gm, inputs, dtype, passes)).stats
     groups = stats["groups"]
     assert groups["q_proj+k_proj+v_proj"]["into"] == "input_layernorm.weight"
     assert groups["gate_proj+up_proj"]["into"] == "post_attention_layernorm.weight"
@@ -107,7 +110,7 @@ def test_v_to_o_scaling_divides_v_bias(tmp_path):
     want = _forward(gm, inputs)
     bias = get_tensor(gm, "self_attn.v_proj.bias").clone()
     passes = [make_pass("awq", {"clip": False}), make_pass("w4a16", {"group": 32})]
-    stats = passes[0].run(gm, _ctx(inputs, dtype, passes)).stats
+    stats = passes[0].run(gm, _ctx(gm, inputs, dtype, passes)).stats
     assert stats["groups"]["o_proj"]["into"] == "self_attn.v_proj"
     if stats["groups"]["o_proj"]["alpha"] > 0:
         assert not torch.equal(get_tensor(gm, "self_attn.v_proj.bias"), bias)
@@ -119,7 +122,7 @@ def test_scaling_after_shifting_smooth_divides_the_norm_bias(tiny_models):
     gm, inputs, dtype = _layer(tiny_models["qwen2"])
     passes = [make_pass("smooth", {"shift": True}), make_pass("awq", {"clip": False}),
               make_pass("w4a16", {"group": 32})]
-    ctx = _ctx(inputs, dtype, passes)
+    ctx = _ctx(gm, inputs, dtype, passes)
     passes[0].run(gm, ctx)
     want = _forward(gm, inputs)
     stats = passes[1].run(gm, ctx).stats
@@ -174,13 +177,13 @@ def test_awq_codes_reach_the_artifact_and_beat_rtn(tiny_models):
     want = _forward(gm, inputs)
     rtn = copy.deepcopy(gm)
     passes = [make_pass("w4a16", {"group": 32})] + [make_pass(n) for n in TAIL]
-    ctx = _ctx(inputs, dtype, passes)
+    ctx = _ctx(rtn, inputs, dtype, passes)
     for p in passes:
         rtn = p.run(rtn, ctx).gm
     err_rtn = _rel(_forward(rtn, inputs), want, inputs)
 
     passes = [make_pass("awq"), make_pass("w4a16", {"group": 32})] + [make_pass(n) for n in TAIL]
-    ctx = _ctx(inputs, dtype, passes)
+    ctx = _ctx(gm, inputs, dtype, passes)
     stats = passes[0].run(gm, ctx).stats
     assert all(v <= 1.0 for v in stats["clip_err_vs_unclipped"].values())
     assert "self_attn.q_proj" not in stats["clip_err_vs_unclipped"]   # q/k are not clipped by default
@@ -206,7 +209,7 @@ def test_awq_respects_exclude(tiny_models):
     down = get_tensor(gm, "mlp.down_proj.weight").clone()
     up = get_tensor(gm, "mlp.up_proj.weight").clone()
     passes = [make_pass("awq"), make_pass("w4a16", {"group": 32})]
-    stats = passes[0].run(gm, _ctx(inputs, dtype, passes, exclude=[r"mlp\.down_proj"])).stats
+    stats = passes[0].run(gm, _ctx(gm, inputs, dtype, passes, exclude=[r"mlp\.down_proj"])).stats
     assert "down_proj" not in stats["groups"]
     assert torch.equal(get_tensor(gm, "mlp.down_proj.weight"), down)
     by_name = {s.name: s for s in linear_sites(gm)}

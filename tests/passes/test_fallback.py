@@ -201,6 +201,17 @@ def test_policy_resolution(name, model_type, passes, want):
     assert resolve_policy(name, model_type, pipeline) == want
 
 
+def test_policy_reads_the_outlier_capability_not_a_name():
+    """Any pass declaring `migrates_outliers` (a new outlier-migration pass) lifts auto's qwen policy, as smooth does."""
+    from qcompiler.passes.base import Pass
+
+    class Migrate(Pass):
+        name = "my-migration"
+        migrates_outliers = True
+    assert resolve_policy("auto", "qwen2", [Migrate(), make_pass("w8a8")]) == "none"
+    assert resolve_policy("auto", "qwen2", [make_pass("w8a8")]) == "qwen"
+
+
 def test_bad_policy_is_an_error_and_recipe_takes_it(tmp_path):
     with pytest.raises(QCError, match="expected one of auto, none, qwen|expected one of auto, qwen, none"):
         CompileOptions(model="m", out=tmp_path / "o", policy="msmodelslim")

@@ -14,12 +14,13 @@ from qcompiler.driver import compile_model
 from qcompiler.errors import QCError
 from qcompiler.ir import meta
 from qcompiler.ir.capture import HFSkeleton
-from qcompiler.calibration.linear_inputs import LayerRunner, replace_tensor
-from qcompiler.ir.patterns import get_tensor, linear_sites
+from qcompiler.calibration.linear_inputs import LayerRunner
+from qcompiler.ir.patterns import get_tensor, linear_sites, replace_tensor
 from qcompiler.loading import open_checkpoint
 from qcompiler.passes import TAIL, LayerContext, PassManager, make_pass
 from qcompiler.passes.gptq import gptq_quantize, output_error
 from qcompiler.passes.weight_targets import WeightTarget, dequantize, weight_targets
+from tests.helpers import annotate
 
 
 # ---- the algorithm on synthetic data ---------------------------------------------------------------
@@ -109,9 +110,9 @@ def _layer(folder, seqs=8, length=32):
 
 def _run(gm, inputs, dtype, names, exclude=()):
     passes = [make_pass(n, o) for n, o in names] + [make_pass(n) for n in TAIL]
-    ctx = LayerContext(index=0, inputs=inputs, dtype=dtype, exclude=tuple(exclude), pipeline=tuple(passes))
+    ctx = LayerContext(index=0, inputs=inputs, dtype=dtype, exclude=tuple(exclude))
     results = {}
-    for p in passes:
+    for p in PassManager(passes).execution_order():  # the scheme annotates before gptq (base.Phase)
         r = p.run(gm, ctx)
         gm, results[p.name] = r.gm, r
     return gm, ctx, results
@@ -140,7 +141,8 @@ def test_gptq_scales_are_the_encoders_and_lowering_stores_the_codes(tiny_models)
     gm, inputs, dtype = _layer(tiny_models["llama"])
     original = {s.name: get_tensor(gm, s.weight.target).clone() for s in linear_sites(gm)}
     passes = [make_pass("gptq"), make_pass("w4a16", {"group": 32})]
-    ctx = LayerContext(index=0, inputs=inputs, dtype=dtype, pipeline=tuple(passes + [make_pass(n) for n in TAIL]))
+    ctx = LayerContext(index=0, inputs=inputs, dtype=dtype)
+    annotate(gm, ctx, passes)
     passes[0].run(gm, ctx)
     qparams = {}
     for site in linear_sites(gm):
@@ -178,8 +180,8 @@ def test_gptq_respects_exclude_and_match(tiny_models):
     down = get_tensor(gm, "mlp.down_proj.weight").clone()
     o = get_tensor(gm, "self_attn.o_proj.weight").clone()
     passes = [make_pass("gptq"), make_pass("w4a16", {"group": 32, "match": r"mlp\.|q_proj|k_proj|v_proj"})]
-    ctx = LayerContext(index=0, inputs=inputs, dtype=dtype, exclude=(r"mlp\.down_proj",), pipeline=tuple(passes))
-    stats = passes[0].run(gm, ctx).stats["linears"]
+    ctx = LayerContext(index=0, inputs=inputs, dtype=dtype, exclude=(r"mlp\.down_proj",))
+    stats = passes[0].run(annotate(gm, ctx, passes), ctx).stats["linears"]
     assert set(stats) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
                           "mlp.up_proj"}
     by_name = {s.name: s for s in linear_sites(gm)}
@@ -194,8 +196,8 @@ def test_targets_follow_the_claiming_scheme(tiny_models):
     the scheme pass itself would (tiny k = 64: 128 does not divide it, so 64)."""
     gm, inputs, dtype = _layer(tiny_models["llama"])
     passes = [make_pass("gptq"), make_pass("w8a16", {"match": r"down_proj"}), make_pass("w4a16")]
-    ctx = LayerContext(index=0, inputs=inputs, dtype=dtype, exclude=(r"o_proj",), pipeline=tuple(passes))
-    targets = weight_targets(gm, ctx, passes[0])
+    ctx = LayerContext(index=0, inputs=inputs, dtype=dtype, exclude=(r"o_proj",))
+    targets = weight_targets(annotate(gm, ctx, passes), ctx, passes[0])
     assert "self_attn.o_proj" not in targets
     assert targets["mlp.down_proj"] == WeightTarget(8, 0, "w8a16", "W8A16", dtype)
     assert targets["mlp.up_proj"] == WeightTarget(4, 64, "w4a16", "W4A16", dtype)
@@ -204,10 +206,19 @@ def test_targets_follow_the_claiming_scheme(tiny_models):
     assert scale.shape == (64, 1) and int(q.abs().max()) > 7
 
 
+def test_gptq_refuses_codes_the_spec_chooses_itself(tiny_models):
+    """w8a8s:fraction= chooses each row's codes (outliers keep int8 codes): gptq must not choose them too."""
+    gm, inputs, dtype = _layer(tiny_models["llama"])
+    passes = [make_pass("gptq"), make_pass("w8a8s", {"fraction": "0.05"})]
+    ctx = LayerContext(index=0, inputs=inputs, dtype=dtype)
+    with pytest.raises(QCError, match=r"w8a8s:fraction/sigma choose model\.layers\.0\.\S+ codes, but gptq would"):
+        passes[0].run(annotate(gm, ctx, passes), ctx)
+
+
 def test_gptq_without_following_scheme_does_nothing(tiny_models):
     gm, inputs, dtype = _layer(tiny_models["llama"])
     p = make_pass("gptq")
-    r = p.run(gm, LayerContext(index=0, inputs=inputs, dtype=dtype, pipeline=(p,)))
+    r = p.run(gm, LayerContext(index=0, inputs=inputs, dtype=dtype))
     assert not r.modified
 
 

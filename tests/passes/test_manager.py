@@ -136,3 +136,45 @@ def test_smooth_after_weight_rounding_is_rejected():
         pm = PassManager([make_pass(first), make_pass("smooth"), make_pass("w8a8")] + [make_pass(n) for n in TAIL])
         with pytest.raises(QCError, match=rf"pass smooth must run before {first}"):
             pm.validate()
+
+
+def test_execution_order_is_decide_then_transform():
+    """Validation reads --passes as written (smooth before w8a8, msModelSlim's order); run() executes the scheme
+    passes first (their own order kept: the first claim wins), then the float transforms, then the rest."""
+    names = ("smooth", "gptq", "w8a16", "w8a8", "kv8", *TAIL)
+    pm = PassManager([make_pass(n, {"match": "down_proj"} if n == "w8a16" else None) for n in names])
+    pm.validate()
+    assert pm.names == list(names)
+    assert [p.name for p in pm.execution_order()] == ["w8a16", "w8a8", "smooth", "gptq", "kv8", *TAIL]
+
+
+def test_transforms_read_the_spec_and_records_keep_pipeline_order(layer):
+    """smooth reads each Linear's spec from its node (annotated before it ran): down_proj's group follows
+    w8a16, the others w8a8d; the report's per-layer records list the passes in pipeline order."""
+    from qcompiler.passes.instruments import StatsInstrument
+    gm, ctx = layer
+    passes = [make_pass("smooth", {"alpha": "0.5"}), make_pass("w8a16", {"match": "down_proj"}),
+              make_pass("w8a8d")] + [make_pass(n) for n in TAIL]
+    PassManager(passes, instruments=[StatsInstrument()]).run(gm, ctx)
+    assert ctx.records["smooth"]["schemes"] == {"input_layernorm": "W8A8_DYNAMIC", "self_attn.v_proj": "W8A8_DYNAMIC",
+                                                "post_attention_layernorm": "W8A8_DYNAMIC", "mlp.up_proj": "W8A16"}
+    assert list(ctx.records)[:3] == ["smooth", "w8a16", "w8a8d"]
+
+
+class _Misspelt(Pass):
+    name = "misspelt-property-test"
+    requires = frozenset({"anotated"})
+
+
+def test_unknown_property_is_rejected():
+    """Properties are the names of passes/properties.py: a typo is an error, not a requirement nobody produces."""
+    with pytest.raises(QCError, match=r"pass misspelt-property-test declares unknown IR properties \['anotated'\]"):
+        PassManager([make_pass("w8a8"), _Misspelt()]).validate()
+
+
+def test_properties_are_facts_not_pass_names():
+    from qcompiler.passes.properties import KNOWN
+    from qcompiler.passes.registry import REGISTRY
+    for cls in REGISTRY.values():
+        assert cls.requires | cls.produces | cls.forbids <= KNOWN, cls.name
+    assert not KNOWN & set(REGISTRY)   # no property is named after a pass

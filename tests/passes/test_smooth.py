@@ -16,8 +16,9 @@ from qcompiler.ir.patterns import get_tensor, linear_sites
 from qcompiler.loading import open_checkpoint
 from qcompiler.passes import TAIL, LayerContext, PassManager, make_pass
 from qcompiler.passes.instruments import StatsInstrument
-from qcompiler.passes.smooth import find_smooth_groups, smooth_scales
-from tests.helpers import assert_checker_clean
+from qcompiler.ir.folding import find_fold_groups
+from qcompiler.passes.smooth import smooth_scales
+from tests.helpers import annotate, assert_checker_clean
 
 aten = torch.ops.aten
 
@@ -55,8 +56,11 @@ def _setup(folder, dtype=None, outlier=None):
     return layer, LayerContext(index=0, inputs=layer.inputs, dtype=torch.bfloat16)
 
 
-def _gm(layer, ctx):
-    return copy.deepcopy(layer._gm)
+def _gm(layer, ctx, scheme="w8a8"):
+    """A fresh copy of the layer graph, annotated by `scheme` (None: not annotated) as the PassManager does
+    before smooth runs (passes/base.py Phase): smooth reads each Linear's spec from its node."""
+    gm = copy.deepcopy(layer._gm)
+    return annotate(gm, ctx, [make_pass(scheme)]) if scheme else gm
 
 
 def _run(gm, ctx):
@@ -71,7 +75,7 @@ def _rel(got, want, resid):
 
 def test_groups_found_by_dataflow(tiny_models):
     layer, ctx = _setup(tiny_models["qwen2"])
-    groups, skipped = find_smooth_groups(_gm(layer, ctx))
+    groups, skipped = find_fold_groups(_gm(layer, ctx))
     assert skipped == {}
     got = [(g.kind, g.producer, [s.name for s in g.sites], g.heads) for g in groups]
     assert got == [
@@ -149,8 +153,7 @@ def test_fixed_alpha_is_the_formula(tiny_models):
 def test_alpha_search_picks_from_grid_and_records(tiny_models):
     layer, ctx = _setup(tiny_models["llama"], outlier=7)
     gm = _gm(layer, ctx)
-    ctx.pipeline = (make_pass("smooth", {"grid": "4"}), make_pass("w8a8"))
-    pm = PassManager([ctx.pipeline[0]], instruments=[StatsInstrument()])
+    pm = PassManager([make_pass("smooth", {"grid": "4"}), make_pass("w8a8")], instruments=[StatsInstrument()])
     pm.run(gm, ctx)
     rec = ctx.records["smooth"]
     assert set(rec["alphas"]) == {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"}
@@ -167,9 +170,18 @@ def test_alpha_search_picks_from_grid_and_records(tiny_models):
 def test_search_follows_a_dynamic_scheme(tiny_models):
     layer, ctx = _setup(tiny_models["llama"])
     me = make_pass("smooth", {"grid": "2"})
-    ctx.pipeline = (me, make_pass("w8a8d"))
-    result = me.run(_gm(layer, ctx), ctx)
+    result = me.run(_gm(layer, ctx, "w8a8d"), ctx)
     assert set(result.stats["schemes"].values()) == {"W8A8_DYNAMIC"}
+
+
+def test_smooth_reads_the_spec_not_the_pipeline(tiny_models):
+    """No look-ahead: on a layer no scheme annotated (smooth run alone) nothing is smoothed (it used to assume
+    a static w8a8 would follow); the spec on each Linear's node is the only source."""
+    layer, ctx = _setup(tiny_models["llama"])
+    gm = _gm(layer, ctx, None)
+    result = make_pass("smooth", {"alpha": "0.5"}).run(gm, ctx)
+    assert not result.modified and result.stats["alphas"] == {}
+    assert set(result.stats["skipped"].values()) == {"no scheme quantizes these Linears"}
 
 
 def test_groups_no_scheme_quantizes_are_left_alone(tiny_models):
@@ -236,7 +248,6 @@ def test_shift_then_w8a8_lowers_and_stays_close(tiny_models):
     want = _run(_gm(layer, ctx), ctx)
     gm = _gm(layer, ctx)
     passes = [make_pass("smooth", {"grid": "4", "shift": "true"}), make_pass("w8a8")] + [make_pass(n) for n in TAIL]
-    ctx.pipeline = tuple(passes)
     gm = PassManager(passes).run(gm, ctx)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert aten.linear.default not in targets and targets.count(torch.ops.qc.quant_matmul.default) == 7

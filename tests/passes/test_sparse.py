@@ -140,9 +140,9 @@ def _layer(folder):
 def _run(folder, names, exclude=(), tail=True):
     gm, inputs, dtype = _layer(folder)
     passes = [make_pass(n, o) for n, o in names] + ([make_pass(n) for n in TAIL] if tail else [])
-    ctx = LayerContext(index=0, inputs=inputs, dtype=dtype, exclude=tuple(exclude), pipeline=tuple(passes))
+    ctx = LayerContext(index=0, inputs=inputs, dtype=dtype, exclude=tuple(exclude))
     results = {}
-    for p in passes:
+    for p in PassManager(passes).execution_order():  # schemes annotate before sparse (base.Phase)
         r = p.run(gm, ctx)
         gm, results[p.name] = r.gm, r
     return gm, ctx, results, inputs

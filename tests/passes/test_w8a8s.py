@@ -82,7 +82,7 @@ def test_w8a8s_executable_runs(w8a8s_out, calib_file):
 
 def test_w8a8s_needs_sparse_and_pruned_linears(tiny_models, calib_file, tmp_path):
     tail = [make_pass(n) for n in TAIL]
-    with pytest.raises(QCError, match=r"w8a8s requires \['sparse'\]"):
+    with pytest.raises(QCError, match=r"w8a8s requires \['weights_pruned'\] from a pass before it; put sparse before it"):
         PassManager([make_pass("w8a8s")] + tail).validate()
     with pytest.raises(QCError, match="bits"):
         make_pass("w8a8s", {"bits": "3"})

@@ -34,7 +34,7 @@ def dumped(tiny_models, calib_file, tmp_path_factory):
 def test_filter_writes_only_the_chosen_layers_and_passes(dumped):
     root, _ = dumped
     files = sorted(p.relative_to(root / "dump").as_posix() for p in (root / "dump").rglob("*.txt"))
-    assert files == ["layer001/000_capture.txt", "layer001/001_smooth.txt", "layer001/003_kv8.txt",
+    assert files == ["layer001/000_capture.txt", "layer001/002_smooth.txt", "layer001/003_kv8.txt",
                      "layer001/006_lower.txt"]
 
 
@@ -58,7 +58,7 @@ def test_value_only_pass_shows_stats_and_tensor_changes(dumped):
     """smooth changes no node: its dump says which alphas it chose and how each tensor changed, and the
     absmax it reports for the folded norm is the one the artifact holds."""
     root, out = dumped
-    text = (root / "dump" / "layer001" / "001_smooth.txt").read_text()
+    text = (root / "dump" / "layer001" / "002_smooth.txt").read_text()
     header = [line[2:] for line in text.splitlines() if line.startswith("# ")]
     assert any(line.startswith("stats.alphas: {") for line in header)
     assert "tensors: 9 changed, 0 added, 0 removed, 0 unchanged" in header

@@ -204,11 +204,18 @@ def check_expert_passes(passes, config: dict, exclude=()) -> None:
         if owner is None or EXPERT_LINEAR.search(name) is None:
             continue
         act = owner.spec(0).activation
-        if act is None:
+        if act is None and owner.quant_type != "W4A16":
             raise QCError(f"pass {owner.name} would quantize expert Linear {name} weight-only ({owner.quant_type}): "
-                          "no engine loads a weight-only fused-MoE layout qcompile writes (vLLM-Ascend's W4A16 MoE "
-                          "method reads LLM-Compressor's weight_packed layout: backends/ascend/engines.py); use w8a8d "
-                          f"or w4a8d on experts (e.g. --passes '{owner.name}:match=self_attn,w4a8d')")
+                          "no engine registers a fused-MoE method for it (vLLM-Ascend 0.23.0 methods: W8A8_DYNAMIC, "
+                          "W4A8_DYNAMIC, W4A16, W8A8_MIX MoE; backends/ascend/engines.py); use w8a8d, w4a8d or w4a16 "
+                          f"on experts (e.g. --passes '{owner.name}:match=self_attn,w4a16')")
+        if act is None:
+            if getattr(owner.options, "group", None) == 0:
+                raise QCError(f"pass {owner.name} would quantize expert Linear {name} with W4A16 per-channel "
+                              "(group=0): vLLM-Ascend's W4A16 fused-MoE method is per-group only (it divides by the "
+                              "description's group_size: methods/w4a16.py get_dynamic_quant_param); use group=32, 64 "
+                              "or 128 on experts")
+            continue
         if not act.dynamic:
             raise QCError(f"pass {owner.name} would quantize expert Linear {name} with static (calibrated) activation "
                           "ranges, which qcompile does not calibrate per expert yet; use w8a8d or w4a8d on experts "

@@ -15,7 +15,8 @@ kernel giving output shape and dtype, symbolic token dims included), run on CPU 
 
 Arguments are the artifact's tensors as stored (weight [n, k] HF layout, scales [n, 1], deq_scale in its
 dtype-dependent encoding); see kernels.py for the math and ascend-artifact.md sec. 3-4 for the source.
-`packing`: 0 int8 [n, k]; 1 int4 packed along k [n, ceil(k/2)]; 2 int4 packed along n [ceil(n/2), k].
+`packing`: 0 int8 [n, k]; 1 int4 packed along k [n, ceil(k/2)]; 2 int4 packed along n [ceil(n/2), k]; 3 (weight_quant_matmul
+only: W4A16 MoE experts) int4 in int32 words along k, offset-binary [n, k/8] (int4.py pack_int4_int32).
 
 NPU (PrivateUse1) kernels import torch_npu inside the function: it needs CANN and a device to import,
 and a tensor on the NPU means torch_npu is loaded already. They cannot run here; the tests check their
@@ -258,7 +259,7 @@ def weight_quant_matmul(
 
 @weight_quant_matmul.register_fake
 def _(x, weight, antiquant_scale, antiquant_offset, bias, group_size, packing):
-    torch._check(packing in (0, 1, 2), lambda: f"weight_quant_matmul: packing {packing} not in (0, 1, 2)")
+    torch._check(packing in (0, 1, 2, 3), lambda: f"weight_quant_matmul: packing {packing} not in (0, 1, 2, 3)")
     return x.new_empty(_out_shape(x, antiquant_scale.shape[0]))
 
 

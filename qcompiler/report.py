@@ -93,6 +93,7 @@ def _experts_md(layers: list) -> list[str]:
 
 def _fallback_md(f: dict) -> list[str]:
     """The fallback pass's decision: what fell back, why (measured sensitivities), the cutoff."""
+    from .passes.fallback import unit_label
     cut = f["cutoff"]
     fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
     lines = ["", f"## Fallback ({f['option']}): {f['linears_kept_float']} of {f['linears_quantized_before']} "
@@ -102,9 +103,9 @@ def _fallback_md(f: dict) -> list[str]:
              f"{fmt(cut['lowest_chosen'])}, highest not chosen {fmt(cut['highest_not_chosen'])}; "
              f"pre-sweep {f.get('seconds', '-')} s", "",
              "| rank | Linears kept float | sensitivity |", "|---|---|---|"]
-    lines += [f"| {u['rank']} | {', '.join(u['linears'])} | {fmt(u['sensitivity'])} |" for u in f["chosen"]]
+    lines += [f"| {u['rank']} | {unit_label(u['linears'])} | {fmt(u['sensitivity'])} |" for u in f["chosen"]]
     lines += ["", "Most sensitive units measured:", "", "| rank | Linears | sensitivity |", "|---|---|---|"]
-    lines += [f"| {u['rank']} | {', '.join(u['linears'])} | {fmt(u['sensitivity'])} |" for u in f["ranking_top"]]
+    lines += [f"| {u['rank']} | {unit_label(u['linears'])} | {fmt(u['sensitivity'])} |" for u in f["ranking_top"]]
     return lines
 
 

@@ -222,6 +222,62 @@ def test_moe_exclude_experts_keeps_them_float(compiled_moe):
     assert desc["model.layers.0.self_attn.o_proj.weight"] == "W8A8_DYNAMIC"
 
 
+def test_moe_exclude_one_layers_whole_expert_set(moe_models, calib_file, tmp_path):
+    """--exclude that takes a layer's whole expert set keeps it float (vLLM-Ascend: is_layer_skipped_ascend on the
+    packed `experts` -> AscendUnquantizedFusedMoEMethod); the other layer's experts stay quantized."""
+    out = tmp_path / "out"
+    assert cli.main([str(moe_models["qwen3_moe"]), "--passes", "w8a8d", "--exclude", r"layers\.1\.mlp\.experts",
+                     "--calib", str(calib_file), *CALIB, "-o", str(out)]) == 0
+    desc = _description(out)
+    for e in range(4):
+        assert desc[f"model.layers.1.mlp.experts.{e}.down_proj.weight"] == "FLOAT"
+        assert desc[f"model.layers.0.mlp.experts.{e}.down_proj.weight"] == "W8A8_DYNAMIC"
+    assert desc["model.layers.1.self_attn.o_proj.weight"] == "W8A8_DYNAMIC"
+    assert_checker_clean(out)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_moe_fallback_units_are_whole_expert_sets(moe_models, calib_file, tmp_path, arch):
+    """fallback on a MoE model: a layer's routed experts are one unit (12 Linears here), measured on the layer's
+    output, where the routing weights already zero what unchosen experts add; Qwen2-MoE's shared expert has the
+    dense units. Qwen3-MoE: level=12 can only be met by one expert set (attention units give at most 8), so exactly
+    one layer's experts fall back, all of them. Qwen2-MoE (shared-expert units too): whichever units are chosen,
+    an expert set falls back whole or not at all, and level=38 (every Linear) keeps everything float."""
+    out = tmp_path / "out"
+    option = "level=12" if arch == "qwen3_moe" else "level=38"
+    assert cli.main([str(moe_models[arch]), "--passes", f"w8a8d,fallback:{option}", "--calib", str(calib_file),
+                     *CALIB, "-o", str(out)]) == 0
+    report = json.loads((out / "qcompile_report.json").read_text())["fallback"]
+    desc = _description(out)
+    if arch == "qwen3_moe":
+        assert report["linears_kept_float"] == 12 and len(report["chosen"]) == 1
+        layer = report["chosen"][0]["layer"]
+        for e in range(4):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                assert desc[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"] == "FLOAT"
+                assert desc[f"model.layers.{1 - layer}.mlp.experts.{e}.{proj}.weight"] == "W8A8_DYNAMIC"
+    else:  # level=38: every unit, 2 x (4 attention + 12 experts + 3 shared expert) Linears
+        assert report["linears_kept_float"] == report["linears_quantized_before"] == 38
+        layer = next(u["layer"] for u in report["chosen"] if len(u["linears"]) == 12)
+        assert not [k for k, v in desc.items() if k.endswith("_proj.weight") and v != "FLOAT"]
+    for unit in report["chosen"]:
+        experts = [n for n in unit["linears"] if ".mlp.experts." in n]
+        assert len(experts) in (0, 12) and (not experts or len(unit["linears"]) == 12), unit
+    measured = report["sensitivity_by_linear"]
+    assert f"model.layers.0.mlp.experts.3.down_proj" in measured
+    if arch == "qwen2_moe":
+        assert "model.layers.0.mlp.shared_expert.down_proj" in measured
+        assert "model.layers.0.mlp.shared_expert.gate_proj" in measured
+    assert f"model.layers.{layer}.mlp.experts.* (12 Linears)" in (out / "qcompile_report.md").read_text()
+
+
+def test_moe_fallback_level_unreachable_is_refused(moe_models, tmp_path, capsys):
+    """Qwen3-MoE units per layer are 3 (q/k/v), 1 (o_proj), 12 (experts): level=10 is no sum of them (8 without
+    experts, 12 with one expert set): one line before any work naming the MoE rule."""
+    expect_error(capsys, [moe_models["qwen3_moe"], "--passes", "w8a8d,fallback:level=10", *CALIB, "-o",
+                          tmp_path / "out"], "fallback:level=10", "experts all together")
+
+
 @pytest.mark.parametrize("passes,extra,needles", [
     ("smooth,w8a8d", [], ("pass smooth", "mixture-of-experts")),
     ("gptq,w8a8d", [], ("pass gptq", "mixture-of-experts")),

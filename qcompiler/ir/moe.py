@@ -184,7 +184,7 @@ MOE_PASSES_NOTE = (
 #: passes that gather statistics from (or transform) Linears through their calibration inputs: on a MoE model the
 #: dense dispatch gives every expert every token, and smoothing the post-attention norm would also have to scale
 #: the router, so these are refused for MoE models (module docstring, Limits)
-STATISTICS_PASSES = ("smooth", "awq", "gptq", "sparse", "fallback")
+STATISTICS_PASSES = ("smooth", "awq", "gptq", "sparse")
 
 
 def check_expert_passes(passes, config: dict, exclude=()) -> None:

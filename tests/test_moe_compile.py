@@ -216,6 +216,7 @@ def test_gptq_on_experts_uses_routed_tokens_and_records_them(compiled_moe, moe_m
                 r = records[f"mlp.experts.{e}.{proj}"]
                 assert r["statistics"] == "routed tokens" and r["expert_tokens"] == tokens, r
         assert "statistics" not in records["self_attn.q_proj"]
+    assert "routed tokens: 12 Linears |" in (out / "qcompile_report.md").read_text()
     errors = _layer_errors(moe_models["qwen3_moe"], out)
     assert max(errors) < 0.08, errors
     ratio = _ppl_ratio(moe_models, "qwen3_moe", out)

@@ -188,7 +188,7 @@ MOE_PASSES_NOTE = (
     "down_proj; all experts of a layer take one scheme, w8a8d, w4a8d or w4a16 (group > 0; vLLM-Ascend's W4A16 "
     "fused-MoE layout), e.g. --passes 'w4a8d:match=mlp\\.experts,w8a8d'; attention takes any scheme, kv8 and fa3 "
     "work; the router (mlp.gate) and Qwen2-MoE's shared_expert_gate stay float. gptq uses each expert's routed "
-    "tokens (min_expert_tokens=32, few_tokens=rtn|all below it); fallback and --exclude keep a layer's experts "
+    "tokens (min_expert_tokens=8, few_tokens=rtn|all below it); fallback and --exclude keep a layer's experts "
     "float only all together. Refused on MoE models: smooth, awq, sparse, and static-activation or w8a16 schemes "
     "on experts.")
 #: passes that gather statistics from (or transform) Linears through their calibration inputs without routing them

@@ -32,15 +32,18 @@ Mixture of experts (ir/moe.py): the captured block runs every expert on every to
 input of an expert Linear holds every calibration token; a sparse engine feeds it only the tokens the router
 sends to it. Each routed expert's Hessian is therefore taken over those tokens only (the rows whose top-k holds
 the expert: `LayerRunner.collect(routes=)`), per expert: gate/up share it, down_proj gets its own. An expert the
-router sent fewer than `min_expert_tokens` (default EXPERT_MIN_TOKENS = 32) calibration tokens gets
+router sent fewer than `min_expert_tokens` (default EXPERT_MIN_TOKENS = 8; at least 1: an expert no token
+reached has an all-zero Hessian, which would zero its weights as dead inputs) calibration tokens gets
 `few_tokens`: "rtn" (default: no GPTQ, round to nearest with the scheme's scales) or "all" (the Hessian of every
 token, what the dense dispatch computes for it). Records per expert Linear: `expert_tokens` and `statistics`
-(which of the three it got). Measured on a tiny random Qwen3-MoE (4 experts, top-2, hidden 64, w4a16 group 32
-experts, calibrated on wiki_calib, layer-contribution error on held-out wiki_eval, layers 0 / 1): 512 routed tokens
-per expert: routed 0.028 / 0.028, all tokens 0.030 / 0.030, RTN 0.042 / 0.039; 64: routed 0.035 / 0.039, all
-0.038 / 0.038, RTN 0.042 / 0.039; 4-18: routed 0.041 / 0.038-0.039, all 0.046-0.049 / 0.040-0.045 (worse than
-RTN), RTN 0.042 / 0.039. So routed tokens win whenever there are enough, the all-token Hessian (other experts'
-tokens) is never the better fallback, and below a few dozen tokens GPTQ gains nothing over RTN (BENCHMARKS.md). Cost: one extra Gram matrix per expert at the shared gate/up input (E x k^2 float32: 2 GiB for
+(which of the three it got). Measured on tiny random Qwen3-MoE (w4a16 group 32 experts) and Qwen2-MoE (w4a8d
+experts), 4 experts top-2, hidden 64, calibrated on wiki_calib, error of each layer's contribution on held-out
+wiki_eval (layer 0 / layer 1; BENCHMARKS.md "MoE experts: GPTQ statistics"): with 400-700 routed tokens per expert
+routed 0.028 / 0.028 and 0.036 / 0.031, all tokens 0.030 / 0.030 and 0.040 / 0.034, RTN 0.042 / 0.039 and
+0.061 / 0.045; with 4-26 routed tokens routed 0.041 / 0.039 and 0.053 / 0.042, all tokens 0.049 / 0.040 and
+0.059 / 0.053, RTN 0.042 / 0.039 and 0.061 / 0.045. Routed statistics were the best or level with RTN everywhere;
+the all-token Hessian (other experts' tokens) was worse than RTN with few tokens, hence RTN below the guard.
+Cost: one extra Gram matrix per expert at the shared gate/up input (E x k^2 float32: 2 GiB for
 128 experts of hidden 2048). Routers and the shared expert are not routed Linears (all tokens).
 Limits: the float weight is replaced, so a pass that changes weights must not run after gptq (awq
 and smooth forbid it). The artifact's other float tensors are unchanged by gptq.
@@ -61,10 +64,10 @@ from .weight_targets import (WeightTarget, column_scale, dequantize, quantize, s
 
 
 #: MoE experts (module docstring): an expert the router sent fewer calibration tokens than this gets `few_tokens`
-EXPERT_MIN_TOKENS = 32
+EXPERT_MIN_TOKENS = 8
 #: what an expert below min_expert_tokens gets: "rtn" = no GPTQ (round to nearest with the scheme's scales),
 #: "all" = the Hessian of every calibration token (the dense dispatch's input of that expert). Default rtn, measured
-#: (module docstring): with few routed tokens the all-token Hessian was worse than RTN, the routed one about equal
+#: (module docstring): with few routed tokens the all-token Hessian was worse than RTN
 FEW_TOKENS = ("rtn", "all")
 
 

@@ -68,8 +68,10 @@ def main():
             for samples in (1, 32):
                 for name, prefix in TREATMENTS:
                     out = work / f"{arch}-{samples}-{name.replace(' ', '')}"
-                    assert cli.main([str(model), "--passes", prefix + scheme, "--calib", str(DATA / "wiki_calib.jsonl"),
-                                     "--calib-samples", str(samples), "--seq-len", "32", "-o", str(out), "--force"]) == 0
+                    if not (out / "qcompile_report.json").exists():  # a finished compile of an earlier run is kept
+                        assert cli.main([str(model), "--passes", prefix + scheme, "--calib",
+                                         str(DATA / "wiki_calib.jsonl"), "--calib-samples", str(samples),
+                                         "--seq-len", "32", "-o", str(out)]) == 0
                     tokens = json.loads((out / "qcompile_report.json").read_text())["layers"][0]["expert_tokens"]
                     errs = layer_errors(model, out, ids)
                     rows.append(f"| {arch} | {scheme} | {samples} x 32 | {', '.join(map(str, tokens))} | {name} | "

@@ -36,13 +36,14 @@ router sent fewer than `min_expert_tokens` (default EXPERT_MIN_TOKENS = 8; at le
 reached has an all-zero Hessian, which would zero its weights as dead inputs) calibration tokens gets
 `few_tokens`: "rtn" (default: no GPTQ, round to nearest with the scheme's scales) or "all" (the Hessian of every
 token, what the dense dispatch computes for it). Records per expert Linear: `expert_tokens` and `statistics`
-(which of the three it got). Measured on tiny random Qwen3-MoE (w4a16 group 32 experts) and Qwen2-MoE (w4a8d
-experts), 4 experts top-2, hidden 64, calibrated on wiki_calib, error of each layer's contribution on held-out
-wiki_eval (layer 0 / layer 1; BENCHMARKS.md "MoE experts: GPTQ statistics"): with 400-700 routed tokens per expert
-routed 0.028 / 0.028 and 0.036 / 0.031, all tokens 0.030 / 0.030 and 0.040 / 0.034, RTN 0.042 / 0.039 and
-0.061 / 0.045; with 4-26 routed tokens routed 0.041 / 0.039 and 0.053 / 0.042, all tokens 0.049 / 0.040 and
-0.059 / 0.053, RTN 0.042 / 0.039 and 0.061 / 0.045. Routed statistics were the best or level with RTN everywhere;
-the all-token Hessian (other experts' tokens) was worse than RTN with few tokens, hence RTN below the guard.
+(which of the three it got). Measured (BENCHMARKS.md "MoE experts: GPTQ statistics", bench/run_moe_gptq_stats.py)
+on tiny random Qwen3-MoE (w4a16 group 32 experts) and Qwen2-MoE (w4a8d experts), 4 experts top-2, hidden 64,
+calibrated on wiki_calib, error of each layer's contribution on held-out wiki_eval, layer 0 / layer 1: with
+400-700 routed tokens per expert, routed 0.028 / 0.028 (Qwen3-MoE) and 0.036 / 0.031 (Qwen2-MoE), all tokens
+0.030 / 0.030 and 0.040 / 0.034, RTN 0.042 / 0.039 and 0.061 / 0.045; with 8-26 routed tokens, routed
+0.042 / 0.039 and 0.053 / 0.042, all tokens 0.046 / 0.043 and 0.059 / 0.053, RTN 0.042 / 0.039 and 0.061 / 0.045.
+Routed statistics were the best or level with RTN everywhere; the all-token Hessian (other experts' tokens) was
+worse than RTN with few tokens, hence RTN below the guard.
 Cost: one extra Gram matrix per expert at the shared gate/up input (E x k^2 float32: 2 GiB for
 128 experts of hidden 2048). Routers and the shared expert are not routed Linears (all tokens).
 Limits: the float weight is replaced, so a pass that changes weights must not run after gptq (awq

@@ -182,6 +182,8 @@ def _add_layer_tensors(writer, ctx: LayerContext, gm, ckpt) -> tuple[dict[str, s
             qtype = "FLOAT" if suffix == "bias" else art.quant_type
             writer.add(f"{ctx.prefix}{linear}.{suffix}", t, qtype)
             written[f"{linear}.{suffix}"] = t
+        if "weight" not in art.tensors:  # W4A16 experts store weight_packed: the engines still read `.weight`'s type
+            writer.describe(f"{ctx.prefix}{linear}.weight", art.quant_type)
         types[linear] = art.quant_type
     for name, (t, qtype) in sorted(ctx.extra_tensors.items()):  # kv8 / fa3 scales (C8, FAQuant)
         writer.add(ctx.prefix + name, t, qtype)
@@ -197,7 +199,8 @@ def _add_layer_tensors(writer, ctx: LayerContext, gm, ckpt) -> tuple[dict[str, s
         written[name] = t
         if linear in linears:
             types[linear] = "FLOAT"
-    lost = sorted(n for n in ckpt.weight_map if n.startswith(ctx.prefix) and n[len(ctx.prefix):] not in written)
+    covered = set(written) | {f"{linear}.weight" for linear in ctx.artifact}  # a weight stored packed under another name
+    lost = sorted(n for n in ckpt.weight_map if n.startswith(ctx.prefix) and n[len(ctx.prefix):] not in covered)
     if lost:
         raise RuntimeError(f"layer {ctx.index}: tensors {lost[:3]} of the checkpoint were neither quantized "
                            "nor kept in the graph")

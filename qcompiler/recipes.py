@@ -113,13 +113,16 @@ UNAVAILABLE = {
 }
 
 
-#: mixture-of-experts models (ir/moe.py): smooth / awq / gptq and static or weight-only schemes on experts are refused
-#: there, so the dense recipes do not apply. These are the dynamic pipelines MoE compiles support (experts int4 and
-#: attention int8 is msModelSlim's Qwen3-MoE W4A8 split); not measured on a real MoE model here.
+#: mixture-of-experts models (ir/moe.py): smooth / awq and static-activation schemes on experts are refused there,
+#: so the dense recipes do not apply. These are the pipelines MoE compiles support (experts int4 and attention int8
+#: is msModelSlim's Qwen3-MoE W4A8 split; w4a16: experts in vLLM-Ascend's W4A16 fused-MoE layout, gptq on routed
+#: tokens, attention W8A8_DYNAMIC since no engine loads a dense W4A16 Linear in vLLM-Ascend); not measured on a real
+#: MoE model here.
 MOE_RECIPES: dict[str, Recipe] = {
     "w8a8_dynamic": Recipe("w8a8d"),
     "w4a8": Recipe(r"w4a8d:match=mlp\.experts,w8a8d"),
     "w4a8c8": Recipe(r"w4a8d:match=mlp\.experts,w8a8d,kv8"),
+    "w4a16": Recipe(r"gptq,w4a16:match=mlp\.experts,w8a8d"),
 }
 MOE_MODEL_TYPES = ("qwen3_moe", "qwen2_moe")
 

@@ -76,23 +76,30 @@ def _sparsity_md(layers: list) -> list[str]:
 
 def _experts_md(layers: list) -> list[str]:
     """Mixture-of-experts layers: calibration tokens the router sent to each expert (top-k per token). Dynamic and
-    weight-only schemes on experts use none of them; passes that would need per-expert statistics are refused
-    (passes/moe_checks.py check_expert_passes), so these counts say how well calibration covers the experts."""
-    rows = [(layer["layer"], layer["expert_tokens"]) for layer in layers if layer.get("expert_tokens") is not None]
+    weight-only schemes on experts use none of them; gptq takes each expert's statistics from its routed tokens and
+    gives an expert below its threshold RTN or the all-token Hessian (passes/gptq.py): the last column counts the
+    expert Linears per treatment (per Linear in the JSON report, passes.gptq.linears); passes that would need other
+    per-expert statistics are refused (passes/moe_checks.py check_expert_passes)."""
+    rows = [layer for layer in layers if layer.get("expert_tokens") is not None]
     if not rows:
         return []
     lines = ["", "## Experts: calibration tokens routed to each expert", "",
-             "| layer | experts | tokens routed (top-k) | min | median | max | experts with 0 tokens |",
-             "|---|---|---|---|---|---|---|"]
-    for index, counts in rows:
+             "| layer | experts | tokens routed (top-k) | min | median | max | experts with 0 tokens | gptq statistics |",
+             "|---|---|---|---|---|---|---|---|"]
+    for layer in rows:
+        counts = layer["expert_tokens"]
         ranked = sorted(counts)
-        lines.append(f"| {index} | {len(counts)} | {sum(counts)} | {ranked[0]} | {ranked[len(ranked) // 2]} | "
-                     f"{ranked[-1]} | {sum(1 for c in counts if c == 0)} |")
+        records = layer.get("passes", {}).get("gptq", {}).get("linears", {})
+        kinds = Counter(r["statistics"] for r in records.values() if "statistics" in r)
+        gptq = ", ".join(f"{k}: {n} Linears" for k, n in sorted(kinds.items())) or "-"
+        lines.append(f"| {layer['layer']} | {len(counts)} | {sum(counts)} | {ranked[0]} | {ranked[len(ranked) // 2]} | "
+                     f"{ranked[-1]} | {sum(1 for c in counts if c == 0)} | {gptq} |")
     return lines
 
 
 def _fallback_md(f: dict) -> list[str]:
     """The fallback pass's decision: what fell back, why (measured sensitivities), the cutoff."""
+    from .passes.fallback import unit_label
     cut = f["cutoff"]
     fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
     lines = ["", f"## Fallback ({f['option']}): {f['linears_kept_float']} of {f['linears_quantized_before']} "
@@ -102,9 +109,9 @@ def _fallback_md(f: dict) -> list[str]:
              f"{fmt(cut['lowest_chosen'])}, highest not chosen {fmt(cut['highest_not_chosen'])}; "
              f"pre-sweep {f.get('seconds', '-')} s", "",
              "| rank | Linears kept float | sensitivity |", "|---|---|---|"]
-    lines += [f"| {u['rank']} | {', '.join(u['linears'])} | {fmt(u['sensitivity'])} |" for u in f["chosen"]]
+    lines += [f"| {u['rank']} | {unit_label(u['linears'])} | {fmt(u['sensitivity'])} |" for u in f["chosen"]]
     lines += ["", "Most sensitive units measured:", "", "| rank | Linears | sensitivity |", "|---|---|---|"]
-    lines += [f"| {u['rank']} | {', '.join(u['linears'])} | {fmt(u['sensitivity'])} |" for u in f["ranking_top"]]
+    lines += [f"| {u['rank']} | {unit_label(u['linears'])} | {fmt(u['sensitivity'])} |" for u in f["ranking_top"]]
     return lines
 
 

@@ -51,6 +51,7 @@ class InputStats:
     min: torch.Tensor | None = None      # [k] float32 (extrema=True)
     max: torch.Tensor | None = None      # [k] float32 (extrema=True)
     samples: torch.Tensor | None = None  # [r, k] float32 rows kept (keep_rows > 0)
+    routed: dict | None = None   # {expert: InputStats of the rows the router sends to it} (collect(routes=))
 
     @property
     def absmax(self) -> torch.Tensor:
@@ -120,23 +121,26 @@ def plan_caches(gm: torch.fx.GraphModule, stages: Sequence[torch.fx.Node]) -> di
 
 
 def stage_input_stats(gm: torch.fx.GraphModule, ctx, stages: Sequence[torch.fx.Node],
-                      sequential: bool) -> Iterator["InputStats"]:
+                      sequential: bool, routes: dict | None = None,
+                      route_node: torch.fx.Node | None = None) -> Iterator["InputStats"]:
     """`InputStats` (Gram matrix, no mean |x|) of each stage input, in the given (topological) order.
 
     sequential=False: one pass over the calibration data collects every stage at once (statistics of
     the graph as it is now). sequential=True: stage s is collected when the caller asks for it, i.e.
     after the caller has rewritten the Linears of stage s-1 in `gm`, so each stage sees the earlier
     stages' changes; earlier stage inputs stay cached while a later stage reads them (`plan_caches`).
+    `routes` / `route_node`: per-expert statistics too (`LayerRunner.collect`).
     """
     runner = LayerRunner(gm, ctx)
     if not sequential:
-        all_stats = runner.collect(list(stages), abs_mean=False)
+        all_stats = runner.collect(list(stages), abs_mean=False, routes=routes, route_node=route_node)
         for node in stages:
             yield all_stats.pop(node)
         return
     last_use = plan_caches(gm, stages)
     for s, node in enumerate(stages):
-        yield runner.collect([node], abs_mean=False, keep=[node] if node in last_use else [])[node]
+        yield runner.collect([node], abs_mean=False, keep=[node] if node in last_use else [], routes=routes,
+                             route_node=route_node)[node]
         for cached, last in last_use.items():  # runs after the caller handled stage s
             if last <= s:
                 runner.drop(cached)
@@ -222,12 +226,20 @@ class LayerRunner:
 
     def collect(self, targets: Sequence[torch.fx.Node], hessian: bool = True, abs_mean: bool = True,
                 keep: Iterable[torch.fx.Node] = (), extrema: bool = False, keep_rows: int = 0,
-                seed: int = 0) -> dict[torch.fx.Node, InputStats]:
+                seed: int = 0, routes: dict | None = None,
+                route_node: torch.fx.Node | None = None) -> dict[torch.fx.Node, InputStats]:
         """Stats of each target's value over every calibration sequence (`abs_sum` stays zero without
-        `abs_mean`; min/max with `extrema`; `keep_rows` sampled rows); caches the values of `keep`."""
+        `abs_mean`; min/max with `extrema`; `keep_rows` sampled rows); caches the values of `keep`.
+        `routes` {target: experts} with `route_node` (a MoE block's top-k expert indices [rows, top_k], ir/moe.py
+        router_index_node): also `InputStats.routed[e]` (Gram matrix, |x| sums, rows) over only the rows whose
+        top-k holds e, the tokens the router sends to expert e (the target's rows are the block's tokens)."""
         targets = list(dict.fromkeys(targets))
         keep = [n for n in dict.fromkeys(keep) if n in targets]
-        module, used = segment(self.gm, self.placeholders + list(self.cache), targets)
+        routes = {n: list(es) for n, es in (routes or {}).items() if n in targets and es}
+        if routes and route_node is None:
+            raise ValueError("collect(routes=) needs the router's top-k index node")
+        outputs = targets + ([route_node] if routes else [])
+        module, used = segment(self.gm, self.placeholders + list(self.cache), outputs)
         stats: dict[torch.fx.Node, InputStats] = {}
         kept = {n: [] for n in keep}
         samplers = {}
@@ -241,6 +253,7 @@ class LayerRunner:
         with torch.no_grad():
             for b in range(len(self.batches)):
                 outs = module(*[self._source_value(s, b) for s in used])
+                chosen = outs[len(targets)].reshape(-1, outs[len(targets)].shape[-1]) if routes else None
                 for node, value in zip(targets, outs):
                     if node in kept:
                         kept[node].append(value)
@@ -263,6 +276,8 @@ class LayerRunner:
                         if node in samplers:
                             samplers[node].update(xf)
                     st.rows += x.shape[0]
+                    for e in routes.get(node, ()):
+                        _accumulate_routed(st, e, x[(chosen == e).any(-1)], hessian, abs_mean)
                 del outs
         for node, sampler in samplers.items():
             stats[node].samples = sampler.finish(stats[node].k)
@@ -275,10 +290,28 @@ class LayerRunner:
         self.cache.pop(node, None)
 
 
+def _accumulate_routed(st: InputStats, expert: int, x: torch.Tensor, hessian: bool, abs_mean: bool) -> None:
+    """Add rows `x` (the tokens routed to `expert`) to `st.routed[expert]`."""
+    if st.routed is None:
+        st.routed = {}
+    k = x.shape[-1]
+    r = st.routed.get(expert)
+    if r is None:
+        r = st.routed[expert] = InputStats(xtx=torch.zeros(k, k) if hessian else None,
+                                           abs_sum=torch.zeros(k, dtype=torch.float64), rows=0)
+    if hessian and x.shape[0]:
+        accumulate_gram(r.xtx, x)
+    if abs_mean:
+        r.abs_sum += x.abs().sum(0, dtype=torch.float32).double()
+    r.rows += x.shape[0]
+
+
 def _reduce_across_ranks(st: InputStats) -> None:
     """In place: one rank's InputStats -> the whole calibration set's (identity with one process)."""
     if distributed.world() <= 1:
         return
+    for e in sorted(st.routed or {}):
+        _reduce_across_ranks(st.routed[e])
     st.rows = int(distributed.all_sum(torch.tensor([st.rows], dtype=torch.int64)).item())
     if st.xtx is not None:
         st.xtx = distributed.all_sum(st.xtx)

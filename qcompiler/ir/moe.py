@@ -24,11 +24,19 @@ expert order. Per-token math (dynamic per-token activation quantization included
 result of a token does not depend on which other tokens share the batch.
 Cost: E / top-k times the expert FLOPs of a sparse dispatch (calibration, eval and run on CPU); the artifact
 is unaffected (engines dispatch sparsely).
-Limits: statistics a pass gathers from an expert's input (static activation ranges, smooth, awq, gptq, sparse,
-fallback) would see every token, not the ones routed to the expert, and smoothing the post-attention norm would
-have to rescale the router: `passes/moe_checks.check_expert_passes` refuses those passes on MoE models, and static-activation or
-weight-only schemes on experts (no engine is known to load a weight-only MoE layout qcompile writes), before any
-work. `routed_token_counts` gives the report the tokens the router sent to each expert.
+Schemes on experts: w8a8d, w4a8d (per-group) and w4a16 (per-group; written in the layout vLLM-Ascend's W4A16
+fused-MoE method loads: encode.encode_w4a16_moe), one scheme for all experts of a layer (`moe_fused_groups`).
+Statistics on experts: gptq takes each expert's Hessian over the tokens the router sends to it
+(passes/gptq.py, `router_index_node`, calibration/linear_inputs `collect(routes=)`); an expert with fewer than
+`min_expert_tokens` routed calibration tokens gets RTN (default) or the all-token Hessian, recorded per expert.
+fallback measures a layer's whole expert set as one unit on the layer output (where unchosen experts weigh 0),
+and --exclude / fallback keep a layer's experts float only all together.
+Limits: smooth, awq and sparse would gather statistics from every token at every expert (dense dispatch) and
+smoothing the post-attention norm would have to rescale the router too; static-activation schemes (w8a8, w8a8mix)
+on experts would need per-expert activation ranges (vLLM-Ascend 0.23.0 registers no W8A8 static fused-MoE method;
+W8A8_MIX MoE exists, not written here); w8a16 on experts has no fused-MoE method in any engine read.
+`passes/moe_checks.check_expert_passes` refuses those before any work. `routed_token_counts` gives the report the tokens the
+router sent to each expert.
 """
 from __future__ import annotations
 
@@ -177,10 +185,27 @@ def replace_moe_blocks(model: torch.nn.Module) -> None:
 #: what `qcompile passes` says about mixture-of-experts models
 MOE_PASSES_NOTE = (
     "mixture of experts (Qwen3-MoE, Qwen2-MoE): expert Linears are sites named mlp.experts.{e}.gate_proj/up_proj/"
-    "down_proj; all experts of a layer take one scheme, w8a8d or w4a8d (--passes 'w4a8d:match=mlp\\.experts,w8a8d'); "
-    "attention takes any scheme, kv8 and fa3 work; the router (mlp.gate) and Qwen2-MoE's shared_expert_gate stay "
-    "float. Refused on MoE models: smooth, awq, gptq, sparse, fallback, and static-activation or weight-only "
-    "schemes on experts.")
+    "down_proj; all experts of a layer take one scheme, w8a8d, w4a8d or w4a16 (group > 0; vLLM-Ascend's W4A16 "
+    "fused-MoE layout), e.g. --passes 'w4a8d:match=mlp\\.experts,w8a8d'; attention takes any scheme, kv8 and fa3 "
+    "work; the router (mlp.gate) and Qwen2-MoE's shared_expert_gate stay float. gptq uses each expert's routed "
+    "tokens (min_expert_tokens=8, few_tokens=rtn|all below it); fallback and --exclude keep a layer's experts "
+    "float only all together. Refused on MoE models: smooth, awq, sparse, and static-activation or w8a16 schemes "
+    "on experts.")
+
+
+def expert_index(name: str) -> int | None:
+    """The routed expert a Linear name (full or layer-relative) belongs to; None for any other Linear."""
+    m = EXPERT_LINEAR.search(name)
+    return int(m.group(1)) if m else None
+
+
+def router_index_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
+    """The top-k expert indices [tokens, top_k] of the layer's MoE block (the rows of every expert Linear's input
+    are those tokens, in the same order: SparseMoeBlock.forward); None when the layer has no MoE block."""
+    nodes = _topk_index_nodes(gm.graph)
+    return nodes[0] if nodes else None
+
+
 def _topk_index_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     """The top-k expert index outputs (getitem 1 of each aten.topk) of a layer graph, in graph order."""
     out = []

@@ -20,7 +20,8 @@ Linear ops (the lowered quantized Linears; arguments are the artifact's tensors 
 
 weight [n, k] HF layout, scales [n, 1] (per-group [n, k / group]), deq_scale in its dtype-dependent encoding
 (ascend-artifact.md sec. 3-4). `packing`: 0 int8 [n, k]; 1 int4 packed along k [n, ceil(k/2)]; 2 int4 packed
-along n [ceil(n/2), k].
+along n [ceil(n/2), k]; 3 (weight_quant_matmul only: W4A16 MoE experts) int4 in int32 words along k, offset-binary
+[n, k/8] (backends/ascend/int4.py pack_int4_int32).
 
 Attention ops (KV cache int8 "C8", FA3 per-head Q/K/V, decode-step attention), in the attention layout
 [B, N, L, D] (N heads, L tokens, D head_dim; K after RoPE):
@@ -134,7 +135,7 @@ def weight_quant_matmul(x: Tensor, weight: Tensor, antiquant_scale: Tensor, anti
 
 @weight_quant_matmul.register_fake
 def _(x, weight, antiquant_scale, antiquant_offset, bias, group_size, packing):
-    torch._check(packing in (0, 1, 2), lambda: f"weight_quant_matmul: packing {packing} not in (0, 1, 2)")
+    torch._check(packing in (0, 1, 2, 3), lambda: f"weight_quant_matmul: packing {packing} not in (0, 1, 2, 3)")
     return x.new_empty(_out_shape(x, antiquant_scale.shape[0]))
 
 

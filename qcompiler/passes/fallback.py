@@ -58,6 +58,33 @@ from .registry import make_pass, register
 #: fallback units inside a decoder layer (fused groups fall back together), in graph order
 UNITS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
          ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+#: Qwen2-MoE's shared expert: a dense MLP (its gate/up fused)
+SHARED_EXPERT_UNITS = (("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), ("mlp.shared_expert.down_proj",))
+
+
+def layer_units(names) -> list[tuple[str, ...]]:
+    """The fallback units among `names` (layer-relative Linear names of one decoder layer that a scheme quantizes):
+    the dense UNITS, and on a MoE layer (ir/moe.py) every routed expert's gate/up/down as ONE unit (engines build
+    one fused-MoE method per layer from expert 0's entries and refuse mixed or partly FLOAT experts:
+    vLLM-Ascend modelslim_config.py get_linear_quant_type / is_layer_skipped_ascend; ir/moe.moe_fused_groups),
+    then the shared expert's units. A unit is listed only when all its Linears are in `names`."""
+    from ..ir.moe import EXPERT_LINEAR
+    present = set(names)
+    units = [u for u in UNITS if all(n in present for n in u)]
+    experts = tuple(n for n in names if EXPERT_LINEAR.search(n))
+    if experts:
+        units.append(experts)
+    units += [u for u in SHARED_EXPERT_UNITS if all(n in present for n in u)]
+    return units
+
+
+def unit_label(names) -> str:
+    """A unit as the report prints it: its Linears, or `<layer>.mlp.experts.* (N Linears)` for a MoE expert set."""
+    from ..ir.moe import EXPERT_LINEAR
+    if len(names) > 3 and all(EXPERT_LINEAR.search(n) for n in names):
+        head = names[0][:EXPERT_LINEAR.search(names[0]).start()]
+        return f"{head}.mlp.experts.* ({len(names)} Linears)"
+    return ", ".join(names)
 
 METRIC = ("per-token relative squared error of the decoder layer output, ||y_U - y_ref||^2 / ||y_ref||^2, "
           "mean over calibration tokens, with only unit U quantized; E = sum over layers and units")
@@ -153,8 +180,7 @@ def measure_layer(gm: torch.fx.GraphModule, ctx: LayerContext) -> tuple[list[tup
                                                                       torch.Tensor]:
     """([(unit, s_U)] for every unit whose Linears are all annotated, y_ref). `gm` is annotated, not lowered;
     it is not modified (copies are lowered)."""
-    annotated = {s.name for s in linear_sites(gm) if meta.QUANT_SPEC in s.node.meta}
-    units = [u for u in UNITS if all(n in annotated for n in u)]
+    units = layer_units([s.name for s in linear_sites(gm) if meta.QUANT_SPEC in s.node.meta])
     if not units:
         return [], ctx.run_layer(gm)
     ref_gm = copy.deepcopy(gm)
@@ -270,16 +296,17 @@ def check_fallback(passes, config: dict, exclude=()) -> None:
     level = passes[idx].options.level
     if level is None:
         return
+    from .group_size import layer_linear_shapes
     sizes = []
     for i in range(int(config["num_hidden_layers"])):
-        for unit in UNITS:
-            if all(first_claim(passes, f"model.layers.{i}.{n}", exclude) is not None for n in unit):
-                sizes.append(len(unit))
+        claimed = [n for n in layer_linear_shapes(config, i)
+                   if first_claim(passes, f"model.layers.{i}.{n}", exclude) is not None]
+        sizes += [len(unit) for unit in layer_units(claimed)]
     reachable = _knapsack(sizes, [0.0] * len(sizes)) if sizes else [[]]
     if level >= len(reachable) or reachable[level] is None:
         raise QCError(f"fallback:level={level}: the schemes quantize {sum(sizes)} decoder Linears and no set of "
-                      f"fallback units (q/k/v and gate/up fall back together) has exactly {level}; choose "
-                      f"level <= {sum(sizes)}")
+                      f"fallback units (q/k/v and gate/up fall back together; a MoE layer's experts all together) "
+                      f"has exactly {level}; choose level <= {sum(sizes)}")
 
 
 def presweep(passes, skeleton, inputs: LayerInputs, ckpt, exclude, batch_size: int, log=None):

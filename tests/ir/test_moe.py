@@ -98,3 +98,47 @@ def test_experts_of_a_layer_form_one_fused_group():
     experts, shared = moe_fused_groups(config)
     assert experts == tuple(f"mlp.experts.{e}.{p}" for e in range(2) for p in ("gate_proj", "up_proj", "down_proj"))
     assert shared == ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")
+
+
+def test_routed_input_statistics_are_the_rows_the_router_sends(moe_models):
+    """LayerRunner.collect(routes=): each expert's Gram matrix and row count come from exactly the tokens whose top-k
+    holds it (computed here from the graph's own top-k and its gate/up input, by an fx Interpreter), not from every
+    token the dense dispatch feeds it; the all-token statistics stay as they were."""
+    from qcompiler.calibration.linear_inputs import LayerRunner
+    from qcompiler.ir.moe import router_index_node
+    from qcompiler.ir.patterns import linear_sites
+    from tests.helpers import capture_tiny_layer
+    gm, ctx = capture_tiny_layer(moe_models["qwen3_moe"], seqs=3, length=16)
+    route = router_index_node(gm)
+    x_node = next(s.input for s in linear_sites(gm) if s.name == "mlp.experts.0.gate_proj")
+    down2 = next(s.input for s in linear_sites(gm) if s.name == "mlp.experts.2.down_proj")
+    seen = {}
+
+    class Spy(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in (route, x_node, down2):
+                seen[n] = out
+            return out
+
+    with torch.no_grad():
+        Spy(gm).run(ctx.inputs.hidden, *ctx.inputs.position_embeddings)
+    stats = LayerRunner(gm, ctx).collect([x_node, down2], routes={x_node: [0, 1, 2, 3], down2: [2]},
+                                         route_node=route)
+    chosen = seen[route].reshape(-1, seen[route].shape[-1])
+    total = 0
+    for e in range(4):
+        rows = seen[x_node].reshape(-1, 64)[(chosen == e).any(-1)].float()
+        got = stats[x_node].routed[e]
+        assert got.rows == rows.shape[0] > 0
+        total += got.rows
+        # bf16 inputs: accumulate_gram rounds each chunk's float32 sum to bf16 (relative 2^-9); another expert's
+        # rows (or all tokens) differ by O(1) relative
+        want = rows.T @ rows
+        assert torch.allclose(got.xtx, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+        assert not torch.allclose(stats[x_node].xtx, want, rtol=0.1, atol=0.1 * want.abs().max().item())
+    assert total == 3 * 16 * 2 and stats[x_node].rows == 3 * 16  # top-2: every token counted at two experts
+    rows = seen[down2].reshape(-1, 128)[(chosen == 2).any(-1)].float()
+    assert stats[down2].routed[2].rows == rows.shape[0] and list(stats[down2].routed) == [2]
+    want = rows.T @ rows
+    assert torch.allclose(stats[down2].routed[2].xtx, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())

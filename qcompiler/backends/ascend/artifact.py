@@ -26,6 +26,7 @@ Contract
   and spills once nothing will resume (before OUT is put in place).
 
 Limits
+- `describe(name, type)` adds a description entry without a tensor (a Linear stored without `weight`).
 - The writer does not check the tensors against the spec (encode.py produces them; the conformance checker
   shared/tools/check_ascend_artifact.py verifies a finished artifact). It checks names, types and file layout.
 - A shard exceeds `max_shard_bytes` only when a single tensor does.
@@ -103,6 +104,7 @@ class ArtifactWriter:
         self._finished = False
         self._resumable = resumable
         self._retired: list[str] = []         # spill files of closed shards, kept until release_retired()
+        self._described: set[str] = set()      # description entries without a tensor (describe)
 
     # ------------------------------------------------------------------------------ resumable compiles
 
@@ -111,6 +113,7 @@ class ArtifactWriter:
         if self._open is not None:
             self._open.sync()
         return {"max_shard_bytes": self.max_shard_bytes, "types": [[n, t] for n, t in self._types.items()],
+                "described": sorted(self._described),
                 "sizes": [[n, s] for n, s in self._sizes.items()],
                 "shards": [[f, list(names)] for f, names in self._shards],
                 "open": None if self._open is None else {"spill": self._open.spill_path.name, **self._open.state()}}
@@ -135,10 +138,11 @@ class ArtifactWriter:
         self._types = {str(n): str(t) for n, t in state["types"]}
         self._sizes = {str(n): int(s) for n, s in state["sizes"]}
         self._shards = [(str(f), [str(n) for n in names]) for f, names in state["shards"]]
+        self._described = {str(n) for n in state.get("described", [])}
         self._open = None
         if state["open"] is not None:
             self._open = SpilledFile.reopen(self.out_dir / state["open"]["spill"], state["open"])
-        if set(self._types) != set(self._sizes):
+        if set(self._types) != set(self._sizes) | self._described or set(self._sizes) & self._described:
             raise ValueError("types and sizes name different tensors")
         self._finished, self._resumable, self._retired = False, True, []
         return self
@@ -154,6 +158,17 @@ class ArtifactWriter:
         self.release_retired()
         for name, _ in self._shards:
             (self.out_dir / name).unlink(missing_ok=True)
+
+    def describe(self, name: str, quant_type: str) -> None:
+        """A description entry with no tensor: `<linear>.weight` of a Linear stored without a `weight` tensor
+        (W4A16 MoE experts: `weight_packed`, encode.encode_w4a16_moe), whose entry vLLM-Ascend's quant config
+        reads to choose the scheme (modelslim_config.py get_linear_quant_type, is_layer_skipped_ascend)."""
+        if name in self._types:
+            raise ValueError(f"tensor {name!r} added twice")
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(f"{name}: unknown quant type {quant_type!r}; known: {', '.join(QUANT_TYPES)}")
+        self._types[name] = quant_type
+        self._described.add(name)
 
     @property
     def quant_types(self) -> dict[str, str]:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qcompiler.backends.ascend.int4 import pack_int4
+from qcompiler.backends.ascend.int4 import PACK_FACTOR_INT32, pack_int4, pack_int4_int32
 from qcompiler.errors import QCError
 from qcompiler.ir import model_dtype as md
 from qcompiler.ir import qnumerics as qn
@@ -331,6 +331,34 @@ def encode_w4a16(weight: Tensor | None, bias: Tensor | None, group_size: int, mo
     out = _weight_tensors(wq, ws, bias, dtype)
     out["weight"] = _pack(wq, dim=1 if ws.shape[1] == 1 else 0, what="W4A16 weight")
     return out
+
+
+def encode_w4a16_moe(weight: Tensor | None, bias: Tensor | None, group_size: int, model_dtype: torch.dtype | str, *,
+                     q: Tensor | None = None, scale: Tensor | None = None) -> dict[str, Tensor]:
+    """W4A16 on a routed MoE expert Linear, in the layout vLLM-Ascend's W4A16 fused-MoE method loads (0.23.0 /
+    0.26.0rc1 vllm_ascend/quantization/methods/w4a16.py AscendW4A16FusedMoEMethod: docstring, get_weight,
+    get_dynamic_quant_param, process_weights_after_loading; LLM-Compressor's pack-quantized expert tensors):
+    weight_packed int32 [n, k/8] (int4 codes in [-7, 7], eight per word along k, offset-binary: int4.py
+    `pack_int4_int32`, the inverse of its `unpack_from_int32`), weight_scale [n, k/g] in the model dtype (its
+    params_dtype parameter), weight_offset zeros [n, k/g] in the model dtype (the parameter it creates as zeros;
+    stored so every parameter is fed), weight_shape int32 [2] = [n, k] (its `w13_weight_shape` / `w2_weight_shape`,
+    loaded by vLLM's FusedMoE.weight_loader `_load_single_value`). No `weight` tensor: the description's
+    `<linear>.weight` entry (no tensor) is what its quant config reads to pick the scheme (ArtifactWriter.describe).
+    The NPU dequantizes (w + offset) * scale in the model dtype per group (npu_grouped_matmul antiquant_scale /
+    antiquant_offset): the math of `qc.weight_quant_matmul` with packing 3. Per-group only (group_size > 0: the
+    method divides by group_size), k % 8 == 0 and k % group_size == 0; no bias (experts have none)."""
+    dtype = as_model_dtype(model_dtype)
+    if group_size <= 0:
+        raise ValueError("W4A16 on MoE experts is per-group only (group_size > 0): vLLM-Ascend's W4A16 fused-MoE "
+                         "method divides by the description's group_size")
+    if bias is not None:
+        raise ValueError("W4A16 MoE expert with a bias: the fused-MoE method has no bias parameter")
+    wq, ws = _resolve_weight(weight, q, scale, bits=4, group_size=group_size, model_dtype=dtype)
+    n, k = wq.shape
+    if k % PACK_FACTOR_INT32:
+        raise ValueError(f"W4A16 MoE weight needs k % 8 == 0 (eight int4 per int32), got k={k}")
+    return {"weight_packed": pack_int4_int32(wq), "weight_scale": ws.to(dtype).contiguous(),
+            "weight_offset": torch.zeros(ws.shape, dtype=dtype), "weight_shape": torch.tensor([n, k], dtype=torch.int32)}
 
 
 def split_two_stage_scale(scale: Tensor, model_dtype: torch.dtype | str) -> tuple[Tensor, Tensor]:

@@ -140,10 +140,12 @@ FEATURES = (
     Feature("W8A8_MIX MoE", "-", "MoE", {
         VLLM_ASCEND: Support(A2, "", _VA + "methods/w8a8_pdmix.py AscendW8A8PDMixFusedMoeMethod"),
         MINDIE: Support(NO, "not read", "")}),
-    Feature("W4A16 MoE", "-", "MoE", {
-        VLLM_ASCEND: Support(NO, "loads LLM-Compressor's expert layout only (weight_packed int32 [n, k/8] in "
-                             "offset-binary nibbles, weight_shape), not msModelSlim's packed int8 weight",
-                             _VA + "methods/w4a16.py AscendW4A16FusedMoEMethod (docstring, get_weight)"),
+    Feature("W4A16 MoE", "`w4a16:match=mlp\\.experts` (group > 0)", "MoE", {
+        VLLM_ASCEND: Support(A2, "LLM-Compressor's expert layout, which qcompile writes for W4A16 experts "
+                             "(weight_packed int32 [n, k/8] offset-binary, weight_scale [n, k/g], weight_shape); "
+                             "needs moe_intermediate_size / tp divisible by group_size",
+                             _VA + "methods/w4a16.py AscendW4A16FusedMoEMethod (docstring, get_weight, "
+                             "get_dynamic_quant_param, process_weights_after_loading)"),
         MINDIE: Support(NO, "not read", "")}),
     Feature("W4A8_DYNAMIC MoE", "`w4a8d:match=mlp\\.experts`", "MoE", {
         VLLM_ASCEND: Support(A2, "", _VA + "methods/w4a8.py AscendW4A8DynamicFusedMoEMethod (msModelSlim 1.0.0 "
@@ -220,7 +222,7 @@ def refusals(engine: str, features: ArtifactFeatures, version: str | None = None
         s = feature.support[engine]
         if features.device not in s.devices | s.unsure:
             where = "" if not s.loads else f" on {features.device.upper()} (only {', '.join(sorted(s.devices))})"
-            why.append(f"{key}{where}: {s.note or 'not supported'} [{s.source}]")
+            why.append(f"{key}{where}: {s.note or 'not supported'}" + (f" [{s.source}]" if s.source else ""))
         elif (engine == VLLM_ASCEND and s.since and version is not None and features.model_type != "qwen3"
               and _version_index(version) < _version_index(s.since)):
             why.append(f"{key} on {features.model_type}: vLLM-Ascend {version} does not load it ({s.note}) "

@@ -8,6 +8,12 @@ Where the spec packs (dim is the caller's choice here):
 - W4A16 per-channel: along k, [n, k] -> [n, k/2]  (`pack_int4(q, dim=1)`)
 - W4A16 per-group and W4A8_DYNAMIC: along n, [n, k] -> [n/2, k]  (`pack_int4(q, dim=0)`)
 
+W4A16 MoE experts use another layout, LLM-Compressor's, the only one vLLM-Ascend's W4A16 fused-MoE method
+reads (vllm_ascend/quantization/methods/w4a16.py `unpack_from_int32`, packed_dim 1): eight int4 values per
+int32 along k, [n, k] -> int32 [n, k/8]; element `8j+i` sits in bits 4i..4i+3 of word j as the offset-binary
+code value + 8 in [0, 15] (`pack_int4_int32`, `unpack_int4_int32`). Example: [1, -2, 0, 0, 0, 0, 0, 0] packs
+to 0x88888869.
+
 Limits: an odd size along `dim` is padded with one zero element; `unpack_int4(..., size=)` trims it.
 """
 from __future__ import annotations
@@ -54,3 +60,36 @@ def unpack_int4(p: Tensor, dim: int, size: int | None = None) -> Tensor:
     lo = torch.where(lo >= 8, lo - 16, lo)  # two's complement nibble -> [-8, 7]
     out = torch.stack((lo, hi), dim=-1).flatten(-2)[..., :size]
     return out.to(torch.int8).movedim(-1, dim).contiguous()
+
+
+PACK_FACTOR_INT32 = 8  # int4 values per int32 word (LLM-Compressor's pack_factor)
+
+
+def pack_int4_int32(q: Tensor) -> Tensor:
+    """int8 [n, k] values in [-8, 7] -> int32 [n, k/8] in LLM-Compressor's offset-binary layout (module
+    docstring); k must be a multiple of 8 (vLLM-Ascend's get_weight asserts it for the fused-MoE sizes)."""
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"pack_int4_int32 expects int8 [n, k], got {q.dtype} {list(q.shape)}")
+    if q.shape[1] % PACK_FACTOR_INT32:
+        raise ValueError(f"pack_int4_int32 needs k % 8 == 0, got shape {list(q.shape)}")
+    if q.numel() and (int(q.min()) < INT4_MIN or int(q.max()) > INT4_MAX):
+        raise ValueError(f"pack_int4_int32 expects values in [-8, 7], got range [{int(q.min())}, {int(q.max())}]")
+    codes = (q.to(torch.int64) + 8).reshape(q.shape[0], -1, PACK_FACTOR_INT32)  # [n, k/8, 8] in [0, 15]
+    shifts = torch.arange(PACK_FACTOR_INT32, dtype=torch.int64) * 4
+    words = (codes << shifts).sum(dim=-1)              # [0, 2^32): the int32 bit pattern as an unsigned value
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32).contiguous()
+
+
+def unpack_int4_int32(p: Tensor, k: int | None = None) -> Tensor:
+    """Inverse of `pack_int4_int32` (vLLM-Ascend's `unpack_from_int32`, packed_dim 1, num_bits 4): int8 [n, k]
+    values in [-8, 7]; `k` (default 8 x the packed columns) may trim the last word's padding."""
+    if p.dtype != torch.int32 or p.dim() != 2:
+        raise ValueError(f"unpack_int4_int32 expects int32 [n, k/8], got {p.dtype} {list(p.shape)}")
+    full = PACK_FACTOR_INT32 * p.shape[1]
+    k = full if k is None else k
+    if not full - PACK_FACTOR_INT32 < k <= full:
+        raise ValueError(f"unpack_int4_int32: k={k} does not match {p.shape[1]} packed int32 columns")
+    shifts = torch.arange(PACK_FACTOR_INT32, dtype=torch.int32) * 4
+    codes = (p.unsqueeze(-1) >> shifts) & 15            # arithmetic shift, then the nibble: [n, k/8, 8]
+    return (codes - 8).to(torch.int8).reshape(p.shape[0], full)[:, :k].contiguous()

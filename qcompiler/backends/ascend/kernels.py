@@ -32,12 +32,13 @@ import torch
 from torch import Tensor
 
 from ...ir import qnumerics as qn
-from .int4 import unpack_int4
+from .int4 import unpack_int4, unpack_int4_int32
 
 # Weight packings, as the artifact stores them (spec sec. 3).
 PACK_NONE = 0  # int8 [n, k]
 PACK_INT4_K = 1  # int4 packed along k: [n, ceil(k/2)] (W4A16 per-channel)
 PACK_INT4_N = 2  # int4 packed along n: [ceil(n/2), k] (W4A16 per-group, W4A8_DYNAMIC)
+PACK_INT4_INT32_K = 3  # int4 in int32 words along k, offset-binary: [n, k/8] (W4A16 MoE experts; int4.py)
 
 _MAX_PRODUCT = 128 * 128  # largest |int8 * int8|
 _INT32_MAX = 2**31 - 1
@@ -71,15 +72,18 @@ def _check_int8_pair(x: Tensor, weight: Tensor, what: str) -> None:
 
 
 def unpack_weight(weight: Tensor, packing: int, n: int, k: int) -> Tensor:
-    """int8 [n, k] weight from its stored packing (PACK_NONE, PACK_INT4_K or PACK_INT4_N)."""
+    """int8 [n, k] weight from its stored packing (PACK_NONE, PACK_INT4_K, PACK_INT4_N or PACK_INT4_INT32_K)."""
     if packing == PACK_NONE:
         w = weight
     elif packing == PACK_INT4_K:
         w = unpack_int4(weight, dim=1, size=k)
     elif packing == PACK_INT4_N:
         w = unpack_int4(weight, dim=0, size=n)
+    elif packing == PACK_INT4_INT32_K:
+        w = unpack_int4_int32(weight, k)
     else:
-        raise ValueError(f"unknown weight packing {packing} (0 int8, 1 int4 along k, 2 int4 along n)")
+        raise ValueError(f"unknown weight packing {packing} (0 int8, 1 int4 along k, 2 int4 along n, "
+                         "3 int4 in int32 along k)")
     if w.dtype != torch.int8 or tuple(w.shape) != (n, k):
         raise ValueError(
             f"weight {tuple(weight.shape)} {weight.dtype} with packing {packing} "

@@ -20,6 +20,8 @@ W4A8_DYNAMIC (per-group):      x_q, s = qc.dynamic_quant(x)                     
                                                               s, group_size, dtype)
 W8A16, W4A16:                  y   = qc.weight_quant_matmul(x, weight, weight_scale, weight_offset, bias,
                                                             group_size, packing 0 | 1 (int4 along k) | 2)
+W4A16 on a routed MoE expert:  the same op on `weight_packed` (packing 3: int4 in int32 along k), the layout
+                               vLLM-Ascend's W4A16 fused-MoE method loads (encode.encode_w4a16_moe)
 W16A16S (meta.FLOAT_QUANT_TYPE, no spec): the float aten.linear stays; its weight/bias are recorded as is.
 Simulated tensor parallelism (meta.TP_SHARDS = n, simulate_tp pass): the Linear becomes n cards' partial products
 over contiguous k shards (`<linear>.tp<r>_*` buffers; dynamic schemes quantize each card's input shard per token;
@@ -41,6 +43,7 @@ from ...calibration.observers import MinMaxObserver
 from ...calibration.weight_clip import mse_weight_scale, outlier_split_codes
 from ...errors import QCError
 from ...ir import meta
+from ...ir.moe import EXPERT_LINEAR
 from ...ir.patterns import get_tensor, linear_sites, prune_unused_tensors, set_tensor
 from ...ir.qspec import MSEClip, OutlierSplit, PerGroup
 from ...passes.base import LinearArtifact, Pass, PassResult
@@ -292,17 +295,23 @@ class _Lowering:
     def _weight_only(self, site, spec, encoder, bits):
         weight, bias, given = self.weight_args(site)
         group = _group_size(spec)
+        expert = bits == 4 and EXPERT_LINEAR.search(site.name) is not None
+        if expert:  # routed expert: the fused-MoE layout (weight_packed int32 along k, encode.encode_w4a16_moe)
+            encoder = encode.encode_w4a16_moe
         tensors = encoder(weight, bias, group, self.ctx.dtype, **given)
         per_channel = tensors["weight_scale"].shape[1] == 1  # also a group equal to k
+        weight_key, weight_target = "weight", site.weight.target
         if bits == 8:
             packing = kernels.PACK_NONE
+        elif expert:
+            packing, weight_key, weight_target = kernels.PACK_INT4_INT32_K, "weight_packed", f"{site.name}.weight_packed"
         else:
             packing = kernels.PACK_INT4_K if per_channel else kernels.PACK_INT4_N
         g = self.gm.graph
         n = self.shards(site)
         with g.inserting_before(site.node):
             if n == 1:
-                w = self.attr(site.weight.target, tensors["weight"])
+                w = self.attr(weight_target, tensors[weight_key])
                 ws = self.attr(f"{site.name}.weight_scale", tensors["weight_scale"])
                 wo = self.attr(f"{site.name}.weight_offset", tensors["weight_offset"])
                 b = self.attr(f"{site.name}.bias", tensors["bias"]) if "bias" in tensors else None
@@ -313,7 +322,7 @@ class _Lowering:
             k = weight.shape[1]
             parts = []
             for r in range(n):
-                w = self.shard_attr(site.weight.target, tensors["weight"], 1, r, n)
+                w = self.shard_attr(weight_target, tensors[weight_key], 1, r, n)
                 if per_channel:
                     ws = self.attr(f"{site.name}.weight_scale", tensors["weight_scale"])
                     wo = self.attr(f"{site.name}.weight_offset", tensors["weight_offset"])

@@ -24,7 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ...errors import QCError
-from ..ascend.int4 import unpack_int4
+from ..ascend.int4 import unpack_int4, unpack_int4_int32
 from .translate import DOMAIN
 
 MS_DOMAIN = "com.microsoft"
@@ -66,13 +66,15 @@ class _Builder:
 
 
 def _int8_weight(b: _Builder, node, name: str, packing: int, n: int, k: int) -> np.ndarray:
-    """int8 [n, k] from the stored packing (0 int8, 1 int4 along k, 2 int4 along n)."""
+    """int8 [n, k] from the stored packing (0 int8, 1 int4 along k, 2 int4 along n, 3 int4 in int32 along k)."""
     import torch
     w = torch.from_numpy(b.value(name, node, "weight").copy())
     if packing == 1:
         w = unpack_int4(w, dim=1, size=k)
     elif packing == 2:
         w = unpack_int4(w, dim=0, size=n)
+    elif packing == 3:  # W4A16 MoE experts: int4 in int32 words along k (backends/ascend/int4.py)
+        w = unpack_int4_int32(w, k)
     elif packing != 0:
         raise QCError(f"ONNX lowering: unknown weight packing {packing} in {node.name}")
     if tuple(w.shape) != (n, k):
@@ -195,11 +197,11 @@ def _lower_pergroup(b: _Builder, node):
 
 
 def _stored_k(b: _Builder, w_name: str, node) -> int:
-    """k of a weight: its last dim, doubled when int4 is packed along k (packing 1)."""
+    """k of a weight: its last dim, times 2 (packing 1) or 8 (packing 3) when int4 is packed along k."""
     dims = list(b.inits[w_name].dims) if w_name in b.inits else None
     if dims is None:
         raise QCError(f"ONNX lowering: weight of {node.name} is not an initializer")
-    return dims[1] * (2 if int(_attr(node, "packing", 0)) == 1 else 1)
+    return dims[1] * {1: 2, 3: 8}.get(int(_attr(node, "packing", 0)), 1)
 
 
 def _nbits_block(k: int, group: int) -> int | None:
@@ -226,7 +228,7 @@ def _lower_weight_quant(b: _Builder, node):
     groups = scale.shape[1]
     g = group or k
     out = node.output[0] if bias is None else f"{p}.y0"
-    bits = 4 if packing in (1, 2) else 8
+    bits = 4 if packing in (1, 2, 3) else 8
     block = _nbits_block(k, group)
     if block is not None and not offset.any():
         # MatMulNBits stores unsigned codes with a default zero point of 2^(bits-1): signed q -> q + 2^(bits-1)

@@ -306,3 +306,19 @@ def test_shards_are_save_file_bytes_and_nothing_is_held(tmp_path, sources):
     assert alive() is None         # not referenced by the writer
     w.finish(src, config)
     assert torch.equal(tensors_of(tmp_path / "held")["x.weight"], torch.ones(256, 256))
+
+
+def test_describe_adds_an_entry_without_a_tensor_and_survives_restore(tmp_path, sources):
+    """`describe` (W4A16 MoE experts: `<linear>.weight` typed, weight_packed stored): in the description, not in the
+    weights or the index; kept across a resumable state; a second entry of the same name is an error."""
+    src, config, _ = sources["llama"]
+    w = ArtifactWriter(tmp_path / "out", torch.bfloat16, resumable=True)
+    w.add("e.weight_packed", torch.zeros(2, 1, dtype=torch.int32), E.W4A16)
+    w.describe("e.weight", E.W4A16)
+    with pytest.raises(ValueError, match="twice"):
+        w.describe("e.weight", E.W4A16)
+    state = json.loads(json.dumps(w.state()))
+    w2 = ArtifactWriter.restore(tmp_path / "out", torch.bfloat16, state)
+    desc = w2.finish(src, config)
+    assert desc["e.weight"] == E.W4A16 and desc["e.weight_packed"] == E.W4A16
+    assert set(tensors_of(tmp_path / "out")) == {"e.weight_packed"}

@@ -417,3 +417,33 @@ def test_model_quant_type_unknown_and_mindie_names():
     assert E.mindie_quantize_name("FLOAT") is None
     with pytest.raises(ValueError):
         E.mindie_quantize_name("C8")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_encode_w4a16_moe_layout_and_math(dtype):
+    """W4A16 on a routed expert: vLLM-Ascend's W4A16 fused-MoE tensors (methods/w4a16.py AscendW4A16FusedMoEMethod):
+    weight_packed int32 [n, k/8], weight_scale / weight_offset (zeros) [n, k/g] in the model dtype, weight_shape
+    int32 [n, k]; the packed codes are exactly the per-group codes of quantize_weight, so dequantizing them as the
+    engine does ((w + 0) * scale) is within half a scale of the float weight."""
+    from qcompiler.backends.ascend.int4 import unpack_int4_int32
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(0))
+    t = E.encode_w4a16_moe(w, None, 32, dtype)
+    assert set(t) == {"weight_packed", "weight_scale", "weight_offset", "weight_shape"}
+    assert t["weight_packed"].dtype == torch.int32 and t["weight_packed"].shape == (24, 8)
+    assert t["weight_scale"].dtype == dtype and t["weight_scale"].shape == (24, 2)
+    assert t["weight_offset"].dtype == dtype and not t["weight_offset"].any()
+    assert t["weight_shape"].dtype == torch.int32 and t["weight_shape"].tolist() == [24, 64]
+    q, s = E.quantize_weight(w, 4, 32, model_dtype=dtype)
+    assert torch.equal(unpack_int4_int32(t["weight_packed"]), q) and torch.equal(t["weight_scale"].float(), s)
+    deq = (q.float().reshape(24, 2, 32) * s.unsqueeze(-1)).reshape(24, 64)
+    assert ((deq - w).abs() <= s.repeat_interleave(32, 1) / 2 + 1e-6).all()
+
+
+def test_encode_w4a16_moe_refusals():
+    w = torch.randn(8, 64)
+    with pytest.raises(ValueError, match="per-group only"):
+        E.encode_w4a16_moe(w, None, 0, torch.bfloat16)
+    with pytest.raises(ValueError, match="bias"):
+        E.encode_w4a16_moe(w, torch.zeros(8), 32, torch.bfloat16)
+    with pytest.raises(ValueError, match="k % 8"):
+        E.encode_w4a16_moe(torch.randn(8, 36), None, 12, torch.bfloat16)

@@ -93,3 +93,41 @@ def test_wrong_dtype_and_size_raise():
         pack_int4(torch.tensor([1, 2], dtype=torch.int32), dim=0)
     with pytest.raises(ValueError):
         unpack_int4(torch.tensor([1, 2], dtype=torch.int8), dim=0, size=7)
+
+
+# ---- W4A16 MoE experts: LLM-Compressor's int32 words (vLLM-Ascend methods/w4a16.py unpack_from_int32) ----------
+def _engine_unpack_from_int32(weight, k):
+    """vLLM-Ascend 0.23.0 `unpack_from_int32(weight, shape, 4, packed_dim=1)`, rewritten from its source: column
+    i::8 of the result takes nibble i of each word, minus the offset 8."""
+    out = torch.zeros((weight.shape[0], weight.shape[1] * 8), dtype=torch.int32)
+    for i in range(8):
+        out[:, i::8] = (weight >> (4 * i)) & 15
+    return (out[:, :k] - 8).to(torch.int8)
+
+
+def test_int32_words_offset_binary_element0_lowest_nibble():
+    from qcompiler.backends.ascend.int4 import pack_int4_int32
+    # [1, -2, 0...]: nibble 0 = 1 + 8 = 9, nibble 1 = -2 + 8 = 6, the rest 8 -> 0x88888869
+    got = pack_int4_int32(torch.tensor([[1, -2, 0, 0, 0, 0, 0, 0]], dtype=torch.int8))
+    assert got.dtype == torch.int32 and got.item() & 0xFFFFFFFF == 0x88888869
+    # the sign bit: a 7 in the top nibble gives 0xF... (negative int32)
+    assert pack_int4_int32(torch.tensor([[0] * 7 + [7]], dtype=torch.int8)).item() < 0
+
+
+def test_int32_words_round_trip_and_engine_unpack():
+    from qcompiler.backends.ascend.int4 import pack_int4_int32, unpack_int4_int32
+    q = _rand_int4(6, 40, seed=3)
+    p = pack_int4_int32(q)
+    assert p.shape == (6, 5)
+    assert torch.equal(unpack_int4_int32(p), q)
+    assert torch.equal(_engine_unpack_from_int32(p, 40), q)
+
+
+def test_int32_words_errors():
+    from qcompiler.backends.ascend.int4 import pack_int4_int32, unpack_int4_int32
+    with pytest.raises(ValueError, match="k % 8"):
+        pack_int4_int32(torch.zeros(2, 12, dtype=torch.int8))
+    with pytest.raises(ValueError, match="values in"):
+        pack_int4_int32(torch.full((1, 8), 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match="int32"):
+        unpack_int4_int32(torch.zeros(1, 1, dtype=torch.int8))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from qcompiler.backends.ascend import kernels, ops
-from qcompiler.backends.ascend.int4 import pack_int4
+from qcompiler.backends.ascend.int4 import pack_int4, pack_int4_int32
 
 qc = torch.ops.qc
 DTYPES = [torch.bfloat16, torch.float16]
@@ -328,13 +328,15 @@ def test_quant_matmul_pertoken_rejects_packing_along_k():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "packing,group_size,n,k",
-    [(0, 0, 24, 64), (0, 16, 24, 64), (1, 0, 24, 64), (1, 0, 24, 63), (2, 16, 24, 64), (2, 32, 23, 64)],
+    [(0, 0, 24, 64), (0, 16, 24, 64), (1, 0, 24, 64), (1, 0, 24, 63), (2, 16, 24, 64), (2, 32, 23, 64),
+     (3, 16, 24, 64), (3, 32, 23, 64)],
 )
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_weight_quant_matmul_matches_formula(dtype, packing, group_size, n, k, with_bias):
     int4 = packing != 0
     w = rand_int8(n, k, seed=20, lo=-8 if int4 else -128, hi=8 if int4 else 128)
-    stored = {0: w, 1: lambda: pack_int4(w, dim=1), 2: lambda: pack_int4(w, dim=0)}[packing]
+    stored = {0: w, 1: lambda: pack_int4(w, dim=1), 2: lambda: pack_int4(w, dim=0),
+              3: lambda: pack_int4_int32(w)}[packing]
     stored = stored() if callable(stored) else stored
     cols = k // group_size if group_size else 1
     scale = torch.rand(n, cols, generator=gen(21)) * 1e-2 + 1e-3

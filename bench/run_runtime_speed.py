@@ -13,11 +13,12 @@ Sections (SmolLM2-135M, OUTs of every scheme compiled into WORK/outs on first us
 - decode: greedy generation of 64 new tokens with the KV cache after a chat prompt, batch 1, against
   transformers bf16 `generate` (DynamicCache); tokens/s = 64 / (prefill + 64 steps). Layers are loaded
   before the clock starts (that is `startup`).
-- startup: wall time of a fresh `python3 -m qcompiler.cli run X --prompt P --max-new-tokens 1` and of
-  `qcompile eval X --data 1 window --seq-len 128 --max-windows 1` (imports, load, first token / window).
+- startup: wall time and CPU time (user + system) of a fresh `python3 -m qcompiler.cli run X --prompt P
+  --max-new-tokens 1` and of `qcompile eval X --data 1 window --seq-len 128 --max-windows 1` (imports, load,
+  first token / window), per thread count (QC_THREADS).
 - layer7b: `qcompile eval` throughput of one decoder layer with Qwen2.5-7B's shapes (hidden 3584, MLP 18944,
   28 heads, 4 KV heads; random weights, compiled per scheme), 4 windows x 512 tokens through the eval code
-  path (layer load excluded); tokens/s per layer and the implied time for 28 layers.
+  path (layer load excluded), per thread count; tokens/s per layer and the implied time for 28 layers.
 - profile: torch.profiler tables (self CPU time per op, first thread count) of a 512-token prefill (4 layers)
   and of 16 decode steps, for w8a8d, w8a16 and the float model.
 Each (section, side, thread count) runs in a fresh worker process; with --before CHECKOUT that checkout's
@@ -297,9 +298,12 @@ tok.save_pretrained({str(folder)!r})
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), check=True)
     for s in SCHEMES:
         out = work / "qwen7b-outs" / s
+        # Qwen2's q/k/v biases: no engine adds a W4A8_DYNAMIC Linear's bias (compile refuses it), so w4a8d
+        # puts w8a8d on attention and W4A8_DYNAMIC on the MLP (tests/byte_identity.py does the same)
+        passes = r"w8a8d:match=self_attn\.,w4a8d" if s == "w4a8d" else s
         if not out.exists():
             with HeavyLock():
-                subprocess.run([sys.executable, "-m", "qcompiler.cli", str(folder), "--passes", s, "--calib",
+                subprocess.run([sys.executable, "-m", "qcompiler.cli", str(folder), "--passes", passes, "--calib",
                                 str(CALIB), "--calib-samples", "4", "--seq-len", "128", "-o", str(out)],
                                cwd=ROOT, env=_env(), check=True)
 
@@ -319,15 +323,22 @@ def run_worker(section: str, code: Path, a, threads: int) -> dict:
     return res
 
 
-def startup_times(code: Path, target: str, data: Path) -> dict:
+def startup_times(code: Path, target: str, data: Path, threads: int) -> dict:
+    """{"run": wall s, "run cpu": CPU s, "eval": ..., "eval cpu": ...} of one fresh command each: wall from
+    the command's start to its exit (first token / first window included), CPU = the child's user + system
+    time (resource.RUSAGE_CHILDREN; robust to other jobs on the machine)."""
+    import resource
     out = {}
     for cmd in ("run", "eval"):
         args = (["run", target, "--prompt", PROMPT, "--max-new-tokens", "1"] if cmd == "run" else
                 ["eval", target, "--data", str(data), "--seq-len", "128", "--max-windows", "1"])
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "qcompiler.cli", *args], cwd=code, env=_env(), check=True,
-                       capture_output=True)
+        subprocess.run([sys.executable, "-m", "qcompiler.cli", *args], cwd=code,
+                       env={**_env(), "QC_THREADS": str(threads)}, check=True, capture_output=True)
         out[cmd] = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out[f"{cmd} cpu"] = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     return out
 
 
@@ -368,23 +379,29 @@ def main() -> int:
             data = a.work / "eval_1window.jsonl"
             if not data.exists():
                 data.write_text("".join(line for line in EVAL.read_text().splitlines(True)[:20]))
-            per = {}
+            per, loads = {}, []
             with HeavyLock():
                 load = os.getloadavg()[0]
-                for r in range(a.rounds * a.reps):
-                    side_order = list(sides) if r % 2 == 0 else list(reversed(sides))
-                    for name in ["float (ours)", *SCHEMES]:
-                        target = MODEL if name == "float (ours)" else str(outs / name)
-                        for side in side_order:
-                            t = startup_times(sides[side], target, data)
-                            for cmd, v in t.items():
-                                per.setdefault(side, {}).setdefault(f"{name}|{cmd}", []).append(v)
-                            print(f"startup {side} {name}: run {t['run']:.2f} s, eval {t['eval']:.2f} s", flush=True)
-            result["sections"]["startup"] = {"load_avg_1min_at_start": load, "runs": per}
+                for threads_n in threads:
+                    for r in range(a.rounds * a.reps):
+                        side_order = list(sides) if r % 2 == 0 else list(reversed(sides))
+                        for name in ["float (ours)", *SCHEMES]:
+                            target = MODEL if name == "float (ours)" else str(outs / name)
+                            for side in side_order:
+                                loads.append(round(os.getloadavg()[0], 2))
+                                t = startup_times(sides[side], target, data, threads_n)
+                                row = f"{side}, {threads_n} thread(s)"
+                                for cmd, v in t.items():
+                                    per.setdefault(row, {}).setdefault(f"{name}|{cmd}", []).append(v)
+                                print(f"startup {row} {name}: run {t['run']:.2f} s ({t['run cpu']:.2f} s CPU), "
+                                      f"eval {t['eval']:.2f} s ({t['eval cpu']:.2f} s CPU), load {loads[-1]}",
+                                      flush=True)
+            result["sections"]["startup"] = {"load_avg_1min_at_start": load, "load_avg_1min_per_command": loads,
+                                             "runs": per}
             write(result, a.label)
             continue
         per = {}
-        for t in threads if section not in ("layer7b", "profile") else threads[:1]:  # first thread count only
+        for t in threads if section != "profile" else threads[:1]:  # profile: first thread count only
             for r in range(a.rounds):
                 side_order = list(sides) if r % 2 == 0 else list(reversed(sides))
                 for side in side_order:
@@ -461,13 +478,18 @@ def render(result: dict) -> str:
                 lines.append("")
     if "startup" in secs:
         st = secs["startup"]
-        lines += ["## Startup: wall seconds of a fresh `qcompile run --max-new-tokens 1` / `qcompile eval "
-                  f"--seq-len 128 --max-windows 1` (load avg at start {st['load_avg_1min_at_start']:.2f})", "",
-                  "| side | model | run (s) | eval (s) |", "|---|---|---|---|"]
+        lines += ["## Startup: seconds of a fresh `qcompile run --max-new-tokens 1` / `qcompile eval "
+                  f"--seq-len 128 --max-windows 1`, start to exit (load avg at start "
+                  f"{st['load_avg_1min_at_start']:.2f}, per command {min(st.get('load_avg_1min_per_command') or [0])}"
+                  f"-{max(st.get('load_avg_1min_per_command') or [0])}; `cpu` = the command's user + system CPU "
+                  "seconds)", "",
+                  "| side | model | run (s) | run cpu (s) | eval (s) | eval cpu (s) |", "|---|---|---|---|---|---|"]
         for side, runs in st["runs"].items():
             names = list(dict.fromkeys(k.split("|")[0] for k in runs))
             for n in names:
-                lines.append(f"| {side} | {n} | {med(runs[n + '|run']):.2f} | {med(runs[n + '|eval']):.2f} |")
+                cells = [f"{med(runs[k]):.2f}" if runs.get(k) else "" for k in
+                         (n + "|run", n + "|run cpu", n + "|eval", n + "|eval cpu")]
+                lines.append(f"| {side} | {n} | " + " | ".join(cells) + " |")
         lines.append("")
     if "profile" in secs:
         lines += ["## Profile (torch.profiler, self CPU time by op)", ""]

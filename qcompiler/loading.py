@@ -280,10 +280,16 @@ def _alias_tied_embedding(ckpt: Checkpoint) -> None:
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
-    """The folder's tokenizer (transformers AutoTokenizer, built-in classes only); QCError when it has none
-    or asks for custom code (trust.check_tokenizer_files; `trust_remote_code` never runs code)."""
-    from transformers import AutoTokenizer
+    """The folder's tokenizer; QCError when it has none or asks for custom code (trust.check_tokenizer_files;
+    `trust_remote_code` never runs code). A fast_tokenizer.FastTokenizer when that builds the same tokenizer
+    as transformers (read from tokenizer.json without importing transformers: `qcompile run` starts in
+    seconds), else transformers' AutoTokenizer (built-in classes only)."""
+    from .fast_tokenizer import load_fast_tokenizer
     check_tokenizer_files(path, trust_remote_code)
+    fast = load_fast_tokenizer(path)
+    if fast is not None:
+        return fast
+    from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a missing/broken tokenizer

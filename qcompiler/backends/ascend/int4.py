@@ -54,12 +54,28 @@ def unpack_int4(p: Tensor, dim: int, size: int | None = None) -> Tensor:
             f"unpack_int4: size {size} does not match {p.shape[dim]} packed bytes along dim {dim} "
             f"(expected {full - 1} or {full})"
         )
-    moved = p.movedim(dim, -1).to(torch.int32)
-    hi = torch.div(moved, 16, rounding_mode="floor")  # floor division = arithmetic shift by 4
-    lo = moved - hi * 16  # low nibble code in [0, 15]
-    lo = torch.where(lo >= 8, lo - 16, lo)  # two's complement nibble -> [-8, 7]
+    moved = p.movedim(dim, -1)
+    lo, hi = (nibbles_shift if p.device.type == "cpu" else nibbles_arithmetic)(moved)
     out = torch.stack((lo, hi), dim=-1).flatten(-2)[..., :size]
-    return out.to(torch.int8).movedim(-1, dim).contiguous()
+    return out.movedim(-1, dim).contiguous()
+
+
+def nibbles_arithmetic(b: Tensor) -> tuple[Tensor, Tensor]:
+    """(low, high) nibbles of int8 bytes `b` as int8 in [-8, 7], in plain int32 arithmetic (no bit ops, so it
+    runs on any device, as pack_int4)."""
+    wide = b.to(torch.int32)
+    hi = torch.div(wide, 16, rounding_mode="floor")  # floor division = arithmetic shift by 4
+    lo = wide - hi * 16  # low nibble code in [0, 15]
+    lo = torch.where(lo >= 8, lo - 16, lo)  # two's complement nibble -> [-8, 7]
+    return lo.to(torch.int8), hi.to(torch.int8)
+
+
+def nibbles_shift(b: Tensor) -> tuple[Tensor, Tensor]:
+    """`nibbles_arithmetic` with int8 shifts (the CPU path: a third of its time, and the executable graph
+    unpacks every int4 weight at load): `>> 4` is arithmetic (sign-extending) and `<< 4` wraps modulo 256,
+    so `(b << 4) >> 4` is the sign-extended low nibble. tests/backends/ascend/test_int4.py: equal on all 256
+    bytes."""
+    return torch.bitwise_right_shift(torch.bitwise_left_shift(b, 4), 4), torch.bitwise_right_shift(b, 4)
 
 
 PACK_FACTOR_INT32 = 8  # int4 values per int32 word (LLM-Compressor's pack_factor)

@@ -5,7 +5,7 @@ All checks are exact: packing is pure integer bit layout, so there is no toleran
 import pytest
 import torch
 
-from qcompiler.backends.ascend.int4 import pack_int4, unpack_int4
+from qcompiler.backends.ascend.int4 import nibbles_arithmetic, nibbles_shift, pack_int4, unpack_int4
 
 
 def _rand_int4(*shape, seed=0):
@@ -131,3 +131,16 @@ def test_int32_words_errors():
         pack_int4_int32(torch.full((1, 8), 8, dtype=torch.int8))
     with pytest.raises(ValueError, match="int32"):
         unpack_int4_int32(torch.zeros(1, 1, dtype=torch.int8))
+
+
+def test_cpu_shift_unpack_equals_arithmetic_on_every_byte():
+    """unpack_int4's CPU path (int8 shifts) and its any-device path (int32 arithmetic) give the same nibbles for
+    all 256 bytes, in a contiguous and a strided (moved) layout."""
+    b = torch.arange(-128, 128, dtype=torch.int8)
+    for x in (b, b.reshape(16, 16).t()):
+        lo_s, hi_s = nibbles_shift(x)
+        lo_a, hi_a = nibbles_arithmetic(x)
+        assert lo_s.dtype == hi_s.dtype == torch.int8
+        assert torch.equal(lo_s, lo_a) and torch.equal(hi_s, hi_a)
+    lo, hi = nibbles_shift(b)
+    assert [(int(l), int(h)) for l, h in zip(lo, hi)] == [((v & 0xF) - 16 * ((v >> 3) & 1), v >> 4) for v in range(-128, 128)]

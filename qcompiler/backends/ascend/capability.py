@@ -1,7 +1,8 @@
 """What the Ascend lowering can honour: each artifact quant type's weight and activation code widths.
 
 A spec (ir/qspec.py) may ask for any integer width 2..8; the Ascend kernels and the artifact store fixed
-ones (spec section 3: W8A8 / W8A8_MIX / W8A8_DYNAMIC / W8A16 int8 codes in [-127, 127], W4A16 /
+ones (spec section 3: W8A8 / W8A8_MIX / W8A8_DYNAMIC int8 codes in [-127, 127]; W8A16 int8 storage of codes of
+any width 2..8, [-qmax, qmax] (npu_weight_quant_batchmatmul dequantizes every int8 value exactly); W4A16 /
 W4A8_DYNAMIC int4 codes in [-7, 7] packed two per byte, W8A8S int8 storage of [-7, 7] or [-127, 127] codes;
 activations int8). `unhonoured(spec)` says, before any work, why a spec cannot be lowered as asked (the
 driver makes it an exit-2 error naming the pass), so a 6-bit spec is refused rather than silently widened
@@ -16,7 +17,7 @@ HONOURED = {
     "W8A8_MIX": ({8}, 8),
     "W8A8_DYNAMIC": ({8}, 8),
     "W8A8S": ({4, 8}, 8),
-    "W8A16": ({8}, None),
+    "W8A16": (set(range(2, 9)), None),  # any width 2..8 in the int8 weight: (w + offset) * scale is exact for it
     "W4A16": ({4}, None),
     "W4A8_DYNAMIC": ({4}, 8),
 }

@@ -85,6 +85,15 @@ def _qmax(bits: int) -> int:
     return qn.qmax(bits)
 
 
+def _container_qmax(bits: int, container: int) -> int:
+    """qmax of `bits`-bit codes stored in a `container`-bit weight (8: int8, 4: packed int4): any width 2..container
+    (a narrower symmetric code is a valid code of the wider container: W8A16's kernel computes (w + offset) * scale
+    for any int8 w, so 6-bit codes in [-31, 31] are stored and computed exactly; capability.py HONOURED)."""
+    if not (isinstance(bits, int) and 2 <= bits <= container):
+        raise ValueError(f"bits must be in 2..{container} for a {container}-bit weight, got {bits}")
+    return qn.qmax(bits)
+
+
 # ---- numerics as loaded (the rounding itself: ir/model_dtype.py) -----------------------------------------------
 #: Per quant type, the stored float tensors the engines hold in the model dtype (so they round the file's float32
 #: on load). vLLM-Ascend 0.23.0 / 0.26.0rc1 create them as `params_dtype` parameters and `copy_` the file into
@@ -119,18 +128,24 @@ def quantize_weight(w: Tensor, bits: int = 8, group_size: int = 0, scale: Tensor
 
 
 def _resolve_weight(weight: Tensor | None, q: Tensor | None, scale: Tensor | None,
-                    bits: int, group_size: int, model_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(int8 codes, float32 scale rounded to the model dtype) from a float weight or from precomputed codes."""
+                    bits: int, group_size: int, model_dtype: torch.dtype,
+                    container: int | None = None) -> tuple[Tensor, Tensor]:
+    """(int8 codes, float32 scale rounded to the model dtype) from a float weight or from precomputed codes.
+    `container`: the stored width when it is wider than `bits` (W8A16's int8 holding narrower codes)."""
+    if container is not None:
+        _container_qmax(bits, container)
     if q is None:
         if weight is None:
             raise ValueError("pass a float `weight`, or precomputed codes `q=` with `scale=`")
+        if container is not None:
+            return md.quantize_weight(weight, bits, group_size, scale, model_dtype)
         return quantize_weight(weight, bits, group_size, scale, model_dtype)
     if scale is None:
         raise ValueError("precomputed codes `q=` need their `scale=`")
     n, k = check_2d(q, "q")
     if weight is not None and tuple(weight.shape) != (n, k):
         raise ValueError(f"weight shape {list(weight.shape)} != q shape {[n, k]}")
-    qmax = _qmax(bits)
+    qmax = _qmax(bits) if container is None else _container_qmax(bits, container)
     if q.is_floating_point() and not torch.equal(q, torch.round(q)):
         raise ValueError("q must hold integer codes")
     if q.numel() and (q.min() < -qmax or q.max() > qmax):
@@ -312,12 +327,14 @@ def encode_w8a8_dynamic(weight: Tensor | None, bias: Tensor | None, model_dtype:
 
 
 def encode_w8a16(weight: Tensor | None, bias: Tensor | None, group_size: int, model_dtype: torch.dtype | str, *,
-                 q: Tensor | None = None, scale: Tensor | None = None) -> dict[str, Tensor]:
+                 q: Tensor | None = None, scale: Tensor | None = None, bits: int = 8) -> dict[str, Tensor]:
     """W8A16: weight i8 [n,k]; weight_scale/weight_offset (zeros) f32 [n,1], or [n,k/g] per-group (MindIE only;
     the description's top-level group_size must then equal `group_size`); optional bias. Scales and bias rounded
-    to the model dtype (npu_weight_quant_batchmatmul takes antiquant_scale in x's dtype)."""
+    to the model dtype (npu_weight_quant_batchmatmul takes antiquant_scale in x's dtype). `bits` 2..8: codes in
+    [-qmax(bits), qmax(bits)] stored in the int8 weight (scale = absmax / qmax(bits)): the same tensors and
+    kernel, exact for any int8 code."""
     dtype = as_model_dtype(model_dtype)
-    wq, ws = _resolve_weight(weight, q, scale, bits=8, group_size=group_size, model_dtype=dtype)
+    wq, ws = _resolve_weight(weight, q, scale, bits=bits, group_size=group_size, model_dtype=dtype, container=8)
     return _weight_tensors(wq, ws, bias, dtype)
 
 

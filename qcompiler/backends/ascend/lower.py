@@ -32,6 +32,7 @@ Requires: annotated, calibrated. Produces: lowered.
 Limits: the quant types in `LOWERINGS`; anything else is an error naming the type. W4A8_DYNAMIC's
 scale_bias and weight offsets are written to the artifact only (the kernel math does not read them).
 """
+import functools
 import operator
 import re
 
@@ -336,8 +337,8 @@ class _Lowering:
             y = self.all_reduce(parts)
         return y, tensors
 
-    def w8a16(self, site, spec):
-        return self._weight_only(site, spec, encode.encode_w8a16, 8)
+    def w8a16(self, site, spec):  # codes of spec.weight.bits (2..8) in the int8 weight (capability.py)
+        return self._weight_only(site, spec, functools.partial(encode.encode_w8a16, bits=spec.weight.bits), 8)
 
     def w4a16(self, site, spec):
         return self._weight_only(site, spec, encode.encode_w4a16, 4)

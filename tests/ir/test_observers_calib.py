@@ -265,14 +265,15 @@ def _skewed(seed=0):
     return x
 
 
-def _two_ranks_and_one_process(monkeypatch, method, x):
-    """(the two ranks' reduced observers, one process's observer), each rank fed half of x's 8 batches."""
+def _reduced_on_two_ranks(monkeypatch, make, x):
+    """(the two ranks' reduced observers, one process's observer) of `make()` observers, each rank fed half of
+    x's 8 batches, one process fed all of them."""
     batches = list(x.chunk(8))
-    one = HistogramObserver(method)
+    one = make()
     for b in batches:
         one(b)
     ranks, shares = ThreadRanks(2), [batches[:4], batches[4:]]
-    observers = [HistogramObserver(method) for _ in shares]
+    observers = [make() for _ in shares]
     ranks.patch(monkeypatch)
 
     def calibrate(rank, share):
@@ -280,11 +281,17 @@ def _two_ranks_and_one_process(monkeypatch, method, x):
             observers[rank](b)
         observers[rank].reduce_across_ranks()
     ranks.run(calibrate, shares)
-    a, b = observers
-    assert torch.equal(a.hist, b.hist) and (a.min, a.max, a.count, a.absmax) == (b.min, b.max, b.count, b.absmax)
+    a, _ = observers
     assert (a.min, a.max, a.count) == (one.min, one.max, one.count)
-    assert a.absmax == one.absmax and a.hist.sum() == one.hist.sum()
     return observers, one
+
+
+def _two_ranks_and_one_process(monkeypatch, method, x):
+    """`_reduced_on_two_ranks` for HistogramObserver(method): both ranks hold one histogram, one process's mass."""
+    (a, b), one = _reduced_on_two_ranks(monkeypatch, lambda: HistogramObserver(method), x)
+    assert torch.equal(a.hist, b.hist) and (a.min, a.max, a.count, a.absmax) == (b.min, b.max, b.count, b.absmax)
+    assert a.absmax == one.absmax and a.hist.sum() == one.hist.sum()
+    return (a, b), one
 
 
 @pytest.mark.parametrize("percentile", [99.0, 99.9, 99.99])
@@ -313,22 +320,8 @@ def test_l2_histogram_reduced_over_ranks(monkeypatch):
     reduced histogram differs from one process's by bin-centre rebinning only)."""
     from qcompiler.calibration.histogram import L2HistogramObserver
     x = _skewed(1)
-    batches = list(x.chunk(8))
-    one = L2HistogramObserver()
-    for b in batches:
-        one(b)
-    ranks, shares = ThreadRanks(2), [batches[:4], batches[4:]]
-    observers = [L2HistogramObserver() for _ in shares]
-    ranks.patch(monkeypatch)
-
-    def calibrate(rank, share):
-        for b in share:
-            observers[rank](b)
-        observers[rank].reduce_across_ranks()
-    ranks.run(calibrate, shares)
-    a, b = observers
+    (a, b), one = _reduced_on_two_ranks(monkeypatch, L2HistogramObserver, x)
     assert torch.equal(a.torch_observer.histogram, b.torch_observer.histogram)
-    assert (a.min, a.max, a.count) == (one.min, one.max, one.count)
     assert float(a.torch_observer.histogram.sum()) == x.numel()
     span = one.max - one.min
     for got, want in zip(a.range(), one.range()):

@@ -30,30 +30,13 @@ TREATMENTS = (("routed", "gptq:min_expert_tokens=0,"), ("all tokens", "gptq:min_
 SCHEMES = {"qwen3_moe": r"w4a16:match=mlp\.experts:group=32", "qwen2_moe": r"w4a8d:match=mlp\.experts"}
 
 
-def layer_errors(model_dir, out, ids):
-    from qcompiler.ir.capture import LayerInputs
-    from qcompiler.runtime import load_model
-    ref, quant = load_model(model_dir), load_model(out)
-    hidden, pe = ref.head.embed(ids), ref.head.rope(ids.shape[1])
-    errs = []
-    with torch.inference_mode():
-        for i in range(ref.layers.num_layers):
-            sample = LayerInputs(hidden[:1], pe)
-            want = ref.layers.get(i, sample)(hidden, position_embeddings=pe)
-            got = quant.layers.get(i, sample)(hidden, position_embeddings=pe)
-            d = (want - hidden).float()
-            errs.append(((got - hidden).float() - d).norm().item() / d.norm().item())
-            hidden = want
-    return errs
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
     from qcompiler import cli
-    from tests.helpers import make_tiny_model
+    from tests.helpers import layer_output_errors, make_tiny_model
     work = Path(args.out or tempfile.mkdtemp(prefix="moe-gptq-"))
     rows = []
     with HeavyLock("moe gptq statistics"):
@@ -73,7 +56,7 @@ def main():
                                          str(DATA / "wiki_calib.jsonl"), "--calib-samples", str(samples),
                                          "--seq-len", "32", "-o", str(out)]) == 0
                     tokens = json.loads((out / "qcompile_report.json").read_text())["layers"][0]["expert_tokens"]
-                    errs = layer_errors(model, out, ids)
+                    errs = layer_output_errors(model, out, ids)
                     rows.append(f"| {arch} | {scheme} | {samples} x 32 | {', '.join(map(str, tokens))} | {name} | "
                                 + " | ".join(f"{e:.4f}" for e in errs) + " |")
                     print(rows[-1], flush=True)

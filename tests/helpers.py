@@ -460,3 +460,22 @@ def collect_linear_input_stats(gm, ctx, names, keep_rows: int = 0, seed: int = 0
     inputs = list(dict.fromkeys(sites[n].input for n in names))
     return LayerRunner(gm, ctx).collect(inputs, hessian=False, abs_mean=True, extrema=True,
                                         keep_rows=keep_rows, seed=seed)
+
+
+def layer_output_errors(model_dir: Path, out: Path, ids: torch.Tensor) -> list[float]:
+    """Per decoder layer: relative L2 error of (output - input) of OUT's executable layer vs the float layer of
+    `model_dir`, both fed the float model's hidden states on token ids [batch, seq]."""
+    from qcompiler.ir.capture import LayerInputs
+    from qcompiler.runtime import load_model
+    ref, quant = load_model(model_dir), load_model(out)
+    hidden, pe = ref.head.embed(ids), ref.head.rope(ids.shape[1])
+    errors = []
+    with torch.inference_mode():
+        for i in range(ref.layers.num_layers):
+            sample = LayerInputs(hidden[:1], pe)
+            want = ref.layers.get(i, sample)(hidden, position_embeddings=pe)
+            got = quant.layers.get(i, sample)(hidden, position_embeddings=pe)
+            delta = (want - hidden).float()
+            errors.append(((got - hidden).float() - delta).norm().item() / delta.norm().item())
+            hidden = want
+    return errors

@@ -21,7 +21,8 @@ from qcompiler import cli
 from qcompiler.backends.ascend.engines import features_of_artifact, refusals
 from qcompiler.evaluate import perplexity
 from qcompiler.runtime import load_model
-from tests.helpers import assert_checker_clean, cached_logits, expect_error, recompute_logits
+from tests.helpers import (assert_checker_clean, cached_logits, expect_error, layer_output_errors,
+                           recompute_logits)
 
 CALIB = ["--calib-samples", "4", "--seq-len", "32"]
 PPL_TOLERANCE = 0.02
@@ -53,22 +54,8 @@ def _shapes(out):
 
 
 def _layer_errors(model_dir, out):
-    """Per decoder layer: relative L2 error of (output - input) of OUT's executable layer vs the float layer, both
-    fed the float model's hidden states."""
-    from qcompiler.ir.capture import LayerInputs
-    quant, ref = load_model(out), load_model(model_dir)
-    ids = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(3))
-    hidden, pe = ref.head.embed(ids), ref.head.rope(24)
-    errors = []
-    with torch.inference_mode():
-        for i in range(ref.layers.num_layers):
-            sample = LayerInputs(hidden[:1], pe)
-            want = ref.layers.get(i, sample)(hidden, position_embeddings=pe)
-            got = quant.layers.get(i, sample)(hidden, position_embeddings=pe)
-            delta = (want - hidden).float()
-            errors.append(((got - hidden).float() - delta).norm().item() / delta.norm().item())
-            hidden = want
-    return errors
+    """tests.helpers.layer_output_errors on 2 x 24 fixed random token ids."""
+    return layer_output_errors(model_dir, out, torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(3)))
 
 
 def _ppl_ratio(moe_models, arch, out):

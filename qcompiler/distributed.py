@@ -13,7 +13,7 @@ Contract:
   it, before the pass uses it: `calibration.linear_inputs.LayerRunner.collect` (Gram matrices, |x| sums, row counts,
   per-channel min/max, sampled rows: smooth, awq, gptq, sparse), the observers' `reduce_across_ranks` (static
   activation ranges: `calibration.observers.MinMaxObserver`, `calibration.histogram.HistogramObserver` / `L2HistogramObserver`;
-  the `calibrate` pass calls it), `passes.attention_quant.calibrate_absmax` (kv8,
+  the `calibrate` pass calls it), `passes.attention_quant.absmax_of` (kv8,
   fa3) and `passes.fallback._relative_error` (sensitivities). Exact: min, max, integer counts, rows and per-token
   errors gathered in global order. Float sums (Gram matrices X^T X, |x| sums: gptq, sparse, awq) add the per-rank
   partial sums once: exactly what one process adds when its batches end where the ranks split (`--batch-size

@@ -13,7 +13,7 @@ Contract:
   it, before the pass uses it: `calibration.linear_inputs.LayerRunner.collect` (Gram matrices, |x| sums, row counts,
   per-channel min/max, sampled rows: smooth, awq, gptq, sparse), the observers' `reduce_across_ranks` (static
   activation ranges: `calibration.observers.MinMaxObserver`, `calibration.histogram.HistogramObserver` / `L2HistogramObserver`;
-  the `calibrate` pass calls it), `passes.attention_quant.calibrate_absmax` (kv8,
+  the `calibrate` pass calls it), `passes.attention_quant.absmax_of` (kv8,
   fa3) and `passes.fallback._relative_error` (sensitivities). Exact: min, max, integer counts, rows and per-token
   errors gathered in global order. Float sums (Gram matrices X^T X, |x| sums: gptq, sparse, awq) add the per-rank
   partial sums once: exactly what one process adds when its batches end where the ranks split (`--batch-size
@@ -215,6 +215,22 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(padded) for _ in counts]
     _collective(dist.all_gather, out, padded)
     return torch.cat([t[:c] for t, c in zip(out, counts)]).to(x.device)
+
+
+def split_map(fn, items: list) -> list[float]:
+    """[float(fn(item)) for item in items] with the work split over the ranks: rank r computes items r, r + W,
+    ...; every rank gets the whole list in item order (moved as float64: exact for float32 / float64 values).
+    A search over a grid (smooth's alphas, awq's scale exponents) on data every rank holds alike (gathered
+    sample rows, reduced Hessians) so gives each rank the losses one process computes at 1/W of the work,
+    instead of every rank repeating the whole search. One process: a plain loop."""
+    if world() <= 1:
+        return [float(fn(x)) for x in items]
+    w, r = world(), rank()
+    mine = torch.tensor([float(fn(x)) for x in items[r::w]], dtype=torch.float64)
+    gathered = gather_rows(mine)  # rank 0's items, then rank 1's, ...
+    counts = [len(items[q::w]) for q in range(w)]
+    offsets = [sum(counts[:q]) for q in range(w)]
+    return [float(gathered[offsets[i % w] + i // w]) for i in range(len(items))]
 
 
 def _broadcast(t: torch.Tensor) -> torch.Tensor:

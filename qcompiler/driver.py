@@ -37,7 +37,7 @@ from .errors import QCError
 from .ir.capture import HFSkeleton, LayerInputs
 from .ir.moe import is_moe_layer, routed_token_counts
 from .loading import check_float16_range, dtype_name, load_tokenizer, open_checkpoint
-from .memory import check_sampling_memory, release_freed_memory
+from .memory import check_sampling_memory, long_lived_frozen, release_freed_memory
 from .model_zoo import resolve_model_dir
 from .outdir import OutputFolder, estimate_output_bytes
 from .passes import TAIL, LayerContext, PassManager, make_pass
@@ -387,49 +387,50 @@ def _compile_into(tmp: Path | None, opts, ckpt, pm, target, texts, log, t0, warn
 
     bar = tqdm(range(start, ckpt.num_layers), desc="compiling layers", unit="layer", file=sys.stderr,
                disable=not knobs.progress_enabled(), initial=start, total=ckpt.num_layers)
-    for i in bar:
-        t_layer = time.perf_counter()
-        with phases("capture (torch.export)"):
-            gm = skeleton.capture_layer(i, inputs)
-        ctx = LayerContext(index=i, inputs=inputs, dtype=ckpt.dtype, exclude=tuple(opts.exclude),
-                           batch_size=batch_size)
-        try:
-            with phases("passes"):
-                gm = pm.run(gm, ctx)
-            with phases("layer forward (as compiled)"):
-                out_hidden = run_layer_batched(gm, inputs.hidden, inputs.position_embeddings, batch_size)
-                check_finite(out_hidden, i, ckpt.dtype, "as compiled")  # the executable graph computes exactly this
-        except QCError:
-            if ckpt.dtype == torch.float16:  # the usual cause: the float layer itself overflows float16
-                float_gm = skeleton.capture_layer(i, inputs)
-                check_finite(run_layer_batched(float_gm, inputs.hidden, inputs.position_embeddings, batch_size),
-                             i, ckpt.dtype, "float, before any pass")
-            raise
-        expert_tokens = None
-        if is_moe_layer(ckpt.config, i):
-            with phases("experts: routed calibration tokens"):
-                counts = routed_token_counts(gm, inputs.hidden, inputs.position_embeddings, batch_size)
-                # several processes: each routed its own share of the windows; the report counts them all
-                expert_tokens = distributed.all_sum(torch.tensor(counts)).tolist()
-        types, written = {}, None
-        if writer is not None:
-            with phases("artifact tensors"):
-                types, written = _add_layer_tensors(writer, ctx, gm, ckpt)
-            extra_description.update(ctx.description)
-            with phases("executable graph"):
-                executable.add(gm, inputs, in_artifact=written)  # what the artifact holds is not stored twice
-        layers_report.append({"layer": i, "linears": types, "seconds": round(time.perf_counter() - t_layer, 3),
-                              "passes": _jsonable(ctx.records)})
-        if expert_tokens is not None:  # MoE layer: calibration tokens the router sent to each expert (ir/moe.py)
-            layers_report[-1]["expert_tokens"] = expert_tokens
-        inputs = LayerInputs(hidden=out_hidden, position_embeddings=inputs.position_embeddings)
-        del gm, ctx, written  # the layer's tensors are on disk: hold none of them while the next layer compiles
-        release_freed_memory()  # peak RSS independent of depth (memory.py)
-        if saver is not None:
-            with phases("resume state"):  # a kill from here on resumes at layer i + 1 (resume.py)
-                saver.commit(i + 1, inputs, writer, executable, _jsonable(record()))
-        knobs.test_kill_after_layer(i)
-        knobs.test_pause(f"layer{i}")
+    with long_lived_frozen():  # each layer's release_freed_memory scans only what layers made (memory.py)
+        for i in bar:
+            t_layer = time.perf_counter()
+            with phases("capture (torch.export)"):
+                gm = skeleton.capture_layer(i, inputs)
+            ctx = LayerContext(index=i, inputs=inputs, dtype=ckpt.dtype, exclude=tuple(opts.exclude),
+                               batch_size=batch_size)
+            try:
+                with phases("passes"):
+                    gm = pm.run(gm, ctx)
+                with phases("layer forward (as compiled)"):
+                    out_hidden = run_layer_batched(gm, inputs.hidden, inputs.position_embeddings, batch_size)
+                    check_finite(out_hidden, i, ckpt.dtype, "as compiled")  # the executable graph computes exactly this
+            except QCError:
+                if ckpt.dtype == torch.float16:  # the usual cause: the float layer itself overflows float16
+                    float_gm = skeleton.capture_layer(i, inputs)
+                    check_finite(run_layer_batched(float_gm, inputs.hidden, inputs.position_embeddings, batch_size),
+                                 i, ckpt.dtype, "float, before any pass")
+                raise
+            expert_tokens = None
+            if is_moe_layer(ckpt.config, i):
+                with phases("experts: routed calibration tokens"):
+                    counts = routed_token_counts(gm, inputs.hidden, inputs.position_embeddings, batch_size)
+                    # several processes: each routed its own share of the windows; the report counts them all
+                    expert_tokens = distributed.all_sum(torch.tensor(counts)).tolist()
+            types, written = {}, None
+            if writer is not None:
+                with phases("artifact tensors"):
+                    types, written = _add_layer_tensors(writer, ctx, gm, ckpt)
+                extra_description.update(ctx.description)
+                with phases("executable graph"):
+                    executable.add(gm, inputs, in_artifact=written)  # what the artifact holds is not stored twice
+            layers_report.append({"layer": i, "linears": types, "seconds": round(time.perf_counter() - t_layer, 3),
+                                  "passes": _jsonable(ctx.records)})
+            if expert_tokens is not None:  # MoE layer: calibration tokens the router sent to each expert (ir/moe.py)
+                layers_report[-1]["expert_tokens"] = expert_tokens
+            inputs = LayerInputs(hidden=out_hidden, position_embeddings=inputs.position_embeddings)
+            del gm, ctx, written  # the layer's tensors are on disk: hold none of them while the next layer compiles
+            release_freed_memory()  # peak RSS independent of depth (memory.py)
+            if saver is not None:
+                with phases("resume state"):  # a kill from here on resumes at layer i + 1 (resume.py)
+                    saver.commit(i + 1, inputs, writer, executable, _jsonable(record()))
+            knobs.test_kill_after_layer(i)
+            knobs.test_pause(f"layer{i}")
     with phases("head, logits check, finish"):
         if writer is None:  # ranks > 0: their share's logits are checked too, nothing is written
             check_logits(head_from_checkpoint(ckpt, skeleton.rotary), inputs.hidden, ckpt.dtype)

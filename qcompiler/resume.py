@@ -353,7 +353,7 @@ def load(folder: Path, expected: dict[str, str], num_layers: int) -> Restored:
         raise QCError(damaged.format("no fingerprint"))
     changed = [k for k in expected if got.get(k) != expected[k]] + [k for k in got if k not in expected]
     if changed:
-        raise QCError(f"--resume: the interrupted compile in {folder} was started with other "
+        raise QCError(f"--resume: the interrupted compile in {folder} differs from this one in "
                       f"{', '.join(changed)}: resume it with the model, options and calibration it started with, "
                       f"or remove that folder (or compile without --resume)")
     problem = _schema_problem(m, num_layers)

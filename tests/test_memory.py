@@ -99,3 +99,27 @@ def test_release_freed_memory_frees_a_finished_layers_cycles():
         gc.enable()
     if sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver()):
         assert _malloc_trim() is not None  # glibc: the heap is trimmed too
+
+
+def test_long_lived_frozen_leaves_the_layer_garbage_collectable_and_unfreezes():
+    """Inside the layer loop's freeze a finished layer's cycles are still collected, objects alive before it are
+    frozen (not scanned), and everything is handed back on exit, on an error too (in-process compiles follow each other)."""
+    import gc
+    import weakref
+
+    from qcompiler.memory import long_lived_frozen, release_freed_memory
+
+    class Node:
+        pass
+
+    with pytest.raises(ValueError):
+        with long_lived_frozen():
+            assert gc.get_freeze_count() > 0
+            a, b = Node(), Node()
+            a.other, b.other = b, a  # a cycle made inside, like a finished layer's GraphModule
+            dead = weakref.ref(a)
+            del a, b
+            release_freed_memory()
+            assert dead() is None
+            raise ValueError("a compile error")
+    assert gc.get_freeze_count() == 0

@@ -72,7 +72,7 @@ class InputStats:
         return (self.abs_sum / max(self.rows, 1)).float()
 
 
-def _ancestors(targets: Iterable[torch.fx.Node], stop: set) -> set:
+def ancestors(targets: Iterable[torch.fx.Node], stop: set) -> set:
     """Nodes needed to compute `targets`, not walking past nodes in `stop` (those are inputs)."""
     needed, stack = set(), list(targets)
     while stack:
@@ -91,7 +91,7 @@ def segment(gm: torch.fx.GraphModule, sources: Sequence[torch.fx.Node],
     Returns (module, used sources in call order). Parameters are shared with `gm` (read at build time).
     """
     stop = set(sources)
-    needed = _ancestors(targets, stop)
+    needed = ancestors(targets, stop)
     used = [s for s in sources if s in targets or any(s in n.all_input_nodes for n in needed)]
     g = torch.fx.Graph()
     env = {}
@@ -113,7 +113,7 @@ def plan_caches(gm: torch.fx.GraphModule, stages: Sequence[torch.fx.Node]) -> di
     last_use = {}
     for s, target in enumerate(stages):
         sources = set(placeholders) | set(stages[:s])
-        needed = _ancestors([target], sources)
+        needed = ancestors([target], sources)
         for earlier in stages[:s]:
             if earlier == target or any(earlier in n.all_input_nodes for n in needed):
                 last_use[earlier] = s
@@ -206,6 +206,10 @@ class LayerRunner:
     """Runs parts of a layer graph over a LayerContext's calibration inputs, batch by batch."""
 
     def __init__(self, gm: torch.fx.GraphModule, ctx):
+        if getattr(ctx, "pending", None):  # their observers would see this forward: a pass ordering fault
+            raise RuntimeError(f"LayerRunner on layer {ctx.index} with rewrites pending "
+                               f"({', '.join(r.owner for r in ctx.pending)}): settle them first "
+                               "(calibration/forward.py settle_pending)")
         self.gm, self.ctx = gm, ctx
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if len(self.placeholders) != 3:

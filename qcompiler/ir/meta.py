@@ -14,7 +14,8 @@ LINEAR_NAME = "qc_linear"
 ROUTER = "qc_router"
 #: LinearQuantSpec, on `aten.linear` nodes: the decision of an annotation pass (w8a8, ...).
 QUANT_SPEC = "qc_quant_spec"
-#: str, on observer `call_module` nodes: the name of the observer submodule.
+#: str, on observer `call_module` nodes (identities in the forward): the name of the observer submodule. Activation
+#: observers (passes/observe.py) stay until lowering; a pending rewrite's (kv8, fa3) until the calibration forward.
 OBSERVER = "qc_observer"
 #: str, on nodes a lowering pass created: which artifact Linear they implement.
 LOWERED_FROM = "qc_lowered_from"

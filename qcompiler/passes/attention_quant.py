@@ -5,12 +5,13 @@
   quantize/dequantize nodes) from exactly one Linear, `*q_proj` / `*k_proj` / `*v_proj`, and the node
   must have no explicit mask. Anything else is a QCError naming the layer and what was found: a graph
   whose attention does not match is never silently skipped.
-- `calibrate_absmax(gm, ctx, edges)`: temporary `AbsMaxObserver` nodes on the given attention inputs, one
-  forward of the layer's calibration data (`ctx.run_layer`), then removed; returns the per-head /
-  per-channel absmax tensors (several processes: the max over every rank's share, distributed.py).
-- `insert_qdq(...)`: `dequant(quant(x, scale), scale, dtype)` on one input edge of the attention node
-  only (other readers of x keep the float value); the scale is a buffer of the graph named like its
-  artifact tensor (`self_attn.k_proj.kv_cache_scale`), so the executable layer carries it.
+- `observe_absmax(gm, owner, attn, edges)`: `AbsMaxObserver` nodes on the given attention inputs. They
+  see the calibrate pass's one calibration forward (calibration/forward.py): the pass queues a `PendingRewrite`
+  whose `finish` reads them (`absmax_of`: per-head / per-channel absmax; several processes: the max over
+  every rank's share, distributed.py) and replaces each by quantize/dequantize before anything downstream of it runs.
+- `replace_with_qdq(...)`: `dequant(quant(x, scale), scale, dtype)` in place of one such observer, so on that
+  attention input edge only (other readers of x keep the float value); the scale is a buffer of the graph
+  named like its artifact tensor (`self_attn.k_proj.kv_cache_scale`), so the executable layer carries it.
 """
 import operator
 from collections import deque
@@ -112,33 +113,35 @@ class AbsMaxObserver(torch.nn.Module):
         return x
 
 
-def calibrate_absmax(gm: torch.fx.GraphModule, ctx, attn: torch.fx.Node,
-                     edges: dict[int, tuple[int, ...]]) -> dict[int, torch.Tensor]:
-    """{edge index: absmax over the calibration data, reduced to the `keep` dims given per edge}."""
+def observe_absmax(gm: torch.fx.GraphModule, owner: str, attn: torch.fx.Node,
+                   edges: dict[int, tuple[int, ...]]) -> dict[int, torch.fx.Node]:
+    """{edge index: observer node}: an `AbsMaxObserver` (keeping the given dims) on each given input edge of
+    `attn`, reading what the edge read. The statistics come from the calibration forward (calibration/forward.py);
+    the caller queues the rewrite that reads them (`ctx.defer`) and replaces each observer (`replace_with_qdq`)."""
     added = {}
     for i, keep in edges.items():
-        name = f"qc_attn_absmax_{i}"
+        name = f"qc_{owner}_absmax_{i}"
         gm.add_submodule(name, AbsMaxObserver(keep))
+        src = attn.args[i]
         with gm.graph.inserting_before(attn):
-            obs = gm.graph.call_module(name, (attn.args[i],))
-        added[i] = (name, obs, attn.args[i])
+            obs = gm.graph.call_module(name, (src,))
+        obs.meta[meta.OBSERVER] = name  # an identity to readers of the graph (type propagation, dumps)
+        if "val" in src.meta:
+            obs.meta["val"] = src.meta["val"]
         _set_arg(attn, i, obs)
+        added[i] = obs
     gm.recompile()
-    try:
-        with torch.no_grad():
-            ctx.run_layer(gm)
-        result = {}
-        for i, (name, _obs, _src) in added.items():
-            amax = gm.get_submodule(name).amax
-            if amax is None:
-                raise QCError(f"layer {ctx.index}: no calibration data reached the attention")
-            result[i] = distributed.all_max(amax)  # several processes: over every rank's share (exact)
-    finally:
-        for i, (name, obs, src) in added.items():
-            _set_arg(attn, i, src)
-            gm.graph.erase_node(obs)
-            delattr(gm, name)
-        gm.recompile()
+    return added
+
+
+def absmax_of(gm: torch.fx.GraphModule, ctx, observers: dict[int, torch.fx.Node]) -> dict[int, torch.Tensor]:
+    """{edge index: absmax} the observers saw, over every rank's share (several processes: exact max)."""
+    result = {}
+    for i, obs in observers.items():
+        amax = gm.get_submodule(obs.target).amax
+        if amax is None:
+            raise QCError(f"layer {ctx.index}: no calibration data reached the attention")
+        result[i] = distributed.all_max(amax)
     return result
 
 
@@ -169,17 +172,23 @@ def set_buffer(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
     mod.register_buffer(attr, value)
 
 
-def insert_qdq(gm, attn: torch.fx.Node, index: int, scale_target: str, scale: torch.Tensor,
-               quant_op, dequant_op, dtype: torch.dtype) -> tuple[torch.fx.Node, torch.fx.Node]:
-    """quant/dequant on attention input `index` only; returns (quant node, dequant node)."""
-    src = attn.args[index]
+def replace_with_qdq(gm, obs: torch.fx.Node, scale_target: str, scale: torch.Tensor, quant_op, dequant_op,
+                     dtype: torch.dtype) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """Replace observer node `obs` (placed by `observe_absmax` on one attention input edge) by
+    `dequant(quant(x, scale), scale, dtype)` of the value it observed, at its place: only that edge reads the
+    result (other readers of x keep the float value). The scale becomes a buffer of the graph named like its
+    artifact tensor. Returns (quant node, dequant node); the observer and its module are removed."""
+    src = obs.args[0]
     set_buffer(gm, scale_target, scale)
-    with gm.graph.inserting_before(attn):
+    with gm.graph.inserting_before(obs.next):
         s = gm.graph.get_attr(scale_target)
         q = gm.graph.call_function(quant_op, (src, s))
         dq = gm.graph.call_function(dequant_op, (q, s, dtype))
     val = src.meta.get("val")
     if isinstance(val, torch.Tensor) and val.dtype == dtype:
         dq.meta["val"] = val  # same shape and dtype as the float input it replaces
-    _set_arg(attn, index, dq)
+    obs.replace_all_uses_with(dq)
+    target = obs.target
+    gm.graph.erase_node(obs)
+    delattr(gm, target)
     return q, dq

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed
 from ..ir import meta
 from ..ir import qnumerics as qn
 from ..ir.folding import fold, match_group
@@ -94,16 +95,21 @@ def search_scale(x_mean: torch.Tensor, weights, targets, h: torch.Tensor, grid: 
     `fast`: losses from a bf16 product (ranking only); the returned losses are float32 either way."""
     x_mean = x_mean.float().clamp(min=0)
     hq = h.bfloat16() if fast else h.float()
-    best = None
+
+    def scale(a: float) -> torch.Tensor:
+        s = x_mean.pow(a).clamp(min=1e-4)
+        return s / (s.max() * s.min()).sqrt()
+
     with single_thread():
-        for i in range(grid):
-            a = i / grid
-            s = x_mean.pow(a).clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
-            loss = scale_loss(weights, targets, hq, s)
-            if best is None or loss < best[2]:
-                best = (s, a, loss)
-        s, a = best[0], best[1]
+        # several processes: each rank scores its share of the grid (x_mean and H are reduced, the same on
+        # every rank) and all get every loss (distributed.split_map): one process's choice at 1/W of the work
+        losses = distributed.split_map(lambda i: scale_loss(weights, targets, hq, scale(i / grid)), list(range(grid)))
+        best = 0
+        for i, loss in enumerate(losses):  # the first minimum
+            if loss < losses[best]:
+                best = i
+        a = best / grid
+        s = scale(a)
         return s, a, scale_loss(weights, targets, h.float(), s), scale_loss(weights, targets, h.float(),
                                                                              torch.ones_like(s))
 

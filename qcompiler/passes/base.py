@@ -81,15 +81,34 @@ class LayerContext:
     extra_tensors: dict[str, tuple] = field(default_factory=dict)
     # top-level description keys a pass sets (kv_cache_type, kv_quant_type, fa_quant_type)
     description: dict[str, str] = field(default_factory=dict)
+    # rewrites waiting for statistics of the final float graph (kv8 / fa3 scales): their observers ride the
+    # calibrate pass's one calibration forward, which applies them (calibration/forward.py PendingRewrite)
+    pending: list = field(default_factory=list)
 
     @property
     def prefix(self) -> str:
         return f"model.layers.{self.index}."
 
+    def defer(self, rewrite) -> None:
+        """Queue a `calibration.forward.PendingRewrite`: its observers are in the graph, its `finish` runs in
+        the calibrate pass's forward once they have seen every calibration sequence (passes/kv8.py)."""
+        self.pending.append(rewrite)
+
     def run_layer(self, gm: torch.fx.GraphModule) -> torch.Tensor:
-        """Run `gm` over every calibration sequence (in batches); returns the stacked outputs."""
+        """Run `gm` over every calibration sequence (in batches); returns the stacked outputs.
+        RuntimeError while rewrites are pending: their observers would see this forward too (settle them first:
+        calibration.forward.settle_pending)."""
         from ..model import run_layer_batched
+        refuse_while_pending(self)
         return run_layer_batched(gm, self.inputs.hidden, self.inputs.position_embeddings, self.batch_size)
+
+
+def refuse_while_pending(ctx) -> None:
+    """RuntimeError when `ctx` has pending rewrites (a forward now would feed their observers twice)."""
+    if getattr(ctx, "pending", None):
+        owners = ", ".join(dict.fromkeys(r.owner for r in ctx.pending))
+        raise RuntimeError(f"layer {ctx.index}: a forward with rewrites pending ({owners}): settle them first "
+                           "(calibration.forward.settle_pending)")
 
 
 class Pass:

@@ -1,13 +1,15 @@
-"""calibrate (internal): run the layer's calibration inputs through the graph so observers see data.
+"""calibrate (internal): the layer's one calibration forward, which every observer of the final float graph sees.
 
-The inputs are the outputs of the already-quantized layers before this one (sequential calibration).
-Skipped when the graph has no observer (dynamic and weight-only schemes need no activation statistics).
+Observers: the activation observers of statically quantized Linears (passes/observe.py) and those of the
+rewrites kv8 and fa3 queued (`ctx.pending`): calibration/forward.py runs the calibration data once, cut at each
+pending rewrite, which it applies (K/V quantized) before anything downstream runs; nothing after the last
+observer runs. The inputs are the outputs of the already-quantized layers before this one (sequential
+calibration). No forward when there is nothing to observe (dynamic and weight-only schemes without kv8/fa3).
 Several processes: each observer's statistics are then reduced over every rank (`reduce_across_ranks`; an
 observer without one is refused, never used with one rank's statistics).
-Requires: observed. Produces: calibrated. Does not modify the graph.
+Requires: observed. Produces: calibrated. Modifies the graph only by applying the pending rewrites.
 """
-import torch
-
+from ..calibration.forward import calibration_forward
 from ..ir import meta
 from ..errors import QCError
 from .base import Pass, PassResult
@@ -39,8 +41,12 @@ class Calibrate(Pass):
 
     def run(self, gm, ctx):
         observers = [n for n in gm.graph.nodes if meta.OBSERVER in n.meta]
+        owners = list(dict.fromkeys(r.owner for r in ctx.pending))
+        rewritten = calibration_forward(gm, ctx, observers) if observers else False
+        observers = [n for n in gm.graph.nodes if meta.OBSERVER in n.meta]  # the pending rewrites' are gone
         if observers:
-            with torch.no_grad():
-                ctx.run_layer(gm)
             reduce_observers(gm, observers)
-        return PassResult(gm, modified=False, stats={"sequences": int(ctx.inputs.hidden.shape[0])})
+        stats = {"sequences": int(ctx.inputs.hidden.shape[0])}
+        if owners:  # the rewrites it applied (their own stats are under their passes' names)
+            stats["applied"] = owners
+        return PassResult(gm, modified=rewritten, stats=stats)

@@ -47,6 +47,7 @@ import torch
 from tqdm import tqdm
 
 from .. import distributed, knobs
+from ..calibration.forward import settle_pending
 from ..errors import QCError
 from ..ir import meta
 from ..ir.capture import LayerInputs
@@ -179,7 +180,9 @@ def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 def measure_layer(gm: torch.fx.GraphModule, ctx: LayerContext) -> tuple[list[tuple[tuple[str, ...], float]],
                                                                       torch.Tensor]:
     """([(unit, s_U)] for every unit whose Linears are all annotated, y_ref). `gm` is annotated, not lowered;
-    it is not modified (copies are lowered)."""
+    it is not modified (copies are lowered) but for the rewrites pending in `ctx` (kv8 / fa3 before fallback),
+    which are applied first: every measurement sees the attention as the compile quantizes it."""
+    settle_pending(gm, ctx)
     units = layer_units([s.name for s in linear_sites(gm) if meta.QUANT_SPEC in s.node.meta])
     if not units:
         return [], ctx.run_layer(gm)

@@ -19,14 +19,17 @@ Artifact: `<attn>.k_proj.kv_cache_scale`, `.kv_cache_offset` (float32 zeros: sym
 offset) and the same for v_proj, typed "C8"; top-level `kv_cache_type` = `kv_quant_type` = "C8".
 Requires: annotated (it runs after smooth/awq/gptq and the scheme pass, which change k/v; so K/V are
 calibrated on the graph as it will be lowered, Linears still float). Produces: kv_quantized.
-Cost: one forward of the calibration data per layer.
+Cost: no forward of its own. The pass places absmax observers on K and V and queues the rewrite above
+(`ctx.defer`); the calibrate pass's one calibration forward feeds them and applies it before anything after
+the attention runs (calibration/forward.py), so the o_proj observer sees the int8 cache's values.
 Limits: static per-channel scales (no per-token or per-head KV scales); K/V are calibrated with float
 Linears (the layer's own weight quantization is not applied to them during calibration).
 """
 import torch
 
 from ..ir import qc_ops  # noqa: F401  defines torch.ops.qc.kv_quant / kv_dequant (kernels: the backend)
-from .attention_quant import K, V, calibrate_absmax, insert_qdq, match_attention, scale_from_absmax
+from ..calibration.forward import PendingRewrite
+from .attention_quant import K, V, absmax_of, match_attention, observe_absmax, replace_with_qdq, scale_from_absmax
 from .base import Pass, PassResult
 from .properties import ANNOTATED, KV_QUANTIZED, LOWERED
 from .registry import register
@@ -46,17 +49,23 @@ class KV8(Pass):
     def run(self, gm, ctx):
         site = match_attention(gm, ctx, self.name)
         # per channel of [B, KVH, L, D]: keep the head and head_dim axes
-        amax = calibrate_absmax(gm, ctx, site.node, {K: (1, 3), V: (1, 3)})
-        stats = {}
-        for index, proj in ((K, "k_proj"), (V, "v_proj")):
-            scale = scale_from_absmax(amax[index], ctx.dtype).reshape(site.kv_heads * site.head_dim).contiguous()
-            name = f"{site.prefix}.{proj}"
-            insert_qdq(gm, site.node, index, f"{name}.kv_cache_scale", scale, torch.ops.qc.kv_quant.default,
-                       torch.ops.qc.kv_dequant.default, site.dtype)
-            ctx.extra_tensors[f"{name}.kv_cache_scale"] = (scale, C8)
-            ctx.extra_tensors[f"{name}.kv_cache_offset"] = (torch.zeros_like(scale), C8)
-            stats[f"{proj}_absmax"] = round(float(amax[index].max()), 4)
-        ctx.description["kv_cache_type"] = C8
-        ctx.description["kv_quant_type"] = C8
-        gm.recompile()
-        return PassResult(gm, modified=True, stats=stats)
+        observers = observe_absmax(gm, self.name, site.node, {K: (1, 3), V: (1, 3)})
+
+        def finish(gm, ctx) -> dict:  # in the calibration forward, once K and V have seen every sequence
+            amax = absmax_of(gm, ctx, observers)
+            stats = {}
+            for index, proj in ((K, "k_proj"), (V, "v_proj")):
+                scale = scale_from_absmax(amax[index], ctx.dtype).reshape(site.kv_heads * site.head_dim).contiguous()
+                name = f"{site.prefix}.{proj}"
+                replace_with_qdq(gm, observers[index], f"{name}.kv_cache_scale", scale,
+                                 torch.ops.qc.kv_quant.default, torch.ops.qc.kv_dequant.default, site.dtype)
+                ctx.extra_tensors[f"{name}.kv_cache_scale"] = (scale, C8)
+                ctx.extra_tensors[f"{name}.kv_cache_offset"] = (torch.zeros_like(scale), C8)
+                stats[f"{proj}_absmax"] = round(float(amax[index].max()), 4)
+            ctx.description["kv_cache_type"] = C8
+            ctx.description["kv_quant_type"] = C8
+            gm.recompile()
+            return stats
+
+        ctx.defer(PendingRewrite(self.name, list(observers.values()), finish))
+        return PassResult(gm, modified=True)

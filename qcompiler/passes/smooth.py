@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import distributed
 from ..ir import meta
 from ..ir import qnumerics as qn
 from ..ir.folding import MAPPINGS, FoldGroup, find_fold_groups, fold, share_heads
@@ -318,10 +319,12 @@ class Smooth(Pass):
                 if z is not None:
                     x = x - z
                     refs = [x @ w.T for w in weights]
-                errs = [(group_error(x, refs, weights, specs,
-                                     smooth_scales(act_absmax, w_absmax, a, g.heads, limit), st, z), a)
-                        for a in self.alphas()]
-                best_err, alpha = min(errs, key=lambda e: e[0])
+                # several processes: each rank scores its share of the alphas (every rank holds the same
+                # samples), and all get every score: the choice of one process, at 1/W of the work
+                alphas = self.alphas()
+                losses = distributed.split_map(lambda a: group_error(
+                    x, refs, weights, specs, smooth_scales(act_absmax, w_absmax, a, g.heads, limit), st, z), alphas)
+                best_err, alpha = min(zip(losses, alphas), key=lambda e: e[0])
                 stats_out["mse"][g.producer] = [_sig(base), _sig(best_err)]
             else:
                 alpha = float(self.options.alpha)

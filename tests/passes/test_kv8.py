@@ -50,6 +50,7 @@ def test_scales_and_numerics_match_written_out_reference(tiny_models):
     _q, k, v = sdpa_inputs(gm, ctx)
     make_pass("w8a16").run(gm, ctx)  # any scheme (kv8 requires one); not lowered here, Linears stay float
     make_pass("kv8").run(gm, ctx)
+    make_pass("calibrate").run(gm, ctx)  # the calibration forward applies the scales kv8 queued
     # reference, written out with numpy: per channel (head, dim) absmax over batch and tokens, / 127
     for x, proj in ((k, "k_proj"), (v, "v_proj")):
         a = x.float().numpy()                                        # [B, KVH, L, D]

@@ -27,7 +27,7 @@ def _compile(model, out, calib, passes, *extra):
 def dumped(tiny_models, calib_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("dump")
     out = _compile(tiny_models["llama"], root / "out", calib_file, "smooth,w8a8,kv8", "--dump", root / "dump",
-                   "--dump-layers", "1", "--dump-passes", "capture,smooth,kv8,lower")
+                   "--dump-layers", "1", "--dump-passes", "capture,smooth,kv8,calibrate,lower")
     return root, out
 
 
@@ -35,7 +35,7 @@ def test_filter_writes_only_the_chosen_layers_and_passes(dumped):
     root, _ = dumped
     files = sorted(p.relative_to(root / "dump").as_posix() for p in (root / "dump").rglob("*.txt"))
     assert files == ["layer001/000_capture.txt", "layer001/002_smooth.txt", "layer001/003_kv8.txt",
-                     "layer001/006_lower.txt"]
+                     "layer001/005_calibrate.txt", "layer001/006_lower.txt"]
 
 
 def test_every_node_has_a_shape_and_no_export_noise(dumped):
@@ -67,9 +67,14 @@ def test_value_only_pass_shows_stats_and_tensor_changes(dumped):
     artifact = load_file(str(out / "quant_model_weights.safetensors"))
     assert absmax_after == pytest.approx(artifact["model.layers.1.input_layernorm.weight"].float().abs().max().item(),
                                          rel=1e-5)
+    # kv8 places absmax observers; the calibration forward (calibrate's dump) applies its scales
     kv8 = (root / "dump" / "layer001" / "003_kv8.txt").read_text()
+    assert "observer qc_kv8_absmax_1" in kv8 and "kv_quant" not in kv8
+    calibrate = (root / "dump" / "layer001" / "005_calibrate.txt").read_text()
+    assert 'stats.applied: ["kv8"]' in calibrate and "qc_kv8_absmax" not in calibrate
     scale = artifact["model.layers.1.self_attn.k_proj.kv_cache_scale"]
-    assert f"+ self_attn.k_proj.kv_cache_scale: float32[{scale.numel()}] absmax {scale.abs().max().item():.6g}" in kv8
+    assert (f"+ self_attn.k_proj.kv_cache_scale: float32[{scale.numel()}] absmax {scale.abs().max().item():.6g}"
+            in calibrate)
 
 
 def test_dumping_changes_nothing_in_out(dumped, tiny_models, calib_file, tmp_path):

@@ -479,3 +479,57 @@ def layer_output_errors(model_dir: Path, out: Path, ids: torch.Tensor) -> list[f
             errors.append(((got - hidden).float() - delta).norm().item() / delta.norm().item())
             hidden = want
     return errors
+
+
+class ThreadRanks:
+    """`world` threads standing in for ranks (qcompiler/distributed.py's collectives patched): every collective
+    waits for all of them, then each gets the elementwise sum / min / max of the tensors they gave (what gloo's
+    all_reduce returns), or for `gather_rows` their rows concatenated in rank order."""
+
+    def __init__(self, world: int):
+        import threading
+        self.world, self.barrier, self.local = world, threading.Barrier(world), threading.local()
+        self.slots = [None] * world
+
+    def _reduce(self, t, op):
+        self.slots[self.local.rank] = t.clone()
+        self.barrier.wait()
+        out = op(torch.stack(self.slots))
+        self.barrier.wait()  # every rank has read the slots before any rank writes the next collective's
+        return out
+
+    def _gather_rows(self, x):
+        self.slots[self.local.rank] = x.clone()
+        self.barrier.wait()
+        out = torch.cat(self.slots)
+        self.barrier.wait()
+        return out
+
+    def patch(self, monkeypatch):
+        from qcompiler import distributed
+        monkeypatch.setattr(distributed, "world", lambda: self.world)
+        monkeypatch.setattr(distributed, "rank", lambda: self.local.rank)
+        monkeypatch.setattr(distributed, "gather_rows", self._gather_rows)
+        monkeypatch.setattr(distributed, "all_sum", lambda t: self._reduce(t, lambda s: s.sum(0)))
+        monkeypatch.setattr(distributed, "all_min", lambda t: self._reduce(t, lambda s: s.min(0).values))
+        monkeypatch.setattr(distributed, "all_max", lambda t: self._reduce(t, lambda s: s.max(0).values))
+
+    def run(self, fn, shares):
+        """fn(rank, share) on every rank in its own thread; re-raises a rank's exception."""
+        import threading
+        errors = []
+
+        def body(rank, share):
+            self.local.rank = rank
+            try:
+                fn(rank, share)
+            except BaseException as e:  # noqa: BLE001 - handed to the test thread
+                errors.append(e)
+                self.barrier.abort()
+        threads = [threading.Thread(target=body, args=(r, s)) for r, s in enumerate(shares)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]

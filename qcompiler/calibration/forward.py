@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .linear_inputs import ancestors, segment
+from .linear_inputs import LayerBatches, ancestors, segment
 
 
 @dataclass
@@ -65,28 +65,12 @@ def calibration_forward(gm: torch.fx.GraphModule, ctx, observers: Sequence[torch
     return rewritten
 
 
-class _Stages:
+class _Stages(LayerBatches):
     """Runs a layer graph stage by stage over the calibration batches, each node once."""
 
     def __init__(self, gm: torch.fx.GraphModule, ctx):
-        self.gm, self.ctx = gm, ctx
-        self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        if len(self.placeholders) != 3:
-            raise ValueError(f"layer graph has {len(self.placeholders)} inputs, expected (hidden, cos, sin)")
-        hidden = ctx.inputs.hidden
-        batch = max(1, int(ctx.batch_size))
-        self.batches = [(s, min(s + batch, hidden.shape[0])) for s in range(0, hidden.shape[0], batch)]
+        super().__init__(gm, ctx)
         self.done: set[torch.fx.Node] = set(self.placeholders)
-        self.cache: dict[torch.fx.Node, list[torch.Tensor]] = {}
-
-    def _source(self, node: torch.fx.Node, b: int) -> torch.Tensor:
-        if node in self.cache:
-            return self.cache[node][b]
-        i = self.placeholders.index(node)
-        if i == 0:
-            start, stop = self.batches[b]
-            return self.ctx.inputs.hidden[start:stop]
-        return self.ctx.inputs.position_embeddings[i - 1]
 
     def run(self, targets: Sequence[torch.fx.Node]) -> None:
         sources = self.placeholders + list(self.cache)
@@ -103,7 +87,7 @@ class _Stages:
         kept = {n: [] for n in outputs[len(targets):]}
         with torch.inference_mode():  # as LayerContext.run_layer (model.run_layer_batched)
             for b in range(len(self.batches)):
-                outs = module(*[self._source(s, b) for s in used])
+                outs = module(*[self.source(s, b) for s in used])
                 for node, value in zip(outputs, outs):
                     if node in kept:
                         kept[node].append(value)

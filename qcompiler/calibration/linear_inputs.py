@@ -202,14 +202,21 @@ class _RowSampler:
         return torch.cat(self.kept) if self.kept else torch.zeros(0, k)
 
 
-class LayerRunner:
-    """Runs parts of a layer graph over a LayerContext's calibration inputs, batch by batch."""
+def refuse_while_pending(ctx) -> None:
+    """RuntimeError when `ctx` has rewrites pending (calibration/forward.py): a forward now would feed their
+    observers as well, a pass-ordering fault (settle them first: `forward.settle_pending`)."""
+    if getattr(ctx, "pending", None):
+        owners = ", ".join(dict.fromkeys(r.owner for r in ctx.pending))
+        raise RuntimeError(f"layer {ctx.index}: a forward with rewrites pending ({owners}): settle them first "
+                           "(calibration.forward.settle_pending)")
+
+
+class LayerBatches:
+    """A layer graph and its LayerContext's calibration inputs, batch by batch: the (hidden, cos, sin)
+    placeholders, `ctx.batch_size` sequences a batch (as `LayerContext.run_layer`), and node values cached per
+    batch, which `source` hands out in place of computing them again."""
 
     def __init__(self, gm: torch.fx.GraphModule, ctx):
-        if getattr(ctx, "pending", None):  # their observers would see this forward: a pass ordering fault
-            raise RuntimeError(f"LayerRunner on layer {ctx.index} with rewrites pending "
-                               f"({', '.join(r.owner for r in ctx.pending)}): settle them first "
-                               "(calibration/forward.py settle_pending)")
         self.gm, self.ctx = gm, ctx
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if len(self.placeholders) != 3:
@@ -219,7 +226,8 @@ class LayerRunner:
         self.batches = [(s, min(s + batch, hidden.shape[0])) for s in range(0, hidden.shape[0], batch)]
         self.cache: dict[torch.fx.Node, list[torch.Tensor]] = {}
 
-    def _source_value(self, node, b):
+    def source(self, node: torch.fx.Node, b: int) -> torch.Tensor:
+        """Batch `b`'s value of `node`: a cached node or a placeholder."""
         if node in self.cache:
             return self.cache[node][b]
         i = self.placeholders.index(node)
@@ -227,6 +235,14 @@ class LayerRunner:
             start, stop = self.batches[b]
             return self.ctx.inputs.hidden[start:stop]
         return self.ctx.inputs.position_embeddings[i - 1]
+
+
+class LayerRunner(LayerBatches):
+    """Runs parts of a layer graph over a LayerContext's calibration inputs, batch by batch."""
+
+    def __init__(self, gm: torch.fx.GraphModule, ctx):
+        refuse_while_pending(ctx)
+        super().__init__(gm, ctx)
 
     def collect(self, targets: Sequence[torch.fx.Node], hessian: bool = True, abs_mean: bool = True,
                 keep: Iterable[torch.fx.Node] = (), extrema: bool = False, keep_rows: int = 0,
@@ -256,7 +272,7 @@ class LayerRunner:
                                           offset=sum(counts[:distributed.rank()]) * per_seq)
         with torch.no_grad():
             for b in range(len(self.batches)):
-                outs = module(*[self._source_value(s, b) for s in used])
+                outs = module(*[self.source(s, b) for s in used])
                 chosen = outs[len(targets)].reshape(-1, outs[len(targets)].shape[-1]) if routes else None
                 for node, value in zip(targets, outs):
                     if node in kept:

@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..calibration.linear_inputs import refuse_while_pending
 from ..ir.capture import LayerInputs
 
 
@@ -101,14 +102,6 @@ class LayerContext:
         from ..model import run_layer_batched
         refuse_while_pending(self)
         return run_layer_batched(gm, self.inputs.hidden, self.inputs.position_embeddings, self.batch_size)
-
-
-def refuse_while_pending(ctx) -> None:
-    """RuntimeError when `ctx` has pending rewrites (a forward now would feed their observers twice)."""
-    if getattr(ctx, "pending", None):
-        owners = ", ".join(dict.fromkeys(r.owner for r in ctx.pending))
-        raise RuntimeError(f"layer {ctx.index}: a forward with rewrites pending ({owners}): settle them first "
-                           "(calibration.forward.settle_pending)")
 
 
 class Pass:

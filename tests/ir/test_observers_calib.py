@@ -14,7 +14,7 @@ from qcompiler.calibration.observers import MinMaxObserver
 from qcompiler.ir.qspec import Entropy, MinMax, MSEClip, Percentile
 from qcompiler.calibration.weight_clip import mse_weight_scale, weight_mse
 from qcompiler.passes import make_pass
-from tests.helpers import assert_checker_clean
+from tests.helpers import ThreadRanks, assert_checker_clean
 
 
 def _outlier_tensor():
@@ -213,50 +213,6 @@ def test_histogram_act_observer_option_compiles(tiny_models, calib_file, tmp_pat
 
 
 # ---- several processes: histograms reduced across ranks (qcompiler/distributed.py, calibration/histogram.py) ---------
-class ThreadRanks:
-    """`world` threads standing in for ranks: every collective waits for all of them, then each gets the
-    elementwise sum / min / max of the tensors they gave (what gloo's all_reduce returns)."""
-
-    def __init__(self, world: int):
-        import threading
-        self.world, self.barrier, self.local = world, threading.Barrier(world), threading.local()
-        self.slots = [None] * world
-
-    def _reduce(self, t, op):
-        self.slots[self.local.rank] = t.clone()
-        self.barrier.wait()
-        out = op(torch.stack(self.slots))
-        self.barrier.wait()  # every rank has read the slots before any rank writes the next collective's
-        return out
-
-    def patch(self, monkeypatch):
-        from qcompiler import distributed
-        monkeypatch.setattr(distributed, "world", lambda: self.world)
-        monkeypatch.setattr(distributed, "all_sum", lambda t: self._reduce(t, lambda s: s.sum(0)))
-        monkeypatch.setattr(distributed, "all_min", lambda t: self._reduce(t, lambda s: s.min(0).values))
-        monkeypatch.setattr(distributed, "all_max", lambda t: self._reduce(t, lambda s: s.max(0).values))
-
-    def run(self, fn, shares):
-        """fn(rank, share) on every rank in its own thread; re-raises a rank's exception."""
-        import threading
-        errors = []
-
-        def body(rank, share):
-            self.local.rank = rank
-            try:
-                fn(rank, share)
-            except BaseException as e:  # noqa: BLE001 - handed to the test thread
-                errors.append(e)
-                self.barrier.abort()
-        threads = [threading.Thread(target=body, args=(r, s)) for r, s in enumerate(shares)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-
-
 def _skewed(seed=0):
     """Activations with a heavy right tail: each rank's share has its own absmax, so ranks' grids differ."""
     g = torch.Generator().manual_seed(seed)

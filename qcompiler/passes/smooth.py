@@ -161,7 +161,7 @@ def quant_matmul(x: QTensor, w: QTensor) -> torch.Tensor:
     r, k = x.codes.shape
     if w.scale.dim() == 2 and r > 16 and k % 8 == 0 and w.codes.shape[0] % 8 == 0:
         try:
-            acc = torch._int_mm(x.codes, w.codes.T)
+            acc = qn.int8_matmul(x.codes, w.codes.T)  # == torch._int_mm (exact float32 GEMMs on CPU)
         except RuntimeError:
             acc = None
         if acc is not None:

@@ -39,8 +39,8 @@ bias). Groups where it cannot apply are smoothed without shift and named in stat
 
 Requires: captured. Produces: smoothed. Forbids: annotated (write it before the scheme pass). Phase: TRANSFORM.
 Cost: one extra forward of the calibration set per layer for the statistics, plus (grid + 2) quantized
-matmuls of `tokens` rows through every Linear of the layer (exact int8 products, `qnumerics.int8_matmul`): about 6 CPU-seconds per
-SmolLM2-135M layer at the defaults; lower `grid` / `tokens` for big models.
+matmuls of `tokens` rows through every Linear of the layer (exact int8 products, `qnumerics.int8_matmul`):
+about 6 CPU-seconds per SmolLM2-135M layer at the defaults; lower `grid` / `tokens` for big models.
 Limits: the graph must be a captured dense decoder layer; a group whose producer is not recognised is
 skipped and named in stats["skipped"]. The folded norm weights / new norm biases live only in the graph:
 the artifact writer takes a layer's float tensors from the transformed graph (driver._add_layer_tensors).

@@ -39,8 +39,8 @@ bias). Groups where it cannot apply are smoothed without shift and named in stat
 
 Requires: captured. Produces: smoothed. Forbids: annotated (write it before the scheme pass). Phase: TRANSFORM.
 Cost: one extra forward of the calibration set per layer for the statistics, plus (grid + 2) quantized
-matmuls of `tokens` rows through every Linear of the layer (int8 `torch._int_mm`): about 6 CPU-seconds per
-SmolLM2-135M layer at the defaults; lower `grid` / `tokens` for big models.
+matmuls of `tokens` rows through every Linear of the layer (exact int8 products, `qnumerics.int8_matmul`):
+about 6 CPU-seconds per SmolLM2-135M layer at the defaults; lower `grid` / `tokens` for big models.
 Limits: the graph must be a captured dense decoder layer; a group whose producer is not recognised is
 skipped and named in stats["skipped"]. The folded norm weights / new norm biases live only in the graph:
 the artifact writer takes a layer's float tensors from the transformed graph (driver._add_layer_tensors).
@@ -162,7 +162,7 @@ def quant_matmul(x: QTensor, w: QTensor) -> torch.Tensor:
     r, k = x.codes.shape
     if w.scale.dim() == 2 and r > 16 and k % 8 == 0 and w.codes.shape[0] % 8 == 0:
         try:
-            acc = torch._int_mm(x.codes, w.codes.T)
+            acc = qn.int8_matmul(x.codes, w.codes.T)  # == torch._int_mm (exact float32 GEMMs on CPU)
         except RuntimeError:
             acc = None
         if acc is not None:

@@ -59,3 +59,40 @@ def test_deq_scale_codec():
     assert torch.equal(qn.int64_bits_to_float32(f), f)
     with pytest.raises(ValueError, match="high 32 bits"):
         qn.int64_bits_to_float32(torch.tensor([1 << 40]))
+
+
+# ---- int8_matmul: torch._int_mm's integers from float32 GEMMs ----------------------------------------------------
+@pytest.mark.parametrize("m,k,n", [(1, 576, 576), (4096, 576, 192), (33, 1024, 8), (33, 1025, 8), (17, 1536, 576),
+                                   (5, 3000, 7), (0, 64, 8), (3, 7, 5)])
+def test_int8_matmul_is_int_mm(m, k, n):
+    g = torch.Generator().manual_seed(k)
+    a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    got = qn.int8_matmul(a, w.t())                        # w.t(): a view, as the kernels pass it
+    assert got.dtype == torch.int32 and torch.equal(got, torch._int_mm(a, w.t()))
+
+
+@pytest.mark.parametrize("k", [1024, 1025, 1536, 4099])
+def test_int8_matmul_exact_past_float32_mantissa(k):
+    # 127 * 127 = 16129 is odd: a float32 sum of more than ~1040 of them exceeds 2**24 and would be rounded; the
+    # products must be summed in slices of at most F32_EXACT_K. (-128)^2 checks the largest product.
+    for v, last in ((127, -1), (-128, -128)):
+        a = torch.full((3, k), v, dtype=torch.int8)
+        a[:, -1] = last
+        w = torch.full((2, k), v, dtype=torch.int8)
+        want = (k - 1) * v * v + last * v
+        assert qn.int8_matmul(a, w.t()).tolist() == [[want] * 2] * 3
+
+
+def test_int8_matmul_uses_int_mm_when_float32_matmul_is_lowered(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(1) or torch.zeros(a.shape[0], b.shape[1],
+                                                                                       dtype=torch.int32))
+    a, b = torch.ones(2, 4, dtype=torch.int8), torch.ones(4, 3, dtype=torch.int8)
+    assert qn.int8_matmul(a, b).unique().tolist() == [4] and not calls
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")      # float32 GEMMs may run in bf16: not exact
+        assert qn.int8_matmul(a, b).unique().tolist() == [0] and calls == [1]
+    finally:
+        torch.set_float32_matmul_precision(old)

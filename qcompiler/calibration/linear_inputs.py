@@ -173,7 +173,7 @@ def accumulate_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
         return
     for start in range(0, x.shape[0], GRAM_CHUNK):
         xc = x[start:start + GRAM_CHUNK]
-        acc += torch.mm(xc.T, xc).float()
+        acc.add_(torch.mm(xc.T, xc))  # widened inside the add (exact): no float32 copy of the [k, k] product
 
 
 def _rows_per_sequence(node: torch.fx.Node, seq_len: int) -> int:

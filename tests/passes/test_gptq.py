@@ -131,6 +131,19 @@ def test_row_errors_in_chunks_match_one_product():
     assert torch.equal(row_errors(ds, h), whole) and torch.equal(row_errors(ds, h, rows=7), whole)
 
 
+def test_gram_of_bf16_rows_is_the_sum_of_each_chunks_bf16_product():
+    """accumulate_gram adds each chunk's bf16 product into the float32 sum without a float32 copy of it (k x k:
+    1.3 GiB at k 18944): the same values as widening the product first (bf16 -> float32 is exact)."""
+    from qcompiler.calibration.linear_inputs import GRAM_CHUNK, accumulate_gram
+    x = (torch.randn(2 * GRAM_CHUNK + 5, 24, generator=torch.Generator().manual_seed(0)) * 3).bfloat16()
+    got, want = torch.zeros(24, 24), torch.zeros(24, 24)
+    accumulate_gram(got, x)
+    for start in range(0, x.shape[0], GRAM_CHUNK):
+        xc = x[start:start + GRAM_CHUNK]
+        want += torch.mm(xc.T, xc).float()
+    assert torch.equal(got, want)
+
+
 _PEAK_SCRIPT = """
 import gc, re, sys, torch
 from qcompiler.passes.gptq import gptq_quantize

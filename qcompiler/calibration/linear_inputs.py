@@ -34,7 +34,7 @@ exact, and `samples` are the same global row indices as one process draws, gathe
 Limits: the graph's placeholders must be (hidden, cos, sin), as captured decoder layers are.
 """
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,6 +52,7 @@ class InputStats:
     max: torch.Tensor | None = None      # [k] float32 (extrema=True)
     samples: torch.Tensor | None = None  # [r, k] float32 rows kept (keep_rows > 0)
     routed: dict | None = None   # {expert: InputStats of the rows the router sends to it} (collect(routes=))
+    _xtx_is_hessian: bool = field(default=False, repr=False)  # hessian(in_place=True) has scaled xtx
 
     @property
     def absmax(self) -> torch.Tensor:
@@ -62,9 +63,16 @@ class InputStats:
     def k(self) -> int:
         return int(self.abs_sum.shape[0])
 
-    def hessian(self) -> torch.Tensor:
-        """GPTQ's H = 2 X^T X / N, float32 [k, k]."""
-        return self.xtx * (2.0 / max(self.rows, 1))
+    def hessian(self, in_place: bool = False) -> torch.Tensor:
+        """GPTQ's H = 2 X^T X / N, float32 [k, k]. `in_place`: without a copy ([k, k] float32 is 1.4 GiB for a 7B
+        down_proj input): `xtx` is scaled in place and then *is* H (later calls with in_place return it again;
+        read `xtx` no more)."""
+        if not in_place:
+            return self.xtx * (2.0 / max(self.rows, 1))
+        if not self._xtx_is_hessian:
+            self.xtx.mul_(2.0 / max(self.rows, 1))
+            self._xtx_is_hessian = True
+        return self.xtx
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -165,7 +173,7 @@ def accumulate_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
         return
     for start in range(0, x.shape[0], GRAM_CHUNK):
         xc = x[start:start + GRAM_CHUNK]
-        acc += torch.mm(xc.T, xc).float()
+        acc.add_(torch.mm(xc.T, xc))  # widened inside the add (exact): no float32 copy of the [k, k] product
 
 
 def _rows_per_sequence(node: torch.fx.Node, seq_len: int) -> int:

@@ -144,7 +144,8 @@ def _sparsegpt(w, h, ratio, protect, damp, block):
     dead = H.diagonal() == 0
     if dead.any():   # inputs never seen: any weight there is free to prune (no output error)
         H[dead, dead] = 1.0
-    hinv = _inverse_cholesky(H, damp)
+    hinv = _inverse_cholesky(H, damp, overwrite=True)  # H's memory now holds hinv
+    del H
     # column-major working copies (as gptq): column j of W is row j here, so updates are contiguous
     Wt = w.detach().float().T.clone().contiguous()
     Pt = protect.T.contiguous() if protect is not None else None
@@ -259,7 +260,7 @@ class Sparse(Pass):
             raise ValueError(f"{ctx.prefix}{group[0].name}: {o.method} produced a non-finite weight")
         if h is not None:
             with single_thread():
-                err, ref = row_errors(torch.stack([w_all - pruned, w_all]), h)
+                err, ref = row_errors([w_all - pruned, w_all], h)
         row = 0
         for site, w in zip(group, weights):
             rows = slice(row, row + w.shape[0])

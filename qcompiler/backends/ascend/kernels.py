@@ -47,6 +47,18 @@ INT_MM_MAX_K = _INT32_MAX // _MAX_PRODUCT  # 131071
 # float64 sums of integer products are exact (in any order) below 2^53.
 _FLOAT64_MAX_K = 2**53 // _MAX_PRODUCT
 
+#: elements per row chunk of a fast path's full-size temporaries (int32 accumulator, float32 epilogue or quotient):
+#: the quantized kernels run over token rows in chunks of max(1, ROW_CHUNK_ELEMENTS // width) rows. Every
+#: operation is per row (exact integer product, elementwise float32), so chunking changes no bit; it bounds the
+#: temporaries, which otherwise were [tokens, n] int32 + float32 per Linear (issue 15: a 7B gate_proj over one
+#: 16 x 512 calibration batch is 8192 x 18944: 0.6 GiB each).
+ROW_CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunk_rows(rows: int, width: int) -> int:
+    """Rows per chunk of a [rows, width] temporary (ROW_CHUNK_ELEMENTS)."""
+    return max(1, ROW_CHUNK_ELEMENTS // max(width, 1))
+
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -137,9 +149,19 @@ def quantize_prepared(x: Tensor, recip: Tensor, offset: Tensor) -> Tensor:
     computed beforehand (layouts.py does it once at load)."""
     # torch.mul promotes x to float32 inside the kernel (exact): one pass instead of x.float() then *;
     # the in-place ops below keep the same float32 rounding steps as the written-out formula.
-    y = torch.mul(x, recip)
-    y.add_(offset).round_().clamp_(-128, 127)
-    return y.to(torch.int8)
+    k = x.shape[-1] if x.dim() else 1
+    if x.numel() <= ROW_CHUNK_ELEMENTS or x.dim() < 1:
+        y = torch.mul(x, recip)
+        y.add_(offset).round_().clamp_(-128, 127)
+        return y.to(torch.int8)
+    x2 = x.reshape(math.prod(x.shape[:-1]), k)  # rows in chunks (ROW_CHUNK_ELEMENTS): the float32 quotient of one chunk at a time
+    out = torch.empty(x2.shape, dtype=torch.int8)
+    step = _chunk_rows(x2.shape[0], k)
+    for start in range(0, x2.shape[0], step):
+        y = torch.mul(x2[start:start + step], recip)
+        y.add_(offset).round_().clamp_(-128, 127)
+        out[start:start + step] = y
+    return out.reshape(x.shape)
 
 
 def quantize(x: Tensor, input_scale: Tensor, input_offset: Tensor) -> Tensor:
@@ -174,14 +196,19 @@ def quant_matmul_prepared(
 ) -> Tensor:
     """`quant_matmul` with `deq_scale_f32 = decode_deq_scale(deq_scale)` and `quant_bias_acc =
     quant_bias_accumulator(k, quant_bias)` computed beforehand (layouts.py does it once at load)."""
-    acc = int_matmul(x, weight)
-    if acc.dtype == torch.int32 and quant_bias_acc.dtype != torch.int32:
-        acc = acc.to(torch.int64)
-    acc.add_(quant_bias_acc)
-    # int * float32 promotes inside one kernel (same int -> float32 rounding as .to(float32)) and the
-    # out= store rounds float32 -> output dtype exactly like .to(): one memory pass instead of three.
-    out = torch.empty(acc.shape, dtype=output_dtype)
-    return torch.mul(acc, deq_scale_f32, out=out)
+    k, n = weight.shape[1], weight.shape[0]
+    x2 = x.reshape(math.prod(x.shape[:-1]), k)
+    out = torch.empty(x2.shape[0], n, dtype=output_dtype)
+    step = _chunk_rows(x2.shape[0], n)
+    for start in range(0, x2.shape[0], step):  # token rows in chunks: bounds the int32 accumulator
+        acc = int_matmul(x2[start:start + step], weight)
+        if acc.dtype == torch.int32 and quant_bias_acc.dtype != torch.int32:
+            acc = acc.to(torch.int64)
+        acc.add_(quant_bias_acc)
+        # int * float32 promotes inside one kernel (same int -> float32 rounding as .to(float32)) and the
+        # out= store rounds float32 -> output dtype exactly like .to(): one memory pass instead of three.
+        torch.mul(acc, deq_scale_f32, out=out[start:start + step])
+    return out.reshape(*x.shape[:-1], n)
 
 
 def quant_matmul(
@@ -228,8 +255,17 @@ def dynamic_quant(x: Tensor) -> tuple[Tensor, Tensor]:
     _check_dynamic_input(x)
     s = x.abs().amax(dim=-1).float().div_(127)
     s.masked_fill_(s == 0, 1.0)  # all-zero rows quantize to zeros with scale 1
-    y = torch.div(x, s.unsqueeze(-1))
-    return y.round_().clamp_(-128, 127).to(torch.int8), s
+    if x.numel() <= ROW_CHUNK_ELEMENTS:
+        y = torch.div(x, s.unsqueeze(-1))
+        return y.round_().clamp_(-128, 127).to(torch.int8), s
+    k = x.shape[-1]
+    x2, s2 = x.reshape(math.prod(x.shape[:-1]), k), s.reshape(-1, 1)
+    out = torch.empty(x2.shape, dtype=torch.int8)
+    step = _chunk_rows(x2.shape[0], k)
+    for start in range(0, x2.shape[0], step):  # the float32 quotient of one row chunk at a time
+        y = torch.div(x2[start:start + step], s2[start:start + step])
+        out[start:start + step] = y.round_().clamp_(-128, 127)
+    return out.reshape(x.shape), s
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,13 +337,19 @@ def quant_matmul_pertoken_prepared(
     float32 promotes inside one kernel (the same int -> float32 rounding as `.to(float32)`), the second
     product and the bias run in place, and without a bias the last product stores straight into the
     output dtype (the same float32 -> dtype rounding as `.to()`)."""
-    acc = int_matmul(x, weight_int8)
-    y = torch.mul(acc, weight_scale_f32)
-    scale = pertoken_scale.float().unsqueeze(-1)
-    if bias_f32 is None:
-        return torch.mul(y, scale, out=torch.empty(y.shape, dtype=output_dtype))
-    y.mul_(scale).add_(bias_f32)
-    return y.to(output_dtype)
+    k, n = weight_int8.shape[1], weight_int8.shape[0]
+    x2 = x.reshape(math.prod(x.shape[:-1]), k)
+    scale = pertoken_scale.float().reshape(-1, 1)
+    out = torch.empty(x2.shape[0], n, dtype=output_dtype)
+    step = _chunk_rows(x2.shape[0], n)
+    for start in range(0, x2.shape[0], step):  # token rows in chunks: bounds the int32 / float32 temporaries
+        rows = slice(start, start + step)
+        y = torch.mul(int_matmul(x2[rows], weight_int8), weight_scale_f32)
+        if bias_f32 is None:
+            torch.mul(y, scale[rows], out=out[rows])
+        else:
+            out[rows] = y.mul_(scale[rows]).add_(bias_f32)
+    return out.reshape(*x.shape[:-1], n)
 
 
 def quant_matmul_pertoken(

@@ -425,6 +425,32 @@ def test_fast_quant_matmul_pertoken_equals_reference(packing, n, m):
     assert torch.equal(kernels.quant_matmul_pertoken(*args), kernels.quant_matmul_pertoken_ref(*args))
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fast_paths_in_row_chunks_are_bit_identical(monkeypatch, with_bias):
+    """The fast paths run token rows in chunks of ROW_CHUNK_ELEMENTS // width (memory at real widths): with a
+    tiny chunk (several chunks, a ragged last one, leading dims [2, 13]) every output equals the reference."""
+    monkeypatch.setattr(kernels, "ROW_CHUNK_ELEMENTS", 100)
+    m, k, n = 13, 40, 24  # 100 // 24 = 4 rows a chunk; quantize / dynamic_quant: 100 // 40 = 2
+    xf = (torch.randn(2, m, k, generator=gen(60)) * 3).bfloat16()
+    xf[0, 3] = 0  # an all-zero row (scale 1)
+    xq, w = rand_int8(2, m, k, seed=61), rand_int8(n, k, seed=62)
+    bias = torch.randint(-(2**20), 2**20, (n,), generator=gen(63), dtype=torch.int32)
+    deq = torch.rand(n, generator=gen(64)) * 1e-5
+    assert torch.equal(kernels.quant_matmul(xq, w, deq, bias, torch.bfloat16),
+                       kernels.quant_matmul_ref(xq, w, deq, bias, torch.bfloat16))
+    got, s = kernels.dynamic_quant(xf)
+    want, s_ref = kernels.dynamic_quant_ref(xf)
+    assert torch.equal(got, want) and torch.equal(s, s_ref)
+    scale, offset = torch.tensor([0.05]), torch.tensor([2.0])
+    monkeypatch.setattr(kernels, "ROW_CHUNK_ELEMENTS", 1 << 24)
+    whole = kernels.quantize(xf, scale, offset)
+    monkeypatch.setattr(kernels, "ROW_CHUNK_ELEMENTS", 100)
+    assert torch.equal(kernels.quantize(xf, scale, offset), whole)
+    ws, pts = torch.rand(n, 1, generator=gen(65)) * 1e-2, torch.rand(2, m, generator=gen(66))
+    args = (xq, w, ws, pts, torch.randn(n, generator=gen(67)) if with_bias else None, 0, torch.bfloat16)
+    assert torch.equal(kernels.quant_matmul_pertoken(*args), kernels.quant_matmul_pertoken_ref(*args))
+
+
 # --------------------------------------------------------------------------------------------------
 # registration, fake kernels, torch.export
 

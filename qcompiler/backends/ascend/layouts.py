@@ -136,10 +136,14 @@ class _Preparer:
         k = tw.shape[1]
         scale = kernels.two_stage_scale(tws, tws2, out_dtype)
 
-        def operands():
-            xt = torch.empty(1, k, dtype=torch.int8)
-            unpacked = kernels._check_pergroup(xt, tw, scale, group_size)[0]
-            return kernels.pergroup_operands(unpacked, scale, group_size)
+        done: list = []
+
+        def operands():  # computed at most once: the weight and the scale come from one call
+            if not done:
+                xt = torch.empty(1, k, dtype=torch.int8)
+                unpacked = kernels._check_pergroup(xt, tw, scale, group_size)[0]
+                done.append(kernels.pergroup_operands(unpacked, scale, group_size))
+            return done[0]
         wg = self.attr(node, f"pergroup_weight:g={group_size}", [w.target], lambda: operands()[0])
         st = self.attr(node, f"pergroup_scale:{out_dtype}:g={group_size}", [ws.target, ws2.target],
                        lambda: operands()[1])

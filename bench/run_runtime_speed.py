@@ -24,7 +24,8 @@ Sections (SmolLM2-135M, OUTs of every scheme compiled into WORK/outs on first us
 Each (section, side, thread count) runs in a fresh worker process; with --before CHECKOUT that checkout's
 qcompiler is measured too, its worker alternating with this checkout's (same OUTs, same load). Every
 worker holds /tmp/qc-heavy.lock (shared machine); the machine's load average is recorded per worker.
-Results: bench/results/runtime_speed[_LABEL].{md,json}.
+Results: bench/results/runtime_speed[_LABEL].{md,json}, and in BENCHMARKS.md between the markers
+`<!-- runtime_speed[_LABEL]:begin -->` / `<!-- runtime_speed[_LABEL]:end -->` where BENCHMARKS.md has them.
 """
 import argparse
 import json
@@ -36,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HeavyLock  # noqa: E402
+from common import HeavyLock, replace_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -420,6 +421,11 @@ def write(result: dict, label: str) -> str:
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
     md = render(result)
     (RESULTS / f"{stem}.md").write_text(md)
+    # BENCHMARKS.md gets the same tables where it has this run's markers (`<!-- runtime_speed_LABEL:begin -->`
+    # ... `:end -->`); without them nothing there changes
+    title, rest = md.split("\n", 1)
+    replace_block(f"<!-- {stem}:begin -->", f"<!-- {stem}:end -->",
+                  f"**{title.lstrip('# ')}**\n" + rest.replace("\n## ", "\n#### "))
     return md
 
 

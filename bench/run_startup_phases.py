@@ -52,7 +52,11 @@ def main() -> int:
     torch.set_num_threads(1)
     mark("import torch")
     from qcompiler.ir.capture import LayerInputs
-    from qcompiler.runtime import load_model, run_layer_batched
+    from qcompiler.runtime import load_model
+    try:
+        from qcompiler.model import run_layer_batched
+    except ImportError:  # checkouts before the runtime / model split
+        from qcompiler.runtime import run_layer_batched
     mark("import qcompiler")
     m = load_model(target)
     mark("load_model (head, tokenizer)")

@@ -82,8 +82,16 @@ def meta_model(ckpt, hf_config=None):
     return model
 
 
-def check_checkpoint(ckpt) -> None:
-    """Every check of the module docstring; QCError on the first problem. Reads only safetensors headers."""
+def check_checkpoint(ckpt, dense_spec=None) -> None:
+    """Every check of the module docstring; QCError on the first problem. Reads only safetensors headers.
+    `dense_spec`: the checkpoint's ir/dense_layer.describe(ckpt), when the caller wants transformers left
+    unimported: describe() accepts only configs that pass the config checks here (model_type matching the
+    architecture, RoPE "default", no sliding window), and its tensor table equals the meta model's
+    (tests/ir/test_dense_layer.py), so the tensors are checked against that table with the same messages."""
+    if dense_spec is not None:
+        from .ir.dense_layer import model_tensors
+        check_tensors(ckpt, *model_tensors(dense_spec, ckpt.num_layers))
+        return
     cfg_file = ckpt.path / "config.json"
     hf_config = _hf_config_of(ckpt)
     check_rope(hf_config, cfg_file)
@@ -92,7 +100,8 @@ def check_checkpoint(ckpt) -> None:
         raise QCError(f"{cfg_file}: architectures says {ckpt.architecture} but model_type "
                       f"{ckpt.config.get('model_type')!r} builds {type(model).__name__}; make them agree")
     check_sliding_window(model, cfg_file, ckpt.config)
-    check_tensors(ckpt, model)
+    check_tensors(ckpt, {n: list(t.shape) for n, t in model.state_dict().items()},
+                  {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
 def rope_types(hf_config) -> list[str]:
@@ -147,10 +156,9 @@ def _where(ckpt, name: str) -> Path:
     return ckpt.path / ckpt.weight_map[name]
 
 
-def check_tensors(ckpt, model) -> None:
-    """Names, dtypes and shapes of the stored tensors against the meta model (module docstring)."""
-    expected = {n: list(t.shape) for n, t in model.state_dict().items()}
-    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+def check_tensors(ckpt, expected: dict[str, list[int]], linears: set[str]) -> None:
+    """Names, dtypes and shapes of the stored tensors against the model's ({name: shape} of its state dict,
+    the names of its Linear modules; module docstring)."""
     stored = ckpt.stored_tensors()  # name -> (header dtype, shape); aliases (tied embedding) left out
     # 1. quantized storage first: it explains the missing / misshapen tensors that come with it
     for name, (dtype, shape) in stored.items():

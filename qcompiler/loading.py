@@ -67,6 +67,8 @@ class Checkpoint:
     trust_remote_code: bool = False    # the user's --trust-remote-code (trust.py): never runs code
     #: names read from another stored tensor: {"model.embed_tokens.weight": "lm_head.weight"} when tied
     aliases: dict[str, str] = field(default_factory=dict)
+    #: ir/dense_layer.DenseLayerSpec when opened with dense=True and the config is one it understands
+    dense_spec: object = None
 
     @property
     def model_type(self) -> str:
@@ -249,9 +251,12 @@ def _source_dtype(cfg: dict) -> torch.dtype | None:
     return {"float32": torch.float32, **DTYPES}.get(str(name).replace("torch.", ""), torch.bfloat16)
 
 
-def open_checkpoint(path: str | Path, dtype: str | None = None, trust_remote_code: bool = False) -> Checkpoint:
+def open_checkpoint(path: str | Path, dtype: str | None = None, trust_remote_code: bool = False,
+                    dense: bool = False) -> Checkpoint:
     """Validate an HF folder and open its weights lazily. dtype None: the checkpoint's own (fp32 -> bf16).
-    `trust_remote_code`: the user's --trust-remote-code (trust.py; never executes anything)."""
+    `trust_remote_code`: the user's --trust-remote-code (trust.py; never executes anything).
+    `dense`: set `ckpt.dense_spec` to ir/dense_layer.describe(ckpt) and, when it is not None, check the
+    tensors against that table without importing transformers (checkpoint_checks.check_checkpoint)."""
     path = Path(path)
     if not path.is_dir():
         raise QCError(f"model folder {path} does not exist")
@@ -266,7 +271,10 @@ def open_checkpoint(path: str | Path, dtype: str | None = None, trust_remote_cod
     src = _source_dtype(cfg) or header_dtype(path, ckpt.stored_tensors()) or torch.bfloat16
     ckpt.source_dtype = src
     ckpt.dtype = parse_dtype(dtype) if dtype else (src if src in DTYPES.values() else torch.bfloat16)
-    check_checkpoint(ckpt)
+    if dense:
+        from .ir.dense_layer import describe
+        ckpt.dense_spec = describe(ckpt)
+    check_checkpoint(ckpt, ckpt.dense_spec)
     return ckpt
 
 

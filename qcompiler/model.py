@@ -6,7 +6,9 @@ transformers modeling code) plus a layer provider that hands out decoder-layer c
 - `executable.ExecutableLayers`: the lowered graphs of a compiled OUT (the format, its writer and its reader live
   in executable.py), whose fused ops are `torch.ops.qc.*` (ir/qc_ops.py; kernels from qcompiler.backends.ascend);
 - `CapturedFloatLayers` here: the float layers of a checkpoint, captured with torch.export exactly as the
-  compiler does before any pass (so float and quantized numbers come from one code path); `load_float_model`.
+  compiler does before any pass (so float and quantized numbers come from one code path); `load_float_model`;
+- `DenseFloatLayers` here: the same graphs for dense Llama / Qwen2 / Qwen3 checkpoints, written from config.json
+  by ir/dense_layer.py (no transformers import, no export: `qcompile run` of a float model starts in seconds).
 `runtime.load_model` picks one for a folder (ONNX, executable graph or float). This module imports neither
 executable.py nor a backend's loader, so both can build on it.
 Nothing is run from a model folder or an OUT folder (trust.py): `trust_remote_code` is the user's
@@ -82,7 +84,41 @@ def run_layer_batched(layer, hidden: torch.Tensor, position_embeddings, batch_si
     return torch.cat(outs)
 
 
-class CapturedFloatLayers:
+class _FloatLayers:
+    """Float decoder layers of a checkpoint: one graph template per distinct layer structure, copied and bound
+    to each layer's own tensors (`bind_graph`). Subclasses say how a template is made and what a structure is."""
+
+    def __init__(self, ckpt):
+        self.ckpt = ckpt
+        self.num_layers = ckpt.num_layers
+        self._templates: dict = {}  # structure -> GraphModule template (never handed out: only copied)
+
+    def _structure(self, index: int, tensors: dict) -> tuple:
+        raise NotImplementedError
+
+    def _template(self, index: int, sample) -> torch.fx.GraphModule:
+        raise NotImplementedError
+
+    def get(self, index: int, sample, prepared: bool = False):
+        tensors = self.ckpt.tensors(f"model.layers.{index}.")
+        key = self._structure(index, tensors)
+        if key not in self._templates:
+            self._templates[key] = self._template(index, sample)
+        gm = bind_graph(self._templates[key], tensors)
+        return _prepare(gm) if prepared else gm
+
+    def decode(self, index: int, sample):
+        """(decode step of float layer `index`, its CacheSpec): see ir/decode.py."""
+        from .ir.decode import build_decode_graph
+        step, spec = build_decode_graph(self.get(index, sample), self.ckpt.dtype)
+        return _prepare(step), spec
+
+
+def _tensor_signature(tensors: dict) -> tuple:
+    return tuple(sorted((k, str(v.dtype), tuple(v.shape)) for k, v in tensors.items()))
+
+
+class CapturedFloatLayers(_FloatLayers):
     """Float decoder layers of a checkpoint, captured like the compiler does (before any pass).
 
     torch.export runs once per distinct layer structure (module class, attention type from config
@@ -93,29 +129,34 @@ class CapturedFloatLayers:
     """
 
     def __init__(self, skeleton):
+        super().__init__(skeleton.ckpt)
         self.skeleton = skeleton
-        self.num_layers = skeleton.ckpt.num_layers
-        self._templates: dict = {}  # structure -> captured GraphModule (never handed out: only copied)
 
     def _structure(self, index: int, tensors: dict) -> tuple:
         types = getattr(self.skeleton.hf_config, "layer_types", None)
         return (type(self.skeleton.model.model.layers[index]).__qualname__,
                 types[index] if isinstance(types, (list, tuple)) and index < len(types) else None,
-                tuple(sorted((k, str(v.dtype), tuple(v.shape)) for k, v in tensors.items())))
+                _tensor_signature(tensors))
 
-    def get(self, index: int, sample, prepared: bool = False):
-        tensors = self.skeleton.ckpt.tensors(f"model.layers.{index}.")
-        key = self._structure(index, tensors)
-        if key not in self._templates:
-            self._templates[key] = self.skeleton.capture_layer(index, sample)
-        gm = bind_graph(self._templates[key], tensors)
-        return _prepare(gm) if prepared else gm
+    def _template(self, index: int, sample) -> torch.fx.GraphModule:
+        return self.skeleton.capture_layer(index, sample)
 
-    def decode(self, index: int, sample):
-        """(decode step of float layer `index`, its CacheSpec): see ir/decode.py."""
-        from .ir.decode import build_decode_graph
-        step, spec = build_decode_graph(self.get(index, sample), self.skeleton.ckpt.dtype)
-        return _prepare(step), spec
+
+class DenseFloatLayers(_FloatLayers):
+    """Float decoder layers of a dense Llama / Qwen2 / Qwen3 checkpoint whose config ir/dense_layer.py
+    understands: the graph torch.export would capture, written from the config (no transformers import, no
+    export; tests/ir/test_dense_layer.py checks it against a real capture, graph and output bits)."""
+
+    def __init__(self, ckpt, spec):
+        super().__init__(ckpt)
+        self.spec = spec
+
+    def _structure(self, index: int, tensors: dict) -> tuple:
+        return _tensor_signature(tensors)
+
+    def _template(self, index: int, sample) -> torch.fx.GraphModule:
+        from .ir.dense_layer import build_layer_template
+        return build_layer_template(self.spec, self.ckpt.dtype)
 
 
 def bind_graph(template: torch.fx.GraphModule, tensors: dict) -> torch.fx.GraphModule:
@@ -151,20 +192,31 @@ def _prepare(gm):
 @dataclass
 class LoadedModel:
     head: Head
-    layers: object            # executable.ExecutableLayers | CapturedFloatLayers
+    layers: object            # executable.ExecutableLayers | CapturedFloatLayers | DenseFloatLayers
     tokenizer: object
     kind: str                 # "executable" | "float" | "onnx"
     info: dict
     forward: object = None    # whole-model runtimes (onnx): ids [B, L] -> logits; head/layers are None
 
 
-def load_float_model(path: Path, dtype: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+def load_float_model(path: Path, dtype: str | None = None, trust_remote_code: bool = False,
+                     capture: bool = False) -> LoadedModel:
     """The float model of the HF checkpoint folder `path` (no alias resolution: runtime.load_model does it), its
-    layers captured as the compiler captures them. `dtype`: the compute dtype (default: the checkpoint's)."""
-    from .ir.capture import HFSkeleton
+    layers as the compiler captures them. `dtype`: the compute dtype (default: the checkpoint's).
+    A dense Llama / Qwen2 / Qwen3 whose config ir/dense_layer.py understands gets that graph written from
+    its config (`DenseFloatLayers`: transformers is not imported, nothing is exported; same graph, same
+    bits); any other checkpoint, or `capture=True`, is captured through transformers (`CapturedFloatLayers`)."""
     from .loading import dtype_name, load_tokenizer, open_checkpoint
-    ckpt = open_checkpoint(path, dtype, trust_remote_code)
-    skeleton = HFSkeleton(ckpt)
+    ckpt = open_checkpoint(path, dtype, trust_remote_code, dense=not capture)
     info = {"dtype": dtype_name(ckpt.dtype), "num_layers": ckpt.num_layers, "model_type": ckpt.model_type}
-    return LoadedModel(head_from_checkpoint(ckpt, skeleton.rotary), CapturedFloatLayers(skeleton),
-                       load_tokenizer(path, trust_remote_code), "float", info)
+    if ckpt.dense_spec is not None:
+        from types import SimpleNamespace
+
+        from .ir.dense_layer import inv_freq
+        rotary = SimpleNamespace(inv_freq=inv_freq(ckpt.dense_spec), attention_scaling=1.0)  # "default" RoPE
+        head, layers = head_from_checkpoint(ckpt, rotary), DenseFloatLayers(ckpt, ckpt.dense_spec)
+    else:
+        from .ir.capture import HFSkeleton
+        skeleton = HFSkeleton(ckpt)
+        head, layers = head_from_checkpoint(ckpt, skeleton.rotary), CapturedFloatLayers(skeleton)
+    return LoadedModel(head, layers, load_tokenizer(path, trust_remote_code), "float", info)

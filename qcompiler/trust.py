@@ -70,7 +70,6 @@ def _auto_map_names(auto_map) -> str:
 def check_config(config_path: Path, config: dict, supported: dict[str, str], allow_auto_map: bool) -> None:
     """Refuse a config.json that needs custom code (module docstring). `supported`: the architectures
     qcompile implements (loading.SUPPORTED_ARCHITECTURES). QCError naming config.json."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     if not isinstance(config, dict):
         return  # the loader reports a config.json that is not an object
     archs = config.get("architectures") or []
@@ -86,7 +85,10 @@ def check_config(config_path: Path, config: dict, supported: dict[str, str], all
                           f"qcompile never runs; pass {FLAG} to use qcompile's built-in {arch} implementation "
                           f"instead")
     model_type = config.get("model_type")
-    if arch in supported and (not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES):
+    if arch not in supported or model_type in supported.values():
+        return  # the supported model types are transformers' own: no lookup (its import costs ~0.5 s of a run)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
         raise QCError(f"{config_path}: model_type {model_type!r} is not a type transformers knows (the built-in "
                       f"{arch} is {supported[arch]!r}): a custom model_type needs custom code, which qcompile "
                       f"never runs (with or without {FLAG})")

@@ -9,8 +9,8 @@
   with namespace / loop controls / tojson / raise_exception / generation blocks, one in tokenizer_config.json),
   special tokens and ids, len, convert_ids_to_tokens; a tokenizer.json without post-processor; add_bos_token
   in tokenizer_config.json (ignored by both when tokenizer.json exists).
-- Imports: `qcompile run` and `qcompile eval` of a compiled OUT leave no `transformers` module in sys.modules
-  (subprocess); the float model still loads transformers (its layers are captured from transformers' code).
+- Imports: `qcompile run` and `qcompile eval` of a compiled OUT, and of a dense float checkpoint (its layers are
+  written from config.json by ir/dense_layer.py), leave no `transformers` module in sys.modules (subprocess).
 """
 import json
 import shutil
@@ -193,11 +193,13 @@ def llama_out(tmp_path_factory, tiny_models, calib_file):
     return out
 
 
+@pytest.mark.parametrize("target", ["out", "float"])
 @pytest.mark.parametrize("command", ["run", "eval"])
-def test_run_and_eval_of_an_out_never_import_transformers(llama_out, calib_file, command):
-    argv = {"run": ["run", str(llama_out), "--prompt", "Quantization maps", "--max-new-tokens", "2"],
-            "eval": ["eval", str(llama_out), "--data", str(calib_file), "--seq-len", "16", "--max-windows", "1"]}
+def test_run_and_eval_never_import_transformers(llama_out, tiny_models, calib_file, command, target):
+    folder = str(llama_out if target == "out" else tiny_models["llama"])
+    argv = {"run": ["run", folder, "--prompt", "Quantization maps", "--max-new-tokens", "2"],
+            "eval": ["eval", folder, "--data", str(calib_file), "--seq-len", "16", "--max-windows", "1"]}
     r = subprocess.run([sys.executable, "-c", _NO_TRANSFORMERS, *argv[command]], capture_output=True, text=True,
                        env=cli_env(), timeout=600)
     assert "RC 0 TRANSFORMERS 0 []" in r.stdout, (r.stdout, r.stderr[-2000:])
-    assert_same_tokenizer(llama_out)  # the OUT's copied tokenizer files take the fast path, same tokens
+    assert_same_tokenizer(folder)  # the folder's tokenizer files take the fast path, same tokens

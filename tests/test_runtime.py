@@ -44,9 +44,10 @@ def test_float_layers_capture_once_per_structure_and_equal_a_real_capture(tiny_m
     same tensors, same output bits as exporting that layer itself; prepared (runtime form) too."""
     from qcompiler.ir import capture, meta
     real_export = capture.export_layer
+    from qcompiler.model import load_float_model
     for arch in ("llama", "qwen2", "qwen3"):
-        model = load_model(tiny_models[arch])
-        skeleton = model.layers.skeleton
+        model = load_float_model(tiny_models[arch], capture=True)  # the transformers path (ir/dense_layer.py's
+        skeleton = model.layers.skeleton                              # graph is tests/ir/test_dense_layer.py's)
         ids = torch.randint(0, 250, (2, 9), generator=torch.Generator().manual_seed(1))
         h = model.head.embed(ids)
         pe = model.head.rope(9)

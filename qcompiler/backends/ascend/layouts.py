@@ -9,7 +9,7 @@ dispatch costs ~10 us, and a decoded token makes 200+ such calls):
 |---|---|---|
 | qc.weight_quant_matmul (W8A16, W4A16) | `dequantize_weight(...)` [n, k] in x's dtype; bias in x's dtype | `weight_quant_matmul_prepared` |
 | qc.quant_matmul_pertoken (W8A8/W4A8_DYNAMIC) | weight unpacked to int8 [n, k]; weight_scale f32 [n]; bias f32 | `quant_matmul_pertoken_prepared` |
-| qc.quant_matmul_pergroup (W4A8_DYNAMIC per-group) | int4 unpacked to [G, g, n] in the exact float dtype; two-stage scale [G, 1, n] | `quant_matmul_pergroup_prepared` |
+| qc.quant_matmul_pergroup (W4A8_DYNAMIC per-group) | int4 unpacked to [G, g, n] in the exact float dtype (`pergroup_operands_packed`); two-stage scale [G, 1, n] | `quant_matmul_pergroup_prepared` |
 | qc.quant_matmul (W8A8 static) | deq_scale decoded to f32; quant_bias in its accumulator dtype | `quant_matmul_prepared` |
 | qc.quantize | f32 reciprocal `dtype(1 / dtype(s))`; f32 offset | `quantize_prepared` |
 | qc.dynamic_quant, attention ops | none | their kernels |
@@ -136,10 +136,12 @@ class _Preparer:
         k = tw.shape[1]
         scale = kernels.two_stage_scale(tws, tws2, out_dtype)
 
-        def operands():
-            xt = torch.empty(1, k, dtype=torch.int8)
-            unpacked = kernels._check_pergroup(xt, tw, scale, group_size)[0]
-            return kernels.pergroup_operands(unpacked, scale, group_size)
+        done: list = []
+
+        def operands():  # computed at most once: the weight and the scale come from one call
+            if not done:
+                done.append(kernels.pergroup_operands_packed(tw, scale, group_size))
+            return done[0]
         wg = self.attr(node, f"pergroup_weight:g={group_size}", [w.target], lambda: operands()[0])
         st = self.attr(node, f"pergroup_scale:{out_dtype}:g={group_size}", [ws.target, ws2.target],
                        lambda: operands()[1])

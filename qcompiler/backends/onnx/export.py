@@ -79,7 +79,7 @@ def build_float_model(model_dir):
     m = load_float_model(Path(model_dir) if Path(model_dir).is_dir() else resolve_model_dir(str(model_dir)))
     sample = LayerInputs(m.head.embed(torch.zeros(2, 8, dtype=torch.long)), m.head.rope(8))
     modules = [float32_layer(m.layers.get(i, sample)) for i in range(m.layers.num_layers)]
-    ckpt = m.layers.skeleton.ckpt
+    ckpt = m.layers.ckpt
     info = {"num_layers": ckpt.num_layers, "vocab_size": ckpt.config["vocab_size"], "dtype": m.info["dtype"],
             "model_type": ckpt.model_type, "architecture": ckpt.architecture, "passes": [], "target": None,
             "tie_word_embeddings": ckpt.tie_word_embeddings}

@@ -61,7 +61,7 @@ def calibration_forward(gm: torch.fx.GraphModule, ctx, observers: Sequence[torch
         rewritten = True
     remaining = [n for n in observers if n not in stages.done]
     if remaining:
-        stages.run(remaining)
+        stages.run(remaining, last=True)
     return rewritten
 
 
@@ -72,7 +72,9 @@ class _Stages(LayerBatches):
         super().__init__(gm, ctx)
         self.done: set[torch.fx.Node] = set(self.placeholders)
 
-    def run(self, targets: Sequence[torch.fx.Node]) -> None:
+    def run(self, targets: Sequence[torch.fx.Node], last: bool = False) -> None:
+        """Feed every batch through the nodes `targets` need that have not run yet; cache what later stages
+        read (nothing when `last`: no stage follows)."""
         sources = self.placeholders + list(self.cache)
         ran = ancestors(targets, set(sources))
         again = ran & self.done
@@ -81,7 +83,7 @@ class _Stages(LayerBatches):
         self.done |= ran
         # cache the values a node not run yet reads; the targets count as not run (a rewrite replaces them by
         # nodes reading the targets' inputs) and are not cached themselves (nothing reads them afterwards)
-        outputs = list(targets) + [n for n in self.gm.graph.nodes if n in ran and n not in targets
+        outputs = list(targets) + [n for n in self.gm.graph.nodes if not last and n in ran and n not in targets
                                    and any(u not in self.done or u in targets for u in n.users)]
         module, used = segment(self.gm, sources, outputs)
         kept = {n: [] for n in outputs[len(targets):]}

@@ -192,7 +192,8 @@ def report(rows: dict, a, before_label: str) -> str:
                       f"{aft['alpha']} vs {one['alpha']} ({'same' if aft['alpha'] == one['alpha'] else 'CHANGED'})."]
         ex = aft["exact_base"]
         lines.append(f"Against the MSE without smoothing summed in float64 ({ex:.6g}): one chunk "
-                     f"{abs(one['base'] - ex) / ex:.1e} relative, {aft['chunks']} chunks {abs(aft['base'] - ex) / ex:.1e}: "
+                     f"{abs(one['base'] - ex) / ex:.1e} relative, {aft['chunks']} chunks "
+                     f"{abs(aft['base'] - ex) / ex:.1e}: "
                      f"the difference is the float32 norm's own rounding over {a.tokens} x {a.inter} squares, smaller "
                      f"per chunk.")
     if "before" in rows and "one-chunk" in rows:

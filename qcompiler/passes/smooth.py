@@ -255,7 +255,8 @@ def column_absmax(weights: list[torch.Tensor], elements: int | None = None) -> t
     return out.float()
 
 
-def float_outputs(x: torch.Tensor, weights: list[torch.Tensor], elements: int | None = None) -> list[list[torch.Tensor]]:
+def float_outputs(x: torch.Tensor, weights: list[torch.Tensor],
+                  elements: int | None = None) -> list[list[torch.Tensor]]:
     """The float outputs x @ W^T the search compares with, per Linear a list of column chunks [tokens, rows] (one per
     row chunk of W, `_row_slices`; `group_error` takes its chunks from these widths). W is read as stored and made
     float32 one chunk at a time."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import qnumerics as qn
 from .patterns import LinearSite, get_tensor, linear_sites, replace_tensor, shared_input_groups
 
 aten = torch.ops.aten
@@ -183,17 +184,26 @@ def kv_rows(s_cols: torch.Tensor, heads: tuple[int, int, int]) -> torch.Tensor:
     return s_cols.view(kvh, nh // kvh, hd)[:, 0].reshape(-1)
 
 
+def _rescaled(w: torch.Tensor, columns: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """w [n, k] in its own dtype with float32 math: w.float() * columns ([k]) or w.float() / rows[:, None] ([n]),
+    computed in row chunks (qnumerics.row_slices): one chunk's float32 temporaries at a time, not two whole-weight
+    float32 copies (a 7B gate_proj: 271 MB each). Elementwise, so every value is the unchunked formula's."""
+    out = torch.empty_like(w)
+    for sl in qn.row_slices(w.shape[0], w.shape[1]):
+        out[sl] = w[sl].float() * columns if rows is None else w[sl].float() / rows[sl, None]
+    return out
+
+
 def fold(gm: torch.fx.GraphModule, group: FoldGroup, s: torch.Tensor) -> None:
     """Divide the group's input by s (float32 [k]) in its producer; multiply the consumers' columns by s."""
     for site in group.sites:
-        w = get_tensor(gm, site.weight.target)
-        replace_tensor(gm, site.weight.target, w.float() * s)
+        replace_tensor(gm, site.weight.target, _rescaled(get_tensor(gm, site.weight.target), columns=s))
     if group.kind == "norm":
         for target in group.producer_targets():
             replace_tensor(gm, target, get_tensor(gm, target).float() / s)
         return
     rows = kv_rows(s, group.heads) if group.kind == "attn_v" else s
     p = group.producer_site
-    replace_tensor(gm, p.weight.target, get_tensor(gm, p.weight.target).float() / rows[:, None])
+    replace_tensor(gm, p.weight.target, _rescaled(get_tensor(gm, p.weight.target), rows=rows))
     if p.bias is not None:
         replace_tensor(gm, p.bias.target, get_tensor(gm, p.bias.target).float() / rows)

@@ -101,6 +101,23 @@ def fake_quant(w: torch.Tensor, bits: int, group: int = 0,
     return (quantize(groups, s3, bits) * s3).reshape(n, k), scale
 
 
+# ---- bounded temporaries ---------------------------------------------------------------------------------------
+#: elements per row chunk of a full-size temporary. Code that works on a [rows, width] tensor one row at a time
+#: (per-row operations: chunking changes no bit) runs `row_slices` of max(1, ROW_CHUNK_ELEMENTS // width) rows, so its
+#: float32 temporaries stay near 64 MiB whatever the row count (issue 15: memory at real widths). One value for
+#: the quantized kernels' token rows (backends/ascend/kernels.py) and smooth's alpha search over weight rows
+#: (passes/smooth.py); each reads it at call time, so a test can monkeypatch the module that uses it.
+ROW_CHUNK_ELEMENTS = 1 << 24
+
+
+def row_slices(rows: int, width: int, elements: int | None = None, multiple: int = 1) -> list[slice]:
+    """[0, rows) in slices of elements // width rows (elements: ROW_CHUNK_ELEMENTS unless given), rounded down to a
+    multiple of `multiple` (at least `multiple`); one slice when rows * width <= elements."""
+    step = (ROW_CHUNK_ELEMENTS if elements is None else int(elements)) // max(int(width), 1)
+    step = max(multiple, step // multiple * multiple)
+    return [slice(r, min(r + step, rows)) for r in range(0, max(int(rows), 1), step)]
+
+
 # ---- exact int8 matrix products -------------------------------------------------------------------------------
 #: float32 holds every partial sum of int8 x int8 products exactly while k * 128 * 128 <= 2**24
 F32_EXACT_K = 2 ** 24 // (128 * 128)  # 1024

@@ -41,6 +41,9 @@ Requires: captured. Produces: smoothed. Forbids: annotated (write it before the 
 Cost: one extra forward of the calibration set per layer for the statistics, plus (grid + 2) quantized
 matmuls of `tokens` rows through every Linear of the layer (exact int8 products, `qnumerics.int8_matmul`):
 about 6 CPU-seconds per SmolLM2-135M layer at the defaults; lower `grid` / `tokens` for big models.
+Memory: the search reads each Linear's weight as stored, in row chunks of qnumerics.ROW_CHUNK_ELEMENTS /
+max(k, tokens) rows made float32 one at a time (`group_error`), and keeps the float outputs ([tokens, n] float32
+per Linear); no float32 copy of a whole weight (a Qwen2.5-7B gate/up group: bench/probe_smooth_memory.py).
 Limits: the graph must be a captured dense decoder layer; a group whose producer is not recognised is
 skipped and named in stats["skipped"]. The folded norm weights / new norm biases live only in the graph:
 the artifact writer takes a layer's float tensors from the transformed graph (driver._add_layer_tensors).
@@ -156,11 +159,13 @@ def quant_activation(x: torch.Tensor, q: TensorQuant, lo: float, hi: float) -> Q
     return QTensor(codes, torch.tensor(s, dtype=torch.float32), o)
 
 
-def quant_matmul(x: QTensor, w: QTensor) -> torch.Tensor:
+def quant_matmul(x: QTensor, w: QTensor, n: int | None = None) -> torch.Tensor:
     """(x codes - o) s_x @ ((w codes) s_w)^T in float32, exactly as an int32-accumulating kernel does
-    (torch._int_mm when shapes allow; else float math on the dequantized values)."""
+    (torch._int_mm when shapes allow; else float math on the dequantized values). n: the whole Linear's output
+    width when w is a row chunk of it: the path is chosen for the whole Linear, as without chunks."""
     r, k = x.codes.shape
-    if w.scale.dim() == 2 and r > 16 and k % 8 == 0 and w.codes.shape[0] % 8 == 0:
+    n = w.codes.shape[0] if n is None else n
+    if w.scale.dim() == 2 and r > 16 and k % 8 == 0 and n % 8 == 0:
         try:
             acc = qn.int8_matmul(x.codes, w.codes.T)  # == torch._int_mm (exact float32 GEMMs on CPU)
         except RuntimeError:
@@ -233,11 +238,63 @@ def shift_blocker(group: FoldGroup) -> str:
 
 
 # ---- the pass -----------------------------------------------------------------------------------------
-def group_error(x: torch.Tensor, refs: list[torch.Tensor], weights: list[torch.Tensor],
+def _row_slices(w: torch.Tensor, tokens: int, elements: int | None) -> list[slice]:
+    """Row chunks of a Linear's weight w [n, k] for the search: each chunk's temporaries ([rows, k] float32 weight
+    work, [tokens, rows] outputs) stay within `elements` (qnumerics.ROW_CHUNK_ELEMENTS unless given)."""
+    return qn.row_slices(w.shape[0], max(w.shape[1], tokens), elements, multiple=8)  # 8: torch._int_mm's shapes
+
+
+def column_absmax(weights: list[torch.Tensor], elements: int | None = None) -> torch.Tensor:
+    """max |W_j| per input column j over the group's Linears, float32 [k], read from the weights as stored (model
+    dtype) in row chunks: abs and max are exact in any float dtype, so this is the value of the float32 copies'."""
+    out = None
+    for w in weights:
+        for rows in qn.row_slices(w.shape[0], w.shape[1], elements):
+            m = w[rows].abs().amax(0)
+            out = m if out is None else torch.maximum(out, m)
+    return out.float()
+
+
+def float_outputs(x: torch.Tensor, weights: list[torch.Tensor],
+                  elements: int | None = None) -> list[list[torch.Tensor]]:
+    """The float outputs x @ W^T the search compares with, per Linear a list of column chunks [tokens, rows] (one per
+    row chunk of W, `_row_slices`; `group_error` takes its chunks from these widths). W is read as stored and made
+    float32 one chunk at a time."""
+    return [[x @ w[rows].float().T for rows in _row_slices(w, x.shape[0], elements)] for w in weights]
+
+
+def _chunk_output(xs: torch.Tensor, xq: QTensor | None, w: torch.Tensor, spec: LinearQuantSpec | None,
+                  s: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """Output columns of one row chunk w [rows, k] (stored dtype) of a Linear of n outputs, smoothed by s, as the
+    scheme computes them. Weight quantization is per row (per channel or per group within a row), so its codes and
+    scales are the unchunked ones' rows, and the int8 product (`quant_matmul`) is exact: those columns are the
+    unchunked ones bit for bit. The float products (a Linear left float, weight-only schemes, quant_matmul's
+    dequantized fallback) are float32 GEMMs whose blocking may depend on the width: equal to float32 rounding.
+    Temporaries die on return."""
+    ws = w.float() * s
+    if spec is None:                         # this Linear stays float
+        return xs @ ws.T
+    q = quant_weight(ws, spec.weight)
+    del ws
+    if xq is None:                           # weight-only scheme
+        return xs @ q.dequant().T
+    return quant_matmul(xq, q, n)
+
+
+def group_error(x: torch.Tensor, refs: list[list[torch.Tensor]], weights: list[torch.Tensor],
                 specs: list[LinearQuantSpec | None], s: torch.Tensor, stats: InputStats,
                 z: torch.Tensor | None = None) -> float:
-    """MSE of the group's fake-quantized outputs, smoothed by s, against the float outputs `refs` (one per
-    Linear; x: sampled input rows, already shifted by z; a None spec: that Linear stays float)."""
+    """MSE of the group's fake-quantized outputs, smoothed by s, against the float outputs `refs` (`float_outputs`:
+    per Linear, column chunks; x: sampled input rows, already shifted by z; a None spec: that Linear stays float).
+
+    Each Linear runs in the row chunks of its weight that `refs` has (weights as stored, made float32 a chunk at a
+    time), so memory does not grow with the output width. The squared error is summed per chunk: with one chunk per
+    Linear (every Linear up to ROW_CHUNK_ELEMENTS / max(k, tokens) rows: SmolLM2's and the tiny models' all) the
+    result is bit-identical to the unchunked formula; with several, the float32 norms are taken per chunk and their
+    squares added in float64, a different summation order. torch's float32 vector_norm accumulates in float32, so
+    its own relative error grows with the element count (random data: 2e-5 at 1M elements, 2e-3 at 19M, a 7B
+    gate_proj's [1024, 18944] output): on a Qwen2.5-7B gate/up group the 5-chunk MSE is closer to the float64 sum
+    than the one-chunk MSE, and the two differ by ~2e-3 relative (bench/probe_smooth_memory.py, BENCHMARKS.md)."""
     act = next(sp.activation for sp in specs if sp is not None)
     lo = hi = 0.0
     if act is not None and not act.dynamic:  # per-tensor range over the whole calibration set
@@ -246,18 +303,39 @@ def group_error(x: torch.Tensor, refs: list[torch.Tensor], weights: list[torch.T
     xs = x / s
     xq = quant_activation(xs, act, lo, hi) if act is not None else None
     total, count = 0.0, 0
-    for w, spec, ref in zip(weights, specs, refs):
-        ws = w * s
-        if spec is None:                     # this Linear stays float
-            out = xs @ ws.T
-        elif xq is None:                     # weight-only scheme
-            out = xs @ quant_weight(ws, spec.weight).dequant().T
-        else:
-            out = quant_matmul(xq, quant_weight(ws, spec.weight))
-        out -= ref
-        total += float(torch.linalg.vector_norm(out)) ** 2
-        count += out.numel()
+    for w, spec, chunks in zip(weights, specs, refs):
+        r0 = 0
+        for ref in chunks:
+            r1 = r0 + ref.shape[1]
+            out = _chunk_output(xs, xq, w[r0:r1], spec, s, w.shape[0])
+            out -= ref
+            total += float(torch.linalg.vector_norm(out)) ** 2
+            count += out.numel()
+            del out
+            r0 = r1
+        assert r0 == w.shape[0], (r0, w.shape)
     return total / count
+
+
+def search_alpha(samples: torch.Tensor, weights: list[torch.Tensor], specs: list[LinearQuantSpec | None],
+                 stats: InputStats, act_absmax: torch.Tensor, w_absmax: torch.Tensor, alphas: list[float],
+                 heads: tuple[int, int, int] | None = None, limit: float | None = None,
+                 z: torch.Tensor | None = None, elements: int | None = None) -> tuple[float, float, float]:
+    """(MSE without smoothing or shift, the lowest MSE over `alphas`, its alpha) of one group. weights: the
+    Linears' weights as stored in the graph (read in row chunks of `elements`, qnumerics.ROW_CHUNK_ELEMENTS unless
+    given). Several processes: each rank scores its share of the alphas (every rank holds the same samples), and
+    all get every score: the choice of one process, at 1/W of the work."""
+    refs = float_outputs(samples, weights, elements)
+    base = group_error(samples, refs, weights, specs, torch.ones_like(act_absmax), stats, None)
+    x = samples
+    if z is not None:
+        x = x - z
+        del refs
+        refs = float_outputs(x, weights, elements)
+    losses = distributed.split_map(lambda a: group_error(
+        x, refs, weights, specs, smooth_scales(act_absmax, w_absmax, a, heads, limit), stats, z), alphas)
+    best_err, alpha = min(zip(losses, alphas), key=lambda e: e[0])
+    return base, best_err, alpha
 
 
 @register
@@ -308,27 +386,17 @@ class Smooth(Pass):
                 else:
                     z = (st.max + st.min) / 2
             act_absmax = st.absmax if z is None else (st.max - st.min) / 2
-            weights = [get_tensor(gm, s.weight.target).float() for s in g.sites]
-            w_absmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
-            limit = torch.finfo(get_tensor(gm, g.sites[0].weight.target).dtype).max / 16
-            if search:
-                # before: no smoothing, no shift (what the scheme alone would do)
-                refs = [st.samples @ w.T for w in weights]
-                base = group_error(st.samples, refs, weights, specs, torch.ones_like(act_absmax), st, None)
-                x = st.samples
-                if z is not None:
-                    x = x - z
-                    refs = [x @ w.T for w in weights]
-                # several processes: each rank scores its share of the alphas (every rank holds the same
-                # samples), and all get every score: the choice of one process, at 1/W of the work
-                alphas = self.alphas()
-                losses = distributed.split_map(lambda a: group_error(
-                    x, refs, weights, specs, smooth_scales(act_absmax, w_absmax, a, g.heads, limit), st, z), alphas)
-                best_err, alpha = min(zip(losses, alphas), key=lambda e: e[0])
+            weights = [get_tensor(gm, s.weight.target) for s in g.sites]  # as stored: read in row chunks
+            w_absmax = column_absmax(weights)
+            limit = torch.finfo(weights[0].dtype).max / 16
+            if search:  # before (base): no smoothing, no shift (what the scheme alone would do)
+                base, best_err, alpha = search_alpha(st.samples, weights, specs, st, act_absmax, w_absmax,
+                                                     self.alphas(), g.heads, limit, z)
                 stats_out["mse"][g.producer] = [_sig(base), _sig(best_err)]
             else:
                 alpha = float(self.options.alpha)
             s = smooth_scales(act_absmax, w_absmax, alpha, g.heads, limit, self.options.beta)
+            del weights  # fold replaces them; the old tensors need not outlive it
             if z is not None:
                 shift_linear_biases(gm, g, z)
             fold(gm, g, s)

@@ -51,8 +51,9 @@ _FLOAT64_MAX_K = 2**53 // _MAX_PRODUCT
 #: the quantized kernels run over token rows in chunks of max(1, ROW_CHUNK_ELEMENTS // width) rows. Every
 #: operation is per row (exact integer product, elementwise float32), so chunking changes no bit; it bounds the
 #: temporaries, which otherwise were [tokens, n] int32 + float32 per Linear (issue 15: a 7B gate_proj over one
-#: 16 x 512 calibration batch is 8192 x 18944: 0.6 GiB each).
-ROW_CHUNK_ELEMENTS = 1 << 24
+#: 16 x 512 calibration batch is 8192 x 18944: 0.6 GiB each). Defined once in ir/qnumerics.py (smooth's search
+#: chunks weight rows by it too); bound here at import, so tests monkeypatch `kernels.ROW_CHUNK_ELEMENTS`.
+ROW_CHUNK_ELEMENTS = qn.ROW_CHUNK_ELEMENTS
 
 
 def _chunk_rows(rows: int, width: int) -> int:

@@ -17,6 +17,7 @@ from N = 16 x 512 tokens): codes that differ between the routes, and the output 
 
     python3 bench/probe_gptq_inverse.py                     # k = 2048 4096 8192, GPTQ n=512 k=4096
     python3 bench/probe_gptq_inverse.py --ks 1024 --gptq-k 1024 --seeds 1     # quick
+    python3 bench/probe_gptq_inverse.py --ks --gptq-n 256 --gptq-k 8192 --gptq-tokens 4096 --seeds 2  # N < k
 
 The CPU seconds are extrapolated to k = 18944 (a Qwen2.5-7B down_proj) as t(k) * (18944 / k)^3 from the
 largest k measured. Prints one JSON object per line; nothing is written to BENCHMARKS.md (a probe, not a bench).
@@ -120,13 +121,13 @@ def child_inverse(k, damp):
             "resid_UtUH_old": resid(u_old), "resid_UtUH_new": resid(u_new)}
 
 
-def child_gptq(n, k, seeds, damp):
+def child_gptq(n, k, seeds, damp, tokens=16 * 512):
     import torch
     import qcompiler.passes.gptq as gq
     from qcompiler.backends.ascend.encode import quantize_weight
     from qcompiler.passes.weight_targets import column_scale
     torch.set_num_threads(1)
-    h = hessian(k, 16 * 512, seed=7)
+    h = hessian(k, tokens, seed=7)
     new_route = gq._inverse_cholesky
     rows = []
     for seed in range(seeds):
@@ -142,7 +143,7 @@ def child_gptq(n, k, seeds, damp):
         gq._inverse_cholesky = new_route
         e = {name: gq.output_error(w, res[name].float() * s, h) for name in ("old", "new")}
         e_rtn = gq.output_error(w, q_rtn.float() * s, h)
-        rows.append({"n": n, "k": k, "seed": seed, "codes_differ": int((res["old"] != res["new"]).sum()),
+        rows.append({"n": n, "k": k, "tokens": tokens, "seed": seed, "codes_differ": int((res["old"] != res["new"]).sum()),
                      "codes": n * k, "rows_differ": int((res["old"] != res["new"]).any(1).sum()),
                      "err_old": e["old"], "err_new": e["new"], "err_rtn": e_rtn,
                      "err_new_over_old": e["new"] / e["old"], "cpu_s_old": res["old_cpu_s"],
@@ -152,10 +153,11 @@ def child_gptq(n, k, seeds, damp):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ks", type=int, nargs="+", default=[2048, 4096, 8192])
+    ap.add_argument("--ks", type=int, nargs="*", default=[2048, 4096, 8192])
     ap.add_argument("--gptq-n", type=int, default=512)
     ap.add_argument("--gptq-k", type=int, default=4096)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--gptq-tokens", type=int, default=16 * 512, help="N of the GPTQ problem's H (N < k: singular)")
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -163,14 +165,14 @@ def main():
         if a.child[0] == "inverse":
             print(json.dumps(child_inverse(int(a.child[1]), a.damp)))
         else:
-            for row in child_gptq(int(a.child[1]), int(a.child[2]), int(a.child[3]), a.damp):
+            for row in child_gptq(int(a.child[1]), int(a.child[2]), int(a.child[3]), a.damp, int(a.child[4])):
                 print(json.dumps(row))
         return
     env = {**os.environ, "QC_HEAVY_LOCK_HELD": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     last = None
     jobs = [["inverse", str(k)] for k in a.ks]
     if a.seeds:
-        jobs.append(["gptq", str(a.gptq_n), str(a.gptq_k), str(a.seeds)])
+        jobs.append(["gptq", str(a.gptq_n), str(a.gptq_k), str(a.seeds), str(a.gptq_tokens)])
     for job in jobs:
         with HeavyLock(f"probe_gptq_inverse {' '.join(job)}"):
             out = subprocess.run([sys.executable, __file__, "--damp", str(a.damp), "--child", *job], env=env,

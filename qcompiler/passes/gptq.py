@@ -116,8 +116,9 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, *, overwrite: bool = False) 
     5/3 k^3 flops and formed H^-1 explicitly. J is folded into the index order of the copies in and out of the
     buffer (no extra matrix). The triangular inverse is blocked BLAS3 (`_tril_inverse_`; torch exposes no trtri).
     Measured (bench/probe_gptq_inverse.py, one thread, this 2-core AVX2 host, process CPU seconds old -> new):
-    k 2048 0.76 -> 0.38 s, 4096 5.91 -> 2.46 s, 8192 38.3 -> 17.1 s (2.0-2.4x; MKL's potrf, k^3/3, is now most of
-    it); x (18944 / 8192)^3 for a 7B down_proj: ~474 -> ~211 s.
+    k 2048 0.85 -> 0.41 s, 4096 4.98 -> 2.44 s, 8192 39.3 -> 19.2 s (2.0-2.1x; 2.0-2.4x in an earlier run; MKL's
+    potrf, k^3/3, is now most of it: a blocked GEMM Cholesky in Python was no faster); x (18944 / 8192)^3 for a
+    7B down_proj: ~486 -> ~237 s. Peak above the caller's H: 3.06 x H (old 3.02) at k 8192, 3.16 (3.06) at 4096.
 
     Memory (a 7B down_proj's H is 18944^2: 1.4 GiB in float32): the float64 work runs in place on one
     column-major buffer (LAPACK's layout, so torch makes no copy of its own), and with `overwrite` (h float32

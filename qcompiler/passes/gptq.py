@@ -129,8 +129,9 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, *, overwrite: bool = False) 
     Bits: U is the same matrix in exact arithmetic as the route before, not the same float64 rounding, so after
     the cast to float32 a few entries differ in the last bits: 6 of 2.1M upper entries at k 2048, 47 of 8.4M at
     4096, 225 of 33.6M at 8192 (max difference 1.2e-9 of max |U|; U^T U H - I the same to 3 digits). GPTQ codes
-    computed from either were identical on the probe's w4a16 problems (n 512, k 4096, 3 weight seeds: 0 of 2.1M
-    codes differ, output error equal), and the tiny byte-identity cases (gptq, sparse) are byte-identical; other
+    computed from either were identical on the probe's w4a16 problems (n 512, k 4096, N 8192 tokens, 3 weight
+    seeds; n 256, k 8192, N 4096: singular H, 2 seeds: 0 of 2.1M codes differ in each, output error equal), and
+    the tiny byte-identity cases (gptq, sparse) are byte-identical; other
     problems may see a code differ where a rounding decision sits on a tie."""
     k = h.shape[0]
     diag = torch.arange(k)

@@ -92,24 +92,83 @@ def test_dead_columns_get_zero_codes():
 
 
 # ---- memory at real widths (issue 15: a 7B down_proj's H is 18944^2, 1.4 GiB in float32) ---------------------
-def _inverse_cholesky_out_of_place(h, damp):
-    """The plain out-of-place computation (what _inverse_cholesky computed before it ran in place)."""
-    h = h.double()
-    hd = h.clone()
-    hd[torch.arange(h.shape[0]), torch.arange(h.shape[0])] += damp * h.diagonal().mean().item()
-    inv = torch.cholesky_inverse(torch.linalg.cholesky(hd))
-    return torch.linalg.cholesky(inv, upper=True).float()
+def _reference_inverse_factor(h, damp):
+    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 the textbook way, all float64 (not cast):
+    Cholesky of H, cholesky_inverse, upper Cholesky of the inverse (what _inverse_cholesky computed before the
+    reversed route)."""
+    hd = _damped(h, damp)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True), hd
 
 
-def test_inverse_cholesky_in_place_is_bit_identical_and_reuses_h():
+def _damped(h, damp):
+    hd = h.double().clone()
+    hd.diagonal().add_(damp * hd.diagonal().mean().item())
+    return hd
+
+
+@pytest.mark.parametrize("k", [96, 300])
+def test_inverse_cholesky_matches_the_reference(k):
+    """U = J chol(J H J)^-1 J (reversed route) is the upper Cholesky factor of H_d^-1: upper, positive diagonal,
+    U^T U H_d = I, and equal to the float64 reference up to the float32 cast. Tolerances: |U - ref| <= 2^-24 |ref|
+    + 1e-12 max|ref| per entry (half a float32 ulp of the cast, plus float64 rounding: both routes are backward
+    stable and cond(H_d) is ~4e3 here, so their float64 results agree to ~1e-12 relative); U^T U H_d - I within
+    2 x the residual of the reference cast to float32 itself (float32 storage of U is the limit, ~5e-6 here).
+    A route that got the factor wrong (L^-T, or the factor of H_d instead of its inverse) is off by O(1)."""
+    from qcompiler.passes.gptq import _inverse_cholesky
+    h = _hessian(_correlated(k=k))
+    ref, hd = _reference_inverse_factor(h, 0.01)
+    u = _inverse_cholesky(h, 0.01)
+    assert u.dtype == torch.float32 and u.shape == (k, k)
+    assert torch.equal(u, u.triu()) and (u.diagonal() > 0).all()
+    assert ((u.double() - ref).abs() <= 2.0 ** -24 * ref.abs() + 1e-12 * ref.abs().max()).all()
+    eye = torch.eye(k, dtype=torch.float64)
+    r32 = ref.float().double()
+    resid_ref = float(((r32.T @ r32) @ hd - eye).abs().max())
+    resid = float(((u.double().T @ u.double()) @ hd - eye).abs().max())
+    assert resid <= 2 * resid_ref, (resid, resid_ref)
+
+
+def test_inverse_cholesky_in_place_reuses_h_and_reads_the_lower_triangle():
     from qcompiler.passes.gptq import _inverse_cholesky
     h = _hessian(_correlated(k=96))
-    h[3, 40] += 1e-3  # not exactly symmetric (a Gram matrix from blocked GEMMs need not be): same triangles read
-    want = _inverse_cholesky_out_of_place(h, 0.01)
-    assert torch.equal(_inverse_cholesky(h, 0.01), want)
+    want = _inverse_cholesky(h, 0.01)
+    # not exactly symmetric (a Gram matrix from blocked GEMMs need not be): the upper triangle is not read
+    skew = h + torch.randn(96, 96, generator=torch.Generator().manual_seed(3)).triu(1) * 1e-3
+    assert torch.equal(_inverse_cholesky(skew, 0.01), want)
     own = h.clone()
     got = _inverse_cholesky(own, 0.01, overwrite=True)
     assert got.data_ptr() == own.data_ptr() and torch.equal(got, want)
+
+
+def test_inverse_cholesky_raises_dampening_until_positive_definite():
+    """H shifted to be indefinite (smallest eigenvalue about -0.04 mean(diag) after damp 0.01): the first
+    Cholesky fails, damp x10 = 0.1 makes it positive definite, and the result is the reference at damp 0.1
+    (tolerance as test_inverse_cholesky_matches_the_reference). An H no dampening fixes is a ValueError."""
+    from qcompiler.passes.gptq import _inverse_cholesky
+    h = _hessian(_correlated(n_tokens=32, k=96))  # rank <= 32: singular
+    h -= 0.05 * h.diagonal().mean() * torch.eye(96)
+    assert torch.linalg.cholesky_ex(_damped(h, 0.01)).info.item() != 0
+    ref, _ = _reference_inverse_factor(h, 0.1)
+    u = _inverse_cholesky(h, 0.01)
+    assert ((u.double() - ref).abs() <= 2.0 ** -24 * ref.abs() + 1e-12 * ref.abs().max()).all()
+    with pytest.raises(ValueError, match="not positive definite"):
+        _inverse_cholesky(-torch.eye(8), 0.01)
+
+
+@pytest.mark.parametrize("k,nb", [(50, 7), (64, 16), (5, 256)])
+def test_tril_inverse_in_place(k, nb):
+    """Blocked in-place inverse of a lower triangular matrix (k not a multiple of nb, one block, several):
+    L^-1 L = I to 1e-12 (float64, well-conditioned L: diagonal >= 1), the strict upper triangle stays exactly
+    zero, and the buffer is the same memory."""
+    from qcompiler.passes.gptq import _tril_inverse_
+    g = torch.Generator().manual_seed(k)
+    low = torch.randn(k, k, generator=g, dtype=torch.float64).tril(-1) * 0.3 + torch.diag(
+        1 + torch.rand(k, generator=g, dtype=torch.float64))
+    a = low.T.contiguous().mT  # column-major, as _inverse_cholesky's buffer
+    ptr = a.data_ptr()
+    _tril_inverse_(a, nb)
+    assert a.data_ptr() == ptr and torch.equal(a, a.tril())
+    assert float((a @ low - torch.eye(k, dtype=torch.float64)).abs().max()) < 1e-12
 
 
 def test_hessian_in_place_is_xtx_scaled_without_a_copy():

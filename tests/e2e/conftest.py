@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qcompiler.cli import main
-from tests.e2e.helpers import CALIB, loader_runner
+from tests.e2e.helpers import CALIB, first_layers, loader_runner
 from tests.helpers import SHARED
 
 
@@ -24,19 +24,30 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def compiled(smollm2, tmp_path_factory):
-    """compiled(arch, dtype="bfloat16", *extra, passes="w8a8", target="ascend910b", calib=(8, 256)) -> OUT.
+    """compiled(arch, dtype="bfloat16", *extra, passes="w8a8", target="ascend910b", calib=(8, 256), layers=None)
+    -> OUT.
 
     Compiles once per distinct request. Perplexity tests need real calibration (8 x 256 tokens of wiki_calib);
     artifacts only loaded and checked use 4 x 64 (calib=(4, 64)): dynamic and weight-only schemes do not read
-    calibration statistics at all, static ones only need valid ranges."""
+    calibration statistics at all, static ones only need valid ranges. `layers=N`: SmolLM2 cut to its first N
+    decoder layers (helpers.first_layers: real widths, tensors and tokenizer), for artifacts whose format is
+    checked layer by layer (a 2-layer compile and load take about a third of the 30-layer ones' CPU time)."""
     cache = {}
     root = tmp_path_factory.mktemp("e2e")
+    cut = {}
 
-    def get(arch, dtype="bfloat16", *extra, passes="w8a8", target="ascend910b", calib=(8, 256)):
-        key = (arch, dtype, passes, target, calib, extra)
+    def model(arch, layers):
+        if layers is None:
+            return smollm2[arch]
+        if (arch, layers) not in cut:
+            cut[arch, layers] = first_layers(smollm2[arch], layers, root / f"smollm2-{arch}-first{layers}")
+        return cut[arch, layers]
+
+    def get(arch, dtype="bfloat16", *extra, passes="w8a8", target="ascend910b", calib=(8, 256), layers=None):
+        key = (arch, dtype, passes, target, calib, extra, layers)
         if key not in cache:
             out = root / f"{arch}-{dtype}-{len(cache)}"
-            args = [str(smollm2[arch]), "--passes", passes, "--target", target, "--calib", str(CALIB),
+            args = [str(model(arch, layers)), "--passes", passes, "--target", target, "--calib", str(CALIB),
                     "--calib-samples", str(calib[0]), "--seq-len", str(calib[1]), "--dtype", dtype, "-o", str(out),
                     *extra]
             assert main(args) == 0

@@ -1,7 +1,10 @@
 """Shared code of the e2e tests (real SmolLM2-135M): paths into ../shared, the skip mark, the conformance
 checker and vLLM-Ascend's loader as subprocesses. Fixtures live in tests/e2e/conftest.py; test modules import
 from here (tests/test_helpers_layout.py)."""
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +53,29 @@ def loader_runner(loader: Path = LOADER):
                            text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
         return r.returncode, r.stdout + r.stderr
     return run
+
+
+def first_layers(model: Path, layers: int, dest: Path) -> Path:
+    """A copy of the checkpoint folder `model` cut to its first `layers` decoder layers, in `dest`: config.json's
+    num_hidden_layers set to `layers`, the tensors of `model.layers.<i>.` for i >= layers left out of the
+    safetensors, every other file copied as is. Same widths, vocabulary, tokenizer and head as the real model, so
+    an artifact compiled from it has the real tensor names, shapes and dtypes of those layers (what the checker
+    and the engines' loaders read), at a fraction of the compile and load time. Reads safetensors and JSON
+    only."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    dest.mkdir(parents=True)
+    layer = re.compile(r"^model\.layers\.(\d+)\.")
+    for f in sorted(model.iterdir()):
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), "pt") as src:
+                keep = {k: src.get_tensor(k) for k in src.keys()
+                        if (m := layer.match(k)) is None or int(m.group(1)) < layers}
+            save_file(keep, str(dest / f.name), metadata={"format": "pt"})
+        elif f.name == "config.json":
+            cfg = json.loads(f.read_text())
+            cfg["num_hidden_layers"] = layers
+            (dest / f.name).write_text(json.dumps(cfg, indent=2))
+        elif f.is_file():
+            shutil.copyfile(f, dest / f.name)
+    return dest

@@ -1,27 +1,16 @@
 """End to end on the real SmolLM2-135M (Llama and Qwen2 architecture), built by ../shared/models/get_models.py.
 
 Small calibration (8 x 256 tokens of wiki_calib) keeps each compile around a minute on 2 cores; the full
-64 x 512 figures are in BENCHMARKS.md (bench/run_core.py). Fixtures: tests/e2e/conftest.py. Skipped when
-../shared is absent.
+64 x 512 figures are in BENCHMARKS.md (bench/run_core.py). The checker, the file layout and vLLM-Ascend's loader
+on these and every other e2e artifact (both architectures, bf16 and fp16): test_engines_load.py. Fixtures:
+tests/e2e/conftest.py. Skipped when ../shared is absent.
 """
 import json
 
-import pytest
-
 from qcompiler.cli import main
-from tests.e2e.helpers import EVAL, NEEDS_SHARED, run_checker
+from tests.e2e.helpers import EVAL, NEEDS_SHARED
 
 pytestmark = NEEDS_SHARED
-
-
-@pytest.mark.parametrize("arch,dtype", [("llama", "bfloat16"), ("qwen2", "bfloat16"),
-                                        ("llama", "float16"), ("qwen2", "float16")])
-def test_artifact_passes_checker(compiled, arch, dtype):
-    out = compiled(arch, dtype)
-    rc, text = run_checker(out)
-    assert rc == 0 and text.splitlines()[-1].startswith("0 errors"), text[-2000:]
-    assert json.loads((out / "config.json").read_text())["torch_dtype"] == dtype
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["quant_model_weights.safetensors"]
 
 
 def _ppl(capsys, model, windows=8):

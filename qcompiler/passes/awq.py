@@ -30,7 +30,7 @@ calibration inputs: mean |x| per channel and X^T X, `calibration.linear_inputs`)
    absmax as its scale). Norm weights and v/up rows change: the artifact must take every float tensor
    of the layer from the graph, not from the checkpoint.
 Bits and group come from each Linear's spec (`weight_targets`; the scheme passes annotate first). The searches run on one thread
-and rank candidates with bf16 products (losses reported in float32); see `quadratic_rows`.
+and compute every loss with float32 products; see `quadratic_rows`.
 Requires: captured. Produces: weights_rounded. Forbids: annotated, weights_rounded (gptq must see
 awq's weights). Phase: TRANSFORM.
 Limits: all four Hessians of a layer are held at once (intermediate_size^2 floats for down_proj);
@@ -74,12 +74,11 @@ class AWQOptions:
 
 # ---- search kernels (pure functions) ---------------------------------------------------------------
 def quadratic_rows(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """d_r H d_r^T per row of d [n, k], float32 [n]. The product runs in bf16 when `h` is bf16 (the
-    searches pass it so: about 4x faster here, and each loss is within ~0.1% -- they only rank
-    candidates), else in float32."""
-    if h.dtype == torch.bfloat16:
-        return (torch.mm(d.bfloat16(), h).float() * d).sum(-1)
-    return ((d @ h) * d).sum(-1)
+    """d_r H d_r^T per row of d [n, k], float32 [n], from float32 products. Not bf16: a bf16 GEMM is slow on
+    CPUs without native bf16 (on the AMD EPYC AVX2 host measured, one thread, [4096, 576] x [576, 576] took
+    35x as long in bf16 as in float32)."""
+    d = d.float()
+    return ((d @ h.float()) * d).sum(-1)
 
 
 def scale_loss(weights, targets, h: torch.Tensor, s: torch.Tensor) -> float:
@@ -90,11 +89,11 @@ def scale_loss(weights, targets, h: torch.Tensor, s: torch.Tensor) -> float:
     return float(quadratic_rows(torch.cat(diffs), h).sum())
 
 
-def search_scale(x_mean: torch.Tensor, weights, targets, h: torch.Tensor, grid: int = 20, fast: bool = True):
+def search_scale(x_mean: torch.Tensor, weights, targets, h: torch.Tensor, grid: int = 20):
     """(best s [k] float32, best a, loss at best, loss at s = 1) over a = i / grid, i = 0 .. grid - 1.
-    `fast`: losses from a bf16 product (ranking only); the returned losses are float32 either way."""
+    Every loss is float32 (`quadratic_rows`)."""
     x_mean = x_mean.float().clamp(min=0)
-    hq = h.bfloat16() if fast else h.float()
+    hq = h.float()
 
     def scale(a: float) -> torch.Tensor:
         s = x_mean.pow(a).clamp(min=1e-4)
@@ -110,8 +109,7 @@ def search_scale(x_mean: torch.Tensor, weights, targets, h: torch.Tensor, grid: 
                 best = i
         a = best / grid
         s = scale(a)
-        return s, a, scale_loss(weights, targets, h.float(), s), scale_loss(weights, targets, h.float(),
-                                                                             torch.ones_like(s))
+        return s, a, scale_loss(weights, targets, hq, s), scale_loss(weights, targets, hq, torch.ones_like(s))
 
 
 def _block_hessian(h: torch.Tensor, block: int) -> torch.Tensor:
@@ -122,12 +120,11 @@ def _block_hessian(h: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def group_errors(d: torch.Tensor, hb: torch.Tensor) -> torch.Tensor:
-    """Per (row, block) error d_g^T H_gg d_g: d [n, k], hb [G, g, g] -> float32 [n, G] (bf16 product when
-    hb is bf16)."""
+    """Per (row, block) error d_g^T H_gg d_g: d [n, k], hb [G, g, g] -> float32 [n, G] (float32 products)."""
     n, k = d.shape
     G, g, _ = hb.shape
-    dg = d.reshape(n, G, g).transpose(0, 1)             # [G, n, g]
-    prod = torch.bmm(dg.to(hb.dtype), hb).float()
+    dg = d.float().reshape(n, G, g).transpose(0, 1)     # [G, n, g]
+    prod = torch.bmm(dg, hb.float())
     return (prod * dg).sum(-1).T                        # [n, G]
 
 
@@ -135,7 +132,7 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, t: WeightTarget, clip_grid: in
                 max_shrink: float = 0.5):
     """Clipped scales [n, G] for weight w [n, k]: per (row, group) the ratio of absmax/qmax in
     1 .. 1 - max_shrink minimizing d_g^T H_gg d_g. Returns (scale, errors at best [n, G], at r = 1).
-    Blocks wider than 128 (per-channel targets) use a bf16 product."""
+    float32 products (see `quadratic_rows`)."""
     n, k = w.shape
     group = t.group or k
     G = k // group
@@ -143,8 +140,6 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, t: WeightTarget, clip_grid: in
     if k % block:
         block = group
     hb = _block_hessian(h.float(), block)
-    if block > 128:
-        hb = hb.bfloat16()
     per_block = group // block                          # blocks per scale group
     with single_thread():
         absmax = w.abs().reshape(n, G, group).amax(-1)

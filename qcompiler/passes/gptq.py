@@ -25,7 +25,7 @@ How, per decoder layer:
   float32 [n, G])` (lowering encodes exactly these), and the float weight parameter is replaced by
   q * scale in the model dtype (what any later float consumer sees).
 Cost per layer: about one forward of the layer over the calibration set (stage inputs cached), the
-Gram matrices (bf16 products accumulated in float32 for bf16 models, `calibration.linear_inputs`), one
+Gram matrices (float32 products for every dtype, `calibration.linear_inputs.accumulate_gram`), one
 Cholesky inverse and k column steps per shared input; GPTQ's own math runs on one thread.
 Records per Linear: relative output error tr(dW H dW^T) / tr(W H W^T) of GPTQ and of RTN (same scales).
 Requires: captured. Produces: weights_rounded. Forbids: annotated (written before the scheme pass).
@@ -258,15 +258,16 @@ def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
 
 def row_errors(ds, h: torch.Tensor, rows: int = 4096) -> torch.Tensor:
     """Per row r of each d in `ds` (matrices [n, k] of one shape): d_r H d_r^T, float32 [len(ds), n]. For the
-    pass's records only: the product runs in bf16 (about 4x faster here; each figure is within a fraction of a
-    percent). Memory: `rows` rows at a time (a 7B gate/up pair is 37888 x 3584: one float32 product of all of
-    it and its copies would be several GiB)."""
-    hb = h.bfloat16()
+    pass's records only. float32 products: a bf16 GEMM is slow on CPUs without native bf16 (on the AMD EPYC
+    AVX2 host measured, one thread, [4096, 576] x [576, 576] took 35x as long in bf16 as in float32).
+    Memory: `rows` rows at a time (a 7B gate/up pair is 37888 x 3584: one float32 product of all of it and
+    its copies would be several GiB)."""
+    hf = h.float()
     out = torch.empty(len(ds), ds[0].shape[0])
     for i, d in enumerate(ds):
         for start in range(0, d.shape[0], rows):
-            x = d[start:start + rows]
-            out[i, start:start + x.shape[0]] = (torch.mm(x.bfloat16(), hb).float() * x).sum(-1)
+            x = d[start:start + rows].float()
+            out[i, start:start + x.shape[0]] = (torch.mm(x, hf) * x).sum(-1)
     return out
 
 

@@ -240,3 +240,16 @@ def test_compile_with_awq_writes_the_scaled_norms(tiny_models, calib_file, tmp_p
     assert torch.equal(tensors[norm], layer["input_layernorm.weight"])
     desc = json.loads((out / "quant_model_description.json").read_text())
     assert desc["group_size"] == 32 and desc[norm] == "FLOAT"
+
+
+def test_losses_use_float32_products_even_for_a_bf16_hessian():
+    """The search losses multiply in float32 (a bf16 GEMM is slow on CPUs without native bf16, and the former bf16
+    ranking rounded each product to 8 bits): a bf16 H is widened first, so the loss is exactly the float32 one."""
+    from qcompiler.passes.awq import quadratic_rows
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(16, 64, generator=g)
+    x = torch.randn(256, 64, generator=g)
+    hb = (x.T @ x).bfloat16()
+    want = ((d @ hb.float()) * d).sum(-1)
+    assert torch.equal(quadratic_rows(d, hb), want)
+    assert not torch.equal((torch.mm(d.bfloat16(), hb).float() * d).sum(-1), want)  # the bf16 product differs

@@ -14,6 +14,8 @@ Contract:
   inside `handle_signals()` such an `Interrupted` is caught by `sys.unraisablehook` and the signal is sent again
   from a helper thread, so the main thread gets it as soon as it is back in ordinary code.
 Limits: SIGKILL cannot be caught; stale temporary folders it leaves are found by outdir.py on the next run.
+Python runs the handler between bytecodes, so a signal waits for the running torch operation to return: at
+7B widths one bf16 matmul over a calibration batch took over a minute on an AVX2-only CPU (no native bf16).
 """
 import contextlib
 import os

@@ -533,3 +533,21 @@ class ThreadRanks:
             t.join()
         if errors:
             raise errors[0]
+
+
+def peak_in_subprocess(script: str) -> float:
+    """Run `script` (Python source that resets the peak RSS with /proc/self/clear_refs and prints a peak as the last
+    line of its output) in a fresh interpreter from the repository root, with glibc's mmap threshold fixed; returns that number. Skips the calling test
+    where /proc/self/clear_refs is absent (not Linux)."""
+    import os
+    import subprocess
+    import sys
+    import pytest
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    # a fixed mmap threshold: glibc's dynamic one moves with the order of frees, so freed temporaries sometimes stay
+    # in the heap and the peak read 0.1-2.0 units in runs of one script (the smooth search test); with it, 0.20-0.22
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    return float(out.strip().splitlines()[-1])

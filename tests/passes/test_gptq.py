@@ -20,7 +20,7 @@ from qcompiler.loading import open_checkpoint
 from qcompiler.passes import TAIL, LayerContext, PassManager, make_pass
 from qcompiler.passes.gptq import gptq_quantize, output_error
 from qcompiler.passes.weight_targets import WeightTarget, dequantize, weight_targets
-from tests.helpers import annotate
+from tests.helpers import annotate, peak_in_subprocess
 
 
 # ---- the algorithm on synthetic data ---------------------------------------------------------------
@@ -246,15 +246,7 @@ def test_gptq_holds_a_few_hessian_sized_buffers():
     """Peak memory of one GPTQ call above the caller's H, in units of H (float32 k x k): its own permuted copy,
     one float64 buffer for the factorizations (2), transients. The out-of-place float64 chain held ~13 (a 7B
     down_proj: 13 x 1.4 GiB; the compile was stopped at 21.9 GiB). Bound 6: the measured value is ~3-4."""
-    import subprocess
-    import sys
-    from pathlib import Path
-    if not Path("/proc/self/clear_refs").exists():
-        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
-    root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], cwd=root, capture_output=True, text=True,
-                         timeout=300, check=True).stdout
-    units = float(out.strip().splitlines()[-1])
+    units = peak_in_subprocess(_PEAK_SCRIPT)
     assert units < 6, f"gptq_quantize peaked at {units:.1f} x the Hessian's size"
 
 

@@ -1,15 +1,68 @@
-"""Shared fixtures: tiny random HF checkpoints (Llama / Qwen2 / Qwen3; Qwen3-MoE / Qwen2-MoE) and a calibration file.
+"""Shared fixtures: tiny random HF checkpoints (Llama / Qwen2 / Qwen3; Qwen3-MoE / Qwen2-MoE), a calibration file,
+the real SmolLM2; and how the suite runs on pytest-xdist (pyproject's addopts: `-n auto --dist loadgroup`).
 
 The builders live in tests/helpers.py (import helpers from there, never from test modules).
+
+pytest-xdist: the CPUs are shared out between the workers (torch threads per worker = CPUs // workers, set
+before torch is imported and passed to the CLI subprocesses through OMP_NUM_THREADS / QC_THREADS: N workers
+each running torch's default of all CPUs would oversubscribe them, and OpenMP threads spin while they wait).
+Every test file is one xdist group (its module fixtures are built once), unless the test names its own group
+(the e2e tests of one compiled artifact); groups listed in LONG_FIRST start first, so the long ones do not
+start last and leave one worker running alone. `-n 0` runs the suite in one process as before.
 """
 import os
 
-import pytest
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    os.environ.setdefault("OMP_NUM_THREADS", _THREADS)
+    os.environ.setdefault("QC_THREADS", _THREADS)
 
-import qcompiler.backends.ascend  # noqa: F401  the target the tests run: the qc ops' kernels, the "lower" pass
-from tests.helpers import make_tiny_model, write_calib_file
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import qcompiler.backends.ascend  # noqa: E402,F401  the target the tests run: the qc ops' kernels, the "lower" pass
+from tests.helpers import SHARED, make_tiny_model, smollm2_checkpoints, write_calib_file  # noqa: E402
 
 os.environ.setdefault("QC_NO_PROGRESS", "1")
+if _WORKERS > 1:
+    torch.set_num_threads(int(os.environ["QC_THREADS"]))  # in case a plugin imported torch before this file
+
+#: most workers `-n auto` starts: the long e2e groups bound the run's length, more workers only add start-up
+MAX_WORKERS = 8
+
+#: xdist groups that take minutes (`--durations`, CI's 2-core host), longest first; every other group follows in
+#: collection order. xdist hands groups out in that order (`--no-loadscope-reorder`), so this is longest-first
+#: scheduling of the long ones.
+LONG_FIRST = (
+    "e2e-artifact-w8a8",
+    "tests/test_distributed.py",
+    "e2e-artifact-qwen2",
+    "tests/test_resume.py",
+    "e2e-artifact-w8a8s",
+)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per CPU this process may run on (not xdist's physical-core count), at most
+    MAX_WORKERS."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the xdist_group marks into node ids
+def pytest_collection_modifyitems(config, items):
+    """Every test without an xdist_group mark joins its file's group; LONG_FIRST's groups move to the front."""
+    def group(item):
+        mark = item.get_closest_marker("xdist_group")
+        if mark is None:
+            name = item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(name))
+            return name
+        return mark.args[0] if mark.args else mark.kwargs.get("name", "default")
+
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    order = {id(item): rank.get(group(item), len(rank)) for item in items}
+    items.sort(key=lambda item: order[id(item)])  # stable: collection order within and after LONG_FIRST
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +89,12 @@ def model_copy(tiny_models, tmp_path):
     """A private copy of the tiny llama checkpoint that a test may corrupt."""
     import shutil
     return shutil.copytree(tiny_models["llama"], tmp_path / "model")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """{'llama': dir, 'qwen2': dir}: the real SmolLM2-135M (tests.helpers.smollm2_checkpoints); skips when
+    ../shared is absent."""
+    if not (SHARED / "models" / "get_models.py").is_file():
+        pytest.skip(f"needs ../shared ({SHARED / 'models' / 'get_models.py'} absent)")
+    return smollm2_checkpoints()

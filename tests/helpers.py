@@ -2,8 +2,8 @@
 
 Tiny random HF checkpoints (Llama / Qwen2 / Qwen3) with a real tokenizer: the tokenizer is a small
 byte-level BPE trained here on a fixed text (tokenizers library), so fast tests need neither the network
-nor ../shared. Real-model fixtures (SmolLM2 via ../shared/models/get_models.py) live in tests/e2e and skip
-when ../shared is absent.
+nor ../shared. The real SmolLM2 (../shared/models/get_models.py) is built by `smollm2_checkpoints` for the
+session fixture `smollm2` (tests/conftest.py), which skips when ../shared is absent.
 """
 import json
 from pathlib import Path
@@ -317,6 +317,25 @@ def assert_checker_clean(out: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------ the command line, in tests
+
+def smollm2_checkpoints() -> dict:
+    """{'llama': dir, 'qwen2': dir}: the real SmolLM2-135M in both architectures, built (once per machine) by
+    ../shared/models/get_models.py into $QC_MODELS (default ~/.cache/qc-models). The build runs under an
+    exclusive lock on a file beside that folder: under pytest-xdist every worker asks for it, and get_models.py
+    writes its files in place, so a second worker must wait for the first build instead of reading a half-written
+    one."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+    dest = Path(os.environ.get("QC_MODELS", str(Path.home() / ".cache" / "qc-models")))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        out = subprocess.run([sys.executable, str(SHARED / "models" / "get_models.py"), "--dest", str(dest)],
+                             check=True, capture_output=True, text=True).stdout.split()
+    return {"llama": Path(out[0]), "qwen2": Path(out[1])}
+
 
 #: calibration flags of the CLI tests' tiny compiles
 SMALL = ["--calib-samples", "2", "--seq-len", "32"]

@@ -9,9 +9,9 @@ import torch
 
 from qcompiler.calib_data import make_windows, read_texts, sample_windows_from_model
 from qcompiler.errors import QCError
+from tests.helpers import SHARED
 
-SHARED_CALIB = Path("/work/shared/data/calib")
-REAL_TOKENIZER = Path.home() / ".cache" / "qc-models" / "smollm2-135m"
+SHARED_CALIB = SHARED / "data" / "calib"  # ../shared beside the checkout, wherever it is cloned
 
 
 def _write(path: Path, text: str) -> Path:
@@ -146,11 +146,9 @@ def test_bad_window_arguments(seq_len, max_windows):
 
 
 @pytest.fixture(scope="module")
-def real_tokenizer():
-    if not (REAL_TOKENIZER / "tokenizer.json").is_file():
-        pytest.skip(f"real SmolLM2 tokenizer not built at {REAL_TOKENIZER} (run /work/shared/models/get_models.py)")
+def real_tokenizer(smollm2):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(REAL_TOKENIZER, trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(smollm2["llama"], trust_remote_code=False)
 
 
 def _sample_texts():

@@ -10,7 +10,6 @@ from qcompiler import model_zoo
 from qcompiler.errors import QCError
 from qcompiler.model_zoo import ALIASES, resolve_model_dir
 
-PREBUILT_LLAMA = Path.home() / ".cache" / "qc-models" / "smollm2-135m"  # from /work/shared/models/get_models.py
 
 
 @pytest.fixture()
@@ -90,12 +89,10 @@ def _check_qwen2_variant(llama_dir: Path, qwen_dir: Path):
     assert (qwen_dir / "tokenizer.json").read_bytes() == (llama_dir / "tokenizer.json").read_bytes()
 
 
-def test_qwen2_variant_is_derived_from_a_cached_llama_build(cache, monkeypatch):
-    if not (PREBUILT_LLAMA / "model.safetensors").is_file():
-        pytest.skip(f"no prebuilt llama at {PREBUILT_LLAMA} (run /work/shared/models/get_models.py)")
+def test_qwen2_variant_is_derived_from_a_cached_llama_build(cache, monkeypatch, smollm2):
     llama_dir = cache / "smollm2-135m"
     llama_dir.mkdir(parents=True)
-    for item in PREBUILT_LLAMA.iterdir():  # links: a copy of 270 MB would only cost time
+    for item in smollm2["llama"].iterdir():  # links: a copy of 270 MB would only cost time
         os.symlink(item, llama_dir / item.name)
     monkeypatch.setattr(model_zoo, "_convert_gguf", lambda *a: pytest.fail("the cached llama build was ignored"))
 

@@ -1,25 +1,13 @@
-"""Real-model fixtures shared by the e2e tests: SmolLM2-135M (built by ../shared/models/get_models.py), compiled
+"""Real-model fixtures shared by the e2e tests: SmolLM2-135M (the `smollm2` fixture of tests/conftest.py), compiled
 lazily and once per session per (arch, dtype, passes, target, extra args), so the conformance checker, the
-vLLM-Ascend loader check and the perplexity tests read the same artifacts. Skipped when ../shared is absent.
+vLLM-Ascend loader check and the perplexity tests read the same artifacts. Under pytest-xdist a session is one
+worker: the tests of one artifact share an xdist_group (tests/e2e/helpers.artifact_group), so it is compiled once.
+Skipped when ../shared is absent.
 Shared non-fixture code: tests/e2e/helpers.py."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from qcompiler.cli import main
 from tests.e2e.helpers import CALIB, first_layers, loader_runner
-from tests.helpers import SHARED
-
-
-@pytest.fixture(scope="session")
-def smollm2():
-    dest = os.environ.get("QC_MODELS", str(Path.home() / ".cache" / "qc-models"))
-    out = subprocess.run([sys.executable, str(SHARED / "models" / "get_models.py"), "--dest", dest],
-                         check=True, capture_output=True, text=True).stdout.split()
-    return {"llama": Path(out[0]), "qwen2": Path(out[1])}
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +42,6 @@ def compiled(smollm2, tmp_path_factory):
             cache[key] = out
         return cache[key]
     return get
-
 
 
 @pytest.fixture(scope="session")

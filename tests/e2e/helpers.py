@@ -21,6 +21,16 @@ LOADER = SHARED / "tools" / "loader_check" / "vllm_ascend_load.py"
 #: every e2e module: pytestmark = NEEDS_SHARED
 NEEDS_SHARED = pytest.mark.skipif(not (SHARED / "models" / "get_models.py").is_file(), reason="needs ../shared")
 
+#: the whole-model w8a8 artifacts (with and without down_proj in float) that test_smollm2.py evaluates and runs
+#: and test_engines_load.py loads: their tests run in one pytest-xdist worker, which compiles them once
+SMOLLM2_W8A8 = ("w8a8", "w8a8-down-float")
+
+
+def artifact_group(name: str):
+    """The xdist_group mark of the tests that read the e2e artifact `name` (test_engines_load.ARTIFACTS): the
+    `compiled` fixture's cache is per process, so tests of one artifact in two workers would compile it twice."""
+    return pytest.mark.xdist_group("e2e-artifact-w8a8" if name in SMOLLM2_W8A8 else f"e2e-artifact-{name}")
+
 
 def run_checker(out: Path) -> tuple[int, str]:
     r = subprocess.run([sys.executable, str(CHECKER), str(out)], capture_output=True, text=True)

@@ -16,7 +16,7 @@ import json
 import pytest
 
 from qcompiler.backends.ascend.engines import expected_loader_exit, features_of_artifact
-from tests.e2e.helpers import NEEDS_SHARED, run_checker
+from tests.e2e.helpers import NEEDS_SHARED, artifact_group, run_checker
 
 pytestmark = NEEDS_SHARED
 
@@ -27,7 +27,7 @@ CUT = 2          # SmolLM2's first 2 decoder layers
 #: name: (arch, dtype, passes, target, calibration, layers, extra args, vLLM-Ascend releases to load it with)
 ARTIFACTS = {
     # the artifacts test_smollm2.py evaluates and runs
-    "w8a8": ("llama", "bfloat16", "w8a8", "ascend910b", FULL, WHOLE, (), ("0.23.0",)),
+    "w8a8": ("llama", "bfloat16", "w8a8", "ascend910b", FULL, WHOLE, (), ("0.23.0",)),  # helpers.SMOLLM2_W8A8
     "w8a8-down-float": ("llama", "bfloat16", "w8a8", "ascend910b", FULL, WHOLE, ("--exclude", r"mlp\.down_proj"),
                         ("0.23.0",)),
     # the whole Qwen2-architecture model (q/k/v biases)
@@ -47,7 +47,8 @@ ARTIFACTS = {
     "w8a8s": ("llama", "float16", "sparse:ratio=0.5,w8a8s", "ascend310p", SMALL, CUT, (), ("0.23.0",)),
     "fa3": ("llama", "bfloat16", "w8a8,fa3", "ascend910b", SMALL, CUT, (), ("0.23.0",)),
 }
-CASES = [(name, engine) for name, spec in ARTIFACTS.items() for engine in spec[-1]]
+CASES = [pytest.param(name, engine, id=f"{name}-{engine}", marks=artifact_group(name))
+         for name, spec in ARTIFACTS.items() for engine in spec[-1]]
 
 
 def _artifact(compiled, name):
@@ -55,7 +56,7 @@ def _artifact(compiled, name):
     return compiled(arch, dtype, *extra, passes=passes, target=target, calib=calib, layers=layers)
 
 
-@pytest.mark.parametrize("name,engine", CASES, ids=[f"{n}-{e}" for n, e in CASES])
+@pytest.mark.parametrize("name,engine", CASES)
 def test_vllm_ascend_loader_and_checker_agree(compiled, loader_check, name, engine):
     out = _artifact(compiled, name)
     if engine == ARTIFACTS[name][-1][0]:  # the checker and the file layout once per artifact
@@ -70,6 +71,7 @@ def test_vllm_ascend_loader_and_checker_agree(compiled, loader_check, name, engi
         assert "UNSUPPORTED BY ENGINE" in text and "FAIL" not in text, text[-3000:]
 
 
+@artifact_group("w8a8s")
 def test_w8a8s_artifact_has_exactly_the_310p_scheme_tensors(compiled):
     """vLLM-Ascend's 310P W8A8S scheme creates weight, input_scale, input_offset, quant_bias, deq_scale (and the
     Linear's bias) and aborts on anything else (_310p/quantization/methods/w8a8_base.py)."""

@@ -8,9 +8,9 @@ tests/e2e/conftest.py. Skipped when ../shared is absent.
 import json
 
 from qcompiler.cli import main
-from tests.e2e.helpers import EVAL, NEEDS_SHARED
+from tests.e2e.helpers import EVAL, NEEDS_SHARED, SMOLLM2_W8A8, artifact_group
 
-pytestmark = NEEDS_SHARED
+pytestmark = [NEEDS_SHARED, artifact_group(SMOLLM2_W8A8[0])]
 
 
 def _ppl(capsys, model, windows=8):

@@ -658,18 +658,42 @@ def quant_matmul_pergroup_prepared(
     x: Tensor, wg: Tensor, st: Tensor, pertoken_scale: Tensor, output_dtype: torch.dtype
 ) -> Tensor:
     """`quant_matmul_pergroup` with `wg, st = pergroup_operands(...)` computed beforehand; x: int8 codes or
-    the float32 codes of `dynamic_quant_codes` (widened to the exact accumulation dtype either way)."""
+    the float32 codes of `dynamic_quant_codes` (widened to the exact accumulation dtype either way).
+
+    wg may also be the `rowwise_codes` layout [k, n + 8] of the unpacked weight (what layouts.py prepares: 1 byte
+    a weight instead of 4): up to ROWWISE_MAX_ROWS token rows the exact group sums then come from the row-wise
+    kernel, one bag per group (integers <= group_size * 128 * 8, exact as in `exact_product_f32`), else the
+    weight is widened to [G, group_size, n] per call. Either way the same exact group sums, scaled and summed
+    over the groups in the same order."""
     if x.dtype not in (torch.int8, torch.float32):
         raise ValueError(f"quant_matmul_pergroup: x must be int8 codes, got {x.dtype}")
-    groups, group_size, n = wg.shape
-    k = groups * group_size
+    rowwise = wg.dtype == torch.uint8
+    if rowwise:
+        k, n = _weight_k_n(wg)
+        groups = st.shape[0]
+        group_size = k // groups
+        _check_groups(k, groups, group_size)
+    else:
+        groups, group_size, n = wg.shape
+        k = groups * group_size
     if x.shape[-1] != k:
         raise ValueError(f"quant_matmul_pergroup: x [..., {x.shape[-1]}] vs {groups} groups of {group_size}")
-    acc_dtype = _pergroup_acc_dtype()
-    if wg.dtype != acc_dtype:  # matmul precision changed since the operands were prepared
-        wg = wg.to(acc_dtype)
     rows = math.prod(x.shape[:-1])
     xf = x.reshape(rows, k)
+    if (rowwise and rows <= ROWWISE_MAX_ROWS and group_size <= qn.F32_EXACT_K and x.device.type == "cpu"
+            and _rowwise_kernel_is_exact()):
+        acc = _rowwise_bag(xf.float(), wg, group_size).view(rows, groups, n).mul_(st.view(groups, n))
+        parts = acc.unbind(1)  # one call for the G views (a decode step folds ~4500 groups)
+        y = parts[0]
+        for part in parts[1:]:
+            y.add_(part)
+        y.mul_(pertoken_scale.float().reshape(rows, 1))
+        return y.to(output_dtype).reshape(*x.shape[:-1], n)
+    acc_dtype = _pergroup_acc_dtype()
+    if rowwise:
+        wg = wg[:, :-8].to(acc_dtype).sub_(128).reshape(groups, group_size, n)
+    elif wg.dtype != acc_dtype:  # matmul precision changed since the operands were prepared
+        wg = wg.to(acc_dtype)
     y = torch.empty(rows, n, dtype=torch.float32, device=x.device)
     for r0 in range(0, rows, _PERGROUP_ROWS):
         xs = xf[r0:r0 + _PERGROUP_ROWS].to(acc_dtype).reshape(-1, groups, group_size).transpose(0, 1)

@@ -9,7 +9,7 @@ dispatch costs ~10 us, and a decoded token makes 200+ such calls):
 |---|---|---|
 | qc.weight_quant_matmul (W8A16, W4A16) | `dequantize_weight(...)` [n, k] in x's dtype; bias in x's dtype | `weight_quant_matmul_prepared` |
 | qc.quant_matmul_pertoken (W8A8/W4A8_DYNAMIC) | weight unpacked to int8 and held row-wise (`kernels.rowwise_codes`: uint8 [k, n + 8]); weight_scale f32 [n]; bias f32 | `quant_matmul_pertoken_prepared` |
-| qc.quant_matmul_pergroup (W4A8_DYNAMIC per-group) | int4 unpacked to [G, g, n] in the exact float dtype (`pergroup_operands_packed`); two-stage scale [G, 1, n] | `quant_matmul_pergroup_prepared` |
+| qc.quant_matmul_pergroup (W4A8_DYNAMIC per-group) | int4 unpacked to int8 and held row-wise (`kernels.rowwise_codes`); two-stage scale [G, 1, n] | `quant_matmul_pergroup_prepared` |
 | qc.quant_matmul (W8A8 static) | weight row-wise (`kernels.rowwise_codes`); deq_scale decoded to f32; quant_bias in its accumulator dtype, and as f32 where `kernels.exact_bias_fits` | `quant_matmul_prepared` |
 | qc.quantize | f32 reciprocal `dtype(1 / dtype(s))`; f32 offset | `quantize_prepared` (`quantize_codes` when only prepared matmuls read its codes) |
 | qc.dynamic_quant | none | `dynamic_quant` (`dynamic_quant_codes` when only prepared matmuls read its codes) |
@@ -140,15 +140,12 @@ class _Preparer:
         k = tw.shape[1]
         scale = kernels.two_stage_scale(tws, tws2, out_dtype)
 
-        done: list = []
-
-        def operands():  # computed at most once: the weight and the scale come from one call
-            if not done:
-                done.append(kernels.pergroup_operands_packed(tw, scale, group_size))
-            return done[0]
-        wg = self.attr(node, f"pergroup_weight:g={group_size}", [w.target], lambda: operands()[0])
+        n = scale.shape[0]
+        kernels._check_groups(k, scale.shape[1], group_size)
+        wg = self.attr(node, "rowwise_codes", [w.target], lambda: kernels.rowwise_codes(
+            kernels.unpack_weight(tw, kernels.PACK_INT4_N, n, k)))
         st = self.attr(node, f"pergroup_scale:{out_dtype}:g={group_size}", [ws.target, ws2.target],
-                       lambda: operands()[1])
+                       lambda: scale.t().contiguous().unsqueeze(1))
         self.replace(node, kernels.quant_matmul_pergroup_prepared, (xq, wg, st, s, out_dtype))
 
     def static(self, node) -> None:

@@ -141,3 +141,24 @@ def test_lowered_matmul_precision_takes_the_integer_path():
             assert _same_bits(got, want)
     finally:
         torch.set_float32_matmul_precision(old)
+
+
+@pytest.mark.parametrize("rows", [1, K.ROWWISE_MAX_ROWS, 40])
+@pytest.mark.parametrize("n,k,group", [(24, 576, 32), (7, 1536, 256), (10, 64, 64)])
+def test_prepared_pergroup_matmul_from_the_rowwise_layout_equals_the_op(rows, n, k, group):
+    """W4A8_DYNAMIC per-group: the row-wise layout (group sums from the row-wise kernel up to ROWWISE_MAX_ROWS
+    rows, else widened per call) gives the op's bits (kernels.quant_matmul_pergroup, the spec's order)."""
+    from qcompiler.backends.ascend.int4 import pack_int4
+    g = torch.Generator().manual_seed(rows * n + k)
+    w = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    w[0], w[1] = -8, 7
+    packed = pack_int4(w, dim=0)
+    ws, ws2 = torch.rand(n, 1, generator=g), torch.rand(n, k // group, generator=g)
+    xb = (torch.randn(rows, k, generator=g) * 5).to(torch.bfloat16)
+    q, s = K.dynamic_quant(xb)
+    codes, _ = K.dynamic_quant_codes(xb)
+    want = K.quant_matmul_pergroup(q, packed, ws, ws2, s, group, torch.bfloat16)
+    st = K.two_stage_scale(ws, ws2, torch.bfloat16).t().contiguous().unsqueeze(1)
+    for x in (q, codes):
+        got = K.quant_matmul_pergroup_prepared(x, K.rowwise_codes(w), st, s, torch.bfloat16)
+        assert _same_bits(got, want)

@@ -126,7 +126,7 @@ def test_prepared_tensors_equal_the_artifact(compiled):
     desc = json.loads((compiled / "quant_model_description.json").read_text())
     quant = desc["model_quant_type"]
     expect = {"W8A8": {"rowwise_codes", "deq_scale_f32", "quant_bias_acc", "reciprocal_f32", "offset_f32"},
-              "W8A8_DYNAMIC": {"rowwise_codes", "weight_scale_f32"}, "W4A8_DYNAMIC": {"pergroup_weight", "pergroup_scale"},
+              "W8A8_DYNAMIC": {"rowwise_codes", "weight_scale_f32"}, "W4A8_DYNAMIC": {"rowwise_codes", "pergroup_scale"},
               "W8A16": {"dequantized_weight"}, "W4A16": {"dequantized_weight"}}[quant]
     assert expect <= kinds, (quant, kinds)
 

@@ -136,6 +136,150 @@ def int_matmul(x: Tensor, weight: Tensor) -> Tensor:
     return int_matmul_ref(x, weight)
 
 
+#: the largest k the exact float32 product takes: one slice of k <= F32_EXACT_K, or two (see `exact_product_f32`)
+EXACT_F32_MAX_K = 2 * qn.F32_EXACT_K
+_F32_EXACT_INT = 2 ** 24  # float32 holds every integer of magnitude <= 2**24
+_ZEROS: dict = {}  # n -> float32 zeros [n]: the +0 start of every exact product (signed zero, see below)
+
+
+def exact_slice_width(k: int) -> int:
+    """Width of the first (largest) k-slice `exact_product_f32` sums: k, or ceil(k / 2) past F32_EXACT_K."""
+    return k if k <= qn.F32_EXACT_K else -(-k // 2)
+
+
+def exact_bias_fits(k: int, bias: Tensor) -> bool:
+    """True when an integer bias can be added inside `exact_product_f32`'s first slice: every partial sum
+    |bias| + exact_slice_width(k) * 128 * 128 stays within float32's exact integers (depends on no activation:
+    layouts.py decides once at load)."""
+    bias_max = int(bias.to(torch.int64).abs().max()) if bias.numel() else 0
+    return k <= EXACT_F32_MAX_K and bias_max + exact_slice_width(k) * _MAX_PRODUCT <= _F32_EXACT_INT
+
+
+def _weight_k_n(weight: Tensor) -> tuple[int, int]:
+    """(k, n) of an int8 weight [n, k] or of its `rowwise_codes` layout [k, n + 8]."""
+    if weight.dtype == torch.uint8:
+        return weight.shape[0], weight.shape[1] - 8
+    return weight.shape[1], weight.shape[0]
+
+
+def exact_product_applies(x: Tensor, k: int) -> bool:
+    """`exact_product_f32` gives the exact result here: CPU, IEEE float32 matmuls, k <= EXACT_F32_MAX_K."""
+    return x.device.type == "cpu" and k <= EXACT_F32_MAX_K and qn._float32_matmul_is_ieee()
+
+
+# Row-wise weight codes: the int8 weight [n, k] held as uint8 [k, n + 8], row j = W[:, j] + 128 followed by the
+# float32 bytes of 1.0 and -128.0: fbgemm's "8-bit fused row-wise" layout (data, float32 scale, float32 bias), so
+# `torch.ops.quantized.embedding_bag_byte_rowwise_offsets` with the activation codes as per-sample weights is a
+# matrix-vector product that reads the int8-sized weight directly (decode: 2-3x faster on this AVX2 host than
+# widening the weight to float32 and calling a float32 GEMM; `qnumerics.int8_matmul`). Same bytes per weight as
+# the int8 layout (+ 8 per k).
+_ROWWISE_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)
+#: token rows up to which the row-wise kernel is used (measured: 1 row 0.09 ms vs 0.25 ms for [576] x [576, 1536];
+#: it re-reads the weight per row, so from ~8 rows the float32 GEMM is faster)
+ROWWISE_MAX_ROWS = 4
+_ROWWISE_OK: list = []  # [bool] once checked (`_rowwise_kernel_is_exact`)
+_BAGS: dict = {}  # (k, rows, step) -> (indices, offsets) int32
+
+
+def rowwise_codes(weight: Tensor) -> Tensor:
+    """uint8 [k, n + 8] row-wise layout (above) of an int8 weight [n, k]; `rowwise_weight` inverts it."""
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise ValueError(f"rowwise_codes takes an int8 [n, k] weight, got {weight.dtype} {tuple(weight.shape)}")
+    k = weight.shape[1]
+    q = (weight.t().to(torch.int16) + 128).to(torch.uint8)
+    return torch.cat([q, _ROWWISE_TAIL.expand(k, 8)], 1).contiguous()
+
+
+def rowwise_weight(packed: Tensor) -> Tensor:
+    """The int8 weight [n, k] (a transposed view) of a `rowwise_codes` layout."""
+    return (packed[:, :-8].to(torch.int16) - 128).to(torch.int8).t()
+
+
+def _widened(weight: Tensor, k0: int, k1: int) -> Tensor:
+    """float32 [k1 - k0, n]: the weight codes of k-slice [k0, k1) from int8 [n, k] or a row-wise layout."""
+    if weight.dtype == torch.uint8:
+        return weight[k0:k1, :-8].float().sub_(128)  # exact: integers in [0, 255] - 128
+    return weight[:, k0:k1].t().float()
+
+
+def _rowwise_bag(codes_f32: Tensor, packed: Tensor, step: int) -> Tensor:
+    """float32 [rows * slices, n]: for every token row, the exact sums over each k-slice of width `step`."""
+    rows, k = codes_f32.shape
+    key = (k, rows, step)
+    bag = _BAGS.get(key)
+    if bag is None:
+        starts = [r * k + k0 for r in range(rows) for k0 in range(0, k, step)]
+        bag = _BAGS[key] = (torch.arange(k, dtype=torch.int32).repeat(rows), torch.tensor(starts, dtype=torch.int32))
+    return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+        packed, bag[0], bag[1], False, 0, False, codes_f32.reshape(-1), None, False)
+
+
+def _rowwise_kernel_is_exact() -> bool:
+    """Checked once per process: the row-wise kernel returns the exact integer sums, +0 for zero, on codes at
+    the int8 extremes with k at the slice limit (fbgemm's kernel, src/EmbeddingSpMDM.cc and its autovec /
+    reference twins, computes `out = fma(scale * w, q, out + bias * w)` from out = +0: with scale 1, bias -128,
+    w = x each step adds the exact integer x * (q - 128), every partial sum an integer <= k * 2**14 <= 2**24,
+    so every operation is exact and the result is +0 for zero). Any other kernel (another build, platform or
+    version) that disagrees here is not used: the float32 GEMM runs instead."""
+    if not _ROWWISE_OK:
+        ok = False
+        try:
+            g = torch.Generator().manual_seed(0)
+            k = qn.F32_EXACT_K
+            w = torch.randint(-128, 128, (19, k), generator=g, dtype=torch.int8)
+            w[:4] = torch.tensor([-128, 127, -128, 0], dtype=torch.int8)[:, None]
+            x = torch.randint(-128, 128, (3, k), generator=g, dtype=torch.int8)
+            x[0], x[1] = -128, 127
+            x[2] = x[2].clamp(min=-127)
+            x[2, : k // 2] = -x[2, k // 2:]  # exact zero sums against the constant rows 0-3
+            got = _rowwise_bag(x.float(), rowwise_codes(w), k)
+            want = int_matmul_ref(x, w).to(torch.float32)
+            ok = bool(torch.equal(got, want)) and not bool(torch.signbit(got[got == 0]).any()) and bool(
+                (got[2, 3] == 0).item())
+        except Exception:  # noqa: BLE001 - no quantized engine in this build: the GEMM path runs
+            ok = False
+        _ROWWISE_OK.append(ok)
+    return _ROWWISE_OK[0]
+
+
+def exact_product_f32(codes: Tensor, weight: Tensor, bias_f32: Tensor | None = None) -> Tensor:
+    """float32 [rows, n] equal, bit for bit, to `f32(x @ W.T (+ bias))` with the integer sum exact, i.e. to
+    the int32/int64 accumulator of `int_matmul` (+ the integer bias) converted to float32, when
+    `exact_product_applies(codes, k)` (and `exact_bias_fits(k, bias)` for a bias).
+
+    codes: the activation codes [rows, k] as int8 or as integer-valued float32 (|code| <= 128, what
+    `dynamic_quant_codes` / `quantize_codes` return); weight: int8 [n, k], or its `rowwise_codes` layout,
+    which up to ROWWISE_MAX_ROWS rows runs the row-wise kernel (above) instead of widening the weight.
+    Why exact: every product of two codes is an integer of magnitude <= 2**14 and every partial sum of the
+    first k-slice (bias + at most exact_slice_width(k) products) or of the second stays an integer <= 2**24, so
+    every float32 operation, in any order or blocking, with or without fma, is exact. With one slice the result
+    is that integer. With two, `a + b` is one float32 addition of two exact integers: IEEE rounds the exact sum
+    once, to nearest even, exactly as the int -> float32 conversion of the exact integer does (the bias joins the
+    first slice, so there is still one rounding). Signed zero: every sum starts from +0 (`addmm`'s input, the
+    row-wise kernel's accumulator) or the bias, and an IEEE sum with a +0 term is never -0, so an exact zero is
+    +0 as `f32(int 0)` is (a plain mm could return -0 from products like -3 * 0).
+    tests/backends/ascend/test_exact_product.py checks all of this bit for bit on adversarial codes."""
+    rows, k = codes.shape
+    xf = codes if codes.dtype == torch.float32 else codes.float()
+    step = exact_slice_width(k)
+    if weight.dtype == torch.uint8 and rows <= ROWWISE_MAX_ROWS and _rowwise_kernel_is_exact():
+        acc = _rowwise_bag(xf, weight, step)
+        if step == k:
+            return acc if bias_f32 is None else acc.add_(bias_f32)
+        acc = acc.view(rows, 2, -1)
+        first = acc[:, 0] if bias_f32 is None else acc[:, 0].add(bias_f32)
+        return first.add(acc[:, 1])
+    n = weight.shape[1] - 8 if weight.dtype == torch.uint8 else weight.shape[0]
+    if bias_f32 is None:
+        bias_f32 = _ZEROS.get(n)
+        if bias_f32 is None:
+            bias_f32 = _ZEROS[n] = torch.zeros(n)
+    if step == k:
+        return torch.addmm(bias_f32, xf, _widened(weight, 0, k))
+    acc = torch.addmm(bias_f32, xf[:, :step], _widened(weight, 0, step))
+    return acc.add_(torch.mm(xf[:, step:], _widened(weight, step, k)))
+
+
 # --------------------------------------------------------------------------------------------------
 # qc::quantize
 
@@ -163,6 +307,21 @@ def quantize_prepared(x: Tensor, recip: Tensor, offset: Tensor) -> Tensor:
         y.add_(offset).round_().clamp_(-128, 127)
         out[start:start + step] = y
     return out.reshape(x.shape)
+
+
+def quantize_codes(x: Tensor, recip: Tensor, offset: Tensor) -> Tensor:
+    """`quantize_prepared`'s codes without the int8 cast, as the float32 integers they are, when x has at most
+    ROW_CHUNK_ELEMENTS elements (decode, short prefill); else its int8 result. Same operations, same values:
+    for the prepared matmuls, which take either (layouts.py routes a quantize here when they are its only users)."""
+    if x.numel() <= ROW_CHUNK_ELEMENTS or x.dim() < 1:
+        y = torch.mul(x, recip)
+        return y.add_(offset).round_().clamp_(-128, 127)
+    return quantize_prepared(x, recip, offset)
+
+
+def _int8_codes(codes: Tensor) -> Tensor:
+    """int8 codes from int8 or from the integer-valued float32 of `*_codes` (exact: integers in [-128, 127])."""
+    return codes if codes.dtype == torch.int8 else codes.to(torch.int8)
 
 
 def quantize(x: Tensor, input_scale: Tensor, input_offset: Tensor) -> Tensor:
@@ -193,22 +352,34 @@ def quant_bias_accumulator(k: int, quant_bias: Tensor) -> Tensor:
 
 
 def quant_matmul_prepared(
-    x: Tensor, weight: Tensor, deq_scale_f32: Tensor, quant_bias_acc: Tensor, output_dtype: torch.dtype
+    x: Tensor, weight: Tensor, deq_scale_f32: Tensor, quant_bias_acc: Tensor, output_dtype: torch.dtype,
+    quant_bias_f32: Tensor | None = None,
 ) -> Tensor:
     """`quant_matmul` with `deq_scale_f32 = decode_deq_scale(deq_scale)` and `quant_bias_acc =
-    quant_bias_accumulator(k, quant_bias)` computed beforehand (layouts.py does it once at load)."""
-    k, n = weight.shape[1], weight.shape[0]
-    x2 = x.reshape(math.prod(x.shape[:-1]), k)
-    out = torch.empty(x2.shape[0], n, dtype=output_dtype)
-    step = _chunk_rows(x2.shape[0], n)
-    for start in range(0, x2.shape[0], step):  # token rows in chunks: bounds the int32 accumulator
-        acc = int_matmul(x2[start:start + step], weight)
+    quant_bias_accumulator(k, quant_bias)` computed beforehand (layouts.py does it once at load); x: int8 codes
+    or the float32 codes of `quantize_codes`; weight: int8 [n, k] or its `rowwise_codes` layout. `quant_bias_f32` (the bias as float32, given only when
+    `exact_bias_fits(k, quant_bias)`): the product and the bias come from `exact_product_f32`, which equals
+    f32(the exact integer sum) bit for bit, so `* deq_scale` rounds the same float32 value."""
+    k, n = _weight_k_n(weight)
+    rows = math.prod(x.shape[:-1])
+    x2 = x.reshape(rows, k)
+    out = torch.empty(rows, n, dtype=output_dtype)
+    exact = quant_bias_f32 is not None and exact_product_applies(x, k)
+    if not exact and weight.dtype == torch.uint8:
+        weight = rowwise_weight(weight)
+    step = _chunk_rows(rows, n)
+    for start in range(0, rows, step):  # token rows in chunks: bounds the accumulator
+        xs, os = (x2, out) if rows <= step else (x2[start:start + step], out[start:start + step])
+        if exact:
+            torch.mul(exact_product_f32(xs, weight, quant_bias_f32), deq_scale_f32, out=os)
+            continue
+        acc = int_matmul(_int8_codes(xs), weight)
         if acc.dtype == torch.int32 and quant_bias_acc.dtype != torch.int32:
             acc = acc.to(torch.int64)
         acc.add_(quant_bias_acc)
         # int * float32 promotes inside one kernel (same int -> float32 rounding as .to(float32)) and the
         # out= store rounds float32 -> output dtype exactly like .to(): one memory pass instead of three.
-        torch.mul(acc, deq_scale_f32, out=out[start:start + step])
+        torch.mul(acc, deq_scale_f32, out=os)
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -247,6 +418,19 @@ def dynamic_quant_ref(x: Tensor) -> tuple[Tensor, Tensor]:
     s = torch.where(s == 0, torch.ones_like(s), s)  # all-zero rows quantize to zeros with scale 1
     y = torch.round(xf / s.unsqueeze(-1)).clamp(-128, 127).to(torch.int8)
     return y, s
+
+
+def dynamic_quant_codes(x: Tensor) -> tuple[Tensor, Tensor]:
+    """`dynamic_quant` with the codes left as the float32 integers they are (no int8 cast) when x has at most
+    ROW_CHUNK_ELEMENTS elements (decode, short prefill); else `dynamic_quant` itself. Same operations, same
+    values: for the prepared matmuls, which take either (layouts.py routes a dynamic_quant here when they are the
+    only users of its codes)."""
+    _check_dynamic_input(x)
+    if x.numel() > ROW_CHUNK_ELEMENTS:
+        return dynamic_quant(x)
+    s = x.abs().amax(dim=-1).float().div_(127)
+    s.masked_fill_(s == 0, 1.0)
+    return torch.div(x, s.unsqueeze(-1)).round_().clamp_(-128, 127), s
 
 
 def dynamic_quant(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -332,24 +516,37 @@ def quant_matmul_pertoken_prepared(
     output_dtype: torch.dtype,
 ) -> Tensor:
     """`quant_matmul_pertoken` with the weight unpacked to int8 [n, k] and `weight_scale_f32, bias_f32 =
-    pertoken_operands(...)` computed beforehand (layouts.py does it once at load).
+    pertoken_operands(...)` computed beforehand (layouts.py does it once at load); x: int8 codes or the float32
+    codes of `dynamic_quant_codes`; weight_int8: int8 [n, k] or its `rowwise_codes` layout.
 
-    Same float32 operations in the same order as the reference epilogue, fewer memory passes: int32 *
-    float32 promotes inside one kernel (the same int -> float32 rounding as `.to(float32)`), the second
-    product and the bias run in place, and without a bias the last product stores straight into the
+    Same float32 operations in the same order as the reference epilogue, fewer memory passes: the product is
+    `exact_product_f32` (float32 equal to f32(exact integer)) where it applies, else int32 from `int_matmul`
+    (int32 * float32 promotes inside one kernel: the same int -> float32 rounding as `.to(float32)`); the
+    second product and the bias run in place, and without a bias the last product stores straight into the
     output dtype (the same float32 -> dtype rounding as `.to()`)."""
-    k, n = weight_int8.shape[1], weight_int8.shape[0]
-    x2 = x.reshape(math.prod(x.shape[:-1]), k)
+    k, n = _weight_k_n(weight_int8)
+    rows = math.prod(x.shape[:-1])
+    x2 = x.reshape(rows, k)
     scale = pertoken_scale.float().reshape(-1, 1)
-    out = torch.empty(x2.shape[0], n, dtype=output_dtype)
-    step = _chunk_rows(x2.shape[0], n)
-    for start in range(0, x2.shape[0], step):  # token rows in chunks: bounds the int32 / float32 temporaries
-        rows = slice(start, start + step)
-        y = torch.mul(int_matmul(x2[rows], weight_int8), weight_scale_f32)
-        if bias_f32 is None:
-            torch.mul(y, scale[rows], out=out[rows])
+    out = torch.empty(rows, n, dtype=output_dtype)
+    exact = exact_product_applies(x, k)
+    if not exact and weight_int8.dtype == torch.uint8:
+        weight_int8 = rowwise_weight(weight_int8)
+    step = _chunk_rows(rows, n)
+    for start in range(0, rows, step):  # token rows in chunks: bounds the int32 / float32 temporaries
+        if rows <= step:  # one chunk (decode): no slicing
+            xs, ss, os = x2, scale, out
         else:
-            out[rows] = y.mul_(scale[rows]).add_(bias_f32)
+            r = slice(start, start + step)
+            xs, ss, os = x2[r], scale[r], out[r]
+        if exact:
+            y = exact_product_f32(xs, weight_int8).mul_(weight_scale_f32)
+        else:
+            y = torch.mul(int_matmul(_int8_codes(xs), weight_int8), weight_scale_f32)
+        if bias_f32 is None:
+            torch.mul(y, ss, out=os)
+        else:
+            os.copy_(y.mul_(ss).add_(bias_f32))
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -460,18 +657,43 @@ def pergroup_operands_packed(packed: Tensor, scale: Tensor, group_size: int) -> 
 def quant_matmul_pergroup_prepared(
     x: Tensor, wg: Tensor, st: Tensor, pertoken_scale: Tensor, output_dtype: torch.dtype
 ) -> Tensor:
-    """`quant_matmul_pergroup` with `wg, st = pergroup_operands(...)` computed beforehand."""
-    if x.dtype != torch.int8:
-        raise ValueError(f"quant_matmul_pergroup: x must be int8, got {x.dtype}")
-    groups, group_size, n = wg.shape
-    k = groups * group_size
+    """`quant_matmul_pergroup` with `wg, st = pergroup_operands(...)` computed beforehand; x: int8 codes or
+    the float32 codes of `dynamic_quant_codes` (widened to the exact accumulation dtype either way).
+
+    wg may also be the `rowwise_codes` layout [k, n + 8] of the unpacked weight (what layouts.py prepares: 1 byte
+    a weight instead of 4): up to ROWWISE_MAX_ROWS token rows the exact group sums then come from the row-wise
+    kernel, one bag per group (integers <= group_size * 128 * 8, exact as in `exact_product_f32`), else the
+    weight is widened to [G, group_size, n] per call. Either way the same exact group sums, scaled and summed
+    over the groups in the same order."""
+    if x.dtype not in (torch.int8, torch.float32):
+        raise ValueError(f"quant_matmul_pergroup: x must be int8 codes, got {x.dtype}")
+    rowwise = wg.dtype == torch.uint8
+    if rowwise:
+        k, n = _weight_k_n(wg)
+        groups = st.shape[0]
+        group_size = k // groups
+        _check_groups(k, groups, group_size)
+    else:
+        groups, group_size, n = wg.shape
+        k = groups * group_size
     if x.shape[-1] != k:
         raise ValueError(f"quant_matmul_pergroup: x [..., {x.shape[-1]}] vs {groups} groups of {group_size}")
-    acc_dtype = _pergroup_acc_dtype()
-    if wg.dtype != acc_dtype:  # matmul precision changed since the operands were prepared
-        wg = wg.to(acc_dtype)
     rows = math.prod(x.shape[:-1])
     xf = x.reshape(rows, k)
+    if (rowwise and rows <= ROWWISE_MAX_ROWS and group_size <= qn.F32_EXACT_K and x.device.type == "cpu"
+            and _rowwise_kernel_is_exact()):
+        acc = _rowwise_bag(xf.float(), wg, group_size).view(rows, groups, n).mul_(st.view(groups, n))
+        parts = acc.unbind(1)  # one call for the G views (a decode step folds ~4500 groups)
+        y = parts[0]
+        for part in parts[1:]:
+            y.add_(part)
+        y.mul_(pertoken_scale.float().reshape(rows, 1))
+        return y.to(output_dtype).reshape(*x.shape[:-1], n)
+    acc_dtype = _pergroup_acc_dtype()
+    if rowwise:
+        wg = wg[:, :-8].to(acc_dtype).sub_(128).reshape(groups, group_size, n)
+    elif wg.dtype != acc_dtype:  # matmul precision changed since the operands were prepared
+        wg = wg.to(acc_dtype)
     y = torch.empty(rows, n, dtype=torch.float32, device=x.device)
     for r0 in range(0, rows, _PERGROUP_ROWS):
         xs = xf[r0:r0 + _PERGROUP_ROWS].to(acc_dtype).reshape(-1, groups, group_size).transpose(0, 1)

@@ -8,13 +8,17 @@ dispatch costs ~10 us, and a decoded token makes 200+ such calls):
 | node | prepared tensors (module attributes `prepared_N`) | kernel called |
 |---|---|---|
 | qc.weight_quant_matmul (W8A16, W4A16) | `dequantize_weight(...)` [n, k] in x's dtype; bias in x's dtype | `weight_quant_matmul_prepared` |
-| qc.quant_matmul_pertoken (W8A8/W4A8_DYNAMIC) | weight unpacked to int8 [n, k]; weight_scale f32 [n]; bias f32 | `quant_matmul_pertoken_prepared` |
-| qc.quant_matmul_pergroup (W4A8_DYNAMIC per-group) | int4 unpacked to [G, g, n] in the exact float dtype (`pergroup_operands_packed`); two-stage scale [G, 1, n] | `quant_matmul_pergroup_prepared` |
-| qc.quant_matmul (W8A8 static) | deq_scale decoded to f32; quant_bias in its accumulator dtype | `quant_matmul_prepared` |
-| qc.quantize | f32 reciprocal `dtype(1 / dtype(s))`; f32 offset | `quantize_prepared` |
-| qc.dynamic_quant, attention ops | none | their kernels |
+| qc.quant_matmul_pertoken (W8A8/W4A8_DYNAMIC) | weight unpacked to int8 and held row-wise (`kernels.rowwise_codes`: uint8 [k, n + 8]); weight_scale f32 [n]; bias f32 | `quant_matmul_pertoken_prepared` |
+| qc.quant_matmul_pergroup (W4A8_DYNAMIC per-group) | int4 unpacked to int8 and held row-wise (`kernels.rowwise_codes`); two-stage scale [G, 1, n] | `quant_matmul_pergroup_prepared` |
+| qc.quant_matmul (W8A8 static) | weight row-wise (`kernels.rowwise_codes`); deq_scale decoded to f32; quant_bias in its accumulator dtype, and as f32 where `kernels.exact_bias_fits` | `quant_matmul_prepared` |
+| qc.quantize | f32 reciprocal `dtype(1 / dtype(s))`; f32 offset | `quantize_prepared` (`quantize_codes` when only prepared matmuls read its codes) |
+| qc.dynamic_quant | none | `dynamic_quant` (`dynamic_quant_codes` when only prepared matmuls read its codes) |
+| attention ops | none | their kernels |
 | aten._assert_tensor_metadata, export's `_guards_fn` | none | dropped (checks, no value) |
 
+Codes as float32: where every reader of a quantize's codes is a prepared matmul, the codes stay the float32
+integers they are computed as, and the matmuls' exact float32 products (`kernels.exact_product_f32`) read them
+directly (the int8 cast and the widening back cost more than the GEMM itself in decode; same values).
 The prepared kernels are the ones the ops' CPU kernels call after computing the same tensors per call
 (kernels.py), so a prepared graph computes the same bits (tests/backends/ascend/test_layouts.py also checks
 every prepared tensor against the artifact's own tensors in quant_model_weights*.safetensors).
@@ -119,8 +123,8 @@ class _Preparer:
         if tw is None or tws is None or (b is not None and _tensor(self.gm, b) is None):
             return
         k = tw.shape[1]  # both packings keep k along dim 1
-        wq = self.attr(node, "int8_weight", [w.target],
-                       lambda: kernels._pertoken_weight(tw, tws, packing, k))
+        wq = self.attr(node, "rowwise_codes", [w.target],
+                       lambda: kernels.rowwise_codes(kernels._pertoken_weight(tw, tws, packing, k)))
         wsf = self.attr(node, f"weight_scale_f32:{out_dtype}", [ws.target],
                         lambda: kernels.pertoken_operands(tws, None, out_dtype)[0])
         bias = None if b is None else self.attr(
@@ -136,15 +140,12 @@ class _Preparer:
         k = tw.shape[1]
         scale = kernels.two_stage_scale(tws, tws2, out_dtype)
 
-        done: list = []
-
-        def operands():  # computed at most once: the weight and the scale come from one call
-            if not done:
-                done.append(kernels.pergroup_operands_packed(tw, scale, group_size))
-            return done[0]
-        wg = self.attr(node, f"pergroup_weight:g={group_size}", [w.target], lambda: operands()[0])
+        n = scale.shape[0]
+        kernels._check_groups(k, scale.shape[1], group_size)
+        wg = self.attr(node, "rowwise_codes", [w.target], lambda: kernels.rowwise_codes(
+            kernels.unpack_weight(tw, kernels.PACK_INT4_N, n, k)))
         st = self.attr(node, f"pergroup_scale:{out_dtype}:g={group_size}", [ws.target, ws2.target],
-                       lambda: operands()[1])
+                       lambda: scale.t().contiguous().unsqueeze(1))
         self.replace(node, kernels.quant_matmul_pergroup_prepared, (xq, wg, st, s, out_dtype))
 
     def static(self, node) -> None:
@@ -155,7 +156,11 @@ class _Preparer:
         k = tw.shape[1]
         d = self.attr(node, "deq_scale_f32", [deq.target], lambda: kernels.decode_deq_scale(tdeq))
         bias = self.attr(node, f"quant_bias_acc:k={k}", [qb.target], lambda: kernels.quant_bias_accumulator(k, tqb))
-        self.replace(node, kernels.quant_matmul_prepared, (xq, w, d, bias, out_dtype))
+        wr = self.attr(node, "rowwise_codes", [w.target], lambda: kernels.rowwise_codes(tw))
+        args = [xq, wr, d, bias, out_dtype]
+        if kernels.exact_bias_fits(k, tqb):  # the bias joins the exact float32 product (kernels.exact_product_f32)
+            args.append(self.attr(node, f"quant_bias_f32:k={k}", [qb.target], lambda: tqb.float()))
+        self.replace(node, kernels.quant_matmul_prepared, tuple(args))
 
     def quantize(self, node) -> None:
         x, s, o = node.args
@@ -177,6 +182,33 @@ _PREPARE = {
 }
 
 
+#: prepared matmuls that take activation codes as int8 or as the float32 integers of the `*_codes` kernels
+_TAKE_FLOAT_CODES = (kernels.quant_matmul_pertoken_prepared, kernels.quant_matmul_prepared,
+                     kernels.quant_matmul_pergroup_prepared)
+
+
+def _codes_users_ok(codes: torch.fx.Node) -> bool:
+    return all(u.op == "call_function" and u.target in _TAKE_FLOAT_CODES and u.args[0] is codes
+               and codes not in u.args[1:] and codes not in u.kwargs.values() for u in codes.users)
+
+
+def _codes_as_float(gm) -> None:
+    """A dynamic_quant / quantize whose codes feed only prepared matmuls returns them as float32 integers
+    (`kernels.dynamic_quant_codes` / `quantize_codes`: the same values), which the matmuls' exact float32
+    products read directly: no int8 cast and no widening back per matmul."""
+    import operator
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is kernels.dynamic_quant:
+            gets = list(node.users)
+            if gets and all(g.op == "call_function" and g.target is operator.getitem for g in gets) and all(
+                    _codes_users_ok(g) for g in gets if g.args[1] == 0):
+                node.target = kernels.dynamic_quant_codes
+        elif node.target is kernels.quantize_prepared and node.users and _codes_users_ok(node):
+            node.target = kernels.quantize_codes
+
+
 def prepare_layer(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """`gm` rewritten in place to read prepared tensors and call the CPU kernels directly (module
     docstring); returned unchanged when a tensor is not on the CPU. Idempotent."""
@@ -195,6 +227,7 @@ def prepare_layer(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for node in list(gm.graph.nodes):  # torch.export's input-shape guard of captured float layers: code, no value
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
             gm.graph.erase_node(node)
+    _codes_as_float(gm)
     prune_unused_tensors(gm)
     gm.delete_all_unused_submodules()
     gm.graph.lint()

@@ -58,9 +58,12 @@ def _expected(kind: str, art: list, n_k, dtype) -> torch.Tensor:
         w, scale, offset = art
         n, k = n_k
         return (_unpacked(w, n, k).to(dtype) + _per_column(offset, k).to(dtype)) * _per_column(scale, k).to(dtype)
-    if name == "int8_weight":
+    if name == "rowwise_codes":  # uint8 [k, n + 8]: row j = W[:, j] + 128, then the float32 bytes of 1.0, -128.0
         (w,) = art
-        return _unpacked(w, *n_k)
+        k, n = n_k[0], n_k[1] - 8
+        codes = (_unpacked(w, n, k).t().to(torch.int16) + 128).to(torch.uint8)
+        tail = torch.tensor([1.0, -128.0]).view(torch.uint8).expand(k, 8)
+        return torch.cat([codes, tail], 1)
     if name == "weight_scale_f32":  # W8A8_DYNAMIC: the engines hold weight_scale and bias in the model dtype
         return art[0].to(dtype).float().reshape(-1)
     if name == "bias_f32":
@@ -82,6 +85,9 @@ def _expected(kind: str, art: list, n_k, dtype) -> torch.Tensor:
         return d.float()
     if name == "quant_bias_acc":
         return art[0].to(torch.int64)
+    if name == "quant_bias_f32":  # prepared only where float32 holds it and every exact partial sum (kernels)
+        assert art[0].abs().max() < 2 ** 24
+        return art[0].float()
     if name == "reciprocal_f32":  # vLLM-Ascend W8A8: 1 / input_scale in the model dtype
         return (1 / art[0].to(dtype)).to(dtype).float()
     if name == "offset_f32":
@@ -119,8 +125,8 @@ def test_prepared_tensors_equal_the_artifact(compiled):
         assert not any(n.op == "call_function" and str(n.target).startswith("qc.") for n in gm.graph.nodes)
     desc = json.loads((compiled / "quant_model_description.json").read_text())
     quant = desc["model_quant_type"]
-    expect = {"W8A8": {"deq_scale_f32", "quant_bias_acc", "reciprocal_f32", "offset_f32"},
-              "W8A8_DYNAMIC": {"int8_weight", "weight_scale_f32"}, "W4A8_DYNAMIC": {"pergroup_weight", "pergroup_scale"},
+    expect = {"W8A8": {"rowwise_codes", "deq_scale_f32", "quant_bias_acc", "reciprocal_f32", "offset_f32"},
+              "W8A8_DYNAMIC": {"rowwise_codes", "weight_scale_f32"}, "W4A8_DYNAMIC": {"rowwise_codes", "pergroup_scale"},
               "W8A16": {"dequantized_weight"}, "W4A16": {"dequantized_weight"}}[quant]
     assert expect <= kinds, (quant, kinds)
 

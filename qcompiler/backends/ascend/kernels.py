@@ -640,20 +640,6 @@ def pergroup_operands(w: Tensor, scale: Tensor, group_size: int) -> tuple[Tensor
     return wg, scale.t().contiguous().unsqueeze(1)
 
 
-def pergroup_operands_packed(packed: Tensor, scale: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
-    """`pergroup_operands(unpack_weight(packed, PACK_INT4_N, n, k), scale, group_size)` (same tensors, checked
-    by tests/backends/ascend/test_layouts.py) from the int4 weight packed along n [ceil(n/2), k], ~2x faster:
-    the nibbles are split from the transposed int8 bytes, so the [k, n] codes come out in the order the
-    [G, group_size, n] layout needs and only int8 is transposed, never the float copy."""
-    n, groups = scale.shape
-    k = packed.shape[1]
-    _check_groups(k, groups, group_size)
-    wt = unpack_int4(packed.t(), dim=1, size=n)  # [k, n] = the unpacked weight transposed
-    if tuple(wt.shape) != (k, n):
-        raise ValueError(f"weight {tuple(packed.shape)} packed along n is not an int4 [n={n}, k={k}]")
-    return wt.reshape(groups, group_size, n).to(_pergroup_acc_dtype()), scale.t().contiguous().unsqueeze(1)
-
-
 def quant_matmul_pergroup_prepared(
     x: Tensor, wg: Tensor, st: Tensor, pertoken_scale: Tensor, output_dtype: torch.dtype
 ) -> Tensor:

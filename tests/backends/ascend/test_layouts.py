@@ -184,18 +184,3 @@ def test_dynamic_quant_fast_equals_reference(dtype):
     y, s = kernels.dynamic_quant(x)
     ry, rs = kernels.dynamic_quant_ref(x)
     assert torch.equal(y, ry) and torch.equal(s, rs)
-
-
-@pytest.mark.parametrize("n,k,group", [(1536, 576, 64), (7, 64, 32), (576, 1536, 256)])
-def test_pergroup_operands_from_packed_bytes_equal_the_unpacked_path(n, k, group):
-    """layouts.py prepares W4A8_DYNAMIC per-group weights from the packed bytes (transposed before the nibble
-    split); the same tensors, dtypes and shapes as unpacking first (odd n: the last byte's high nibble unused)."""
-    from qcompiler.backends.ascend.int4 import pack_int4
-    g = torch.Generator().manual_seed(n)
-    w = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
-    packed, scale = pack_int4(w, dim=0), torch.rand(n, k // group, generator=g)
-    want = kernels.pergroup_operands(kernels.unpack_weight(packed, kernels.PACK_INT4_N, n, k), scale, group)
-    got = kernels.pergroup_operands_packed(packed, scale, group)
-    assert all(a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) for a, b in zip(got, want))
-    with pytest.raises(ValueError, match="groups of group_size"):
-        kernels.pergroup_operands_packed(packed, scale, group * 2)

@@ -71,6 +71,11 @@ def test_rowwise_layout_round_trips_and_its_kernel_is_checked():
     packed = K.rowwise_codes(w)
     assert packed.dtype == torch.uint8 and tuple(packed.shape) == (40, 13 + 8)
     assert torch.equal(K.rowwise_weight(packed), w)
+    every = torch.arange(-128, 128, dtype=torch.int8).reshape(2, 128)  # all 256 codes: the byte is w + 128
+    want = (every.t().to(torch.int16) + 128).to(torch.uint8)
+    assert torch.equal(K.rowwise_codes(every)[:, :2], want)
+    assert torch.equal(K.rowwise_codes(every)[:, 2:], K._ROWWISE_TAIL.expand(128, 8))
+    assert torch.equal(K.rowwise_weight(K.rowwise_codes(every)), every)
     if "fbgemm" in torch.backends.quantized.supported_engines or "x86" in torch.backends.quantized.supported_engines:
         assert K._rowwise_kernel_is_exact()  # this host's decode speed depends on it (BENCHMARKS.md, issue 16)
 

@@ -162,6 +162,13 @@ def _weight_k_n(weight: Tensor) -> tuple[int, int]:
     return weight.shape[1], weight.shape[0]
 
 
+def rowwise_layout_pays(k: int) -> bool:
+    """True when a prepared int8 weight of input width k is held as `rowwise_codes`: only up to EXACT_F32_MAX_K
+    do the row-wise kernel and the exact float32 product read that layout; a wider weight takes the int32 path,
+    which would flip a row-wise copy back to int8 [n, k] on every call (layouts.py keeps the int8 weight then)."""
+    return k <= EXACT_F32_MAX_K
+
+
 def exact_product_applies(x: Tensor, k: int) -> bool:
     """`exact_product_f32` gives the exact result here: CPU, IEEE float32 matmuls, k <= EXACT_F32_MAX_K."""
     return x.device.type == "cpu" and k <= EXACT_F32_MAX_K and qn._float32_matmul_is_ieee()

@@ -68,10 +68,9 @@ def _expected(kind: str, art: list, n_k, dtype) -> torch.Tensor:
         return art[0].to(dtype).float().reshape(-1)
     if name == "bias_f32":
         return art[0].to(dtype).float()
-    if name == "pergroup_weight":  # W4A8_DYNAMIC per-group: int4 along n -> [G, group, n]
+    if name == "int8_weight":  # W8A8_DYNAMIC / W4A8_DYNAMIC past kernels.rowwise_layout_pays: int8 [n, k]
         (w,) = art
-        groups, group, n = n_k
-        return _unpacked(w, n, groups * group).float().reshape(n, groups, group).permute(1, 2, 0)
+        return _unpacked(w, *n_k)
     if name == "pergroup_scale":  # two-stage scale dtype(dtype(weight_scale) * dtype(weight_scale_second)) [G, 1, n]
         ws, ws2 = art
         return (ws.to(dtype) * ws2.to(dtype)).float().t().unsqueeze(1)
@@ -167,6 +166,30 @@ def test_prepared_layer_and_decode_step_compute_the_same_bits(compiled):
                     cache[0][:, :, start:start + n], cache[1][:, :, start:start + n] = outs[1], outs[2]
     assert generate(model, "quantization", 5, raw=True) == generate(model, "quantization", 5, raw=True,
                                                                      use_cache=False)
+
+
+def test_wide_layers_keep_the_int8_weight_and_the_same_bits(compiled, monkeypatch):
+    """Past kernels.rowwise_layout_pays (k > 2048: 7B widths) the int32 path runs, so the prepared layer keeps the
+    int8 weight instead of a row-wise copy it would flip back per call; same tensors as the artifact, same bits as
+    the op graph. Forced here on the tiny models by moving the width limit to 0."""
+    quant = json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"]
+    if quant not in ("W8A8", "W8A8_DYNAMIC"):
+        pytest.skip("no int8-activation per-channel Linear in this case")
+    monkeypatch.setattr(kernels, "EXACT_F32_MAX_K", 0)
+    model = load_model(compiled)
+    artifact = _artifact(compiled)
+    ids = torch.randint(0, 250, (2, 19), generator=torch.Generator().manual_seed(5))
+    h_ref = h_prep = model.head.embed(ids)
+    pe = model.head.rope(19)
+    with torch.inference_mode():
+        for i in range(model.layers.num_layers):
+            gm = model.layers.get(i, prepared=True)
+            kinds = {e["kind"].split(":")[0] for e in gm.meta[layouts.PREPARED].values()}
+            assert "rowwise_codes" not in kinds, kinds
+            assert ("int8_weight" in kinds) == (quant == "W8A8_DYNAMIC"), kinds
+            assert mismatches(gm, artifact, i, model.head.dtype) == []
+            h_ref, h_prep = model.layers.get(i)(h_ref, position_embeddings=pe), gm(h_prep, position_embeddings=pe)
+            assert torch.equal(h_ref, h_prep), i
 
 
 def test_prepare_leaves_graphs_on_another_device_alone():

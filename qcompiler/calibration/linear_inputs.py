@@ -190,7 +190,8 @@ def _rows_per_sequence(node: torch.fx.Node, seq_len: int) -> int:
 
 
 class _RowSampler:
-    """Keeps the rows at fixed global indices (drawn once, seeded) as they stream past, batch by batch."""
+    """Keeps the rows at fixed global indices (drawn once, seeded) as they stream past, batch by batch, as float32
+    (`update` takes a [rows, k] batch in any float dtype and widens only the rows it keeps)."""
 
     def __init__(self, keep_rows: int, total: int, seed: int, offset: int = 0):
         """total: rows of the whole calibration set (every rank); offset: global index of this rank's first row."""
@@ -205,7 +206,7 @@ class _RowSampler:
         lo, hi = self.offset, self.offset + x.shape[0]
         idx = self.keep[(self.keep >= lo) & (self.keep < hi)] - lo
         if idx.numel():
-            self.kept.append(x[idx].clone())
+            self.kept.append(x[idx].float())  # float32 rows (a new tensor: advanced indexing copies)
         self.offset = hi
 
     def finish(self, k: int) -> torch.Tensor:
@@ -297,14 +298,15 @@ class LayerRunner(LayerBatches):
                         accumulate_gram(st.xtx, x)
                     if abs_mean:
                         st.abs_sum += x.abs().sum(0, dtype=torch.float32).double()  # float32 per batch
-                    if extrema or node in samplers:
-                        xf = x.float()
-                        if extrema and xf.shape[0]:
-                            lo, hi = xf.amin(0), xf.amax(0)
-                            st.min = lo if st.min is None else torch.minimum(st.min, lo)
-                            st.max = hi if st.max is None else torch.maximum(st.max, hi)
-                        if node in samplers:
-                            samplers[node].update(xf)
+                    # extrema in x's dtype, widened after (picks; rounding to float32 is monotone: the same
+                    # values as from x.float()), and the sampler widens only the rows it keeps: no float32 copy
+                    # of the whole input (592 MiB for a 7B down_proj input, BENCHMARKS.md issue 15)
+                    if extrema and x.shape[0]:
+                        lo, hi = (v.float() for v in torch.aminmax(x, dim=0))
+                        st.min = lo if st.min is None else torch.minimum(st.min, lo)
+                        st.max = hi if st.max is None else torch.maximum(st.max, hi)
+                    if node in samplers:
+                        samplers[node].update(x)
                     st.rows += x.shape[0]
                     for e in routes.get(node, ()):
                         _accumulate_routed(st, e, x[(chosen == e).any(-1)], hessian, abs_mean)

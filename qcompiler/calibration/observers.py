@@ -16,10 +16,12 @@ class MinMaxObserver(torch.nn.Module):
         self.count = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.detach().float()
-        self.min = min(self.min, x32.min().item())
-        self.max = max(self.max, x32.max().item())
-        self.count += x32.numel()
+        # min and max in x's own dtype, then to float32: they are picks, and rounding to float32 is monotone, so
+        # this equals the extrema of x.float() without its float32 copy (592 MiB for a 7B down_proj input)
+        lo, hi = torch.aminmax(x.detach())
+        self.min = min(self.min, lo.float().item())
+        self.max = max(self.max, hi.float().item())
+        self.count += x.numel()
         return x
 
     @property

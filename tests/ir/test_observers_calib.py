@@ -282,3 +282,17 @@ def test_l2_histogram_reduced_over_ranks(monkeypatch):
     span = one.max - one.min
     for got, want in zip(a.range(), one.range()):
         assert abs(got - want) <= 0.01 * span, (got, want, span)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_min_max_observer_equals_the_extrema_of_the_float32_copy(dtype):
+    """MinMaxObserver takes min / max in the input's dtype (no float32 copy) and widens the two values: equal to
+    the extrema of x.float() for every dtype, float64 included (10 + 2**-30 rounds to 10.0 in float32)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1000, generator=g, dtype=torch.float64)
+    x[0, 5], x[1, 7] = -(10 + 2.0 ** -30), 10 + 2.0 ** -30  # the extremes, and not float32 values
+    x = x.to(dtype)
+    obs = _observe(MinMaxObserver(), x, batches=2)
+    want = x.float()
+    assert obs.range() == (want.min().item(), want.max().item())
+    assert obs.count == x.numel()

@@ -511,3 +511,22 @@ def test_search_memory_does_not_grow_with_the_output_width():
     chunking (float32 copies of both weights, main 5963e75): 6.1 without the fixed threshold. Bound 1."""
     units = peak_in_subprocess(_SEARCH_PEAK_SCRIPT)
     assert units < 1, f"the search peaked at {units:.2f} x a float32 weight"
+
+
+# ---- collect's extrema and row samples without a float32 copy of the input (issue 15: memory at real widths) --
+def test_collect_extrema_and_samples_of_bf16_inputs_equal_those_of_the_float32_copy(tiny_models):
+    """The extrema are taken in the input's bf16 and widened after, the sampler widens only its rows: the values
+    must equal those of `x.float()` exactly (min / max are picks and bf16 -> float32 is exact), float32 out."""
+    from qcompiler.calibration.linear_inputs import LayerRunner, _RowSampler
+    layer, ctx = _setup(tiny_models["llama"])
+    gm = _gm(layer, ctx)
+    node = {s.name: s for s in linear_sites(gm)}["mlp.down_proj"].input
+    runner = LayerRunner(gm, ctx)
+    (st,) = runner.collect([node], hessian=False, abs_mean=False, extrema=True, keep=[node], keep_rows=7,
+                           seed=3).values()
+    x = torch.cat([v.reshape(-1, v.shape[-1]) for v in runner.cache[node]])
+    assert x.dtype == torch.bfloat16  # the case that used to be widened whole
+    x32 = x.float()
+    assert st.min.dtype == st.max.dtype == st.samples.dtype == torch.float32
+    assert torch.equal(st.min, x32.amin(0)) and torch.equal(st.max, x32.amax(0))
+    assert torch.equal(st.samples, x32[_RowSampler(7, x.shape[0], 3).keep])

@@ -296,3 +296,53 @@ def test_min_max_observer_equals_the_extrema_of_the_float32_copy(dtype):
     want = x.float()
     assert obs.range() == (want.min().item(), want.max().item())
     assert obs.count == x.numel()
+
+
+# ---- counts past 2**24 values a call (torch.histc counts in float32 per thread) -----------------------------
+from qcompiler.calibration import histogram as hg  # noqa: E402
+from qcompiler.calibration.histogram import L2HistogramObserver  # noqa: E402
+
+
+def test_histogram_counts_every_value_of_a_call_past_2_24():
+    """2**25 + 3 values in one forward, most in the centre bins: torch.histc alone counts a bin only to 2**24 per
+    thread (a 7B down_proj input of 8 x 512 tokens is 77.6M values), so the histogram must still hold every value
+    (exact: integer counts in float64), and its percentile range must be that of the values."""
+    n = 2 ** 25 + 3
+    x = torch.zeros(n, dtype=torch.bfloat16)
+    x[:1000] = torch.linspace(-1, 1, 1000, dtype=torch.bfloat16)
+    obs = HistogramObserver(Percentile(99.0))
+    obs(x)
+    assert obs.count == n and float(obs.hist.sum()) == n
+    # 99.99% of the values are 0: both quantiles lie within one bin (A / bins = 1 / 2048) of 0
+    assert max(map(abs, obs.range())) <= 1 / 2048
+
+
+def test_extremes_first_slices_are_a_permutation_with_the_range_in_the_first():
+    g = torch.Generator().manual_seed(0)
+    for n, size in [(10, 3), (10, 10), (11, 4), (2, 2), (3, 2), (1, 5), (5000, 1000)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(n, generator=g).to(dtype)
+            keep = x.clone()
+            chunks = list(hg.extremes_first_slices(x, size))
+            assert torch.equal(x, keep)  # the caller's tensor is not written
+            assert all(c.dtype == torch.float32 and c.numel() <= size for c in chunks)
+            assert torch.equal(torch.cat(chunks).sort().values, x.float().sort().values)
+            assert chunks[0].min() == x.float().min() and chunks[0].max() == x.float().max()
+    x = torch.tensor([1.0, float("inf"), -2.0, float("-inf"), 3.0])
+    assert torch.equal(torch.cat(list(hg.extremes_first_slices(x, 2))).sort().values, torch.tensor([-2.0, 1.0, 3.0]))
+
+
+def test_l2_histogram_fed_in_slices_equals_one_call(monkeypatch):
+    """Past HISTC_MAX_VALUES values a forward feeds torch's observer slices with the range in the first: its
+    histogram, range and qparams must equal those of one call (here the limit is lowered to 1000 values so the
+    one-call reference still counts exactly); the second batch widens the range (the rebinning path)."""
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(64, 80, generator=g), 3 * torch.randn(64, 80, generator=g)]
+    whole, sliced = L2HistogramObserver(), L2HistogramObserver()
+    for b in batches:
+        whole(b)
+    monkeypatch.setattr(hg, "HISTC_MAX_VALUES", 1000)
+    for b in batches:
+        sliced(b)
+    assert torch.equal(sliced.torch_observer.histogram, whole.torch_observer.histogram)
+    assert sliced.range() == whole.range() and sliced.count == whole.count

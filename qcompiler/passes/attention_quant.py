@@ -108,7 +108,7 @@ class AbsMaxObserver(torch.nn.Module):
 
     def forward(self, x):
         dims = [d for d in range(x.dim()) if d not in self.keep]
-        a = x.detach().float().abs().amax(dim=dims)
+        a = x.detach().abs().amax(dim=dims).float()  # |x| and max are exact in x's dtype: no float32 copy of x
         self.amax = a if self.amax is None else torch.maximum(self.amax, a)
         return x
 

@@ -366,7 +366,8 @@ def main() -> int:
         print(json.dumps(WORKERS[a.worker](a)))
         return 0
     sections = a.sections.split(",")
-    outs = prepare_outs(a.work)
+    # SmolLM2's OUTs are for the other sections; layer7b compiles its own (prepare_7b)
+    outs = prepare_outs(a.work) if set(sections) - {"layer7b"} else a.work / "outs"
     if "layer7b" in sections:
         prepare_7b(a.work)
     sides = {"this checkout": ROOT}

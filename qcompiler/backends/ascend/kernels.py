@@ -156,8 +156,10 @@ def exact_bias_fits(k: int, bias: Tensor) -> bool:
 
 
 def _weight_k_n(weight: Tensor) -> tuple[int, int]:
-    """(k, n) of an int8 weight [n, k] or of its `rowwise_codes` layout [k, n + 8]."""
+    """(k, n) of an int8 weight [n, k] or of its `rowwise_codes` layout ([k, n + 8], or [parts, k, n / parts + 8])."""
     if weight.dtype == torch.uint8:
+        if weight.dim() == 3:
+            return weight.shape[1], weight.shape[0] * (weight.shape[2] - 8)
         return weight.shape[0], weight.shape[1] - 8
     return weight.shape[1], weight.shape[0]
 
@@ -180,49 +182,103 @@ def exact_product_applies(x: Tensor, k: int) -> bool:
 # matrix-vector product that reads the int8-sized weight directly (decode: 2-3x faster on this AVX2 host than
 # widening the weight to float32 and calling a float32 GEMM; `qnumerics.int8_matmul`). Same bytes per weight as
 # the int8 layout (+ 8 per k).
+# Split in parts along n: uint8 [parts, k, n / parts + 8], part p the same layout of output channels
+# [p * n / parts, (p + 1) * n / parts). The kernel runs its bags (one per token row, k-slice and part) in parallel,
+# one thread per bag, so a decode GEMV held in one part uses one thread however many torch has; split in 2 it uses
+# 2 (measured below `rowwise_parts`). Every output channel is still one bag's sum over the same codes in the same
+# order: the split changes which thread computes a channel, not its value, and the parts' outputs lie side by side,
+# so the kernel's output is the [rows, n] product with no combining step.
 _ROWWISE_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)
 #: token rows up to which the row-wise kernel is used (measured: 1 row 0.09 ms vs 0.25 ms for [576] x [576, 1536];
 #: it re-reads the weight per row, so from ~8 rows the float32 GEMM is faster)
 ROWWISE_MAX_ROWS = 4
 _ROWWISE_OK: list = []  # [bool] once checked (`_rowwise_kernel_is_exact`)
-_BAGS: dict = {}  # (k, rows, step) -> (indices, offsets) int32
+_BAGS: dict = {}  # (k, rows, step, parts) -> (indices, offsets) int32 (+ the per-sample weights' int64 gather index)
 
 
-def rowwise_codes(weight: Tensor) -> Tensor:
-    """uint8 [k, n + 8] row-wise layout (above) of an int8 weight [n, k]; `rowwise_weight` inverts it."""
+def rowwise_codes(weight: Tensor, parts: int = 1) -> Tensor:
+    """Row-wise layout (above) of an int8 weight [n, k]: uint8 [k, n + 8], or [parts, k, n / parts + 8] for
+    parts > 1 (n must divide); `rowwise_weight` inverts it."""
     if weight.dtype != torch.int8 or weight.dim() != 2:
         raise ValueError(f"rowwise_codes takes an int8 [n, k] weight, got {weight.dtype} {tuple(weight.shape)}")
     n, k = weight.shape
-    out = torch.empty(k, n + 8, dtype=torch.uint8)
+    if parts < 1 or n % parts:
+        raise ValueError(f"rowwise_codes: {n} output channels do not split into {parts} parts")
+    m = n // parts
+    out = torch.empty(parts, k, m + 8, dtype=torch.uint8)
     # w + 128 as uint8 is w's two's-complement byte with its top bit flipped: one pass over the bytes, no int16
     # copy (4.5x faster at load; tests/backends/ascend/test_exact_product.py checks all 256 values)
-    torch.bitwise_xor(weight.view(torch.uint8).t(), 0x80, out=out[:, :n])
-    out[:, n:] = _ROWWISE_TAIL
-    return out
+    src = weight.view(torch.uint8).t().reshape(k, parts, m).transpose(0, 1)  # [parts, k, m], a view
+    torch.bitwise_xor(src, 0x80, out=out[:, :, :m])
+    out[:, :, m:] = _ROWWISE_TAIL
+    return out.view(k, n + 8) if parts == 1 else out
+
+
+def _rowwise_part_codes(packed: Tensor) -> Tensor:
+    """The uint8 codes W^T + 128 [k, n] of a row-wise layout (a view for one part, else a copy)."""
+    if packed.dim() == 2:
+        return packed[:, :-8]
+    parts, k, m8 = packed.shape
+    return packed[:, :, :-8].transpose(0, 1).reshape(k, parts * (m8 - 8))
 
 
 def rowwise_weight(packed: Tensor) -> Tensor:
     """The int8 weight [n, k] (a transposed view) of a `rowwise_codes` layout (q - 128: the top bit flipped back)."""
-    return packed[:, :-8].bitwise_xor(0x80).view(torch.int8).t()
+    return _rowwise_part_codes(packed).bitwise_xor(0x80).view(torch.int8).t()
+
+
+def rowwise_parts(n: int) -> int:
+    """The parts `layouts.py` splits an int8-activation weight of n output channels into (`rowwise_codes`): 2
+    when n is even, so a one-token GEMV runs on 2 threads (the kernel parallelizes over bags only). At one
+    thread 2 bags cost the same as 1."""
+    return 2 if n % 2 == 0 and n >= 2 else 1
 
 
 def _widened(weight: Tensor, k0: int, k1: int) -> Tensor:
     """float32 [k1 - k0, n]: the weight codes of k-slice [k0, k1) from int8 [n, k] or a row-wise layout."""
     if weight.dtype == torch.uint8:
-        return weight[k0:k1, :-8].float().sub_(128)  # exact: integers in [0, 255] - 128
+        if weight.dim() == 2:
+            return weight[k0:k1, :-8].float().sub_(128)  # exact: integers in [0, 255] - 128
+        parts, _, m8 = weight.shape
+        part = weight[:, k0:k1, :-8].transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+        return part.view(k1 - k0, parts * (m8 - 8)).sub_(128)
     return weight[:, k0:k1].t().float()
 
 
+def _bag_operands(k: int, rows: int, step: int, parts: int) -> tuple:
+    """The kernel's bags for `_rowwise_bag`, in output order (token row, k-slice, part): indices into the
+    [parts * k, m + 8] table, bag offsets, and for parts > 1 the gather index of each index's per-sample weight
+    (its token row's code at that k) in the flattened codes."""
+    slices = range(0, k, step)
+    starts, idx, widx = [], [], []
+    pos = 0
+    for r in range(rows):
+        for k0 in slices:
+            k1 = min(k0 + step, k)
+            for p in range(parts):
+                starts.append(pos)
+                pos += k1 - k0
+                idx.append(torch.arange(p * k + k0, p * k + k1, dtype=torch.int32))
+                widx.append(torch.arange(r * k + k0, r * k + k1, dtype=torch.int64))
+    return torch.cat(idx), torch.tensor(starts, dtype=torch.int32), torch.cat(widx) if parts > 1 else None
+
+
 def _rowwise_bag(codes_f32: Tensor, packed: Tensor, step: int) -> Tensor:
-    """float32 [rows * slices, n]: for every token row, the exact sums over each k-slice of width `step`."""
+    """float32 [rows * slices, n]: for every token row, the exact sums over each k-slice of width `step` (all
+    parts of a split layout side by side: output channel c of part p is column p * n / parts + c)."""
     rows, k = codes_f32.shape
-    key = (k, rows, step)
+    parts = 1 if packed.dim() == 2 else packed.shape[0]
+    key = (k, rows, step, parts)
     bag = _BAGS.get(key)
     if bag is None:
-        starts = [r * k + k0 for r in range(rows) for k0 in range(0, k, step)]
-        bag = _BAGS[key] = (torch.arange(k, dtype=torch.int32).repeat(rows), torch.tensor(starts, dtype=torch.int32))
-    return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
-        packed, bag[0], bag[1], False, 0, False, codes_f32.reshape(-1), None, False)
+        bag = _BAGS[key] = _bag_operands(k, rows, step, parts)
+    flat = codes_f32.reshape(-1)
+    if parts == 1:
+        return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+            packed, bag[0], bag[1], False, 0, False, flat, None, False)
+    out = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+        packed.view(-1, packed.shape[2]), bag[0], bag[1], False, 0, False, flat.index_select(0, bag[2]), None, False)
+    return out.view(-1, parts * (packed.shape[2] - 8))  # [rows * slices * parts, m] -> [rows * slices, n]
 
 
 def _rowwise_kernel_is_exact() -> bool:
@@ -280,7 +336,7 @@ def exact_product_f32(codes: Tensor, weight: Tensor, bias_f32: Tensor | None = N
         acc = acc.view(rows, 2, -1)
         first = acc[:, 0] if bias_f32 is None else acc[:, 0].add(bias_f32)
         return first.add(acc[:, 1])
-    n = weight.shape[1] - 8 if weight.dtype == torch.uint8 else weight.shape[0]
+    n = _weight_k_n(weight)[1]
     if bias_f32 is None:
         bias_f32 = _ZEROS.get(n)
         if bias_f32 is None:
@@ -688,7 +744,7 @@ def quant_matmul_pergroup_prepared(
         return y.to(output_dtype).reshape(*x.shape[:-1], n)
     acc_dtype = _pergroup_acc_dtype()
     if rowwise:
-        wg = wg[:, :-8].to(acc_dtype).sub_(128).reshape(groups, group_size, n)
+        wg = _rowwise_part_codes(wg).to(acc_dtype).sub_(128).reshape(groups, group_size, n)
     elif wg.dtype != acc_dtype:  # matmul precision changed since the operands were prepared
         wg = wg.to(acc_dtype)
     y = torch.empty(rows, n, dtype=torch.float32, device=x.device)

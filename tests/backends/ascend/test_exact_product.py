@@ -34,6 +34,12 @@ def _operands(rows: int, k: int, n: int, kind: str, seed: int):
     return x, w
 
 
+def _layouts(w):
+    """The weight as the kernels may get it: int8 [n, k], row-wise in one part, and in 2 parts along n (what
+    layouts.py prepares, `kernels.rowwise_parts`)."""
+    return (w, K.rowwise_codes(w), K.rowwise_codes(w, 2))
+
+
 def _want(x, w, bias=None):
     acc = K.int_matmul_ref(x, w)
     return (acc if bias is None else acc + bias.to(torch.int64)).to(torch.float32)
@@ -48,7 +54,7 @@ def test_exact_product_is_the_integer_product(rows, k, kind):
     codes_f32 = x.float()
     codes_f32[codes_f32 == 0] = -0.0  # what round() of a small negative quotient gives
     assert K.exact_product_applies(x, k)
-    for weight in (w, K.rowwise_codes(w)):
+    for weight in _layouts(w):
         for codes in (x, codes_f32):
             got = K.exact_product_f32(codes, weight)
             assert _same_bits(got, want), (weight.dtype, codes.dtype)
@@ -62,7 +68,7 @@ def test_exact_product_with_a_bias_at_the_limit(rows, k):
     room = 2 ** 24 - K.exact_slice_width(k) * 128 * 128
     bias = torch.tensor([room, -room, 0, room // 2, -(room // 3), room], dtype=torch.int32)
     assert K.exact_bias_fits(k, bias) and not K.exact_bias_fits(k, bias + 1)
-    for weight in (w, K.rowwise_codes(w)):
+    for weight in _layouts(w):
         assert _same_bits(K.exact_product_f32(x.float(), weight, bias.float()), _want(x, w, bias))
 
 
@@ -98,7 +104,7 @@ def test_prepared_pertoken_matmul_equals_the_reference(rows, k, bias):
     assert torch.equal(codes, codes.round())
     want = K.quant_matmul_pertoken_ref(q, w, ws, s, b, K.PACK_NONE, torch.bfloat16)
     wsf, bf = K.pertoken_operands(ws, b, torch.bfloat16)
-    for weight in (w, K.rowwise_codes(w)):
+    for weight in _layouts(w):
         for x in (q, codes):
             assert _same_bits(K.quant_matmul_pertoken_prepared(x, weight, wsf, s, bf, torch.bfloat16), want)
 
@@ -123,7 +129,7 @@ def test_prepared_static_matmul_equals_the_reference(rows, k):
     want = K.quant_matmul_ref(q, w, deq, qb, torch.bfloat16)
     acc = K.quant_bias_accumulator(k, qb)
     assert K.exact_bias_fits(k, qb)
-    for weight in (w, K.rowwise_codes(w)):
+    for weight in _layouts(w):
         for x in (q, codes):
             for bias_f32 in (None, qb.float()):
                 got = K.quant_matmul_prepared(x, weight, deq, acc, torch.bfloat16, bias_f32)
@@ -141,7 +147,7 @@ def test_lowered_matmul_precision_takes_the_integer_path():
     try:
         torch.set_float32_matmul_precision("medium")
         assert not K.exact_product_applies(x, 576)
-        for weight in (w, K.rowwise_codes(w)):
+        for weight in _layouts(w):
             got = K.quant_matmul_pertoken_prepared(x.float(), weight, ws, torch.ones(1), None, torch.float32)
             assert _same_bits(got, want)
     finally:
@@ -167,3 +173,41 @@ def test_prepared_pergroup_matmul_from_the_rowwise_layout_equals_the_op(rows, n,
     for x in (q, codes):
         got = K.quant_matmul_pergroup_prepared(x, K.rowwise_codes(w), st, s, torch.bfloat16)
         assert _same_bits(got, want)
+
+
+def test_split_layout_holds_the_channels_in_parts_along_n():
+    """`rowwise_codes(w, parts)`: part p is the one-part layout of output channels [p n/P, (p+1) n/P), written
+    out here from the formula; `rowwise_weight` inverts it; n must divide."""
+    w = torch.randint(-128, 128, (12, 40), dtype=torch.int8)
+    for parts in (2, 3, 4):
+        packed = K.rowwise_codes(w, parts)
+        m = 12 // parts
+        assert packed.dtype == torch.uint8 and tuple(packed.shape) == (parts, 40, m + 8)
+        for p in range(parts):
+            want = (w[p * m:(p + 1) * m].t().to(torch.int16) + 128).to(torch.uint8)
+            assert torch.equal(packed[p, :, :m], want)
+            assert torch.equal(packed[p, :, m:], K._ROWWISE_TAIL.expand(40, 8))
+        assert torch.equal(K.rowwise_weight(packed), w)
+        assert K._weight_k_n(packed) == (40, 12)
+    with pytest.raises(ValueError, match="do not split"):
+        K.rowwise_codes(w, 5)
+    assert K.rowwise_parts(576) == 2 and K.rowwise_parts(7) == 1
+
+
+@pytest.mark.parametrize("k", [576, LIMIT + 1, 1536, 2 * LIMIT])
+@pytest.mark.parametrize("rows", [1, 3, K.ROWWISE_MAX_ROWS])
+def test_split_layout_gives_every_channel_its_own_sum(rows, k):
+    """Each output channel has a distinct exact sum (a channel or k-slice placed in the wrong column, or parts
+    summed into each other, changes bits): the split layout's bags in every row / slice / part order the
+    kernel's output is read in."""
+    g = torch.Generator().manual_seed(rows * 10 + k)
+    n = 12
+    x = torch.randint(-128, 128, (rows, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    w[:, : k // 2] = torch.arange(-60, -60 + 10 * n, 10, dtype=torch.int8)[:, None]  # first slice differs per channel
+    want = _want(x, w)
+    assert want.unique().numel() == want.numel()  # all distinct (the check below can see a misplaced one)
+    for parts in (2, 3, 4, 6):
+        got = K.exact_product_f32(x.float(), K.rowwise_codes(w, parts))
+        assert _same_bits(got, want), parts
+

@@ -58,12 +58,15 @@ def _expected(kind: str, art: list, n_k, dtype) -> torch.Tensor:
         w, scale, offset = art
         n, k = n_k
         return (_unpacked(w, n, k).to(dtype) + _per_column(offset, k).to(dtype)) * _per_column(scale, k).to(dtype)
-    if name == "rowwise_codes":  # uint8 [k, n + 8]: row j = W[:, j] + 128, then the float32 bytes of 1.0, -128.0
-        (w,) = art
-        k, n = n_k[0], n_k[1] - 8
-        codes = (_unpacked(w, n, k).t().to(torch.int16) + 128).to(torch.uint8)
+    if name == "rowwise_codes":  # uint8 [k, n + 8]: row j = W[:, j] + 128, then the float32 bytes of 1.0, -128.0;
+        (w,) = art                # in P parts along n ("rowwise_codes:parts=P", P > 1): [P, k, n / P + 8], part p
+        parts = int(kind.split("parts=")[1]) if "parts=" in kind else 1  # the same of channels [p n/P, (p+1) n/P)
+        k, n = n_k[-2], parts * (n_k[-1] - 8)
+        assert len(n_k) == (2 if parts == 1 else 3), (kind, n_k)
+        codes = (_unpacked(w, n, k).t().to(torch.int16) + 128).to(torch.uint8)  # [k, n]
         tail = torch.tensor([1.0, -128.0]).view(torch.uint8).expand(k, 8)
-        return torch.cat([codes, tail], 1)
+        out = torch.stack([torch.cat([c, tail], 1) for c in codes.chunk(parts, dim=1)])
+        return out[0] if parts == 1 else out
     if name == "weight_scale_f32":  # W8A8_DYNAMIC: the engines hold weight_scale and bias in the model dtype
         return art[0].to(dtype).float().reshape(-1)
     if name == "bias_f32":

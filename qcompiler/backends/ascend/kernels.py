@@ -640,6 +640,73 @@ def quant_matmul_pertoken(
 _PERGROUP_ROWS = 64
 
 
+_FOLD_OK: list = []  # [bool] once checked (`_group_fold_is_sequential`)
+_FOLDS: dict = {}  # (rows, groups, group_major) -> (indices, offsets) int32 of `_fold_groups`
+
+
+def pergroup_fold_applies(st: Tensor) -> bool:
+    """True when every output channel has a group with a positive scale (st: the two-stage scale, [G, 1, n] or
+    [G, n]), so `_fold_groups` gives the spec's group sum bit for bit (why: its docstring). Depends on no
+    activation: layouts.py decides once at load; any artifact with positive scales qualifies."""
+    return bool((st.reshape(st.shape[0], -1) > 0).any(0).all())
+
+
+def _fold_groups(t: Tensor, rows: int, groups: int, group_major: bool) -> Tensor:
+    """float32 [rows, n]: `y = t_0; y = f32(y + t_g)` for g = 1 .. G-1 in order, for every token row, in one
+    call: the float32 sum-mode embedding bag, one bag of G indices per row, adds the rows it indexes in index
+    order into an accumulator that starts at +0 (fbgemm's float kernel, or aten's index_select_add without it;
+    `_group_fold_is_sequential` checks this once per process). t: [rows * G, n] with row (r, g) at r * G + g, or
+    at g * rows + r when group_major.
+
+    From +0 the running sum equals the spec's from t_0 except while it is a zero: the spec's is -0 exactly while
+    every term so far was -0, the bag's is +0 (+0 + -0 = +0), and the first nonzero or +0 term makes them equal
+    again. So they differ only in a channel whose every term is -0. t_g = f32(acc_g * S_g) with acc_g an exact
+    integer (+0 for zero) and no underflow (|acc_g| >= 1, |S_g| >= float32's least subnormal), so a term is -0
+    only where S_g <= 0: where some S_g > 0 (`pergroup_fold_applies`) no channel can have all terms -0."""
+    key = (rows, groups, group_major)
+    bag = _FOLDS.get(key)
+    if bag is None:
+        idx = torch.arange(rows * groups, dtype=torch.int32)
+        if group_major:
+            idx = idx.view(groups, rows).t().reshape(-1)
+        bag = _FOLDS[key] = (idx.contiguous(), torch.arange(0, rows * groups, groups, dtype=torch.int32))
+    return torch.embedding_bag(t, bag[0], bag[1], False, 0, False, None, False, None)[0]
+
+
+def _fold_loop(parts) -> Tensor:
+    """The spec's group sum written out: `y = t_0; y += t_g` in order (in place in t_0)."""
+    y = parts[0]
+    for part in parts[1:]:
+        y.add_(part)
+    return y
+
+
+def _group_fold_is_sequential() -> bool:
+    """Checked once per process: `_fold_groups` equals the written-out fold bit for bit on terms of wide
+    magnitudes (where any other summation order rounds differently), signed zeros, both row orders and a
+    vector width the kernel splits into blocks and a tail. Otherwise the written-out fold runs instead."""
+    if not _FOLD_OK:
+        ok = False
+        try:
+            g = torch.Generator().manual_seed(0)
+            rows, groups, n = 3, 37, 70
+            t = torch.randn(rows, groups, n, generator=g) * torch.exp2(torch.randint(-30, 30, (rows, groups, n),
+                                                                                   generator=g).float())
+            t[:, :, :4] = 0.0
+            t[:, 1:, 1] = -0.0  # a -0 term after a +0 one: the sum must be +0 (as the spec's)
+            t[:, :, 2] = -0.0   # (the all -0 channel is excluded by pergroup_fold_applies; left out here)
+            t[:, 0, 2] = 1.0
+            t[:, 5, 3], t[:, 9, 3] = 2.0 ** 24, -(2.0 ** 24)  # exact cancellation midway
+            want = _fold_loop(t.clone().unbind(1))
+            got = _fold_groups(t.reshape(rows * groups, n), rows, groups, False)
+            got_gm = _fold_groups(t.transpose(0, 1).reshape(rows * groups, n), rows, groups, True)
+            ok = all(torch.equal(a.view(torch.int32), want.view(torch.int32)) for a in (got, got_gm))
+        except Exception:  # noqa: BLE001 - any failure: the written-out fold runs
+            ok = False
+        _FOLD_OK.append(ok)
+    return _FOLD_OK[0]
+
+
 def two_stage_scale(weight_scale: Tensor, weight_scale_second: Tensor, dtype: torch.dtype) -> Tensor:
     """The per-group weight scale the engines form, float32 [n, G]: `dtype(dtype(weight_scale[n, 1]) *
     dtype(weight_scale_second[n, G]))` (MindIE `W4A8LinearDynamic.__init__`, atb_llm/utils/quantize/w4a8.py:
@@ -691,7 +758,7 @@ def quant_matmul_pergroup(
     s = two_stage_scale(weight_scale, weight_scale_second, output_dtype)
     w, n, groups, k = _check_pergroup(x, weight, s, group_size)
     wg, st = pergroup_operands(w, s, group_size)
-    return quant_matmul_pergroup_prepared(x, wg, st, pertoken_scale, output_dtype)
+    return quant_matmul_pergroup_prepared(x, wg, st, pertoken_scale, output_dtype)  # the written-out fold
 
 
 def _pergroup_acc_dtype() -> torch.dtype:
@@ -708,7 +775,7 @@ def pergroup_operands(w: Tensor, scale: Tensor, group_size: int) -> tuple[Tensor
 
 
 def quant_matmul_pergroup_prepared(
-    x: Tensor, wg: Tensor, st: Tensor, pertoken_scale: Tensor, output_dtype: torch.dtype
+    x: Tensor, wg: Tensor, st: Tensor, pertoken_scale: Tensor, output_dtype: torch.dtype, fold: bool = False
 ) -> Tensor:
     """`quant_matmul_pergroup` with `wg, st = pergroup_operands(...)` computed beforehand; x: int8 codes or
     the float32 codes of `dynamic_quant_codes` (widened to the exact accumulation dtype either way).
@@ -717,7 +784,8 @@ def quant_matmul_pergroup_prepared(
     a weight instead of 4): up to ROWWISE_MAX_ROWS token rows the exact group sums then come from the row-wise
     kernel, one bag per group (integers <= group_size * 128 * 8, exact as in `exact_product_f32`), else the
     weight is widened to [G, group_size, n] per call. Either way the same exact group sums, scaled and summed
-    over the groups in the same order."""
+    over the groups in the same order: with `fold` (given when `pergroup_fold_applies(st)`, which layouts.py
+    checks once at load) in one embedding-bag call per block (`_fold_groups`), else one `add_` per group."""
     if x.dtype not in (torch.int8, torch.float32):
         raise ValueError(f"quant_matmul_pergroup: x must be int8 codes, got {x.dtype}")
     rowwise = wg.dtype == torch.uint8
@@ -736,10 +804,10 @@ def quant_matmul_pergroup_prepared(
     if (rowwise and rows <= ROWWISE_MAX_ROWS and group_size <= qn.F32_EXACT_K and x.device.type == "cpu"
             and _rowwise_kernel_is_exact()):
         acc = _rowwise_bag(xf.float(), wg, group_size).view(rows, groups, n).mul_(st.view(groups, n))
-        parts = acc.unbind(1)  # one call for the G views (a decode step folds ~4500 groups)
-        y = parts[0]
-        for part in parts[1:]:
-            y.add_(part)
+        if fold and _group_fold_is_sequential():  # one call instead of G - 1 (a decode step folds ~4500 groups)
+            y = _fold_groups(acc.view(rows * groups, n), rows, groups, False)
+        else:
+            y = _fold_loop(acc.unbind(1))
         y.mul_(pertoken_scale.float().reshape(rows, 1))
         return y.to(output_dtype).reshape(*x.shape[:-1], n)
     acc_dtype = _pergroup_acc_dtype()
@@ -752,9 +820,12 @@ def quant_matmul_pergroup_prepared(
         xs = xf[r0:r0 + _PERGROUP_ROWS].to(acc_dtype).reshape(-1, groups, group_size).transpose(0, 1)
         acc = torch.bmm(xs, wg).to(torch.float32).mul_(st)                               # [G, r, n]
         block = y[r0:r0 + _PERGROUP_ROWS]
-        block.copy_(acc[0])
-        for g in range(1, groups):
-            block.add_(acc[g])
+        if fold and _group_fold_is_sequential():
+            block.copy_(_fold_groups(acc.view(-1, n), acc.shape[1], groups, True))
+        else:
+            block.copy_(acc[0])
+            for g in range(1, groups):
+                block.add_(acc[g])
     y.mul_(pertoken_scale.float().reshape(rows, 1))
     return y.to(output_dtype).reshape(*x.shape[:-1], n)
 

@@ -9,7 +9,7 @@ dispatch costs ~10 us, and a decoded token makes 200+ such calls):
 |---|---|---|
 | qc.weight_quant_matmul (W8A16, W4A16) | `dequantize_weight(...)` [n, k] in x's dtype; bias in x's dtype | `weight_quant_matmul_prepared` |
 | qc.quant_matmul_pertoken (W8A8/W4A8_DYNAMIC) | weight unpacked to int8 and held row-wise in `kernels.rowwise_parts` parts along n (`kernels.rowwise_codes`: uint8 [parts, k, n / parts + 8]; int8 [n, k] past `kernels.rowwise_layout_pays`); weight_scale f32 [n]; bias f32 | `quant_matmul_pertoken_prepared` |
-| qc.quant_matmul_pergroup (W4A8_DYNAMIC per-group) | int4 unpacked to int8 and held row-wise (`kernels.rowwise_codes`, one part: uint8 [k, n + 8]); two-stage scale [G, 1, n] | `quant_matmul_pergroup_prepared` |
+| qc.quant_matmul_pergroup (W4A8_DYNAMIC per-group) | int4 unpacked to int8 and held row-wise (`kernels.rowwise_codes`, one part: uint8 [k, n + 8]); two-stage scale [G, 1, n]; whether the group sums fold in one call (`kernels.pergroup_fold_applies`) | `quant_matmul_pergroup_prepared` |
 | qc.quant_matmul (W8A8 static) | weight row-wise as for W8A8_DYNAMIC (the artifact's int8 weight past `kernels.rowwise_layout_pays`); deq_scale decoded to f32; quant_bias in its accumulator dtype, and as f32 where `kernels.exact_bias_fits` | `quant_matmul_prepared` |
 | qc.quantize | f32 reciprocal `dtype(1 / dtype(s))`; f32 offset | `quantize_prepared` (`quantize_codes` when only prepared matmuls read its codes) |
 | qc.dynamic_quant | none | `dynamic_quant` (`dynamic_quant_codes` when only prepared matmuls read its codes) |
@@ -150,7 +150,8 @@ class _Preparer:
             kernels.unpack_weight(tw, kernels.PACK_INT4_N, n, k)))
         st = self.attr(node, f"pergroup_scale:{out_dtype}:g={group_size}", [ws.target, ws2.target],
                        lambda: scale.t().contiguous().unsqueeze(1))
-        self.replace(node, kernels.quant_matmul_pergroup_prepared, (xq, wg, st, s, out_dtype))
+        fold = kernels.pergroup_fold_applies(scale.t())  # the group sums in one call (same order, same bits)
+        self.replace(node, kernels.quant_matmul_pergroup_prepared, (xq, wg, st, s, out_dtype, fold))
 
     def static(self, node) -> None:
         xq, w, deq, qb, out_dtype = node.args

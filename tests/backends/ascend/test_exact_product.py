@@ -211,3 +211,58 @@ def test_split_layout_gives_every_channel_its_own_sum(rows, k):
         got = K.exact_product_f32(x.float(), K.rowwise_codes(w, parts))
         assert _same_bits(got, want), parts
 
+
+def _pergroup_case(rows, n, k, group, seed, dtype):
+    from qcompiler.backends.ascend.int4 import pack_int4
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    # scales over 2**-20 .. 2**20: group terms of very different sizes, so their float sum depends on its order
+    ws = torch.rand(n, 1, generator=g) + 0.5
+    ws2 = (torch.rand(n, k // group, generator=g) + 0.5) * torch.exp2(torch.randint(-20, 21, (n, k // group),
+                                                                                  generator=g).float())
+    xb = (torch.randn(rows, k, generator=g) * 5).to(torch.bfloat16)
+    q, s = K.dynamic_quant(xb)
+    st = K.two_stage_scale(ws, ws2, dtype).t().contiguous().unsqueeze(1)
+    return w, pack_int4(w, dim=0), ws, ws2, q, s, st
+
+
+@pytest.mark.parametrize("rows", [1, K.ROWWISE_MAX_ROWS, 70])
+@pytest.mark.parametrize("k,group", [(576, 32), (1536, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pergroup_fold_in_one_call_keeps_the_group_order(rows, k, group, dtype):
+    """W4A8_DYNAMIC: the group sums folded in one embedding-bag call (`fold=True`, what layouts.py passes when
+    `pergroup_fold_applies`) give the bits of the op's written-out `y += t_g` in group order, from the row-wise
+    kernel (up to ROWWISE_MAX_ROWS rows) and from the widened weight (70 rows: two row blocks). The data is such
+    that the reversed order gives other bits (checked), so a fold in another order fails here."""
+    w, packed, ws, ws2, q, s, st = _pergroup_case(rows, 24, k, group, rows + k, dtype)
+    assert K.pergroup_fold_applies(st) and K._group_fold_is_sequential()
+    want = K.quant_matmul_pergroup(q, packed, ws, ws2, s, group, dtype)
+    for weight in (K.rowwise_codes(w), K.pergroup_operands(w, st.squeeze(1).t(), group)[0]):
+        got = K.quant_matmul_pergroup_prepared(q, weight, st, s, dtype, True)
+        assert _same_bits(got, want)
+    if dtype == torch.float32:  # the reversed group order rounds differently on this data
+        groups = k // group
+        acc = torch.bmm(q.double().view(rows, groups, group).transpose(0, 1),
+                        w.double().view(24, groups, group).permute(1, 2, 0))  # [G, rows, n], exact integers
+        terms = (acc.float() * st).unbind(0)  # [rows, n] per group: f32(acc_g * S_g)
+        rev = terms[-1].clone()
+        for t in reversed(terms[:-1]):
+            rev.add_(t)
+        assert not torch.equal(rev.mul(s.reshape(rows, 1)), want)
+
+
+def test_pergroup_fold_is_off_where_a_channel_could_sum_to_minus_zero():
+    """A channel whose every group scale is negative gives -0 for a zero activation row (every term -0: the
+    spec's sum is -0, the one-call fold's accumulator starts at +0). layouts.py then passes fold=False, and the
+    written-out fold keeps the -0; forcing the one-call fold there loses it (so the guard is needed)."""
+    w, packed, ws, ws2, q, s, st = _pergroup_case(2, 8, 64, 32, 3, torch.bfloat16)
+    ws[3] = -ws[3]  # channel 3: every two-stage scale negative
+    q[0] = 0        # token 0: every group sum is 0
+    st = K.two_stage_scale(ws, ws2, torch.bfloat16).t().contiguous().unsqueeze(1)
+    want = K.quant_matmul_pergroup(q, packed, ws, ws2, s, 32, torch.bfloat16)
+    assert torch.signbit(want[0, 3]) and want[0, 3] == 0
+    assert not K.pergroup_fold_applies(st)
+    got = K.quant_matmul_pergroup_prepared(q, K.rowwise_codes(w), st, s, torch.bfloat16, K.pergroup_fold_applies(st))
+    assert _same_bits(got, want)
+    forced = K.quant_matmul_pergroup_prepared(q, K.rowwise_codes(w), st, s, torch.bfloat16, True)
+    assert not _same_bits(forced, want) and not torch.signbit(forced[0, 3])

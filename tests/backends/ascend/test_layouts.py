@@ -195,6 +195,23 @@ def test_wide_layers_keep_the_int8_weight_and_the_same_bits(compiled, monkeypatc
             assert torch.equal(h_ref, h_prep), i
 
 
+def test_pergroup_fold_flag_follows_the_scales(compiled):
+    """W4A8_DYNAMIC: layouts.py lets a per-group matmul fold its group sums in one call only where
+    `kernels.pergroup_fold_applies` (every channel has a positive scale): the artifact's scales qualify; one
+    channel with negative scales (a -0 sum possible, kernels._fold_groups) turns it off for that matmul only."""
+    if json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"] != "W4A8_DYNAMIC":
+        pytest.skip("no per-group matmul in this case")
+    model = load_model(compiled)
+    flags = lambda g: [n.args[5] for n in g.graph.nodes if n.target is kernels.quant_matmul_pergroup_prepared]
+    assert set(flags(model.layers.get(0, prepared=True))) == {True}
+    gm = model.layers.get(0)
+    first = next(n for n in gm.graph.nodes if n.target is torch.ops.qc.quant_matmul_pergroup.default)
+    scale = layouts._fetch(gm, first.args[2].target)
+    scale[1] = -scale[1].abs()  # channel 1: every two-stage scale negative
+    got = flags(layouts.prepare_layer(gm))
+    assert got[0] is False and set(got[1:]) == {True}, got
+
+
 def test_prepare_leaves_graphs_on_another_device_alone():
     gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4).to("meta"))
     code = gm.code

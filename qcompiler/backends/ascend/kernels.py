@@ -309,6 +309,27 @@ def _rowwise_kernel_is_exact() -> bool:
     return _ROWWISE_OK[0]
 
 
+def _rowwise_product(xf: Tensor, packed: Tensor, bias_f32: Tensor | None) -> Tensor:
+    """`exact_product_f32` from the row-wise kernel: xf float32 codes [rows, k], k <= EXACT_F32_MAX_K, a
+    `rowwise_codes` layout, `_rowwise_kernel_is_exact()` (the callers check)."""
+    k = xf.shape[1]
+    step = exact_slice_width(k)
+    acc = _rowwise_bag(xf, packed, step)
+    if step == k:
+        return acc if bias_f32 is None else acc.add_(bias_f32)
+    acc = acc.view(xf.shape[0], 2, -1)
+    first = acc[:, 0] if bias_f32 is None else acc[:, 0].add(bias_f32)
+    return first.add(acc[:, 1])
+
+
+def _decode_rowwise(x: Tensor, weight: Tensor, k: int) -> bool:
+    """True when a prepared matmul's product is the row-wise kernel's (a decode step): the weight row-wise,
+    at most ROWWISE_MAX_ROWS token rows of float32 codes on the CPU, k within the exact slices. The float32
+    matmul precision setting does not matter here (no matmul runs), so `exact_product_applies` is not asked."""
+    return (weight.dtype == torch.uint8 and x.dtype == torch.float32 and 0 < k <= EXACT_F32_MAX_K
+            and x.numel() <= ROWWISE_MAX_ROWS * k and x.device.type == "cpu" and _rowwise_kernel_is_exact())
+
+
 def exact_product_f32(codes: Tensor, weight: Tensor, bias_f32: Tensor | None = None) -> Tensor:
     """float32 [rows, n] equal, bit for bit, to `f32(x @ W.T (+ bias))` with the integer sum exact, i.e. to
     the int32/int64 accumulator of `int_matmul` (+ the integer bias) converted to float32, when
@@ -328,14 +349,9 @@ def exact_product_f32(codes: Tensor, weight: Tensor, bias_f32: Tensor | None = N
     tests/backends/ascend/test_exact_product.py checks all of this bit for bit on adversarial codes."""
     rows, k = codes.shape
     xf = codes if codes.dtype == torch.float32 else codes.float()
-    step = exact_slice_width(k)
     if weight.dtype == torch.uint8 and rows <= ROWWISE_MAX_ROWS and _rowwise_kernel_is_exact():
-        acc = _rowwise_bag(xf, weight, step)
-        if step == k:
-            return acc if bias_f32 is None else acc.add_(bias_f32)
-        acc = acc.view(rows, 2, -1)
-        first = acc[:, 0] if bias_f32 is None else acc[:, 0].add(bias_f32)
-        return first.add(acc[:, 1])
+        return _rowwise_product(xf, weight, bias_f32)
+    step = exact_slice_width(k)
     n = _weight_k_n(weight)[1]
     if bias_f32 is None:
         bias_f32 = _ZEROS.get(n)
@@ -428,6 +444,11 @@ def quant_matmul_prepared(
     `exact_bias_fits(k, quant_bias)`): the product and the bias come from `exact_product_f32`, which equals
     f32(the exact integer sum) bit for bit, so `* deq_scale` rounds the same float32 value."""
     k, n = _weight_k_n(weight)
+    if quant_bias_f32 is not None and _decode_rowwise(x, weight, k):  # decode: no chunks, fewest calls
+        rows = x.numel() // k
+        out = torch.empty(rows, n, dtype=output_dtype)
+        torch.mul(_rowwise_product(x.reshape(rows, k), weight, quant_bias_f32), deq_scale_f32, out=out)
+        return out.view(*x.shape[:-1], n)
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, k)
     out = torch.empty(rows, n, dtype=output_dtype)
@@ -592,6 +613,18 @@ def quant_matmul_pertoken_prepared(
     second product and the bias run in place, and without a bias the last product stores straight into the
     output dtype (the same float32 -> dtype rounding as `.to()`)."""
     k, n = _weight_k_n(weight_int8)
+    if _decode_rowwise(x, weight_int8, k):  # decode: the same operations without the chunk loop
+        rows = x.numel() // k
+        y = _rowwise_product(x.reshape(rows, k), weight_int8, None).mul_(weight_scale_f32)
+        scale = pertoken_scale.reshape(rows, 1)
+        if scale.dtype != torch.float32:
+            scale = scale.float()
+        if bias_f32 is None:
+            out = torch.empty(rows, n, dtype=output_dtype)
+            torch.mul(y, scale, out=out)
+        else:
+            out = y.mul_(scale).add_(bias_f32).to(output_dtype)
+        return out.view(*x.shape[:-1], n)
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, k)
     scale = pertoken_scale.float().reshape(-1, 1)

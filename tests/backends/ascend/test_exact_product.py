@@ -137,8 +137,9 @@ def test_prepared_static_matmul_equals_the_reference(rows, k):
 
 
 def test_lowered_matmul_precision_takes_the_integer_path():
-    """With float32 matmuls allowed to run in lower precision the exact float32 path is off; the int path
-    (torch._int_mm) still gives the reference bits from either layout."""
+    """With float32 matmuls allowed to run in lower precision the exact float32 GEMM path is off; the int path
+    (torch._int_mm) still gives the reference bits from every layout (the row-wise layout's one-token decode path
+    runs no matmul and gives them too)."""
     x = torch.full((1, 576), -128, dtype=torch.int8)
     w = torch.full((8, 576), -128, dtype=torch.int8)
     ws = torch.ones(8)

@@ -185,7 +185,7 @@ def exact_product_applies(x: Tensor, k: int) -> bool:
 # Split in parts along n: uint8 [parts, k, n / parts + 8], part p the same layout of output channels
 # [p * n / parts, (p + 1) * n / parts). The kernel runs its bags (one per token row, k-slice and part) in parallel,
 # one thread per bag, so a decode GEMV held in one part uses one thread however many torch has; split in 2 it uses
-# 2 (measured below `rowwise_parts`). Every output channel is still one bag's sum over the same codes in the same
+# 2 (`rowwise_parts` decides where). Every output channel is still one bag's sum over the same codes in the same
 # order: the split changes which thread computes a channel, not its value, and the parts' outputs lie side by side,
 # so the kernel's output is the [rows, n] product with no combining step.
 _ROWWISE_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)
@@ -227,11 +227,18 @@ def rowwise_weight(packed: Tensor) -> Tensor:
     return _rowwise_part_codes(packed).bitwise_xor(0x80).view(torch.int8).t()
 
 
-def rowwise_parts(n: int) -> int:
-    """The parts `layouts.py` splits an int8-activation weight of n output channels into (`rowwise_codes`): 2
-    when n is even, so a one-token GEMV runs on 2 threads (the kernel parallelizes over bags only). At one
-    thread 2 bags cost the same as 1."""
-    return 2 if n % 2 == 0 and n >= 2 else 1
+#: output channels from which `rowwise_parts` splits a weight in 2. Provisional: a probe on this 2-core host with
+#: ~25% CPU steal (min of 5 x 400 calls, one token row) read 0.143 -> 0.102 ms at 2 threads for [576] x [576, 1536]
+#: in 2 parts, but no gain or a loss for n = 576 and 192 (the kernel's parallel region costs more than half of
+#: those small GEMVs saves); to be re-measured on a quiet machine.
+ROWWISE_SPLIT_MIN_N = 1024
+
+
+def rowwise_parts(n: int, k: int) -> int:
+    """The parts `layouts.py` splits an int8-activation weight [n, k] into (`rowwise_codes`): 2 when n is even
+    and >= ROWWISE_SPLIT_MIN_N and k <= F32_EXACT_K, so a one-token GEMV is 2 bags the kernel runs on 2 threads
+    (it parallelizes over bags only); past F32_EXACT_K the product is already 2 bags (two k-slices)."""
+    return 2 if n % 2 == 0 and n >= ROWWISE_SPLIT_MIN_N and k <= qn.F32_EXACT_K else 1
 
 
 def _widened(weight: Tensor, k0: int, k1: int) -> Tensor:

@@ -124,7 +124,7 @@ class _Preparer:
             return
         k = tw.shape[1]  # both packings keep k along dim 1
         if kernels.rowwise_layout_pays(k):
-            parts = kernels.rowwise_parts(tws.shape[0])
+            parts = kernels.rowwise_parts(tws.shape[0], k)
             wq = self.attr(node, f"rowwise_codes:parts={parts}", [w.target],
                            lambda: kernels.rowwise_codes(kernels._pertoken_weight(tw, tws, packing, k), parts))
         else:
@@ -161,7 +161,7 @@ class _Preparer:
         k = tw.shape[1]
         d = self.attr(node, "deq_scale_f32", [deq.target], lambda: kernels.decode_deq_scale(tdeq))
         bias = self.attr(node, f"quant_bias_acc:k={k}", [qb.target], lambda: kernels.quant_bias_accumulator(k, tqb))
-        parts = kernels.rowwise_parts(tw.shape[0])
+        parts = kernels.rowwise_parts(tw.shape[0], k)
         wr = self.attr(node, f"rowwise_codes:parts={parts}", [w.target], lambda: kernels.rowwise_codes(tw, parts)) if (
             kernels.rowwise_layout_pays(k)) else w  # wider: the artifact's int8 weight, as the int32 path reads it
         args = [xq, wr, d, bias, out_dtype]

@@ -192,7 +192,9 @@ def test_split_layout_holds_the_channels_in_parts_along_n():
         assert K._weight_k_n(packed) == (40, 12)
     with pytest.raises(ValueError, match="do not split"):
         K.rowwise_codes(w, 5)
-    assert K.rowwise_parts(576) == 2 and K.rowwise_parts(7) == 1
+    big = K.ROWWISE_SPLIT_MIN_N
+    assert K.rowwise_parts(big, 576) == 2 and K.rowwise_parts(big + 1, 576) == 1
+    assert K.rowwise_parts(big, LIMIT + 1) == 1 and K.rowwise_parts(big - 2, 576) == 1
 
 
 @pytest.mark.parametrize("k", [576, LIMIT + 1, 1536, 2 * LIMIT])

@@ -195,6 +195,36 @@ def test_wide_layers_keep_the_int8_weight_and_the_same_bits(compiled, monkeypatc
             assert torch.equal(h_ref, h_prep), i
 
 
+def test_split_layout_on_the_tiny_models_gives_the_same_bits(compiled, monkeypatch):
+    """The weight in 2 parts along n (kernels.rowwise_parts; on SmolLM2 only its widest Linears qualify): forced on
+    the tiny models by moving the width threshold to 2; the prepared tensors equal the artifact's (the split
+    layout's formula) and a one-token decode step after a prefill computes the op graph's bits."""
+    quant = json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"]
+    if quant not in ("W8A8", "W8A8_DYNAMIC"):
+        pytest.skip("no int8-activation per-channel Linear in this case")
+    monkeypatch.setattr(kernels, "ROWWISE_SPLIT_MIN_N", 2)
+    model = load_model(compiled)
+    artifact = _artifact(compiled)
+    ids = torch.randint(0, 250, (1, 12), generator=torch.Generator().manual_seed(7))
+    dtype = model.head.dtype
+    x = model.head.embed(ids)
+    with torch.inference_mode():
+        for i in range(model.layers.num_layers):
+            prepared, spec = model.layers.decode(i)
+            kinds = {e["kind"] for e in prepared.meta[layouts.PREPARED].values()}
+            assert "rowwise_codes:parts=2" in kinds, kinds
+            assert mismatches(prepared, artifact, i, dtype) == []
+            plain, _ = build_decode_graph(model.layers.get(i), dtype)
+            ca, cb = spec.buffers(1, 16), spec.buffers(1, 16)
+            for start, n in ((0, 11), (11, 1)):
+                cos, sin = model.head.rope(n, start=start)
+                a = plain(x[:, start:start + n], cos, sin, *ca, torch.tensor(start))
+                b = prepared(x[:, start:start + n], cos, sin, *cb, torch.tensor(start))
+                assert all(torch.equal(p, q) for p, q in zip(a, b)), (i, start)
+                for cache, outs in ((ca, a), (cb, b)):
+                    cache[0][:, :, start:start + n], cache[1][:, :, start:start + n] = outs[1], outs[2]
+
+
 def test_pergroup_fold_flag_follows_the_scales(compiled):
     """W4A8_DYNAMIC: layouts.py lets a per-group matmul fold its group sums in one call only where
     `kernels.pergroup_fold_applies` (every channel has a positive scale): the artifact's scales qualify; one

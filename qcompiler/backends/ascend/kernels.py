@@ -156,8 +156,10 @@ def exact_bias_fits(k: int, bias: Tensor) -> bool:
 
 
 def _weight_k_n(weight: Tensor) -> tuple[int, int]:
-    """(k, n) of an int8 weight [n, k] or of its `rowwise_codes` layout [k, n + 8]."""
+    """(k, n) of an int8 weight [n, k] or of its `rowwise_codes` layout ([k, n + 8], or [parts, k, n / parts + 8])."""
     if weight.dtype == torch.uint8:
+        if weight.dim() == 3:
+            return weight.shape[1], weight.shape[0] * (weight.shape[2] - 8)
         return weight.shape[0], weight.shape[1] - 8
     return weight.shape[1], weight.shape[0]
 
@@ -180,49 +182,110 @@ def exact_product_applies(x: Tensor, k: int) -> bool:
 # matrix-vector product that reads the int8-sized weight directly (decode: 2-3x faster on this AVX2 host than
 # widening the weight to float32 and calling a float32 GEMM; `qnumerics.int8_matmul`). Same bytes per weight as
 # the int8 layout (+ 8 per k).
+# Split in parts along n: uint8 [parts, k, n / parts + 8], part p the same layout of output channels
+# [p * n / parts, (p + 1) * n / parts). The kernel runs its bags (one per token row, k-slice and part) in parallel,
+# one thread per bag, so a decode GEMV held in one part uses one thread however many torch has; split in 2 it uses
+# 2 (`rowwise_parts` decides where). Every output channel is still one bag's sum over the same codes in the same
+# order: the split changes which thread computes a channel, not its value, and the parts' outputs lie side by side,
+# so the kernel's output is the [rows, n] product with no combining step.
 _ROWWISE_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)
 #: token rows up to which the row-wise kernel is used (measured: 1 row 0.09 ms vs 0.25 ms for [576] x [576, 1536];
 #: it re-reads the weight per row, so from ~8 rows the float32 GEMM is faster)
 ROWWISE_MAX_ROWS = 4
 _ROWWISE_OK: list = []  # [bool] once checked (`_rowwise_kernel_is_exact`)
-_BAGS: dict = {}  # (k, rows, step) -> (indices, offsets) int32
+_BAGS: dict = {}  # (k, rows, step, parts) -> (indices, offsets) int32 (+ the per-sample weights' int64 gather index)
 
 
-def rowwise_codes(weight: Tensor) -> Tensor:
-    """uint8 [k, n + 8] row-wise layout (above) of an int8 weight [n, k]; `rowwise_weight` inverts it."""
+def rowwise_codes(weight: Tensor, parts: int = 1) -> Tensor:
+    """Row-wise layout (above) of an int8 weight [n, k]: uint8 [k, n + 8], or [parts, k, n / parts + 8] for
+    parts > 1 (n must divide); `rowwise_weight` inverts it."""
     if weight.dtype != torch.int8 or weight.dim() != 2:
         raise ValueError(f"rowwise_codes takes an int8 [n, k] weight, got {weight.dtype} {tuple(weight.shape)}")
     n, k = weight.shape
-    out = torch.empty(k, n + 8, dtype=torch.uint8)
+    if parts < 1 or n % parts:
+        raise ValueError(f"rowwise_codes: {n} output channels do not split into {parts} parts")
+    m = n // parts
+    out = torch.empty(parts, k, m + 8, dtype=torch.uint8)
     # w + 128 as uint8 is w's two's-complement byte with its top bit flipped: one pass over the bytes, no int16
     # copy (4.5x faster at load; tests/backends/ascend/test_exact_product.py checks all 256 values)
-    torch.bitwise_xor(weight.view(torch.uint8).t(), 0x80, out=out[:, :n])
-    out[:, n:] = _ROWWISE_TAIL
-    return out
+    src = weight.view(torch.uint8).t().reshape(k, parts, m).transpose(0, 1)  # [parts, k, m], a view
+    torch.bitwise_xor(src, 0x80, out=out[:, :, :m])
+    out[:, :, m:] = _ROWWISE_TAIL
+    return out.view(k, n + 8) if parts == 1 else out
+
+
+def _rowwise_part_codes(packed: Tensor) -> Tensor:
+    """The uint8 codes W^T + 128 [k, n] of a row-wise layout (a view for one part, else a copy)."""
+    if packed.dim() == 2:
+        return packed[:, :-8]
+    parts, k, m8 = packed.shape
+    return packed[:, :, :-8].transpose(0, 1).reshape(k, parts * (m8 - 8))
 
 
 def rowwise_weight(packed: Tensor) -> Tensor:
     """The int8 weight [n, k] (a transposed view) of a `rowwise_codes` layout (q - 128: the top bit flipped back)."""
-    return packed[:, :-8].bitwise_xor(0x80).view(torch.int8).t()
+    return _rowwise_part_codes(packed).bitwise_xor(0x80).view(torch.int8).t()
+
+
+#: output channels from which `rowwise_parts` splits a weight in 2. Provisional: a probe on this 2-core host with
+#: ~25% CPU steal (min of 5 x 400 calls, one token row) read 0.143 -> 0.102 ms at 2 threads for [576] x [576, 1536]
+#: in 2 parts, but no gain or a loss for n = 576 and 192 (the kernel's parallel region costs more than half of
+#: those small GEMVs saves); to be re-measured on a quiet machine.
+ROWWISE_SPLIT_MIN_N = 1024
+
+
+def rowwise_parts(n: int, k: int) -> int:
+    """The parts `layouts.py` splits an int8-activation weight [n, k] into (`rowwise_codes`): 2 when n is even
+    and >= ROWWISE_SPLIT_MIN_N and k <= F32_EXACT_K, so a one-token GEMV is 2 bags the kernel runs on 2 threads
+    (it parallelizes over bags only); past F32_EXACT_K the product is already 2 bags (two k-slices)."""
+    return 2 if n % 2 == 0 and n >= ROWWISE_SPLIT_MIN_N and k <= qn.F32_EXACT_K else 1
 
 
 def _widened(weight: Tensor, k0: int, k1: int) -> Tensor:
     """float32 [k1 - k0, n]: the weight codes of k-slice [k0, k1) from int8 [n, k] or a row-wise layout."""
     if weight.dtype == torch.uint8:
-        return weight[k0:k1, :-8].float().sub_(128)  # exact: integers in [0, 255] - 128
+        if weight.dim() == 2:
+            return weight[k0:k1, :-8].float().sub_(128)  # exact: integers in [0, 255] - 128
+        parts, _, m8 = weight.shape
+        part = weight[:, k0:k1, :-8].transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+        return part.view(k1 - k0, parts * (m8 - 8)).sub_(128)
     return weight[:, k0:k1].t().float()
 
 
+def _bag_operands(k: int, rows: int, step: int, parts: int) -> tuple:
+    """The kernel's bags for `_rowwise_bag`, in output order (token row, k-slice, part): indices into the
+    [parts * k, m + 8] table, bag offsets, and for parts > 1 the gather index of each index's per-sample weight
+    (its token row's code at that k) in the flattened codes."""
+    slices = range(0, k, step)
+    starts, idx, widx = [], [], []
+    pos = 0
+    for r in range(rows):
+        for k0 in slices:
+            k1 = min(k0 + step, k)
+            for p in range(parts):
+                starts.append(pos)
+                pos += k1 - k0
+                idx.append(torch.arange(p * k + k0, p * k + k1, dtype=torch.int32))
+                widx.append(torch.arange(r * k + k0, r * k + k1, dtype=torch.int64))
+    return torch.cat(idx), torch.tensor(starts, dtype=torch.int32), torch.cat(widx) if parts > 1 else None
+
+
 def _rowwise_bag(codes_f32: Tensor, packed: Tensor, step: int) -> Tensor:
-    """float32 [rows * slices, n]: for every token row, the exact sums over each k-slice of width `step`."""
+    """float32 [rows * slices, n]: for every token row, the exact sums over each k-slice of width `step` (all
+    parts of a split layout side by side: output channel c of part p is column p * n / parts + c)."""
     rows, k = codes_f32.shape
-    key = (k, rows, step)
+    parts = 1 if packed.dim() == 2 else packed.shape[0]
+    key = (k, rows, step, parts)
     bag = _BAGS.get(key)
     if bag is None:
-        starts = [r * k + k0 for r in range(rows) for k0 in range(0, k, step)]
-        bag = _BAGS[key] = (torch.arange(k, dtype=torch.int32).repeat(rows), torch.tensor(starts, dtype=torch.int32))
-    return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
-        packed, bag[0], bag[1], False, 0, False, codes_f32.reshape(-1), None, False)
+        bag = _BAGS[key] = _bag_operands(k, rows, step, parts)
+    flat = codes_f32.reshape(-1)
+    if parts == 1:
+        return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+            packed, bag[0], bag[1], False, 0, False, flat, None, False)
+    out = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+        packed.view(-1, packed.shape[2]), bag[0], bag[1], False, 0, False, flat.index_select(0, bag[2]), None, False)
+    return out.view(-1, parts * (packed.shape[2] - 8))  # [rows * slices * parts, m] -> [rows * slices, n]
 
 
 def _rowwise_kernel_is_exact() -> bool:
@@ -253,6 +316,27 @@ def _rowwise_kernel_is_exact() -> bool:
     return _ROWWISE_OK[0]
 
 
+def _rowwise_product(xf: Tensor, packed: Tensor, bias_f32: Tensor | None) -> Tensor:
+    """`exact_product_f32` from the row-wise kernel: xf float32 codes [rows, k], k <= EXACT_F32_MAX_K, a
+    `rowwise_codes` layout, `_rowwise_kernel_is_exact()` (the callers check)."""
+    k = xf.shape[1]
+    step = exact_slice_width(k)
+    acc = _rowwise_bag(xf, packed, step)
+    if step == k:
+        return acc if bias_f32 is None else acc.add_(bias_f32)
+    acc = acc.view(xf.shape[0], 2, -1)
+    first = acc[:, 0] if bias_f32 is None else acc[:, 0].add(bias_f32)
+    return first.add(acc[:, 1])
+
+
+def _decode_rowwise(x: Tensor, weight: Tensor, k: int) -> bool:
+    """True when a prepared matmul's product is the row-wise kernel's (a decode step): the weight row-wise,
+    at most ROWWISE_MAX_ROWS token rows of float32 codes on the CPU, k within the exact slices. The float32
+    matmul precision setting does not matter here (no matmul runs), so `exact_product_applies` is not asked."""
+    return (weight.dtype == torch.uint8 and x.dtype == torch.float32 and 0 < k <= EXACT_F32_MAX_K
+            and x.numel() <= ROWWISE_MAX_ROWS * k and x.device.type == "cpu" and _rowwise_kernel_is_exact())
+
+
 def exact_product_f32(codes: Tensor, weight: Tensor, bias_f32: Tensor | None = None) -> Tensor:
     """float32 [rows, n] equal, bit for bit, to `f32(x @ W.T (+ bias))` with the integer sum exact, i.e. to
     the int32/int64 accumulator of `int_matmul` (+ the integer bias) converted to float32, when
@@ -272,15 +356,10 @@ def exact_product_f32(codes: Tensor, weight: Tensor, bias_f32: Tensor | None = N
     tests/backends/ascend/test_exact_product.py checks all of this bit for bit on adversarial codes."""
     rows, k = codes.shape
     xf = codes if codes.dtype == torch.float32 else codes.float()
-    step = exact_slice_width(k)
     if weight.dtype == torch.uint8 and rows <= ROWWISE_MAX_ROWS and _rowwise_kernel_is_exact():
-        acc = _rowwise_bag(xf, weight, step)
-        if step == k:
-            return acc if bias_f32 is None else acc.add_(bias_f32)
-        acc = acc.view(rows, 2, -1)
-        first = acc[:, 0] if bias_f32 is None else acc[:, 0].add(bias_f32)
-        return first.add(acc[:, 1])
-    n = weight.shape[1] - 8 if weight.dtype == torch.uint8 else weight.shape[0]
+        return _rowwise_product(xf, weight, bias_f32)
+    step = exact_slice_width(k)
+    n = _weight_k_n(weight)[1]
     if bias_f32 is None:
         bias_f32 = _ZEROS.get(n)
         if bias_f32 is None:
@@ -372,6 +451,11 @@ def quant_matmul_prepared(
     `exact_bias_fits(k, quant_bias)`): the product and the bias come from `exact_product_f32`, which equals
     f32(the exact integer sum) bit for bit, so `* deq_scale` rounds the same float32 value."""
     k, n = _weight_k_n(weight)
+    if quant_bias_f32 is not None and _decode_rowwise(x, weight, k):  # decode: no chunks, fewest calls
+        rows = x.numel() // k
+        out = torch.empty(rows, n, dtype=output_dtype)
+        torch.mul(_rowwise_product(x.reshape(rows, k), weight, quant_bias_f32), deq_scale_f32, out=out)
+        return out.view(*x.shape[:-1], n)
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, k)
     out = torch.empty(rows, n, dtype=output_dtype)
@@ -536,6 +620,18 @@ def quant_matmul_pertoken_prepared(
     second product and the bias run in place, and without a bias the last product stores straight into the
     output dtype (the same float32 -> dtype rounding as `.to()`)."""
     k, n = _weight_k_n(weight_int8)
+    if _decode_rowwise(x, weight_int8, k):  # decode: the same operations without the chunk loop
+        rows = x.numel() // k
+        y = _rowwise_product(x.reshape(rows, k), weight_int8, None).mul_(weight_scale_f32)
+        scale = pertoken_scale.reshape(rows, 1)
+        if scale.dtype != torch.float32:
+            scale = scale.float()
+        if bias_f32 is None:
+            out = torch.empty(rows, n, dtype=output_dtype)
+            torch.mul(y, scale, out=out)
+        else:
+            out = y.mul_(scale).add_(bias_f32).to(output_dtype)
+        return out.view(*x.shape[:-1], n)
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, k)
     scale = pertoken_scale.float().reshape(-1, 1)
@@ -582,6 +678,73 @@ def quant_matmul_pertoken(
 # Token rows per block of the float32 group sums: keeps a block's [rows, n] partial sum in cache
 # (measured 6x faster than whole-tensor group sums for 4096 x 1536 x 576, group 32).
 _PERGROUP_ROWS = 64
+
+
+_FOLD_OK: list = []  # [bool] once checked (`_group_fold_is_sequential`)
+_FOLDS: dict = {}  # (rows, groups, group_major) -> (indices, offsets) int32 of `_fold_groups`
+
+
+def pergroup_fold_applies(st: Tensor) -> bool:
+    """True when every output channel has a group with a positive scale (st: the two-stage scale, [G, 1, n] or
+    [G, n]), so `_fold_groups` gives the spec's group sum bit for bit (why: its docstring). Depends on no
+    activation: layouts.py decides once at load; any artifact with positive scales qualifies."""
+    return bool((st.reshape(st.shape[0], -1) > 0).any(0).all())
+
+
+def _fold_groups(t: Tensor, rows: int, groups: int, group_major: bool) -> Tensor:
+    """float32 [rows, n]: `y = t_0; y = f32(y + t_g)` for g = 1 .. G-1 in order, for every token row, in one
+    call: the float32 sum-mode embedding bag, one bag of G indices per row, adds the rows it indexes in index
+    order into an accumulator that starts at +0 (fbgemm's float kernel, or aten's index_select_add without it;
+    `_group_fold_is_sequential` checks this once per process). t: [rows * G, n] with row (r, g) at r * G + g, or
+    at g * rows + r when group_major.
+
+    From +0 the running sum equals the spec's from t_0 except while it is a zero: the spec's is -0 exactly while
+    every term so far was -0, the bag's is +0 (+0 + -0 = +0), and the first nonzero or +0 term makes them equal
+    again. So they differ only in a channel whose every term is -0. t_g = f32(acc_g * S_g) with acc_g an exact
+    integer (+0 for zero) and no underflow (|acc_g| >= 1, |S_g| >= float32's least subnormal), so a term is -0
+    only where S_g <= 0: where some S_g > 0 (`pergroup_fold_applies`) no channel can have all terms -0."""
+    key = (rows, groups, group_major)
+    bag = _FOLDS.get(key)
+    if bag is None:
+        idx = torch.arange(rows * groups, dtype=torch.int32)
+        if group_major:
+            idx = idx.view(groups, rows).t().reshape(-1)
+        bag = _FOLDS[key] = (idx.contiguous(), torch.arange(0, rows * groups, groups, dtype=torch.int32))
+    return torch.embedding_bag(t, bag[0], bag[1], False, 0, False, None, False, None)[0]
+
+
+def _fold_loop(parts) -> Tensor:
+    """The spec's group sum written out: `y = t_0; y += t_g` in order (in place in t_0)."""
+    y = parts[0]
+    for part in parts[1:]:
+        y.add_(part)
+    return y
+
+
+def _group_fold_is_sequential() -> bool:
+    """Checked once per process: `_fold_groups` equals the written-out fold bit for bit on terms of wide
+    magnitudes (where any other summation order rounds differently), signed zeros, both row orders and a
+    vector width the kernel splits into blocks and a tail. Otherwise the written-out fold runs instead."""
+    if not _FOLD_OK:
+        ok = False
+        try:
+            g = torch.Generator().manual_seed(0)
+            rows, groups, n = 3, 37, 70
+            t = torch.randn(rows, groups, n, generator=g) * torch.exp2(torch.randint(-30, 30, (rows, groups, n),
+                                                                                   generator=g).float())
+            t[:, :, :4] = 0.0
+            t[:, 1:, 1] = -0.0  # a -0 term after a +0 one: the sum must be +0 (as the spec's)
+            t[:, :, 2] = -0.0   # (the all -0 channel is excluded by pergroup_fold_applies; left out here)
+            t[:, 0, 2] = 1.0
+            t[:, 5, 3], t[:, 9, 3] = 2.0 ** 24, -(2.0 ** 24)  # exact cancellation midway
+            want = _fold_loop(t.clone().unbind(1))
+            got = _fold_groups(t.reshape(rows * groups, n), rows, groups, False)
+            got_gm = _fold_groups(t.transpose(0, 1).reshape(rows * groups, n), rows, groups, True)
+            ok = all(torch.equal(a.view(torch.int32), want.view(torch.int32)) for a in (got, got_gm))
+        except Exception:  # noqa: BLE001 - any failure: the written-out fold runs
+            ok = False
+        _FOLD_OK.append(ok)
+    return _FOLD_OK[0]
 
 
 def two_stage_scale(weight_scale: Tensor, weight_scale_second: Tensor, dtype: torch.dtype) -> Tensor:
@@ -635,7 +798,7 @@ def quant_matmul_pergroup(
     s = two_stage_scale(weight_scale, weight_scale_second, output_dtype)
     w, n, groups, k = _check_pergroup(x, weight, s, group_size)
     wg, st = pergroup_operands(w, s, group_size)
-    return quant_matmul_pergroup_prepared(x, wg, st, pertoken_scale, output_dtype)
+    return quant_matmul_pergroup_prepared(x, wg, st, pertoken_scale, output_dtype)  # the written-out fold
 
 
 def _pergroup_acc_dtype() -> torch.dtype:
@@ -652,7 +815,7 @@ def pergroup_operands(w: Tensor, scale: Tensor, group_size: int) -> tuple[Tensor
 
 
 def quant_matmul_pergroup_prepared(
-    x: Tensor, wg: Tensor, st: Tensor, pertoken_scale: Tensor, output_dtype: torch.dtype
+    x: Tensor, wg: Tensor, st: Tensor, pertoken_scale: Tensor, output_dtype: torch.dtype, fold: bool = False
 ) -> Tensor:
     """`quant_matmul_pergroup` with `wg, st = pergroup_operands(...)` computed beforehand; x: int8 codes or
     the float32 codes of `dynamic_quant_codes` (widened to the exact accumulation dtype either way).
@@ -661,7 +824,8 @@ def quant_matmul_pergroup_prepared(
     a weight instead of 4): up to ROWWISE_MAX_ROWS token rows the exact group sums then come from the row-wise
     kernel, one bag per group (integers <= group_size * 128 * 8, exact as in `exact_product_f32`), else the
     weight is widened to [G, group_size, n] per call. Either way the same exact group sums, scaled and summed
-    over the groups in the same order."""
+    over the groups in the same order: with `fold` (given when `pergroup_fold_applies(st)`, which layouts.py
+    checks once at load) in one embedding-bag call per block (`_fold_groups`), else one `add_` per group."""
     if x.dtype not in (torch.int8, torch.float32):
         raise ValueError(f"quant_matmul_pergroup: x must be int8 codes, got {x.dtype}")
     rowwise = wg.dtype == torch.uint8
@@ -680,15 +844,15 @@ def quant_matmul_pergroup_prepared(
     if (rowwise and rows <= ROWWISE_MAX_ROWS and group_size <= qn.F32_EXACT_K and x.device.type == "cpu"
             and _rowwise_kernel_is_exact()):
         acc = _rowwise_bag(xf.float(), wg, group_size).view(rows, groups, n).mul_(st.view(groups, n))
-        parts = acc.unbind(1)  # one call for the G views (a decode step folds ~4500 groups)
-        y = parts[0]
-        for part in parts[1:]:
-            y.add_(part)
+        if fold and _group_fold_is_sequential():  # one call instead of G - 1 (a decode step folds ~4500 groups)
+            y = _fold_groups(acc.view(rows * groups, n), rows, groups, False)
+        else:
+            y = _fold_loop(acc.unbind(1))
         y.mul_(pertoken_scale.float().reshape(rows, 1))
         return y.to(output_dtype).reshape(*x.shape[:-1], n)
     acc_dtype = _pergroup_acc_dtype()
     if rowwise:
-        wg = wg[:, :-8].to(acc_dtype).sub_(128).reshape(groups, group_size, n)
+        wg = _rowwise_part_codes(wg).to(acc_dtype).sub_(128).reshape(groups, group_size, n)
     elif wg.dtype != acc_dtype:  # matmul precision changed since the operands were prepared
         wg = wg.to(acc_dtype)
     y = torch.empty(rows, n, dtype=torch.float32, device=x.device)
@@ -696,9 +860,12 @@ def quant_matmul_pergroup_prepared(
         xs = xf[r0:r0 + _PERGROUP_ROWS].to(acc_dtype).reshape(-1, groups, group_size).transpose(0, 1)
         acc = torch.bmm(xs, wg).to(torch.float32).mul_(st)                               # [G, r, n]
         block = y[r0:r0 + _PERGROUP_ROWS]
-        block.copy_(acc[0])
-        for g in range(1, groups):
-            block.add_(acc[g])
+        if fold and _group_fold_is_sequential():
+            block.copy_(_fold_groups(acc.view(-1, n), acc.shape[1], groups, True))
+        else:
+            block.copy_(acc[0])
+            for g in range(1, groups):
+                block.add_(acc[g])
     y.mul_(pertoken_scale.float().reshape(rows, 1))
     return y.to(output_dtype).reshape(*x.shape[:-1], n)
 

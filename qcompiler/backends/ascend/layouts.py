@@ -8,9 +8,9 @@ dispatch costs ~10 us, and a decoded token makes 200+ such calls):
 | node | prepared tensors (module attributes `prepared_N`) | kernel called |
 |---|---|---|
 | qc.weight_quant_matmul (W8A16, W4A16) | `dequantize_weight(...)` [n, k] in x's dtype; bias in x's dtype | `weight_quant_matmul_prepared` |
-| qc.quant_matmul_pertoken (W8A8/W4A8_DYNAMIC) | weight unpacked to int8 and held row-wise (`kernels.rowwise_codes`: uint8 [k, n + 8]; int8 [n, k] past `kernels.rowwise_layout_pays`); weight_scale f32 [n]; bias f32 | `quant_matmul_pertoken_prepared` |
-| qc.quant_matmul_pergroup (W4A8_DYNAMIC per-group) | int4 unpacked to int8 and held row-wise (`kernels.rowwise_codes`); two-stage scale [G, 1, n] | `quant_matmul_pergroup_prepared` |
-| qc.quant_matmul (W8A8 static) | weight row-wise (`kernels.rowwise_codes`; the artifact's int8 weight past `kernels.rowwise_layout_pays`); deq_scale decoded to f32; quant_bias in its accumulator dtype, and as f32 where `kernels.exact_bias_fits` | `quant_matmul_prepared` |
+| qc.quant_matmul_pertoken (W8A8/W4A8_DYNAMIC) | weight unpacked to int8 and held row-wise in `kernels.rowwise_parts` parts along n (`kernels.rowwise_codes`: uint8 [parts, k, n / parts + 8]; int8 [n, k] past `kernels.rowwise_layout_pays`); weight_scale f32 [n]; bias f32 | `quant_matmul_pertoken_prepared` |
+| qc.quant_matmul_pergroup (W4A8_DYNAMIC per-group) | int4 unpacked to int8 and held row-wise (`kernels.rowwise_codes`, one part: uint8 [k, n + 8]); two-stage scale [G, 1, n]; whether the group sums fold in one call (`kernels.pergroup_fold_applies`) | `quant_matmul_pergroup_prepared` |
+| qc.quant_matmul (W8A8 static) | weight row-wise as for W8A8_DYNAMIC (the artifact's int8 weight past `kernels.rowwise_layout_pays`); deq_scale decoded to f32; quant_bias in its accumulator dtype, and as f32 where `kernels.exact_bias_fits` | `quant_matmul_prepared` |
 | qc.quantize | f32 reciprocal `dtype(1 / dtype(s))`; f32 offset | `quantize_prepared` (`quantize_codes` when only prepared matmuls read its codes) |
 | qc.dynamic_quant | none | `dynamic_quant` (`dynamic_quant_codes` when only prepared matmuls read its codes) |
 | attention ops | none | their kernels |
@@ -124,8 +124,9 @@ class _Preparer:
             return
         k = tw.shape[1]  # both packings keep k along dim 1
         if kernels.rowwise_layout_pays(k):
-            wq = self.attr(node, "rowwise_codes", [w.target],
-                           lambda: kernels.rowwise_codes(kernels._pertoken_weight(tw, tws, packing, k)))
+            parts = kernels.rowwise_parts(tws.shape[0], k)
+            wq = self.attr(node, f"rowwise_codes:parts={parts}", [w.target],
+                           lambda: kernels.rowwise_codes(kernels._pertoken_weight(tw, tws, packing, k), parts))
         else:
             wq = self.attr(node, "int8_weight", [w.target], lambda: kernels._pertoken_weight(tw, tws, packing, k))
         wsf = self.attr(node, f"weight_scale_f32:{out_dtype}", [ws.target],
@@ -149,7 +150,8 @@ class _Preparer:
             kernels.unpack_weight(tw, kernels.PACK_INT4_N, n, k)))
         st = self.attr(node, f"pergroup_scale:{out_dtype}:g={group_size}", [ws.target, ws2.target],
                        lambda: scale.t().contiguous().unsqueeze(1))
-        self.replace(node, kernels.quant_matmul_pergroup_prepared, (xq, wg, st, s, out_dtype))
+        fold = kernels.pergroup_fold_applies(scale.t())  # the group sums in one call (same order, same bits)
+        self.replace(node, kernels.quant_matmul_pergroup_prepared, (xq, wg, st, s, out_dtype, fold))
 
     def static(self, node) -> None:
         xq, w, deq, qb, out_dtype = node.args
@@ -159,7 +161,8 @@ class _Preparer:
         k = tw.shape[1]
         d = self.attr(node, "deq_scale_f32", [deq.target], lambda: kernels.decode_deq_scale(tdeq))
         bias = self.attr(node, f"quant_bias_acc:k={k}", [qb.target], lambda: kernels.quant_bias_accumulator(k, tqb))
-        wr = self.attr(node, "rowwise_codes", [w.target], lambda: kernels.rowwise_codes(tw)) if (
+        parts = kernels.rowwise_parts(tw.shape[0], k)
+        wr = self.attr(node, f"rowwise_codes:parts={parts}", [w.target], lambda: kernels.rowwise_codes(tw, parts)) if (
             kernels.rowwise_layout_pays(k)) else w  # wider: the artifact's int8 weight, as the int32 path reads it
         args = [xq, wr, d, bias, out_dtype]
         if kernels.exact_bias_fits(k, tqb):  # the bias joins the exact float32 product (kernels.exact_product_f32)

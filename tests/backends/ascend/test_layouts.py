@@ -58,12 +58,15 @@ def _expected(kind: str, art: list, n_k, dtype) -> torch.Tensor:
         w, scale, offset = art
         n, k = n_k
         return (_unpacked(w, n, k).to(dtype) + _per_column(offset, k).to(dtype)) * _per_column(scale, k).to(dtype)
-    if name == "rowwise_codes":  # uint8 [k, n + 8]: row j = W[:, j] + 128, then the float32 bytes of 1.0, -128.0
-        (w,) = art
-        k, n = n_k[0], n_k[1] - 8
-        codes = (_unpacked(w, n, k).t().to(torch.int16) + 128).to(torch.uint8)
+    if name == "rowwise_codes":  # uint8 [k, n + 8]: row j = W[:, j] + 128, then the float32 bytes of 1.0, -128.0;
+        (w,) = art                # in P parts along n ("rowwise_codes:parts=P", P > 1): [P, k, n / P + 8], part p
+        parts = int(kind.split("parts=")[1]) if "parts=" in kind else 1  # the same of channels [p n/P, (p+1) n/P)
+        k, n = n_k[-2], parts * (n_k[-1] - 8)
+        assert len(n_k) == (2 if parts == 1 else 3), (kind, n_k)
+        codes = (_unpacked(w, n, k).t().to(torch.int16) + 128).to(torch.uint8)  # [k, n]
         tail = torch.tensor([1.0, -128.0]).view(torch.uint8).expand(k, 8)
-        return torch.cat([codes, tail], 1)
+        out = torch.stack([torch.cat([c, tail], 1) for c in codes.chunk(parts, dim=1)])
+        return out[0] if parts == 1 else out
     if name == "weight_scale_f32":  # W8A8_DYNAMIC: the engines hold weight_scale and bias in the model dtype
         return art[0].to(dtype).float().reshape(-1)
     if name == "bias_f32":
@@ -190,6 +193,53 @@ def test_wide_layers_keep_the_int8_weight_and_the_same_bits(compiled, monkeypatc
             assert mismatches(gm, artifact, i, model.head.dtype) == []
             h_ref, h_prep = model.layers.get(i)(h_ref, position_embeddings=pe), gm(h_prep, position_embeddings=pe)
             assert torch.equal(h_ref, h_prep), i
+
+
+def test_split_layout_on_the_tiny_models_gives_the_same_bits(compiled, monkeypatch):
+    """The weight in 2 parts along n (kernels.rowwise_parts; on SmolLM2 only its widest Linears qualify): forced on
+    the tiny models by moving the width threshold to 2; the prepared tensors equal the artifact's (the split
+    layout's formula) and a one-token decode step after a prefill computes the op graph's bits."""
+    quant = json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"]
+    if quant not in ("W8A8", "W8A8_DYNAMIC"):
+        pytest.skip("no int8-activation per-channel Linear in this case")
+    monkeypatch.setattr(kernels, "ROWWISE_SPLIT_MIN_N", 2)
+    model = load_model(compiled)
+    artifact = _artifact(compiled)
+    ids = torch.randint(0, 250, (1, 12), generator=torch.Generator().manual_seed(7))
+    dtype = model.head.dtype
+    x = model.head.embed(ids)
+    with torch.inference_mode():
+        for i in range(model.layers.num_layers):
+            prepared, spec = model.layers.decode(i)
+            kinds = {e["kind"] for e in prepared.meta[layouts.PREPARED].values()}
+            assert "rowwise_codes:parts=2" in kinds, kinds
+            assert mismatches(prepared, artifact, i, dtype) == []
+            plain, _ = build_decode_graph(model.layers.get(i), dtype)
+            ca, cb = spec.buffers(1, 16), spec.buffers(1, 16)
+            for start, n in ((0, 11), (11, 1)):
+                cos, sin = model.head.rope(n, start=start)
+                a = plain(x[:, start:start + n], cos, sin, *ca, torch.tensor(start))
+                b = prepared(x[:, start:start + n], cos, sin, *cb, torch.tensor(start))
+                assert all(torch.equal(p, q) for p, q in zip(a, b)), (i, start)
+                for cache, outs in ((ca, a), (cb, b)):
+                    cache[0][:, :, start:start + n], cache[1][:, :, start:start + n] = outs[1], outs[2]
+
+
+def test_pergroup_fold_flag_follows_the_scales(compiled):
+    """W4A8_DYNAMIC: layouts.py lets a per-group matmul fold its group sums in one call only where
+    `kernels.pergroup_fold_applies` (every channel has a positive scale): the artifact's scales qualify; one
+    channel with negative scales (a -0 sum possible, kernels._fold_groups) turns it off for that matmul only."""
+    if json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"] != "W4A8_DYNAMIC":
+        pytest.skip("no per-group matmul in this case")
+    model = load_model(compiled)
+    flags = lambda g: [n.args[5] for n in g.graph.nodes if n.target is kernels.quant_matmul_pergroup_prepared]
+    assert set(flags(model.layers.get(0, prepared=True))) == {True}
+    gm = model.layers.get(0)
+    first = next(n for n in gm.graph.nodes if n.target is torch.ops.qc.quant_matmul_pergroup.default)
+    scale = layouts._fetch(gm, first.args[2].target)
+    scale[1] = -scale[1].abs()  # channel 1: every two-stage scale negative
+    got = flags(layouts.prepare_layer(gm))
+    assert got[0] is False and set(got[1:]) == {True}, got
 
 
 def test_prepare_leaves_graphs_on_another_device_alone():

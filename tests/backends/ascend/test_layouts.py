@@ -158,15 +158,7 @@ def test_prepared_layer_and_decode_step_compute_the_same_bits(compiled):
             # decode step: prefill 11 tokens then 1 token, prepared vs the op graph
             plain, spec = build_decode_graph(model.layers.get(i), dtype)
             prepared, _ = model.layers.decode(i)
-            x = model.head.embed(ids[:1])
-            ca, cb = spec.buffers(1, 16), spec.buffers(1, 16)
-            for start, n in ((0, 11), (11, 1)):
-                cos, sin = model.head.rope(n, start=start)
-                a = plain(x[:, start:start + n], cos, sin, *ca, torch.tensor(start))
-                b = prepared(x[:, start:start + n], cos, sin, *cb, torch.tensor(start))
-                assert all(torch.equal(p, q) for p, q in zip(a, b)), (i, start)
-                for cache, outs in ((ca, a), (cb, b)):
-                    cache[0][:, :, start:start + n], cache[1][:, :, start:start + n] = outs[1], outs[2]
+            _assert_decode_steps_equal(plain, prepared, spec, model.head, model.head.embed(ids[:1]), i)
     assert generate(model, "quantization", 5, raw=True) == generate(model, "quantization", 5, raw=True,
                                                                      use_cache=False)
 
@@ -215,14 +207,7 @@ def test_split_layout_on_the_tiny_models_gives_the_same_bits(compiled, monkeypat
             assert "rowwise_codes:parts=2" in kinds, kinds
             assert mismatches(prepared, artifact, i, dtype) == []
             plain, _ = build_decode_graph(model.layers.get(i), dtype)
-            ca, cb = spec.buffers(1, 16), spec.buffers(1, 16)
-            for start, n in ((0, 11), (11, 1)):
-                cos, sin = model.head.rope(n, start=start)
-                a = plain(x[:, start:start + n], cos, sin, *ca, torch.tensor(start))
-                b = prepared(x[:, start:start + n], cos, sin, *cb, torch.tensor(start))
-                assert all(torch.equal(p, q) for p, q in zip(a, b)), (i, start)
-                for cache, outs in ((ca, a), (cb, b)):
-                    cache[0][:, :, start:start + n], cache[1][:, :, start:start + n] = outs[1], outs[2]
+            _assert_decode_steps_equal(plain, prepared, spec, model.head, x, i)
 
 
 def test_pergroup_fold_flag_follows_the_scales(compiled):
@@ -257,3 +242,16 @@ def test_dynamic_quant_fast_equals_reference(dtype):
     y, s = kernels.dynamic_quant(x)
     ry, rs = kernels.dynamic_quant_ref(x)
     assert torch.equal(y, ry) and torch.equal(s, rs)
+
+
+def _assert_decode_steps_equal(plain, prepared, spec, head, x, layer: int) -> None:
+    """A prefill of 11 tokens then a 1-token step through the op-graph decode step `plain` and the prepared one,
+    each on its own KV cache (16 positions): every output bit-identical. x: hidden states [1, >= 12, hidden]."""
+    ca, cb = spec.buffers(1, 16), spec.buffers(1, 16)
+    for start, n in ((0, 11), (11, 1)):
+        cos, sin = head.rope(n, start=start)
+        a = plain(x[:, start:start + n], cos, sin, *ca, torch.tensor(start))
+        b = prepared(x[:, start:start + n], cos, sin, *cb, torch.tensor(start))
+        assert all(torch.equal(p, q) for p, q in zip(a, b)), (layer, start)
+        for cache, outs in ((ca, a), (cb, b)):
+            cache[0][:, :, start:start + n], cache[1][:, :, start:start + n] = outs[1], outs[2]

@@ -167,12 +167,7 @@ def test_wide_layers_keep_the_int8_weight_and_the_same_bits(compiled, monkeypatc
     """Past kernels.rowwise_layout_pays (k > 2048: 7B widths) the int32 path runs, so the prepared layer keeps the
     int8 weight instead of a row-wise copy it would flip back per call; same tensors as the artifact, same bits as
     the op graph. Forced here on the tiny models by moving the width limit to 0."""
-    quant = json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"]
-    if quant not in ("W8A8", "W8A8_DYNAMIC"):
-        pytest.skip("no int8-activation per-channel Linear in this case")
-    monkeypatch.setattr(kernels, "EXACT_F32_MAX_K", 0)
-    model = load_model(compiled)
-    artifact = _artifact(compiled)
+    quant, model, artifact = _int8_activation_case(compiled, monkeypatch, "EXACT_F32_MAX_K", 0)
     ids = torch.randint(0, 250, (2, 19), generator=torch.Generator().manual_seed(5))
     h_ref = h_prep = model.head.embed(ids)
     pe = model.head.rope(19)
@@ -191,12 +186,7 @@ def test_split_layout_on_the_tiny_models_gives_the_same_bits(compiled, monkeypat
     """The weight in 2 parts along n (kernels.rowwise_parts; on SmolLM2 only its widest Linears qualify): forced on
     the tiny models by moving the width threshold to 2; the prepared tensors equal the artifact's (the split
     layout's formula) and a one-token decode step after a prefill computes the op graph's bits."""
-    quant = json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"]
-    if quant not in ("W8A8", "W8A8_DYNAMIC"):
-        pytest.skip("no int8-activation per-channel Linear in this case")
-    monkeypatch.setattr(kernels, "ROWWISE_SPLIT_MIN_N", 2)
-    model = load_model(compiled)
-    artifact = _artifact(compiled)
+    _, model, artifact = _int8_activation_case(compiled, monkeypatch, "ROWWISE_SPLIT_MIN_N", 2)
     ids = torch.randint(0, 250, (1, 12), generator=torch.Generator().manual_seed(7))
     dtype = model.head.dtype
     x = model.head.embed(ids)
@@ -255,3 +245,14 @@ def _assert_decode_steps_equal(plain, prepared, spec, head, x, layer: int) -> No
         assert all(torch.equal(p, q) for p, q in zip(a, b)), (layer, start)
         for cache, outs in ((ca, a), (cb, b)):
             cache[0][:, :, start:start + n], cache[1][:, :, start:start + n] = outs[1], outs[2]
+
+
+def _int8_activation_case(compiled, monkeypatch, limit: str, value: int):
+    """(model_quant_type, loaded model, artifact tensors) of a W8A8 / W8A8_DYNAMIC case with the kernels' `limit`
+    set to `value` before the load prepares its layouts; skips the other cases (no int8-activation per-channel
+    Linear)."""
+    quant = json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"]
+    if quant not in ("W8A8", "W8A8_DYNAMIC"):
+        pytest.skip("no int8-activation per-channel Linear in this case")
+    monkeypatch.setattr(kernels, limit, value)
+    return quant, load_model(compiled), _artifact(compiled)

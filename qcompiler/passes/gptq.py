@@ -19,7 +19,9 @@ How, per decoder layer:
 - GPTQ proper: dead inputs (diag(H) = 0) get H_ii = 1 and weight 0; act-order (columns by descending
   diag(H), undone on the stored codes); dampening `damp` * mean(diag(H)) (raised x10 up to 4 times if H
   is still not positive definite); upper Cholesky factor of H^-1 (float64, from one Cholesky of the reversed H
-  and one triangular inverse: `_inverse_cholesky`); lazy batch updates in blocks
+  and one triangular inverse: `_inverse_cholesky`; in GPTQ the float64 buffer is gathered straight from the
+  caller's H and narrowed to float32 in its own storage, so no float32 copy of H is made: `_inverse_factor_buffer`,
+  `_narrow_`, `_factor_rows`); lazy batch updates in blocks
   of `block` columns (matmuls), one column at a time inside a block.
 - Result on each quantized Linear's `aten.linear` node: `meta.WEIGHT_QPARAMS = (q int8 [n, k], scale
   float32 [n, G])` (lowering encodes exactly these), and the float weight parameter is replaced by

@@ -66,6 +66,16 @@ def old_inverse_cholesky(h, damp, *, overwrite=False):
     raise ValueError("Hessian is not positive definite even with dampening x10^4")
 
 
+def old_route_buffer(h, damp, order=None, *, dead_to_one=False):
+    """The old route's U in the float64 buffer layout GPTQ reads (`_inverse_factor_buffer`: U[i, j] =
+    buf[k-1-j, k-1-i]), so that gptq_quantize runs on the old route's float32 U (narrowing is exact here)."""
+    import torch
+    hp = (h[order][:, order] if order is not None else h).clone()
+    if dead_to_one:
+        hp.diagonal().masked_fill_(hp.diagonal() == 0, 1.0)
+    return old_inverse_cholesky(hp, damp).double().flip(0, 1).T.contiguous()
+
+
 def _status(key):
     return int(re.search(key + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
@@ -128,19 +138,19 @@ def child_gptq(n, k, seeds, damp, tokens=16 * 512):
     from qcompiler.passes.weight_targets import column_scale
     torch.set_num_threads(1)
     h = hessian(k, tokens, seed=7)
-    new_route = gq._inverse_cholesky
+    new_route = gq._inverse_factor_buffer  # GPTQ reads its factor through this buffer (narrowed in place)
     rows = []
     for seed in range(seeds):
         w = torch.randn(n, k, generator=torch.Generator().manual_seed(100 + seed)) * 0.02
         q_rtn, scale = quantize_weight(w, 4, 128)
         s = column_scale(scale.float(), k)
         res = {}
-        for name, route in (("old", old_inverse_cholesky), ("new", new_route)):
-            gq._inverse_cholesky = route
+        for name, route in (("old", old_route_buffer), ("new", new_route)):
+            gq._inverse_factor_buffer = route
             c0 = time.process_time()
             res[name] = gq.gptq_quantize(w, h, scale, 4, damp=damp)
             res[name + "_cpu_s"] = round(time.process_time() - c0, 2)
-        gq._inverse_cholesky = new_route
+        gq._inverse_factor_buffer = new_route
         e = {name: gq.output_error(w, res[name].float() * s, h) for name in ("old", "new")}
         e_rtn = gq.output_error(w, q_rtn.float() * s, h)
         rows.append({"n": n, "k": k, "tokens": tokens, "seed": seed, "codes_differ": int((res["old"] != res["new"]).sum()),

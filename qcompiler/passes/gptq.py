@@ -19,7 +19,9 @@ How, per decoder layer:
 - GPTQ proper: dead inputs (diag(H) = 0) get H_ii = 1 and weight 0; act-order (columns by descending
   diag(H), undone on the stored codes); dampening `damp` * mean(diag(H)) (raised x10 up to 4 times if H
   is still not positive definite); upper Cholesky factor of H^-1 (float64, from one Cholesky of the reversed H
-  and one triangular inverse: `_inverse_cholesky`); lazy batch updates in blocks
+  and one triangular inverse: `_inverse_cholesky`; in GPTQ the float64 buffer is gathered straight from the
+  caller's H and narrowed to float32 in its own storage, so no float32 copy of H is made: `_inverse_factor_buffer`,
+  `_narrow_`, `_factor_rows`); lazy batch updates in blocks
   of `block` columns (matmuls), one column at a time inside a block.
 - Result on each quantized Linear's `aten.linear` node: `meta.WEIGHT_QPARAMS = (q int8 [n, k], scale
   float32 [n, G])` (lowering encodes exactly these), and the float weight parameter is replaced by
@@ -99,7 +101,7 @@ class GPTQOptions:
             raise ValueError(f"block must be >= 1, got {self.block}")
 
 
-#: rows per chunk of the reversed copies into and out of the float64 buffer (a transient of this many rows)
+#: rows per chunk of the copies into and out of the float64 buffer (a transient of this many rows)
 _COPY_ROWS = 256
 #: block size of the in-place triangular inverse (_tril_inverse_): columns per step, rows per product
 _TRI_BLOCK = 256
@@ -121,10 +123,11 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, *, overwrite: bool = False) 
     7B down_proj: ~486 -> ~237 s. Peak above the caller's H: 3.06 x H (old 3.02) at k 8192, 3.16 (3.06) at 4096.
 
     Memory (a 7B down_proj's H is 18944^2: 1.4 GiB in float32): the float64 work runs in place on one
-    column-major buffer (LAPACK's layout, so torch makes no copy of its own), and with `overwrite` (h float32
-    contiguous, the caller's own copy) the result is written into h and h is returned. Peak: h + one float64
-    buffer (3 x H in float32) + transients of a few hundred rows. Reads H's lower triangle (as the route before:
-    a Gram matrix from blocked GEMMs need not be exactly symmetric).
+    column-major buffer (`_inverse_factor_buffer`), and with `overwrite` (h float32 contiguous, the caller's own
+    copy) the result is written into h and h is returned. Peak: h + one float64 buffer (3 x H in float32) +
+    transients of a few hundred rows. GPTQ itself does not call this: it reads U from the buffer narrowed in
+    place (`_narrow_`, `_factor_rows`), which saves the float32 copy. Reads H's lower triangle (as the route
+    before: a Gram matrix from blocked GEMMs need not be exactly symmetric).
 
     Bits: U is the same matrix in exact arithmetic as the route before, not the same float64 rounding, so after
     the cast to float32 a few entries differ in the last bits: 6 of 2.1M upper entries at k 2048, 47 of 8.4M at
@@ -134,31 +137,79 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, *, overwrite: bool = False) 
     the tiny byte-identity cases (gptq, sparse) are byte-identical; other
     problems may see a code differ where a rounding decision sits on a tie."""
     k = h.shape[0]
+    buf = _inverse_factor_buffer(h, damp)
+    # U = J L^-1 J: U[i, j] = a[k-1-i, k-1-j]; U^T[j, i] = buf[k-1-j, k-1-i] (buf = a^T)
+    out = h if overwrite else torch.empty(k, k)
+    outT = out.mT
+    for r1 in range(0, k, _COPY_ROWS):
+        r2 = min(r1 + _COPY_ROWS, k)
+        outT[r1:r2].copy_(buf[k - r2:k - r1].flip(0, 1))
+    return out
+
+
+def _inverse_factor_buffer(h: torch.Tensor, damp: float, order: torch.Tensor | None = None, *,
+                           dead_to_one: bool = False) -> torch.Tensor:
+    """The float64 work of `_inverse_cholesky` in one new row-major k x k buffer `buf`, returned: with
+    H' = h[order][:, order] (h itself without `order`; with `dead_to_one` every zero of diag(H') set to 1:
+    GPTQ's dead inputs; h is never written), damped, and L = chol(J H' J): buf^T (column-major, LAPACK's
+    layout) holds L^-1 (lower), so buf's upper triangle holds its transpose and its strict lower triangle is
+    zero. The upper Cholesky factor of H'_damped^-1 is U = J L^-1 J: U[i, j] = buf[k-1-j, k-1-i].
+
+    The permutation and the reversal J are folded into the row-chunked gather from h (no permuted copy of H).
+    Raises ValueError if H' stays indefinite after dampening x10^4."""
+    k = h.shape[0]
+    rev = (order if order is not None else torch.arange(k)).flip(0)  # buf row/column r is H' row/column k-1-r
     diag = torch.arange(k)
     buf = torch.empty(k, k, dtype=torch.float64)  # row-major storage; a = buf.mT is the column-major matrix
     a = buf.mT
     info = torch.empty((), dtype=torch.int32)
     mean = None
     for attempt in range(5):
-        # buf = J H J (row r of buf = row k-1-r of H, reversed), so a = (J H J)^T: a's lower triangle holds
-        # H's lower triangle (a[i, j] = H[k-1-j, k-1-i])
+        # buf = J H' J (row r of buf = row k-1-r of H', reversed), so a = (J H' J)^T: a's lower triangle holds
+        # H''s lower triangle (a[i, j] = H'[k-1-j, k-1-i])
         for r1 in range(0, k, _COPY_ROWS):
             r2 = min(r1 + _COPY_ROWS, k)
-            buf[r1:r2].copy_(h[k - r2:k - r1].flip(0, 1))
-        if mean is None:  # in H's order, as the route before (a reversed sum can differ in the last bit)
+            buf[r1:r2].copy_(h[rev[r1:r2, None], rev])
+        if dead_to_one:
+            a.diagonal().masked_fill_(a.diagonal() == 0, 1.0)
+        if mean is None:  # in H''s order, as the route before (a reversed sum can differ in the last bit)
             mean = a.diagonal().flip(0).mean().item()
         a[diag, diag] += damp * (10 ** attempt) * mean
         torch.linalg.cholesky_ex(a, out=(a, info))
         if info.item() == 0:
-            _tril_inverse_(a)
-            # U = J L^-1 J: U[i, j] = a[k-1-i, k-1-j]; U^T[j, i] = buf[k-1-j, k-1-i] (buf = a^T)
-            out = h if overwrite else torch.empty(k, k)
-            outT = out.mT
-            for r1 in range(0, k, _COPY_ROWS):
-                r2 = min(r1 + _COPY_ROWS, k)
-                outT[r1:r2].copy_(buf[k - r2:k - r1].flip(0, 1))
-            return out
+            return _tril_inverse_(a).mT
     raise ValueError("Hessian is not positive definite even with dampening x10^4")
+
+
+def _narrow_(buf: torch.Tensor) -> torch.Tensor:
+    """float32 k x k matrix F with F[j] = buf[j] rounded to float32 (what a float32 cast gives), in buf's own
+    storage (its first half), returned as a view of it; buf (float64, contiguous k x k) is garbage afterwards.
+
+    Why this order does not clobber: float32 row j lies in bytes [4kj, 4k(j+1)) of the storage, float64 row j
+    in [8kj, 8k(j+1)); so writing float32 rows r1..r2-1 only overwrites float64 rows below r2, and with rows
+    taken in increasing order those have all been read (rows r1..r2-1 into the chunk's temporary first)."""
+    k = buf.shape[0]
+    f = buf.view(-1).view(torch.float32)[:k * k].view(k, k)
+    for r1 in range(0, k, _COPY_ROWS):
+        r2 = min(r1 + _COPY_ROWS, k)
+        f[r1:r2].copy_(buf[r1:r2].to(torch.float32))
+    return f
+
+
+def _factor_rows(f: torch.Tensor, i1: int, i2: int, rows: torch.Tensor) -> torch.Tensor:
+    """Rows i1..i2-1 of the upper factor U from F = `_narrow_(buf)` (U[i, c] = F[k-1-c, k-1-i]), written into
+    `rows` (float32, 1-d, at least (i2 - i1) * k + 15 elements, reused across calls): returns r [i2 - i1, k],
+    row-major, with r[:, i1:] = U[i1:i2, i1:] (columns below i1 are not written).
+
+    Same layout as the slice U[i1:i2] of a row-major float32 U (row stride k, and the same address modulo 64
+    bytes as in a fresh allocation: r starts (i1 * k) mod 16 elements into `rows`), so GEMMs on views of r
+    read their operands as they read views of that slice (MKL's results may depend on leading dimension and
+    alignment; on the 2-core AVX2 host, starts shifted by 0-8 elements gave the same bits at k 1000-3001)."""
+    k = f.shape[0]
+    start = (i1 * k) % 16
+    r = rows[start:start + (i2 - i1) * k].view(i2 - i1, k)
+    r[:, i1:].copy_(f[:k - i1, k - i2:k - i1].flip(0, 1).T)
+    return r
 
 
 def _tril_inverse_(a: torch.Tensor, nb: int = _TRI_BLOCK) -> torch.Tensor:
@@ -201,8 +252,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits: i
 def _gptq(w, h, scale, bits, damp, block, act_order, keep_zero=None):
     n, k = w.shape
     W = w.detach().float().clone()
-    h = h.detach().float()
-    # one float32 copy of H of our own (permuted with act-order), overwritten by its inverse's factor below
+    h = h.detach().float()  # the caller's (read, never written)
     dead = h.diagonal() == 0
     if dead.any():
         W[:, dead] = 0.0
@@ -212,26 +262,24 @@ def _gptq(w, h, scale, bits, damp, block, act_order, keep_zero=None):
     if act_order:
         order = h.diagonal().masked_fill(dead, 1.0)  # the diagonal once dead inputs get H_ii = 1
         perm = torch.argsort(order, descending=True, stable=True)
-        W, S, H = W[:, perm], S[:, perm], h[perm[:, None], perm]
-        dead = dead[perm]
+        W, S = W[:, perm], S[:, perm]
         Z = Z[:, perm] if Z is not None else None
-    else:
-        H = h.clone()
-    if dead.any():
-        H[dead, dead] = 1.0
-    del h  # the caller's
     Zt = Z.T.contiguous() if Z is not None else None
-    hinv = _inverse_cholesky(H, damp, overwrite=True)
-    del H
+    # memory (issue 15): no float32 copy of H; the float64 buffer (2 x H) is gathered from h in the permuted
+    # order and, once inverted, narrowed to float32 in its own storage; U is read a block of rows at a time
+    hinv = _narrow_(_inverse_factor_buffer(h, damp, perm, dead_to_one=True))
+    del h
+    rows = torch.empty(min(block, k) * k + 15)  # _factor_rows' block of U rows (a transient of `block` rows)
     # column-major working copies: column j of W is row j here (contiguous updates)
     Wt, St = W.T.contiguous(), S.T.contiguous()
     del W
     Q = torch.empty(k, n, dtype=torch.int8)  # codes are integers in [-qmax, qmax]: exact in int8
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
+        U1 = _factor_rows(hinv, i1, i2, rows)  # U1[:, i1:] = U[i1:i2, i1:]
         W1 = Wt[i1:i2].clone()
         E1 = torch.empty_like(W1)
-        H1 = hinv[i1:i2, i1:i2]
+        H1 = U1[:, i1:i2]
         for i in range(i2 - i1):
             col, s = W1[i], St[i1 + i]
             q = qn.quantize(col, s, bits)
@@ -243,7 +291,7 @@ def _gptq(w, h, scale, bits, damp, block, act_order, keep_zero=None):
             if i + 1 < i2 - i1:
                 W1[i + 1:].addr_(H1[i, i + 1:], err, alpha=-1.0)
         if i2 < k:
-            Wt[i2:].addmm_(hinv[i1:i2, i2:].T, E1, alpha=-1.0)
+            Wt[i2:].addmm_(U1[:, i2:].T, E1, alpha=-1.0)
     codes = Q.T
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]

@@ -92,6 +92,22 @@ def float_forward(args) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def host() -> dict:
+    """The CPU a row ran on: bf16 GEMMs cost 14-35x a float32 one on a CPU without native bf16 (AVX2), so both
+    sides of the ratio move with it and rows of different hosts must not be compared."""
+    import torch
+    flags = set()
+    model = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    return {"cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"})}
+
+
 def settings(passes: str, extra: list[str], args) -> dict:
     return {"model": MODEL, "passes": passes, "extra": extra, "calib": CALIB.name,
             "calib_samples": args.calib_samples, "seq_len": args.seq_len}
@@ -103,7 +119,8 @@ def measure(key: str, passes: str, extra: list[str], args, log, shared_float: di
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out = work / f"{args.label}_{key}"
-    row = {"settings": settings(passes, extra, args), "label": args.label, "commit": _commit(Path(args.checkout))}
+    row = {"settings": settings(passes, extra, args), "label": args.label, "commit": _commit(Path(args.checkout)),
+           "host": host()}
     cmd = [sys.executable, "-m", "qcompiler.cli", MODEL, "--passes", passes, "--calib", str(CALIB), "--calib-samples",
            str(args.calib_samples), "--seq-len", str(args.seq_len), "-o", str(out), "--force"] + extra
     row["command"] = " ".join(["qcompile"] + cmd[3:]).replace(str(SHARED), "../shared").replace(str(out), "OUT")
@@ -151,16 +168,19 @@ def table(results: dict, label: str) -> list[str]:
     if not rows:
         return []
     goals = {k: g for k, _, _, g in PIPELINES}
-    lines = ["| --passes | calibration | threads | float forward s | compile s | ratio | goal | peak RSS MiB | "
+    lines = ["| --passes | calibration | threads | CPU | float forward s | compile s | ratio | goal | peak RSS MiB | "
              "where the time goes (s) | load |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in rows:
         ratio = r["wall_s"] / r["float"]["seconds"]
         goal = goals.get(key)
         ok = "" if goal is None else (f"<= {goal}x yes" if ratio <= goal else f"<= {goal}x **no**")
         extra = " " + " ".join(r["settings"]["extra"]) if r["settings"]["extra"] else ""
         calib = f"{r['settings']['calib_samples']} x {r['settings']['seq_len']}"
-        lines.append(f"| `{r['settings']['passes']}`{extra} | {calib} | {r['float'].get('threads', '?')} | "
+        cpu = r.get("host", {})
+        cpu = (f"{cpu['cpu_capability']}, {'native' if cpu['native_bf16'] else 'no native'} bf16" if cpu
+               else "not recorded")
+        lines.append(f"| `{r['settings']['passes']}`{extra} | {calib} | {r['float'].get('threads', '?')} | {cpu} | "
                      f"{r['float']['seconds']:.1f} | {r['wall_s']:.1f} | "
                      f"**{ratio:.1f}x** | {ok} | {r['peak_rss_mib']:,.0f} | {_where(r)} | "
                      f"{r['load_before']} -> {r['load_after']} |")

@@ -125,7 +125,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, *, overwrite: bool = False) 
     Memory (a 7B down_proj's H is 18944^2: 1.4 GiB in float32): the float64 work runs in place on one
     column-major buffer (`_inverse_factor_buffer`), and with `overwrite` (h float32 contiguous, the caller's own
     copy) the result is written into h and h is returned. Peak: h + one float64 buffer (3 x H in float32) +
-    transients of a few hundred rows. GPTQ itself does not call this: it reads U from the buffer narrowed in
+    transients of a few hundred rows. GPTQ and SparseGPT do not call this: they read U from the buffer narrowed in
     place (`_narrow_`, `_factor_rows`), which saves the float32 copy. Reads H's lower triangle (as the route
     before: a Gram matrix from blocked GEMMs need not be exactly symmetric).
 

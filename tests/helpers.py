@@ -570,3 +570,30 @@ def peak_in_subprocess(script: str) -> float:
     out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
                          capture_output=True, text=True, timeout=300, check=True).stdout
     return float(out.strip().splitlines()[-1])
+
+
+#: the problem of the Hessian-memory tests (GPTQ, SparseGPT): H of a k 2048 Linear (float32 k x k, positive
+#: definite), a [16, k] weight, and `peak(call)`: the peak RSS of call() above the RSS before it, in units of H
+_HESSIAN_PEAK_PREAMBLE = """
+import gc, re, torch
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+def peak(call):
+    gc.collect()
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    before = status("VmRSS")
+    call()
+    return (status("VmHWM") - before) / (k * k * 4)
+torch.set_num_threads(1)
+k = 2048
+g = torch.Generator().manual_seed(0)
+x = torch.randn(k // 2, k, generator=g)
+h = x.T @ x / x.shape[0] + torch.eye(k); del x
+w = torch.randn(16, k, generator=g)
+"""
+
+
+def hessian_peak_units(body: str) -> float:
+    """The number `body` prints last, run after `_HESSIAN_PEAK_PREAMBLE` (k, h, w, peak) by `peak_in_subprocess`:
+    `body` imports the function, warms it up on a small slice (libraries, kernels) and prints peak(...)."""
+    return peak_in_subprocess(_HESSIAN_PEAK_PREAMBLE + body)

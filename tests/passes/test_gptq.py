@@ -20,7 +20,7 @@ from qcompiler.loading import open_checkpoint
 from qcompiler.passes import TAIL, LayerContext, PassManager, make_pass
 from qcompiler.passes.gptq import gptq_quantize, output_error
 from qcompiler.passes.weight_targets import WeightTarget, dequantize, weight_targets
-from tests.helpers import annotate, peak_in_subprocess
+from tests.helpers import annotate, hessian_peak_units
 
 
 # ---- the algorithm on synthetic data ---------------------------------------------------------------
@@ -221,27 +221,12 @@ def test_gram_of_bf16_rows_is_the_float32_gram():
     assert torch.equal(acc, want)
 
 
-_PEAK_SCRIPT = """
-import gc, re, sys, torch
+_PEAK_BODY = """
 from qcompiler.passes.gptq import gptq_quantize
-def status(key):
-    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-torch.set_num_threads(1)
-k = 2048
-g = torch.Generator().manual_seed(0)
-x = torch.randn(k // 2, k, generator=g)
-h = x.T @ x / x.shape[0] + torch.eye(k); del x
-w = torch.randn(16, k, generator=g)
 scale = w.abs().amax(1, keepdim=True) / 7
-gptq_quantize(w[:, :64], h[:64, :64], scale, 4)  # warm up (libraries, kernels)
-peaks = []
-for act_order in (True, False):  # the act-order gather and the plain copy
-    gc.collect()
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-    before = status("VmRSS")
-    gptq_quantize(w, h, scale, 4, act_order=act_order)
-    peaks.append((status("VmHWM") - before) / (k * k * 4))
-print(max(peaks))
+gptq_quantize(w[:, :64], h[:64, :64], scale, 4)  # warm up
+# the act-order gather and the plain copy
+print(max(peak(lambda: gptq_quantize(w, h, scale, 4, act_order=a)) for a in (True, False)))
 """
 
 
@@ -251,7 +236,7 @@ def test_gptq_holds_a_few_hessian_sized_buffers():
     k 2048, mostly of fixed size: 0.2 at k 4096). A float32 copy of H of its own (the permuted copy that
     received the factor until issue 15's narrowing) measured 3.46 and fails the bound 3; the out-of-place
     float64 chain held ~13 (a 7B down_proj: 13 x 1.4 GiB; the compile was stopped at 21.9 GiB). Measured 2.46."""
-    units = peak_in_subprocess(_PEAK_SCRIPT)
+    units = hessian_peak_units(_PEAK_BODY)
     assert units < 3, f"gptq_quantize peaked at {units:.2f} x the Hessian's size"
 
 

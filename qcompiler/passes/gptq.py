@@ -107,7 +107,7 @@ _COPY_ROWS = 256
 _TRI_BLOCK = 256
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float, *, overwrite: bool = False) -> torch.Tensor:
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (U^T U = that inverse), float32; dampening
     raised x10 (up to 4 times) while the Cholesky factorization fails.
 
@@ -123,10 +123,10 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, *, overwrite: bool = False) 
     7B down_proj: ~486 -> ~237 s. Peak above the caller's H: 3.06 x H (old 3.02) at k 8192, 3.16 (3.06) at 4096.
 
     Memory (a 7B down_proj's H is 18944^2: 1.4 GiB in float32): the float64 work runs in place on one
-    column-major buffer (`_inverse_factor_buffer`), and with `overwrite` (h float32 contiguous, the caller's own
-    copy) the result is written into h and h is returned. Peak: h + one float64 buffer (3 x H in float32) +
-    transients of a few hundred rows. GPTQ and SparseGPT do not call this: they read U from the buffer narrowed in
-    place (`_narrow_`, `_factor_rows`), which saves the float32 copy. Reads H's lower triangle (as the route
+    column-major buffer (`_inverse_factor_buffer`). Peak: h + one float64 buffer + U (4 x H in float32) +
+    transients of a few hundred rows. GPTQ and SparseGPT do not call this (it states U whole, for the tests and
+    bench/probe_gptq_inverse.py): they read U from the buffer narrowed in place (`_narrow_`, `_factor_rows`), which
+    saves both float32 copies. Reads H's lower triangle (as the route
     before: a Gram matrix from blocked GEMMs need not be exactly symmetric).
 
     Bits: U is the same matrix in exact arithmetic as the route before, not the same float64 rounding, so after
@@ -139,7 +139,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, *, overwrite: bool = False) 
     k = h.shape[0]
     buf = _inverse_factor_buffer(h, damp)
     # U = J L^-1 J: U[i, j] = a[k-1-i, k-1-j]; U^T[j, i] = buf[k-1-j, k-1-i] (buf = a^T)
-    out = h if overwrite else torch.empty(k, k)
+    out = torch.empty(k, k)
     outT = out.mT
     for r1 in range(0, k, _COPY_ROWS):
         r2 = min(r1 + _COPY_ROWS, k)

@@ -128,16 +128,13 @@ def test_inverse_cholesky_matches_the_reference(k):
     assert resid <= 2 * resid_ref, (resid, resid_ref)
 
 
-def test_inverse_cholesky_in_place_reuses_h_and_reads_the_lower_triangle():
+def test_inverse_cholesky_reads_the_lower_triangle():
     from qcompiler.passes.gptq import _inverse_cholesky
     h = _hessian(_correlated(k=96))
     want = _inverse_cholesky(h, 0.01)
     # not exactly symmetric (a Gram matrix from blocked GEMMs need not be): the upper triangle is not read
     skew = h + torch.randn(96, 96, generator=torch.Generator().manual_seed(3)).triu(1) * 1e-3
     assert torch.equal(_inverse_cholesky(skew, 0.01), want)
-    own = h.clone()
-    got = _inverse_cholesky(own, 0.01, overwrite=True)
-    assert got.data_ptr() == own.data_ptr() and torch.equal(got, want)
 
 
 def test_inverse_cholesky_raises_dampening_until_positive_definite():

@@ -198,6 +198,30 @@ def _f(v, d=0):
     return "-" if v is None else f"{v:,.{d}f}"
 
 
+def hessian_work_bytes(config: dict) -> int:
+    """What GPTQ / SparseGPT hold on top of a layer's working set at their largest Linear: its float32 Hessian
+    H (k x k, k the widest Linear input: the MLP's down_proj) and the float64 k x k buffer its inverse factor
+    is computed in (2 x H), 3 x 4 k^2 bytes. One Hessian is in memory at a time (passes/gptq.py, sequential;
+    measured 2.17-2.47 x H above the caller's H by bench/probe_gptq_peak.py). Dense layers only: a MoE layer's
+    per-expert Grams (passes/gptq.py "Cost") are not counted."""
+    heads = config["num_attention_heads"] * config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    k = max(config["hidden_size"], config["intermediate_size"], heads)
+    return 3 * 4 * k * k
+
+
+def bound_bytes(row: dict) -> int:
+    """The issue's bound for a row: bf16 head (embeddings, final norm, lm_head) + two decoder layers + the
+    calibration hidden states in and out; for a pipeline with gptq or sparse (SparseGPT) also their Hessian
+    work (`hessian_work_bytes`), which no rounding that reads a k x k Hessian can avoid."""
+    st = row["settings"]
+    config = sc.resolve(st["preset"]).config
+    act = st["calib_samples"] * st["seq_len"] * config["hidden_size"] * 2 * 2
+    bound = row["head_bytes"] + 2 * row["layer_bytes"] + act
+    if {"gptq", "sparse"} & {p.split(":")[0] for p in st["passes"].split(",")}:
+        bound += hessian_work_bytes(config)
+    return bound
+
+
 def table(results: dict, label: str) -> list[str]:
     rows = [r for r in results.values() if r.get("label") == label and r.get("rc") == 0]
     if not rows:
@@ -206,13 +230,12 @@ def table(results: dict, label: str) -> list[str]:
     pipes = {p: i for i, p in enumerate(PIPELINES)}
     rows.sort(key=lambda r: (order.get(r["settings"]["preset"], 99), pipes.get(r["settings"]["passes"], 99)))
     lines = ["| checkpoint | layers | --passes | peak RSS MiB | peak anon MiB (file-backed then) | wall s | "
-             "s / layer | head + 2 layers + calib GiB | load |",
+             "s / layer | bound GiB | load |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         st = r["settings"]
         _, layer = per_layer(r)
-        act = st["calib_samples"] * st["seq_len"] * sc.resolve(st["preset"]).config["hidden_size"] * 2 * 2
-        bound = (r["head_bytes"] + 2 * r["layer_bytes"] + act) / GIB
+        bound = bound_bytes(r) / GIB
         lines.append(f"| {st['preset']} | {r['num_layers']} | `{st['passes']}` | {_f(r['peak_rss_mib'])} | "
                      f"{_f(r.get('poll_peak_anon_mib'))} ({_f(r.get('file_at_anon_peak_mib'))}) | {_f(r['wall_s'], 1)} | "
                      f"{_f(layer, 1)} | {bound:.2f} | {r.get('load_before')} -> {r.get('load_after')} |")
@@ -260,9 +283,10 @@ def write_markdown(results: dict, args) -> str:
              "(bench/synthetic_checkpoint.py, bf16), calibration `wiki_calib.jsonl` 16 x 512 tokens. peak RSS = "
              "ru_maxrss of the compile process (os.wait4); peak anon = the highest anonymous RSS seen by a 0.1 s "
              "poll (and the file-backed RSS at that moment: mapped checkpoint pages the kernel may drop); s / layer "
-             "= mean of the report's per-layer seconds after the first layer; head + 2 layers + calib = the "
-             "issue's bound (bf16 embeddings + lm_head + final norm, two decoder layers, calibration hidden "
-             "states in and out).", ""]
+             "= mean of the report's per-layer seconds after the first layer; bound = the issue's head + 2 layers + "
+             "calib (bf16 embeddings + lm_head + final norm, two decoder layers, calibration hidden states in and "
+             "out), plus for gptq / sparse the Hessian work of the widest Linear (H and its float64 factor "
+             "buffer, 3 x 4 k^2 bytes: `hessian_work_bytes`).", ""]
     for label in labels:
         lines += [f"## {label}", ""] + table(results, label) + [""]
         dc = depth_check(results, label)

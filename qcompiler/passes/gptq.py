@@ -65,7 +65,7 @@ from ..ir.patterns import get_tensor, linear_sites, replace_tensor, shared_input
 from .base import Pass, PassResult, Phase
 from .properties import ANNOTATED, CAPTURED, WEIGHTS_ROUNDED
 from .registry import register
-from .weight_targets import (WeightTarget, column_scale, dequantize, quantize, single_thread,
+from .weight_targets import (WeightTarget, dequantize, quantize, single_thread,
                              weight_targets)
 
 
@@ -251,28 +251,26 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits: i
 
 def _gptq(w, h, scale, bits, damp, block, act_order, keep_zero=None):
     n, k = w.shape
-    W = w.detach().float().clone()
     h = h.detach().float()  # the caller's (read, never written)
     dead = h.diagonal() == 0
-    if dead.any():
-        W[:, dead] = 0.0
-    S = column_scale(scale.float(), k)
-    Z = keep_zero
     perm = None
     if act_order:
         order = h.diagonal().masked_fill(dead, 1.0)  # the diagonal once dead inputs get H_ii = 1
         perm = torch.argsort(order, descending=True, stable=True)
-        W, S = W[:, perm], S[:, perm]
-        Z = Z[:, perm] if Z is not None else None
-    Zt = Z.T.contiguous() if Z is not None else None
+    # memory (issue 15): W and keep_zero are gathered straight into GPTQ's column order and column-major layout
+    # (column j of W is row j here: contiguous updates), and each column's scales are read from `scale` itself,
+    # so the only weight-sized float32 tensor is Wt (a 7B gate/up pair: 0.5 GiB a copy; there were five)
+    Wt = _columns_as_rows(w.detach(), perm)
+    Wt[dead if perm is None else dead[perm]] = 0.0
+    Zt = _columns_as_rows(keep_zero, perm) if keep_zero is not None else None
+    St = scale.detach().float().T.contiguous()  # [G, n]: column c's scales are St[c // (k / G)]
+    scale_of = torch.arange(k) if perm is None else perm
+    scale_of = torch.div(scale_of, k // St.shape[0], rounding_mode="floor").tolist()
     # memory (issue 15): no float32 copy of H; the float64 buffer (2 x H) is gathered from h in the permuted
     # order and, once inverted, narrowed to float32 in its own storage; U is read a block of rows at a time
     hinv = _narrow_(_inverse_factor_buffer(h, damp, perm, dead_to_one=True))
     del h
     rows = torch.empty(min(block, k) * k + 15)  # _factor_rows' block of U rows (a transient of `block` rows)
-    # column-major working copies: column j of W is row j here (contiguous updates)
-    Wt, St = W.T.contiguous(), S.T.contiguous()
-    del W
     Q = torch.empty(k, n, dtype=torch.int8)  # codes are integers in [-qmax, qmax]: exact in int8
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -281,7 +279,7 @@ def _gptq(w, h, scale, bits, damp, block, act_order, keep_zero=None):
         E1 = torch.empty_like(W1)
         H1 = U1[:, i1:i2]
         for i in range(i2 - i1):
-            col, s = W1[i], St[i1 + i]
+            col, s = W1[i], St[scale_of[i1 + i]]
             q = qn.quantize(col, s, bits)
             if Zt is not None:
                 q.masked_fill_(Zt[i1 + i], 0.0)
@@ -298,24 +296,43 @@ def _gptq(w, h, scale, bits, damp, block, act_order, keep_zero=None):
     return codes.contiguous()
 
 
+def _columns_as_rows(m: torch.Tensor, cols: torch.Tensor | None, rows: int = 4096) -> torch.Tensor:
+    """`m[:, cols].T` (every column in order when cols is None) as a new contiguous [len(cols), n] tensor, float32
+    for a floating `m` (other dtypes kept), made `rows` rows of m [n, k] at a time: no full-size copy besides
+    the result."""
+    n, k = m.shape
+    out = torch.empty(k if cols is None else cols.numel(), n,
+                      dtype=torch.float32 if m.is_floating_point() else m.dtype)
+    for start in range(0, n, rows):
+        part = m[start:start + rows]
+        out[:, start:start + part.shape[0]].copy_((part if cols is None else part[:, cols]).T)
+    return out
+
+
 def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
     """tr(dW H dW^T): the summed squared output error of the Linear over the calibration set (x 2/N)."""
     d = (w.float() - wq.float())
     return float(((d @ h) * d).sum())
 
 
-def row_errors(ds, h: torch.Tensor, rows: int = 4096) -> torch.Tensor:
-    """Per row r of each d in `ds` (matrices [n, k] of one shape): d_r H d_r^T, float32 [len(ds), n]. For the
-    pass's records only. float32 products: a bf16 GEMM is slow on CPUs without native bf16 (on the AMD EPYC
-    AVX2 host measured, one thread, [4096, 576] x [576, 576] took 35x as long in bf16 as in float32).
-    Memory: `rows` rows at a time (a 7B gate/up pair is 37888 x 3584: one float32 product of all of it and
-    its copies would be several GiB)."""
+def row_errors(rows_of, n: int, h: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """d_r H d_r^T for every row r < n of each matrix `rows_of(r)` returns: float32 [matrices, n]. For the
+    pass's records only. `rows_of(slice)` gives the matrices' rows in that slice (a tuple of float32
+    [len, k], the same count on every call), `rows` rows at a time, so neither the caller nor this function
+    holds a full-size difference of weights (a 7B gate/up pair is 37888 x 3584: 0.5 GiB per float32 copy;
+    the 72B one 59136 x 8192, 1.8 GiB). float32 products: a bf16 GEMM is slow on CPUs without native bf16
+    (on the AMD EPYC AVX2 host measured, one thread, [4096, 576] x [576, 576] took 35x as long in bf16 as
+    in float32)."""
     hf = h.float()
-    out = torch.empty(len(ds), ds[0].shape[0])
-    for i, d in enumerate(ds):
-        for start in range(0, d.shape[0], rows):
-            x = d[start:start + rows].float()
-            out[i, start:start + x.shape[0]] = (torch.mm(x, hf) * x).sum(-1)
+    out = None
+    for start in range(0, n, rows):
+        r = slice(start, min(start + rows, n))
+        ds = rows_of(r)
+        if out is None:
+            out = torch.empty(len(ds), n)
+        for i, d in enumerate(ds):
+            x = d.float()
+            out[i, r] = (torch.mm(x, hf) * x).sum(-1)
     return out
 
 
@@ -386,11 +403,11 @@ class GPTQ(Pass):
         for site in group:
             by_target.setdefault(targets[site.name], []).append(site)
         for t, sites in by_target.items():
-            weights = [get_tensor(gm, s.weight.target).detach().float() for s in sites]
-            scales = [quantize(w, t)[1] for w in weights]
-            w_all, s_all = torch.cat(weights), torch.cat(scales)
-            counts = [w.shape[0] for w in weights]
-            del weights  # w_all holds them (float32: a 7B gate/up pair is 0.5 GiB)
+            params = [get_tensor(gm, s.weight.target).detach() for s in sites]
+            scales = [quantize(w, t)[1] for w in params]  # quantize widens to float32 itself: the same scales
+            s_all, counts = torch.cat(scales), [w.shape[0] for w in params]
+            w_all = torch.cat(params).float()  # one float32 copy (a 7B gate/up pair is 0.5 GiB)
+            del params
             # weights the sparse pass pruned keep zero codes (else compensation would refill them)
             keep_zero = (w_all == 0) if any(meta.SPARSITY in s.node.meta for s in sites) else None
             codes = gptq_quantize(w_all, h, s_all, t.bits, damp=self.options.damp,
@@ -399,8 +416,13 @@ class GPTQ(Pass):
             wq_all = dequantize(codes, s_all)
             if not torch.isfinite(wq_all).all():
                 raise ValueError(f"{ctx.prefix}{sites[0].name}: GPTQ produced a non-finite weight")
-            rtn_all = dequantize(quantize(w_all, t, s_all)[0], s_all)
-            err, err_rtn, ref = row_errors([w_all - wq_all, w_all - rtn_all, w_all], h)
+
+            def record_rows(r: slice):  # GPTQ's and RTN's weight errors and the weight, rows r
+                w = w_all[r]
+                rtn = dequantize(quantize(w, t, s_all[r])[0], s_all[r])
+                return w - wq_all[r], w - rtn, w
+
+            err, err_rtn, ref = row_errors(record_rows, w_all.shape[0], h)
             row = 0
             for site, count, scale in zip(sites, counts, scales):
                 rows = slice(row, row + count)

@@ -260,7 +260,7 @@ class Sparse(Pass):
             raise ValueError(f"{ctx.prefix}{group[0].name}: {o.method} produced a non-finite weight")
         if h is not None:
             with single_thread():
-                err, ref = row_errors([w_all - pruned, w_all], h)
+                err, ref = row_errors(lambda r: (w_all[r] - pruned[r], w_all[r]), w_all.shape[0], h)
         row = 0
         for site, w in zip(group, weights):
             rows = slice(row, row + w.shape[0])

@@ -49,7 +49,7 @@ from ..ir import meta
 from ..calibration.linear_inputs import stage_input_stats
 from ..ir.patterns import get_tensor, linear_sites, replace_tensor, shared_input_groups
 from .base import Pass, PassResult, Phase
-from .gptq import _factor_rows, _inverse_factor_buffer, _narrow_, row_errors
+from .gptq import _columns_as_rows, _factor_rows, _inverse_factor_buffer, _narrow_, row_errors
 from .properties import ANNOTATED, CAPTURED, WEIGHTS_PRUNED, WEIGHTS_ROUNDED
 from .registry import register
 from .weight_targets import single_thread
@@ -145,9 +145,10 @@ def _sparsegpt(w, h, ratio, protect, damp, block):
     # and narrowed to float32 in its own storage, and U is read a block of rows at a time (`_factor_rows`).
     hinv = _narrow_(_inverse_factor_buffer(h.detach().float(), damp, dead_to_one=True))
     rows = torch.empty(min(block, k) * k + 15)
-    # column-major working copies (as gptq): column j of W is row j here, so updates are contiguous
-    Wt = w.detach().float().T.clone().contiguous()
-    Pt = protect.T.contiguous() if protect is not None else None
+    # column-major working copies (as gptq): column j of W is row j here, so updates are contiguous; made a
+    # row chunk at a time (`.T.clone().contiguous()` held two full float32 copies of the weight)
+    Wt = _columns_as_rows(w.detach(), None)
+    Pt = _columns_as_rows(protect, None) if protect is not None else None
     pruned = torch.zeros(n, dtype=torch.long)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -245,8 +246,8 @@ class Sparse(Pass):
     def _prune_group(self, gm, ctx, group, stats, records):
         """Prune the Linears of one shared input (rows stacked: every method is row-independent)."""
         o = self.options
-        weights = [get_tensor(gm, s.weight.target).detach().float() for s in group]
-        w_all = torch.cat(weights)
+        counts = [get_tensor(gm, s.weight.target).shape[0] for s in group]
+        w_all = torch.cat([get_tensor(gm, s.weight.target).detach() for s in group]).float()  # one float32 copy
         protect = protected_mask(w_all, o.fraction)
         h = stats.hessian() if stats is not None else None
         if o.method == "magnitude":
@@ -262,13 +263,13 @@ class Sparse(Pass):
             with single_thread():
                 err, ref = row_errors(lambda r: (w_all[r] - pruned[r], w_all[r]), w_all.shape[0], h)
         row = 0
-        for site, w in zip(group, weights):
-            rows = slice(row, row + w.shape[0])
-            row += w.shape[0]
+        for site, count in zip(group, counts):
+            rows = slice(row, row + count)
+            row += count
             stored = pruned[rows].to(ctx.dtype)
             sparsity = float((stored == 0).sum()) / stored.numel()
             rec = {"method": o.method, "sparsity": round(sparsity, 6),
-                   "protected": prune_count(w.shape[1], o.fraction) if protect is not None else 0}
+                   "protected": prune_count(w_all.shape[1], o.fraction) if protect is not None else 0}
             if h is not None:
                 total = float(ref[rows].sum())
                 rec["rel_err"] = round(float(err[rows].sum()) / total, 6) if total else 0.0

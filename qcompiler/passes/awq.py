@@ -112,6 +112,15 @@ def search_scale(x_mean: torch.Tensor, weights, targets, h: torch.Tensor, grid: 
         return s, a, scale_loss(weights, targets, hq, s), scale_loss(weights, targets, hq, torch.ones_like(s))
 
 
+def _rescale_hessian_(h: torch.Tensor, factor: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """H of the input x / factor: h / (factor_i * factor_j), float32 [k, k], written into h `rows` rows at a time
+    (the outer product of the factors and the quotient were two more k x k float32 matrices)."""
+    f = factor.float()
+    for start in range(0, h.shape[0], rows):
+        h[start:start + rows].div_(f[start:start + rows, None] * f[None, :])
+    return h
+
+
 def _block_hessian(h: torch.Tensor, block: int) -> torch.Tensor:
     """Diagonal blocks of H as [k / block, block, block]."""
     k = h.shape[0]
@@ -183,7 +192,10 @@ class AWQ(Pass):
         for group in groups:
             x = group[0].input
             st = stats[x]
-            h = st.xtx / max(st.rows, 1)
+            # memory (issue 15): H is the statistics' own Gram matrix scaled in place (stats is read no more), and
+            # the fold's rescaling below is in place too: one k x k float32 per input, not up to four (a 7B
+            # down_proj's H is 1.34 GiB). The same element operations as out of place: bit-identical.
+            h = st.xtx.div_(max(st.rows, 1))
             key = "+".join(s.name.rsplit(".", 1)[-1] for s in group)
             producer, reason = match_group(gm, group, sites_by_node, gqa=False)  # ir/folding.py
             if producer is None:
@@ -194,7 +206,7 @@ class AWQ(Pass):
             factor, a, loss, base = search_scale(st.mean_abs, weights, [targets.get(s.name) for s in group], h,
                                                  self.options.grid)
             fold(gm, producer, factor)
-            hessians[x] = h / (factor[:, None] * factor[None, :])   # the consumers now read x / factor
+            hessians[x] = _rescale_hessian_(h, factor)   # the consumers now read x / factor
             group_records[key] = {"alpha": a, "loss_vs_unscaled": round(loss / base, 6) if base else 1.0,
                                   "into": "+".join(producer.producer_targets()) if producer.kind == "norm"
                                   else producer.producer}

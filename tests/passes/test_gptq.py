@@ -238,6 +238,45 @@ def test_gptq_holds_a_few_hessian_sized_buffers():
     assert units < 3, f"gptq_quantize peaked at {units:.2f} x the Hessian's size"
 
 
+@pytest.mark.parametrize("group", [0, 32, 128])
+def test_dequantize_in_row_chunks_is_codes_times_expanded_scales(group):
+    """`dequantize` works a row chunk at a time with each group's scale broadcast (no float32 copy of the codes,
+    no scale expanded to one per weight): the very products q * column_scale(scale) (torch.equal), across a chunk
+    boundary, and for a 1-d per-channel scale."""
+    from qcompiler.passes.weight_targets import column_scale
+    g = torch.Generator().manual_seed(0)
+    n, k = 70, 256
+    q = torch.randint(-7, 8, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, k // (group or k), generator=g) + 0.01
+    want = q.float() * column_scale(scale, k)
+    assert torch.equal(dequantize(q, scale, rows=16), want)
+    assert torch.equal(dequantize(q, scale), want)
+    if not group:
+        assert torch.equal(dequantize(q, scale[:, 0], rows=16), want)
+
+
+_WIDE_PEAK_BODY = """
+from qcompiler.passes.gptq import gptq_quantize
+n = 4 * k  # a gate/up pair's shape: more rows than inputs (Qwen2.5-7B: 37888 x 3584)
+wide = torch.randn(n, k, generator=g)
+scale = wide.abs().amax(1, keepdim=True) / 7
+gptq_quantize(wide[:64, :64], h[:64, :64], scale[:64], 4)  # warm up
+# in units of the weight (float32 n x k) instead of H
+print(max(peak(lambda: gptq_quantize(wide, h, scale, 4, act_order=a)) for a in (True, False)) * k / n)
+"""
+
+
+def test_gptq_holds_one_float32_copy_of_a_wide_weight():
+    """Peak memory of one GPTQ call on a weight with more rows than inputs, above the caller's weight and H, in
+    units of the weight W (float32 [4k, k], k 2048): its float32 working copy in GPTQ's column order (1), the int8
+    codes and their unpermuted copy (0.25 each), the float64 factor buffer (2 H = 0.5 W here) and one block's
+    rows. Measured 2.1-2.4. Until issue 15's fix GPTQ also held W's float32 clone, its act-order gather, the scales
+    expanded to one per weight and their gather, and a transpose of each: measured 4.2 at n 8192 x k 1024, 2.2
+    GiB above the weight at a 7B gate/up pair."""
+    units = hessian_peak_units(_WIDE_PEAK_BODY)
+    assert units < 3, f"gptq_quantize peaked at {units:.2f} x the weight's size"
+
+
 @pytest.mark.parametrize("act_order", [True, False])
 def test_factor_rows_read_the_inverse_factor_narrowed_in_place(act_order):
     """GPTQ reads U a block of rows at a time from the float64 buffer narrowed to float32 in its own storage:

@@ -253,3 +253,18 @@ def test_losses_use_float32_products_even_for_a_bf16_hessian():
     want = ((d @ hb.float()) * d).sum(-1)
     assert torch.equal(quadratic_rows(d, hb), want)
     assert not torch.equal((torch.mm(d.bfloat16(), hb).float() * d).sum(-1), want)  # the bf16 product differs
+
+
+def test_hessian_rescaled_in_place_is_the_out_of_place_quotient():
+    """After the fold the consumers read x / factor, so H becomes H / (f_i f_j): rescaled in place a row chunk at a
+    time (the outer product and the quotient were two more k x k float32 matrices: 1.34 GiB each at a 7B down_proj),
+    with the same element operations, so torch.equal to the out-of-place quotient, across a chunk boundary."""
+    from qcompiler.passes.awq import _rescale_hessian_
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 70, generator=g)
+    h = x.T @ x / 200
+    f = torch.rand(70, generator=g) + 0.5
+    want = h / (f[:, None] * f[None, :])
+    got = h.clone()
+    assert _rescale_hessian_(got, f, rows=16) is got
+    assert torch.equal(got, want)

@@ -4,10 +4,10 @@ GPTQ at a Qwen2.5-7B down_proj has k = 18944, so H (float32 k x k) is 1.34 GiB a
 holds counts. This measures, in a fresh process per (checkout, k, act_order), the high-water mark the call adds
 above the process's RSS with H already in memory: VmHWM after resetting it (/proc/self/clear_refs 5) minus VmRSS
 before, divided by 4 k^2 (the test tests/passes/test_gptq.py::test_gptq_holds_a_few_hessian_sized_buffers runs
-the same at k 2048). glibc's mmap threshold is fixed (MALLOC_MMAP_THRESHOLD_=131072, as tests/helpers.py
-peak_in_subprocess) so that freed temporaries are returned at once. A checkout that keeps a float32 copy of H
-beside the float64 buffer reads ~3 + transients; one that narrows the buffer in place ~2 + transients (the
-transients are of a fixed size of some MiB: ~0.5 H at k 2048, ~0.2 at 4096).
+the same problem at k 2048: tests/helpers.py `hessian_peak_preamble`). glibc's mmap threshold is fixed
+(tests/helpers.py PEAK_MALLOC_ENV, as peak_in_subprocess) so that freed temporaries are returned at once. A
+checkout that keeps a float32 copy of H beside the float64 buffer reads ~3 + transients; one that narrows the
+buffer in place ~2 + transients (the transients are of a fixed size of some MiB: ~0.5 H at k 2048, ~0.2 at 4096).
 
     python3 bench/probe_gptq_peak.py [--ks 2048 4096] [--before CHECKOUT]   # one JSON line per measurement
 
@@ -24,34 +24,26 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-CHILD = r"""
-import gc, re, sys, torch
-sys.path.insert(0, sys.argv[1])
+from tests.helpers import PEAK_MALLOC_ENV, hessian_peak_preamble  # noqa: E402
+
+# the problem and `peak` come from tests/helpers.py `hessian_peak_preamble` (the test's, at any k); the checkout's
+# qcompiler is put first on the path before it
+CHILD_BODY = r"""
 from qcompiler.passes.gptq import gptq_quantize
-def status(key):
-    return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-torch.set_num_threads(1)
-k, act_order = int(sys.argv[2]), sys.argv[3] == "1"
-g = torch.Generator().manual_seed(0)
-x = torch.randn(k // 2, k, generator=g)
-h = x.T @ x / x.shape[0] + torch.eye(k); del x
-w = torch.randn(16, k, generator=g)
+act_order = sys.argv[2] == "1"
 scale = w.abs().amax(1, keepdim=True) / 7
 gptq_quantize(w[:, :64], h[:64, :64], scale, 4)  # libraries and kernels loaded
-gc.collect()
-open("/proc/self/clear_refs", "w").write("5")
-before = status("VmRSS")
-gptq_quantize(w, h, scale, 4, act_order=act_order)
-print((status("VmHWM") - before) / (k * k * 4))
+print(peak(lambda: gptq_quantize(w, h, scale, 4, act_order=act_order)))
 """
 
 
 def peak_units(checkout: Path, k: int, act_order: bool) -> float:
     """Units of H one gptq_quantize call adds above the caller's H, with `checkout`'s qcompiler first."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    out = subprocess.run([sys.executable, "-c", CHILD, str(checkout), str(k), "1" if act_order else "0"],
-                         capture_output=True, text=True, check=True, env=env)
+    child = "import sys\nsys.path.insert(0, sys.argv[1])\n" + hessian_peak_preamble(k) + CHILD_BODY
+    out = subprocess.run([sys.executable, "-c", child, str(checkout), "1" if act_order else "0"],
+                         capture_output=True, text=True, check=True, env=dict(os.environ, **PEAK_MALLOC_ENV))
     return float(out.stdout.strip().splitlines()[-1])
 
 

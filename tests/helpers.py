@@ -554,6 +554,11 @@ class ThreadRanks:
             raise errors[0]
 
 
+#: glibc's mmap threshold fixed for peak-RSS measurements (`peak_in_subprocess`, bench/probe_gptq_peak.py): glibc's
+#: dynamic one moves with the order of frees, so freed temporaries sometimes stay in the heap
+PEAK_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def peak_in_subprocess(script: str) -> float:
     """Run `script` (Python source that resets the peak RSS with /proc/self/clear_refs and prints a peak as the last
     line of its output) in a fresh interpreter from the repository root, with glibc's mmap threshold fixed; returns that number. Skips the calling test
@@ -566,15 +571,19 @@ def peak_in_subprocess(script: str) -> float:
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
     # a fixed mmap threshold: glibc's dynamic one moves with the order of frees, so freed temporaries sometimes stay
     # in the heap and the peak read 0.1-2.0 units in runs of one script (the smooth search test); with it, 0.20-0.22
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    env = dict(os.environ, **PEAK_MALLOC_ENV)
     out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
                          capture_output=True, text=True, timeout=300, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
 
-#: the problem of the Hessian-memory tests (GPTQ, SparseGPT): H of a k 2048 Linear (float32 k x k, positive
-#: definite), a [16, k] weight, and `peak(call)`: the peak RSS of call() above the RSS before it, in units of H
-_HESSIAN_PEAK_PREAMBLE = """
+def hessian_peak_preamble(k: int = 2048) -> str:
+    """Python source of the Hessian-memory problem (GPTQ, SparseGPT): H of a width-`k` Linear (float32 k x k,
+    positive definite), a [16, k] weight `w`, and `peak(call)`: the peak RSS of call() above the RSS before it, in
+    units of H. The one copy for the tests (`hessian_peak_units`, k 2048) and bench/probe_gptq_peak.py (any k);
+    it lives here, beside `peak_in_subprocess`, as the bench scripts already import tests/ helpers and the package
+    imports neither."""
+    return f"""
 import gc, re, torch
 def status(key):
     return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
@@ -585,7 +594,7 @@ def peak(call):
     call()
     return (status("VmHWM") - before) / (k * k * 4)
 torch.set_num_threads(1)
-k = 2048
+k = {int(k)}
 g = torch.Generator().manual_seed(0)
 x = torch.randn(k // 2, k, generator=g)
 h = x.T @ x / x.shape[0] + torch.eye(k); del x
@@ -594,6 +603,7 @@ w = torch.randn(16, k, generator=g)
 
 
 def hessian_peak_units(body: str) -> float:
-    """The number `body` prints last, run after `_HESSIAN_PEAK_PREAMBLE` (k, h, w, peak) by `peak_in_subprocess`:
-    `body` imports the function, warms it up on a small slice (libraries, kernels) and prints peak(...)."""
-    return peak_in_subprocess(_HESSIAN_PEAK_PREAMBLE + body)
+    """The number `body` prints last, run after `hessian_peak_preamble()` (k 2048, h, w, peak) by
+    `peak_in_subprocess`: `body` imports the function, warms it up on a small slice (libraries, kernels) and prints
+    peak(...)."""
+    return peak_in_subprocess(hessian_peak_preamble() + body)

@@ -109,17 +109,20 @@ def quantize_weight(w: Tensor, bits: int = 8, group_size: int = 0, scale: Tensor
     qmax = qn.qmax(bits)
     n, k = check_2d(w, "weight")
     g = num_groups(k, group_size)
-    wf = w.detach().float()
-    if not torch.isfinite(wf).all():
-        raise ValueError("weight contains NaN or Inf")
-    groups = wf.reshape(n, g, k // g)
+    groups = w.detach().float().reshape(n, g, k // g)
     if scale is None:
-        scale = groups.abs().amax(dim=-1) / qmax
+        absmax = groups.abs().amax(dim=-1)
+        # the weight's finiteness from its group maxima (abs and amax propagate NaN and Inf): no pass of its own
+        if not torch.isfinite(absmax).all():
+            raise ValueError("weight contains NaN or Inf")
+        scale = absmax / qmax
         # zero group (or an absmax so small that /qmax underflows): any scale codes it as 0; 1.0 keeps it finite
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     else:
+        if not torch.isfinite(groups).all():  # before the scale's checks, as for a computed scale
+            raise ValueError("weight contains NaN or Inf")
         scale = check_scale(scale, n, k, group_size)
     if model_dtype is not None:
         scale = engine_scale(scale, model_dtype)
-    q = torch.round(groups / scale.unsqueeze(-1)).clamp_(-qmax, qmax)
+    q = (groups / scale.unsqueeze(-1)).round_().clamp_(-qmax, qmax)  # rounded in place: one float32 [n, k] temporary
     return q.to(torch.int8).reshape(n, k), scale.contiguous()

@@ -110,11 +110,18 @@ def fake_quant(w: torch.Tensor, bits: int, group: int = 0,
 ROW_CHUNK_ELEMENTS = 1 << 24
 
 
-def row_slices(rows: int, width: int, elements: int | None = None, multiple: int = 1) -> list[slice]:
-    """[0, rows) in slices of elements // width rows (elements: ROW_CHUNK_ELEMENTS unless given), rounded down to a
-    multiple of `multiple` (at least `multiple`); one slice when rows * width <= elements."""
+def row_step(width: int, elements: int | None = None, multiple: int = 1) -> int:
+    """Rows per chunk of a [rows, width] temporary, the one rule: elements // width (elements: ROW_CHUNK_ELEMENTS
+    unless given), rounded down to a multiple of `multiple` (at least `multiple`). `row_slices` cuts by it; the
+    quantized kernels (backends/ascend/kernels.py) step their token rows by it."""
     step = (ROW_CHUNK_ELEMENTS if elements is None else int(elements)) // max(int(width), 1)
-    step = max(multiple, step // multiple * multiple)
+    return max(multiple, step // multiple * multiple)
+
+
+def row_slices(rows: int, width: int, elements: int | None = None, multiple: int = 1) -> list[slice]:
+    """[0, rows) in slices of `row_step(width, elements, multiple)` rows; one slice when rows * width <= elements
+    (one empty slice when rows is 0)."""
+    step = row_step(width, elements, multiple)
     return [slice(r, min(r + step, rows)) for r in range(0, max(int(rows), 1), step)]
 
 

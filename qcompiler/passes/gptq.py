@@ -20,9 +20,8 @@ How, per decoder layer:
   diag(H), undone on the stored codes); dampening `damp` * mean(diag(H)) (raised x10 up to 4 times if H
   is still not positive definite); upper Cholesky factor of H^-1 (float64, from one Cholesky of the reversed H
   and one triangular inverse: `_inverse_cholesky`; in GPTQ the float64 buffer is gathered straight from the
-  caller's H and narrowed to float32 in its own storage, so no float32 copy of H is made: `_inverse_factor_buffer`,
-  `_narrow_`, `_factor_rows`); lazy batch updates in blocks
-  of `block` columns (matmuls), one column at a time inside a block.
+  caller's H and narrowed to float32 in its own storage, so no float32 copy of H is made: `_factor_row_blocks`);
+  lazy batch updates in blocks of `block` columns (matmuls), one column at a time inside a block.
 - Result on each quantized Linear's `aten.linear` node: `meta.WEIGHT_QPARAMS = (q int8 [n, k], scale
   float32 [n, G])` (lowering encodes exactly these), and the float weight parameter is replaced by
   q * scale in the model dtype (what any later float consumer sees).
@@ -125,7 +124,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     Memory (a 7B down_proj's H is 18944^2: 1.4 GiB in float32): the float64 work runs in place on one
     column-major buffer (`_inverse_factor_buffer`). Peak: h + one float64 buffer + U (4 x H in float32) +
     transients of a few hundred rows. GPTQ and SparseGPT do not call this (it states U whole, for the tests and
-    bench/probe_gptq_inverse.py): they read U from the buffer narrowed in place (`_narrow_`, `_factor_rows`), which
+    bench/probe_gptq_inverse.py): they read U from the buffer narrowed in place (`_factor_row_blocks`), which
     saves both float32 copies. Reads H's lower triangle (as the route
     before: a Gram matrix from blocked GEMMs need not be exactly symmetric).
 
@@ -212,6 +211,27 @@ def _factor_rows(f: torch.Tensor, i1: int, i2: int, rows: torch.Tensor) -> torch
     return r
 
 
+def _factor_row_blocks(h: torch.Tensor, damp: float, block: int, order: torch.Tensor | None = None):
+    """GPTQ's and SparseGPT's reading of U, the upper Cholesky factor of H'^-1 (H' = h[order][:, order], dead
+    inputs' H'_ii = 1, damped: `_inverse_factor_buffer`), a block of rows at a time: an iterator of (i1, i2, r)
+    for i1 = 0, block, 2 block, ... (i2 = min(i1 + block, k)), with r[:, i1:] = U[i1:i2, i1:] (`_factor_rows`;
+    r is overwritten by the next block).
+
+    Memory (issue 15): the float64 buffer (2 x H) is built and narrowed to float32 in its own storage
+    (`_narrow_`) before this returns, not at the first block, so the caller's allocations around the call keep
+    their order; the iterator holds that buffer and one block of rows (not h, which the caller may drop), and
+    both are released when the iteration ends."""
+    k = h.shape[0]
+    f = _narrow_(_inverse_factor_buffer(h, damp, order, dead_to_one=True))
+    rows = torch.empty(min(block, k) * k + 15)  # _factor_rows' block of rows and its alignment slack
+
+    def blocks():
+        for i1 in range(0, k, block):
+            i2 = min(i1 + block, k)
+            yield i1, i2, _factor_rows(f, i1, i2, rows)
+    return blocks()
+
+
 def _tril_inverse_(a: torch.Tensor, nb: int = _TRI_BLOCK) -> torch.Tensor:
     """Invert a lower triangular float64 matrix in place (its strict upper triangle must be zero and stays zero);
     `a` column-major. LAPACK trtri's blocked order: block columns from the last to the first; with the trailing
@@ -268,13 +288,10 @@ def _gptq(w, h, scale, bits, damp, block, act_order, keep_zero=None):
     scale_of = torch.div(scale_of, k // St.shape[0], rounding_mode="floor").tolist()
     # memory (issue 15): no float32 copy of H; the float64 buffer (2 x H) is gathered from h in the permuted
     # order and, once inverted, narrowed to float32 in its own storage; U is read a block of rows at a time
-    hinv = _narrow_(_inverse_factor_buffer(h, damp, perm, dead_to_one=True))
+    factor_blocks = _factor_row_blocks(h, damp, block, perm)
     del h
-    rows = torch.empty(min(block, k) * k + 15)  # _factor_rows' block of U rows (a transient of `block` rows)
     Q = torch.empty(k, n, dtype=torch.int8)  # codes are integers in [-qmax, qmax]: exact in int8
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        U1 = _factor_rows(hinv, i1, i2, rows)  # U1[:, i1:] = U[i1:i2, i1:]
+    for i1, i2, U1 in factor_blocks:  # U1[:, i1:] = U[i1:i2, i1:]
         W1 = Wt[i1:i2].clone()
         E1 = torch.empty_like(W1)
         H1 = U1[:, i1:i2]

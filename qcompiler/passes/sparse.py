@@ -49,7 +49,7 @@ from ..ir import meta
 from ..calibration.linear_inputs import stage_input_stats
 from ..ir.patterns import get_tensor, linear_sites, replace_tensor, shared_input_groups
 from .base import Pass, PassResult, Phase
-from .gptq import _columns_as_rows, _factor_rows, _inverse_factor_buffer, _narrow_, row_errors
+from .gptq import _columns_as_rows, _factor_row_blocks, row_errors
 from .properties import ANNOTATED, CAPTURED, WEIGHTS_PRUNED, WEIGHTS_ROUNDED
 from .registry import register
 from .weight_targets import single_thread
@@ -142,17 +142,14 @@ def _sparsegpt(w, h, ratio, protect, damp, block):
     n, k = w.shape
     # inputs never seen (diag(H) = 0) get H_jj = 1: any weight there is free to prune (no output error).
     # Memory (issue 15), as gptq: no float32 copy of H; the float64 buffer (2 x H) is gathered from h, inverted
-    # and narrowed to float32 in its own storage, and U is read a block of rows at a time (`_factor_rows`).
-    hinv = _narrow_(_inverse_factor_buffer(h.detach().float(), damp, dead_to_one=True))
-    rows = torch.empty(min(block, k) * k + 15)
+    # and narrowed to float32 in its own storage, and U is read a block of rows at a time (`_factor_row_blocks`).
+    factor_blocks = _factor_row_blocks(h.detach().float(), damp, block)
     # column-major working copies (as gptq): column j of W is row j here, so updates are contiguous; made a
     # row chunk at a time (`.T.clone().contiguous()` held two full float32 copies of the weight)
     Wt = _columns_as_rows(w.detach(), None)
     Pt = _columns_as_rows(protect, None) if protect is not None else None
     pruned = torch.zeros(n, dtype=torch.long)
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        U1 = _factor_rows(hinv, i1, i2, rows)  # U1[:, i1:] = U[i1:i2, i1:]
+    for i1, i2, U1 in factor_blocks:  # U1[:, i1:] = U[i1:i2, i1:]
         W1 = Wt[i1:i2].clone()
         H1 = U1[:, i1:i2]
         d = H1.diagonal()

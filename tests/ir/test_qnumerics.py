@@ -96,3 +96,14 @@ def test_int8_matmul_uses_int_mm_when_float32_matmul_is_lowered(monkeypatch):
         assert qn.int8_matmul(a, b).unique().tolist() == [0] and calls == [1]
     finally:
         torch.set_float32_matmul_precision(old)
+
+
+def test_row_chunks_step_by_the_one_rule():
+    """`row_step` (the rows per chunk the quantized kernels and `row_slices` use): elements // width, at least 1, or
+    rounded down to a multiple (at least that multiple); `row_slices` cuts [0, rows) by it, the last slice ragged.
+    Exact integers: no tolerance."""
+    assert [qn.row_step(w, 100) for w in (24, 40, 100, 1000, 0)] == [4, 2, 1, 1, 100]
+    assert qn.row_step(3, 100, multiple=8) == 32 and qn.row_step(50, 100, multiple=8) == 8
+    assert qn.row_step(1 << 12) == qn.ROW_CHUNK_ELEMENTS >> 12
+    assert qn.row_slices(13, 24, 100) == [slice(0, 4), slice(4, 8), slice(8, 12), slice(12, 13)]
+    assert qn.row_slices(13, 2, 100) == [slice(0, 13)] and qn.row_slices(0, 24, 100) == [slice(0, 0)]

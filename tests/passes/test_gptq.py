@@ -281,9 +281,10 @@ def test_gptq_holds_one_float32_copy_of_a_wide_weight():
 def test_factor_rows_read_the_inverse_factor_narrowed_in_place(act_order):
     """GPTQ reads U a block of rows at a time from the float64 buffer narrowed to float32 in its own storage:
     exactly (torch.equal) the rows of `_inverse_cholesky` of the permuted H with dead inputs' H_ii = 1, for k not
-    a multiple of the block, in the layout of a row-major U's row slice (row stride k, address mod 64 bytes:
-    MKL's GEMM results may depend on them)."""
-    from qcompiler.passes.gptq import _factor_rows, _inverse_cholesky, _inverse_factor_buffer, _narrow_
+    a multiple of the block, in the layout of a row-major U's row slice (row stride k, address mod 64 bytes as in
+    a fresh allocation, which torch aligns to 64: MKL's GEMM results may depend on them), one row buffer for all
+    blocks (`_factor_row_blocks`, what GPTQ and SparseGPT iterate)."""
+    from qcompiler.passes.gptq import _factor_row_blocks, _inverse_cholesky, _inverse_factor_buffer, _narrow_
     k, block = 203, 32
     h = _hessian(_correlated(k=k))
     h[:, [5, 77]] = 0
@@ -296,12 +297,15 @@ def test_factor_rows_read_the_inverse_factor_narrowed_in_place(act_order):
     buf = _inverse_factor_buffer(h, 0.01, order, dead_to_one=True)
     f = _narrow_(buf)
     assert torch.equal(h, h_before) and f.dtype == torch.float32 and f.data_ptr() == buf.data_ptr()
-    rows = torch.empty(block * k + 15)
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        r = _factor_rows(f, i1, i2, rows)
-        assert r.stride() == (k, 1) and r.data_ptr() % 64 == (rows.data_ptr() + 4 * i1 * k) % 64
+    del buf, f
+    starts, storages = [], set()
+    for i1, i2, r in _factor_row_blocks(h, 0.01, block, order):
+        assert i2 == min(i1 + block, k) and r.shape == (i2 - i1, k)
+        assert r.stride() == (k, 1) and r.data_ptr() % 64 == (4 * i1 * k) % 64
         assert torch.equal(r[:, i1:], want[i1:i2, i1:]), i1
+        starts.append(i1)
+        storages.add(r.untyped_storage().data_ptr())
+    assert starts == list(range(0, k, block)) and len(storages) == 1 and torch.equal(h, h_before)
 
 
 # ---- the pass on tiny decoder layers ---------------------------------------------------------------

@@ -52,13 +52,9 @@ _FLOAT64_MAX_K = 2**53 // _MAX_PRODUCT
 #: operation is per row (exact integer product, elementwise float32), so chunking changes no bit; it bounds the
 #: temporaries, which otherwise were [tokens, n] int32 + float32 per Linear (issue 15: a 7B gate_proj over one
 #: 16 x 512 calibration batch is 8192 x 18944: 0.6 GiB each). Defined once in ir/qnumerics.py (smooth's search
-#: chunks weight rows by it too); bound here at import, so tests monkeypatch `kernels.ROW_CHUNK_ELEMENTS`.
+#: chunks weight rows by it too); bound here at import, so tests monkeypatch `kernels.ROW_CHUNK_ELEMENTS`. The
+#: rows per chunk are `qn.row_step(width, ROW_CHUNK_ELEMENTS)` (the rule `qn.row_slices` cuts by).
 ROW_CHUNK_ELEMENTS = qn.ROW_CHUNK_ELEMENTS
-
-
-def _chunk_rows(rows: int, width: int) -> int:
-    """Rows per chunk of a [rows, width] temporary (ROW_CHUNK_ELEMENTS)."""
-    return max(1, ROW_CHUNK_ELEMENTS // max(width, 1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,7 +387,7 @@ def quantize_prepared(x: Tensor, recip: Tensor, offset: Tensor) -> Tensor:
         return y.to(torch.int8)
     x2 = x.reshape(math.prod(x.shape[:-1]), k)  # rows in chunks (ROW_CHUNK_ELEMENTS): the float32 quotient of one chunk at a time
     out = torch.empty(x2.shape, dtype=torch.int8)
-    step = _chunk_rows(x2.shape[0], k)
+    step = qn.row_step(k, ROW_CHUNK_ELEMENTS)
     for start in range(0, x2.shape[0], step):
         y = torch.mul(x2[start:start + step], recip)
         y.add_(offset).round_().clamp_(-128, 127)
@@ -462,7 +458,7 @@ def quant_matmul_prepared(
     exact = quant_bias_f32 is not None and exact_product_applies(x, k)
     if not exact and weight.dtype == torch.uint8:
         weight = rowwise_weight(weight)
-    step = _chunk_rows(rows, n)
+    step = qn.row_step(n, ROW_CHUNK_ELEMENTS)
     for start in range(0, rows, step):  # token rows in chunks: bounds the accumulator
         xs, os = (x2, out) if rows <= step else (x2[start:start + step], out[start:start + step])
         if exact:
@@ -541,7 +537,7 @@ def dynamic_quant(x: Tensor) -> tuple[Tensor, Tensor]:
     k = x.shape[-1]
     x2, s2 = x.reshape(math.prod(x.shape[:-1]), k), s.reshape(-1, 1)
     out = torch.empty(x2.shape, dtype=torch.int8)
-    step = _chunk_rows(x2.shape[0], k)
+    step = qn.row_step(k, ROW_CHUNK_ELEMENTS)
     for start in range(0, x2.shape[0], step):  # the float32 quotient of one row chunk at a time
         y = torch.div(x2[start:start + step], s2[start:start + step])
         out[start:start + step] = y.round_().clamp_(-128, 127)
@@ -639,7 +635,7 @@ def quant_matmul_pertoken_prepared(
     exact = exact_product_applies(x, k)
     if not exact and weight_int8.dtype == torch.uint8:
         weight_int8 = rowwise_weight(weight_int8)
-    step = _chunk_rows(rows, n)
+    step = qn.row_step(n, ROW_CHUNK_ELEMENTS)
     for start in range(0, rows, step):  # token rows in chunks: bounds the int32 / float32 temporaries
         if rows <= step:  # one chunk (decode): no slicing
             xs, ss, os = x2, scale, out

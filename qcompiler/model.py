@@ -163,6 +163,7 @@ def bind_graph(template: torch.fx.GraphModule, tensors: dict) -> torch.fx.GraphM
     """A new GraphModule running a copy of `template`'s graph on `tensors` ({attribute name: tensor}, as
     parameters); attributes `tensors` lacks (export's guard module, constants) are shared with `template`."""
     import copy
+    from .ir.graph_json import lazy_graph_module
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(template.graph, {}))
     graph._codegen = copy.deepcopy(template.graph._codegen)
@@ -173,7 +174,7 @@ def bind_graph(template: torch.fx.GraphModule, tensors: dict) -> torch.fx.GraphM
         elif node.op in ("get_attr", "call_module"):
             root[node.target] = template.get_submodule(node.target) if node.op == "call_module" else \
                 _attribute(template, node.target)
-    gm = torch.fx.GraphModule(root, graph)
+    gm = lazy_graph_module(root, graph)  # code generated when first called (after prepare_layer's rewrite)
     gm.meta.update(template.meta)
     return gm
 

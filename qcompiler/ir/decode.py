@@ -28,7 +28,7 @@ import torch
 
 from . import qc_ops  # noqa: F401  defines torch.ops.qc.cached_attention, kv_dequant
 from ..errors import QCError
-from . import meta
+from . import graph_json, meta
 
 KV_DEQUANT = torch.ops.qc.kv_dequant.default
 
@@ -115,6 +115,6 @@ def build_decode_graph(gm: torch.fx.GraphModule, dtype: torch.dtype) -> tuple[to
             graph.erase_node(old)
     graph.output((outs[0], k_store, v_store))
     graph.lint()
-    dgm = torch.fx.GraphModule(gm, graph)
+    dgm = graph_json.lazy_graph_module(gm, graph)  # its code is generated once, after prepare_layer
     return dgm, spec
 

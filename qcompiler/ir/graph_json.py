@@ -321,6 +321,22 @@ def _build_graph(doc, tensors: dict) -> torch.fx.Graph:
     return graph
 
 
+def lazy_graph_module(root, graph: torch.fx.Graph) -> torch.fx.GraphModule:
+    """`torch.fx.GraphModule(root, graph)` that generates and compiles its Python code when first called (or its
+    `code` read), not when built nor at each `recompile()`: torch.fx's `_LazyGraphModule` (what inductor uses for
+    its intermediate graphs). A loaded layer is rewritten before it runs (ir/decode.py, backends/ascend/layouts.py),
+    and each eager code generation of its ~300 nodes was ~1/3 of building it (`qcompile run`: three per layer,
+    one of which runs); the code that runs is generated from the same final graph either way. A plain GraphModule
+    where this torch has no `_LazyGraphModule`."""
+    return _GRAPH_MODULE(root, graph)
+
+
+try:
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _GRAPH_MODULE
+except ImportError:  # pragma: no cover - a torch without it: eager code generation, same results
+    _GRAPH_MODULE = torch.fx.GraphModule
+
+
 def module_from_json(doc, tensors: dict[str, torch.Tensor], source: Path,
                      codegen: torch.fx.graph.CodeGen | None = None) -> torch.fx.GraphModule:
     """A GraphModule of the graph in `doc` whose get_attr tensors are `tensors` (registered as buffers).
@@ -337,7 +353,7 @@ def module_from_json(doc, tensors: dict[str, torch.Tensor], source: Path,
         graph._codegen = codegen
     used = {n.target for n in graph.nodes if n.op == "get_attr"}
     try:
-        return torch.fx.GraphModule({k: v for k, v in tensors.items() if k in used}, graph)
+        return lazy_graph_module({k: v for k, v in tensors.items() if k in used}, graph)
     except (AttributeError, KeyError, TypeError, ValueError, RuntimeError, SyntaxError) as e:
         # e.g. a tensor named like a Module attribute (`forward`), or one path a prefix of another
         raise QCError(f"{source}: cannot build the graph module ({type(e).__name__}: {e}); the executable "

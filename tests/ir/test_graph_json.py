@@ -40,6 +40,28 @@ def test_round_trip_computes_the_same():
     assert {"float": "-inf"} in next(n for n in doc["nodes"] if n["target"] == "aten.clamp.default")["args"]
 
 
+def test_loaded_module_generates_its_code_once_when_first_called(monkeypatch):
+    """A loaded layer is rewritten before it runs (decode.py, layouts.py): its Python code is generated when it is
+    first called, from the graph as it is then, not when built nor at each recompile() (startup: one code
+    generation per layer instead of three). Fails with a plain GraphModule (one generation at build)."""
+    tensors = {"lin.weight": torch.randn(3, 4)}
+    gm = torch.fx.GraphModule({"lin.weight": tensors["lin.weight"]}, _graph())
+    doc = json.loads(json.dumps(graph_json.graph_to_json(gm.graph)))
+    made = []
+    real = torch.fx.Graph.python_code
+    monkeypatch.setattr(torch.fx.Graph, "python_code", lambda self, *a, **k: made.append(1) or real(self, *a, **k))
+    loaded = graph_json.module_from_json(doc, tensors, "g.json")
+    clamp = next(n for n in loaded.graph.nodes if n.target == torch.ops.aten.clamp.default)
+    clamp.args = (clamp.args[0], -float("inf"), 0.0)  # a rewrite after loading, as prepare_layer does
+    loaded.recompile()
+    assert made == []
+    x = torch.randn(2, 5, 4)
+    got = loaded(x)[0]
+    assert len(made) == 1 and torch.equal(got, gm(x)[0].clamp(max=0.0))
+    loaded(x)
+    assert len(made) == 1
+
+
 def test_types_are_kept_as_tensor_type():
     class Layer(torch.nn.Linear):
         def forward(self, x):

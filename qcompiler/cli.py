@@ -156,10 +156,10 @@ def _inspect_parser():
 
 
 def _cmd_compile(argv):
+    a = _compile_parser().parse_args(argv)  # before the imports: --help and a bad option need no torch (~3 s)
     from .config import CompileOptions, load_recipe, parse_passes
     from . import distributed
     from .driver import compile_model
-    a = _compile_parser().parse_args(argv)
     if distributed.check_workers(a.workers) > 1:  # N local processes, each running this command line
         return distributed.launch_workers(a.workers, list(argv) + ["--workers", "1"])  # rank 0 says "wrote"
     distributed.init_from_env(log=lambda msg: print(msg, file=sys.stderr))
@@ -209,11 +209,11 @@ def _name_list(option: str, text: str | None) -> tuple[str, ...] | None:
 
 
 def _cmd_eval(argv):
+    a = _eval_parser().parse_args(argv)  # before the imports (torch), as compile
     from .checkpoint_checks import check_seq_len, max_positions
     from .evaluate import evaluate_file
     from .model_zoo import resolve_model_dir
     from .runtime import load_model
-    a = _eval_parser().parse_args(argv)
     if not a.data.is_file():
         raise QCError(f"--data {a.data} does not exist")
     if a.seq_len < 2:
@@ -234,11 +234,11 @@ def _cmd_eval(argv):
 
 
 def _cmd_run(argv):
+    a = _run_parser().parse_args(argv)  # before the imports (torch), as compile
     from .checkpoint_checks import max_positions
     from .generate import generate
     from .model_zoo import resolve_model_dir
     from .runtime import load_model
-    a = _run_parser().parse_args(argv)
     if a.max_new_tokens < 1:
         raise QCError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     if not a.prompt.strip():
@@ -250,8 +250,8 @@ def _cmd_run(argv):
 
 
 def _cmd_inspect(argv):
+    a = _inspect_parser().parse_args(argv)  # before the imports (torch), as compile
     from .tools.inspect import inspect_layer
-    a = _inspect_parser().parse_args(argv)
     print(inspect_layer(a.model, a.layer, a.trust_remote_code), end="")
 
 

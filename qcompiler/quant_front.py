@@ -214,9 +214,9 @@ def compile_options(plan, model_dir: Path, out: Path, a: argparse.Namespace, for
 
 def run(argv) -> dict:
     """Parse `qcompile quant` arguments, map them, check them, and compile; returns the compile report."""
+    a = parser().parse_args(argv)  # before the imports (torch): --help and a bad flag answer at once
     from .driver import compile_model
     from .model_zoo import resolve_model_dir
-    a = parser().parse_args(argv)
     out = a.save_path if a.save_path is not None else a.save_directory
     if out is None:
         raise QCError("qcompile quant: give --save_path (one-click) or --save_directory (scripts)")

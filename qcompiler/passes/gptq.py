@@ -313,16 +313,15 @@ def _gptq(w, h, scale, bits, damp, block, act_order, keep_zero=None):
     return codes.contiguous()
 
 
-def _columns_as_rows(m: torch.Tensor, cols: torch.Tensor | None, rows: int = 4096) -> torch.Tensor:
+def _columns_as_rows(m: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
     """`m[:, cols].T` (every column in order when cols is None) as a new contiguous [len(cols), n] tensor, float32
-    for a floating `m` (other dtypes kept), made `rows` rows of m [n, k] at a time: no full-size copy besides
-    the result."""
+    for a floating `m` (other dtypes kept), made from row chunks of m [n, k] (`qn.row_slices`): no full-size copy
+    besides the result."""
     n, k = m.shape
     out = torch.empty(k if cols is None else cols.numel(), n,
                       dtype=torch.float32 if m.is_floating_point() else m.dtype)
-    for start in range(0, n, rows):
-        part = m[start:start + rows]
-        out[:, start:start + part.shape[0]].copy_((part if cols is None else part[:, cols]).T)
+    for r in qn.row_slices(n, k):
+        out[:, r].copy_((m[r] if cols is None else m[r][:, cols]).T)
     return out
 
 

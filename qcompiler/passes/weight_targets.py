@@ -72,17 +72,16 @@ def column_scale(scale: torch.Tensor, k: int) -> torch.Tensor:
     return scale.repeat_interleave(k // scale.shape[1], dim=1)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, rows: int = 4096) -> torch.Tensor:
-    """float32 q * scale [n, k] from codes q [n, k] and a per-channel or per-group scale [n, G].
-    Made `rows` rows at a time, each group's scale broadcast over its columns (the same products as
-    `q.float() * column_scale(scale, k)`), so the only full-size tensor is the result (a float32 copy of the
-    codes and the expanded scale were two more: 0.5 GiB each for a 7B gate/up pair)."""
+def dequantize(q: torch.Tensor, scale: torch.Tensor, elements: int | None = None) -> torch.Tensor:
+    """float32 q * scale [n, k] from codes q [n, k] and a per-channel or per-group scale [n, G] ([n] taken as
+    [n, 1]). Made in row chunks (`qn.row_slices`, `elements` per chunk), each group's scale broadcast over its
+    columns (the same products as `q.float() * column_scale(scale, k)`), so the only full-size tensor is the
+    result (a float32 copy of the codes and the expanded scale were two more: 0.5 GiB each for a 7B gate/up pair)."""
     n, k = q.shape
-    scale = scale.reshape(n, -1)  # [n] per-channel as [n, 1]
+    scale = scale.reshape(n, -1)
     g = scale.shape[1]
     out = torch.empty(n, k)
-    for start in range(0, n, rows):
-        r = slice(start, min(start + rows, n))
+    for r in qn.row_slices(n, k, elements):
         torch.mul(q[r].reshape(-1, g, k // g).float(), scale[r].float().unsqueeze(-1),
                   out=out[r].view(-1, g, k // g))
     return out

@@ -249,10 +249,25 @@ def test_dequantize_in_row_chunks_is_codes_times_expanded_scales(group):
     q = torch.randint(-7, 8, (n, k), generator=g, dtype=torch.int8)
     scale = torch.rand(n, k // (group or k), generator=g) + 0.01
     want = q.float() * column_scale(scale, k)
-    assert torch.equal(dequantize(q, scale, rows=16), want)
+    assert torch.equal(dequantize(q, scale, elements=16 * k), want)  # 16-row chunks
     assert torch.equal(dequantize(q, scale), want)
     if not group:
-        assert torch.equal(dequantize(q, scale[:, 0], rows=16), want)
+        assert torch.equal(dequantize(q, scale[:, 0], elements=16 * k), want)
+
+
+def test_columns_as_rows_is_the_permuted_transpose_across_row_chunks(monkeypatch):
+    """GPTQ's and SparseGPT's working copies: `m[:, cols].T` made a row chunk at a time, float32 for a bf16 weight,
+    bool kept, exactly (chunks of 3 rows here, by lowering the one row-chunk rule's element count)."""
+    from qcompiler.ir import qnumerics as qn
+    from qcompiler.passes.gptq import _columns_as_rows
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(10, 6, generator=g).bfloat16()
+    cols = torch.randperm(6, generator=g)
+    monkeypatch.setattr(qn, "ROW_CHUNK_ELEMENTS", 3 * 6)
+    assert torch.equal(_columns_as_rows(m, cols), m.float()[:, cols].T)
+    assert torch.equal(_columns_as_rows(m, None), m.float().T)
+    z = m > 0
+    assert torch.equal(_columns_as_rows(z, cols), z[:, cols].T)
 
 
 _WIDE_PEAK_BODY = """

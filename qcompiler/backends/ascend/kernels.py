@@ -669,6 +669,44 @@ def quant_matmul_pertoken(
 
 
 # --------------------------------------------------------------------------------------------------
+# Sibling Linears in one call (layouts.py `merge_siblings`): q/k/v, gate/up
+
+
+def merged_outputs(y: Tensor, widths: tuple) -> tuple:
+    """The outputs [..., widths[i]] of Linears whose weights were concatenated along n, from their merged output
+    y [..., sum(widths)]: each a contiguous tensor (a view when y has one token row, where a slice of the last
+    dim is contiguous; else a copy, so every reader gets the layout an unmerged Linear returned)."""
+    return tuple(t.contiguous() for t in y.split(widths, dim=-1))
+
+
+def quant_matmul_pertoken_merged(
+    x: Tensor, weight_int8: Tensor, weight_scale_f32: Tensor, pertoken_scale: Tensor, bias_f32: Tensor | None,
+    output_dtype: torch.dtype, widths: tuple,
+) -> tuple:
+    """`quant_matmul_pertoken_prepared` of sibling Linears that read the same codes and pertoken_scale, with
+    their prepared weights, weight scales and biases concatenated along n (layouts.py): one product instead of
+    one per Linear. Bit-identical to the separate calls: every output channel is its own exact integer sum
+    (`exact_product_f32`: exact in any order or blocking) or the row-wise kernel's bag over the same codes in
+    the same order (`rowwise_codes`: the split into parts changes which thread computes a channel, not its
+    value), and the epilogue is elementwise per (token, channel) with that channel's own scale and bias."""
+    return merged_outputs(
+        quant_matmul_pertoken_prepared(x, weight_int8, weight_scale_f32, pertoken_scale, bias_f32, output_dtype),
+        widths)
+
+
+def quant_matmul_merged(
+    x: Tensor, weight: Tensor, deq_scale_f32: Tensor, quant_bias_acc: Tensor, output_dtype: torch.dtype,
+    quant_bias_f32: Tensor | None, widths: tuple,
+) -> tuple:
+    """`quant_matmul_prepared` (W8A8 static) of sibling Linears that read the same quantized codes, their
+    prepared tensors concatenated along n (layouts.py); bit-identical to the separate calls for the reasons
+    `quant_matmul_pertoken_merged` gives (the integer bias is per channel; `quant_bias_accumulator` of the
+    concatenation picks int32 only when every channel's sum fits, and either dtype holds the exact sum)."""
+    return merged_outputs(
+        quant_matmul_prepared(x, weight, deq_scale_f32, quant_bias_acc, output_dtype, quant_bias_f32), widths)
+
+
+# --------------------------------------------------------------------------------------------------
 # qc::quant_matmul_pergroup (W4A8_DYNAMIC, two-stage per-group)
 
 # Token rows per block of the float32 group sums: keeps a block's [rows, n] partial sum in cache

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from ...ir.patterns import prune_unused_tensors
-from . import attention, kernels
+from . import attention, direct_calls, kernels
 
 #: gm.meta key: {attribute: {"kind": str, "from": [source attribute, ...]}}
 PREPARED = "qc_prepared_layouts"
@@ -342,6 +342,7 @@ def prepare_layer(gm: torch.fx.GraphModule, merge: bool = False) -> torch.fx.Gra
     _codes_as_float(gm)
     if merge:
         merge_siblings(gm, prep)
+    direct_calls.rewrite(gm)
     prune_unused_tensors(gm)
     kept = {name for name, _ in gm.named_buffers()}
     for name in [n for n in prep.record if n not in kept]:  # prepared tensors merged into others

@@ -15,6 +15,13 @@ dispatch costs ~10 us, and a decoded token makes 200+ such calls):
 | qc.dynamic_quant | none | `dynamic_quant` (`dynamic_quant_codes` when only prepared matmuls read its codes) |
 | attention ops | none | their kernels |
 | aten._assert_tensor_metadata, export's `_guards_fn` | none | dropped (checks, no value) |
+| aten overloads with a binding of the same schema (direct_calls.py) | none | `torch.mul`, `x.view`, ... (same kernel) |
+
+Decode steps (`prepare_layer(step, merge=True)`, executable.py) also merge sibling Linears: prepared
+W8A8 / W8A8_DYNAMIC matmuls that read the same activation codes (q/k/v, gate/up) become one call on their
+tensors concatenated along n (`merge_siblings`; `kernels.quant_matmul_pertoken_merged` /
+`quant_matmul_merged`, bit-identical), as vLLM-Ascend holds them (QKVParallelLinear,
+MergedColumnParallelLinear). A decoded token's Linears are mostly per-call overhead (7 calls a layer become 4).
 
 Codes as float32: where every reader of a quantize's codes is a prepared matmul, the codes stay the float32
 integers they are computed as, and the matmuls' exact float32 products (`kernels.exact_product_f32`) read them

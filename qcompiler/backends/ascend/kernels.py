@@ -707,6 +707,18 @@ def quant_matmul_merged(
         quant_matmul_prepared(x, weight, deq_scale_f32, quant_bias_acc, output_dtype, quant_bias_f32), widths)
 
 
+def quant_matmul_pergroup_merged(
+    x: Tensor, weight_rowwise: Tensor, scale_t: Tensor, pertoken_scale: Tensor, output_dtype: torch.dtype,
+    fold: bool, widths: tuple,
+) -> tuple:
+    """`quant_matmul_pergroup_prepared` (W4A8_DYNAMIC per-group) of sibling Linears that read the same codes,
+    their row-wise weights (one part) and two-stage scales [G, 1, n] concatenated along n (layouts.py), `fold`
+    the same for all (then it holds for the concatenation: every channel's scales positive, or off). Every
+    channel's group sums and their fold are its own, in the same order: bit-identical to the separate calls."""
+    return merged_outputs(
+        quant_matmul_pergroup_prepared(x, weight_rowwise, scale_t, pertoken_scale, output_dtype, fold), widths)
+
+
 # --------------------------------------------------------------------------------------------------
 # qc::quant_matmul_pergroup (W4A8_DYNAMIC, two-stage per-group)
 

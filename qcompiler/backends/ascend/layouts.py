@@ -228,8 +228,12 @@ def _codes_as_float(gm) -> None:
 _MERGEABLE = {
     kernels.quant_matmul_pertoken_prepared: (kernels.quant_matmul_pertoken_merged, 1, (2, 4), (0, 3, 5)),
     kernels.quant_matmul_prepared: (kernels.quant_matmul_merged, 1, (2, 3, 5), (0, 4)),
+    kernels.quant_matmul_pergroup_prepared: (kernels.quant_matmul_pergroup_merged, 1, (2,), (0, 3, 4, 5)),
 }
-_MERGED_ARITY = {kernels.quant_matmul_pertoken_prepared: 6, kernels.quant_matmul_prepared: 6}
+_MERGED_ARITY = {kernels.quant_matmul_pertoken_prepared: 6, kernels.quant_matmul_prepared: 6,
+                 kernels.quant_matmul_pergroup_prepared: 6}
+#: matmuls whose kernel reads a row-wise weight in one part only (the per-group sums: one bag per group)
+_ONE_PART = {kernels.quant_matmul_pergroup_prepared}
 
 
 def _merge_key(gm, node):
@@ -239,18 +243,21 @@ def _merge_key(gm, node):
     _, wi, chan, shared = _MERGEABLE[node.target]
     args = tuple(node.args) + (None,) * (_MERGED_ARITY[node.target] - len(node.args))
     w = _tensor(gm, args[wi])
-    if w is None or not all(args[i] is None or _tensor(gm, args[i]) is not None for i in chan):
+    if w is None:
         return None
-    k, _ = kernels._weight_k_n(w)
+    k, n = kernels._weight_k_n(w)
+    if not all(args[i] is None or (t := _tensor(gm, args[i])) is not None and t.dim() >= 1 and t.shape[-1] == n
+               for i in chan):  # per-channel tensors: n along their last dim, where they are concatenated
+        return None
     layout = (w.dtype, w.dim(), w.shape[0] if w.dim() == 3 else None)  # row-wise (parts) or int8 [n, k]
     return (node.target, tuple(args[i] for i in shared), tuple(args[i] is None for i in chan), layout, k)
 
 
-def _merged_weight(pieces: list) -> torch.Tensor:
+def _merged_weight(pieces: list, one_part: bool) -> torch.Tensor:
     """The prepared weights of sibling Linears as one prepared weight of all their output channels (in order)."""
     if pieces[0].dtype == torch.uint8:  # row-wise: back to int8 [n_i, k], concatenated, laid out again
         w = torch.cat([kernels.rowwise_weight(p) for p in pieces])
-        return kernels.rowwise_codes(w, kernels.rowwise_parts(w.shape[0], w.shape[1]))
+        return kernels.rowwise_codes(w, 1 if one_part else kernels.rowwise_parts(w.shape[0], w.shape[1]))
     return torch.cat(pieces)
 
 
@@ -282,13 +289,15 @@ def _merge_group(prep: _Preparer, nodes: list) -> None:
 
     first = nodes[0]
     new_args = list(argss[0])
-    w = _merged_weight(weights)
-    wkind = f"rowwise_codes:parts={w.shape[0] if w.dim() == 3 else 1}" if w.dtype == torch.uint8 else "int8_weight"
+    w = _merged_weight(weights, nodes[0].target in _ONE_PART)
+    wkind = kind_of(argss[0][wi], "int8_weight").split(":")[0]
+    if wkind == "rowwise_codes" and (w.dim() == 3 or ":parts=" in kind_of(argss[0][wi], "")):
+        wkind += f":parts={w.shape[0] if w.dim() == 3 else 1}"
     names = {wi: register(wkind, sum((sources(a[wi]) for a in argss), []), w)}
     for i in chan:
         if argss[0][i] is None:
             continue
-        t = torch.cat([_tensor(gm, a[i]).reshape(-1) for a in argss])
+        t = torch.cat([_tensor(gm, a[i]) for a in argss], dim=-1)
         kind = kind_of(argss[0][i], "")
         if kind.startswith("quant_bias_acc"):  # int32 only where every channel's sum fits (kernels)
             t = kernels.quant_bias_accumulator(k, t.to(torch.int64))

@@ -68,6 +68,8 @@ def _expected(kind: str, art: list, n_k, dtype) -> torch.Tensor:
             w = torch.cat([_unpacked(w, w.shape[0] * (1 if int8 else 2), k) for w in art])
             return _expected(kind, [w], n_k, dtype)
         return torch.cat([_expected(kind, [a], (a.shape[0],), dtype).reshape(-1) for a in art])
+    if name == "pergroup_scale" and len(art) > 2:  # merged siblings: each Linear's pair, concatenated along n
+        return torch.cat([_expected(kind, art[i:i + 2], n_k, dtype) for i in range(0, len(art), 2)], dim=-1)
     if name == "dequantized_weight":  # npu_weight_quant_batchmatmul: (w + offset) * scale in x's dtype
         w, scale, offset = art
         n, k = n_k
@@ -274,17 +276,18 @@ def _int8_activation_case(compiled, monkeypatch, limit: str, value: int):
 
 def test_decode_steps_merge_sibling_linears(compiled):
     """layouts.merge_siblings in the decode steps (executable.decode): q/k/v and gate/up of an int8-activation
-    per-channel layer become one call each (o and down stay), their merged tensors equal the artifact's tensors
+    layer (per-channel or W4A8_DYNAMIC per-group) become one call each (o and down stay), their merged tensors equal the artifact's tensors
     concatenated along n (a corrupted merged weight is caught), and the steps compute the op graph's bits
     (`test_prepared_layer_and_decode_step_compute_the_same_bits` runs these same steps). The full-sequence
     layers keep one call per Linear."""
     quant = json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"]
-    if quant not in ("W8A8", "W8A8_DYNAMIC"):
-        pytest.skip("no int8-activation per-channel Linear in this case")
+    if quant not in ("W8A8", "W8A8_DYNAMIC", "W4A8_DYNAMIC"):
+        pytest.skip("no int8-activation Linear in this case")
     model = load_model(compiled)
     artifact = _artifact(compiled)
-    merged = {kernels.quant_matmul_pertoken_merged, kernels.quant_matmul_merged}
-    single = {kernels.quant_matmul_pertoken_prepared, kernels.quant_matmul_prepared}
+    merged = {kernels.quant_matmul_pertoken_merged, kernels.quant_matmul_merged, kernels.quant_matmul_pergroup_merged}
+    single = {kernels.quant_matmul_pertoken_prepared, kernels.quant_matmul_prepared,
+              kernels.quant_matmul_pergroup_prepared}
     calls = lambda g, fns: [n for n in g.graph.nodes if n.op == "call_function" and n.target in fns]
     for i in range(model.layers.num_layers):
         step, _ = model.layers.decode(i)

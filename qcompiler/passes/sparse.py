@@ -241,10 +241,12 @@ class Sparse(Pass):
         return PassResult(gm, modified=True, stats={"linears": records})
 
     def _prune_group(self, gm, ctx, group, stats, records):
-        """Prune the Linears of one shared input (rows stacked: every method is row-independent)."""
+        """Prune the Linears of one shared input (rows stacked: every method is row-independent). Each weight is
+        read from the graph once (`get_tensor`) and written once (`replace_tensor`)."""
         o = self.options
-        counts = [get_tensor(gm, s.weight.target).shape[0] for s in group]
-        w_all = torch.cat([get_tensor(gm, s.weight.target).detach() for s in group]).float()  # one float32 copy
+        weights = [get_tensor(gm, s.weight.target).detach() for s in group]  # each read once
+        counts = [w.shape[0] for w in weights]
+        w_all = torch.cat(weights).float()  # one float32 copy
         protect = protected_mask(w_all, o.fraction)
         h = stats.hessian() if stats is not None else None
         if o.method == "magnitude":

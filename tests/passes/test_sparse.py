@@ -214,3 +214,21 @@ def test_sparsegpt_holds_a_few_hessian_sized_buffers():
     narrowing) measured 3.47 and fails the bound 3. Measured 2.47."""
     units = hessian_peak_units(_PEAK_BODY)
     assert units < 3, f"sparsegpt_prune peaked at {units:.2f} x the Hessian's size"
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_pass_reads_each_weight_once(tiny_models, method, monkeypatch):
+    """`_prune_group` reads each pruned Linear's weight from the graph once (it read each twice: once for the row
+    counts, once for the stacked copy). Counts the pass module's get_tensor calls per target."""
+    import collections
+    import qcompiler.passes.sparse as sparse_mod
+    reads = collections.Counter()
+    real = sparse_mod.get_tensor
+
+    def counting(gm, target):
+        reads[target] += 1
+        return real(gm, target)
+    monkeypatch.setattr(sparse_mod, "get_tensor", counting)
+    gm, _, res, _ = _run(tiny_models["llama"], [("sparse", {"method": method})], tail=False)
+    assert len(res["sparse"].stats["linears"]) == len(linear_sites(gm))
+    assert reads and set(reads.values()) == {1}, dict(reads)

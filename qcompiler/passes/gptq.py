@@ -307,6 +307,7 @@ def _gptq(w, h, scale, bits, damp, block, act_order, keep_zero=None):
                 W1[i + 1:].addr_(H1[i, i + 1:], err, alpha=-1.0)
         if i2 < k:
             Wt[i2:].addmm_(U1[:, i2:].T, E1, alpha=-1.0)
+    del Wt  # the float32 working copy, before the codes' transposed copy is made
     codes = Q.T
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]

@@ -362,13 +362,17 @@ def test_max_windows_tokenizes_a_prefix_with_the_same_ids():
                     assert counted.chars < len("\n\n".join(texts)) / 4, (name, seed, counted.chars)
 
 
-def test_max_windows_reads_less_of_a_real_file(real_tokenizer):
+def test_max_windows_reads_less_of_a_real_file(real_tokenizer, smollm2):
+    """SmolLM2's tokenizer, as transformers builds it and as `qcompile eval` loads it (fast_tokenizer): the first
+    windows of the whole text, from under a quarter of the text (it read all of it)."""
+    from qcompiler.fast_tokenizer import load_fast_tokenizer
     texts = _sample_texts()
     whole = make_windows(real_tokenizer, texts, 128, None)
-    for max_windows in (1, 2):
-        counted = _CountingTokenizer(real_tokenizer)
-        assert torch.equal(make_windows(counted, texts, 128, max_windows), whole[:max_windows])
-        assert counted.chars < len("\n\n".join(texts)) / 4
+    for tok in (real_tokenizer, load_fast_tokenizer(Path(smollm2["llama"]))):
+        for max_windows in (1, 2):
+            counted = _CountingTokenizer(tok)
+            assert torch.equal(make_windows(counted, texts, 128, max_windows), whole[:max_windows])
+            assert counted.chars < len("\n\n".join(texts)) / 4, type(tok).__name__
 
 
 def test_other_tokenizers_tokenize_the_whole_text_once():

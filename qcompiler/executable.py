@@ -432,7 +432,7 @@ class ExecutableLayers:
         from .ir.decode import build_decode_graph
         from .backends.ascend.layouts import prepare_layer
         step, spec = build_decode_graph(self.get(index, sample), DTYPES[self.info["dtype"]])
-        return prepare_layer(step), spec
+        return prepare_layer(step, merge=True), spec
 
 
 def load_compiled_model(path: Path, dtype: str | None = None, trust_remote_code: bool = False) -> LoadedModel:

@@ -267,9 +267,10 @@ def _bag_operands(k: int, rows: int, step: int, parts: int) -> tuple:
 
 
 def _rowwise_bag(codes_f32: Tensor, packed: Tensor, step: int) -> Tensor:
-    """float32 [rows * slices, n]: for every token row, the exact sums over each k-slice of width `step` (all
+    """float32 [rows * slices, n] (rows: the product of codes_f32's leading dims): for every token row, the exact sums over each k-slice of width `step` (all
     parts of a split layout side by side: output channel c of part p is column p * n / parts + c)."""
-    rows, k = codes_f32.shape
+    k = codes_f32.shape[-1]  # codes [..., k]: every leading dim a token row
+    rows = codes_f32.numel() // k
     parts = 1 if packed.dim() == 2 else packed.shape[0]
     key = (k, rows, step, parts)
     bag = _BAGS.get(key)
@@ -313,14 +314,15 @@ def _rowwise_kernel_is_exact() -> bool:
 
 
 def _rowwise_product(xf: Tensor, packed: Tensor, bias_f32: Tensor | None) -> Tensor:
-    """`exact_product_f32` from the row-wise kernel: xf float32 codes [rows, k], k <= EXACT_F32_MAX_K, a
-    `rowwise_codes` layout, `_rowwise_kernel_is_exact()` (the callers check)."""
-    k = xf.shape[1]
+    """`exact_product_f32` from the row-wise kernel: xf float32 codes [..., k] (rows: the leading dims),
+    k <= EXACT_F32_MAX_K, a `rowwise_codes` layout, `_rowwise_kernel_is_exact()` (the callers check);
+    float32 [rows, n]."""
+    k = xf.shape[-1]
     step = exact_slice_width(k)
     acc = _rowwise_bag(xf, packed, step)
     if step == k:
         return acc if bias_f32 is None else acc.add_(bias_f32)
-    acc = acc.view(xf.shape[0], 2, -1)
+    acc = acc.view(-1, 2, acc.shape[1])
     first = acc[:, 0] if bias_f32 is None else acc[:, 0].add(bias_f32)
     return first.add(acc[:, 1])
 
@@ -448,10 +450,10 @@ def quant_matmul_prepared(
     f32(the exact integer sum) bit for bit, so `* deq_scale` rounds the same float32 value."""
     k, n = _weight_k_n(weight)
     if quant_bias_f32 is not None and _decode_rowwise(x, weight, k):  # decode: no chunks, fewest calls
-        rows = x.numel() // k
-        out = torch.empty(rows, n, dtype=output_dtype)
-        torch.mul(_rowwise_product(x.reshape(rows, k), weight, quant_bias_f32), deq_scale_f32, out=out)
-        return out.view(*x.shape[:-1], n)
+        out = torch.empty(*x.shape[:-1], n, dtype=output_dtype)
+        acc = _rowwise_product(x, weight, quant_bias_f32)  # [rows, n]
+        torch.mul(acc, deq_scale_f32, out=out.view(acc.shape))
+        return out
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, k)
     out = torch.empty(rows, n, dtype=output_dtype)
@@ -616,18 +618,17 @@ def quant_matmul_pertoken_prepared(
     second product and the bias run in place, and without a bias the last product stores straight into the
     output dtype (the same float32 -> dtype rounding as `.to()`)."""
     k, n = _weight_k_n(weight_int8)
-    if _decode_rowwise(x, weight_int8, k):  # decode: the same operations without the chunk loop
-        rows = x.numel() // k
-        y = _rowwise_product(x.reshape(rows, k), weight_int8, None).mul_(weight_scale_f32)
-        scale = pertoken_scale.reshape(rows, 1)
+    if _decode_rowwise(x, weight_int8, k):  # decode: the same operations without the chunk loop, fewest calls
+        y = _rowwise_product(x, weight_int8, None).mul_(weight_scale_f32)  # [rows, n]
+        scale = pertoken_scale.reshape(-1, 1)  # [rows, 1]
         if scale.dtype != torch.float32:
             scale = scale.float()
         if bias_f32 is None:
-            out = torch.empty(rows, n, dtype=output_dtype)
-            torch.mul(y, scale, out=out)
+            out = torch.empty(*x.shape[:-1], n, dtype=output_dtype)
+            torch.mul(y, scale, out=out.view(y.shape))
         else:
-            out = y.mul_(scale).add_(bias_f32).to(output_dtype)
-        return out.view(*x.shape[:-1], n)
+            out = y.mul_(scale).add_(bias_f32).to(output_dtype).view(*x.shape[:-1], n)
+        return out
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, k)
     scale = pertoken_scale.float().reshape(-1, 1)
@@ -666,6 +667,44 @@ def quant_matmul_pertoken(
     w = _pertoken_weight(weight, weight_scale, packing, x.shape[-1])
     ws, b = pertoken_operands(weight_scale, bias, output_dtype)
     return quant_matmul_pertoken_prepared(x, w, ws, pertoken_scale, b, output_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sibling Linears in one call (layouts.py `merge_siblings`): q/k/v, gate/up
+
+
+def merged_outputs(y: Tensor, widths: tuple) -> tuple:
+    """The outputs [..., widths[i]] of Linears whose weights were concatenated along n, from their merged output
+    y [..., sum(widths)]: each a contiguous tensor (a view when y has one token row, where a slice of the last
+    dim is contiguous; else a copy, so every reader gets the layout an unmerged Linear returned)."""
+    return tuple(t.contiguous() for t in y.split(widths, dim=-1))
+
+
+def quant_matmul_pertoken_merged(
+    x: Tensor, weight_int8: Tensor, weight_scale_f32: Tensor, pertoken_scale: Tensor, bias_f32: Tensor | None,
+    output_dtype: torch.dtype, widths: tuple,
+) -> tuple:
+    """`quant_matmul_pertoken_prepared` of sibling Linears that read the same codes and pertoken_scale, with
+    their prepared weights, weight scales and biases concatenated along n (layouts.py): one product instead of
+    one per Linear. Bit-identical to the separate calls: every output channel is its own exact integer sum
+    (`exact_product_f32`: exact in any order or blocking) or the row-wise kernel's bag over the same codes in
+    the same order (`rowwise_codes`: the split into parts changes which thread computes a channel, not its
+    value), and the epilogue is elementwise per (token, channel) with that channel's own scale and bias."""
+    return merged_outputs(
+        quant_matmul_pertoken_prepared(x, weight_int8, weight_scale_f32, pertoken_scale, bias_f32, output_dtype),
+        widths)
+
+
+def quant_matmul_merged(
+    x: Tensor, weight: Tensor, deq_scale_f32: Tensor, quant_bias_acc: Tensor, output_dtype: torch.dtype,
+    quant_bias_f32: Tensor | None, widths: tuple,
+) -> tuple:
+    """`quant_matmul_prepared` (W8A8 static) of sibling Linears that read the same quantized codes, their
+    prepared tensors concatenated along n (layouts.py); bit-identical to the separate calls for the reasons
+    `quant_matmul_pertoken_merged` gives (the integer bias is per channel; `quant_bias_accumulator` of the
+    concatenation picks int32 only when every channel's sum fits, and either dtype holds the exact sum)."""
+    return merged_outputs(
+        quant_matmul_prepared(x, weight, deq_scale_f32, quant_bias_acc, output_dtype, quant_bias_f32), widths)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,6 +15,13 @@ dispatch costs ~10 us, and a decoded token makes 200+ such calls):
 | qc.dynamic_quant | none | `dynamic_quant` (`dynamic_quant_codes` when only prepared matmuls read its codes) |
 | attention ops | none | their kernels |
 | aten._assert_tensor_metadata, export's `_guards_fn` | none | dropped (checks, no value) |
+| aten overloads with a binding of the same schema (direct_calls.py) | none | `torch.mul`, `x.view`, ... (same kernel) |
+
+Decode steps (`prepare_layer(step, merge=True)`, executable.py) also merge sibling Linears: prepared
+W8A8 / W8A8_DYNAMIC matmuls that read the same activation codes (q/k/v, gate/up) become one call on their
+tensors concatenated along n (`merge_siblings`; `kernels.quant_matmul_pertoken_merged` /
+`quant_matmul_merged`, bit-identical), as vLLM-Ascend holds them (QKVParallelLinear,
+MergedColumnParallelLinear). A decoded token's Linears are mostly per-call overhead (7 calls a layer become 4).
 
 Codes as float32: where every reader of a quantize's codes is a prepared matmul, the codes stay the float32
 integers they are computed as, and the matmuls' exact float32 products (`kernels.exact_product_f32`) read them
@@ -34,7 +41,7 @@ from __future__ import annotations
 import torch
 
 from ...ir.patterns import prune_unused_tensors
-from . import attention, kernels
+from . import attention, direct_calls, kernels
 
 #: gm.meta key: {attribute: {"kind": str, "from": [source attribute, ...]}}
 PREPARED = "qc_prepared_layouts"
@@ -216,9 +223,114 @@ def _codes_as_float(gm) -> None:
             node.target = kernels.quantize_codes
 
 
-def prepare_layer(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+#: prepared matmul -> (its merged form, index of the weight, indices of the per-channel [n] tensors, indices of the
+#: arguments the siblings must share: codes, per-token scale, output dtype)
+_MERGEABLE = {
+    kernels.quant_matmul_pertoken_prepared: (kernels.quant_matmul_pertoken_merged, 1, (2, 4), (0, 3, 5)),
+    kernels.quant_matmul_prepared: (kernels.quant_matmul_merged, 1, (2, 3, 5), (0, 4)),
+}
+_MERGED_ARITY = {kernels.quant_matmul_pertoken_prepared: 6, kernels.quant_matmul_prepared: 6}
+
+
+def _merge_key(gm, node):
+    """Siblings that can share one call have equal keys; None for a node that cannot be merged."""
+    if node.op != "call_function" or node.target not in _MERGEABLE or node.kwargs:
+        return None
+    _, wi, chan, shared = _MERGEABLE[node.target]
+    args = tuple(node.args) + (None,) * (_MERGED_ARITY[node.target] - len(node.args))
+    w = _tensor(gm, args[wi])
+    if w is None or not all(args[i] is None or _tensor(gm, args[i]) is not None for i in chan):
+        return None
+    k, _ = kernels._weight_k_n(w)
+    layout = (w.dtype, w.dim(), w.shape[0] if w.dim() == 3 else None)  # row-wise (parts) or int8 [n, k]
+    return (node.target, tuple(args[i] for i in shared), tuple(args[i] is None for i in chan), layout, k)
+
+
+def _merged_weight(pieces: list) -> torch.Tensor:
+    """The prepared weights of sibling Linears as one prepared weight of all their output channels (in order)."""
+    if pieces[0].dtype == torch.uint8:  # row-wise: back to int8 [n_i, k], concatenated, laid out again
+        w = torch.cat([kernels.rowwise_weight(p) for p in pieces])
+        return kernels.rowwise_codes(w, kernels.rowwise_parts(w.shape[0], w.shape[1]))
+    return torch.cat(pieces)
+
+
+def _merge_group(prep: _Preparer, nodes: list) -> None:
+    import operator
+    gm, graph = prep.gm, prep.graph
+    fn, wi, chan, _ = _MERGEABLE[nodes[0].target]
+    arity = _MERGED_ARITY[nodes[0].target]
+    argss = [tuple(n.args) + (None,) * (arity - len(n.args)) for n in nodes]
+    weights = [_tensor(gm, a[wi]) for a in argss]
+    widths = tuple(kernels._weight_k_n(w)[1] for w in weights)
+    k = kernels._weight_k_n(weights[0])[0]
+
+    def sources(node):  # the artifact tensors a prepared (or artifact) tensor stands for
+        entry = prep.record.get(node.target)
+        return list(entry["from"]) if entry else [node.target]
+
+    def kind_of(node, default):
+        entry = prep.record.get(node.target)
+        return entry["kind"] if entry else default
+
+    def register(kind: str, srcs: list, t: torch.Tensor) -> str:
+        name = f"prepared_{len(prep.record)}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.register_buffer(name, t.contiguous())
+        prep.record[name] = {"kind": kind, "from": srcs}
+        return name
+
+    first = nodes[0]
+    new_args = list(argss[0])
+    w = _merged_weight(weights)
+    wkind = f"rowwise_codes:parts={w.shape[0] if w.dim() == 3 else 1}" if w.dtype == torch.uint8 else "int8_weight"
+    names = {wi: register(wkind, sum((sources(a[wi]) for a in argss), []), w)}
+    for i in chan:
+        if argss[0][i] is None:
+            continue
+        t = torch.cat([_tensor(gm, a[i]).reshape(-1) for a in argss])
+        kind = kind_of(argss[0][i], "")
+        if kind.startswith("quant_bias_acc"):  # int32 only where every channel's sum fits (kernels)
+            t = kernels.quant_bias_accumulator(k, t.to(torch.int64))
+        names[i] = register(kind, sum((sources(a[i]) for a in argss), []), t)
+    with graph.inserting_before(first):
+        for i, name in names.items():
+            new_args[i] = graph.get_attr(name)
+        merged = graph.call_function(fn, tuple(new_args) + (widths,))
+    for j, node in enumerate(nodes):
+        with graph.inserting_after(merged):
+            out = graph.call_function(operator.getitem, (merged, j))
+        out.meta = dict(node.meta)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+
+
+def merge_siblings(gm: torch.fx.GraphModule, prep: _Preparer | None = None) -> int:
+    """Prepared int8-activation Linears that read the same activation codes (and per-token scale), e.g. q/k/v
+    and gate/up, rewritten in place as one call on their weights concatenated along n
+    (`kernels.quant_matmul_pertoken_merged` / `quant_matmul_merged`: bit-identical, see there), as
+    vLLM-Ascend's QKVParallelLinear and MergedColumnParallelLinear hold them. A decode step is mostly per-call
+    overhead, and 7 Linears a layer become 4. The merged tensors are recorded in `gm.meta[PREPARED]` with
+    every source (in output order). Returns the number of calls merged away."""
+    prep = prep or _Preparer(gm)
+    groups: dict = {}
+    for node in gm.graph.nodes:
+        key = _merge_key(gm, node)
+        if key is not None:
+            groups.setdefault(key, []).append(node)
+    saved = 0
+    for nodes in groups.values():
+        if len(nodes) > 1:
+            _merge_group(prep, nodes)
+            saved += len(nodes) - 1
+    return saved
+
+
+def prepare_layer(gm: torch.fx.GraphModule, merge: bool = False) -> torch.fx.GraphModule:
     """`gm` rewritten in place to read prepared tensors and call the CPU kernels directly (module
-    docstring); returned unchanged when a tensor is not on the CPU. Idempotent."""
+    docstring); returned unchanged when a tensor is not on the CPU. Idempotent. `merge`: also
+    `merge_siblings` (decode steps, ir/decode.py: one token row per call, where a call's overhead is most of
+    its cost; the full-sequence layers keep one call per Linear, so no product widens a merged weight)."""
     if not _on_cpu(gm):
         return gm
     prep = _Preparer(gm)
@@ -235,7 +347,13 @@ def prepare_layer(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
             gm.graph.erase_node(node)
     _codes_as_float(gm)
+    if merge:
+        merge_siblings(gm, prep)
+    direct_calls.rewrite(gm)
     prune_unused_tensors(gm)
+    kept = {name for name, _ in gm.named_buffers()}
+    for name in [n for n in prep.record if n not in kept]:  # prepared tensors merged into others
+        del prep.record[name]
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()

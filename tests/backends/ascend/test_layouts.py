@@ -51,9 +51,23 @@ def _per_column(t: torch.Tensor, k: int) -> torch.Tensor:
     return t.expand(-1, k) if t.shape[1] == 1 else t.repeat_interleave(k // t.shape[1], dim=1)
 
 
+#: kinds prepared from one artifact tensor per Linear; from several when sibling Linears were merged
+#: (layouts.merge_siblings: the Linears' tensors concatenated along n, in the order `from` lists them)
+_PER_LINEAR = ("rowwise_codes", "int8_weight", "weight_scale_f32", "bias_f32", "deq_scale_f32", "quant_bias_acc",
+               "quant_bias_f32")
+
+
 def _expected(kind: str, art: list, n_k, dtype) -> torch.Tensor:
     """What a prepared tensor of `kind` must hold, from the artifact tensors it was prepared from."""
     name = kind.split(":")[0]
+    if name in _PER_LINEAR and len(art) > 1:  # merged siblings: the concatenation along n
+        if name in ("rowwise_codes", "int8_weight"):
+            k = n_k[-2] if name == "rowwise_codes" else n_k[1]
+            n = n_k[0] if name == "int8_weight" else (n_k[-1] - 8) * (n_k[0] if len(n_k) == 3 else 1)
+            int8 = sum(w.shape[0] for w in art) == n  # else int4 packed along n, two channels a byte
+            w = torch.cat([_unpacked(w, w.shape[0] * (1 if int8 else 2), k) for w in art])
+            return _expected(kind, [w], n_k, dtype)
+        return torch.cat([_expected(kind, [a], (a.shape[0],), dtype).reshape(-1) for a in art])
     if name == "dequantized_weight":  # npu_weight_quant_batchmatmul: (w + offset) * scale in x's dtype
         w, scale, offset = art
         n, k = n_k
@@ -256,3 +270,33 @@ def _int8_activation_case(compiled, monkeypatch, limit: str, value: int):
         pytest.skip("no int8-activation per-channel Linear in this case")
     monkeypatch.setattr(kernels, limit, value)
     return quant, load_model(compiled), _artifact(compiled)
+
+
+def test_decode_steps_merge_sibling_linears(compiled):
+    """layouts.merge_siblings in the decode steps (executable.decode): q/k/v and gate/up of an int8-activation
+    per-channel layer become one call each (o and down stay), their merged tensors equal the artifact's tensors
+    concatenated along n (a corrupted merged weight is caught), and the steps compute the op graph's bits
+    (`test_prepared_layer_and_decode_step_compute_the_same_bits` runs these same steps). The full-sequence
+    layers keep one call per Linear."""
+    quant = json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"]
+    if quant not in ("W8A8", "W8A8_DYNAMIC"):
+        pytest.skip("no int8-activation per-channel Linear in this case")
+    model = load_model(compiled)
+    artifact = _artifact(compiled)
+    merged = {kernels.quant_matmul_pertoken_merged, kernels.quant_matmul_merged}
+    single = {kernels.quant_matmul_pertoken_prepared, kernels.quant_matmul_prepared}
+    calls = lambda g, fns: [n for n in g.graph.nodes if n.op == "call_function" and n.target in fns]
+    for i in range(model.layers.num_layers):
+        step, _ = model.layers.decode(i)
+        assert [n.args[-1] for n in calls(step, merged)] == [(64, 32, 32), (128, 128)], i  # tiny: 64 / 2 kv heads
+        assert len(calls(step, single)) == 2, i
+        record = step.meta[layouts.PREPARED]
+        assert sorted(len(e["from"]) for e in record.values() if e["kind"].startswith("rowwise_codes")) == [1, 1, 2, 3]
+        assert set(record) == {name for name, _ in step.named_buffers() if name.startswith("prepared_")}
+        assert mismatches(step, artifact, i, model.head.dtype) == []
+        full = model.layers.get(i, prepared=True)
+        assert not calls(full, merged) and len(calls(full, single)) == 7
+    name = next(n for n, e in record.items() if len(e["from"]) == 3 and e["kind"].startswith("rowwise_codes"))
+    getattr(step, name)[-1, 0] ^= 1  # one code of q (channel 0, last input column) in the q/k/v weight
+    assert mismatches(step, artifact, model.layers.num_layers - 1, model.head.dtype) == [
+        f"{name} ({record[name]['kind']} from {record[name]['from']})"]

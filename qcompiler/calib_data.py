@@ -11,6 +11,10 @@ Contract:
   non-overlapping windows of `seq_len` tokens in order; a partial last window is dropped. Text shorter
   than one window gives a single window of all its tokens. `calibration_shortfall` words the warning
   when that is less than asked (the driver prints it and puts it in the report).
+  With `max_windows` it tokenizes only a prefix of the joined text when the tokenizer is one whose tokens
+  provably split at a document start (`_splits_at_document_starts`): the same ids as tokenizing it all,
+  the text after the first document start that yields enough ids left untokenized (`qcompile eval
+  --max-windows 1` read 118k tokens of wiki_eval.jsonl to score 512). Any other tokenizer: the whole text.
 - `sample_windows_from_model(model, tokenizer, n, seq_len, seed)` is data-free calibration: sequences
   sampled from the float model at temperature 1 (no top-k / top-p), starting from BOS, with EOS
   suppressed so every row has exactly `seq_len` tokens. A NaN/Inf weight is a QCError naming the tensor
@@ -91,8 +95,8 @@ def make_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | N
     _check_positive("seq_len", seq_len)
     if max_windows is not None:
         _check_positive("max_windows", max_windows)
-    # verbose=False: the joined text is meant to be longer than model_max_length; don't warn about it.
-    ids = tokenizer(JOINER.join(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    need = None if max_windows is None else max(max_windows * seq_len, 2)  # 2: the check below
+    ids = _token_ids(tokenizer, texts, need)
     if len(ids) < 2:
         raise QCError(f"calibration text holds {len(ids)} token(s): need at least 2")
     if len(ids) < seq_len:
@@ -101,6 +105,82 @@ def make_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | N
     if max_windows is not None:
         count = min(count, max_windows)
     return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # verbose=False: the joined text is meant to be longer than model_max_length; don't warn about it.
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _token_ids(tokenizer, texts: list[str], need: int | None) -> list[int]:
+    """Ids of the joined texts, or, when `need` is given and a document start allows it, a prefix of them holding
+    at least `need` ids: always `ids == all_ids[:len(ids)]` with all_ids the whole joined text's ids.
+
+    The prefix ends at the start b of a document j >= 1 whose first character is visible, not white space and
+    not the first character of any added token. For a tokenizer `_splits_at_document_starts` accepts, the ids of
+    the text before b depend only on the text up to b (b - 1 is the joiner's newline): the pre-tokenizer's
+    regex cannot match across "\n" followed by such a character (no alternative takes a newline before a
+    letter, digit or mark, a white-space run stops at it, lookahead reads one character), BPE runs on each
+    piece alone, NFC never composes across a newline, and no added token can span b (none holds a newline,
+    none starts with text[b]). So the ids of (text before b) + text[b] are all_ids' first ids followed by
+    the ids of text[b] on its own (checked: anything else falls back to the whole text)."""
+    if need is not None and _splits_at_document_starts(tokenizer):
+        firsts = {t.content[0] for t in tokenizer.backend_tokenizer.get_added_tokens_decoder().values() if t.content}
+        ends = [0]  # ends[j]: length of JOINER.join(texts[:j]) + JOINER
+        for t in texts:
+            ends.append(ends[-1] + len(t) + len(JOINER))
+        target = 0  # characters before the boundary wanted (estimated from the last try's characters per id)
+        j = 1
+        while j < len(texts):
+            c = texts[j][:1]
+            if ends[j] < target or not c or c.isspace() or not c.isprintable() or c in firsts:
+                j += 1
+                continue
+            ids, tail = _encode(tokenizer, JOINER.join(texts[:j]) + JOINER + c), _encode(tokenizer, c)
+            m = len(ids) - len(tail)
+            if m <= 0 or ids[m:] != tail:
+                break  # not the split the argument above promises: tokenize everything
+            if m >= need:
+                return ids[:m]
+            target = ends[j] * need / m * 1.05
+            j += 1
+    return _encode(tokenizer, JOINER.join(texts))
+
+
+#: pre-tokenizer regexes (tokenizers' Split, then ByteLevel without its own regex) whose pieces end at every "\n"
+#: followed by a visible non-space character: Qwen2/Qwen3 (digits one by one) and Llama-3 (digits in threes)
+_SPLIT_PATTERNS = tuple(
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|" + digits +
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+" for digits in (r"\p{N}", r"\p{N}{1,3}"))
+
+
+def _splits_at_document_starts(tokenizer) -> bool:
+    """Whether `_token_ids` may stop at a document start: a `tokenizers` backend (Hugging Face fast tokenizer)
+    with no normalizer or NFC, a byte-level BPE without dropout, pre-tokenized by GPT-2's regex (ByteLevel
+    use_regex) or a Split of one of `_SPLIT_PATTERNS`, no prefix space added, and no added token holding a
+    newline. Anything else (slow tokenizers, SentencePiece, other regexes or normalizers) answers False."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    try:
+        norm = backend.normalizer
+        if norm is not None and json.loads(norm.__getstate__()) != {"type": "NFC"}:
+            return False
+        if type(backend.model).__name__ != "BPE" or backend.model.dropout not in (None, 0.0):
+            return False
+        pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
+        if any("\n" in t.content for t in backend.get_added_tokens_decoder().values()):
+            return False
+    except (AttributeError, TypeError, ValueError):
+        return False
+    if pre.get("type") == "ByteLevel":
+        return pre.get("use_regex") is True and pre.get("add_prefix_space") is False
+    if pre.get("type") != "Sequence" or len(pre.get("pretokenizers", ())) != 2:
+        return False
+    split, byte_level = pre["pretokenizers"]
+    return (split.get("type") == "Split" and split.get("pattern") in [{"Regex": p} for p in _SPLIT_PATTERNS]
+            and split.get("behavior") == "Isolated" and split.get("invert") is False
+            and byte_level == {**byte_level, "type": "ByteLevel", "use_regex": False, "add_prefix_space": False})
 
 
 def calibration_shortfall(asked: tuple[int, int], got: tuple[int, int], source) -> list[str]:

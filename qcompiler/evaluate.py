@@ -2,7 +2,8 @@
 
 Convention: the texts are joined with blank lines, tokenized once without special tokens, and cut into
 consecutive non-overlapping windows of --seq-len tokens (a trailing partial window is dropped unless it
-is the only one). Each window is scored on its own: perplexity = exp(mean NLL of tokens 2..L of every
+is the only one; with --max-windows only the text those windows need is tokenized, the same ids:
+calib_data.make_windows). Each window is scored on its own: perplexity = exp(mean NLL of tokens 2..L of every
 window), `tokens` = number of scored tokens. Layer-major: all windows pass layer i before layer i+1 is
 loaded, so only one decoder layer is in memory.
 """

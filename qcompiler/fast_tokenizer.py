@@ -93,7 +93,8 @@ def fast_path_refusal(folder: Path) -> str | None:
 class FastTokenizer:
     """The subset of transformers' tokenizer API qcompiler uses (calibration, eval, run): `tok(text,
     add_special_tokens=...)["input_ids"]`, `apply_chat_template`, `decode`, `convert_ids_to_tokens`,
-    `len(tok)`, `<name>_token` / `<name>_token_id`, `chat_template`."""
+    `len(tok)`, `<name>_token` / `<name>_token_id`, `chat_template`, `backend_tokenizer` (the
+    `tokenizers.Tokenizer`, as transformers names it: calib_data reads its normalizer / pre-tokenizer)."""
 
     def __init__(self, backend, special: dict, chat_template: str | None):
         self._tokenizer = backend
@@ -103,6 +104,10 @@ class FastTokenizer:
             token = special.get(name)
             setattr(self, name, token)
             setattr(self, f"{name}_id", None if token is None else backend.token_to_id(token))
+
+    @property
+    def backend_tokenizer(self):
+        return self._tokenizer
 
     @property
     def special_tokens_map(self) -> dict[str, str]:

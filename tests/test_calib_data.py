@@ -287,3 +287,101 @@ def test_sampling_rejects_non_finite_weights(tiny_model):
         tiny_model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(QCError, match=r"'model\.layers\.1\.mlp\.down_proj\.weight' contains NaN or Inf"):
         sample_windows_from_model(tiny_model, TOKENIZER, n=2, seq_len=4)
+
+
+# ------------------------------------------------------------------ make_windows: tokenizing only a prefix
+
+_PIECES = ["word", " word", " Word", "Ünïcode", " 中文", "e\u0301", "123456", " 42", "'s", "'ll", "...", "!", " ,",
+           "\n", "\n\n", " \n", "\t", "  ", " ", "<|endoftext|>", "-", "(x)"]
+
+
+def _fuzz_texts(seed: int, docs: int = 40) -> list[str]:
+    """Documents of random pieces: starting and ending with spaces, newlines, digits, marks, apostrophes,
+    special-token text, so document starts of every kind occur (and merges across whitespace once trained)."""
+    import random
+    rnd = random.Random(seed)
+    return ["".join(rnd.choice(_PIECES) for _ in range(rnd.randint(1, 60))) for _ in range(docs)]
+
+
+def _trained(pre_tokenizer, normalizer=None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["\n\n".join(_fuzz_texts(s)) for s in range(20)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def _tokenizers():
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    from qcompiler.calib_data import _SPLIT_PATTERNS
+    yield "gpt2-regex", _trained(pre_tokenizers.ByteLevel(add_prefix_space=False))
+    for pattern in _SPLIT_PATTERNS:  # Qwen2 / Llama-3 layout: Split, then ByteLevel without its regex
+        yield "split", _trained(pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), normalizers.NFC())
+
+
+class _CountingTokenizer:
+    """Wraps a tokenizer, counting the characters it is asked to tokenize."""
+
+    def __init__(self, tok):
+        self.tok, self.chars = tok, 0
+
+    def __call__(self, text, **kwargs):
+        self.chars += len(text)
+        return self.tok(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_max_windows_tokenizes_a_prefix_with_the_same_ids():
+    """With max_windows, make_windows tokenizes only up to a document start that gives enough ids, and its windows
+    are the first windows of the whole text's (exact ids), for GPT-2's regex and the Qwen2 / Llama-3 Split layout,
+    on documents that start and end with every kind of character (which a prefix boundary must not cut)."""
+    from qcompiler.calib_data import _splits_at_document_starts, _token_ids
+    for name, tok in _tokenizers():
+        assert _splits_at_document_starts(tok), name
+        for seed in range(6):
+            texts = _fuzz_texts(100 + seed)
+            all_ids = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+            for need in range(2, len(all_ids), 19):  # the contract: a prefix of the whole text's ids, every need
+                ids = _token_ids(tok, texts, need)
+                assert len(ids) >= need and ids == all_ids[:len(ids)], (name, seed, need)
+            whole = make_windows(tok, texts, 16, None)
+            for max_windows in (1, 2, 5, 10 ** 6):
+                counted = _CountingTokenizer(tok)
+                got = make_windows(counted, texts, 16, max_windows)
+                assert torch.equal(got, whole[:max_windows]), (name, seed, max_windows)
+                if max_windows == 1:
+                    assert counted.chars < len("\n\n".join(texts)) / 4, (name, seed, counted.chars)
+
+
+def test_max_windows_reads_less_of_a_real_file(real_tokenizer, smollm2):
+    """SmolLM2's tokenizer, as transformers builds it and as `qcompile eval` loads it (fast_tokenizer): the first
+    windows of the whole text, from under a quarter of the text (it read all of it)."""
+    from qcompiler.fast_tokenizer import load_fast_tokenizer
+    texts = _sample_texts()
+    whole = make_windows(real_tokenizer, texts, 128, None)
+    for tok in (real_tokenizer, load_fast_tokenizer(Path(smollm2["llama"]))):
+        for max_windows in (1, 2):
+            counted = _CountingTokenizer(tok)
+            assert torch.equal(make_windows(counted, texts, 128, max_windows), whole[:max_windows])
+            assert counted.chars < len("\n\n".join(texts)) / 4, type(tok).__name__
+
+
+def test_other_tokenizers_tokenize_the_whole_text_once():
+    """A tokenizer the prefix argument does not cover (here no `backend_tokenizer`; also other regexes,
+    normalizers, models) tokenizes the whole joined text, as without max_windows."""
+    from tokenizers import pre_tokenizers
+    from qcompiler.calib_data import _splits_at_document_starts
+    tok = CharTokenizer()
+    make_windows(tok, ["abcdefgh", "ijklmnop", "qrstuvwx"], seq_len=2, max_windows=1)
+    assert [c[0] for c in tok.calls] == ["abcdefgh\n\nijklmnop\n\nqrstuvwx"]
+    assert not _splits_at_document_starts(_trained(pre_tokenizers.Whitespace()))
+    assert not _splits_at_document_starts(_trained(pre_tokenizers.ByteLevel(add_prefix_space=True)))

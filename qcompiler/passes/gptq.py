@@ -307,6 +307,7 @@ def _gptq(w, h, scale, bits, damp, block, act_order, keep_zero=None):
                 W1[i + 1:].addr_(H1[i, i + 1:], err, alpha=-1.0)
         if i2 < k:
             Wt[i2:].addmm_(U1[:, i2:].T, E1, alpha=-1.0)
+    del Wt  # the float32 working copy, before the codes' transposed copy is made
     codes = Q.T
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
@@ -338,7 +339,12 @@ def row_errors(rows_of, n: int, h: torch.Tensor, rows: int = 4096) -> torch.Tens
     holds a full-size difference of weights (a 7B gate/up pair is 37888 x 3584: 0.5 GiB per float32 copy;
     the 72B one 59136 x 8192, 1.8 GiB). float32 products: a bf16 GEMM is slow on CPUs without native bf16
     (on the AMD EPYC AVX2 host measured, one thread, [4096, 576] x [576, 576] took 35x as long in bf16 as
-    in float32)."""
+    in float32).
+
+    n = 0 (an empty Linear, no rows) gives an empty float32 [matrices, 0]; the matrix count is then read from
+    `rows_of(slice(0, 0))`, so `rows_of` is called for an empty slice too."""
+    if n == 0:
+        return torch.empty(len(rows_of(slice(0, 0))), 0)
     hf = h.float()
     out = None
     for start in range(0, n, rows):

@@ -246,13 +246,16 @@ def _row_slices(w: torch.Tensor, tokens: int, elements: int | None) -> list[slic
 
 def column_absmax(weights: list[torch.Tensor], elements: int | None = None) -> torch.Tensor:
     """max |W_j| per input column j over the group's Linears, float32 [k], read from the weights as stored (model
-    dtype) in row chunks: abs and max are exact in any float dtype, so this is the value of the float32 copies'."""
+    dtype) in row chunks: abs and max are exact in any float dtype, so this is the value of the float32 copies'.
+    A Linear without rows (an empty Linear) adds nothing; when no Linear has rows every column's max is 0.0."""
     out = None
     for w in weights:
+        if w.shape[0] == 0:  # amax over no rows is an error
+            continue
         for rows in qn.row_slices(w.shape[0], w.shape[1], elements):
             m = w[rows].abs().amax(0)
             out = m if out is None else torch.maximum(out, m)
-    return out.float()
+    return torch.zeros(weights[0].shape[1]) if out is None else out.float()
 
 
 def float_outputs(x: torch.Tensor, weights: list[torch.Tensor],

@@ -133,7 +133,11 @@ def wanda_prune(w, x_norm, ratio, protect=None):
 
 def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, ratio: float, protect=None, *, damp: float = 0.01,
                     block: int = 128) -> torch.Tensor:
-    """SparseGPT: float32 [n, k] weight with exactly round(ratio * k) zeros per row (see module docstring)."""
+    """SparseGPT: float32 [n, k] weight with exactly round(ratio * k) zeros per row (see module docstring).
+
+    The result is the transposed view of the column-major working copy (strides (1, n): not contiguous), so the
+    call's only weight-sized float32 tensor is that copy (`.T.contiguous()` made a second one beside it at the
+    return); callers that store or hand rows to a GEMM take `.contiguous()` of the rows they need."""
     with single_thread():
         return _sparsegpt(w, h, ratio, protect, damp, block)
 
@@ -174,7 +178,8 @@ def _sparsegpt(w, h, ratio, protect, damp, block):
         Wt[i1:i2] = W1
         if i2 < k:
             Wt[i2:].addmm_(U1[:, i2:].T, E1, alpha=-1.0)
-    out = Wt.T.contiguous()
+    out = Wt.T  # a view: no second weight-sized copy (see sparsegpt_prune)
+    del Wt, Pt
     short = prune_count(k, ratio) - pruned
     if (short > 0).any():
         # protected outliers crowded a late block: prune the rest by magnitude (no compensation left)
@@ -241,10 +246,12 @@ class Sparse(Pass):
         return PassResult(gm, modified=True, stats={"linears": records})
 
     def _prune_group(self, gm, ctx, group, stats, records):
-        """Prune the Linears of one shared input (rows stacked: every method is row-independent)."""
+        """Prune the Linears of one shared input (rows stacked: every method is row-independent). Each weight is
+        read from the graph once (`get_tensor`) and written once (`replace_tensor`)."""
         o = self.options
-        counts = [get_tensor(gm, s.weight.target).shape[0] for s in group]
-        w_all = torch.cat([get_tensor(gm, s.weight.target).detach() for s in group]).float()  # one float32 copy
+        weights = [get_tensor(gm, s.weight.target).detach() for s in group]  # each read once
+        counts = [w.shape[0] for w in weights]
+        w_all = torch.cat(weights).float()  # one float32 copy
         protect = protected_mask(w_all, o.fraction)
         h = stats.hessian() if stats is not None else None
         if o.method == "magnitude":
@@ -263,7 +270,7 @@ class Sparse(Pass):
         for site, count in zip(group, counts):
             rows = slice(row, row + count)
             row += count
-            stored = pruned[rows].to(ctx.dtype)
+            stored = pruned[rows].to(ctx.dtype).contiguous()  # sparsegpt's result is column-major
             sparsity = float((stored == 0).sum()) / stored.numel()
             rec = {"method": o.method, "sparsity": round(sparsity, 6),
                    "protected": prune_count(w_all.shape[1], o.fraction) if protect is not None else 0}

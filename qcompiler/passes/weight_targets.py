@@ -76,8 +76,11 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, elements: int | None = None
     """float32 q * scale [n, k] from codes q [n, k] and a per-channel or per-group scale [n, G] ([n] taken as
     [n, 1]). Made in row chunks (`qn.row_slices`, `elements` per chunk), each group's scale broadcast over its
     columns (the same products as `q.float() * column_scale(scale, k)`), so the only full-size tensor is the
-    result (a float32 copy of the codes and the expanded scale were two more: 0.5 GiB each for a 7B gate/up pair)."""
+    result (a float32 copy of the codes and the expanded scale were two more: 0.5 GiB each for a 7B gate/up pair).
+    No rows (n = 0) gives an empty float32 [0, k]."""
     n, k = q.shape
+    if n == 0:  # reshape(0, -1) below is ambiguous
+        return torch.empty(0, k)
     scale = scale.reshape(n, -1)
     g = scale.shape[1]
     out = torch.empty(n, k)

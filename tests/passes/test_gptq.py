@@ -196,6 +196,29 @@ def test_row_errors_in_chunks_match_one_product():
     assert ((row_errors(rows_of, 50, h, rows=7) - whole).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("target", [WeightTarget(8, 0, "w8a16", "W8A16"), WeightTarget(4, 32, "w4a16", "W4A16")])
+def test_row_errors_of_no_rows_is_empty(target):
+    """n = 0 (an empty Linear): an empty float32 [matrices, 0], not None (it returned None, and the passes' record
+    code `err, ref = row_errors(...)` failed to unpack it). The GPTQ and sparse passes' row functions run on the
+    empty slice it asks for, and their record sums over it are 0 (so rel_err reads 0.0)."""
+    from qcompiler.passes.gptq import row_errors
+    from qcompiler.passes.weight_targets import quantize
+    h = _hessian(_correlated(k=64))
+    w = torch.zeros(0, 64)
+    out = row_errors(lambda r: (w[r],), 0, h)
+    assert out is not None and out.dtype == torch.float32 and out.shape == (1, 0)
+    s = quantize(w, target)[1]  # dequantize of no rows raised too (an ambiguous reshape)
+    wq = dequantize(gptq_quantize(w, h, s, target.bits), s)
+
+    def gptq_rows(r):  # as GPTQ._quantize_group_1t's record_rows
+        rtn = dequantize(quantize(w[r], target, s[r])[0], s[r])
+        return w[r] - wq[r], w[r] - rtn, w[r]
+    for rows_of, m in ((gptq_rows, 3), (lambda r: (w[r] - wq[r], w[r]), 2)):  # the second as sparse's
+        out = row_errors(rows_of, 0, h)
+        assert out.dtype == torch.float32 and out.shape == (m, 0)
+        assert all(float(e.sum()) == 0.0 for e in out)
+
+
 def test_gram_of_bf16_rows_is_the_float32_gram():
     """accumulate_gram multiplies bf16 rows in float32 (as GPTQ's reference accumulates H), widening GRAM_CHUNK
     rows at a time (no float32 copy of the whole input). One chunk: the very product x.float().T @ x.float()

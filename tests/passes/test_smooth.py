@@ -442,6 +442,15 @@ def test_column_absmax_in_chunks_is_exact():
     assert torch.equal(sm.column_absmax(weights, elements=64 * 5), want)
 
 
+
+def test_column_absmax_of_empty_linears():
+    """A Linear without rows adds nothing to the column maxima (amax over no rows raised); with no rows at all every
+    column's max is 0.0 (|W| >= 0), float32 [k] as otherwise."""
+    w = torch.tensor([[1.0, -3.0], [-2.0, 0.5]], dtype=torch.bfloat16)
+    empty = torch.zeros(0, 2, dtype=torch.bfloat16)
+    assert torch.equal(sm.column_absmax([empty, w, empty]), torch.tensor([2.0, 3.0]))
+    assert torch.equal(sm.column_absmax([empty]), torch.zeros(2))
+
 def test_fold_in_row_chunks_is_exact(monkeypatch):
     """fold rescales weights in row chunks (elementwise: the unchunked formula's values)."""
     from qcompiler.ir import folding

@@ -513,6 +513,11 @@ def dynamic_quant_ref(x: Tensor) -> tuple[Tensor, Tensor]:
     return y, s
 
 
+_F32, _U8 = torch.float32, torch.uint8
+_DQ_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_F127 = torch.tensor([127.0])
+
+
 def dynamic_quant_codes(x: Tensor) -> tuple[Tensor, Tensor]:
     """`dynamic_quant` with the codes left as the float32 integers they are (no int8 cast) when x has at most
     ROW_CHUNK_ELEMENTS elements (decode, short prefill); else `dynamic_quant` itself. Same operations, same
@@ -521,9 +526,23 @@ def dynamic_quant_codes(x: Tensor) -> tuple[Tensor, Tensor]:
     _check_dynamic_input(x)
     if x.numel() > ROW_CHUNK_ELEMENTS:
         return dynamic_quant(x)
-    s = x.abs().amax(dim=-1).float().div_(127)
-    s.masked_fill_(s == 0, 1.0)
-    return torch.div(x, s.unsqueeze(-1)).round_().clamp_(-128, 127), s
+    if x.dtype not in _DQ_DTYPES:
+        s = x.abs().amax(dim=-1).float().div_(127)
+        s.masked_fill_(s == 0, 1.0)
+        return torch.div(x, s.unsqueeze(-1)).round_().clamp_(-128, 127), s
+    # 6 torch calls (bfloat16 / float16; 7 for float32) instead of 10, the same values: max|x| in one reduction
+    # (the infinity norm: max of |x| with NaN propagated as amax does; exact in x's dtype, kept as a [..., 1]
+    # column for the division); f32(max) / 127 in float32 in one call (_F127 has a dimension, so torch.div promotes
+    # to float32 and divides the widened max as `.float().div_(127)` does)
+    s = torch.div(torch.linalg.vector_norm(x, math.inf, -1, True), _F127)
+    s.masked_fill_(s == 0, 1.0)  # all-zero rows quantize to zeros with scale 1
+    q = torch.div(x, s).round_()
+    if x.dtype is _F32:
+        q.clamp_(-128, 127)
+    # else the clamp changes no value: a nonzero bfloat16 / float16 max is >= 2**-133, so m / 127 >= 2**-140 is a
+    # float32 with at most 2**-150 rounding error (relative <= 2**-10) and |x / s| <= 127 / (1 - 2**-10) < 127.5
+    # rounds to at most 127; an infinite max gives s = inf and quotients +-0 or NaN, a NaN max NaN (clamp keeps NaN)
+    return q, s.squeeze(-1)
 
 
 def dynamic_quant(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -861,6 +880,54 @@ def pergroup_operands(w: Tensor, scale: Tensor, group_size: int) -> tuple[Tensor
     return wg, scale.t().contiguous().unsqueeze(1)
 
 
+_BYTE_BAG = torch.ops.quantized.embedding_bag_byte_rowwise_offsets.default
+#: (x.shape, wg.shape, st.shape, pertoken_scale.shape) -> `_pergroup_decode_plan` (False where it does not apply)
+_PG_DECODE: dict = {}
+
+
+def _pergroup_decode_plan(x: Tensor, wg: Tensor, st: Tensor, pertoken_scale: Tensor):
+    """What a decode-step call of `quant_matmul_pergroup_prepared` with `fold` computes once per shape, so each call
+    is 6 torch calls and no Python shape work: (rows, row-wise bag indices and offsets over the k-slices of one
+    group each, the [rows, G, ...] view of the group sums that broadcasts against st, `_fold_groups`' indices and
+    offsets, None when the per-token scale [..., rows] broadcasts to the output as [..., rows, 1] (a batch of one)
+    or else the output shape). False when the general path runs instead: the weight not in one row-wise part, more
+    than ROWWISE_MAX_ROWS rows (re-checked per call), a group wider than one exact slice, a kernel check that failed,
+    shapes that disagree (the general path raises the error).
+
+    Same operations on the same values as the general path (rows <= ROWWISE_MAX_ROWS, row-wise, fold): the group
+    sums of `_rowwise_bag` for one part (the kernel reads x's float32 codes as its per-sample weights in memory
+    order, so a contiguous x needs no flattening, checked here once against the flattened codes), scaled in place
+    by st (elementwise, the view only aligns the broadcast), folded in group order by `_fold_groups`' bag, then
+    `f32(y * pertoken_scale)` and the cast (torch.mul's float32 product is y.mul_'s)."""
+    if wg.dim() != 2 or x.dim() < 1 or st.dim() not in (2, 3) or x.dtype is not _F32:
+        return False
+    k, n = _weight_k_n(wg)
+    groups = st.shape[0]
+    rows = math.prod(x.shape[:-1])
+    if (x.shape[-1] != k or groups <= 0 or k % groups or st.shape[-1] != n or (st.dim() == 3 and st.shape[1] != 1)
+            or k // groups > qn.F32_EXACT_K or rows > ROWWISE_MAX_ROWS or pertoken_scale.numel() != rows
+            or not (_rowwise_kernel_is_exact() and _group_fold_is_sequential())):
+        return False
+    group_size = k // groups
+    try:
+        _check_groups(k, groups, group_size)
+    except ValueError:
+        return False
+    bag = _BAGS.get((k, rows, group_size, 1))
+    if bag is None:
+        bag = _BAGS[(k, rows, group_size, 1)] = _bag_operands(k, rows, group_size, 1)
+    probe = torch.arange(rows * k, dtype=torch.float32).remainder_(255).sub_(127).reshape(x.shape)
+    if not torch.equal(_BYTE_BAG(wg, bag[0], bag[1], False, 0, False, probe, None, False),
+                       _BYTE_BAG(wg, bag[0], bag[1], False, 0, False, probe.reshape(-1), None, False)):
+        return False
+    _fold_groups(torch.zeros(rows * groups, n), rows, groups, False)  # fills _FOLDS
+    fold_idx, fold_off = _FOLDS[(rows, groups, False)]
+    lead = tuple(x.shape[:-1])
+    simple = len(lead) >= 1 and math.prod(lead[:-1]) == 1 and tuple(pertoken_scale.shape) == lead
+    return (rows, bag[0], bag[1], (rows, groups, 1, n) if st.dim() == 3 else (rows, groups, n), fold_idx, fold_off,
+            None if simple else lead + (n,))
+
+
 def quant_matmul_pergroup_prepared(
     x: Tensor, wg: Tensor, st: Tensor, pertoken_scale: Tensor, output_dtype: torch.dtype, fold: bool = False
 ) -> Tensor:
@@ -873,6 +940,19 @@ def quant_matmul_pergroup_prepared(
     weight is widened to [G, group_size, n] per call. Either way the same exact group sums, scaled and summed
     over the groups in the same order: with `fold` (given when `pergroup_fold_applies(st)`, which layouts.py
     checks once at load) in one embedding-bag call per block (`_fold_groups`), else one `add_` per group."""
+    if fold and x.dtype is _F32 and wg.dtype is _U8:  # a decode step: the planned path (`_pergroup_decode_plan`)
+        key = (x.shape, wg.shape, st.shape, pertoken_scale.shape)
+        plan = _PG_DECODE.get(key)
+        if plan is None:
+            plan = _PG_DECODE[key] = _pergroup_decode_plan(x, wg, st, pertoken_scale)
+        if plan and plan[0] <= ROWWISE_MAX_ROWS and pertoken_scale.dtype is _F32 and x.is_cpu and x.is_contiguous():
+            _, bag, bag_off, acc_shape, fold_idx, fold_off, lead = plan
+            acc = _BYTE_BAG(wg, bag, bag_off, False, 0, False, x, None, False)  # [rows * G, n], row (r, g)
+            acc.view(acc_shape).mul_(st)
+            y = torch.embedding_bag(acc, fold_idx, fold_off, False, 0, False, None, False, None)[0]
+            if lead is None:  # the scale broadcasts to x's leading dims: [rows, n] * [..., rows, 1] -> [..., rows, n]
+                return torch.mul(y, pertoken_scale.unsqueeze(-1)).to(output_dtype)
+            return y.mul_(pertoken_scale.reshape(-1, 1)).to(output_dtype).reshape(lead)
     if x.dtype not in (torch.int8, torch.float32):
         raise ValueError(f"quant_matmul_pergroup: x must be int8 codes, got {x.dtype}")
     rowwise = wg.dtype == torch.uint8

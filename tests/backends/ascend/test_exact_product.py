@@ -3,6 +3,8 @@ bit for bit: `exact_product_f32` (float32 GEMM or fbgemm's row-wise kernel on th
 equal the exact integer product (+ bias) converted to float32, and the prepared kernels that use it must equal
 the `*_ref` kernels. Tolerance: none; bits are compared (`.view` as integers, so -0.0 != +0.0), on codes at the
 int8 extremes with k at the float32 slice limits, where a kernel that rounded or lost a sign would show."""
+import math
+
 import pytest
 import torch
 
@@ -269,3 +271,146 @@ def test_pergroup_fold_is_off_where_a_channel_could_sum_to_minus_zero():
     assert _same_bits(got, want)
     forced = K.quant_matmul_pergroup_prepared(q, K.rowwise_codes(w), st, s, torch.bfloat16, True)
     assert not _same_bits(forced, want) and not torch.signbit(forced[0, 3])
+
+
+# --------------------------------------------------------------------------------------------------
+# decode-step paths planned once per shape (issue 16): `dynamic_quant_codes` in 6-7 torch calls and
+# `quant_matmul_pergroup_prepared`'s `_pergroup_decode_plan`; bits against the reference math.
+
+
+def _adversarial_rows(rows: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """[rows, k] activations where a quantizer that rounds, clamps, signs or scales differently shows: an
+    all-zero row, -0 / +0, a row whose max|x| is a negative value, the dtype's extremes and subnormals, a
+    float32 max of 2**-140 (m / 127 loses bits: the quotient reaches 128, the clamp must act), values far apart."""
+    g = torch.Generator().manual_seed(seed)
+    fi = torch.finfo(dtype)
+    x = torch.randn(rows, k, generator=g) * torch.exp2(torch.randint(-30, 30, (rows, 1), generator=g).float())
+    specials = [0.0, -0.0, fi.max, -fi.max, fi.tiny, -fi.tiny, 2.0 ** -133, -(2.0 ** -133), 2.0 ** -140,
+                2.0 ** -149, 1.0, -1.0, 0.5, -2.5, 3.5]
+    pick = torch.randint(0, len(specials), (rows, k), generator=g)
+    x = torch.where(torch.rand(rows, k, generator=g) < 0.2, torch.tensor(specials)[pick], x.clamp(-fi.max, fi.max))
+    x = x.to(dtype)  # finite (non-finite rows: the test adds them)
+    x[0] = 0.0
+    x[0, ::3] = -0.0                                     # all-zero row with -0s: scale 1, codes -0 / +0
+    if rows > 1:
+        x[1] = x[1].abs()
+        x[1, k // 2] = -x[1].abs().max().clamp(max=fi.max / 2) * 2  # max|x| is a negative entry (finite)
+    if rows > 2:
+        x[2] = 0.0
+        x[2, -1] = 2.0 ** -140 if dtype == torch.float32 else fi.tiny   # tiny max: s = f32(m / 127) inexact
+        x[2, 0] = (2.0 ** -141) if dtype == torch.float32 else fi.tiny / 2
+    if rows > 3:
+        x[3, :] = fi.max
+        x[3, 1::2] = -fi.max                             # extremes: codes +-127
+    return x
+
+
+def _quotient_ref(x: torch.Tensor):
+    """`dynamic_quant_ref` before its int8 cast: (float32 codes, scale)."""
+    xf = x.float()
+    s = xf.abs().amax(dim=-1) / 127
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return torch.round(xf / s.unsqueeze(-1)).clamp(-128, 127), s
+
+
+def _same_or_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bits equal where not NaN, NaN at the same places (a NaN's payload is not part of the contract)."""
+    na, nb = a.isnan(), b.isnan()
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(na, nb) and torch.equal(_bits(a)[~na],
+                                                                                             _bits(b)[~nb])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("k", [1, 7, 576, 1536])
+def test_dynamic_quant_codes_are_the_reference_bits(dtype, rows, k):
+    """`dynamic_quant_codes` (decode: one infinity-norm reduction, the division by 127 in one call, no clamp for
+    16-bit inputs) returns the reference's float32 codes and scale bit for bit (-0 codes included; an all-zero row
+    scale 1; float32 rows where the clamp acts), its int8 codes on finite rows, and NaN where the reference divides
+    by an infinite or NaN scale. Tolerance: none."""
+    x = _adversarial_rows(rows, k, dtype, seed=rows * 100 + k)
+    for lead, xs in (((rows,), x), ((1, rows), x.view(1, rows, k)), ((rows, 1), x.view(rows, 1, k))):
+        codes, s = K.dynamic_quant_codes(xs)
+        want_codes, want_s = _quotient_ref(xs)
+        assert codes.dtype == torch.float32 and tuple(s.shape) == lead
+        assert _same_or_nan(s, want_s) and _same_or_nan(codes, want_codes)
+        q, s_ref = K.dynamic_quant_ref(xs)
+        assert _same_or_nan(s, s_ref)
+        finite = codes.isfinite()
+        assert torch.equal(codes[finite].to(torch.int8), q[finite])
+    if dtype == torch.float32 and rows > 2:
+        assert want_codes.view(rows, k)[2].abs().max() == 127 and (x[2, -1].float() / want_s.view(-1)[2]) > 127.5
+    for bad in (math.inf, -math.inf, math.nan):  # a non-finite row: the reference's quotients, NaN where it has NaN
+        y = x.clone()
+        y[0, k // 2] = bad
+        codes, s = K.dynamic_quant_codes(y)
+        want_codes, want_s = _quotient_ref(y)
+        assert _same_or_nan(s, want_s) and _same_or_nan(codes, want_codes)
+
+
+def _pergroup_decode_case(rows, n, k, group, dtype, seed):
+    """Operands of a decode-step W4A8_DYNAMIC call: int4 weights at the extremes, two-stage scales over
+    2**-20 .. 2**20 (group terms of very different sizes: their float32 sum depends on its order) with some
+    negative groups (-0 and negative terms; every channel keeps a positive group, so the fold applies), codes of
+    `_adversarial_rows` (an all-zero row, +-0 codes, +-127)."""
+    from qcompiler.backends.ascend.int4 import pack_int4
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    w[0], w[1], w[2, ::2], w[2, 1::2] = -8, 7, -8, 7
+    groups = k // group
+    ws = torch.rand(n, 1, generator=g) + 0.5
+    ws2 = (torch.rand(n, groups, generator=g) + 0.5) * torch.exp2(torch.randint(-20, 21, (n, groups),
+                                                                              generator=g).float())
+    if groups > 1:
+        ws2[:, 1::3] = -ws2[:, 1::3]
+    xb = _adversarial_rows(rows, k, torch.bfloat16, seed)
+    q, s = K.dynamic_quant(xb)
+    codes, s2 = K.dynamic_quant_codes(xb)
+    assert torch.equal(s, s2)
+    st = K.two_stage_scale(ws, ws2, dtype).t().contiguous().unsqueeze(1)
+    assert K.pergroup_fold_applies(st)
+    return w, pack_int4(w, dim=0), ws, ws2, q, codes, s, st
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,k,group", [(24, 576, 32), (10, 1536, 32), (9, 64, 64), (6, 2048, 1024)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_pergroup_decode_plan_gives_the_op_bits(rows, n, k, group, dtype):
+    """The decode path of `quant_matmul_pergroup_prepared` (float32 codes, row-wise weight, fold: the planned
+    6-7 torch calls) equals the op (`quant_matmul_pergroup`: widened weight, the spec's written-out group fold)
+    bit for bit, with x's leading dims as a batch of one ([rows], [1, rows]: the scale broadcasts) or not
+    ([rows, 1], [2, rows / 2]: reshaped), and is the path taken (its plan is cached). Tolerance: none."""
+    w, packed, ws, ws2, q, codes, s, st = _pergroup_decode_case(rows, n, k, group, dtype, rows * 7 + k + n)
+    want = K.quant_matmul_pergroup(q, packed, ws, ws2, s, group, dtype)  # [rows, n]
+    wg = K.rowwise_codes(w)
+    leads = [(rows,), (1, rows), (rows, 1)] + ([(2, rows // 2)] if rows % 2 == 0 else [])
+    for lead in leads:
+        x, ps = codes.reshape(*lead, k), s.reshape(lead)
+        got = K.quant_matmul_pergroup_prepared(x, wg, st, ps, dtype, True)
+        assert K._PG_DECODE[(x.shape, wg.shape, st.shape, ps.shape)], lead
+        assert _same_bits(got, want.reshape(*lead, n)), lead
+    again = K.quant_matmul_pergroup_prepared(codes, wg, st, s, dtype, True)  # the cached plan
+    assert _same_bits(again, want)
+    st2 = st.squeeze(1)  # a [G, n] scale: the same values
+    assert _same_bits(K.quant_matmul_pergroup_prepared(codes, wg, st2, s, dtype, True), want)
+
+
+def test_pergroup_decode_plan_leaves_other_calls_to_the_general_path():
+    """No plan (general path, same bits) past ROWWISE_MAX_ROWS rows, for a weight split in parts, for int8 codes,
+    and for a non-contiguous x (the kernel reads the codes in memory order)."""
+    rows, n, k, group = K.ROWWISE_MAX_ROWS + 1, 8, 64, 32
+    w, packed, ws, ws2, q, codes, s, st = _pergroup_decode_case(rows, n, k, group, torch.bfloat16, 5)
+    want = K.quant_matmul_pergroup(q, packed, ws, ws2, s, group, torch.bfloat16)
+    wg = K.rowwise_codes(w)
+    assert _same_bits(K.quant_matmul_pergroup_prepared(codes, wg, st, s, torch.bfloat16, True), want)
+    assert K._PG_DECODE[(codes.shape, wg.shape, st.shape, s.shape)] is False
+    assert _same_bits(K.quant_matmul_pergroup_prepared(q, wg, st, s, torch.bfloat16, True), want)
+    x = codes[:2].clone()              # [2, k] contiguous
+    xt = codes[:2].t().contiguous().t()  # [2, k], the same values, not contiguous
+    assert not xt.is_contiguous() and torch.equal(x, xt)
+    a = K.quant_matmul_pergroup_prepared(x, wg, st, s[:2], torch.bfloat16, True)
+    b = K.quant_matmul_pergroup_prepared(xt, wg, st, s[:2], torch.bfloat16, True)
+    assert _same_bits(a, want[:2]) and _same_bits(b, want[:2])
+    split = K.rowwise_codes(w, 2)
+    assert _same_bits(K.quant_matmul_pergroup_prepared(codes[:2], split, st, s[:2], torch.bfloat16, True), want[:2])
+    assert K._PG_DECODE[(codes[:2].shape, split.shape, st.shape, s[:2].shape)] is False

@@ -180,8 +180,8 @@ def exact_product_applies(x: Tensor, k: int) -> bool:
 # the int8 layout (+ 8 per k).
 # Split in parts along n: uint8 [parts, k, n / parts + 8], part p the same layout of output channels
 # [p * n / parts, (p + 1) * n / parts). The kernel runs its bags (one per token row, k-slice and part) in parallel,
-# one thread per bag, so a decode GEMV held in one part uses one thread however many torch has; split in 2 it uses
-# 2 (`rowwise_parts` decides where). Every output channel is still one bag's sum over the same codes in the same
+# one thread per bag, so a decode GEMV held in one part uses one thread however many torch has; split in parts it
+# uses them all, and narrow bags stream the weight faster (`rowwise_parts` decides how many). Every output channel is still one bag's sum over the same codes in the same
 # order: the split changes which thread computes a channel, not its value, and the parts' outputs lie side by side,
 # so the kernel's output is the [rows, n] product with no combining step.
 _ROWWISE_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)
@@ -223,18 +223,28 @@ def rowwise_weight(packed: Tensor) -> Tensor:
     return _rowwise_part_codes(packed).bitwise_xor(0x80).view(torch.int8).t()
 
 
-#: output channels from which `rowwise_parts` splits a weight in 2. Provisional: a probe on this 2-core host with
-#: ~25% CPU steal (min of 5 x 400 calls, one token row) read 0.143 -> 0.102 ms at 2 threads for [576] x [576, 1536]
-#: in 2 parts, but no gain or a loss for n = 576 and 192 (the kernel's parallel region costs more than half of
-#: those small GEMVs saves); to be re-measured on a quiet machine.
-ROWWISE_SPLIT_MIN_N = 1024
+#: fewest output channels a part of `rowwise_parts` holds, and the most parts. Measured on this 2-core AVX2 host
+#: by `bench/probe_rowwise_parts.py` (each call streams its weight from memory, as in a decode step; results in
+#: bench/results/rowwise_parts.md), us per one-token GEMV for 1 / 2 / 4 / 8 parts and a bf16 linear, 2 threads:
+#: [576] x [576, 576] 154 / 138 / 90 / 86 (bf16 98); x [576, 960] 284 / 202 / 165 / 115 (139); x [576, 3072]
+#: 870 / 494 / 472 / 453 (419); [1536] x [1536, 576] 231 / 260 / 149 / 134 (198); 1 thread likewise (8 parts
+#: 76 / 129 / 707 / 214 against 1 part 155 / 258 / 907 / 391). One wide bag streams its rows slowly; narrow
+#: ones read the same bytes 1.3-2.3x faster, even one after another on one thread.
+ROWWISE_PART_MIN_CHANNELS = 64
+ROWWISE_MAX_PARTS = 8
 
 
 def rowwise_parts(n: int, k: int) -> int:
-    """The parts `layouts.py` splits an int8-activation weight [n, k] into (`rowwise_codes`): 2 when n is even
-    and >= ROWWISE_SPLIT_MIN_N and k <= F32_EXACT_K, so a one-token GEMV is 2 bags the kernel runs on 2 threads
-    (it parallelizes over bags only); past F32_EXACT_K the product is already 2 bags (two k-slices)."""
-    return 2 if n % 2 == 0 and n >= ROWWISE_SPLIT_MIN_N and k <= qn.F32_EXACT_K else 1
+    """The parts `layouts.py` splits an int8-activation weight [n, k] into (`rowwise_codes`): the most of 8, 4, 2
+    that divides n with at least ROWWISE_PART_MIN_CHANNELS channels a part, else 1; 1 past EXACT_F32_MAX_K (no
+    row-wise layout there). A one-token GEMV is then `parts` bags (times the k-slices) for the kernel to run in
+    parallel."""
+    if k > EXACT_F32_MAX_K:
+        return 1
+    parts = ROWWISE_MAX_PARTS
+    while parts > 1 and (n % parts or n // parts < ROWWISE_PART_MIN_CHANNELS):
+        parts //= 2
+    return parts
 
 
 def _widened(weight: Tensor, k0: int, k1: int) -> Tensor:

@@ -194,9 +194,11 @@ def test_split_layout_holds_the_channels_in_parts_along_n():
         assert K._weight_k_n(packed) == (40, 12)
     with pytest.raises(ValueError, match="do not split"):
         K.rowwise_codes(w, 5)
-    big = K.ROWWISE_SPLIT_MIN_N
-    assert K.rowwise_parts(big, 576) == 2 and K.rowwise_parts(big + 1, 576) == 1
-    assert K.rowwise_parts(big, LIMIT + 1) == 1 and K.rowwise_parts(big - 2, 576) == 1
+    c = K.ROWWISE_PART_MIN_CHANNELS
+    # the most of 8 / 4 / 2 parts that divide n, of >= c channels each
+    assert [K.rowwise_parts(n, 576) for n in (8 * c, 16 * c, 4 * c, 2 * c, c, 8 * c + 4, 8 * c + 2, 8 * c + 1)] == [
+        8, 8, 4, 2, 1, 4, 2, 1]
+    assert K.rowwise_parts(8 * c, 2 * LIMIT) == 8 and K.rowwise_parts(8 * c, 2 * LIMIT + 1) == 1
 
 
 @pytest.mark.parametrize("k", [576, LIMIT + 1, 1536, 2 * LIMIT])

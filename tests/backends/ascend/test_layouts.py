@@ -199,10 +199,11 @@ def test_wide_layers_keep_the_int8_weight_and_the_same_bits(compiled, monkeypatc
 
 
 def test_split_layout_on_the_tiny_models_gives_the_same_bits(compiled, monkeypatch):
-    """The weight in 2 parts along n (kernels.rowwise_parts; on SmolLM2 only its widest Linears qualify): forced on
-    the tiny models by moving the width threshold to 2; the prepared tensors equal the artifact's (the split
-    layout's formula) and a one-token decode step after a prefill computes the op graph's bits."""
-    _, model, artifact = _int8_activation_case(compiled, monkeypatch, "ROWWISE_SPLIT_MIN_N", 2)
+    """The weight in parts along n (kernels.rowwise_parts: 8 on SmolLM2, 1-2 on the tiny models' 32-128 channels):
+    8 parts forced on the tiny models by moving the channels a part needs to 4; the prepared tensors equal the
+    artifact's (the split layout's formula) and a one-token decode step after a prefill computes the op graph's
+    bits."""
+    _, model, artifact = _int8_activation_case(compiled, monkeypatch, "ROWWISE_PART_MIN_CHANNELS", 4)
     ids = torch.randint(0, 250, (1, 12), generator=torch.Generator().manual_seed(7))
     dtype = model.head.dtype
     x = model.head.embed(ids)
@@ -210,7 +211,7 @@ def test_split_layout_on_the_tiny_models_gives_the_same_bits(compiled, monkeypat
         for i in range(model.layers.num_layers):
             prepared, spec = model.layers.decode(i)
             kinds = {e["kind"] for e in prepared.meta[layouts.PREPARED].values()}
-            assert "rowwise_codes:parts=2" in kinds, kinds
+            assert "rowwise_codes:parts=8" in kinds, kinds
             assert mismatches(prepared, artifact, i, dtype) == []
             plain, _ = build_decode_graph(model.layers.get(i), dtype)
             _assert_decode_steps_equal(plain, prepared, spec, model.head, x, i)

@@ -249,8 +249,8 @@ def _merge_key(gm, node):
     if not all(args[i] is None or (t := _tensor(gm, args[i])) is not None and t.dim() >= 1 and t.shape[-1] == n
                for i in chan):  # per-channel tensors: n along their last dim, where they are concatenated
         return None
-    layout = (w.dtype, w.dim(), w.shape[0] if w.dim() == 3 else None)  # row-wise (parts) or int8 [n, k]
-    return (node.target, tuple(args[i] for i in shared), tuple(args[i] is None for i in chan), layout, k)
+    # row-wise (uint8, any parts: the merged weight is laid out again) or int8 [n, k]
+    return (node.target, tuple(args[i] for i in shared), tuple(args[i] is None for i in chan), w.dtype, k)
 
 
 def _merged_weight(pieces: list, one_part: bool) -> torch.Tensor:

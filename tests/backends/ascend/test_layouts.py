@@ -275,12 +275,16 @@ def _int8_activation_case(compiled, monkeypatch, limit: str, value: int):
     return quant, load_model(compiled), _artifact(compiled)
 
 
-def test_decode_steps_merge_sibling_linears(compiled):
+@pytest.mark.parametrize("part_channels", [None, 32])
+def test_decode_steps_merge_sibling_linears(compiled, monkeypatch, part_channels):
     """layouts.merge_siblings in the decode steps (executable.decode): q/k/v and gate/up of an int8-activation
     layer (per-channel or W4A8_DYNAMIC per-group) become one call each (o and down stay), their merged tensors equal the artifact's tensors
     concatenated along n (a corrupted merged weight is caught), and the steps compute the op graph's bits
     (`test_prepared_layer_and_decode_step_compute_the_same_bits` runs these same steps). The full-sequence
-    layers keep one call per Linear."""
+    layers keep one call per Linear. part_channels 32: q (64 channels) in 2 parts, k and v (32) in 1, so the
+    siblings' layouts differ and must merge all the same."""
+    if part_channels is not None:
+        monkeypatch.setattr(kernels, "ROWWISE_PART_MIN_CHANNELS", part_channels)
     quant = json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"]
     if quant not in ("W8A8", "W8A8_DYNAMIC", "W4A8_DYNAMIC"):
         pytest.skip("no int8-activation Linear in this case")

@@ -18,9 +18,9 @@ dispatch costs ~10 us, and a decoded token makes 200+ such calls):
 | aten overloads with a binding of the same schema (direct_calls.py) | none | `torch.mul`, `x.view`, ... (same kernel) |
 
 Decode steps (`prepare_layer(step, merge=True)`, executable.py) also merge sibling Linears: prepared
-W8A8 / W8A8_DYNAMIC matmuls that read the same activation codes (q/k/v, gate/up) become one call on their
-tensors concatenated along n (`merge_siblings`; `kernels.quant_matmul_pertoken_merged` /
-`quant_matmul_merged`, bit-identical), as vLLM-Ascend holds them (QKVParallelLinear,
+W8A8 / W8A8_DYNAMIC / W4A8_DYNAMIC matmuls that read the same activation codes (q/k/v, gate/up) become one call
+on their tensors concatenated along n (`merge_siblings`; `kernels.quant_matmul_*_merged`, bit-identical), as
+vLLM holds them on the NPU too (vllm/model_executor/layers/linear.py: QKVParallelLinear,
 MergedColumnParallelLinear). A decoded token's Linears are mostly per-call overhead (7 calls a layer become 4).
 
 Codes as float32: where every reader of a quantize's codes is a prepared matmul, the codes stay the float32
@@ -317,9 +317,9 @@ def _merge_group(prep: _Preparer, nodes: list) -> None:
 def merge_siblings(gm: torch.fx.GraphModule, prep: _Preparer | None = None) -> int:
     """Prepared int8-activation Linears that read the same activation codes (and per-token scale), e.g. q/k/v
     and gate/up, rewritten in place as one call on their weights concatenated along n
-    (`kernels.quant_matmul_pertoken_merged` / `quant_matmul_merged`: bit-identical, see there), as
-    vLLM-Ascend's QKVParallelLinear and MergedColumnParallelLinear hold them. A decode step is mostly per-call
-    overhead, and 7 Linears a layer become 4. The merged tensors are recorded in `gm.meta[PREPARED]` with
+    (`kernels.quant_matmul_pertoken_merged` / `quant_matmul_merged` / `quant_matmul_pergroup_merged`:
+    bit-identical, see there), as vLLM's QKVParallelLinear and MergedColumnParallelLinear hold them. A decode
+    step is mostly per-call overhead, and 7 Linears a layer become 4. The merged tensors are recorded in `gm.meta[PREPARED]` with
     every source (in output order). Returns the number of calls merged away."""
     prep = prep or _Preparer(gm)
     groups: dict = {}

@@ -181,9 +181,10 @@ def exact_product_applies(x: Tensor, k: int) -> bool:
 # Split in parts along n: uint8 [parts, k, n / parts + 8], part p the same layout of output channels
 # [p * n / parts, (p + 1) * n / parts). The kernel runs its bags (one per token row, k-slice and part) in parallel,
 # one thread per bag, so a decode GEMV held in one part uses one thread however many torch has; split in parts it
-# uses them all, and narrow bags stream the weight faster (`rowwise_parts` decides how many). Every output channel is still one bag's sum over the same codes in the same
-# order: the split changes which thread computes a channel, not its value, and the parts' outputs lie side by side,
-# so the kernel's output is the [rows, n] product with no combining step.
+# uses them all, and narrow bags stream the weight faster (`rowwise_parts` decides how many). Every output
+# channel is still one bag's sum over the same codes in the same order: the split changes which thread computes
+# a channel, not its value, and the parts' outputs lie side by side, so the kernel's output is the [rows, n]
+# product with no combining step.
 _ROWWISE_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)
 #: token rows up to which the row-wise kernel is used (measured: 1 row 0.09 ms vs 0.25 ms for [576] x [576, 1536];
 #: it re-reads the weight per row, so from ~8 rows the float32 GEMM is faster)
@@ -277,8 +278,9 @@ def _bag_operands(k: int, rows: int, step: int, parts: int) -> tuple:
 
 
 def _rowwise_bag(codes_f32: Tensor, packed: Tensor, step: int) -> Tensor:
-    """float32 [rows * slices, n] (rows: the product of codes_f32's leading dims): for every token row, the exact sums over each k-slice of width `step` (all
-    parts of a split layout side by side: output channel c of part p is column p * n / parts + c)."""
+    """float32 [rows * slices, n] (rows: the product of codes_f32's leading dims): for every token row, the
+    exact sums over each k-slice of width `step` (all parts of a split layout side by side: output channel c of
+    part p is column p * n / parts + c)."""
     k = codes_f32.shape[-1]  # codes [..., k]: every leading dim a token row
     rows = codes_f32.numel() // k
     parts = 1 if packed.dim() == 2 else packed.shape[0]

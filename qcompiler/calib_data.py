@@ -4,7 +4,10 @@ Contract:
 - `read_texts(path)` reads a calibration set. `.jsonl` is msModelSlim's layout: one JSON object a line,
   the text under `inputs_pretokenized` (else `text`), blank lines skipped. `.txt` is one text, the whole
   file. Any problem (missing file, other extension, bad line, nothing to read) is a QCError that names
-  the file, the line where there is one, and what was expected.
+  the file, the line where there is one, and what was expected. The whole file is checked, whatever part of it
+  is used (a compile reads it before any work; `eval --max-windows` tokenizes only what it needs, but a bad line
+  past that is still an error). Memory: a `.jsonl` is read a line at a time, so besides the texts it returns
+  only one line is held (not the file's bytes, its decoded text and its list of lines: 3-4x the file).
 - `make_windows(tokenizer, texts, seq_len, max_windows)` joins the texts with a blank line, tokenizes once
   WITHOUT special tokens (no BOS/EOS inserted: windows are slices of one running text, so a BOS in the
   middle of it would be a token the model never sees there at inference), and cuts consecutive,
@@ -54,23 +57,52 @@ def read_texts(path: str | Path) -> list[str]:
                       f"expected one of {', '.join(EXTENSIONS)}")
     if not path.is_file():
         raise QCError(f"calibration set {path} not found")
-    try:
-        content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise QCError(f"calibration set {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    texts = _jsonl_texts(path, content) if suffix == ".jsonl" else [content]
+    if suffix == ".jsonl":
+        texts = _jsonl_texts(path)
+    else:
+        try:
+            texts = [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, exc.reason, exc.start) from None
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise QCError(f"calibration set {path} is empty: expected {_EXPECTED[suffix]}")
     return texts
 
 
-def _jsonl_texts(path: Path, content: str) -> list[str]:
-    texts = []
-    for number, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        texts.append(_text_of_line(path, number, line))
+def _not_utf8(path: Path, reason: str, byte: int) -> QCError:
+    return QCError(f"calibration set {path} is not UTF-8 text ({reason} at byte {byte})")
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    """The texts of a `.jsonl`, read a line at a time, with the errors of decoding the whole file and then parsing
+    its `str.splitlines()` (what it did before, 3-4x the file in memory): a byte that is not UTF-8 anywhere in the
+    file wins over a bad line before it (the rest is still decoded after a bad line), whose error is raised at the
+    end. Same lines: the file is read in pieces ending at b"\\n" (no UTF-8 sequence holds that byte, so each piece
+    decodes alone, with the same reason and offset), and splitlines() of the whole text is that of its pieces
+    (each piece ends at a line break; "\\r\\n" stays in one). The former universal-newline read turned "\\r\\n"
+    and "\\r" into "\\n" first: the same line breaks for splitlines()."""
+    texts, bad, number, offset = [], None, 0, 0
+    with path.open("rb") as f:
+        for piece in f:
+            try:
+                lines = piece.decode("utf-8").splitlines()
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, exc.reason, offset + exc.start) from None
+            offset += len(piece)
+            for line in lines:
+                number += 1
+                if bad is not None or not line.strip():
+                    continue
+                try:
+                    text = _text_of_line(path, number, line)
+                except QCError as exc:
+                    bad = exc
+                    continue
+                if text.strip():
+                    texts.append(text)
+    if bad is not None:
+        raise bad
     return texts
 
 

@@ -87,6 +87,79 @@ def test_non_utf8_file(tmp_path):
         read_texts(path)
 
 
+def _read_texts_whole(path: Path) -> list[str]:
+    """read_texts of a `.jsonl` as it was until stop 29 (the whole file decoded, then its splitlines() parsed): the
+    reference for the line-at-a-time reader's texts and errors."""
+    from qcompiler.calib_data import _text_of_line
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise QCError(f"calibration set {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    texts = [_text_of_line(path, n, line) for n, line in enumerate(content.splitlines(), start=1) if line.strip()]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise QCError(f"calibration set {path} is empty: expected one JSON object per line with the text under "
+                      "'inputs_pretokenized' or 'text'")
+    return texts
+
+
+def _outcome(read, path):
+    try:
+        return read(path)
+    except QCError as exc:
+        return f"QCError: {exc}"
+
+
+def test_jsonl_read_a_line_at_a_time_gives_the_whole_file_reads_texts_and_errors(tmp_path):
+    """The line-at-a-time reader returns what decoding the whole file and parsing its splitlines() returned, texts
+    or the very error message, on files mixing every line break str.splitlines() knows (\r\n, \r, \x85, \u2028,
+    \x0c, \x1e), blank and white-space lines and texts, a BOM, bad JSON, missing keys, non-string texts, bytes that
+    are not UTF-8 (bad or cut sequences, before or after a bad line, one cut by the end of the file) and no
+    final newline."""
+    import random
+    good = [json.dumps({"text": "alpha"}), json.dumps({"inputs_pretokenized": "b\u00e9ta \u4e2d"}),
+            json.dumps({"text": " \n "}), json.dumps({"text": "x\u2028y"}, ensure_ascii=False), "  ", ""]
+    bad = ['{"text": broken', '{"prompt": "x"}', '{"text": 5}', '["text"]', "\ufeff" + json.dumps({"text": "bom"})]
+    breaks = ["\n", "\r\n", "\r", "\x85", "\u2028", "\x0c", "\x1e"]
+    raw_bad = [b"\xff", b"\xe2\x82", b"\xf0\x9f\x98", b"\xc3"]
+    rng = random.Random(0)
+    path = tmp_path / "c.jsonl"
+    for case in range(400):
+        parts = []
+        for _ in range(rng.randint(0, 6)):
+            kind = rng.random()
+            line = (rng.choice(bad) if kind < 0.1 else rng.choice(good)).encode("utf-8")
+            if rng.random() < 0.05:
+                line = line[:3] + rng.choice(raw_bad) + line[3:]
+            parts.append(line + (rng.choice(breaks) if rng.random() < 0.3 else "\n").encode("utf-8"))
+        body = b"".join(parts)
+        if body and rng.random() < 0.3:
+            body = body.rstrip(b"\n")
+        if rng.random() < 0.05:  # a sequence cut by the end of the file: "unexpected end of data"
+            body += rng.choice(raw_bad[1:])
+        path.write_bytes(body)
+        assert _outcome(read_texts, path) == _outcome(_read_texts_whole, path), (case, body)
+
+
+def test_jsonl_reader_holds_the_texts_not_the_file(tmp_path):
+    """Peak Python memory of reading a 4 MB `.jsonl` (tracemalloc): the texts it returns (about the file's size
+    here) and one line, under 1.5x the file. Decoding the whole file and listing its lines held its bytes, its
+    text, its lines and the texts: measured 3.9x."""
+    import tracemalloc
+    path = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "calibration text " * 60}) + "\n"
+    path.write_text(line * (4_000_000 // len(line)), encoding="utf-8")
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        texts = read_texts(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(texts) == 4_000_000 // len(line) and texts[0] == "calibration text " * 60
+    assert peak < 1.5 * size, f"read_texts peaked at {peak / size:.2f}x the file"
+
+
 @pytest.mark.parametrize("name, rows", [("wiki_calib.jsonl", 64), ("wiki_eval.jsonl", 64), ("boolq.jsonl", 50),
                                         ("teacher_qualification.jsonl", 44), ("qwen_calib_prompt.jsonl", 80),
                                         ("llama_calib_prompt.jsonl", 48)])

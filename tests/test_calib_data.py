@@ -435,6 +435,104 @@ def test_max_windows_tokenizes_a_prefix_with_the_same_ids():
                     assert counted.chars < len("\n\n".join(texts)) / 4, (name, seed, counted.chars)
 
 
+def _sentencepiece_layout(normalizer, pre_tokenizer, train_split, newline_in_vocab=True):
+    """A tiny BPE in SentencePiece's tokenizer.json layout (Llama-2: Prepend + Replace normalizer, no pre-tokenizer;
+    Mistral / Gemma: Metaspace), byte fallback (a 30-character alphabet, so 'Ü', '中' ... fall back to <0xNN>), fused
+    unknowns. Trained with `train_split` (a pre-tokenizer used only for training: it decides which merges hold a
+    newline), then given the layout's own normalizer and pre-tokenizer; newline_in_vocab=False drops "\n" (and every
+    token with it) as Llama-2's vocabulary has none (its newline is <0x0A>)."""
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, train_split
+    trainer = trainers.BpeTrainer(vocab_size=400, limit_alphabet=30, special_tokens=["<unk>", "<|endoftext|>"])
+    tok.train_from_iterator(["\n\n".join(_fuzz_texts(s)) for s in range(20)], trainer)
+    trained = json.loads(tok.to_str())["model"]
+    vocab = {t: i for t, i in trained["vocab"].items() if newline_in_vocab or "\n" not in t}
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    merges = [m for m in merges if newline_in_vocab or "\n" not in "".join(m)]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab) + 1000)
+    vocab = {t: i for i, t in enumerate(sorted(vocab, key=vocab.get))}
+    out = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    out.add_special_tokens(["<|endoftext|>"])
+    out.normalizer, out.pre_tokenizer = normalizer, pre_tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=out, eos_token="<|endoftext|>", unk_token="<unk>")
+
+
+def _sentencepiece_tokenizers():
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    llama2 = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    no_newline = pre_tokenizers.Split(Regex("\n+"), behavior="removed")
+    newline_runs = pre_tokenizers.Split(Regex("\n+"), behavior="isolated")  # merges "\n" + "\n", none "\n" + x
+    yield "llama2", _sentencepiece_layout(llama2, None, no_newline, newline_in_vocab=False)
+    yield "llama2-nfc-newlines", _sentencepiece_layout(normalizers.Sequence([normalizers.NFC(), llama2]), None,
+                                                       newline_runs)
+    yield "metaspace-first", _sentencepiece_layout(None, pre_tokenizers.Metaspace(prepend_scheme="first", split=False),
+                                                   newline_runs)
+    yield "metaspace-always-split", _sentencepiece_layout(
+        None, pre_tokenizers.Metaspace(prepend_scheme="always", split=True), no_newline, newline_in_vocab=False)
+
+
+def test_max_windows_tokenizes_a_prefix_with_the_same_ids_in_sentencepiece_layouts():
+    """SentencePiece's tokenizer.json layouts (BPE over the whole text or Metaspace pieces, byte fallback, "▁"
+    prepended to the text): the prefix stops at a document start too, with the whole text's first ids for every
+    need, and max_windows=1 reads under a quarter of the text (it read all of it, as a tokenizer without the
+    layout still does); also through qcompiler's FastTokenizer (offsets from its backend's encode_batch)."""
+    from qcompiler.calib_data import _document_start_layout, _token_ids
+    from qcompiler.fast_tokenizer import FastTokenizer
+    for name, tok in _sentencepiece_tokenizers():
+        assert _document_start_layout(tok) == "sentencepiece", name
+        fallbacks = 0
+        for seed in range(4):
+            texts = _fuzz_texts(100 + seed)
+            all_ids = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+            fallbacks += sum(t.startswith("<0x") for t in tok.convert_ids_to_tokens(all_ids))
+            for need in range(2, len(all_ids), 19):
+                ids = _token_ids(tok, texts, need)
+                assert len(ids) >= need and ids == all_ids[:len(ids)], (name, seed, need)
+            whole = make_windows(tok, texts, 16, None)
+            for max_windows in (1, 2, 5, 10 ** 6):
+                counted = _CountingTokenizer(tok)
+                got = make_windows(counted, texts, 16, max_windows)
+                assert torch.equal(got, whole[:max_windows]), (name, seed, max_windows)
+                if max_windows == 1:
+                    assert counted.chars < len("\n\n".join(texts)) / 4, (name, seed, counted.chars)
+        assert fallbacks > 0, name  # byte fallback exercised
+        fast = FastTokenizer(tok.backend_tokenizer, {"eos_token": "<|endoftext|>"}, None)  # as `qcompile eval` loads
+        texts = _fuzz_texts(100)
+        all_ids = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+        ids = _token_ids(fast, texts, 16)
+        assert 16 <= len(ids) < len(all_ids) / 4 and ids == all_ids[:len(ids)], name
+
+
+def test_sentencepiece_layout_refused_when_a_merge_crosses_a_newline():
+    """The layout's conditions that read the model: trained with no newline split, the BPE learns merges of "\n"
+    with the letters after it (a token across a document start): refused; "\n" neither in the vocabulary nor
+    byte-fallen back (it would be the unknown token, fused with an unknown first character): refused; another
+    normalizer: refused."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from qcompiler.calib_data import _document_start_layout
+    llama2 = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    across = _sentencepiece_layout(llama2, None, None)
+    merges = json.loads(across.backend_tokenizer.to_str())["model"]["merges"]
+    assert any(("\n" in (m.split(" ")[0] if isinstance(m, str) else m[0])) for m in merges)
+    assert _document_start_layout(across) is None
+    ok = _sentencepiece_layout(llama2, None, pre_tokenizers.Split(Regex("\n+"), behavior="removed"),
+                               newline_in_vocab=False)
+    state = json.loads(ok.backend_tokenizer.to_str())
+
+    def layout():
+        return _document_start_layout(PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state))))
+    state["model"]["byte_fallback"] = False
+    assert layout() is None
+    state["model"]["byte_fallback"] = True
+    assert layout() == "sentencepiece"
+    state["normalizer"] = {"type": "Lowercase"}  # not one of the layout's normalizers
+    assert layout() is None
+
+
 def test_max_windows_reads_less_of_a_real_file(real_tokenizer, smollm2):
     """SmolLM2's tokenizer, as transformers builds it and as `qcompile eval` loads it (fast_tokenizer): the first
     windows of the whole text, from under a quarter of the text (it read all of it)."""

@@ -4,7 +4,10 @@ Contract:
 - `read_texts(path)` reads a calibration set. `.jsonl` is msModelSlim's layout: one JSON object a line,
   the text under `inputs_pretokenized` (else `text`), blank lines skipped. `.txt` is one text, the whole
   file. Any problem (missing file, other extension, bad line, nothing to read) is a QCError that names
-  the file, the line where there is one, and what was expected.
+  the file, the line where there is one, and what was expected. The whole file is checked, whatever part of it
+  is used (a compile reads it before any work; `eval --max-windows` tokenizes only what it needs, but a bad line
+  past that is still an error). Memory: a `.jsonl` is read a line at a time, so besides the texts it returns
+  only one line is held (not the file's bytes, its decoded text and its list of lines: 3-4x the file).
 - `make_windows(tokenizer, texts, seq_len, max_windows)` joins the texts with a blank line, tokenizes once
   WITHOUT special tokens (no BOS/EOS inserted: windows are slices of one running text, so a BOS in the
   middle of it would be a token the model never sees there at inference), and cuts consecutive,
@@ -12,9 +15,11 @@ Contract:
   than one window gives a single window of all its tokens. `calibration_shortfall` words the warning
   when that is less than asked (the driver prints it and puts it in the report).
   With `max_windows` it tokenizes only a prefix of the joined text when the tokenizer is one whose tokens
-  provably split at a document start (`_splits_at_document_starts`): the same ids as tokenizing it all,
-  the text after the first document start that yields enough ids left untokenized (`qcompile eval
-  --max-windows 1` read 118k tokens of wiki_eval.jsonl to score 512). Any other tokenizer: the whole text.
+  provably split at a document start (`_document_start_layout`: a byte-level BPE as Qwen2/Qwen3, Llama-3,
+  SmolLM2 have, or SentencePiece's layout in `tokenizers` as Llama-2 / Mistral / Gemma have): the same ids as
+  tokenizing it all, the text after the first document start that yields enough ids left untokenized
+  (`qcompile eval --max-windows 1` read 118k tokens of wiki_eval.jsonl to score 512). Any other tokenizer
+  (slow ones, the sentencepiece library's, other normalizers / pre-tokenizers / models): the whole text.
 - `sample_windows_from_model(model, tokenizer, n, seq_len, seed)` is data-free calibration: sequences
   sampled from the float model at temperature 1 (no top-k / top-p), starting from BOS, with EOS
   suppressed so every row has exactly `seq_len` tokens. A NaN/Inf weight is a QCError naming the tensor
@@ -54,23 +59,52 @@ def read_texts(path: str | Path) -> list[str]:
                       f"expected one of {', '.join(EXTENSIONS)}")
     if not path.is_file():
         raise QCError(f"calibration set {path} not found")
-    try:
-        content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise QCError(f"calibration set {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    texts = _jsonl_texts(path, content) if suffix == ".jsonl" else [content]
+    if suffix == ".jsonl":
+        texts = _jsonl_texts(path)
+    else:
+        try:
+            texts = [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, exc.reason, exc.start) from None
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise QCError(f"calibration set {path} is empty: expected {_EXPECTED[suffix]}")
     return texts
 
 
-def _jsonl_texts(path: Path, content: str) -> list[str]:
-    texts = []
-    for number, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        texts.append(_text_of_line(path, number, line))
+def _not_utf8(path: Path, reason: str, byte: int) -> QCError:
+    return QCError(f"calibration set {path} is not UTF-8 text ({reason} at byte {byte})")
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    """The texts of a `.jsonl`, read a line at a time, with the errors of decoding the whole file and then parsing
+    its `str.splitlines()` (what it did before, 3-4x the file in memory): a byte that is not UTF-8 anywhere in the
+    file wins over a bad line before it (the rest is still decoded after a bad line), whose error is raised at the
+    end. Same lines: the file is read in pieces ending at b"\\n" (no UTF-8 sequence holds that byte, so each piece
+    decodes alone, with the same reason and offset), and splitlines() of the whole text is that of its pieces
+    (each piece ends at a line break; "\\r\\n" stays in one). The former universal-newline read turned "\\r\\n"
+    and "\\r" into "\\n" first: the same line breaks for splitlines()."""
+    texts, bad, number, offset = [], None, 0, 0
+    with path.open("rb") as f:
+        for piece in f:
+            try:
+                lines = piece.decode("utf-8").splitlines()
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, exc.reason, offset + exc.start) from None
+            offset += len(piece)
+            for line in lines:
+                number += 1
+                if bad is not None or not line.strip():
+                    continue
+                try:
+                    text = _text_of_line(path, number, line)
+                except QCError as exc:
+                    bad = exc
+                    continue
+                if text.strip():
+                    texts.append(text)
+    if bad is not None:
+        raise bad
     return texts
 
 
@@ -123,8 +157,20 @@ def _token_ids(tokenizer, texts: list[str], need: int | None) -> list[int]:
     letter, digit or mark, a white-space run stops at it, lookahead reads one character), BPE runs on each
     piece alone, NFC never composes across a newline, and no added token can span b (none holds a newline,
     none starts with text[b]). So the ids of (text before b) + text[b] are all_ids' first ids followed by
-    the ids of text[b] on its own (checked: anything else falls back to the whole text)."""
-    if need is not None and _splits_at_document_starts(tokenizer):
+    the ids of text[b] on its own (checked: anything else falls back to the whole text).
+
+    SentencePiece's layout in `tokenizers` (Llama-2 / Mistral / Gemma tokenizer.json: BPE over the whole text, or
+    over Metaspace's "▁" pieces, no regex): no piece boundary at b, but no merge can join across it. BPE merges the
+    lowest (rank, position) pair of adjacent symbols until none is a merge; the symbol ending at b - 1 ends with
+    "\n" (or its byte token <0x0A>) and the one starting at b starts with text[b] or "<0x" (both not white space),
+    and `_document_start_layout` accepts no merge of such a pair (nor a vocabulary token holding "\n" before a
+    non-space: `ignore_merges`), so the symbols before b are merged exactly as without what follows. "\n" is never
+    the unknown token (so no fused unknown spans b); the normalizer and Metaspace only replace " " by "▁" (one
+    character each) and prepend at the start of the text or of a part between added tokens (none spans b). The
+    ids of the text before b are then the ids of (text before b) + text[b] whose offsets end by b, and they are
+    all_ids' first ids (checked: the ids after them start at b; ids and offsets from one call, `_ids_and_offsets`)."""
+    layout = _document_start_layout(tokenizer) if need is not None else None
+    if layout is not None:
         firsts = {t.content[0] for t in tokenizer.backend_tokenizer.get_added_tokens_decoder().values() if t.content}
         ends = [0]  # ends[j]: length of JOINER.join(texts[:j]) + JOINER
         for t in texts:
@@ -136,15 +182,36 @@ def _token_ids(tokenizer, texts: list[str], need: int | None) -> list[int]:
             if ends[j] < target or not c or c.isspace() or not c.isprintable() or c in firsts:
                 j += 1
                 continue
-            ids, tail = _encode(tokenizer, JOINER.join(texts[:j]) + JOINER + c), _encode(tokenizer, c)
-            m = len(ids) - len(tail)
-            if m <= 0 or ids[m:] != tail:
-                break  # not the split the argument above promises: tokenize everything
+            text = JOINER.join(texts[:j]) + JOINER + c
+            if layout == "byte_level":
+                ids, tail = _encode(tokenizer, text), _encode(tokenizer, c)
+                m = len(ids) - len(tail)
+                if m <= 0 or ids[m:] != tail:
+                    break  # not the split the argument above promises: tokenize everything
+            else:  # "sentencepiece": text[b] alone would get the prepended "▁"; the offsets say where b falls
+                ids, offsets = _ids_and_offsets(tokenizer, text)
+                b = len(text) - 1
+                m = sum(1 for _, e in offsets or () if e <= b)
+                if (offsets is None or len(offsets) != len(ids) or m <= 0 or m == len(ids)
+                        or any(e > b for _, e in offsets[:m]) or any(s < b for s, _ in offsets[m:])):
+                    break  # no offsets, or a token across b: not the split the argument below promises
             if m >= need:
                 return ids[:m]
             target = ends[j] * need / m * 1.05
             j += 1
     return _encode(tokenizer, JOINER.join(texts))
+
+
+def _ids_and_offsets(tokenizer, text: str):
+    """(ids, character offsets of each id) of `text` without special tokens, from the tokenizer's own call
+    (transformers' return_offsets_mapping), or, for qcompiler's FastTokenizer (whose call is its backend's
+    encode_batch, and ignores that argument), from that encode_batch; offsets None when the tokenizer gives none."""
+    from .fast_tokenizer import FastTokenizer
+    if isinstance(tokenizer, FastTokenizer):
+        enc = tokenizer.backend_tokenizer.encode_batch([text], add_special_tokens=False)[0]
+        return enc.ids, enc.offsets
+    out = tokenizer(text, add_special_tokens=False, verbose=False, return_offsets_mapping=True)
+    return out["input_ids"], out.get("offset_mapping")
 
 
 #: pre-tokenizer regexes (tokenizers' Split, then ByteLevel without its own regex) whose pieces end at every "\n"
@@ -155,24 +222,41 @@ _SPLIT_PATTERNS = tuple(
 
 
 def _splits_at_document_starts(tokenizer) -> bool:
-    """Whether `_token_ids` may stop at a document start: a `tokenizers` backend (Hugging Face fast tokenizer)
-    with no normalizer or NFC, a byte-level BPE without dropout, pre-tokenized by GPT-2's regex (ByteLevel
-    use_regex) or a Split of one of `_SPLIT_PATTERNS`, no prefix space added, and no added token holding a
-    newline. Anything else (slow tokenizers, SentencePiece, other regexes or normalizers) answers False."""
+    """Whether `_token_ids` may stop at a document start (`_document_start_layout` names one)."""
+    return _document_start_layout(tokenizer) is not None
+
+
+def _document_start_layout(tokenizer) -> str | None:
+    """The `tokenizers` layout whose ids `_token_ids` may stop at a document start, or None. A Hugging Face fast
+    tokenizer's backend, a BPE without dropout, no added token holding a newline, and either
+    - "byte_level": no normalizer or NFC, a byte-level BPE pre-tokenized by GPT-2's regex (ByteLevel use_regex) or a
+      Split of one of `_SPLIT_PATTERNS`, no prefix space added (Qwen2/Qwen3, Llama-3, SmolLM2, GPT-2);
+    - "sentencepiece": SentencePiece's layout (Llama-2, Mistral, Gemma): normalizers among NFC, Prepend (no
+      newline in it) and Replace(" ", "▁"); no pre-tokenizer or Metaspace("▁"); no continuing-subword prefix or
+      end-of-word suffix; "\n" in the vocabulary or byte-fallen back to <0x0A>; no merge of a symbol ending in
+      "\n" / <0x0A> with one starting with a non-space character, no vocabulary token holding "\n" before a
+      non-space character (the argument is in `_token_ids`).
+    Anything else (slow tokenizers, SentencePiece's own library, other regexes or normalizers) answers None."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        return False
+        return None
     try:
-        norm = backend.normalizer
-        if norm is not None and json.loads(norm.__getstate__()) != {"type": "NFC"}:
-            return False
+        norm = json.loads(backend.normalizer.__getstate__()) if backend.normalizer is not None else None
         if type(backend.model).__name__ != "BPE" or backend.model.dropout not in (None, 0.0):
-            return False
+            return None
         pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
         if any("\n" in t.content for t in backend.get_added_tokens_decoder().values()):
-            return False
-    except (AttributeError, TypeError, ValueError):
-        return False
+            return None
+        if norm in (None, {"type": "NFC"}) and _byte_level_pre_tokenizer(pre):
+            return "byte_level"
+        if _sentencepiece_normalizer(norm) and _metaspace_or_none(pre) and _no_merge_across_newline(backend):
+            return "sentencepiece"
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return None
+    return None
+
+
+def _byte_level_pre_tokenizer(pre: dict) -> bool:
     if pre.get("type") == "ByteLevel":
         return pre.get("use_regex") is True and pre.get("add_prefix_space") is False
     if pre.get("type") != "Sequence" or len(pre.get("pretokenizers", ())) != 2:
@@ -181,6 +265,40 @@ def _splits_at_document_starts(tokenizer) -> bool:
     return (split.get("type") == "Split" and split.get("pattern") in [{"Regex": p} for p in _SPLIT_PATTERNS]
             and split.get("behavior") == "Isolated" and split.get("invert") is False
             and byte_level == {**byte_level, "type": "ByteLevel", "use_regex": False, "add_prefix_space": False})
+
+
+def _sentencepiece_normalizer(norm: dict | None) -> bool:
+    """None, or NFC / Prepend (without a newline) / Replace(" ", "▁"), alone or in a Sequence."""
+    if norm is None:
+        return True
+    items = norm["normalizers"] if norm.get("type") == "Sequence" else [norm]
+    return all(n == {"type": "NFC"}
+               or (n.get("type") == "Prepend" and "\n" not in n.get("prepend", "\n"))
+               or n == {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"} for n in items)
+
+
+def _metaspace_or_none(pre: dict) -> bool:
+    return pre == {} or (pre.get("type") == "Metaspace" and pre.get("replacement") == "\u2581"
+                         and pre.get("prepend_scheme") in ("always", "first", "never")
+                         and pre.get("split") in (True, False))
+
+
+def _no_merge_across_newline(backend) -> bool:
+    """The BPE's conditions of the "sentencepiece" layout that read its vocabulary and merges (tokenizer.json's)."""
+    model = json.loads(backend.to_str())["model"]
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return False
+    vocab = model["vocab"]
+    if "\n" not in vocab and not (model.get("byte_fallback") is True and "<0x0A>" in vocab):
+        return False  # "\n" could be the unknown token, fused with an unknown text[b]
+    for merge in model["merges"]:
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        if (left.endswith("\n") or left.endswith("<0x0A>")) and right[:1] and not right[:1].isspace():
+            return False
+    for token in vocab:
+        if any(token[i] == "\n" and not token[i + 1].isspace() for i in range(len(token) - 1)):
+            return False
+    return True
 
 
 def calibration_shortfall(asked: tuple[int, int], got: tuple[int, int], source) -> list[str]:

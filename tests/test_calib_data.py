@@ -87,6 +87,79 @@ def test_non_utf8_file(tmp_path):
         read_texts(path)
 
 
+def _read_texts_whole(path: Path) -> list[str]:
+    """read_texts of a `.jsonl` as it was until stop 29 (the whole file decoded, then its splitlines() parsed): the
+    reference for the line-at-a-time reader's texts and errors."""
+    from qcompiler.calib_data import _text_of_line
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise QCError(f"calibration set {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    texts = [_text_of_line(path, n, line) for n, line in enumerate(content.splitlines(), start=1) if line.strip()]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise QCError(f"calibration set {path} is empty: expected one JSON object per line with the text under "
+                      "'inputs_pretokenized' or 'text'")
+    return texts
+
+
+def _outcome(read, path):
+    try:
+        return read(path)
+    except QCError as exc:
+        return f"QCError: {exc}"
+
+
+def test_jsonl_read_a_line_at_a_time_gives_the_whole_file_reads_texts_and_errors(tmp_path):
+    """The line-at-a-time reader returns what decoding the whole file and parsing its splitlines() returned, texts
+    or the very error message, on files mixing every line break str.splitlines() knows (\r\n, \r, \x85, \u2028,
+    \x0c, \x1e), blank and white-space lines and texts, a BOM, bad JSON, missing keys, non-string texts, bytes that
+    are not UTF-8 (bad or cut sequences, before or after a bad line, one cut by the end of the file) and no
+    final newline."""
+    import random
+    good = [json.dumps({"text": "alpha"}), json.dumps({"inputs_pretokenized": "b\u00e9ta \u4e2d"}),
+            json.dumps({"text": " \n "}), json.dumps({"text": "x\u2028y"}, ensure_ascii=False), "  ", ""]
+    bad = ['{"text": broken', '{"prompt": "x"}', '{"text": 5}', '["text"]', "\ufeff" + json.dumps({"text": "bom"})]
+    breaks = ["\n", "\r\n", "\r", "\x85", "\u2028", "\x0c", "\x1e"]
+    raw_bad = [b"\xff", b"\xe2\x82", b"\xf0\x9f\x98", b"\xc3"]
+    rng = random.Random(0)
+    path = tmp_path / "c.jsonl"
+    for case in range(400):
+        parts = []
+        for _ in range(rng.randint(0, 6)):
+            kind = rng.random()
+            line = (rng.choice(bad) if kind < 0.1 else rng.choice(good)).encode("utf-8")
+            if rng.random() < 0.05:
+                line = line[:3] + rng.choice(raw_bad) + line[3:]
+            parts.append(line + (rng.choice(breaks) if rng.random() < 0.3 else "\n").encode("utf-8"))
+        body = b"".join(parts)
+        if body and rng.random() < 0.3:
+            body = body.rstrip(b"\n")
+        if rng.random() < 0.05:  # a sequence cut by the end of the file: "unexpected end of data"
+            body += rng.choice(raw_bad[1:])
+        path.write_bytes(body)
+        assert _outcome(read_texts, path) == _outcome(_read_texts_whole, path), (case, body)
+
+
+def test_jsonl_reader_holds_the_texts_not_the_file(tmp_path):
+    """Peak Python memory of reading a 4 MB `.jsonl` (tracemalloc): the texts it returns (about the file's size
+    here) and one line, under 1.5x the file. Decoding the whole file and listing its lines held its bytes, its
+    text, its lines and the texts: measured 3.9x."""
+    import tracemalloc
+    path = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "calibration text " * 60}) + "\n"
+    path.write_text(line * (4_000_000 // len(line)), encoding="utf-8")
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        texts = read_texts(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(texts) == 4_000_000 // len(line) and texts[0] == "calibration text " * 60
+    assert peak < 1.5 * size, f"read_texts peaked at {peak / size:.2f}x the file"
+
+
 @pytest.mark.parametrize("name, rows", [("wiki_calib.jsonl", 64), ("wiki_eval.jsonl", 64), ("boolq.jsonl", 50),
                                         ("teacher_qualification.jsonl", 44), ("qwen_calib_prompt.jsonl", 80),
                                         ("llama_calib_prompt.jsonl", 48)])
@@ -360,6 +433,104 @@ def test_max_windows_tokenizes_a_prefix_with_the_same_ids():
                 assert torch.equal(got, whole[:max_windows]), (name, seed, max_windows)
                 if max_windows == 1:
                     assert counted.chars < len("\n\n".join(texts)) / 4, (name, seed, counted.chars)
+
+
+def _sentencepiece_layout(normalizer, pre_tokenizer, train_split, newline_in_vocab=True):
+    """A tiny BPE in SentencePiece's tokenizer.json layout (Llama-2: Prepend + Replace normalizer, no pre-tokenizer;
+    Mistral / Gemma: Metaspace), byte fallback (a 30-character alphabet, so 'Ü', '中' ... fall back to <0xNN>), fused
+    unknowns. Trained with `train_split` (a pre-tokenizer used only for training: it decides which merges hold a
+    newline), then given the layout's own normalizer and pre-tokenizer; newline_in_vocab=False drops "\n" (and every
+    token with it) as Llama-2's vocabulary has none (its newline is <0x0A>)."""
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, train_split
+    trainer = trainers.BpeTrainer(vocab_size=400, limit_alphabet=30, special_tokens=["<unk>", "<|endoftext|>"])
+    tok.train_from_iterator(["\n\n".join(_fuzz_texts(s)) for s in range(20)], trainer)
+    trained = json.loads(tok.to_str())["model"]
+    vocab = {t: i for t, i in trained["vocab"].items() if newline_in_vocab or "\n" not in t}
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    merges = [m for m in merges if newline_in_vocab or "\n" not in "".join(m)]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab) + 1000)
+    vocab = {t: i for i, t in enumerate(sorted(vocab, key=vocab.get))}
+    out = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    out.add_special_tokens(["<|endoftext|>"])
+    out.normalizer, out.pre_tokenizer = normalizer, pre_tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=out, eos_token="<|endoftext|>", unk_token="<unk>")
+
+
+def _sentencepiece_tokenizers():
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    llama2 = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    no_newline = pre_tokenizers.Split(Regex("\n+"), behavior="removed")
+    newline_runs = pre_tokenizers.Split(Regex("\n+"), behavior="isolated")  # merges "\n" + "\n", none "\n" + x
+    yield "llama2", _sentencepiece_layout(llama2, None, no_newline, newline_in_vocab=False)
+    yield "llama2-nfc-newlines", _sentencepiece_layout(normalizers.Sequence([normalizers.NFC(), llama2]), None,
+                                                       newline_runs)
+    yield "metaspace-first", _sentencepiece_layout(None, pre_tokenizers.Metaspace(prepend_scheme="first", split=False),
+                                                   newline_runs)
+    yield "metaspace-always-split", _sentencepiece_layout(
+        None, pre_tokenizers.Metaspace(prepend_scheme="always", split=True), no_newline, newline_in_vocab=False)
+
+
+def test_max_windows_tokenizes_a_prefix_with_the_same_ids_in_sentencepiece_layouts():
+    """SentencePiece's tokenizer.json layouts (BPE over the whole text or Metaspace pieces, byte fallback, "▁"
+    prepended to the text): the prefix stops at a document start too, with the whole text's first ids for every
+    need, and max_windows=1 reads under a quarter of the text (it read all of it, as a tokenizer without the
+    layout still does); also through qcompiler's FastTokenizer (offsets from its backend's encode_batch)."""
+    from qcompiler.calib_data import _document_start_layout, _token_ids
+    from qcompiler.fast_tokenizer import FastTokenizer
+    for name, tok in _sentencepiece_tokenizers():
+        assert _document_start_layout(tok) == "sentencepiece", name
+        fallbacks = 0
+        for seed in range(4):
+            texts = _fuzz_texts(100 + seed)
+            all_ids = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+            fallbacks += sum(t.startswith("<0x") for t in tok.convert_ids_to_tokens(all_ids))
+            for need in range(2, len(all_ids), 19):
+                ids = _token_ids(tok, texts, need)
+                assert len(ids) >= need and ids == all_ids[:len(ids)], (name, seed, need)
+            whole = make_windows(tok, texts, 16, None)
+            for max_windows in (1, 2, 5, 10 ** 6):
+                counted = _CountingTokenizer(tok)
+                got = make_windows(counted, texts, 16, max_windows)
+                assert torch.equal(got, whole[:max_windows]), (name, seed, max_windows)
+                if max_windows == 1:
+                    assert counted.chars < len("\n\n".join(texts)) / 4, (name, seed, counted.chars)
+        assert fallbacks > 0, name  # byte fallback exercised
+        fast = FastTokenizer(tok.backend_tokenizer, {"eos_token": "<|endoftext|>"}, None)  # as `qcompile eval` loads
+        texts = _fuzz_texts(100)
+        all_ids = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+        ids = _token_ids(fast, texts, 16)
+        assert 16 <= len(ids) < len(all_ids) / 4 and ids == all_ids[:len(ids)], name
+
+
+def test_sentencepiece_layout_refused_when_a_merge_crosses_a_newline():
+    """The layout's conditions that read the model: trained with no newline split, the BPE learns merges of "\n"
+    with the letters after it (a token across a document start): refused; "\n" neither in the vocabulary nor
+    byte-fallen back (it would be the unknown token, fused with an unknown first character): refused; another
+    normalizer: refused."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from qcompiler.calib_data import _document_start_layout
+    llama2 = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    across = _sentencepiece_layout(llama2, None, None)
+    merges = json.loads(across.backend_tokenizer.to_str())["model"]["merges"]
+    assert any(("\n" in (m.split(" ")[0] if isinstance(m, str) else m[0])) for m in merges)
+    assert _document_start_layout(across) is None
+    ok = _sentencepiece_layout(llama2, None, pre_tokenizers.Split(Regex("\n+"), behavior="removed"),
+                               newline_in_vocab=False)
+    state = json.loads(ok.backend_tokenizer.to_str())
+
+    def layout():
+        return _document_start_layout(PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state))))
+    state["model"]["byte_fallback"] = False
+    assert layout() is None
+    state["model"]["byte_fallback"] = True
+    assert layout() == "sentencepiece"
+    state["normalizer"] = {"type": "Lowercase"}  # not one of the layout's normalizers
+    assert layout() is None
 
 
 def test_max_windows_reads_less_of_a_real_file(real_tokenizer, smollm2):

@@ -332,14 +332,52 @@ def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
     return float(((d @ h) * d).sum())
 
 
-def row_errors(rows_of, n: int, h: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+#: row_errors' row grid: no chunk crosses a multiple of ROW_ERROR_BLOCK rows (the fixed chunk it used until stop 29,
+#: kept so a block of under ROW_ERROR_MIN_ROWS rows is still one GEMM of that many rows, see `_row_error_chunks`)
+ROW_ERROR_BLOCK = 4096
+#: fewest rows in a chunk of row_errors cut by its byte budget: MKL's single-thread sgemm gave a row's products other
+#: bits in a GEMM of 1-3 rows (its small-M kernels) than in one of more; from 7 rows up every probe gave a row the
+#: same bits whatever the GEMM's row count and the row's place in it (k 64, 576, 1536, 3584, 18944)
+ROW_ERROR_MIN_ROWS = 16
+
+
+def row_error_elements() -> int:
+    """float32 elements per chunk temporary of `row_errors`: half of qnumerics.ROW_CHUNK_ELEMENTS (32 MiB; it holds
+    about five: the caller's differences, the product, its quantize transients). Read at call time, so a test can
+    monkeypatch qn.ROW_CHUNK_ELEMENTS. Half, not a quarter: at a 7B down_proj's k 18944 a quarter's 221-row GEMMs
+    ran ~17% slower than 440-row ones (one thread, this machine), and these products are k^2 per row."""
+    return qn.ROW_CHUNK_ELEMENTS // 2
+
+
+def _row_error_chunks(n: int, k: int, elements: int) -> list[slice]:
+    """[0, n) in chunks of at most max(elements // k, ROW_ERROR_MIN_ROWS) rows (rounded down to a multiple of
+    ROW_ERROR_MIN_ROWS), never more than ROW_ERROR_BLOCK, none crossing a multiple of ROW_ERROR_BLOCK, and none of
+    fewer than ROW_ERROR_MIN_ROWS rows unless its whole block is (a short last piece joins the one before). So each
+    row is in a GEMM of the rows it shared one with before (a block under ROW_ERROR_MIN_ROWS rows, where the GEMM's
+    row count may change a row's bits) or in one of >= ROW_ERROR_MIN_ROWS rows, like every other (where it does not:
+    ROW_ERROR_MIN_ROWS): the figures are the former fixed 4096-row chunks' bits."""
+    step = min(ROW_ERROR_BLOCK, qn.row_step(k, elements, multiple=ROW_ERROR_MIN_ROWS))
+    chunks = []
+    for block in range(0, n, ROW_ERROR_BLOCK):
+        end = min(block + ROW_ERROR_BLOCK, n)
+        cuts = list(range(block, end, step))
+        if len(cuts) > 1 and end - cuts[-1] < ROW_ERROR_MIN_ROWS:
+            cuts.pop()
+        chunks += [slice(a, b) for a, b in zip(cuts, cuts[1:] + [end])]
+    return chunks
+
+
+def row_errors(rows_of, n: int, h: torch.Tensor, elements: int | None = None) -> torch.Tensor:
     """d_r H d_r^T for every row r < n of each matrix `rows_of(r)` returns: float32 [matrices, n]. For the
     pass's records only. `rows_of(slice)` gives the matrices' rows in that slice (a tuple of float32
-    [len, k], the same count on every call), `rows` rows at a time, so neither the caller nor this function
-    holds a full-size difference of weights (a 7B gate/up pair is 37888 x 3584: 0.5 GiB per float32 copy;
-    the 72B one 59136 x 8192, 1.8 GiB). float32 products: a bf16 GEMM is slow on CPUs without native bf16
-    (on the AMD EPYC AVX2 host measured, one thread, [4096, 576] x [576, 576] took 35x as long in bf16 as
-    in float32).
+    [len, k], the same count on every call), a chunk of rows at a time (`_row_error_chunks`: about `elements`
+    float32 per matrix, `row_error_elements()` unless given), so neither the caller nor this function holds a
+    full-size difference of weights (a 7B gate/up pair is 37888 x 3584: 0.5 GiB per float32 copy; the 72B one
+    59136 x 8192, 1.8 GiB) nor chunks that grow with k (a fixed 4096 rows were 5 x 58 MiB of temporaries at a 7B
+    gate/up pair and 5 x 271 MiB at its down_proj, k 18944). float32 products: a bf16 GEMM is slow on CPUs without
+    native bf16 (on the AMD EPYC AVX2 host measured, one thread, [4096, 576] x [576, 576] took 35x as long in bf16
+    as in float32). Both passes call it on one thread (`single_thread`); there a row's figure has the same bits
+    whatever the chunking, see `_row_error_chunks`.
 
     n = 0 (an empty Linear, no rows) gives an empty float32 [matrices, 0]; the matrix count is then read from
     `rows_of(slice(0, 0))`, so `rows_of` is called for an empty slice too."""
@@ -347,14 +385,16 @@ def row_errors(rows_of, n: int, h: torch.Tensor, rows: int = 4096) -> torch.Tens
         return torch.empty(len(rows_of(slice(0, 0))), 0)
     hf = h.float()
     out = None
-    for start in range(0, n, rows):
-        r = slice(start, min(start + rows, n))
+    for r in _row_error_chunks(n, hf.shape[0], row_error_elements() if elements is None else elements):
         ds = rows_of(r)
         if out is None:
             out = torch.empty(len(ds), n)
         for i, d in enumerate(ds):
             x = d.float()
-            out[i, r] = (torch.mm(x, hf) * x).sum(-1)
+            p = torch.mm(x, hf)
+            out[i, r] = p.mul_(x).sum(-1)  # in place: the same products as p * x, one temporary fewer
+            del p
+        del ds
     return out
 
 

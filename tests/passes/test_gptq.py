@@ -181,19 +181,48 @@ def test_hessian_in_place_is_xtx_scaled_without_a_copy():
 
 def test_row_errors_in_chunks_match_one_product():
     """float32 products (a bf16 GEMM is slow on CPUs without native bf16). One chunk: the very product (exact).
-    Chunks of 7 rows: the GEMM kernel for a small M may sum each row's k products in another order, so each
-    figure d H d^T is within the classical float32 bound 2 * gamma_2k * (|d| |H| |d|^T) (gamma_n = n u /
+    Chunks of 16 rows on the passes' one thread (`single_thread`, as GPTQ and sparse call it): the very bits too,
+    across chunk boundaries and a merged short last chunk (MKL's single-thread sgemm sums a row's k products in
+    the same order for every GEMM of >= 7 rows, measured; `_row_error_chunks` never makes a shorter one the former
+    4096-row chunks did not). On two threads a GEMM may split k between threads differently per row count, so there
+    each figure d H d^T is only within the classical float32 bound 2 * gamma_2k * (|d| |H| |d|^T) (gamma_n = n u /
     (1 - n u), u = 2^-24: a product of k terms, then a sum of k) of the one-product one; measured: last ulp."""
     from qcompiler.passes.gptq import row_errors
+    from qcompiler.passes.weight_targets import single_thread
     g = torch.Generator().manual_seed(0)
     ds, h = [torch.randn(50, 64, generator=g) for _ in range(2)], _hessian(_correlated(k=64))
     d = torch.cat(ds)
-    whole = (torch.mm(d, h) * d).sum(-1).reshape(2, 50)
     rows_of = lambda r: (ds[0][r], ds[1][r])  # noqa: E731 - the matrices' rows r, as the pass gives them
-    assert torch.equal(row_errors(rows_of, 50, h), whole)
+    with single_thread():
+        whole = (torch.mm(d, h) * d).sum(-1).reshape(2, 50)
+        assert torch.equal(row_errors(rows_of, 50, h), whole)
+        assert torch.equal(row_errors(rows_of, 50, h, elements=16 * 64), whole)  # rows 0-16, 16-32, 32-50
     n, u = 2 * 64, 2.0 ** -24
     bound = (2 * n * u / (1 - n * u) * ((d.abs() @ h.abs()) * d.abs()).sum(-1)).reshape(2, 50)
-    assert ((row_errors(rows_of, 50, h, rows=7) - whole).abs() <= bound).all()
+    assert ((row_errors(rows_of, 50, h, elements=16 * 64) - whole).abs() <= bound).all()
+
+
+def test_row_error_chunks_follow_the_byte_budget_on_the_former_grid():
+    """`_row_error_chunks`: about `elements` per chunk (rows rounded down to a multiple of 16, at least 16), never
+    crossing a multiple of 4096 rows (the former fixed chunks), a short last piece joined to the one before, and a
+    block of under 16 rows kept whole (the GEMM of so few rows it made before: its bits)."""
+    from qcompiler.passes.gptq import _row_error_chunks
+
+    def sizes(n, k, elements):
+        chunks = _row_error_chunks(n, k, elements)
+        assert chunks[0].start == 0 and chunks[-1].stop == n
+        assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
+        assert all(c.start // 4096 == (c.stop - 1) // 4096 for c in chunks)
+        return [c.stop - c.start for c in chunks]
+    assert sizes(37888, 3584, 1 << 23) == ([2336, 1760] * 9) + [1024]  # a 7B gate/up pair: 32 MiB chunks
+    assert sizes(3584, 18944, 1 << 23) == [432] * 8 + [128]  # its down_proj, k 18944
+    assert sizes(100, 64, 1 << 23) == [100]
+    assert sizes(4097, 64, 1 << 23) == [4096, 1]  # as before: the last row alone
+    assert sizes(4096 + 20, 3584, 1 << 23) == [2336, 1760, 20]
+    assert sizes(2336 + 10, 3584, 1 << 23) == [2346]  # a last piece of 10 rows joins the one before
+    assert sizes(50, 64, 16 * 64) == [16, 16, 18]
+    assert sizes(50, 64, 1) == [16, 16, 18]  # at least 16 rows
+    assert sizes(7, 64, 1) == [7]
 
 
 @pytest.mark.parametrize("target", [WeightTarget(8, 0, "w8a16", "W8A16"), WeightTarget(4, 32, "w4a16", "W4A16")])
@@ -313,6 +342,31 @@ def test_gptq_holds_one_float32_copy_of_a_wide_weight():
     GiB above the weight at a 7B gate/up pair."""
     units = hessian_peak_units(_WIDE_PEAK_BODY)
     assert units < 3, f"gptq_quantize peaked at {units:.2f} x the weight's size"
+
+
+_ROW_ERRORS_PEAK_BODY = """
+from qcompiler.ir import qnumerics as qn
+from qcompiler.passes.gptq import row_errors
+n = 2 * k  # a weight of 2 H (float32 [4096, 2048]): before the fix, one 4096-row chunk of it
+wide = torch.randn(n, k, generator=g)
+wq = wide.round()
+rows_of = lambda r: (wide[r] - wq[r], wide[r] - wq[r] * 0.5, wide[r])  # GPTQ's records: two differences, W
+qn.ROW_CHUNK_ELEMENTS = 2 * 128 * k  # row_errors' budget is half of it: 128-row chunks (1 MiB each) here
+row_errors(rows_of, 64, h)  # warm up
+# in units of one chunk temporary (128 x k float32)
+print(peak(lambda: row_errors(rows_of, n, h)) * k / 128)
+"""
+
+
+def test_row_errors_temporaries_follow_the_byte_budget():
+    """Peak memory of row_errors above the caller's weight and H, in units of one chunk temporary (row_errors'
+    budget: 128 rows x k 2048 float32 here, set through qnumerics.ROW_CHUNK_ELEMENTS as a test may; the default
+    is 32 MiB, 8M elements): the caller's two differences, the product and its in-place multiply, a few MKL
+    packing buffers. Measured 2.9. The fixed 4096-row chunks made the whole [4096, 2048] weight one chunk:
+    about 4 x 32 MiB with the previous chunk's differences still held while the next were made: 128 units
+    (a 7B gate/up pair: ~0.3 GiB, its down_proj with k 18944: ~1.3 GiB)."""
+    units = hessian_peak_units(_ROW_ERRORS_PEAK_BODY)
+    assert units < 8, f"row_errors peaked at {units:.2f} chunk temporaries"
 
 
 @pytest.mark.parametrize("act_order", [True, False])

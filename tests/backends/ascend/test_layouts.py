@@ -308,3 +308,20 @@ def test_decode_steps_merge_sibling_linears(compiled, monkeypatch, part_channels
     getattr(step, name)[-1, 0] ^= 1  # one code of q (channel 0, last input column) in the q/k/v weight
     assert mismatches(step, artifact, model.layers.num_layers - 1, model.head.dtype) == [
         f"{name} ({record[name]['kind']} from {record[name]['from']})"]
+
+
+def test_decode_steps_lay_out_each_weight_once(compiled, monkeypatch):
+    """A decode step lays out each prepared row-wise weight once: the merged q/k/v and gate/up weights are
+    concatenated as int8 and laid out after the merge (layouts `_Preparer.lay_out_rowwise`), not laid out per
+    sibling and again merged (stop 28's merge did that: 1.4x the build time of the decode steps at startup)."""
+    quant = json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"]
+    if quant not in ("W8A8", "W8A8_DYNAMIC", "W4A8_DYNAMIC"):
+        pytest.skip("no int8-activation Linear in this case")
+    kernels._rowwise_kernel_is_exact()  # its once-per-process check lays out a weight of its own
+    made = []
+    real = kernels.rowwise_codes
+    monkeypatch.setattr(kernels, "rowwise_codes", lambda w, parts=1: made.append(tuple(w.shape)) or real(w, parts))
+    model = load_model(compiled)
+    step, _ = model.layers.decode(0)
+    laid = [e for e in step.meta[layouts.PREPARED].values() if e["kind"].startswith("rowwise_codes")]
+    assert len(laid) == 4 and len(made) == 4, made  # q/k/v, o, gate/up, down

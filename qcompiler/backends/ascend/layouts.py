@@ -224,10 +224,20 @@ def _codes_users_ok(codes: torch.fx.Node) -> bool:
                and codes not in u.args[1:] and codes not in u.kwargs.values() for u in codes.users)
 
 
+#: prepared matmuls that take a per-token scale (argument 3) as [...] or as [..., 1]
+_TAKE_SCALE_COLUMN = (kernels.quant_matmul_pertoken_prepared, kernels.quant_matmul_pergroup_prepared)
+
+
+def _scale_users_ok(scale: torch.fx.Node) -> bool:
+    return all(u.op == "call_function" and u.target in _TAKE_SCALE_COLUMN and len(u.args) > 3 and u.args[3] is scale
+               and scale not in u.args[:3] + u.args[4:] and scale not in u.kwargs.values() for u in scale.users)
+
+
 def _codes_as_float(gm) -> None:
     """A dynamic_quant / quantize whose codes feed only prepared matmuls returns them as float32 integers
     (`kernels.dynamic_quant_codes` / `quantize_codes`: the same values), which the matmuls' exact float32
-    products read directly: no int8 cast and no widening back per matmul."""
+    products read directly: no int8 cast and no widening back per matmul. A dynamic_quant whose scale, too, only
+    prepared matmuls read returns it as the [..., 1] column they broadcast (`column=True`)."""
     import operator
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -237,6 +247,8 @@ def _codes_as_float(gm) -> None:
             if gets and all(g.op == "call_function" and g.target is operator.getitem for g in gets) and all(
                     _codes_users_ok(g) for g in gets if g.args[1] == 0):
                 node.target = kernels.dynamic_quant_codes
+                if all(_scale_users_ok(g) for g in gets if g.args[1] == 1):
+                    node.args = (node.args[0], True)
         elif node.target is kernels.quantize_prepared and node.users and _codes_users_ok(node):
             node.target = kernels.quantize_codes
 

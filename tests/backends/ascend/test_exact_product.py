@@ -423,11 +423,12 @@ def test_pergroup_decode_plan_leaves_other_calls_to_the_general_path():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("k", [64, 576, 1536])
+@pytest.mark.parametrize("k", [64, 576, 1535, 1536])
 @pytest.mark.parametrize("parts", [1, 2, 8])
 def test_rowwise_decode_plan_gives_the_reference_bits(rows, k, parts):
-    """The planned decode product (`_rowwise_decode_product`: the gather of the codes along x's last dim or over
-    its flattened rows, the bags' output viewed as [*lead, n], a second k-slice at k 1536) in the pertoken and
+    """The planned decode product (`_rowwise_decode_product`: the per-sample weights as copies of x's k-slices,
+    or gathered where the slices differ in width (k 1535), the bags' output viewed as [*lead, n], a second
+    k-slice from k 1535) in the pertoken and
     static prepared matmuls equals the reference bit for bit: x's leading dims [rows], [1, rows], [rows, 1], the
     per-token scale as [*lead] or [*lead, 1] (`dynamic_quant_codes(column=True)`), with and without a bias,
     codes of `_adversarial_rows` (an all-zero row, +-0, +-127), a non-contiguous x. Tolerance: none."""

@@ -1100,6 +1100,13 @@ def dequantize_weight(
     """`W = (w + offset) * scale` in `dtype` (npu_weight_quant_batchmatmul: `+ offset`), [n, k]."""
     n = antiquant_scale.shape[0]
     w = unpack_weight(weight, packing, n, k)
+    groups = -(-k // group_size) if group_size > 0 else 0
+    if groups and k % group_size == 0 and tuple(antiquant_scale.shape) == tuple(antiquant_offset.shape) == (n, groups):
+        # the same elementwise operations with the groups broadcast, not repeated: [n, G, g] (+ or *) [n, G, 1]
+        # (the executable graph dequantizes every weight-only Linear at load: no [n, k] scale and offset copies)
+        wg = w.to(dtype).view(n, groups, group_size)
+        wg.add_(antiquant_offset.to(dtype).unsqueeze(-1)).mul_(antiquant_scale.to(dtype).unsqueeze(-1))
+        return wg.view(n, k)
     scale = _expand_groups(antiquant_scale, group_size, n, k, "antiquant_scale").to(dtype)
     offset = _expand_groups(antiquant_offset, group_size, n, k, "antiquant_offset").to(dtype)
     return (w.to(dtype) + offset) * scale

@@ -54,8 +54,13 @@ def unpack_int4(p: Tensor, dim: int, size: int | None = None) -> Tensor:
             f"unpack_int4: size {size} does not match {p.shape[dim]} packed bytes along dim {dim} "
             f"(expected {full - 1} or {full})"
         )
+    if p.device.type == "cpu":  # nibbles written in place, along dim itself: no stack copy, no transposes
+        d = dim % p.dim()
+        out = torch.empty(*p.shape[:d + 1], 2, *p.shape[d + 1:], dtype=torch.int8)
+        nibbles_shift(p, out=(out.select(d + 1, 0), out.select(d + 1, 1)))
+        return out.flatten(d, d + 1).narrow(d, 0, size).contiguous()
     moved = p.movedim(dim, -1)
-    lo, hi = (nibbles_shift if p.device.type == "cpu" else nibbles_arithmetic)(moved)
+    lo, hi = nibbles_arithmetic(moved)
     out = torch.stack((lo, hi), dim=-1).flatten(-2)[..., :size]
     return out.movedim(-1, dim).contiguous()
 
@@ -70,12 +75,17 @@ def nibbles_arithmetic(b: Tensor) -> tuple[Tensor, Tensor]:
     return lo.to(torch.int8), hi.to(torch.int8)
 
 
-def nibbles_shift(b: Tensor) -> tuple[Tensor, Tensor]:
+def nibbles_shift(b: Tensor, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """`nibbles_arithmetic` with int8 shifts (the CPU path: a third of its time, and the executable graph
     unpacks every int4 weight at load): `>> 4` is arithmetic (sign-extending) and `<< 4` wraps modulo 256,
-    so `(b << 4) >> 4` is the sign-extended low nibble. tests/backends/ascend/test_int4.py: equal on all 256
-    bytes."""
-    return torch.bitwise_right_shift(torch.bitwise_left_shift(b, 4), 4), torch.bitwise_right_shift(b, 4)
+    so `(b << 4) >> 4` is the sign-extended low nibble. `out`: int8 (low, high) tensors of b's shape (any
+    strides) to write them into. tests/backends/ascend/test_int4.py: equal on all 256 bytes."""
+    if out is None:
+        return torch.bitwise_right_shift(torch.bitwise_left_shift(b, 4), 4), torch.bitwise_right_shift(b, 4)
+    lo, hi = out
+    torch.bitwise_left_shift(b, 4, out=lo).bitwise_right_shift_(4)
+    torch.bitwise_right_shift(b, 4, out=hi)
+    return lo, hi
 
 
 PACK_FACTOR_INT32 = 8  # int4 values per int32 word (LLM-Compressor's pack_factor)

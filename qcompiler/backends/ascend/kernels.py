@@ -190,6 +190,7 @@ _ROWWISE_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint
 #: it re-reads the weight per row, so from ~8 rows the float32 GEMM is faster)
 ROWWISE_MAX_ROWS = 4
 _ROWWISE_OK: list = []  # [bool] once checked (`_rowwise_kernel_is_exact`)
+_BYTE_BAG = torch.ops.quantized.embedding_bag_byte_rowwise_offsets.default
 _BAGS: dict = {}  # (k, rows, step, parts) -> (indices, offsets) int32 (+ the per-sample weights' int64 gather index)
 
 
@@ -339,6 +340,64 @@ def _rowwise_product(xf: Tensor, packed: Tensor, bias_f32: Tensor | None) -> Ten
     return first.add(acc[:, 1])
 
 
+_RW_DECODE: dict = {}  # (x.shape, packed.shape) -> `_rowwise_decode_plan`
+
+
+def _rowwise_decode_plan(x: Tensor, packed: Tensor) -> tuple:
+    """What `_rowwise_decode_product` computes once per shape: the bags of `_bag_operands` (indices, offsets); how
+    the bags' per-sample weights (every index's code, in bag order: token row, k-slice, part) come from x: x itself
+    for one part, else `parts` copies of each k-slice side by side, `torch.cat([x.view(*lead, slices, 1, step)] *
+    parts, -2)` (equal slices; measured 4-10x faster than a gather along x's last dim), else the gather of
+    `_bag_operands` over x's flattened codes; whether the kernel reads those weights in memory order as they
+    come, in x's rank (checked here once against flattened ones, so a call needs no flattening); and the view of
+    the bags' output as [*lead, n] or [*lead, 2, n] (two k-slices)."""
+    k = x.shape[-1]
+    rows = x.numel() // k
+    parts = 1 if packed.dim() == 2 else packed.shape[0]
+    step = exact_slice_width(k)
+    key = (k, rows, step, parts)
+    bag = _BAGS.get(key)
+    if bag is None:
+        bag = _BAGS[key] = _bag_operands(k, rows, step, parts)
+    lead = tuple(x.shape[:-1])
+    copies = lead + (k // step, 1, step) if parts > 1 and k % step == 0 else None
+    table = packed if parts == 1 else packed.view(-1, packed.shape[2])
+    codes = torch.arange(rows * k, dtype=torch.float32).remainder_(255).sub_(127)  # codes-like probe
+    flat = codes if bag[2] is None else codes.index_select(0, bag[2])
+    if copies is not None:
+        shaped = torch.cat([codes.view(copies)] * parts, -2)
+    else:
+        shaped = codes.view(x.shape) if bag[2] is None else flat
+    in_rank = torch.equal(_BYTE_BAG(table, bag[0], bag[1], False, 0, False, shaped, None, False),
+                          _BYTE_BAG(table, bag[0], bag[1], False, 0, False, flat, None, False))
+    n = _weight_k_n(packed)[1]
+    return bag[0], bag[1], bag[2], copies, in_rank, lead + ((2, n) if step < k else (n,)), step < k
+
+
+def _rowwise_decode_product(x: Tensor, packed: Tensor, bias_f32: Tensor | None) -> Tensor:
+    """`_rowwise_product` (the same bags, the same float32 additions in the same order) as float32 [*lead, n]
+    for x [*lead, k], its per-shape work planned once (`_rowwise_decode_plan`): 3 torch calls a product in one
+    part and one k-slice, 5 in parts, +2 for a second k-slice (a decode step is mostly per-call overhead). The
+    callers check `_decode_rowwise`."""
+    key = (x.shape, packed.shape)
+    plan = _RW_DECODE.get(key)
+    if plan is None:
+        plan = _RW_DECODE[key] = _rowwise_decode_plan(x, packed)
+    idx, offsets, gather, copies, in_rank, shape, two = plan
+    if gather is None:
+        weights = x if in_rank and x.is_contiguous() else x.reshape(-1)
+    elif copies is not None and in_rank:
+        weights = torch.cat([x.reshape(copies)] * (packed.shape[0]), -2)
+    else:
+        weights = x.reshape(-1).index_select(0, gather)
+    table = packed if packed.dim() == 2 else packed.view(-1, packed.shape[2])
+    acc = _BYTE_BAG(table, idx, offsets, False, 0, False, weights, None, False).view(shape)
+    if not two:
+        return acc if bias_f32 is None else acc.add_(bias_f32)
+    first, second = acc.unbind(-2)
+    return torch.add(first if bias_f32 is None else first.add_(bias_f32), second)
+
+
 def _decode_rowwise(x: Tensor, weight: Tensor, k: int) -> bool:
     """True when a prepared matmul's product is the row-wise kernel's (a decode step): the weight row-wise,
     at most ROWWISE_MAX_ROWS token rows of float32 codes on the CPU, k within the exact slices. The float32
@@ -462,10 +521,8 @@ def quant_matmul_prepared(
     f32(the exact integer sum) bit for bit, so `* deq_scale` rounds the same float32 value."""
     k, n = _weight_k_n(weight)
     if quant_bias_f32 is not None and _decode_rowwise(x, weight, k):  # decode: no chunks, fewest calls
-        out = torch.empty(*x.shape[:-1], n, dtype=output_dtype)
-        acc = _rowwise_product(x, weight, quant_bias_f32)  # [rows, n]
-        torch.mul(acc, deq_scale_f32, out=out.view(acc.shape))
-        return out
+        # f32(acc * deq_scale) rounded to the output dtype once, as torch.mul(..., out=) of the general path does
+        return _rowwise_decode_product(x, weight, quant_bias_f32).mul_(deq_scale_f32).to(output_dtype)
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, k)
     out = torch.empty(rows, n, dtype=output_dtype)
@@ -530,18 +587,21 @@ _DQ_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _F127 = torch.tensor([127.0])
 
 
-def dynamic_quant_codes(x: Tensor) -> tuple[Tensor, Tensor]:
+def dynamic_quant_codes(x: Tensor, column: bool = False) -> tuple[Tensor, Tensor]:
     """`dynamic_quant` with the codes left as the float32 integers they are (no int8 cast) when x has at most
     ROW_CHUNK_ELEMENTS elements (decode, short prefill); else `dynamic_quant` itself. Same operations, same
     values: for the prepared matmuls, which take either (layouts.py routes a dynamic_quant here when they are the
-    only users of its codes)."""
+    only users of its codes). `column`: the scale as [..., 1] instead of [...] (the same values; layouts.py asks
+    for it when only prepared matmuls read the scale, which broadcast it so: two shape calls fewer a Linear)."""
     _check_dynamic_input(x)
     if x.numel() > ROW_CHUNK_ELEMENTS:
-        return dynamic_quant(x)
+        q, s = dynamic_quant(x)
+        return (q, s.unsqueeze(-1)) if column else (q, s)
     if x.dtype not in _DQ_DTYPES:
         s = x.abs().amax(dim=-1).float().div_(127)
         s.masked_fill_(s == 0, 1.0)
-        return torch.div(x, s.unsqueeze(-1)).round_().clamp_(-128, 127), s
+        s = s.unsqueeze(-1)
+        return torch.div(x, s).round_().clamp_(-128, 127), s if column else s.squeeze(-1)
     # 6 torch calls (bfloat16 / float16; 7 for float32) instead of 10, the same values: max|x| in one reduction
     # (the infinity norm: max of |x| with NaN propagated as amax does; exact in x's dtype, kept as a [..., 1]
     # column for the division); f32(max) / 127 in float32 in one call (_F127 has a dimension, so torch.div promotes
@@ -554,7 +614,7 @@ def dynamic_quant_codes(x: Tensor) -> tuple[Tensor, Tensor]:
     # else the clamp changes no value: a nonzero bfloat16 / float16 max is >= 2**-133, so m / 127 >= 2**-140 is a
     # float32 with at most 2**-150 rounding error (relative <= 2**-10) and |x / s| <= 127 / (1 - 2**-10) < 127.5
     # rounds to at most 127; an infinite max gives s = inf and quotients +-0 or NaN, a NaN max NaN (clamp keeps NaN)
-    return q, s.squeeze(-1)
+    return q, s if column else s.squeeze(-1)
 
 
 def dynamic_quant(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -650,16 +710,15 @@ def quant_matmul_pertoken_prepared(
     output dtype (the same float32 -> dtype rounding as `.to()`)."""
     k, n = _weight_k_n(weight_int8)
     if _decode_rowwise(x, weight_int8, k):  # decode: the same operations without the chunk loop, fewest calls
-        y = _rowwise_product(x, weight_int8, None).mul_(weight_scale_f32)  # [rows, n]
-        scale = pertoken_scale.reshape(-1, 1)  # [rows, 1]
-        if scale.dtype != torch.float32:
-            scale = scale.float()
-        if bias_f32 is None:
-            out = torch.empty(*x.shape[:-1], n, dtype=output_dtype)
-            torch.mul(y, scale, out=out.view(y.shape))
+        y = _rowwise_decode_product(x, weight_int8, None).mul_(weight_scale_f32)  # [*lead, n]
+        lead = x.shape[:-1]
+        if pertoken_scale.shape == lead:  # [*lead] -> [*lead, 1]; `dynamic_quant_codes(column=True)` gives that
+            scale = pertoken_scale.unsqueeze(-1)
         else:
-            out = y.mul_(scale).add_(bias_f32).to(output_dtype).view(*x.shape[:-1], n)
-        return out
+            scale = pertoken_scale if pertoken_scale.shape == lead + (1,) else pertoken_scale.reshape(*lead, 1)
+        y.mul_(scale if scale.dtype is _F32 else scale.float())
+        # f32 -> output dtype once, as torch.mul(..., out=) of the general path rounds it
+        return (y if bias_f32 is None else y.add_(bias_f32)).to(output_dtype)
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, k)
     scale = pertoken_scale.float().reshape(-1, 1)
@@ -892,7 +951,6 @@ def pergroup_operands(w: Tensor, scale: Tensor, group_size: int) -> tuple[Tensor
     return wg, scale.t().contiguous().unsqueeze(1)
 
 
-_BYTE_BAG = torch.ops.quantized.embedding_bag_byte_rowwise_offsets.default
 #: (x.shape, wg.shape, st.shape, pertoken_scale.shape) -> `_pergroup_decode_plan` (False where it does not apply)
 _PG_DECODE: dict = {}
 
@@ -902,7 +960,8 @@ def _pergroup_decode_plan(x: Tensor, wg: Tensor, st: Tensor, pertoken_scale: Ten
     is 6 torch calls and no Python shape work: (rows, row-wise bag indices and offsets over the k-slices of one
     group each, the [rows, G, ...] view of the group sums that broadcasts against st, `_fold_groups`' indices and
     offsets, None when the per-token scale [..., rows] broadcasts to the output as [..., rows, 1] (a batch of one)
-    or else the output shape). False when the general path runs instead: the weight not in one row-wise part, more
+    or else the output shape, whether the scale needs that unsqueeze: not when it is already [..., rows, 1],
+    `dynamic_quant_codes(column=True)`; 5 calls then). False when the general path runs instead: the weight not in one row-wise part, more
     than ROWWISE_MAX_ROWS rows (re-checked per call), a group wider than one exact slice, a kernel check that failed,
     shapes that disagree (the general path raises the error).
 
@@ -935,9 +994,11 @@ def _pergroup_decode_plan(x: Tensor, wg: Tensor, st: Tensor, pertoken_scale: Ten
     _fold_groups(torch.zeros(rows * groups, n), rows, groups, False)  # fills _FOLDS
     fold_idx, fold_off = _FOLDS[(rows, groups, False)]
     lead = tuple(x.shape[:-1])
-    simple = len(lead) >= 1 and math.prod(lead[:-1]) == 1 and tuple(pertoken_scale.shape) == lead
+    one_batch = len(lead) >= 1 and math.prod(lead[:-1]) == 1
+    column = one_batch and tuple(pertoken_scale.shape) == lead + (1,)  # `dynamic_quant_codes(column=True)`
+    simple = column or one_batch and tuple(pertoken_scale.shape) == lead
     return (rows, bag[0], bag[1], (rows, groups, 1, n) if st.dim() == 3 else (rows, groups, n), fold_idx, fold_off,
-            None if simple else lead + (n,))
+            None if simple else lead + (n,), not column)
 
 
 def quant_matmul_pergroup_prepared(
@@ -958,12 +1019,12 @@ def quant_matmul_pergroup_prepared(
         if plan is None:
             plan = _PG_DECODE[key] = _pergroup_decode_plan(x, wg, st, pertoken_scale)
         if plan and plan[0] <= ROWWISE_MAX_ROWS and pertoken_scale.dtype is _F32 and x.is_cpu and x.is_contiguous():
-            _, bag, bag_off, acc_shape, fold_idx, fold_off, lead = plan
+            _, bag, bag_off, acc_shape, fold_idx, fold_off, lead, unsqueeze = plan
             acc = _BYTE_BAG(wg, bag, bag_off, False, 0, False, x, None, False)  # [rows * G, n], row (r, g)
             acc.view(acc_shape).mul_(st)
             y = torch.embedding_bag(acc, fold_idx, fold_off, False, 0, False, None, False, None)[0]
             if lead is None:  # the scale broadcasts to x's leading dims: [rows, n] * [..., rows, 1] -> [..., rows, n]
-                return torch.mul(y, pertoken_scale.unsqueeze(-1)).to(output_dtype)
+                return torch.mul(y, pertoken_scale.unsqueeze(-1) if unsqueeze else pertoken_scale).to(output_dtype)
             return y.mul_(pertoken_scale.reshape(-1, 1)).to(output_dtype).reshape(lead)
     if x.dtype not in (torch.int8, torch.float32):
         raise ValueError(f"quant_matmul_pergroup: x must be int8 codes, got {x.dtype}")
@@ -1039,6 +1100,13 @@ def dequantize_weight(
     """`W = (w + offset) * scale` in `dtype` (npu_weight_quant_batchmatmul: `+ offset`), [n, k]."""
     n = antiquant_scale.shape[0]
     w = unpack_weight(weight, packing, n, k)
+    groups = -(-k // group_size) if group_size > 0 else 0
+    if groups and k % group_size == 0 and tuple(antiquant_scale.shape) == tuple(antiquant_offset.shape) == (n, groups):
+        # the same elementwise operations with the groups broadcast, not repeated: [n, G, g] (+ or *) [n, G, 1]
+        # (the executable graph dequantizes every weight-only Linear at load: no [n, k] scale and offset copies)
+        wg = w.to(dtype).view(n, groups, group_size)
+        wg.add_(antiquant_offset.to(dtype).unsqueeze(-1)).mul_(antiquant_scale.to(dtype).unsqueeze(-1))
+        return wg.view(n, k)
     scale = _expand_groups(antiquant_scale, group_size, n, k, "antiquant_scale").to(dtype)
     offset = _expand_groups(antiquant_offset, group_size, n, k, "antiquant_offset").to(dtype)
     return (w.to(dtype) + offset) * scale

@@ -89,6 +89,10 @@ class _Preparer:
         self.gm, self.graph = gm, gm.graph
         self.record = gm.meta.setdefault(PREPARED, {})
         self._cache: dict = {}  # (kind, source targets) -> get_attr target: q/k/v share a quantize
+        #: int8 [n, k] weights (attribute names) that `lay_out_rowwise` turns into `kernels.rowwise_codes`, and
+        #: whether their kernel reads one part only (the per-group sums). The layout is made after
+        #: `merge_siblings`, so a merged group's weight is laid out once, not per sibling and again merged.
+        self.rowwise_pending: dict[str, bool] = {}
 
     def attr(self, node, kind: str, sources: list, compute) -> torch.fx.Node:
         key = (kind, tuple(sources))
@@ -130,12 +134,9 @@ class _Preparer:
         if tw is None or tws is None or (b is not None and _tensor(self.gm, b) is None):
             return
         k = tw.shape[1]  # both packings keep k along dim 1
+        wq = self.attr(node, "int8_weight", [w.target], lambda: kernels._pertoken_weight(tw, tws, packing, k))
         if kernels.rowwise_layout_pays(k):
-            parts = kernels.rowwise_parts(tws.shape[0], k)
-            wq = self.attr(node, f"rowwise_codes:parts={parts}", [w.target],
-                           lambda: kernels.rowwise_codes(kernels._pertoken_weight(tw, tws, packing, k), parts))
-        else:
-            wq = self.attr(node, "int8_weight", [w.target], lambda: kernels._pertoken_weight(tw, tws, packing, k))
+            self.rowwise_pending[wq.target] = False
         wsf = self.attr(node, f"weight_scale_f32:{out_dtype}", [ws.target],
                         lambda: kernels.pertoken_operands(tws, None, out_dtype)[0])
         bias = None if b is None else self.attr(
@@ -153,8 +154,8 @@ class _Preparer:
 
         n = scale.shape[0]
         kernels._check_groups(k, scale.shape[1], group_size)
-        wg = self.attr(node, "rowwise_codes", [w.target], lambda: kernels.rowwise_codes(
-            kernels.unpack_weight(tw, kernels.PACK_INT4_N, n, k)))
+        wg = self.attr(node, "int8_weight", [w.target], lambda: kernels.unpack_weight(tw, kernels.PACK_INT4_N, n, k))
+        self.rowwise_pending[wg.target] = True  # always row-wise (one part), whatever k
         st = self.attr(node, f"pergroup_scale:{out_dtype}:g={group_size}", [ws.target, ws2.target],
                        lambda: scale.t().contiguous().unsqueeze(1))
         fold = kernels.pergroup_fold_applies(scale.t())  # the group sums in one call (same order, same bits)
@@ -168,10 +169,11 @@ class _Preparer:
         k = tw.shape[1]
         d = self.attr(node, "deq_scale_f32", [deq.target], lambda: kernels.decode_deq_scale(tdeq))
         bias = self.attr(node, f"quant_bias_acc:k={k}", [qb.target], lambda: kernels.quant_bias_accumulator(k, tqb))
-        parts = kernels.rowwise_parts(tw.shape[0], k)
-        wr = self.attr(node, f"rowwise_codes:parts={parts}", [w.target], lambda: kernels.rowwise_codes(tw, parts)) if (
-            kernels.rowwise_layout_pays(k)) else w  # wider: the artifact's int8 weight, as the int32 path reads it
-        args = [xq, wr, d, bias, out_dtype]
+        if kernels.rowwise_layout_pays(k):
+            w = self.attr(node, "int8_weight", [w.target], lambda: tw)  # the artifact's tensor, no copy
+            self.rowwise_pending[w.target] = False
+        # wider: the artifact's int8 weight, as the int32 path reads it
+        args = [xq, w, d, bias, out_dtype]
         if kernels.exact_bias_fits(k, tqb):  # the bias joins the exact float32 product (kernels.exact_product_f32)
             args.append(self.attr(node, f"quant_bias_f32:k={k}", [qb.target], lambda: tqb.float()))
         self.replace(node, kernels.quant_matmul_prepared, tuple(args))
@@ -185,6 +187,22 @@ class _Preparer:
                           lambda: kernels.quantize_reciprocal(ts, xt.dtype))
         off = self.attr(node, "offset_f32", [o.target], lambda: to.float())
         self.replace(node, kernels.quantize_prepared, (x, recip, off))
+
+    def lay_out_rowwise(self) -> None:
+        """Every matmul whose weight is pending (`rowwise_pending`) reads it as `kernels.rowwise_codes` instead:
+        `kernels.rowwise_parts` parts, or one for the per-group kernels."""
+        for node in list(self.graph.nodes):
+            if not (node.op == "call_function" and node.target in _WEIGHT_ARG):
+                continue
+            w = node.args[_WEIGHT_ARG[node.target]]
+            one_part = self.rowwise_pending.get(w.target) if isinstance(w, torch.fx.Node) else None
+            if one_part is None:
+                continue
+            tw = _tensor(self.gm, w)
+            parts = 1 if one_part else kernels.rowwise_parts(*tw.shape)
+            kind = "rowwise_codes" if one_part else f"rowwise_codes:parts={parts}"
+            laid = self.attr(node, kind, self.record[w.target]["from"], lambda: kernels.rowwise_codes(tw, parts))
+            node.update_arg(_WEIGHT_ARG[node.target], laid)
 
 
 _PREPARE = {
@@ -206,10 +224,20 @@ def _codes_users_ok(codes: torch.fx.Node) -> bool:
                and codes not in u.args[1:] and codes not in u.kwargs.values() for u in codes.users)
 
 
+#: prepared matmuls that take a per-token scale (argument 3) as [...] or as [..., 1]
+_TAKE_SCALE_COLUMN = (kernels.quant_matmul_pertoken_prepared, kernels.quant_matmul_pergroup_prepared)
+
+
+def _scale_users_ok(scale: torch.fx.Node) -> bool:
+    return all(u.op == "call_function" and u.target in _TAKE_SCALE_COLUMN and len(u.args) > 3 and u.args[3] is scale
+               and scale not in u.args[:3] + u.args[4:] and scale not in u.kwargs.values() for u in scale.users)
+
+
 def _codes_as_float(gm) -> None:
     """A dynamic_quant / quantize whose codes feed only prepared matmuls returns them as float32 integers
     (`kernels.dynamic_quant_codes` / `quantize_codes`: the same values), which the matmuls' exact float32
-    products read directly: no int8 cast and no widening back per matmul."""
+    products read directly: no int8 cast and no widening back per matmul. A dynamic_quant whose scale, too, only
+    prepared matmuls read returns it as the [..., 1] column they broadcast (`column=True`)."""
     import operator
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -219,55 +247,54 @@ def _codes_as_float(gm) -> None:
             if gets and all(g.op == "call_function" and g.target is operator.getitem for g in gets) and all(
                     _codes_users_ok(g) for g in gets if g.args[1] == 0):
                 node.target = kernels.dynamic_quant_codes
+                if all(_scale_users_ok(g) for g in gets if g.args[1] == 1):
+                    node.args = (node.args[0], True)
         elif node.target is kernels.quantize_prepared and node.users and _codes_users_ok(node):
             node.target = kernels.quantize_codes
 
 
-#: prepared matmul -> (its merged form, index of the weight, indices of the per-channel [n] tensors, indices of the
-#: arguments the siblings must share: codes, per-token scale, output dtype)
+#: prepared matmul -> (its merged form, indices of the per-channel [n] tensors, indices of the arguments the
+#: siblings must share: codes, per-token scale, output dtype (and the per-group fold)); the weight is argument 1
 _MERGEABLE = {
-    kernels.quant_matmul_pertoken_prepared: (kernels.quant_matmul_pertoken_merged, 1, (2, 4), (0, 3, 5)),
-    kernels.quant_matmul_prepared: (kernels.quant_matmul_merged, 1, (2, 3, 5), (0, 4)),
-    kernels.quant_matmul_pergroup_prepared: (kernels.quant_matmul_pergroup_merged, 1, (2,), (0, 3, 4, 5)),
+    kernels.quant_matmul_pertoken_prepared: (kernels.quant_matmul_pertoken_merged, (2, 4), (0, 3, 5)),
+    kernels.quant_matmul_prepared: (kernels.quant_matmul_merged, (2, 3, 5), (0, 4)),
+    kernels.quant_matmul_pergroup_prepared: (kernels.quant_matmul_pergroup_merged, (2,), (0, 3, 4, 5)),
 }
-_MERGED_ARITY = {kernels.quant_matmul_pertoken_prepared: 6, kernels.quant_matmul_prepared: 6,
-                 kernels.quant_matmul_pergroup_prepared: 6}
+#: arguments of a prepared matmul, its optional ones (the static kernel's quant_bias_f32) as None
+_PREPARED_ARITY = 6
+#: matmul kernels (prepared and merged) -> index of their weight argument (`_Preparer.lay_out_rowwise`)
+_WEIGHT_ARG = {fn: 1 for fn in list(_MERGEABLE) + [merged for merged, _, _ in _MERGEABLE.values()]}
 #: matmuls whose kernel reads a row-wise weight in one part only (the per-group sums: one bag per group)
 _ONE_PART = {kernels.quant_matmul_pergroup_prepared}
+
+
+def _padded_args(node) -> tuple:
+    return tuple(node.args) + (None,) * (_PREPARED_ARITY - len(node.args))
 
 
 def _merge_key(gm, node):
     """Siblings that can share one call have equal keys; None for a node that cannot be merged."""
     if node.op != "call_function" or node.target not in _MERGEABLE or node.kwargs:
         return None
-    _, wi, chan, shared = _MERGEABLE[node.target]
-    args = tuple(node.args) + (None,) * (_MERGED_ARITY[node.target] - len(node.args))
-    w = _tensor(gm, args[wi])
+    _, chan, shared = _MERGEABLE[node.target]
+    args = _padded_args(node)
+    w = _tensor(gm, args[1])
     if w is None:
         return None
     k, n = kernels._weight_k_n(w)
     if not all(args[i] is None or (t := _tensor(gm, args[i])) is not None and t.dim() >= 1 and t.shape[-1] == n
                for i in chan):  # per-channel tensors: n along their last dim, where they are concatenated
         return None
-    # row-wise (uint8, any parts: the merged weight is laid out again) or int8 [n, k]
-    return (node.target, tuple(args[i] for i in shared), tuple(args[i] is None for i in chan), w.dtype, k)
-
-
-def _merged_weight(pieces: list, one_part: bool) -> torch.Tensor:
-    """The prepared weights of sibling Linears as one prepared weight of all their output channels (in order)."""
-    if pieces[0].dtype == torch.uint8:  # row-wise: back to int8 [n_i, k], concatenated, laid out again
-        w = torch.cat([kernels.rowwise_weight(p) for p in pieces])
-        return kernels.rowwise_codes(w, 1 if one_part else kernels.rowwise_parts(w.shape[0], w.shape[1]))
-    return torch.cat(pieces)
+    # the weight int8 [n, k] or row-wise (any parts): `_merge_group` concatenates them as int8
+    return node.target, tuple(args[i] for i in shared), tuple(args[i] is None for i in chan), k
 
 
 def _merge_group(prep: _Preparer, nodes: list) -> None:
     import operator
     gm, graph = prep.gm, prep.graph
-    fn, wi, chan, _ = _MERGEABLE[nodes[0].target]
-    arity = _MERGED_ARITY[nodes[0].target]
-    argss = [tuple(n.args) + (None,) * (arity - len(n.args)) for n in nodes]
-    weights = [_tensor(gm, a[wi]) for a in argss]
+    fn, chan, _ = _MERGEABLE[nodes[0].target]
+    argss = [_padded_args(n) for n in nodes]
+    weights = [_tensor(gm, a[1]) for a in argss]
     widths = tuple(kernels._weight_k_n(w)[1] for w in weights)
     k = kernels._weight_k_n(weights[0])[0]
 
@@ -287,13 +314,12 @@ def _merge_group(prep: _Preparer, nodes: list) -> None:
         prep.record[name] = {"kind": kind, "from": srcs}
         return name
 
-    first = nodes[0]
-    new_args = list(argss[0])
-    w = _merged_weight(weights, nodes[0].target in _ONE_PART)
-    wkind = kind_of(argss[0][wi], "int8_weight").split(":")[0]
-    if wkind == "rowwise_codes" and (w.dim() == 3 or ":parts=" in kind_of(argss[0][wi], "")):
-        wkind += f":parts={w.shape[0] if w.dim() == 3 else 1}"
-    names = {wi: register(wkind, sum((sources(a[wi]) for a in argss), []), w)}
+    # the int8 weights [n_i, k] concatenated (a row-wise one back to int8 first); row-wise again after the merge
+    row_wise = any(t.dtype == torch.uint8 or a[1].target in prep.rowwise_pending for t, a in zip(weights, argss))
+    w = torch.cat([kernels.rowwise_weight(p) if p.dtype == torch.uint8 else p for p in weights])
+    names = {1: register("int8_weight", sum((sources(a[1]) for a in argss), []), w)}
+    if row_wise:
+        prep.rowwise_pending[names[1]] = nodes[0].target in _ONE_PART
     for i in chan:
         if argss[0][i] is None:
             continue
@@ -302,7 +328,8 @@ def _merge_group(prep: _Preparer, nodes: list) -> None:
         if kind.startswith("quant_bias_acc"):  # int32 only where every channel's sum fits (kernels)
             t = kernels.quant_bias_accumulator(k, t.to(torch.int64))
         names[i] = register(kind, sum((sources(a[i]) for a in argss), []), t)
-    with graph.inserting_before(first):
+    new_args = list(argss[0])
+    with graph.inserting_before(nodes[0]):
         for i, name in names.items():
             new_args[i] = graph.get_attr(name)
         merged = graph.call_function(fn, tuple(new_args) + (widths,))
@@ -319,8 +346,9 @@ def merge_siblings(gm: torch.fx.GraphModule, prep: _Preparer | None = None) -> i
     and gate/up, rewritten in place as one call on their weights concatenated along n
     (`kernels.quant_matmul_pertoken_merged` / `quant_matmul_merged` / `quant_matmul_pergroup_merged`:
     bit-identical, see there), as vLLM's QKVParallelLinear and MergedColumnParallelLinear hold them. A decode
-    step is mostly per-call overhead, and 7 Linears a layer become 4. The merged tensors are recorded in `gm.meta[PREPARED]` with
-    every source (in output order). Returns the number of calls merged away."""
+    step is mostly per-call overhead, and 7 Linears a layer become 4. The merged tensors are recorded in
+    `gm.meta[PREPARED]` with every source (in output order); a merged weight is laid out row-wise once, after the
+    merge (`_Preparer.lay_out_rowwise`). Returns the number of calls merged away."""
     prep = prep or _Preparer(gm)
     groups: dict = {}
     for node in gm.graph.nodes:
@@ -332,6 +360,7 @@ def merge_siblings(gm: torch.fx.GraphModule, prep: _Preparer | None = None) -> i
         if len(nodes) > 1:
             _merge_group(prep, nodes)
             saved += len(nodes) - 1
+    prep.lay_out_rowwise()
     return saved
 
 
@@ -358,6 +387,7 @@ def prepare_layer(gm: torch.fx.GraphModule, merge: bool = False) -> torch.fx.Gra
     _codes_as_float(gm)
     if merge:
         merge_siblings(gm, prep)
+    prep.lay_out_rowwise()  # after the merge: one layout per merged weight
     direct_calls.rewrite(gm)
     prune_unused_tensors(gm)
     kept = {name for name, _ in gm.named_buffers()}

@@ -338,6 +338,9 @@ def test_dynamic_quant_codes_are_the_reference_bits(dtype, rows, k):
         assert _same_or_nan(s, want_s) and _same_or_nan(codes, want_codes)
         q, s_ref = K.dynamic_quant_ref(xs)
         assert _same_or_nan(s, s_ref)
+        codes_c, s_c = K.dynamic_quant_codes(xs, column=True)  # the scale as [..., 1]: the same bits
+        assert tuple(s_c.shape) == lead + (1,) and _same_or_nan(s_c, s.unsqueeze(-1))
+        assert _same_or_nan(codes_c, codes)
         finite = codes.isfinite()
         assert torch.equal(codes[finite].to(torch.int8), q[finite])
     if dtype == torch.float32 and rows > 2:
@@ -388,9 +391,10 @@ def test_pergroup_decode_plan_gives_the_op_bits(rows, n, k, group, dtype):
     leads = [(rows,), (1, rows), (rows, 1)] + ([(2, rows // 2)] if rows % 2 == 0 else [])
     for lead in leads:
         x, ps = codes.reshape(*lead, k), s.reshape(lead)
-        got = K.quant_matmul_pergroup_prepared(x, wg, st, ps, dtype, True)
-        assert K._PG_DECODE[(x.shape, wg.shape, st.shape, ps.shape)], lead
-        assert _same_bits(got, want.reshape(*lead, n)), lead
+        for scale in (ps, ps.unsqueeze(-1)):  # [*lead] or the column of `dynamic_quant_codes(column=True)`
+            got = K.quant_matmul_pergroup_prepared(x, wg, st, scale, dtype, True)
+            assert K._PG_DECODE[(x.shape, wg.shape, st.shape, scale.shape)], lead
+            assert _same_bits(got, want.reshape(*lead, n)), lead
     again = K.quant_matmul_pergroup_prepared(codes, wg, st, s, dtype, True)  # the cached plan
     assert _same_bits(again, want)
     st2 = st.squeeze(1)  # a [G, n] scale: the same values
@@ -416,3 +420,42 @@ def test_pergroup_decode_plan_leaves_other_calls_to_the_general_path():
     split = K.rowwise_codes(w, 2)
     assert _same_bits(K.quant_matmul_pergroup_prepared(codes[:2], split, st, s[:2], torch.bfloat16, True), want[:2])
     assert K._PG_DECODE[(codes[:2].shape, split.shape, st.shape, s[:2].shape)] is False
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("k", [64, 576, 1535, 1536])
+@pytest.mark.parametrize("parts", [1, 2, 8])
+def test_rowwise_decode_plan_gives_the_reference_bits(rows, k, parts):
+    """The planned decode product (`_rowwise_decode_product`: the per-sample weights as copies of x's k-slices,
+    or gathered where the slices differ in width (k 1535), the bags' output viewed as [*lead, n], a second
+    k-slice from k 1535) in the pertoken and
+    static prepared matmuls equals the reference bit for bit: x's leading dims [rows], [1, rows], [rows, 1], the
+    per-token scale as [*lead] or [*lead, 1] (`dynamic_quant_codes(column=True)`), with and without a bias,
+    codes of `_adversarial_rows` (an all-zero row, +-0, +-127), a non-contiguous x. Tolerance: none."""
+    g = torch.Generator().manual_seed(rows * 1000 + k + parts)
+    n = 16 * parts
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    w[:3] = torch.tensor([-128, 127, 0], dtype=torch.int8)[:, None]
+    ws = torch.rand(n, 1, generator=g) / 100
+    b = torch.randn(n, generator=g)
+    xb = _adversarial_rows(rows, k, torch.bfloat16, seed=rows + k)
+    q, s = K.dynamic_quant(xb)
+    codes, _ = K.dynamic_quant_codes(xb)
+    packed = K.rowwise_codes(w, parts)
+    deq = torch.rand(n, generator=g) / 1000
+    qb = torch.randint(-1000, 1000, (n,), generator=g, dtype=torch.int32)
+    for bias in (None, b):
+        want = K.quant_matmul_pertoken_ref(q, w, ws, s, bias, K.PACK_NONE, torch.bfloat16)
+        wsf, bf = K.pertoken_operands(ws, bias, torch.bfloat16)
+        for lead in ((rows,), (1, rows), (rows, 1)):
+            x = codes.reshape(*lead, k)
+            for scale in (s.reshape(lead), s.reshape(*lead, 1)):
+                got = K.quant_matmul_pertoken_prepared(x, packed, wsf, scale, bf, torch.bfloat16)
+                assert _same_bits(got, want.reshape(*lead, n)), (lead, scale.shape)
+        xt = codes.t().contiguous().t()  # the same values, not contiguous (rows > 1)
+        assert _same_bits(K.quant_matmul_pertoken_prepared(xt, packed, wsf, s, bf, torch.bfloat16), want)
+    want = K.quant_matmul_ref(q, w, deq, qb, torch.bfloat16)
+    got = K.quant_matmul_prepared(codes.reshape(1, rows, k), packed, deq, K.quant_bias_accumulator(k, qb),
+                                  torch.bfloat16, qb.float())
+    assert _same_bits(got, want.reshape(1, rows, n))
+    assert (codes.reshape(1, rows, k).shape, packed.shape) in K._RW_DECODE  # the planned path ran

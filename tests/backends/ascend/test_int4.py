@@ -144,3 +144,18 @@ def test_cpu_shift_unpack_equals_arithmetic_on_every_byte():
         assert torch.equal(lo_s, lo_a) and torch.equal(hi_s, hi_a)
     lo, hi = nibbles_shift(b)
     assert [(int(l), int(h)) for l, h in zip(lo, hi)] == [((v & 0xF) - 16 * ((v >> 3) & 1), v >> 4) for v in range(-128, 128)]
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2, -1])
+def test_cpu_unpack_in_place_equals_the_any_device_path(dim):
+    """unpack_int4's CPU path (nibbles written in place along `dim`, no transposes) equals the any-device
+    path (`nibbles_arithmetic` on the moved bytes, stacked, moved back) on every byte value, 3-D, contiguous and
+    strided input, full and odd (trimmed) sizes."""
+    b = torch.arange(-128, 128, dtype=torch.int8).repeat(3)[: 4 * 6 * 8].reshape(4, 6, 8)
+    for x in (b, b.transpose(0, 2).contiguous().transpose(0, 2)):
+        for size in (2 * x.shape[dim], 2 * x.shape[dim] - 1):
+            moved = x.movedim(dim, -1)
+            lo, hi = nibbles_arithmetic(moved)
+            want = torch.stack((lo, hi), dim=-1).flatten(-2)[..., :size].movedim(-1, dim)
+            got = unpack_int4(x, dim=dim, size=size)
+            assert got.is_contiguous() and torch.equal(got, want)

@@ -650,3 +650,24 @@ def test_npu_kernels_encode_arguments_like_the_cpu_math(monkeypatch, dtype):
         offset = torch.full((23, cols), 0.5)
         args = (x, stored, scale, offset, fb, group_size, packing)
         assert torch.equal(ops._weight_quant_matmul_npu(*args), qc.weight_quant_matmul(*args))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,group,packing", [(6, 64, 16, kernels.PACK_NONE), (6, 64, 16, kernels.PACK_INT4_K),
+                                               (8, 60, 16, kernels.PACK_INT4_K), (6, 64, 0, kernels.PACK_INT4_N),
+                                               (6, 64, 64, kernels.PACK_INT4_N)])
+def test_dequantize_weight_is_the_written_out_formula(dtype, n, k, group, packing):
+    """`dequantize_weight` (groups broadcast as [n, G, 1] where k divides, else repeated) equals
+    `(dtype(w) + dtype(offset)) * dtype(scale)` with the per-group tensors repeated to [n, k], bit for bit: scales
+    from subnormal to large in the dtype, offsets that round in it, a ragged last group (k 60). Tolerance: none."""
+    g = torch.Generator().manual_seed(n * k + group + packing)
+    w = torch.randint(-8 if packing else -128, 8 if packing else 128, (n, k), generator=g, dtype=torch.int8)
+    stored = w if packing == kernels.PACK_NONE else pack_int4(w, dim=1 if packing == kernels.PACK_INT4_K else 0)
+    groups = -(-k // group) if group else 1
+    scale = torch.rand(n, groups, generator=g) * torch.exp2(torch.randint(-30, 12, (n, groups), generator=g).float())
+    offset = torch.randn(n, groups, generator=g) * 37.3
+    cols = torch.arange(k) // (group or k)
+    want = (w.to(dtype) + offset[:, cols].to(dtype)) * scale[:, cols].to(dtype)
+    got = kernels.dequantize_weight(stored, scale, offset, group, packing, k, dtype)
+    assert got.shape == (n, k) and got.is_contiguous()
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))

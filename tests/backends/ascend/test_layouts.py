@@ -308,3 +308,50 @@ def test_decode_steps_merge_sibling_linears(compiled, monkeypatch, part_channels
     getattr(step, name)[-1, 0] ^= 1  # one code of q (channel 0, last input column) in the q/k/v weight
     assert mismatches(step, artifact, model.layers.num_layers - 1, model.head.dtype) == [
         f"{name} ({record[name]['kind']} from {record[name]['from']})"]
+
+
+def test_decode_steps_lay_out_each_weight_once(compiled, monkeypatch):
+    """A decode step lays out each prepared row-wise weight once: the merged q/k/v and gate/up weights are
+    concatenated as int8 and laid out after the merge (layouts `_Preparer.lay_out_rowwise`), not laid out per
+    sibling and again merged (stop 28's merge did that: 1.4x the build time of the decode steps at startup)."""
+    quant = json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"]
+    if quant not in ("W8A8", "W8A8_DYNAMIC", "W4A8_DYNAMIC"):
+        pytest.skip("no int8-activation Linear in this case")
+    kernels._rowwise_kernel_is_exact()  # its once-per-process check lays out a weight of its own
+    made = []
+    real = kernels.rowwise_codes
+    monkeypatch.setattr(kernels, "rowwise_codes", lambda w, parts=1: made.append(tuple(w.shape)) or real(w, parts))
+    model = load_model(compiled)
+    step, _ = model.layers.decode(0)
+    laid = [e for e in step.meta[layouts.PREPARED].values() if e["kind"].startswith("rowwise_codes")]
+    assert len(laid) == 4 and len(made) == 4, made  # q/k/v, o, gate/up, down
+
+
+@pytest.mark.parametrize("scale_elsewhere", [False, True])
+def test_dynamic_quant_scale_as_a_column_only_for_prepared_matmuls(scale_elsewhere):
+    """`_codes_as_float` asks `dynamic_quant_codes` for its scale as [..., 1] (`column=True`) only when every
+    reader of the scale is a prepared matmul's per-token scale; another reader keeps the [...] scale it expects.
+    The graph computes the same bits either way."""
+    import operator
+    g = torch.Generator().manual_seed(3)
+    gm = torch.nn.Module()
+    w = torch.randint(-128, 128, (64, 32), generator=g, dtype=torch.int8)
+    gm.register_buffer("w", kernels.rowwise_codes(w, 2))
+    gm.register_buffer("ws", torch.rand(64, generator=g) / 100)
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    dq = graph.call_function(kernels.dynamic_quant, (x,))
+    codes, scale = (graph.call_function(operator.getitem, (dq, i)) for i in (0, 1))
+    y = graph.call_function(kernels.quant_matmul_pertoken_prepared,
+                            (codes, graph.get_attr("w"), graph.get_attr("ws"), scale, None, torch.bfloat16))
+    graph.output((y, graph.call_function(torch.mul, (scale, 2.0))) if scale_elsewhere else y)
+    gm = torch.fx.GraphModule(gm, graph)
+    xs = (torch.randn(1, 1, 32, generator=g) * 4).bfloat16()
+    want = gm(xs)
+    layouts._codes_as_float(gm)
+    gm.recompile()
+    assert dq.target is kernels.dynamic_quant_codes and dq.args == ((x,) if scale_elsewhere else (x, True))
+    got = gm(xs)
+    for a, b in zip(got if scale_elsewhere else [got], want if scale_elsewhere else [want]):
+        assert a.shape == b.shape and torch.equal(a.view(torch.int16 if a.dtype == torch.bfloat16 else a.dtype),
+                                                  b.view(torch.int16 if b.dtype == torch.bfloat16 else b.dtype))

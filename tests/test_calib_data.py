@@ -421,18 +421,26 @@ def test_max_windows_tokenizes_a_prefix_with_the_same_ids():
     for name, tok in _tokenizers():
         assert _splits_at_document_starts(tok), name
         for seed in range(6):
-            texts = _fuzz_texts(100 + seed)
-            all_ids = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"]
-            for need in range(2, len(all_ids), 19):  # the contract: a prefix of the whole text's ids, every need
-                ids = _token_ids(tok, texts, need)
-                assert len(ids) >= need and ids == all_ids[:len(ids)], (name, seed, need)
-            whole = make_windows(tok, texts, 16, None)
-            for max_windows in (1, 2, 5, 10 ** 6):
-                counted = _CountingTokenizer(tok)
-                got = make_windows(counted, texts, 16, max_windows)
-                assert torch.equal(got, whole[:max_windows]), (name, seed, max_windows)
-                if max_windows == 1:
-                    assert counted.chars < len("\n\n".join(texts)) / 4, (name, seed, counted.chars)
+            _assert_prefix_ids_and_windows(tok, _fuzz_texts(100 + seed), (name, seed))
+
+
+def _assert_prefix_ids_and_windows(tok, texts: list, case) -> list:
+    """`_token_ids` with `need` gives a prefix of the whole text's ids, of at least `need` ids, for every need
+    (the contract), and `make_windows` with max_windows the whole text's first windows; with one window it
+    tokenizes under a quarter of the text. Returns the whole text's ids."""
+    from qcompiler.calib_data import _token_ids
+    all_ids = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    for need in range(2, len(all_ids), 19):
+        ids = _token_ids(tok, texts, need)
+        assert len(ids) >= need and ids == all_ids[:len(ids)], (case, need)
+    whole = make_windows(tok, texts, 16, None)
+    for max_windows in (1, 2, 5, 10 ** 6):
+        counted = _CountingTokenizer(tok)
+        got = make_windows(counted, texts, 16, max_windows)
+        assert torch.equal(got, whole[:max_windows]), (case, max_windows)
+        if max_windows == 1:
+            assert counted.chars < len("\n\n".join(texts)) / 4, (case, counted.chars)
+    return all_ids
 
 
 def _sentencepiece_layout(normalizer, pre_tokenizer, train_split, newline_in_vocab=True):
@@ -485,19 +493,8 @@ def test_max_windows_tokenizes_a_prefix_with_the_same_ids_in_sentencepiece_layou
         assert _document_start_layout(tok) == "sentencepiece", name
         fallbacks = 0
         for seed in range(4):
-            texts = _fuzz_texts(100 + seed)
-            all_ids = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+            all_ids = _assert_prefix_ids_and_windows(tok, _fuzz_texts(100 + seed), (name, seed))
             fallbacks += sum(t.startswith("<0x") for t in tok.convert_ids_to_tokens(all_ids))
-            for need in range(2, len(all_ids), 19):
-                ids = _token_ids(tok, texts, need)
-                assert len(ids) >= need and ids == all_ids[:len(ids)], (name, seed, need)
-            whole = make_windows(tok, texts, 16, None)
-            for max_windows in (1, 2, 5, 10 ** 6):
-                counted = _CountingTokenizer(tok)
-                got = make_windows(counted, texts, 16, max_windows)
-                assert torch.equal(got, whole[:max_windows]), (name, seed, max_windows)
-                if max_windows == 1:
-                    assert counted.chars < len("\n\n".join(texts)) / 4, (name, seed, counted.chars)
         assert fallbacks > 0, name  # byte fallback exercised
         fast = FastTokenizer(tok.backend_tokenizer, {"eos_token": "<|endoftext|>"}, None)  # as `qcompile eval` loads
         texts = _fuzz_texts(100)

@@ -417,7 +417,7 @@ def test_max_windows_tokenizes_a_prefix_with_the_same_ids():
     """With max_windows, make_windows tokenizes only up to a document start that gives enough ids, and its windows
     are the first windows of the whole text's (exact ids), for GPT-2's regex and the Qwen2 / Llama-3 Split layout,
     on documents that start and end with every kind of character (which a prefix boundary must not cut)."""
-    from qcompiler.calib_data import _splits_at_document_starts, _token_ids
+    from qcompiler.calib_data import _splits_at_document_starts
     for name, tok in _tokenizers():
         assert _splits_at_document_starts(tok), name
         for seed in range(6):

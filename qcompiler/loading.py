@@ -188,13 +188,19 @@ def _read_config(path: Path) -> dict:
     if not cfg_path.is_file():
         raise QCError(f"{path}: no config.json; expected a Hugging Face model folder")
     try:
-        return json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text())
     except (ValueError, OSError) as e:
         raise QCError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise QCError(f"{cfg_path}: a JSON {type(cfg).__name__}, expected a JSON object (the model's configuration)")
+    return cfg
 
 
 def _architecture(cfg: dict, path: Path) -> str:
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise QCError(f"{path / 'config.json'}: architectures is {archs!r}; expected a list of class names, "
+                      "e.g. [\"LlamaForCausalLM\"]")
     arch = archs[0] if archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
         raise QCError(f"{path}: architecture {arch!r} is not supported; supported: "
@@ -294,6 +300,8 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     seconds), else transformers' AutoTokenizer (built-in classes only)."""
     from .fast_tokenizer import load_fast_tokenizer
     check_tokenizer_files(path, trust_remote_code)
+    if (path / "config.json").is_file():  # transformers' AutoTokenizer reads it (a compiled OUT's config.json too)
+        _read_config(path)
     fast = load_fast_tokenizer(path)
     if fast is not None:
         return fast

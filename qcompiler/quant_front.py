@@ -124,8 +124,11 @@ def _read_config(model_dir: Path, trust_remote_code: bool) -> dict:
         cfg = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise QCError(f"{model_dir}/config.json: cannot read it ({e})") from None
+    if not isinstance(cfg, dict):
+        raise QCError(f"{model_dir}/config.json: a JSON {type(cfg).__name__}, expected a JSON object (the model's "
+                      "configuration)")
     trust.check_config(model_dir / "config.json", cfg, SUPPORTED_ARCHITECTURES, trust_remote_code)
-    if not isinstance(cfg, dict) or "num_hidden_layers" not in cfg:
+    if "num_hidden_layers" not in cfg:
         raise QCError(f"{model_dir}/config.json: not a decoder LLM config (no num_hidden_layers)")
     return cfg
 

@@ -51,6 +51,31 @@ def test_rotary_inv_freq_in_checkpoint_is_ignored(capsys, model_copy):
     assert cli.main(["inspect", str(model_copy)]) == 0, capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("content", ["[1, 2]", '"LlamaForCausalLM"', "null"])
+def test_config_json_not_an_object(capsys, monkeypatch, tmp_path, model_copy, calib_file, command, content):
+    """A config.json holding valid JSON that is not an object gave a traceback (AttributeError: 'list' object has
+    no attribute 'get') in every command."""
+    (model_copy / "config.json").write_text(content)
+    expect_refused(capsys, monkeypatch, tmp_path, command, model_copy, calib_file,
+                   "config.json", "expected a JSON object")
+
+
+def test_compiled_out_config_json_not_an_object(capsys, model_copy, calib_file, tmp_path):
+    """An OUT whose config.json is a list: the tokenizer was blamed (TypeError from transformers)."""
+    out = tmp_path / "out"
+    assert cli.main([str(model_copy), "-o", str(out), "--calib", str(calib_file), *SMALL]) == 0
+    (out / "config.json").write_text("[]")
+    expect_error(capsys, ["inspect", out], str(out / "config.json"), "expected a JSON object")
+
+
+def test_architectures_not_a_list(capsys, monkeypatch, tmp_path, model_copy, calib_file):
+    """architectures given as a string was read as its first character: "architecture 'L' is not supported"."""
+    edit_config(model_copy, architectures="LlamaForCausalLM")
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file,
+                   "config.json", "architectures is 'LlamaForCausalLM'", "expected a list")
+
+
 def test_model_type_must_build_the_architecture(capsys, monkeypatch, tmp_path, model_copy, calib_file):
     edit_config(model_copy, model_type="qwen2")
     expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file,

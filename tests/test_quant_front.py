@@ -188,3 +188,12 @@ def test_trusted_auto_map_with_one_click_flags_as_documented(capsys, tiny_models
     assert "--model_type SmolLM2-135M: the architecture is read from config.json" in captured.err
     desc = json.loads((out / "quant_model_description.json").read_text())
     assert desc["model_quant_type"] == "W8A8_DYNAMIC"
+
+
+def test_config_json_not_an_object(capsys, tiny_models, tmp_path):
+    """A config.json that is a JSON list was reported as "not a decoder LLM config (no num_hidden_layers)"."""
+    model = shutil.copytree(tiny_models["llama"], tmp_path / "model")
+    (model / "config.json").write_text("[1, 2]")
+    err = _error(capsys, ["--model_path", model, "--save_path", tmp_path / "out"])
+    assert "config.json: a JSON list, expected a JSON object" in err, err
+    assert not (tmp_path / "out").exists()

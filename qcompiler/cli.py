@@ -53,25 +53,37 @@ MODEL_EPILOG = ("OUT|MODEL_DIR: a compiled OUT folder (its executable/ graph), a
                 + trust.TRUST_NOTE)
 
 
+def _nonempty(what: str, convert=str):
+    """argparse type: refuse an empty value (`--dump ""` was the current folder, `--target ""` the default)."""
+    def parse(text: str):
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"empty value; expected {what}")
+        return convert(text)
+    return parse
+
+
 def _compile_parser(prog="qcompile"):
     p = argparse.ArgumentParser(prog=prog, description="Compile a Hugging Face LLM into a quantized Ascend "
                                 "artifact plus an executable graph that reproduces the NPU kernels on CPU.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL_DIR", help="Hugging Face model folder or alias")
-    p.add_argument("-o", "--out", required=True, type=Path,
+    p.add_argument("model", metavar="MODEL_DIR", type=_nonempty("a model folder or alias"),
+                   help="Hugging Face model folder or alias")
+    p.add_argument("-o", "--out", required=True, type=_nonempty("an output folder", Path),
                    help="output folder: must not exist (with --force: may be a previous compile's OUT, or empty) and "
                    "must neither overlap the model folder or --dump nor contain the --calib / --recipe file")
-    p.add_argument("--passes", default=None, help="pass pipeline (default: w8a8)")
-    p.add_argument("--recipe", type=Path, help="YAML recipe (passes, target, dtype, exclude, ...)")
-    p.add_argument("--target", default=None, help="ascend910b (Atlas 800I A2, default), ascend310p (300I Duo: "
+    p.add_argument("--passes", default=None, type=_nonempty("a pass pipeline, e.g. w8a8"),
+                   help="pass pipeline (default: w8a8)")
+    p.add_argument("--recipe", type=_nonempty("a YAML file", Path), help="YAML recipe (passes, target, dtype, exclude, ...)")
+    p.add_argument("--target", default=None, type=_nonempty("ascend910b, ascend310p or onnx"), help="ascend910b (Atlas 800I A2, default), ascend310p (300I Duo: "
                    "float16 only; W8A8, W8A8S, W8A16) or onnx "
                    "(adds OUT/onnx/model.onnx, run by onnxruntime)")
-    p.add_argument("--calib", type=Path, help=".jsonl (inputs_pretokenized or text) or .txt calibration text")
+    p.add_argument("--calib", type=_nonempty("a .jsonl or .txt file", Path), help=".jsonl (inputs_pretokenized or text) or .txt calibration text")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default 64; 16 when sampled from the model)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence (default 512; 256 when sampled from the model)")
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default=None,
                    help="model dtype of the artifact (default: the checkpoint's)")
     p.add_argument("--exclude", action="append", default=None, metavar="REGEX",
+                   type=_nonempty("a regular expression (an empty one matches every Linear)"),
                    help="keep Linears whose full name matches in float (repeatable), e.g. 'mlp\\.down_proj'")
     p.add_argument("--policy", choices=["auto", "qwen", "none"], default=None,
                    help="built-in float Linears: qwen keeps every mlp.down_proj float (msModelSlim's Qwen2.5 W8A8 "
@@ -81,7 +93,7 @@ def _compile_parser(prog="qcompile"):
                    help="engine that must load the artifact: a pipeline it cannot load is an error before any work "
                    "(e.g. fa3 or w4a16 with vllm-ascend); any (default): at least one engine; the report lists which "
                    "engines load it (README: engine support matrix)")
-    p.add_argument("--dump", type=Path, help="write the graph after every pass that changed it to DIR "
+    p.add_argument("--dump", type=_nonempty("a folder", Path), help="write the graph after every pass that changed it to DIR "
                    "(DIR/layerLLL/NNN_PASS.txt: shapes of every node, the pass's stats and what it did to each tensor)")
     p.add_argument("--dump-layers", default=None, metavar="LIST", help="with --dump: only these layers, e.g. 0,3")
     p.add_argument("--dump-passes", default=None, metavar="LIST",
@@ -111,6 +123,8 @@ def _workers_value(text: str) -> int:
     return n
 
 
+MODEL_HELP = "a compiled OUT folder (its executable graph), a Hugging Face model folder, or an alias"
+
 RUNTIME_HELP = ("onnx: OUT/onnx/model.onnx with onnxruntime; executable: OUT/executable; auto (default): onnx for "
                 "an onnx folder or an OUT compiled with --target onnx, else the executable graph")
 
@@ -118,8 +132,9 @@ RUNTIME_HELP = ("onnx: OUT/onnx/model.onnx with onnxruntime; executable: OUT/exe
 def _eval_parser():
     p = argparse.ArgumentParser(prog="qcompile eval", description="Perplexity of a compiled OUT (its executable "
                                 "graph) or of the float MODEL_DIR (same code path).", epilog=MODEL_EPILOG)
-    p.add_argument("model", metavar="OUT|MODEL_DIR")
-    p.add_argument("--data", type=Path, required=True, help=".jsonl or .txt evaluation text")
+    p.add_argument("model", metavar="OUT|MODEL_DIR", type=_nonempty("a compiled OUT, a model folder or an alias"),
+                   help=MODEL_HELP)
+    p.add_argument("--data", type=_nonempty("a .jsonl or .txt file", Path), required=True, help=".jsonl or .txt evaluation text")
     p.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default=None, help="float model only")
@@ -134,7 +149,8 @@ def _eval_parser():
 def _run_parser():
     p = argparse.ArgumentParser(prog="qcompile run", description="Greedy generation from a compiled OUT or a "
                                 "float MODEL_DIR.", epilog=MODEL_EPILOG)
-    p.add_argument("model", metavar="OUT|MODEL_DIR")
+    p.add_argument("model", metavar="OUT|MODEL_DIR", type=_nonempty("a compiled OUT, a model folder or an alias"),
+                   help=MODEL_HELP)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
@@ -149,7 +165,8 @@ def _run_parser():
 def _inspect_parser():
     p = argparse.ArgumentParser(prog="qcompile inspect", description="Readable graph of one decoder layer "
                                 "with per-node quantization specs.", epilog=MODEL_EPILOG)
-    p.add_argument("model", metavar="OUT|MODEL_DIR")
+    p.add_argument("model", metavar="OUT|MODEL_DIR", type=_nonempty("a compiled OUT, a model folder or an alias"),
+                   help=MODEL_HELP)
     p.add_argument("--layer", type=int, default=0)
     trust.add_flag(p)
     return p

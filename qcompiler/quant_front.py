@@ -59,7 +59,13 @@ class QuantArgumentParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         args = list(sys.argv[1:] if args is None else args)
         self._empty_eq = [a for a in args if a.startswith("--") and a.endswith("=")]
-        return super().parse_args(args, namespace)
+        parsed = super().parse_args(args, namespace)
+        # `--save_path ""` was the current folder and `--quant_type ""` the default: an empty value is a mistake
+        empty = [a[:-1] for a in self._empty_eq] + [a for a, b in zip(args, args[1:])
+                                                     if a.startswith("--") and "=" not in a and not b.strip()]
+        if empty:
+            raise QCError(f"qcompile quant: {empty[0]} has an empty value; expected a value after it")
+        return parsed
 
 
 def parser() -> QuantArgumentParser:

@@ -151,6 +151,33 @@ def test_exclude_splits_fused_group(capsys, tmp_path, tiny_models, monkeypatch):
                          "q_proj", "k_proj", "v_proj", "exclude all of them or none")
 
 
+@pytest.mark.parametrize("command, option", [
+    ("compile", "MODEL_DIR"), ("compile", "-o"), ("compile", "--passes"), ("compile", "--target"),
+    ("compile", "--calib"), ("compile", "--recipe"), ("compile", "--dump"), ("compile", "--exclude"),
+    ("eval", "OUT|MODEL_DIR"), ("eval", "--data"), ("run", "OUT|MODEL_DIR"), ("inspect", "OUT|MODEL_DIR"),
+])
+def test_empty_option_value(capsys, tmp_path, tiny_models, calib_file, monkeypatch, command, option):
+    """An empty value (`--dump ""`, an unset shell variable) was taken as the current folder (`--dump ""` wrote
+    layerNNN/ there, `-o ""` said ". already exists") or as the default (`--target ""`, `--passes ""` compiled
+    w8a8 for ascend910b): now a usage error naming the option."""
+    argv = {"compile": [tiny_models["llama"], "-o", tmp_path / "out", "--calib", calib_file, *SMALL],
+            "eval": ["eval", tiny_models["llama"], "--data", calib_file],
+            "run": ["run", tiny_models["llama"], "--prompt", "hi"],
+            "inspect": ["inspect", tiny_models["llama"]]}[command]
+    argv = [str(a) for a in argv]
+    if option.isupper() or "|" in option:
+        argv[1 if command != "compile" else 0] = ""
+    elif option in argv:
+        argv[argv.index(option) + 1] = ""
+    else:
+        argv += [option, ""]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    expect_usage_error(capsys, argv, f"argument {option.replace('-o', '-o/--out')}", "empty value; expected")
+    assert os.listdir(cwd) == [] and leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("option, value, needle", [
     ("--calib-samples", "0", "--calib-samples must be >= 1"),
     ("--calib-samples", "-3", "--calib-samples must be >= 1"),

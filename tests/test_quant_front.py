@@ -4,6 +4,7 @@ Compiles use the tiny random checkpoints of conftest.py with 2 x 32 calibration 
 """
 import importlib.util
 import json
+import os
 import shutil
 
 import pytest
@@ -197,3 +198,14 @@ def test_config_json_not_an_object(capsys, tiny_models, tmp_path):
     err = _error(capsys, ["--model_path", model, "--save_path", tmp_path / "out"])
     assert "config.json: a JSON list, expected a JSON object" in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [["--save_path", ""], ["--quant_type", ""], ["--calib_file", ""],
+                                  ["--config_path="], ["--w_bit", ""]])
+def test_empty_flag_value(capsys, tiny_models, tmp_path, monkeypatch, args):
+    """`--save_path ""` was the current folder ("--save_path . already exists") and `--quant_type ""` the default."""
+    monkeypatch.chdir(tmp_path)
+    save = [] if args[0] == "--save_path" else ["--save_path", tmp_path / "o"]
+    err = _error(capsys, ["--model_path", tiny_models["llama"], *save, *args])
+    assert f"{args[0].rstrip('=')} has an empty value" in err, err
+    assert os.listdir(tmp_path) == []

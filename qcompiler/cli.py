@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, knobs, trust
-from .errors import QCError
+from .errors import QCError, require_file
 from .interrupts import handle_signals
 
 COMMANDS = ("compile", "eval", "run", "inspect", "passes", "quant")
@@ -183,8 +183,8 @@ def _cmd_compile(argv):
     recipe = load_recipe(a.recipe) if a.recipe else {}
     passes = parse_passes(a.passes) if a.passes else recipe.get("passes") or [("w8a8", {})]
     calib = a.calib or (Path(str(recipe["calib"])) if recipe.get("calib") else None)
-    if calib is not None and not calib.is_file():
-        raise QCError(f"--calib {calib} does not exist")
+    if calib is not None:
+        require_file("--calib", calib)
     opts = CompileOptions(
         model=a.model, out=a.out, passes=tuple(passes), target=a.target or recipe.get("target", "ascend910b"),
         dtype=a.dtype or recipe.get("dtype"), calib=calib, recipe_path=a.recipe,
@@ -231,8 +231,7 @@ def _cmd_eval(argv):
     from .evaluate import evaluate_file
     from .model_zoo import resolve_model_dir
     from .runtime import load_model
-    if not a.data.is_file():
-        raise QCError(f"--data {a.data} does not exist")
+    require_file("--data", a.data)
     if a.seq_len < 2:
         raise QCError(f"--seq-len must be >= 2, got {a.seq_len}")
     check_seq_len(a.seq_len, max_positions(resolve_model_dir(a.model)))  # OUT or model folder: config.json

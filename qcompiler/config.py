@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import QCError
+from .errors import QCError, require_file
 
 PassSpec = tuple[str, dict]   # (pass name, {option: value})
 
@@ -66,8 +66,7 @@ def load_recipe(path: str | Path) -> dict:
     """Read a YAML recipe into a dict of compile options (passes parsed to PassSpecs)."""
     import yaml
     path = Path(path)
-    if not path.is_file():
-        raise QCError(f"recipe {path} does not exist")
+    require_file("recipe", path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 from . import trust
-from .errors import QCError
+from .errors import QCError, require_file
 from .msmodelslim_flags import DEFAULTS as SCRIPT_DEFAULTS
 from .msmodelslim_flags import FLAG_HELP, FLAG_MAP
 from .recipes import QUANT_TYPE_RECIPES, check_quant_type
@@ -210,8 +210,8 @@ def compile_options(plan, model_dir: Path, out: Path, a: argparse.Namespace, for
     """The CompileOptions `qcompile MODEL --passes ...` would build for this plan."""
     from .config import CompileOptions
     calib = a.calib_file if a.calib_file is not None else plan.calib
-    if calib is not None and not Path(calib).is_file():
-        raise QCError(f"--calib_file {calib} does not exist")
+    if calib is not None:
+        require_file("--calib_file", calib)
     return CompileOptions(model=str(model_dir), out=out, passes=tuple(plan.passes), target=plan.target,
                           dtype=plan.dtype, calib=Path(calib) if calib is not None else None,
                           calib_texts=tuple(plan.calib_texts) if plan.calib_texts and calib is None else None,
@@ -232,8 +232,8 @@ def run(argv) -> dict:
     if a.save_path is not None and a.save_directory is not None:
         raise QCError("qcompile quant: give --save_path or --save_directory, not both")
     notes = [n for n in (check_device(a.device), check_device(a.device_type, "--device_type")) if n]
-    if a.calib_file is not None and not a.calib_file.is_file():
-        raise QCError(f"--calib_file {a.calib_file} does not exist")
+    if a.calib_file is not None:
+        require_file("--calib_file", a.calib_file)
     model_dir = resolve_model_dir(a.model_path)
     plan = plan_for(a, model_dir)
     force = a.force

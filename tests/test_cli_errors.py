@@ -178,6 +178,23 @@ def test_empty_option_value(capsys, tmp_path, tiny_models, calib_file, monkeypat
     assert os.listdir(cwd) == [] and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("argv, label", [
+    (["compile", "--calib"], "--calib"), (["compile", "--recipe"], "recipe"), (["eval", "--data"], "--data"),
+    (["quant", "--calib_file"], "--calib_file"), (["quant", "--config_path"], "--config_path"),
+])
+def test_input_file_is_a_folder(capsys, tmp_path, tiny_models, argv, label):
+    """A folder given where a file is expected was reported as "does not exist"."""
+    command, option = argv
+    folder = tmp_path / "afolder"
+    folder.mkdir()
+    model = str(tiny_models["llama"])
+    full = {"compile": [model, "-o", tmp_path / "out", option, folder],
+            "eval": ["eval", model, option, folder],
+            "quant": ["quant", "--model_path", model, "--save_path", tmp_path / "out", option, folder]}[command]
+    expect_error(capsys, full, f"{label} {folder} is a folder; expected a file")
+    assert leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("option, value, needle", [
     ("--calib-samples", "0", "--calib-samples must be >= 1"),
     ("--calib-samples", "-3", "--calib-samples must be >= 1"),

@@ -298,8 +298,17 @@ def _single_process_only(command: str) -> None:
                       "as one process")
 
 
+def _printable_stdout() -> None:
+    """A path that is not valid UTF-8 holds surrogate escapes: under a UTF-8 locale stdout is strict and printing
+    it (the "wrote OUT" line, inspect's title) raised UnicodeEncodeError after the work was done. Write it as
+    stderr does (backslashreplace: \\udcff)."""
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _printable_stdout()
     if knobs.threads():
         import torch
         torch.set_num_threads(knobs.threads())

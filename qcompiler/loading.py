@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from .checkpoint_checks import check_checkpoint, header_dtype
 from .errors import QCError
+from .safetensors_open import safe_open
 from .trust import check_config, check_tokenizer_files
 
 #: architecture (config.json "architectures"[0]) -> model_type.

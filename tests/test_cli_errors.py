@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -356,6 +357,27 @@ def test_failure_mid_work_with_force_keeps_old_out(capsys, tmp_path, tiny_models
     expect_error(capsys, [tiny_models["llama"], "-o", out, "--calib", calib_file, "--force", *SMALL], "simulated")
     assert (out / "old.txt").read_text() == "old"
     assert leftovers(tmp_path) == ["out"]
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+def test_paths_that_are_not_utf8(capsys, tmp_path, tiny_models, calib_file):
+    """Linux names are bytes: a model folder, --calib and OUT under a name that is not valid UTF-8. The model was
+    reported as a "corrupt or unreadable safetensors file" (safetensors and tokenizers cannot open such a path), a
+    compile with such a --calib died with a traceback writing the report after all the work, and an OUT compiled
+    there could not be read back by eval / run / inspect."""
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/n\xff\xfe"))
+    folder.mkdir()
+    model = shutil.copytree(tiny_models["llama"], folder / "model")
+    calib = shutil.copy(calib_file, folder / "calib.jsonl")
+    out = folder / "out"
+    assert cli.main([str(model), "-o", str(out), "--calib", str(calib), *SMALL]) == 0, capsys.readouterr().err
+    assert "\\udcff\\udcfe" in (out / "qcompile_report.md").read_text(encoding="utf-8")  # as stderr shows it
+    assert cli.main(["eval", str(out), "--data", str(calib), "--seq-len", "32", "--max-windows", "1"]) == 0
+    assert cli.main(["run", str(out), "--prompt", "hi", "--raw", "--max-new-tokens", "1"]) == 0
+    assert cli.main(["inspect", str(out)]) == 0
+    assert cli.main(["eval", str(model), "--data", str(calib), "--seq-len", "32", "--max-windows", "1"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ other subcommands

@@ -469,6 +469,15 @@ def test_dump_is_a_file(capsys, tmp_path, tiny_models):
                          "--dump", "not a folder")
 
 
+@pytest.mark.parametrize("where", [".", "dump", "a/b"])
+def test_dump_in_the_model_folder(capsys, tmp_path, model_copy, calib_file, where):
+    """--dump equal to or inside the model folder wrote layerNNN/ into it (an input is never written)."""
+    before = sorted(p.name for p in model_copy.iterdir())
+    expect_compile_error(capsys, tmp_path, model_copy, ["--calib", calib_file, "--dump", model_copy / where],
+                         "--dump", "the model folder", "never written")
+    assert sorted(p.name for p in model_copy.iterdir()) == before
+
+
 def test_out_under_a_file(capsys, tmp_path, tiny_models):
     (tmp_path / "afile").write_text("x")
     expect_error(capsys, [tiny_models["llama"], "-o", tmp_path / "afile" / "sub", *SMALL],

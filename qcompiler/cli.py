@@ -41,9 +41,10 @@ sparsity: `--passes sparse:ratio=0.5` alone writes the pruned float model; `spar
   ascend310p --dtype float16` the sparse-quantized W8A8S artifact. The compressed W8A8SC form needs
   msModelSlim's closed compression tool: out of scope (compress the W8A8S artifact with it).
 mixture of experts (Qwen3-MoE, Qwen2-MoE): every expert Linear is its own site (mlp.experts.{e}.gate_proj ...);
-  w8a8d and w4a8d on experts (one scheme for all experts of a layer: --passes 'w4a8d:match=mlp\\.experts,w8a8d'),
-  any scheme on attention; the router and shared_expert_gate stay float; smooth / awq / gptq / sparse / fallback,
-  static-activation and weight-only schemes on experts are refused (README "Mixture of experts").
+  w8a8d, w4a8d or w4a16 (group > 0) on experts (one scheme for all experts of a layer: --passes
+  'w4a8d:match=mlp\\.experts,w8a8d'), any scheme on attention, kv8, fa3; gptq (each expert's routed tokens) and
+  fallback (a layer's experts all together); the router and shared_expert_gate stay float. Refused: smooth / awq /
+  sparse, and static-activation or w8a16 schemes on experts (README "Mixture of experts").
 other commands: qcompile eval | run | inspect | passes | quant (each with --help)
 """ + trust.TRUST_NOTE + "\n"
 
@@ -151,8 +152,10 @@ def _run_parser():
                                 "float MODEL_DIR.", epilog=MODEL_EPILOG)
     p.add_argument("model", metavar="OUT|MODEL_DIR", type=_nonempty("a compiled OUT, a model folder or an alias"),
                    help=MODEL_HELP)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompt", required=True, help="the text to continue (rendered with the tokenizer's chat "
+                   "template unless --raw)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64; prompt + new "
+                   "tokens must fit max_position_embeddings)")
     p.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole sequence at every step instead of using the KV cache")
@@ -167,7 +170,7 @@ def _inspect_parser():
                                 "with per-node quantization specs.", epilog=MODEL_EPILOG)
     p.add_argument("model", metavar="OUT|MODEL_DIR", type=_nonempty("a compiled OUT, a model folder or an alias"),
                    help=MODEL_HELP)
-    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("--layer", type=int, default=0, help="decoder layer to show (default 0)")
     trust.add_flag(p)
     return p
 

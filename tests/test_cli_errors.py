@@ -447,6 +447,28 @@ def test_eval_help(capsys):
         assert needle in out, needle
 
 
+@pytest.mark.parametrize("parser", ["_compile_parser", "_eval_parser", "_run_parser", "_inspect_parser"])
+def test_every_argument_has_help(parser):
+    """`qcompile run --help` listed --prompt and --max-new-tokens (and inspect its --layer, every subcommand its
+    OUT|MODEL_DIR) with no word of what they are or their default."""
+    bare = [a.option_strings or [a.dest] for a in getattr(cli, parser)()._actions if not a.help]
+    assert bare == [], bare
+
+
+def test_help_moe_paragraph_matches_the_checks(capsys):
+    """`qcompile --help` said gptq, fallback and weight-only schemes were refused on MoE models; they are not
+    (passes/moe_checks.py refuses STATISTICS_PASSES and static-activation / W8A16 expert schemes)."""
+    from qcompiler.passes.moe_checks import STATISTICS_PASSES
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    moe = " ".join(out.split("mixture of experts")[1].split("other commands")[0].split())
+    refused = moe.split("Refused:")[1].split(" and ")[0]
+    assert sorted(x.strip(" ,") for x in refused.split("/")) == sorted(STATISTICS_PASSES), refused
+    for works in ("gptq", "fallback", "w4a16"):
+        assert works in moe.split("Refused:")[0], works
+
+
 # ------------------------------------------------------------------------------------- console script
 
 def test_console_script_one_line(tmp_path):

@@ -387,6 +387,14 @@ def test_eval_missing_data(capsys, tmp_path, tiny_models):
                  "--data", "nope.jsonl", "does not exist")
 
 
+@pytest.mark.parametrize("body, needle", [("", "is empty"), ("not json\n", "line 1: not valid JSON")])
+def test_eval_bad_data_names_data(capsys, tmp_path, tiny_models, body, needle):
+    """An empty or broken --data file of eval was called a "calibration set"."""
+    data = tmp_path / "eval.jsonl"
+    data.write_text(body)
+    expect_error(capsys, ["eval", tiny_models["llama"], "--data", data], f"--data {data}", needle)
+
+
 def test_eval_on_unknown_folder(capsys, tmp_path, calib_file):
     folder = tmp_path / "random"
     folder.mkdir()

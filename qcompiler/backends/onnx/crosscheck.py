@@ -45,7 +45,7 @@ def crosscheck(out_dir: Path, data_path: Path, seq_len: int = 512, max_windows: 
         export_onnx(out_dir, dest=onnx_dir, log=log)
     exe = load_compiled_model(out_dir)
     onx = pick_onnx(onnx_dir, None, "onnx")
-    windows = make_windows(exe.tokenizer, read_texts(data_path), seq_len, max_windows)
+    windows = make_windows(exe.tokenizer, read_texts(data_path, "--data"), seq_len, max_windows)
     head = exe.head
     pe = head.rope(windows.shape[1])
     with torch.inference_mode():

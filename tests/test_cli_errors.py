@@ -268,6 +268,16 @@ def test_recipe_calib_not_a_path(capsys, tmp_path, tiny_models):
     expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--recipe", path], "'calib' must be a string", "5")
 
 
+@pytest.mark.parametrize("body", ["passes: []\n", "passes:\n", "target: ''\n", "calib: ''\n", "dtype:\n"])
+def test_recipe_empty_value(capsys, tmp_path, tiny_models, body):
+    """`passes: []` compiled the default w8a8, `target: ''` said "unknown --target ''", `calib: ''` sampled from the
+    model: an empty recipe value is refused, naming the key."""
+    path = tmp_path / "r.yaml"
+    path.write_text(body)
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--recipe", path],
+                         str(path), f"'{body.split(':')[0]}' is empty")
+
+
 def test_recipe_bad_pass_option(capsys, tmp_path, tiny_models):
     path = tmp_path / "r.yaml"
     path.write_text("passes:\n  - w8a8: {foo: 1}\n")

@@ -223,9 +223,16 @@ def _weight_map(path: Path) -> dict[str, str]:
     if index.is_file():
         try:
             wmap = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, OSError) as e:
+        except (ValueError, KeyError, TypeError, OSError) as e:
             raise QCError(f"{index}: unreadable index ({e}); expected {{'weight_map': {{...}}}}") from None
+        if not isinstance(wmap, dict) or not all(isinstance(f, str) for f in wmap.values()):
+            raise QCError(f"{index}: weight_map is not {{tensor name: file name}}")
         for f in sorted(set(wmap.values())):
+            parts = Path(f).parts
+            if not f or Path(f).is_absolute() or ".." in parts or not f.endswith(".safetensors"):
+                # a crafted index pulled another folder's file into the artifact: the model folder is read alone
+                raise QCError(f"{index}: shard {f!r} is not a .safetensors file inside the model folder; expected "
+                              "file names relative to it")
             if not (path / f).is_file():
                 raise QCError(f"{index}: shard {f} is missing")
             _check_header(path / f)

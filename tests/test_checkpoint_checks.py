@@ -76,6 +76,28 @@ def test_architectures_not_a_list(capsys, monkeypatch, tmp_path, model_copy, cal
                    "config.json", "architectures is 'LlamaForCausalLM'", "expected a list")
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "ABSOLUTE", "sub/../../outside.safetensors"])
+def test_index_shard_outside_the_model_folder(capsys, monkeypatch, tmp_path, model_copy, calib_file, shard):
+    """model.safetensors.index.json naming a file outside the folder ('../x', an absolute path) was read: a crafted
+    folder pulled another checkpoint's weights into the artifact."""
+    from safetensors import safe_open
+    outside = tmp_path / "outside.safetensors"
+    (model_copy / "model.safetensors").rename(outside)
+    shard = str(outside) if shard == "ABSOLUTE" else shard
+    with safe_open(str(outside), "pt") as f:
+        names = list(f.keys())
+    (model_copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: shard for n in names}}))
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file,
+                   "index.json", repr(shard), "inside the model folder")
+
+
+@pytest.mark.parametrize("body", ["[]", '{"weight_map": ["a"]}', '{"weight_map": {"x": 5}}'])
+def test_index_not_a_weight_map(capsys, monkeypatch, tmp_path, model_copy, calib_file, body):
+    """An index that is a list gave a traceback (TypeError)."""
+    (model_copy / "model.safetensors.index.json").write_text(body)
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file, "index.json")
+
+
 def test_model_type_must_build_the_architecture(capsys, monkeypatch, tmp_path, model_copy, calib_file):
     edit_config(model_copy, model_type="qwen2")
     expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file,

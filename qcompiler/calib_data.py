@@ -73,11 +73,11 @@ def read_texts(path: str | Path, label: str = "calibration set") -> list[str]:
     return texts
 
 
-def _not_utf8(path: Path, reason: str, byte: int, label: str) -> QCError:
+def _not_utf8(path: Path, reason: str, byte: int, label: str = "calibration set") -> QCError:
     return QCError(f"{label} {path} is not UTF-8 text ({reason} at byte {byte})")
 
 
-def _jsonl_texts(path: Path, label: str) -> list[str]:
+def _jsonl_texts(path: Path, label: str = "calibration set") -> list[str]:
     """The texts of a `.jsonl`, read a line at a time, with the errors of decoding the whole file and then parsing
     its `str.splitlines()` (what it did before, 3-4x the file in memory): a byte that is not UTF-8 anywhere in the
     file wins over a bad line before it (the rest is still decoded after a bad line), whose error is raised at the
@@ -109,7 +109,7 @@ def _jsonl_texts(path: Path, label: str) -> list[str]:
     return texts
 
 
-def _text_of_line(path: Path, number: int, line: str, label: str) -> str:
+def _text_of_line(path: Path, number: int, line: str, label: str = "calibration set") -> str:
     where = f"{label} {path}, line {number}"
     try:
         row = json.loads(line)

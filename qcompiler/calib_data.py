@@ -50,33 +50,34 @@ _EXPECTED = {
 
 # ---------------------------------------------------------------------------------------------- reading
 
-def read_texts(path: str | Path) -> list[str]:
-    """The texts of a calibration file (`.jsonl` or `.txt`), in file order, empty texts left out."""
+def read_texts(path: str | Path, label: str = "calibration set") -> list[str]:
+    """The texts of a calibration file (`.jsonl` or `.txt`), in file order, empty texts left out. `label` starts
+    every error message (eval's evaluation text: "--data")."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in EXTENSIONS:
-        raise QCError(f"calibration set {path}: unsupported file type '{path.suffix}': "
+        raise QCError(f"{label} {path}: unsupported file type '{path.suffix}': "
                       f"expected one of {', '.join(EXTENSIONS)}")
     if not path.is_file():
-        raise QCError(f"calibration set {path} not found")
+        raise QCError(f"{label} {path} not found")
     if suffix == ".jsonl":
-        texts = _jsonl_texts(path)
+        texts = _jsonl_texts(path, label)
     else:
         try:
             texts = [path.read_text(encoding="utf-8")]
         except UnicodeDecodeError as exc:
-            raise _not_utf8(path, exc.reason, exc.start) from None
+            raise _not_utf8(path, exc.reason, exc.start, label) from None
     texts = [t for t in texts if t.strip()]
     if not texts:
-        raise QCError(f"calibration set {path} is empty: expected {_EXPECTED[suffix]}")
+        raise QCError(f"{label} {path} is empty: expected {_EXPECTED[suffix]}")
     return texts
 
 
-def _not_utf8(path: Path, reason: str, byte: int) -> QCError:
-    return QCError(f"calibration set {path} is not UTF-8 text ({reason} at byte {byte})")
+def _not_utf8(path: Path, reason: str, byte: int, label: str = "calibration set") -> QCError:
+    return QCError(f"{label} {path} is not UTF-8 text ({reason} at byte {byte})")
 
 
-def _jsonl_texts(path: Path) -> list[str]:
+def _jsonl_texts(path: Path, label: str = "calibration set") -> list[str]:
     """The texts of a `.jsonl`, read a line at a time, with the errors of decoding the whole file and then parsing
     its `str.splitlines()` (what it did before, 3-4x the file in memory): a byte that is not UTF-8 anywhere in the
     file wins over a bad line before it (the rest is still decoded after a bad line), whose error is raised at the
@@ -90,14 +91,14 @@ def _jsonl_texts(path: Path) -> list[str]:
             try:
                 lines = piece.decode("utf-8").splitlines()
             except UnicodeDecodeError as exc:
-                raise _not_utf8(path, exc.reason, offset + exc.start) from None
+                raise _not_utf8(path, exc.reason, offset + exc.start, label) from None
             offset += len(piece)
             for line in lines:
                 number += 1
                 if bad is not None or not line.strip():
                     continue
                 try:
-                    text = _text_of_line(path, number, line)
+                    text = _text_of_line(path, number, line, label)
                 except QCError as exc:
                     bad = exc
                     continue
@@ -108,8 +109,8 @@ def _jsonl_texts(path: Path) -> list[str]:
     return texts
 
 
-def _text_of_line(path: Path, number: int, line: str) -> str:
-    where = f"calibration set {path}, line {number}"
+def _text_of_line(path: Path, number: int, line: str, label: str = "calibration set") -> str:
+    where = f"{label} {path}, line {number}"
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:

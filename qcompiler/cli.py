@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, knobs, trust
-from .errors import QCError
+from .errors import QCError, require_file
 from .interrupts import handle_signals
 
 COMMANDS = ("compile", "eval", "run", "inspect", "passes", "quant")
@@ -41,9 +41,10 @@ sparsity: `--passes sparse:ratio=0.5` alone writes the pruned float model; `spar
   ascend310p --dtype float16` the sparse-quantized W8A8S artifact. The compressed W8A8SC form needs
   msModelSlim's closed compression tool: out of scope (compress the W8A8S artifact with it).
 mixture of experts (Qwen3-MoE, Qwen2-MoE): every expert Linear is its own site (mlp.experts.{e}.gate_proj ...);
-  w8a8d and w4a8d on experts (one scheme for all experts of a layer: --passes 'w4a8d:match=mlp\\.experts,w8a8d'),
-  any scheme on attention; the router and shared_expert_gate stay float; smooth / awq / gptq / sparse / fallback,
-  static-activation and weight-only schemes on experts are refused (README "Mixture of experts").
+  w8a8d, w4a8d or w4a16 (group > 0) on experts (one scheme for all experts of a layer: --passes
+  'w4a8d:match=mlp\\.experts,w8a8d'), any scheme on attention, kv8, fa3; gptq (each expert's routed tokens) and
+  fallback (a layer's experts all together); the router and shared_expert_gate stay float. Refused: smooth / awq /
+  sparse, and static-activation or w8a16 schemes on experts (README "Mixture of experts").
 other commands: qcompile eval | run | inspect | passes | quant (each with --help)
 """ + trust.TRUST_NOTE + "\n"
 
@@ -53,25 +54,37 @@ MODEL_EPILOG = ("OUT|MODEL_DIR: a compiled OUT folder (its executable/ graph), a
                 + trust.TRUST_NOTE)
 
 
+def _nonempty(what: str, convert=str):
+    """argparse type: refuse an empty value (`--dump ""` was the current folder, `--target ""` the default)."""
+    def parse(text: str):
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"empty value; expected {what}")
+        return convert(text)
+    return parse
+
+
 def _compile_parser(prog="qcompile"):
     p = argparse.ArgumentParser(prog=prog, description="Compile a Hugging Face LLM into a quantized Ascend "
                                 "artifact plus an executable graph that reproduces the NPU kernels on CPU.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL_DIR", help="Hugging Face model folder or alias")
-    p.add_argument("-o", "--out", required=True, type=Path,
+    p.add_argument("model", metavar="MODEL_DIR", type=_nonempty("a model folder or alias"),
+                   help="Hugging Face model folder or alias")
+    p.add_argument("-o", "--out", required=True, type=_nonempty("an output folder", Path),
                    help="output folder: must not exist (with --force: may be a previous compile's OUT, or empty) and "
                    "must neither overlap the model folder or --dump nor contain the --calib / --recipe file")
-    p.add_argument("--passes", default=None, help="pass pipeline (default: w8a8)")
-    p.add_argument("--recipe", type=Path, help="YAML recipe (passes, target, dtype, exclude, ...)")
-    p.add_argument("--target", default=None, help="ascend910b (Atlas 800I A2, default), ascend310p (300I Duo: "
+    p.add_argument("--passes", default=None, type=_nonempty("a pass pipeline, e.g. w8a8"),
+                   help="pass pipeline (default: w8a8)")
+    p.add_argument("--recipe", type=_nonempty("a YAML file", Path), help="YAML recipe (passes, target, dtype, exclude, ...)")
+    p.add_argument("--target", default=None, type=_nonempty("ascend910b, ascend310p or onnx"), help="ascend910b (Atlas 800I A2, default), ascend310p (300I Duo: "
                    "float16 only; W8A8, W8A8S, W8A16) or onnx "
                    "(adds OUT/onnx/model.onnx, run by onnxruntime)")
-    p.add_argument("--calib", type=Path, help=".jsonl (inputs_pretokenized or text) or .txt calibration text")
+    p.add_argument("--calib", type=_nonempty("a .jsonl or .txt file", Path), help=".jsonl (inputs_pretokenized or text) or .txt calibration text")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default 64; 16 when sampled from the model)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence (default 512; 256 when sampled from the model)")
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default=None,
                    help="model dtype of the artifact (default: the checkpoint's)")
     p.add_argument("--exclude", action="append", default=None, metavar="REGEX",
+                   type=_nonempty("a regular expression (an empty one matches every Linear)"),
                    help="keep Linears whose full name matches in float (repeatable), e.g. 'mlp\\.down_proj'")
     p.add_argument("--policy", choices=["auto", "qwen", "none"], default=None,
                    help="built-in float Linears: qwen keeps every mlp.down_proj float (msModelSlim's Qwen2.5 W8A8 "
@@ -81,7 +94,7 @@ def _compile_parser(prog="qcompile"):
                    help="engine that must load the artifact: a pipeline it cannot load is an error before any work "
                    "(e.g. fa3 or w4a16 with vllm-ascend); any (default): at least one engine; the report lists which "
                    "engines load it (README: engine support matrix)")
-    p.add_argument("--dump", type=Path, help="write the graph after every pass that changed it to DIR "
+    p.add_argument("--dump", type=_nonempty("a folder", Path), help="write the graph after every pass that changed it to DIR "
                    "(DIR/layerLLL/NNN_PASS.txt: shapes of every node, the pass's stats and what it did to each tensor)")
     p.add_argument("--dump-layers", default=None, metavar="LIST", help="with --dump: only these layers, e.g. 0,3")
     p.add_argument("--dump-passes", default=None, metavar="LIST",
@@ -111,6 +124,8 @@ def _workers_value(text: str) -> int:
     return n
 
 
+MODEL_HELP = "a compiled OUT folder (its executable graph), a Hugging Face model folder, or an alias"
+
 RUNTIME_HELP = ("onnx: OUT/onnx/model.onnx with onnxruntime; executable: OUT/executable; auto (default): onnx for "
                 "an onnx folder or an OUT compiled with --target onnx, else the executable graph")
 
@@ -118,8 +133,9 @@ RUNTIME_HELP = ("onnx: OUT/onnx/model.onnx with onnxruntime; executable: OUT/exe
 def _eval_parser():
     p = argparse.ArgumentParser(prog="qcompile eval", description="Perplexity of a compiled OUT (its executable "
                                 "graph) or of the float MODEL_DIR (same code path).", epilog=MODEL_EPILOG)
-    p.add_argument("model", metavar="OUT|MODEL_DIR")
-    p.add_argument("--data", type=Path, required=True, help=".jsonl or .txt evaluation text")
+    p.add_argument("model", metavar="OUT|MODEL_DIR", type=_nonempty("a compiled OUT, a model folder or an alias"),
+                   help=MODEL_HELP)
+    p.add_argument("--data", type=_nonempty("a .jsonl or .txt file", Path), required=True, help=".jsonl or .txt evaluation text")
     p.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default=None, help="float model only")
@@ -134,9 +150,12 @@ def _eval_parser():
 def _run_parser():
     p = argparse.ArgumentParser(prog="qcompile run", description="Greedy generation from a compiled OUT or a "
                                 "float MODEL_DIR.", epilog=MODEL_EPILOG)
-    p.add_argument("model", metavar="OUT|MODEL_DIR")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("model", metavar="OUT|MODEL_DIR", type=_nonempty("a compiled OUT, a model folder or an alias"),
+                   help=MODEL_HELP)
+    p.add_argument("--prompt", required=True, help="the text to continue (rendered with the tokenizer's chat "
+                   "template unless --raw)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64; prompt + new "
+                   "tokens must fit max_position_embeddings)")
     p.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole sequence at every step instead of using the KV cache")
@@ -149,8 +168,9 @@ def _run_parser():
 def _inspect_parser():
     p = argparse.ArgumentParser(prog="qcompile inspect", description="Readable graph of one decoder layer "
                                 "with per-node quantization specs.", epilog=MODEL_EPILOG)
-    p.add_argument("model", metavar="OUT|MODEL_DIR")
-    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("model", metavar="OUT|MODEL_DIR", type=_nonempty("a compiled OUT, a model folder or an alias"),
+                   help=MODEL_HELP)
+    p.add_argument("--layer", type=int, default=0, help="decoder layer to show (default 0)")
     trust.add_flag(p)
     return p
 
@@ -166,8 +186,8 @@ def _cmd_compile(argv):
     recipe = load_recipe(a.recipe) if a.recipe else {}
     passes = parse_passes(a.passes) if a.passes else recipe.get("passes") or [("w8a8", {})]
     calib = a.calib or (Path(str(recipe["calib"])) if recipe.get("calib") else None)
-    if calib is not None and not calib.is_file():
-        raise QCError(f"--calib {calib} does not exist")
+    if calib is not None:
+        require_file("--calib", calib)
     opts = CompileOptions(
         model=a.model, out=a.out, passes=tuple(passes), target=a.target or recipe.get("target", "ascend910b"),
         dtype=a.dtype or recipe.get("dtype"), calib=calib, recipe_path=a.recipe,
@@ -214,8 +234,7 @@ def _cmd_eval(argv):
     from .evaluate import evaluate_file
     from .model_zoo import resolve_model_dir
     from .runtime import load_model
-    if not a.data.is_file():
-        raise QCError(f"--data {a.data} does not exist")
+    require_file("--data", a.data)
     if a.seq_len < 2:
         raise QCError(f"--seq-len must be >= 2, got {a.seq_len}")
     check_seq_len(a.seq_len, max_positions(resolve_model_dir(a.model)))  # OUT or model folder: config.json
@@ -282,8 +301,17 @@ def _single_process_only(command: str) -> None:
                       "as one process")
 
 
+def _printable_stdout() -> None:
+    """A path that is not valid UTF-8 holds surrogate escapes: under a UTF-8 locale stdout is strict and printing
+    it (the "wrote OUT" line, inspect's title) raised UnicodeEncodeError after the work was done. Write it as
+    stderr does (backslashreplace: \\udcff)."""
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _printable_stdout()
     if knobs.threads():
         import torch
         torch.set_num_threads(knobs.threads())

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import QCError
+from .errors import QCError, require_file
 
 PassSpec = tuple[str, dict]   # (pass name, {option: value})
 
@@ -66,8 +66,7 @@ def load_recipe(path: str | Path) -> dict:
     """Read a YAML recipe into a dict of compile options (passes parsed to PassSpecs)."""
     import yaml
     path = Path(path)
-    if not path.is_file():
-        raise QCError(f"recipe {path} does not exist")
+    require_file("recipe", path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -77,6 +76,10 @@ def load_recipe(path: str | Path) -> dict:
     unknown = set(data) - RECIPE_KEYS
     if unknown:
         raise QCError(f"{path}: unknown recipe keys {sorted(unknown)}; valid: {', '.join(sorted(RECIPE_KEYS))}")
+    empty = [k for k in ("passes", "target", "dtype", "calib", "policy", "engine")
+             if k in data and (data[k] is None or data[k] == [] or (isinstance(data[k], str) and not data[k].strip()))]
+    if empty:  # `passes: []` compiled the default w8a8, `calib: ""` sampled from the model: a mistake, said so
+        raise QCError(f"{path}: '{empty[0]}' is empty; give it a value or leave the key out")
     if "passes" in data:
         data["passes"] = _recipe_passes(data["passes"], path)
     if "exclude" in data:

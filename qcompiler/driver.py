@@ -39,7 +39,7 @@ from .ir.moe import is_moe_layer, routed_token_counts
 from .loading import check_float16_range, dtype_name, load_tokenizer, open_checkpoint
 from .memory import check_sampling_memory, long_lived_frozen, release_freed_memory
 from .model_zoo import resolve_model_dir
-from .outdir import OutputFolder, estimate_output_bytes
+from .outdir import OutputFolder, estimate_output_bytes, resolved
 from .passes import TAIL, LayerContext, PassManager, make_pass
 from .passes.group_size import first_claim, layer_fused_groups, layer_linear_shapes, model_linear_shapes, \
     resolve_group_sizes
@@ -160,9 +160,13 @@ def shard_limit(part_file_size: int | None) -> dict:
     return {"max_shard_bytes": part_file_size * 2**30 if part_file_size > 0 else 2**62}
 
 
-def _check_dump(dump: Path | None) -> None:
+def _check_dump(dump: Path | None, model_dir: Path) -> None:
     if dump is None:
         return
+    where, model = resolved(dump), resolved(model_dir)
+    if where == model or model in where.parents:  # it wrote layerNNN/ into the model folder
+        raise QCError(f"--dump {dump} {'is' if where == model else 'lies inside'} the model folder {model_dir}: "
+                      "the model folder is an input and is never written; choose another --dump")
     if dump.exists() and not dump.is_dir():
         raise QCError(f"--dump {dump} exists and is not a folder")
     try:
@@ -240,7 +244,7 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     check_simulate_tp(pm.passes, ckpt.config, group_size)
     features = pipeline_features(pm.passes, ckpt.config, opts.exclude, ckpt.has, target.name, ckpt.model_type)
     warnings = warnings + check_engine(opts.engine, features)  # --engine: exit 2 here if it cannot load it
-    _check_dump(dump if distributed.is_writer() else None)
+    _check_dump(dump if distributed.is_writer() else None, model_dir)
     if (opts.dump_layers is not None or opts.dump_passes is not None) and not dump:
         raise QCError("--dump-layers / --dump-passes select what --dump writes: give --dump DIR too")
     check_dump_filter(opts.dump_layers, opts.dump_passes, ckpt.num_layers, pm.names)

@@ -18,3 +18,16 @@ class DiskFullError(QCError):
 
 class PassError(QCError):
     """A pass failed; the message names the pass and the passes that ran before it."""
+
+
+def require_file(label: str, path) -> None:
+    """QCError unless `path` is an existing file: "LABEL PATH does not exist" or, for a folder (or another
+    non-file), "LABEL PATH is a folder; expected a file" (it used to say "does not exist" there too)."""
+    import os
+    if os.path.isfile(path):
+        return
+    if os.path.isdir(path):
+        raise QCError(f"{label} {path} is a folder; expected a file")
+    if os.path.lexists(path):
+        raise QCError(f"{label} {path} is not a regular file; expected a file")
+    raise QCError(f"{label} {path} does not exist")

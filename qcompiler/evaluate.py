@@ -69,7 +69,7 @@ def _perplexity_whole(model: LoadedModel, windows: torch.LongTensor, batch_size:
 
 def evaluate_file(model: LoadedModel, data_path, seq_len: int, max_windows: int | None = None,
                   batch_size: int | None = None) -> dict:
-    windows = make_windows(model.tokenizer, read_texts(data_path), seq_len, max_windows)
+    windows = make_windows(model.tokenizer, read_texts(data_path, "--data"), seq_len, max_windows)
     check_token_ids(windows, embedding_rows(model), model.tokenizer, f"--data {data_path}")
     result = perplexity(model, windows, batch_size)
     result.update(data=str(data_path), model_kind=model.kind, dtype=model.info.get("dtype"))

@@ -44,10 +44,11 @@ from pathlib import Path
 
 import torch
 import torch.utils._pytree as pytree
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .errors import QCError
+from .safetensors_open import safe_open
 from .ir import graph_json
 from .model import Head, LoadedModel
 

@@ -158,7 +158,8 @@ def load_fast_tokenizer(folder: Path) -> FastTokenizer | None:
         return None
     from tokenizers import Tokenizer, processors
     try:
-        backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        # from_str, not from_file: the tokenizers library cannot open a path that is not valid UTF-8
+        backend = Tokenizer.from_str((folder / "tokenizer.json").read_text(encoding="utf-8"))
     except Exception:  # the tokenizers library raises its own exception type for a damaged file
         return None
     if backend.get_vocab_size() > MAX_VOCAB:  # with added tokens, as TokenizersBackend.__init__ counts

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from .checkpoint_checks import check_checkpoint, header_dtype
 from .errors import QCError
+from .safetensors_open import safe_open
 from .trust import check_config, check_tokenizer_files
 
 #: architecture (config.json "architectures"[0]) -> model_type.
@@ -188,13 +189,19 @@ def _read_config(path: Path) -> dict:
     if not cfg_path.is_file():
         raise QCError(f"{path}: no config.json; expected a Hugging Face model folder")
     try:
-        return json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text())
     except (ValueError, OSError) as e:
         raise QCError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise QCError(f"{cfg_path}: a JSON {type(cfg).__name__}, expected a JSON object (the model's configuration)")
+    return cfg
 
 
 def _architecture(cfg: dict, path: Path) -> str:
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise QCError(f"{path / 'config.json'}: architectures is {archs!r}; expected a list of class names, "
+                      "e.g. [\"LlamaForCausalLM\"]")
     arch = archs[0] if archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
         raise QCError(f"{path}: architecture {arch!r} is not supported; supported: "
@@ -216,9 +223,16 @@ def _weight_map(path: Path) -> dict[str, str]:
     if index.is_file():
         try:
             wmap = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, OSError) as e:
+        except (ValueError, KeyError, TypeError, OSError) as e:
             raise QCError(f"{index}: unreadable index ({e}); expected {{'weight_map': {{...}}}}") from None
+        if not isinstance(wmap, dict) or not all(isinstance(f, str) for f in wmap.values()):
+            raise QCError(f"{index}: weight_map is not {{tensor name: file name}}")
         for f in sorted(set(wmap.values())):
+            parts = Path(f).parts
+            if not f or Path(f).is_absolute() or ".." in parts or not f.endswith(".safetensors"):
+                # a crafted index pulled another folder's file into the artifact: the model folder is read alone
+                raise QCError(f"{index}: shard {f!r} is not a .safetensors file inside the model folder; expected "
+                              "file names relative to it")
             if not (path / f).is_file():
                 raise QCError(f"{index}: shard {f} is missing")
             _check_header(path / f)
@@ -294,6 +308,8 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     seconds), else transformers' AutoTokenizer (built-in classes only)."""
     from .fast_tokenizer import load_fast_tokenizer
     check_tokenizer_files(path, trust_remote_code)
+    if (path / "config.json").is_file():  # transformers' AutoTokenizer reads it (a compiled OUT's config.json too)
+        _read_config(path)
     fast = load_fast_tokenizer(path)
     if fast is not None:
         return fast

@@ -18,9 +18,9 @@ import contextlib
 import gc
 
 import torch
-from safetensors import safe_open
 
 from .errors import QCError
+from .safetensors_open import safe_open
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 LOADER_FACTOR = 1.2

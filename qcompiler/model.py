@@ -163,10 +163,13 @@ def bind_graph(template: torch.fx.GraphModule, tensors: dict) -> torch.fx.GraphM
     """A new GraphModule running a copy of `template`'s graph on `tensors` ({attribute name: tensor}, as
     parameters); attributes `tensors` lacks (export's guard module, constants) are shared with `template`."""
     import copy
+    import warnings
     from .ir.graph_json import lazy_graph_module
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(template.graph, {}))
-    graph._codegen = copy.deepcopy(template.graph._codegen)
+    with warnings.catch_warnings():  # torch's own deprecation inside deepcopy of the pytree spec (as in capture.py):
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        graph._codegen = copy.deepcopy(template.graph._codegen)  # it reached users of eval / run of a float model
     root: dict = {}
     for node in graph.nodes:
         if node.op == "get_attr" and node.target in tensors:

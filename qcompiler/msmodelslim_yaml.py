@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import QCError
+from .errors import QCError, require_file
 from .msmodelslim_plan import FrontPlan, Unsupported, decoder_linear_names, glob_select, names_regex, pass_options
 
 SUBGRAPHS_ALL = ("norm-linear", "linear-linear", "ov", "up-down")
@@ -52,8 +52,7 @@ QCONFIG_KEYS = {"dtype", "scope", "symmetric", "method", "ext"}
 def load_config(path: Path) -> dict:
     import yaml
     path = Path(path)
-    if not path.is_file():
-        raise QCError(f"--config_path {path} does not exist")
+    require_file("--config_path", path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 from . import trust
-from .errors import QCError
+from .errors import QCError, require_file
 from .msmodelslim_flags import DEFAULTS as SCRIPT_DEFAULTS
 from .msmodelslim_flags import FLAG_HELP, FLAG_MAP
 from .recipes import QUANT_TYPE_RECIPES, check_quant_type
@@ -59,7 +59,13 @@ class QuantArgumentParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         args = list(sys.argv[1:] if args is None else args)
         self._empty_eq = [a for a in args if a.startswith("--") and a.endswith("=")]
-        return super().parse_args(args, namespace)
+        parsed = super().parse_args(args, namespace)
+        # `--save_path ""` was the current folder and `--quant_type ""` the default: an empty value is a mistake
+        empty = [a[:-1] for a in self._empty_eq] + [a for a, b in zip(args, args[1:])
+                                                     if a.startswith("--") and "=" not in a and not b.strip()]
+        if empty:
+            raise QCError(f"qcompile quant: {empty[0]} has an empty value; expected a value after it")
+        return parsed
 
 
 def parser() -> QuantArgumentParser:
@@ -124,8 +130,11 @@ def _read_config(model_dir: Path, trust_remote_code: bool) -> dict:
         cfg = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise QCError(f"{model_dir}/config.json: cannot read it ({e})") from None
+    if not isinstance(cfg, dict):
+        raise QCError(f"{model_dir}/config.json: a JSON {type(cfg).__name__}, expected a JSON object (the model's "
+                      "configuration)")
     trust.check_config(model_dir / "config.json", cfg, SUPPORTED_ARCHITECTURES, trust_remote_code)
-    if not isinstance(cfg, dict) or "num_hidden_layers" not in cfg:
+    if "num_hidden_layers" not in cfg:
         raise QCError(f"{model_dir}/config.json: not a decoder LLM config (no num_hidden_layers)")
     return cfg
 
@@ -201,8 +210,8 @@ def compile_options(plan, model_dir: Path, out: Path, a: argparse.Namespace, for
     """The CompileOptions `qcompile MODEL --passes ...` would build for this plan."""
     from .config import CompileOptions
     calib = a.calib_file if a.calib_file is not None else plan.calib
-    if calib is not None and not Path(calib).is_file():
-        raise QCError(f"--calib_file {calib} does not exist")
+    if calib is not None:
+        require_file("--calib_file", calib)
     return CompileOptions(model=str(model_dir), out=out, passes=tuple(plan.passes), target=plan.target,
                           dtype=plan.dtype, calib=Path(calib) if calib is not None else None,
                           calib_texts=tuple(plan.calib_texts) if plan.calib_texts and calib is None else None,
@@ -223,8 +232,8 @@ def run(argv) -> dict:
     if a.save_path is not None and a.save_directory is not None:
         raise QCError("qcompile quant: give --save_path or --save_directory, not both")
     notes = [n for n in (check_device(a.device), check_device(a.device_type, "--device_type")) if n]
-    if a.calib_file is not None and not a.calib_file.is_file():
-        raise QCError(f"--calib_file {a.calib_file} does not exist")
+    if a.calib_file is not None:
+        require_file("--calib_file", a.calib_file)
     model_dir = resolve_model_dir(a.model_path)
     plan = plan_for(a, model_dir)
     force = a.force

@@ -117,4 +117,5 @@ def _fallback_md(f: dict) -> list[str]:
 
 def write_report(folder: Path, report: dict) -> None:
     (Path(folder) / "qcompile_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (Path(folder) / "qcompile_report.md").write_text(_markdown(report))
+    # a path that is not valid UTF-8 (model, --calib) holds surrogate escapes: written as \udcXX, as stderr shows it
+    (Path(folder) / "qcompile_report.md").write_text(_markdown(report), encoding="utf-8", errors="backslashreplace")

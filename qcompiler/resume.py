@@ -40,10 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .errors import QCError
+from .safetensors_open import safe_open
 from .ir.capture import LayerInputs
 
 STATE_DIR = ".resume"

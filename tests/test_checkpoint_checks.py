@@ -51,6 +51,53 @@ def test_rotary_inv_freq_in_checkpoint_is_ignored(capsys, model_copy):
     assert cli.main(["inspect", str(model_copy)]) == 0, capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("content", ["[1, 2]", '"LlamaForCausalLM"', "null"])
+def test_config_json_not_an_object(capsys, monkeypatch, tmp_path, model_copy, calib_file, command, content):
+    """A config.json holding valid JSON that is not an object gave a traceback (AttributeError: 'list' object has
+    no attribute 'get') in every command."""
+    (model_copy / "config.json").write_text(content)
+    expect_refused(capsys, monkeypatch, tmp_path, command, model_copy, calib_file,
+                   "config.json", "expected a JSON object")
+
+
+def test_compiled_out_config_json_not_an_object(capsys, model_copy, calib_file, tmp_path):
+    """An OUT whose config.json is a list: the tokenizer was blamed (TypeError from transformers)."""
+    out = tmp_path / "out"
+    assert cli.main([str(model_copy), "-o", str(out), "--calib", str(calib_file), *SMALL]) == 0
+    (out / "config.json").write_text("[]")
+    expect_error(capsys, ["inspect", out], str(out / "config.json"), "expected a JSON object")
+
+
+def test_architectures_not_a_list(capsys, monkeypatch, tmp_path, model_copy, calib_file):
+    """architectures given as a string was read as its first character: "architecture 'L' is not supported"."""
+    edit_config(model_copy, architectures="LlamaForCausalLM")
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file,
+                   "config.json", "architectures is 'LlamaForCausalLM'", "expected a list")
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "ABSOLUTE", "sub/../../outside.safetensors"])
+def test_index_shard_outside_the_model_folder(capsys, monkeypatch, tmp_path, model_copy, calib_file, shard):
+    """model.safetensors.index.json naming a file outside the folder ('../x', an absolute path) was read: a crafted
+    folder pulled another checkpoint's weights into the artifact."""
+    from safetensors import safe_open
+    outside = tmp_path / "outside.safetensors"
+    (model_copy / "model.safetensors").rename(outside)
+    shard = str(outside) if shard == "ABSOLUTE" else shard
+    with safe_open(str(outside), "pt") as f:
+        names = list(f.keys())
+    (model_copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: shard for n in names}}))
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file,
+                   "index.json", repr(shard), "inside the model folder")
+
+
+@pytest.mark.parametrize("body", ["[]", '{"weight_map": ["a"]}', '{"weight_map": {"x": 5}}'])
+def test_index_not_a_weight_map(capsys, monkeypatch, tmp_path, model_copy, calib_file, body):
+    """An index that is a list gave a traceback (TypeError)."""
+    (model_copy / "model.safetensors.index.json").write_text(body)
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file, "index.json")
+
+
 def test_model_type_must_build_the_architecture(capsys, monkeypatch, tmp_path, model_copy, calib_file):
     edit_config(model_copy, model_type="qwen2")
     expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file,

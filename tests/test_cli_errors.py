@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -151,6 +152,50 @@ def test_exclude_splits_fused_group(capsys, tmp_path, tiny_models, monkeypatch):
                          "q_proj", "k_proj", "v_proj", "exclude all of them or none")
 
 
+@pytest.mark.parametrize("command, option", [
+    ("compile", "MODEL_DIR"), ("compile", "-o"), ("compile", "--passes"), ("compile", "--target"),
+    ("compile", "--calib"), ("compile", "--recipe"), ("compile", "--dump"), ("compile", "--exclude"),
+    ("eval", "OUT|MODEL_DIR"), ("eval", "--data"), ("run", "OUT|MODEL_DIR"), ("inspect", "OUT|MODEL_DIR"),
+])
+def test_empty_option_value(capsys, tmp_path, tiny_models, calib_file, monkeypatch, command, option):
+    """An empty value (`--dump ""`, an unset shell variable) was taken as the current folder (`--dump ""` wrote
+    layerNNN/ there, `-o ""` said ". already exists") or as the default (`--target ""`, `--passes ""` compiled
+    w8a8 for ascend910b): now a usage error naming the option."""
+    argv = {"compile": [tiny_models["llama"], "-o", tmp_path / "out", "--calib", calib_file, *SMALL],
+            "eval": ["eval", tiny_models["llama"], "--data", calib_file],
+            "run": ["run", tiny_models["llama"], "--prompt", "hi"],
+            "inspect": ["inspect", tiny_models["llama"]]}[command]
+    argv = [str(a) for a in argv]
+    if option.isupper() or "|" in option:
+        argv[1 if command != "compile" else 0] = ""
+    elif option in argv:
+        argv[argv.index(option) + 1] = ""
+    else:
+        argv += [option, ""]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    expect_usage_error(capsys, argv, f"argument {option.replace('-o', '-o/--out')}", "empty value; expected")
+    assert os.listdir(cwd) == [] and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv, label", [
+    (["compile", "--calib"], "--calib"), (["compile", "--recipe"], "recipe"), (["eval", "--data"], "--data"),
+    (["quant", "--calib_file"], "--calib_file"), (["quant", "--config_path"], "--config_path"),
+])
+def test_input_file_is_a_folder(capsys, tmp_path, tiny_models, argv, label):
+    """A folder given where a file is expected was reported as "does not exist"."""
+    command, option = argv
+    folder = tmp_path / "afolder"
+    folder.mkdir()
+    model = str(tiny_models["llama"])
+    full = {"compile": [model, "-o", tmp_path / "out", option, folder],
+            "eval": ["eval", model, option, folder],
+            "quant": ["quant", "--model_path", model, "--save_path", tmp_path / "out", option, folder]}[command]
+    expect_error(capsys, full, f"{label} {folder} is a folder; expected a file")
+    assert leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("option, value, needle", [
     ("--calib-samples", "0", "--calib-samples must be >= 1"),
     ("--calib-samples", "-3", "--calib-samples must be >= 1"),
@@ -221,6 +266,16 @@ def test_recipe_calib_not_a_path(capsys, tmp_path, tiny_models):
     path = tmp_path / "r.yaml"
     path.write_text("calib: 5\n")
     expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--recipe", path], "'calib' must be a string", "5")
+
+
+@pytest.mark.parametrize("body", ["passes: []\n", "passes:\n", "target: ''\n", "calib: ''\n", "dtype:\n"])
+def test_recipe_empty_value(capsys, tmp_path, tiny_models, body):
+    """`passes: []` compiled the default w8a8, `target: ''` said "unknown --target ''", `calib: ''` sampled from the
+    model: an empty recipe value is refused, naming the key."""
+    path = tmp_path / "r.yaml"
+    path.write_text(body)
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--recipe", path],
+                         str(path), f"'{body.split(':')[0]}' is empty")
 
 
 def test_recipe_bad_pass_option(capsys, tmp_path, tiny_models):
@@ -314,11 +369,40 @@ def test_failure_mid_work_with_force_keeps_old_out(capsys, tmp_path, tiny_models
     assert leftovers(tmp_path) == ["out"]
 
 
+# ---------------------------------------------------------------------------------------------- paths
+
+def test_paths_that_are_not_utf8(capsys, tmp_path, tiny_models, calib_file):
+    """Linux names are bytes: a model folder, --calib and OUT under a name that is not valid UTF-8. The model was
+    reported as a "corrupt or unreadable safetensors file" (safetensors and tokenizers cannot open such a path), a
+    compile with such a --calib died with a traceback writing the report after all the work, and an OUT compiled
+    there could not be read back by eval / run / inspect."""
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/n\xff\xfe"))
+    folder.mkdir()
+    model = shutil.copytree(tiny_models["llama"], folder / "model")
+    calib = shutil.copy(calib_file, folder / "calib.jsonl")
+    out = folder / "out"
+    assert cli.main([str(model), "-o", str(out), "--calib", str(calib), *SMALL]) == 0, capsys.readouterr().err
+    assert "\\udcff\\udcfe" in (out / "qcompile_report.md").read_text(encoding="utf-8")  # as stderr shows it
+    assert cli.main(["eval", str(out), "--data", str(calib), "--seq-len", "32", "--max-windows", "1"]) == 0
+    assert cli.main(["run", str(out), "--prompt", "hi", "--raw", "--max-new-tokens", "1"]) == 0
+    assert cli.main(["inspect", str(out)]) == 0
+    assert cli.main(["eval", str(model), "--data", str(calib), "--seq-len", "32", "--max-windows", "1"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------ other subcommands
 
 def test_eval_missing_data(capsys, tmp_path, tiny_models):
     expect_error(capsys, ["eval", tiny_models["llama"], "--data", tmp_path / "nope.jsonl"],
                  "--data", "nope.jsonl", "does not exist")
+
+
+@pytest.mark.parametrize("body, needle", [("", "is empty"), ("not json\n", "line 1: not valid JSON")])
+def test_eval_bad_data_names_data(capsys, tmp_path, tiny_models, body, needle):
+    """An empty or broken --data file of eval was called a "calibration set"."""
+    data = tmp_path / "eval.jsonl"
+    data.write_text(body)
+    expect_error(capsys, ["eval", tiny_models["llama"], "--data", data], f"--data {data}", needle)
 
 
 def test_eval_on_unknown_folder(capsys, tmp_path, calib_file):
@@ -381,6 +465,28 @@ def test_eval_help(capsys):
         assert needle in out, needle
 
 
+@pytest.mark.parametrize("parser", ["_compile_parser", "_eval_parser", "_run_parser", "_inspect_parser"])
+def test_every_argument_has_help(parser):
+    """`qcompile run --help` listed --prompt and --max-new-tokens (and inspect its --layer, every subcommand its
+    OUT|MODEL_DIR) with no word of what they are or their default."""
+    bare = [a.option_strings or [a.dest] for a in getattr(cli, parser)()._actions if not a.help]
+    assert bare == [], bare
+
+
+def test_help_moe_paragraph_matches_the_checks(capsys):
+    """`qcompile --help` said gptq, fallback and weight-only schemes were refused on MoE models; they are not
+    (passes/moe_checks.py refuses STATISTICS_PASSES and static-activation / W8A16 expert schemes)."""
+    from qcompiler.passes.moe_checks import STATISTICS_PASSES
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    moe = " ".join(out.split("mixture of experts")[1].split("other commands")[0].split())
+    refused = moe.split("Refused:")[1].split(" and ")[0]
+    assert sorted(x.strip(" ,") for x in refused.split("/")) == sorted(STATISTICS_PASSES), refused
+    for works in ("gptq", "fallback", "w4a16"):
+        assert works in moe.split("Refused:")[0], works
+
+
 # ------------------------------------------------------------------------------------- console script
 
 def test_console_script_one_line(tmp_path):
@@ -401,6 +507,15 @@ def test_dump_is_a_file(capsys, tmp_path, tiny_models):
     (tmp_path / "dumpfile").write_text("x")
     expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--dump", tmp_path / "dumpfile"],
                          "--dump", "not a folder")
+
+
+@pytest.mark.parametrize("where", [".", "dump", "a/b"])
+def test_dump_in_the_model_folder(capsys, tmp_path, model_copy, calib_file, where):
+    """--dump equal to or inside the model folder wrote layerNNN/ into it (an input is never written)."""
+    before = sorted(p.name for p in model_copy.iterdir())
+    expect_compile_error(capsys, tmp_path, model_copy, ["--calib", calib_file, "--dump", model_copy / where],
+                         "--dump", "the model folder", "never written")
+    assert sorted(p.name for p in model_copy.iterdir()) == before
 
 
 def test_out_under_a_file(capsys, tmp_path, tiny_models):

@@ -4,6 +4,7 @@ Compiles use the tiny random checkpoints of conftest.py with 2 x 32 calibration 
 """
 import importlib.util
 import json
+import os
 import shutil
 
 import pytest
@@ -188,3 +189,23 @@ def test_trusted_auto_map_with_one_click_flags_as_documented(capsys, tiny_models
     assert "--model_type SmolLM2-135M: the architecture is read from config.json" in captured.err
     desc = json.loads((out / "quant_model_description.json").read_text())
     assert desc["model_quant_type"] == "W8A8_DYNAMIC"
+
+
+def test_config_json_not_an_object(capsys, tiny_models, tmp_path):
+    """A config.json that is a JSON list was reported as "not a decoder LLM config (no num_hidden_layers)"."""
+    model = shutil.copytree(tiny_models["llama"], tmp_path / "model")
+    (model / "config.json").write_text("[1, 2]")
+    err = _error(capsys, ["--model_path", model, "--save_path", tmp_path / "out"])
+    assert "config.json: a JSON list, expected a JSON object" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [["--save_path", ""], ["--quant_type", ""], ["--calib_file", ""],
+                                  ["--config_path="], ["--w_bit", ""]])
+def test_empty_flag_value(capsys, tiny_models, tmp_path, monkeypatch, args):
+    """`--save_path ""` was the current folder ("--save_path . already exists") and `--quant_type ""` the default."""
+    monkeypatch.chdir(tmp_path)
+    save = [] if args[0] == "--save_path" else ["--save_path", tmp_path / "o"]
+    err = _error(capsys, ["--model_path", tiny_models["llama"], *save, *args])
+    assert f"{args[0].rstrip('=')} has an empty value" in err, err
+    assert os.listdir(tmp_path) == []

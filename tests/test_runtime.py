@@ -69,3 +69,14 @@ def test_float_layers_capture_once_per_structure_and_equal_a_real_capture(tiny_m
             assert torch.equal(got[1](h, position_embeddings=pe), out), arch
             assert torch.equal(prepared(h, position_embeddings=pe), out), arch
         assert not torch.equal(got[0](h, position_embeddings=pe), out)  # layer 0 has its own weights
+
+
+def test_float_model_run_prints_no_torch_deprecation(tiny_models, capsys):
+    """`qcompile eval` / `run` of a float model printed torch's FutureWarning "`isinstance(treespec, LeafSpec)` is
+    deprecated" (model.bind_graph deep-copies the dense layer's pytree code generator) to the user's stderr."""
+    import warnings
+    from qcompiler import cli
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert cli.main(["run", str(tiny_models["llama"]), "--prompt", "hi", "--raw", "--max-new-tokens", "1"]) == 0
+    assert [str(w.message) for w in seen if "LeafSpec" in str(w.message)] == []

@@ -258,7 +258,7 @@ def expected_loader_exit(features: ArtifactFeatures, version: str) -> int:
 
 def _scale_columns(out: Path) -> dict[str, int]:
     """{tensor name ending in .weight_scale: its number of columns} from the safetensors headers of `out`."""
-    from safetensors import safe_open
+    from qcompiler.safetensors_open import safe_open
     cols = {}
     for f in sorted(out.glob("*.safetensors")):
         with safe_open(str(f), "pt") as h:

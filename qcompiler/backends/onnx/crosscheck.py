@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ...errors import QCError
+from ...errors import QCError, require_file
 
 LOGIT_WINDOWS = 4
 
@@ -45,7 +45,7 @@ def crosscheck(out_dir: Path, data_path: Path, seq_len: int = 512, max_windows: 
         export_onnx(out_dir, dest=onnx_dir, log=log)
     exe = load_compiled_model(out_dir)
     onx = pick_onnx(onnx_dir, None, "onnx")
-    windows = make_windows(exe.tokenizer, read_texts(data_path), seq_len, max_windows)
+    windows = make_windows(exe.tokenizer, read_texts(data_path, "--data"), seq_len, max_windows)
     head = exe.head
     pe = head.rope(windows.shape[1])
     with torch.inference_mode():
@@ -90,8 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     try:
-        if not a.data.is_file():
-            raise QCError(f"--data {a.data} does not exist")
+        require_file("--data", a.data)
         r = crosscheck(a.out, a.data, a.seq_len, a.max_windows, onnx_dir=a.onnx_dir)
     except QCError as e:
         print(f"crosscheck: error: {e}", file=sys.stderr)

@@ -966,9 +966,9 @@ def _pergroup_decode_plan(x: Tensor, wg: Tensor, st: Tensor, pertoken_scale: Ten
     group each, the [rows, G, ...] view of the group sums that broadcasts against st, `_fold_groups`' indices and
     offsets, None when the per-token scale [..., rows] broadcasts to the output as [..., rows, 1] (a batch of one)
     or else the output shape, whether the scale needs that unsqueeze: not when it is already [..., rows, 1],
-    `dynamic_quant_codes(column=True)`; 5 calls then). False when the general path runs instead: the weight not in one row-wise part, more
-    than ROWWISE_MAX_ROWS rows (re-checked per call), a group wider than one exact slice, a kernel check that failed,
-    shapes that disagree (the general path raises the error).
+    `dynamic_quant_codes(column=True)`; 5 calls then). False when the general path runs instead: the weight not in
+    one row-wise part, more than ROWWISE_MAX_ROWS rows (re-checked per call), a group wider than one exact slice, a
+    kernel check that failed, shapes that disagree (the general path raises the error).
 
     Same operations on the same values as the general path (rows <= ROWWISE_MAX_ROWS, row-wise, fold): the group
     sums of `_rowwise_bag` for one part (the kernel reads x's float32 codes as its per-sample weights in memory

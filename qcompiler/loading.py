@@ -218,6 +218,21 @@ def _check_not_quantized(cfg: dict, path: Path) -> None:
         raise QCError(f"{path}: already quantized ({what}); expected the float Hugging Face checkpoint")
 
 
+#: config.json sizes that must be positive integers where given (a 0 or -1 layer count was reported as "tensor
+#: model.layers.0... is not part of a LlamaForCausalLM with this config.json", naming the weights, not the config)
+POSITIVE_SIZES = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size")
+
+
+def _check_sizes(cfg: dict, path: Path) -> None:
+    """QCError naming config.json and the key when one of POSITIVE_SIZES is given (not null) but is not a positive
+    integer (a bool, a string, a float, 0 or negative)."""
+    for key in POSITIVE_SIZES:
+        value = cfg.get(key)
+        if value is not None and (type(value) is not int or value <= 0):
+            raise QCError(f"{path / 'config.json'}: {key} is {value!r}; expected a positive integer")
+
+
 def _weight_map(path: Path) -> dict[str, str]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -279,6 +294,7 @@ def open_checkpoint(path: str | Path, dtype: str | None = None, trust_remote_cod
     check_tokenizer_files(path, trust_remote_code)  # before any work (load_tokenizer checks again: OUT folders)
     arch = _architecture(cfg, path)
     _check_not_quantized(cfg, path)
+    _check_sizes(cfg, path)
     ckpt = Checkpoint(path=path, config=cfg, architecture=arch, dtype=torch.bfloat16, source_dtype=torch.bfloat16,
                       weight_map=_weight_map(path), trust_remote_code=trust_remote_code)
     _alias_tied_embedding(ckpt)

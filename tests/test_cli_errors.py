@@ -62,6 +62,16 @@ def test_unsupported_architecture(capsys, tmp_path, model_copy, arch):
                          "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
+@pytest.mark.parametrize("key,value", [("num_hidden_layers", 0), ("num_hidden_layers", -1),
+                                       ("num_hidden_layers", "2"), ("num_attention_heads", 0),
+                                       ("hidden_size", 2.5), ("vocab_size", True)])
+def test_config_size_not_a_positive_integer(capsys, tmp_path, model_copy, key, value):
+    """A layer count of 0 / -1 was reported as the weights not being part of the model; a string one as a
+    transformers validation error: now one line naming config.json, the key and what was expected."""
+    edit_config(model_copy, **{key: value})
+    expect_compile_error(capsys, tmp_path, model_copy, [], "config.json", key, "expected a positive integer")
+
+
 def test_no_safetensors(capsys, tmp_path, model_copy):
     (model_copy / "model.safetensors").unlink()
     expect_compile_error(capsys, tmp_path, model_copy, [], "no *.safetensors")

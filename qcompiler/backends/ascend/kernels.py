@@ -278,6 +278,15 @@ def _bag_operands(k: int, rows: int, step: int, parts: int) -> tuple:
     return torch.cat(idx), torch.tensor(starts, dtype=torch.int32), torch.cat(widx) if parts > 1 else None
 
 
+def _bags(k: int, rows: int, step: int, parts: int) -> tuple:
+    """`_bag_operands`, made once per (k, rows, step, parts) and kept in _BAGS."""
+    key = (k, rows, step, parts)
+    bag = _BAGS.get(key)
+    if bag is None:
+        bag = _BAGS[key] = _bag_operands(k, rows, step, parts)
+    return bag
+
+
 def _rowwise_bag(codes_f32: Tensor, packed: Tensor, step: int) -> Tensor:
     """float32 [rows * slices, n] (rows: the product of codes_f32's leading dims): for every token row, the
     exact sums over each k-slice of width `step` (all parts of a split layout side by side: output channel c of
@@ -285,10 +294,7 @@ def _rowwise_bag(codes_f32: Tensor, packed: Tensor, step: int) -> Tensor:
     k = codes_f32.shape[-1]  # codes [..., k]: every leading dim a token row
     rows = codes_f32.numel() // k
     parts = 1 if packed.dim() == 2 else packed.shape[0]
-    key = (k, rows, step, parts)
-    bag = _BAGS.get(key)
-    if bag is None:
-        bag = _BAGS[key] = _bag_operands(k, rows, step, parts)
+    bag = _bags(k, rows, step, parts)
     flat = codes_f32.reshape(-1)
     if parts == 1:
         return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
@@ -326,25 +332,11 @@ def _rowwise_kernel_is_exact() -> bool:
     return _ROWWISE_OK[0]
 
 
-def _rowwise_product(xf: Tensor, packed: Tensor, bias_f32: Tensor | None) -> Tensor:
-    """`exact_product_f32` from the row-wise kernel: xf float32 codes [..., k] (rows: the leading dims),
-    k <= EXACT_F32_MAX_K, a `rowwise_codes` layout, `_rowwise_kernel_is_exact()` (the callers check);
-    float32 [rows, n]."""
-    k = xf.shape[-1]
-    step = exact_slice_width(k)
-    acc = _rowwise_bag(xf, packed, step)
-    if step == k:
-        return acc if bias_f32 is None else acc.add_(bias_f32)
-    acc = acc.view(-1, 2, acc.shape[1])
-    first = acc[:, 0] if bias_f32 is None else acc[:, 0].add(bias_f32)
-    return first.add(acc[:, 1])
+_RW_PLANS: dict = {}  # (x.shape, packed.shape) -> `_rowwise_plan`
 
 
-_RW_DECODE: dict = {}  # (x.shape, packed.shape) -> `_rowwise_decode_plan`
-
-
-def _rowwise_decode_plan(x: Tensor, packed: Tensor) -> tuple:
-    """What `_rowwise_decode_product` computes once per shape: the bags of `_bag_operands` (indices, offsets); how
+def _rowwise_plan(x: Tensor, packed: Tensor) -> tuple:
+    """What `_rowwise_product` computes once per shape: the bags of `_bag_operands` (indices, offsets); how
     the bags' per-sample weights (every index's code, in bag order: token row, k-slice, part) come from x: x itself
     for one part, else `parts` copies of each k-slice side by side, `torch.cat([x.view(*lead, slices, 1, step)] *
     parts, -2)` (equal slices; measured 4-10x faster than a gather along x's last dim), else the gather of
@@ -355,10 +347,7 @@ def _rowwise_decode_plan(x: Tensor, packed: Tensor) -> tuple:
     rows = x.numel() // k
     parts = 1 if packed.dim() == 2 else packed.shape[0]
     step = exact_slice_width(k)
-    key = (k, rows, step, parts)
-    bag = _BAGS.get(key)
-    if bag is None:
-        bag = _BAGS[key] = _bag_operands(k, rows, step, parts)
+    bag = _bags(k, rows, step, parts)
     lead = tuple(x.shape[:-1])
     copies = lead + (k // step, 1, step) if parts > 1 and k % step == 0 else None
     table = packed if parts == 1 else packed.view(-1, packed.shape[2])
@@ -374,15 +363,16 @@ def _rowwise_decode_plan(x: Tensor, packed: Tensor) -> tuple:
     return bag[0], bag[1], bag[2], copies, in_rank, lead + ((2, n) if step < k else (n,)), step < k
 
 
-def _rowwise_decode_product(x: Tensor, packed: Tensor, bias_f32: Tensor | None) -> Tensor:
-    """`_rowwise_product` (the same bags, the same float32 additions in the same order) as float32 [*lead, n]
-    for x [*lead, k], its per-shape work planned once (`_rowwise_decode_plan`): 3 torch calls a product in one
-    part and one k-slice, 5 in parts, +2 for a second k-slice (a decode step is mostly per-call overhead). The
-    callers check `_decode_rowwise`."""
+def _rowwise_product(x: Tensor, packed: Tensor, bias_f32: Tensor | None) -> Tensor:
+    """`exact_product_f32` from the row-wise kernel: x float32 codes [*lead, k] (at most ROWWISE_MAX_ROWS token
+    rows), k <= EXACT_F32_MAX_K, a `rowwise_codes` layout, `_rowwise_kernel_is_exact()` (the callers check:
+    `_decode_rowwise`); float32 [*lead, n], the bags' exact sums over each k-slice, the bias joining the first,
+    the second slice added once. Its per-shape work is planned once (`_rowwise_plan`): 3 torch calls a product in
+    one part and one k-slice, 5 in parts, +2 for a second k-slice (a decode step is mostly per-call overhead)."""
     key = (x.shape, packed.shape)
-    plan = _RW_DECODE.get(key)
+    plan = _RW_PLANS.get(key)
     if plan is None:
-        plan = _RW_DECODE[key] = _rowwise_decode_plan(x, packed)
+        plan = _RW_PLANS[key] = _rowwise_plan(x, packed)
     idx, offsets, gather, copies, in_rank, shape, two = plan
     if gather is None:
         weights = x if in_rank and x.is_contiguous() else x.reshape(-1)
@@ -522,7 +512,7 @@ def quant_matmul_prepared(
     k, n = _weight_k_n(weight)
     if quant_bias_f32 is not None and _decode_rowwise(x, weight, k):  # decode: no chunks, fewest calls
         # f32(acc * deq_scale) rounded to the output dtype once, as torch.mul(..., out=) of the general path does
-        return _rowwise_decode_product(x, weight, quant_bias_f32).mul_(deq_scale_f32).to(output_dtype)
+        return _rowwise_product(x, weight, quant_bias_f32).mul_(deq_scale_f32).to(output_dtype)
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, k)
     out = torch.empty(rows, n, dtype=output_dtype)
@@ -715,7 +705,7 @@ def quant_matmul_pertoken_prepared(
     output dtype (the same float32 -> dtype rounding as `.to()`)."""
     k, n = _weight_k_n(weight_int8)
     if _decode_rowwise(x, weight_int8, k):  # decode: the same operations without the chunk loop, fewest calls
-        y = _rowwise_decode_product(x, weight_int8, None).mul_(weight_scale_f32)  # [*lead, n]
+        y = _rowwise_product(x, weight_int8, None).mul_(weight_scale_f32)  # [*lead, n]
         lead = x.shape[:-1]
         if pertoken_scale.shape == lead:  # [*lead] -> [*lead, 1]; `dynamic_quant_codes(column=True)` gives that
             scale = pertoken_scale.unsqueeze(-1)
@@ -989,9 +979,7 @@ def _pergroup_decode_plan(x: Tensor, wg: Tensor, st: Tensor, pertoken_scale: Ten
         _check_groups(k, groups, group_size)
     except ValueError:
         return False
-    bag = _BAGS.get((k, rows, group_size, 1))
-    if bag is None:
-        bag = _BAGS[(k, rows, group_size, 1)] = _bag_operands(k, rows, group_size, 1)
+    bag = _bags(k, rows, group_size, 1)
     probe = torch.arange(rows * k, dtype=torch.float32).remainder_(255).sub_(127).reshape(x.shape)
     if not torch.equal(_BYTE_BAG(wg, bag[0], bag[1], False, 0, False, probe, None, False),
                        _BYTE_BAG(wg, bag[0], bag[1], False, 0, False, probe.reshape(-1), None, False)):

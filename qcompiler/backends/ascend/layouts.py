@@ -386,8 +386,9 @@ def prepare_layer(gm: torch.fx.GraphModule, merge: bool = False) -> torch.fx.Gra
             gm.graph.erase_node(node)
     _codes_as_float(gm)
     if merge:
-        merge_siblings(gm, prep)
-    prep.lay_out_rowwise()  # after the merge: one layout per merged weight
+        merge_siblings(gm, prep)  # lays the weights out after merging them: one layout per merged weight
+    else:
+        prep.lay_out_rowwise()
     direct_calls.rewrite(gm)
     prune_unused_tensors(gm)
     kept = {name for name, _ in gm.named_buffers()}

@@ -426,7 +426,7 @@ def test_pergroup_decode_plan_leaves_other_calls_to_the_general_path():
 @pytest.mark.parametrize("k", [64, 576, 1535, 1536])
 @pytest.mark.parametrize("parts", [1, 2, 8])
 def test_rowwise_decode_plan_gives_the_reference_bits(rows, k, parts):
-    """The planned decode product (`_rowwise_decode_product`: the per-sample weights as copies of x's k-slices,
+    """The planned decode product (`kernels._rowwise_product`: the per-sample weights as copies of x's k-slices,
     or gathered where the slices differ in width (k 1535), the bags' output viewed as [*lead, n], a second
     k-slice from k 1535) in the pertoken and
     static prepared matmuls equals the reference bit for bit: x's leading dims [rows], [1, rows], [rows, 1], the
@@ -458,4 +458,4 @@ def test_rowwise_decode_plan_gives_the_reference_bits(rows, k, parts):
     got = K.quant_matmul_prepared(codes.reshape(1, rows, k), packed, deq, K.quant_bias_accumulator(k, qb),
                                   torch.bfloat16, qb.float())
     assert _same_bits(got, want.reshape(1, rows, n))
-    assert (codes.reshape(1, rows, k).shape, packed.shape) in K._RW_DECODE  # the planned path ran
+    assert (codes.reshape(1, rows, k).shape, packed.shape) in K._RW_PLANS  # the planned path ran

@@ -152,8 +152,8 @@ def _token_ids(tokenizer, texts: list[str], need: int | None) -> list[int]:
     at least `need` ids: always `ids == all_ids[:len(ids)]` with all_ids the whole joined text's ids.
 
     The prefix ends at the start b of a document j >= 1 whose first character is visible, not white space and
-    not the first character of any added token. For a tokenizer `_splits_at_document_starts` accepts, the ids of
-    the text before b depend only on the text up to b (b - 1 is the joiner's newline): the pre-tokenizer's
+    not the first character of any added token. For a tokenizer `_document_start_layout` calls "byte_level", the
+    ids of the text before b depend only on the text up to b (b - 1 is the joiner's newline): the pre-tokenizer's
     regex cannot match across "\n" followed by such a character (no alternative takes a newline before a
     letter, digit or mark, a white-space run stops at it, lookahead reads one character), BPE runs on each
     piece alone, NFC never composes across a newline, and no added token can span b (none holds a newline,
@@ -220,11 +220,6 @@ def _ids_and_offsets(tokenizer, text: str):
 _SPLIT_PATTERNS = tuple(
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|" + digits +
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+" for digits in (r"\p{N}", r"\p{N}{1,3}"))
-
-
-def _splits_at_document_starts(tokenizer) -> bool:
-    """Whether `_token_ids` may stop at a document start (`_document_start_layout` names one)."""
-    return _document_start_layout(tokenizer) is not None
 
 
 def _document_start_layout(tokenizer) -> str | None:

@@ -417,9 +417,9 @@ def test_max_windows_tokenizes_a_prefix_with_the_same_ids():
     """With max_windows, make_windows tokenizes only up to a document start that gives enough ids, and its windows
     are the first windows of the whole text's (exact ids), for GPT-2's regex and the Qwen2 / Llama-3 Split layout,
     on documents that start and end with every kind of character (which a prefix boundary must not cut)."""
-    from qcompiler.calib_data import _splits_at_document_starts
+    from qcompiler.calib_data import _document_start_layout
     for name, tok in _tokenizers():
-        assert _splits_at_document_starts(tok), name
+        assert _document_start_layout(tok) == "byte_level", name
         for seed in range(6):
             _assert_prefix_ids_and_windows(tok, _fuzz_texts(100 + seed), (name, seed))
 
@@ -547,9 +547,9 @@ def test_other_tokenizers_tokenize_the_whole_text_once():
     """A tokenizer the prefix argument does not cover (here no `backend_tokenizer`; also other regexes,
     normalizers, models) tokenizes the whole joined text, as without max_windows."""
     from tokenizers import pre_tokenizers
-    from qcompiler.calib_data import _splits_at_document_starts
+    from qcompiler.calib_data import _document_start_layout
     tok = CharTokenizer()
     make_windows(tok, ["abcdefgh", "ijklmnop", "qrstuvwx"], seq_len=2, max_windows=1)
     assert [c[0] for c in tok.calls] == ["abcdefgh\n\nijklmnop\n\nqrstuvwx"]
-    assert not _splits_at_document_starts(_trained(pre_tokenizers.Whitespace()))
-    assert not _splits_at_document_starts(_trained(pre_tokenizers.ByteLevel(add_prefix_space=True)))
+    assert _document_start_layout(_trained(pre_tokenizers.Whitespace())) is None
+    assert _document_start_layout(_trained(pre_tokenizers.ByteLevel(add_prefix_space=True))) is None

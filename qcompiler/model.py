@@ -162,14 +162,11 @@ class DenseFloatLayers(_FloatLayers):
 def bind_graph(template: torch.fx.GraphModule, tensors: dict) -> torch.fx.GraphModule:
     """A new GraphModule running a copy of `template`'s graph on `tensors` ({attribute name: tensor}, as
     parameters); attributes `tensors` lacks (export's guard module, constants) are shared with `template`."""
-    import copy
-    import warnings
+    from .ir.capture import quiet_deepcopy
     from .ir.graph_json import lazy_graph_module
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(template.graph, {}))
-    with warnings.catch_warnings():  # torch's own deprecation inside deepcopy of the pytree spec (as in capture.py):
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-        graph._codegen = copy.deepcopy(template.graph._codegen)  # it reached users of eval / run of a float model
+    graph._codegen = quiet_deepcopy(template.graph._codegen)
     root: dict = {}
     for node in graph.nodes:
         if node.op == "get_attr" and node.target in tensors:

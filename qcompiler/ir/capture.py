@@ -211,9 +211,16 @@ def with_tensors(gm: torch.fx.GraphModule, tensors: dict[str, torch.Tensor]) -> 
     for name, t in gm.named_buffers():
         if name in tensors:
             memo[id(t)] = tensors[name]
-    with warnings.catch_warnings():  # torch's own pytree spec copy warns about a deprecated isinstance check
+    return quiet_deepcopy(gm, memo)
+
+
+def quiet_deepcopy(obj, memo: dict | None = None):
+    """copy.deepcopy(obj, memo) without the FutureWarning torch's own copy of a pytree spec raises (a deprecated
+    `isinstance(treespec, LeafSpec)` check inside torch): a graph module or its code generator. Untouched, it
+    reached the users of `eval` / `run` of a float model."""
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-        return copy.deepcopy(gm, memo)
+        return copy.deepcopy(obj, memo)
 
 
 def export_layer(module: torch.nn.Module, sample: LayerInputs) -> torch.fx.GraphModule:

@@ -184,7 +184,9 @@ def check_float16_range(ckpt: Checkpoint, hint: str = "compile with --dtype bflo
                           f"converted to --dtype float16; {hint}")
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
+    """The JSON object of folder `path`'s config.json; QCError naming it when it is missing, not JSON, or not a
+    JSON object (data only: the trust rules are trust.check_config's)."""
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise QCError(f"{path}: no config.json; expected a Hugging Face model folder")
@@ -289,7 +291,7 @@ def open_checkpoint(path: str | Path, dtype: str | None = None, trust_remote_cod
     path = Path(path)
     if not path.is_dir():
         raise QCError(f"model folder {path} does not exist")
-    cfg = _read_config(path)
+    cfg = read_config(path)
     check_config(path / "config.json", cfg, SUPPORTED_ARCHITECTURES, trust_remote_code)
     check_tokenizer_files(path, trust_remote_code)  # before any work (load_tokenizer checks again: OUT folders)
     arch = _architecture(cfg, path)
@@ -325,7 +327,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from .fast_tokenizer import load_fast_tokenizer
     check_tokenizer_files(path, trust_remote_code)
     if (path / "config.json").is_file():  # transformers' AutoTokenizer reads it (a compiled OUT's config.json too)
-        _read_config(path)
+        read_config(path)
     fast = load_fast_tokenizer(path)
     if fast is not None:
         return fast

@@ -28,7 +28,6 @@ Every bad or unsupported input is one exit-2 line (argparse errors included: `Qu
 """
 import argparse
 import importlib.util
-import json
 import re
 import sys
 from pathlib import Path
@@ -125,14 +124,8 @@ def check_device(device: str | None, flag: str = "--device") -> str | None:
 
 def _read_config(model_dir: Path, trust_remote_code: bool) -> dict:
     """config.json as data, after the one trust rule (trust.check_config) so custom code is refused first."""
-    from .loading import SUPPORTED_ARCHITECTURES
-    try:
-        cfg = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise QCError(f"{model_dir}/config.json: cannot read it ({e})") from None
-    if not isinstance(cfg, dict):
-        raise QCError(f"{model_dir}/config.json: a JSON {type(cfg).__name__}, expected a JSON object (the model's "
-                      "configuration)")
+    from .loading import SUPPORTED_ARCHITECTURES, read_config
+    cfg = read_config(model_dir)
     trust.check_config(model_dir / "config.json", cfg, SUPPORTED_ARCHITECTURES, trust_remote_code)
     if "num_hidden_layers" not in cfg:
         raise QCError(f"{model_dir}/config.json: not a decoder LLM config (no num_hidden_layers)")

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ...errors import QCError
+from ...utf8_path import utf8_name
 
 ONNX_DIR = "onnx"
 MODEL_FILE = "model.onnx"
@@ -127,8 +128,9 @@ def export_model(model, info: dict, dest: Path, files_from: Path, log=None) -> d
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    onnx.save_model(proto, str(dest / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
+    with utf8_name(dest) as folder:  # onnx's external-data writer takes UTF-8 paths only (utf8_path.py)
+        onnx.save_model(proto, f"{folder}/{MODEL_FILE}", save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
     for pattern in TOKENIZER_PATTERNS:
         for f in sorted(Path(files_from).glob(pattern)):
             if f.is_file():

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ...errors import QCError
+from ...utf8_path import utf8_name
 from .export import FORMAT, FORMAT_VERSION, META_FILE, MODEL_FILE
 
 
@@ -25,7 +26,8 @@ class OrtModel:
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(Path(folder) / MODEL_FILE), so, providers=["CPUExecutionProvider"])
+        with utf8_name(folder) as name:  # onnxruntime takes UTF-8 paths only (utf8_path.py); it reads them here
+            self.session = ort.InferenceSession(f"{name}/{MODEL_FILE}", so, providers=["CPUExecutionProvider"])
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(torch.int64).contiguous().numpy()

@@ -163,3 +163,23 @@ def test_runtime_onnx_without_an_onnx_model_is_a_clear_error(tiny_models, calib_
     capsys.readouterr()
     assert main(["eval", str(out), "--data", str(calib_file), "--runtime", "onnx"]) == 2
     assert "no ONNX model" in capsys.readouterr().err
+
+
+def test_target_onnx_under_a_path_that_is_not_utf8(tiny_models, calib_file, tmp_path, capsys):
+    """Linux names are bytes: a model folder and OUT under a name that is not valid UTF-8. onnx's external-data
+    writer raised a TypeError traceback after all the work (its C++ side takes UTF-8 strings), and onnxruntime
+    cannot open such a model path either (utf8_path.py)."""
+    import os
+    import shutil
+    from pathlib import Path
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/n\xff\xfe"))
+    folder.mkdir()
+    model = shutil.copytree(tiny_models["llama"], folder / "model")
+    out = folder / "out"
+    assert main([str(model), "--passes", "w8a8d", "--target", "onnx", "-o", str(out), "--calib", str(calib_file),
+                 "--calib-samples", "2", "--seq-len", "16"]) == 0, capsys.readouterr().err
+    assert (out / "onnx" / "model.onnx").is_file()
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", str(calib_file), "--seq-len", "16", "--max-windows", "1",
+                 "--runtime", "onnx", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_kind"] == "onnx"

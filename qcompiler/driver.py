@@ -222,7 +222,7 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     out = OutputFolder(opts.out, opts.force, models=[model_dir], folders=[dump], log=log,
                        files=[("--calib", opts.calib), ("--recipe", opts.recipe_path)],
                        resume=opts.resume)  # outdir.py: exit 2
-    ckpt = open_checkpoint(model_dir, opts.dtype, opts.trust_remote_code)
+    ckpt = open_checkpoint(model_dir, opts.dtype, opts.trust_remote_code, log=log)
     opts = check_calib_seq_len(opts, ckpt)
     target = get_target(opts.target)
     pm = build_pipeline(opts)

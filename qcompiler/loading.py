@@ -13,8 +13,10 @@ Contract:
   naming the tensor.
 - Before returning, `open_checkpoint` checks every tensor's name, dtype and shape against what
   config.json implies, and refuses what the captured graph cannot compute (checkpoint_checks.py).
-  A tied embedding stored only as `lm_head.weight` is read under both names. Without torch_dtype/dtype in
-  config.json, the checkpoint's dtype is the float dtype of most of its bytes (safetensors headers).
+  A tied embedding stored only as `lm_head.weight` is read under both names.
+- The checkpoint's dtype is config.json's dtype / torch_dtype (`config_dtype`: transformers' key, one of
+  CONFIG_DTYPES, anything else refused); without either, the float dtype of most of its bytes (safetensors
+  headers), which is said on stderr.
 - Nothing in the folder is run or unpickled (trust.py): a config.json / tokenizer_config.json asking for
   custom code is refused before anything is loaded, and every transformers call passes
   `trust_remote_code=False`.
@@ -22,13 +24,14 @@ Limits: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and the MoE Qwen3Mo
 Qwen2MoeForCausalLM (ir/moe.py) only; no .bin checkpoints.
 """
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
-from .checkpoint_checks import check_checkpoint, header_dtype
+from .checkpoint_checks import FLOAT_HEADER_DTYPES, check_checkpoint, header_dtype
 from .errors import QCError
 from .safetensors_open import safe_open
 from .trust import check_config, check_tokenizer_files
@@ -274,20 +277,50 @@ def _check_header(file: Path) -> list[str]:
         raise QCError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
 
 
-def _source_dtype(cfg: dict) -> torch.dtype | None:
-    """config.json's torch_dtype / dtype (None when it states neither)."""
-    name = cfg.get("torch_dtype") or cfg.get("dtype")
-    if not name:
-        return None
-    return {"float32": torch.float32, **DTYPES}.get(str(name).replace("torch.", ""), torch.bfloat16)
+#: config.json torch_dtype / dtype values of a float checkpoint: the float dtypes its safetensors may hold
+#: (checkpoint_checks.FLOAT_HEADER_DTYPES); float32 / float64 checkpoints are compiled as bfloat16 (open_checkpoint)
+CONFIG_DTYPES = {dtype_name(d): d for d in sorted(FLOAT_HEADER_DTYPES.values(), key=lambda d: (d.itemsize, str(d)))}
+
+
+def config_dtype(cfg: dict, path: Path) -> tuple[torch.dtype | None, str | None]:
+    """(the dtype config.json states, the key stating it), or (None, None) when it states none.
+
+    The key is transformers' (configuration_utils.py `PretrainedConfig.__init__`): `dtype` when it is not null,
+    else `torch_dtype`; null is the same as absent. transformers turns a string into `getattr(torch, value)`, so it
+    fails on "auto", "bfloat17" or "torch.float16" and passes 7 through to break later: any value but one of
+    CONFIG_DTYPES is a QCError naming config.json, the key and the accepted values (an int8 / float8 value is a
+    quantized checkpoint, not one qcompile compiles). The one source of truth for the checkpoint's stated dtype."""
+    key = "dtype" if cfg.get("dtype") is not None else "torch_dtype" if cfg.get("torch_dtype") is not None else None
+    if key is None:
+        return None, None
+    value = cfg[key]
+    if not isinstance(value, str) or value not in CONFIG_DTYPES:
+        raise QCError(f"{path / 'config.json'}: {key} is {json.dumps(value)}; expected one of "
+                      f"{', '.join(CONFIG_DTYPES)}, or no {key} (the dtype is then read from the safetensors headers)")
+    return CONFIG_DTYPES[value], key
+
+
+def _source_dtype(ckpt: Checkpoint, log) -> torch.dtype:
+    """The checkpoint's own dtype: config.json's (config_dtype), else the float dtype of most of the stored bytes
+    (safetensors headers, said on `log`), else bfloat16 (no float tensor: check_checkpoint refuses it)."""
+    stated, _ = config_dtype(ckpt.config, ckpt.path)
+    if stated is not None:
+        return stated
+    found = header_dtype(ckpt.path, ckpt.stored_tensors())
+    if found is None:
+        return torch.bfloat16
+    log(f"note: {ckpt.path / 'config.json'} states no dtype (nor torch_dtype): the checkpoint's dtype is "
+        f"{dtype_name(found)}, read from its safetensors headers")
+    return found
 
 
 def open_checkpoint(path: str | Path, dtype: str | None = None, trust_remote_code: bool = False,
-                    dense: bool = False) -> Checkpoint:
+                    dense: bool = False, log=None) -> Checkpoint:
     """Validate an HF folder and open its weights lazily. dtype None: the checkpoint's own (fp32 -> bf16).
     `trust_remote_code`: the user's --trust-remote-code (trust.py; never executes anything).
     `dense`: set `ckpt.dense_spec` to ir/dense_layer.describe(ckpt) and, when it is not None, check the
-    tensors against that table without importing transformers (checkpoint_checks.check_checkpoint)."""
+    tensors against that table without importing transformers (checkpoint_checks.check_checkpoint).
+    `log`: where a dtype read from the safetensors headers is said (default: stderr)."""
     path = Path(path)
     if not path.is_dir():
         raise QCError(f"model folder {path} does not exist")
@@ -297,10 +330,11 @@ def open_checkpoint(path: str | Path, dtype: str | None = None, trust_remote_cod
     arch = _architecture(cfg, path)
     _check_not_quantized(cfg, path)
     _check_sizes(cfg, path)
+    config_dtype(cfg, path)  # before the weights are read
     ckpt = Checkpoint(path=path, config=cfg, architecture=arch, dtype=torch.bfloat16, source_dtype=torch.bfloat16,
                       weight_map=_weight_map(path), trust_remote_code=trust_remote_code)
     _alias_tied_embedding(ckpt)
-    src = _source_dtype(cfg) or header_dtype(path, ckpt.stored_tensors()) or torch.bfloat16
+    src = _source_dtype(ckpt, log or (lambda msg: print(msg, file=sys.stderr)))
     ckpt.source_dtype = src
     ckpt.dtype = parse_dtype(dtype) if dtype else (src if src in DTYPES.values() else torch.bfloat16)
     if dense:

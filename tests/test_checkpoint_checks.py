@@ -203,20 +203,62 @@ def test_untied_model_needs_lm_head(capsys, monkeypatch, tmp_path, model_copy, c
 
 # ----------------------------------------------------------------------------------------- dtype
 
-def test_dtype_from_safetensors_headers(capsys, tmp_path, calib_file):
-    """A float16 checkpoint whose config.json has no torch_dtype/dtype was compiled as bfloat16."""
+@pytest.mark.parametrize("absent", [{}, {"dtype": None}, {"torch_dtype": None, "dtype": None}],
+                         ids=["no-key", "dtype-null", "both-null"])
+def test_dtype_from_safetensors_headers(capsys, tmp_path, calib_file, absent):
+    """A float16 checkpoint whose config.json has no torch_dtype/dtype (or null: transformers reads null as absent)
+    was compiled as bfloat16; the dtype read from the safetensors headers was not said."""
     model = make_tiny_model(tmp_path / "fp16", "qwen2", dtype=torch.float16)
     cfg = json.loads((model / "config.json").read_text())
     cfg.pop("torch_dtype", None)
     cfg.pop("dtype", None)
-    (model / "config.json").write_text(json.dumps(cfg))
+    (model / "config.json").write_text(json.dumps({**cfg, **absent}))
     out = tmp_path / "out"
     rc = cli.main([str(model), "-o", str(out), "--calib", str(calib_file), *SMALL])
-    assert rc == 0, capsys.readouterr().err
-    capsys.readouterr()
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "config.json states no dtype (nor torch_dtype): the checkpoint's dtype is float16, read from its " \
+           "safetensors headers" in err
     assert json.loads((out / "qcompile_report.json").read_text())["dtype"] == "float16"
     assert cli.main(["eval", str(model), "--data", str(calib_file), "--seq-len", "32", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["dtype"] == "float16"
+
+
+@pytest.mark.parametrize("key, value", [("torch_dtype", "bfloat17"), ("dtype", 7), ("torch_dtype", "auto"),
+                                        ("dtype", "torch.float16"), ("torch_dtype", "int8"), ("dtype", ""),
+                                        ("torch_dtype", ["bfloat16"])])
+@pytest.mark.parametrize("command", ["compile", "eval"])
+def test_unknown_config_dtype_is_refused(capsys, monkeypatch, tmp_path, model_copy, calib_file, key, value, command):
+    """config.json's torch_dtype / dtype not a float dtype transformers accepts ("bfloat17", 7, "auto", ...) was
+    compiled as bfloat16 (loading._source_dtype fell back to it); transformers' AutoConfig fails on most of them."""
+    edit_config(model_copy, **{key: value})
+    if key == "torch_dtype":
+        edit_config(model_copy, dtype=None)  # else `dtype` (bfloat16, as saved) is the key transformers reads
+    line = expect_refused(capsys, monkeypatch, tmp_path, command, model_copy, calib_file,
+                          f"{model_copy / 'config.json'}: {key} is {json.dumps(value)}",
+                          "expected one of bfloat16, float16, float32, float64")
+    assert "Traceback" not in line
+
+
+def test_config_dtype_key_is_transformers_one(capsys, tmp_path, calib_file):
+    """Both keys given: transformers keeps `dtype` (PretrainedConfig.__init__); torch_dtype won here, so a
+    float16 checkpoint whose config.json says torch_dtype bfloat16, dtype float16 was compiled as bfloat16."""
+    from transformers import AutoConfig
+    model = make_tiny_model(tmp_path / "fp16", "llama", dtype=torch.float16)
+    edit_config(model, torch_dtype="bfloat16", dtype="float16")
+    assert AutoConfig.from_pretrained(str(model)).dtype == torch.float16
+    rc = cli.main([str(model), "-o", str(tmp_path / "out"), "--calib", str(calib_file), *SMALL])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "qcompile_report.json").read_text())["dtype"] == "float16"
+
+
+def test_config_dtype_float64(model_copy):
+    """float64 is a float dtype transformers and the safetensors checks accept: the checkpoint's own dtype, compiled
+    as bfloat16 like float32 (it was taken for bfloat16)."""
+    from qcompiler.loading import open_checkpoint
+    edit_config(model_copy, dtype="float64")
+    ckpt = open_checkpoint(model_copy)
+    assert ckpt.source_dtype == torch.float64 and ckpt.dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------ tokenizer vs embedding

@@ -39,7 +39,7 @@ from .ir.moe import is_moe_layer, routed_token_counts
 from .loading import check_float16_range, dtype_name, load_tokenizer, open_checkpoint
 from .memory import check_sampling_memory, long_lived_frozen, release_freed_memory
 from .model_zoo import resolve_model_dir
-from .outdir import OutputFolder, estimate_output_bytes, resolved
+from .outdir import OutputFolder, estimate_output_bytes, resolved, symlink_on_path
 from .passes import TAIL, LayerContext, PassManager, make_pass
 from .passes.group_size import first_claim, layer_fused_groups, layer_linear_shapes, model_linear_shapes, \
     resolve_group_sizes
@@ -167,6 +167,9 @@ def _check_dump(dump: Path | None, model_dir: Path) -> None:
     if where == model or model in where.parents:  # it wrote layerNNN/ into the model folder
         raise QCError(f"--dump {dump} {'is' if where == model else 'lies inside'} the model folder {model_dir}: "
                       "the model folder is an input and is never written; choose another --dump")
+    why = symlink_on_path(dump)
+    if why:  # rule 1: written where it is named, never at a link's target
+        raise QCError(f"--dump {dump} {why}: give the folder itself; choose another --dump")
     if dump.exists() and not dump.is_dir():
         raise QCError(f"--dump {dump} exists and is not a folder")
     try:

@@ -4,7 +4,9 @@ Contract (rule 1 of the project: never delete, overwrite or write inside anythin
 - `OutputFolder(out, force, models=..., files=..., folders=...)` validates before any work, exit 2 on:
   OUT equal to, containing or inside a model folder or another folder the compile uses (--dump); OUT
   equal to or containing an input file (--calib, --recipe). Paths are compared resolved (symlinks
-  followed), with or without --force. OUT that exists needs --force, must be a folder, and --force only
+  followed: also an OUT reached through a linked parent folder), with or without --force. OUT that is itself a
+  symbolic link (to a folder, or dangling), or lies under a dangling link, is refused (`symlink_on_path`): it
+  would be written at the link's target. OUT that exists needs --force, must be a folder, and --force only
   replaces a folder that is empty or a previous compile's output (`looks_like_output`): anything else is
   not ours to delete.
 - `staging(adopt=None)` makes the temporary sibling `.OUT.tmp-PID` everything is written into, plus the
@@ -67,6 +69,20 @@ _RENAME_EXCHANGE = 2
 def resolved(path: Path) -> Path:
     """Absolute path with every existing symlink followed (the path need not exist)."""
     return Path(os.path.abspath(path)).resolve()
+
+
+def symlink_on_path(path: Path) -> str | None:
+    """Why `path` would be written where a link points, or None: its last component is a symbolic link (to a
+    folder or dangling: writing "there" writes the link's target), or a folder on the way is a dangling link
+    (creating the missing parents would create the target's). A parent that is a link to an existing folder is
+    fine: the path names a place inside that folder."""
+    p = Path(os.path.abspath(path))
+    if p.is_symlink():
+        return f"is a symbolic link (to {os.readlink(p)})"
+    for parent in p.parents:
+        if parent.is_symlink() and not parent.exists():
+            return f"lies under {parent}, a symbolic link to {os.readlink(parent)}, which does not exist"
+    return None
 
 
 def _inside(inner: Path, outer: Path) -> bool:
@@ -236,6 +252,7 @@ class OutputFolder:
         self._lock: _OwnerLock | None = None
         self._committed = False
         self._check_inputs(models, files, folders)
+        self._check_not_a_link()
         self._check_existing()
 
     # ------------------------------------------------------------------------------------------ validation
@@ -258,6 +275,13 @@ class OutputFolder:
             if item is not None and _inside(resolved(item), out):
                 raise QCError(f"output folder {given} contains the {option} file {item}: OUT must be a new folder "
                               "outside every input (it is written and replaced as a whole); choose another -o")
+
+    def _check_not_a_link(self) -> None:
+        """Rule 1: OUT is written and replaced where it is named, never at a link's target."""
+        why = symlink_on_path(self.given)
+        if why:
+            raise QCError(f"output folder {self.given} {why}: -o must name the folder itself, which qcompile "
+                          "writes and replaces as a whole, not a link to somewhere else; choose another -o")
 
     def _check_existing(self) -> None:
         out, given = self.path, self.given

@@ -219,6 +219,7 @@ def run(argv) -> dict:
     a = parser().parse_args(argv)  # before the imports (torch): --help and a bad flag answer at once
     from .driver import compile_model
     from .model_zoo import resolve_model_dir
+    from .outdir import symlink_on_path
     out = a.save_path if a.save_path is not None else a.save_directory
     if out is None:
         raise QCError("qcompile quant: give --save_path (one-click) or --save_directory (scripts)")
@@ -230,10 +231,14 @@ def run(argv) -> dict:
     model_dir = resolve_model_dir(a.model_path)
     plan = plan_for(a, model_dir)
     force = a.force
+    option = '--save_path' if a.save_path is not None else '--save_directory'
+    why = symlink_on_path(out)
+    if why:  # rule 1 (outdir.py): before the empty-folder rule below looks through the link
+        raise QCError(f"{option} {out} {why}: give the folder itself; choose another one")
     if out.is_dir() and not any(out.iterdir()):
         force = True  # msModelSlim writes into an existing empty folder
     elif out.exists() and not a.force:
-        raise QCError(f"{'--save_path' if a.save_path is not None else '--save_directory'} {out} already exists and "
+        raise QCError(f"{option} {out} already exists and "
                       f"is not empty; choose another one or pass --force to replace it")
     plan.notes[:0] = notes
     opts = compile_options(plan, model_dir, out, a, force)

@@ -103,6 +103,64 @@ def test_out_overlapping_dump(capsys, tmp_path, tiny_models, monkeypatch, where)
     assert (dump / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+@pytest.mark.parametrize("target", ["dangling", "empty-folder", "old-out", "under-dangling"])
+def test_out_that_is_a_symlink_is_refused(capsys, tmp_path, tiny_models, monkeypatch, force, target):
+    """Rule 1: an OUT given as a symbolic link was written at the link's target (a dangling link's target was
+    created, a linked empty folder or previous OUT filled / replaced); a dangling link on the way had its target's
+    folders created. Exit 2 naming -o; the link and its target untouched."""
+    _no_work(monkeypatch)
+    where = tmp_path / "elsewhere"
+    link = tmp_path / "out"
+    if target == "empty-folder":
+        where.mkdir()
+    elif target == "old-out":
+        make_old_out(where)
+    before = sorted(p.name for p in where.iterdir()) if where.is_dir() else None
+    os.symlink(where, link)
+    out = link / "sub" if target == "under-dangling" else link
+    argv = [tiny_models["llama"], "-o", out, *SMALL] + (["--force"] if force else [])
+    expect_error(capsys, argv, f"output folder {out}", "symbolic link", "choose another -o")
+    assert (sorted(p.name for p in where.iterdir()) if where.is_dir() else None) == before
+    assert os.readlink(link) == str(where) and leftovers(tmp_path) == ["out"]
+    assert leftovers(tmp_path, "elsewhere") == (["elsewhere"] if before is not None else [])
+
+
+@pytest.mark.parametrize("what", ["model", "calib"])
+def test_out_through_a_linked_parent_is_checked_resolved(capsys, tmp_path, model, calib_file, monkeypatch, what):
+    """An OUT reached through a linked parent folder is compared with the inputs as the folder it really is."""
+    _no_work(monkeypatch)
+    (tmp_path / "data").mkdir()
+    calib = shutil.copy(calib_file, tmp_path / "data" / "calib.jsonl")
+    os.symlink(tmp_path, tmp_path / "link")
+    out = tmp_path / "link" / ("model" if what == "model" else "data")
+    argv = [model, "-o", out, "--force", "--calib", calib, *SMALL]
+    expect_error(capsys, argv, "is the model folder" if what == "model" else "contains the --calib file")
+    assert Path(calib).read_bytes() == Path(calib_file).read_bytes()
+
+
+def test_out_through_a_linked_parent_is_written_there(tmp_path, tiny_models, calib_file):
+    """A parent folder that is a link to an existing folder is fine: OUT is the folder inside it."""
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    argv = [str(tiny_models["llama"]), "-o", str(tmp_path / "link" / "out"), "--calib", str(calib_file), *SMALL]
+    assert cli.main(argv) == 0
+    assert (tmp_path / "real" / "out" / "quant_model_description.json").is_file()
+
+
+@pytest.mark.parametrize("target", ["dangling", "folder"])
+def test_dump_that_is_a_symlink_is_refused(capsys, tmp_path, tiny_models, calib_file, monkeypatch, target):
+    """--dump given as a symbolic link wrote layerNNN/ at the link's target."""
+    _no_work(monkeypatch)
+    where = tmp_path / "elsewhere"
+    if target == "folder":
+        where.mkdir()
+    os.symlink(where, tmp_path / "dump")
+    expect_error(capsys, [tiny_models["llama"], "-o", tmp_path / "out", "--calib", calib_file,
+                          "--dump", tmp_path / "dump", *SMALL], f"--dump {tmp_path / 'dump'}", "symbolic link")
+    assert (list(where.iterdir()) if target == "folder" else where.exists()) in ([], False)
+
+
 def test_force_refuses_a_folder_that_is_not_an_out(capsys, tmp_path, tiny_models, monkeypatch):
     """--force replaces a previous compile's OUT (or an empty folder), never an arbitrary folder."""
     _no_work(monkeypatch)

@@ -134,6 +134,19 @@ def test_output_flag_errors(capsys, tiny_models, tmp_path):
     assert "not both" in err
 
 
+@pytest.mark.parametrize("flag, plan", [("--save_path", ["--quant_type", "w8a16"]),
+                                        ("--save_directory", ["--w_bit", "8", "--a_bit", "16"])])
+def test_output_that_is_a_symlink_is_refused(capsys, tiny_models, tmp_path, flag, plan):
+    """Rule 1: a --save_path that is a link to an empty folder was taken as msModelSlim's empty folder and
+    written at the link's target."""
+    import os
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "o")
+    err = _error(capsys, ["--model_path", tiny_models["llama"], flag, tmp_path / "o", *plan])
+    assert f"{flag} {tmp_path / 'o'} is a symbolic link" in err
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
 @pytest.mark.parametrize("device", ["npu", "npu:0", "npu:0,1"])
 def test_npu_device_compiles_on_cpu_with_a_note(capsys, tiny_models, calib_file, tmp_path, device):
     """msModelSlim's documented `--device npu:0,1` runs unchanged: the artifact does not depend on the device."""

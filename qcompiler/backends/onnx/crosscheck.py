@@ -4,8 +4,8 @@
                                                  [--onnx-dir DIR] [--json]
 
 Same compiled OUT, same windows (evaluate.py's convention), both runtimes: max / mean absolute logit
-difference, top-1 agreement and the perplexity of each. OUT/onnx is exported first when missing (so
-this also turns any compiled OUT into an ONNX model).
+difference, top-1 agreement and the perplexity of each. OUT/onnx (or --onnx-dir) is exported first when
+missing (so this also turns any compiled OUT into an ONNX model); `check_onnx_dir` says what that folder may be.
 
 Expected differences beyond float noise (documented in lower.py): the executable graph rounds every
 activation and weight-only matmul result to the model dtype (bf16 / fp16) as the NPU does, the ONNX
@@ -28,6 +28,29 @@ from ...errors import QCError, require_file
 LOGIT_WINDOWS = 4
 
 
+def check_onnx_dir(onnx_dir: Path, out_dir: Path, data_path: Path, option: str) -> None:
+    """Before an export into `onnx_dir` (rule 1: written, and replaced, only where it is named): QCError naming
+    `option` when it is a symbolic link (outdir.symlink_on_path), is or contains the compiled OUT, lies inside it
+    anywhere but OUT/onnx, contains the --data file, or exists and is neither empty nor an ONNX export (no
+    onnx_model.json): an export replaces the folder as a whole. Paths compared resolved."""
+    from ...outdir import resolved, symlink_on_path
+    from .export import META_FILE, ONNX_DIR
+    why = symlink_on_path(onnx_dir)
+    if why:
+        raise QCError(f"{option} {onnx_dir} {why}: give the folder itself")
+    where, out = resolved(onnx_dir), resolved(out_dir)
+    if where == out or where in out.parents:
+        raise QCError(f"{option} {onnx_dir} is or contains the compiled OUT {out_dir}; choose another {option}")
+    if where.is_relative_to(out) and where != out / ONNX_DIR:
+        raise QCError(f"{option} {onnx_dir} lies inside the compiled OUT {out_dir} (only {out_dir / ONNX_DIR} may be "
+                      f"written there); choose another {option}")
+    if resolved(data_path).is_relative_to(where):
+        raise QCError(f"{option} {onnx_dir} contains the --data file {data_path}; choose another {option}")
+    if where.exists() and not (where.is_dir() and (not any(where.iterdir()) or (where / META_FILE).is_file())):
+        raise QCError(f"{option} {onnx_dir} exists and is not an ONNX export (no {META_FILE}): an export replaces "
+                      f"the folder as a whole, so only an empty folder or an earlier export; choose another {option}")
+
+
 def crosscheck(out_dir: Path, data_path: Path, seq_len: int = 512, max_windows: int | None = None,
                log=None, onnx_dir: Path | None = None) -> dict:
     """Both runtimes on the same windows; `onnx_dir` defaults to OUT/onnx (exported when missing)."""
@@ -39,8 +62,10 @@ def crosscheck(out_dir: Path, data_path: Path, seq_len: int = 512, max_windows: 
     from .runtime_hook import _onnx_folder, pick_onnx
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out_dir = Path(out_dir)
+    option = "--onnx-dir" if onnx_dir is not None else "OUT/onnx"
     onnx_dir = Path(onnx_dir) if onnx_dir is not None else out_dir / "onnx"
     if _onnx_folder(onnx_dir) != onnx_dir:
+        check_onnx_dir(onnx_dir, out_dir, data_path, option)
         log(f"{onnx_dir} missing: exporting")
         export_onnx(out_dir, dest=onnx_dir, log=log)
     exe = load_compiled_model(out_dir)

@@ -13,7 +13,9 @@ graph from the artifact tensors, would have to re-implement every architecture a
 Model contract: input `input_ids` int64 [batch, seq]; output `logits` float32 [batch, seq, vocab];
 positions 0..seq-1, causal, no KV cache. Computes in float32 (ORT's CPU provider has no bfloat16
 kernels for these ops); the integer parts of W8A8/W8A8_DYNAMIC matmuls are exact (MatMulInteger).
-Weights are stored as external data (`model.onnx.data`) so model.onnx stays small.
+Weights are stored as external data (`model.onnx.data`) so model.onnx stays small. The folder is written as
+`.NAME.tmp-PID` beside it and renamed into place; paths that are not valid UTF-8 reach onnx through
+utf8_path.utf8_name.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shutil
 import warnings
 import time
@@ -125,22 +128,33 @@ def export_model(model, info: dict, dest: Path, files_from: Path, log=None) -> d
     proto.ir_version = min(proto.ir_version, IR_VERSION)
     for node in proto.graph.node:  # exporter debug metadata (stack traces): large and not needed
         del node.metadata_props[:]
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    with utf8_name(dest) as folder:  # onnx's external-data writer takes UTF-8 paths only (utf8_path.py)
-        onnx.save_model(proto, f"{folder}/{MODEL_FILE}", save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
-    for pattern in TOKENIZER_PATTERNS:
-        for f in sorted(Path(files_from).glob(pattern)):
-            if f.is_file():
-                shutil.copyfile(f, dest / f.name)
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "model_file": MODEL_FILE, "opset": OPSET,
-            "compute_dtype": "float32", "source_dtype": info["dtype"], "source_target": info.get("target"),
-            "architecture": info.get("architecture"), "model_type": info.get("model_type"),
-            "num_layers": info["num_layers"], "vocab_size": info["vocab_size"], "passes": info.get("passes"),
-            "lowered_ops": stats, "inputs": {"input_ids": "int64 [batch, seq]"},
-            "outputs": {"logits": "float32 [batch, seq, vocab]"},
-            "export_seconds": round(time.perf_counter() - t0, 1)}
-    (dest / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    # Built aside and renamed into place (rule 3): an export stopped half way never reads as an ONNX model.
+    # Replacing an existing `dest` is the caller's decision (crosscheck.check_onnx_dir: only its own export).
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # a dead process had our pid
+    tmp.mkdir()
+    try:
+        with utf8_name(tmp) as folder:  # onnx's external-data writer takes UTF-8 paths only (utf8_path.py)
+            onnx.save_model(proto, f"{folder}/{MODEL_FILE}", save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+        for pattern in TOKENIZER_PATTERNS:
+            for f in sorted(Path(files_from).glob(pattern)):
+                if f.is_file():
+                    shutil.copyfile(f, tmp / f.name)
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "model_file": MODEL_FILE, "opset": OPSET,
+                "compute_dtype": "float32", "source_dtype": info["dtype"], "source_target": info.get("target"),
+                "architecture": info.get("architecture"), "model_type": info.get("model_type"),
+                "num_layers": info["num_layers"], "vocab_size": info["vocab_size"], "passes": info.get("passes"),
+                "lowered_ops": stats, "inputs": {"input_ids": "int64 [batch, seq]"},
+                "outputs": {"logits": "float32 [batch, seq, vocab]"},
+                "export_seconds": round(time.perf_counter() - t0, 1)}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return meta

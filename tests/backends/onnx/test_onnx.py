@@ -183,3 +183,52 @@ def test_target_onnx_under_a_path_that_is_not_utf8(tiny_models, calib_file, tmp_
     assert main(["eval", str(out), "--data", str(calib_file), "--seq-len", "16", "--max-windows", "1",
                  "--runtime", "onnx", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model_kind"] == "onnx"
+
+
+@pytest.fixture(scope="module")
+def w8a8d_out(tiny_models, calib_file, tmp_path_factory):
+    """A tiny compiled OUT (executable graph only, no onnx/)."""
+    out = tmp_path_factory.mktemp("cc") / "out"
+    assert main([str(tiny_models["llama"]), "--passes", "w8a8d", "-o", str(out), "--calib", str(calib_file),
+                 "--calib-samples", "2", "--seq-len", "16"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("where", ["documents", "dangling-link", "folder-link", "the-out", "contains-out",
+                                   "out-executable", "contains-data"])
+def test_crosscheck_onnx_dir_never_replaces_what_is_not_its_export(w8a8d_out, calib_file, tmp_path, capsys, where):
+    """Rule 1: `crosscheck OUT --onnx-dir DIR` deleted DIR whatever it held (a folder of documents, the OUT it
+    reads, OUT/executable, the folder of --data) and wrote at a link's target. Exit 2 naming --onnx-dir, before
+    any export; nothing touched."""
+    import os
+    import shutil
+    from qcompiler.backends.onnx.crosscheck import main as crosscheck_main
+    out = shutil.copytree(w8a8d_out, tmp_path / "work" / "out")
+    (tmp_path / "d").mkdir()
+    data = shutil.copy(calib_file, tmp_path / "d" / "data.jsonl")
+    (tmp_path / "documents").mkdir()
+    (tmp_path / "documents" / "thesis.txt").write_text("years of work")
+    dest = {"documents": tmp_path / "documents", "dangling-link": tmp_path / "link",
+            "folder-link": tmp_path / "link", "the-out": out, "contains-out": tmp_path / "work",
+            "out-executable": out / "executable", "contains-data": tmp_path / "d"}[where]
+    if where.endswith("link"):
+        os.symlink(tmp_path / ("documents" if where == "folder-link" else "nowhere"), dest)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert crosscheck_main([str(out), "--data", str(data), "--seq-len", "16", "--onnx-dir", str(dest)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"crosscheck: error: --onnx-dir {dest}"), err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "documents" / "thesis.txt").read_text() == "years of work"
+
+
+def test_crosscheck_exports_aside_then_in_place(w8a8d_out, calib_file, tmp_path, capsys):
+    """An export into an empty --onnx-dir (and over an earlier export) leaves only the finished folder."""
+    import shutil
+    from qcompiler.backends.onnx.crosscheck import main as crosscheck_main
+    out = shutil.copytree(w8a8d_out, tmp_path / "out")
+    (tmp_path / "onnx").mkdir()
+    for _ in range(2):
+        assert crosscheck_main([str(out), "--data", str(calib_file), "--seq-len", "16", "--max-windows", "1",
+                                "--onnx-dir", str(tmp_path / "onnx")]) == 0
+        (tmp_path / "onnx" / "model.onnx").unlink()  # not a complete model: the next run exports again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx", "out"]

@@ -15,7 +15,8 @@ Contract (rule 1 of the project: never delete, overwrite or write inside anythin
   removed, unless it holds a resume state (resume.py: a compile killed after a committed layer), which is
   kept and reported ("OUT: an interrupted compile at layer k of N can be resumed with --resume (or remove
   FOLDER)"), never reused without --resume; one without a lock file, or whose process still runs, is
-  reported on stderr and left alone; a previous OUT moved aside (`.OUT.old-PID`) is removed only when OUT
+  reported on stderr and left alone, as is one that is a symbolic link (never resumed: it would become OUT, written
+  at its target); a previous OUT moved aside (`.OUT.old-PID`) is removed only when OUT
   exists again, else reported (it may be the user's only copy). When the block fails the temporary folder
   is removed (signals deferred, lock last), except that with `resume=True` a SIGINT/SIGTERM keeps a
   folder holding a resume state (lock file left, unlocked) and says how to continue.
@@ -322,7 +323,8 @@ class OutputFolder:
         found = []
         for pid, entry in self._siblings().items():
             tmp, lock = entry.get("tmp"), entry.get("lock")
-            if tmp and lock and tmp.is_dir() and resume.has_state(tmp) and _OwnerLock.owner_gone(lock):
+            if (tmp and lock and tmp.is_dir() and not tmp.is_symlink() and resume.has_state(tmp)
+                    and _OwnerLock.owner_gone(lock)):  # a link would be renamed to OUT: written at its target
                 done, total = resume.describe(tmp) or (-1, -1)
                 found.append((done, tmp.stat().st_mtime, Resumable(tmp, lock, done, total)))
         return max(found, key=lambda x: x[:2])[2] if found else None
@@ -349,7 +351,10 @@ class OutputFolder:
             if "tmp" in found:
                 if found["tmp"] == adopt:
                     continue
-                if gone and resume.has_state(found["tmp"]):  # resumable: never removed, never reused silently
+                if found["tmp"].is_symlink():  # never ours: qcompile makes real folders (never resumed, removed)
+                    self.log(f"warning: {found['tmp']} is a symbolic link, not a qcompile temporary folder; "
+                             "left alone (remove it)")
+                elif gone and resume.has_state(found["tmp"]):  # resumable: never removed, never reused silently
                     self.log(self._resumable_note(found["tmp"]))
                 elif gone:
                     remove_tree(found["tmp"], None)

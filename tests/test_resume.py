@@ -9,6 +9,7 @@ and the report's JSON apart from timings (seconds, wall time, peak RSS) and `res
 """
 import hashlib
 import json
+import os
 import random
 import shutil
 import signal
@@ -227,6 +228,20 @@ def test_without_resume_the_state_is_reported_not_reused(killed, tmp_path, model
     assert _files(folder) == before
     assert_same_compile(reference("w8a8"), tmp_path / "out")
     assert leftovers(tmp_path) == sorted(["out", folder.name, folder.name.replace("tmp", "lock")])
+
+
+def test_a_linked_staging_folder_is_never_resumed(killed, tmp_path, model4, calib_file, capsys, reference):
+    """Rule 1: a stopped compile's `.out.tmp-PID` replaced by a symbolic link to its folder was resumed: the link
+    was renamed to OUT (OUT a link, the compile written at its target). It is reported and left alone."""
+    folder = _copy_killed(killed, tmp_path)
+    elsewhere = shutil.move(folder, tmp_path / "elsewhere")
+    os.symlink(elsewhere, folder)
+    before = _files(tmp_path / "elsewhere")
+    assert cli.main(_argv(model4, tmp_path / "out", calib_file, "w8a8", "--resume")) == 0
+    err = capsys.readouterr().err
+    assert f"{folder} is a symbolic link, not a qcompile temporary folder" in err and "continuing" not in err
+    assert not (tmp_path / "out").is_symlink() and _files(tmp_path / "elsewhere") == before
+    assert_same_compile(reference("w8a8"), tmp_path / "out")
 
 
 def test_resume_with_nothing_to_resume_compiles_from_the_start(tmp_path, model4, calib_file, capsys, reference):

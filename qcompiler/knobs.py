@@ -7,6 +7,9 @@
 | QC_NO_PROGRESS  | unset                           | "1" hides progress bars (CI logs)                    |
 | QC_THREADS      | unset (torch's default; with    | torch intra-op threads                               |
 |                 | --workers N: cores / N)         |                                                      |
+| QC_INT8_GEMM    | auto                            | int8 products: "native" torch._int_mm, "float32"     |
+|                 |                                 | exact float32 GEMMs, "auto" by the CPU (qnumerics.   |
+|                 |                                 | int8_gemm_native); same integers, speed only         |
 | QC_TEST_PAUSE   | unset                           | test hook: PHASE[@RANK][:SECONDS] makes a compile    |
 |                 |                                 | print "qcompile: test pause at PHASE (pid P, rank R)"|
 |                 |                                 | on stderr and sleep                                  |
@@ -53,6 +56,19 @@ def threads() -> int | None:
     """Torch intra-op thread count from QC_THREADS, or None for torch's default."""
     value = os.environ.get("QC_THREADS")
     return int(value) if value else None
+
+
+#: QC_INT8_GEMM values: "auto" decides by the CPU (qnumerics.int8_gemm_native)
+INT8_GEMM_CHOICES = ("auto", "native", "float32")
+
+
+def int8_gemm() -> str:
+    """QC_INT8_GEMM: "auto" (unset), "native" or "float32" (qnumerics.int8_gemm_native); QCError otherwise."""
+    value = os.environ.get("QC_INT8_GEMM") or "auto"
+    if value not in INT8_GEMM_CHOICES:
+        from .errors import QCError
+        raise QCError(f"QC_INT8_GEMM={value!r}: expected one of {', '.join(INT8_GEMM_CHOICES)} (or unset)")
+    return value
 
 
 def test_pause(phase: str) -> None:

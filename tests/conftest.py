@@ -79,6 +79,16 @@ def moe_models(tmp_path_factory):
     return {arch: make_tiny_model(root / arch, arch) for arch in ("qwen3_moe", "qwen2_moe")}
 
 
+@pytest.fixture(params=["float32", "native"])
+def int8_gemm(request, monkeypatch):
+    """Runs the test with each way of computing int8 products (qnumerics.int8_gemm_native: exact float32 GEMMs,
+    or `torch._int_mm`), whatever this host would pick, so both paths are held to the reference bits everywhere.
+    Layers prepare their layouts when they are first loaded, so load models inside the test."""
+    from qcompiler.ir import qnumerics
+    monkeypatch.setattr(qnumerics, "_INT8_NATIVE", [request.param == "native"])
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def calib_file(tmp_path_factory):
     return write_calib_file(tmp_path_factory.mktemp("calib") / "calib.jsonl")

@@ -138,18 +138,59 @@ def _float32_matmul_is_ieee() -> bool:
     return getattr(mkldnn, "fp32_precision", "none") in ("none", "ieee")
 
 
-def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`torch._int_mm(a, b)`: int8 [m, k] @ int8 [k, n] -> int32 [m, n], the same integers, faster on CPU.
+_INT8_NATIVE: list = []  # [bool] once decided (`int8_gemm_native`)
 
-    On CPUs without int8 dot-product instructions (this machine: AVX2 only) `_int_mm` is 5-20x slower than a
-    float32 GEMM of the same shape (measured on SmolLM2's Linear shapes, 4096 rows). Every product of two int8
-    values is an integer of magnitude <= 2**14 and every partial sum of k <= F32_EXACT_K of them stays <= 2**24,
-    so float32 represents each of them exactly: a float32 matmul returns the exact integer sums whatever its
-    summation order or blocking. k > F32_EXACT_K is split into slices of at most F32_EXACT_K, each exact, summed
-    in int32 (as `_int_mm` accumulates; callers keep k * 2**14 within int32, kernels.INT_MM_MAX_K). When float32
-    matmuls may be lowered (`torch.set_float32_matmul_precision` other than "highest", or mkldnn's fp32
-    precision) or off CPU, `_int_mm` itself runs."""
-    if a.device.type != "cpu" or not _float32_matmul_is_ieee():
+
+def _int_mm_is_exact() -> bool:
+    """`torch._int_mm` returns the exact integer sums on codes at the int8 extremes, checked once: 40 rows (past
+    oneDNN's small-M kernels) of k = 1024 against a float64 reference, with rows of -128 against -128 and 127
+    against 127 (a kernel that widens pairs in saturating int16, as AVX2's vpmaddubsw does, fails there)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (40, 1024), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (1024, 24), generator=g, dtype=torch.int8)
+    a[0], a[1], b[:, 0], b[:, 1] = -128, 127, -128, 127
+    try:
+        got = torch._int_mm(a, b)
+    except (RuntimeError, NotImplementedError):  # no CPU kernel in this build
+        return False
+    return bool(torch.equal(got.to(torch.int64), (a.double() @ b.double()).to(torch.int64)))
+
+
+def int8_gemm_native() -> bool:
+    """True when `int8_matmul` (the int8 products of every prepared matmul and of smooth's search) runs
+    `torch._int_mm` on the CPU rather than exact float32 GEMMs; decided once per process.
+
+    "auto" (QC_INT8_GEMM unset): when the CPU has int8 dot-product instructions, which oneDNN's `_int_mm` uses
+    (AVX512-VNNI or AMX tiles: torch.cpu._is_vnni_supported / _is_amx_tile_supported) and `_int_mm_is_exact`.
+    Measured (one thread, 512 x 576 @ 576 x 3072, `bench/probe_int8_gemm.py`): on a Xeon with AMX, `_int_mm`
+    1.8 ms against 8.7 ms for the float32 GEMM; on an AVX2-only Xeon `_int_mm` is 5-20x slower than the float32
+    GEMM. QC_INT8_GEMM=native / float32 forces a side (benchmarks, tests). Both give the same integers, so the
+    choice changes speed only, never a bit."""
+    if not _INT8_NATIVE:
+        from ..knobs import int8_gemm
+        choice = int8_gemm()
+        if choice == "auto":
+            cpu = getattr(torch, "cpu", None)
+            fast = any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_vnni_supported", "_is_amx_tile_supported"))
+            native = fast and _int_mm_is_exact()
+        else:
+            native = choice == "native"
+        _INT8_NATIVE.append(native)
+    return _INT8_NATIVE[0]
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`torch._int_mm(a, b)`: int8 [m, k] @ int8 [k, n] -> int32 [m, n], the same integers, the faster way here.
+
+    `_int_mm` itself off the CPU, on CPUs with int8 dot products (`int8_gemm_native`), and when float32 matmuls
+    may be lowered (`torch.set_float32_matmul_precision` other than "highest", or mkldnn's fp32 precision).
+    Otherwise exact float32 GEMMs: without int8 dot-product instructions (AVX2 only) `_int_mm` is 5-20x slower
+    than a float32 GEMM of the same shape (measured on SmolLM2's Linear shapes, 4096 rows). Every product of two
+    int8 values is an integer of magnitude <= 2**14 and every partial sum of k <= F32_EXACT_K of them stays
+    <= 2**24, so float32 represents each of them exactly: a float32 matmul returns the exact integer sums whatever
+    its summation order or blocking. k > F32_EXACT_K is split into slices of at most F32_EXACT_K, each exact,
+    summed in int32 (as `_int_mm` accumulates; callers keep k * 2**14 within int32, kernels.INT_MM_MAX_K)."""
+    if a.device.type != "cpu" or not _float32_matmul_is_ieee() or int8_gemm_native():
         return torch._int_mm(a, b)
     k = a.shape[1]
     if k <= F32_EXACT_K:

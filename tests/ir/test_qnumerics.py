@@ -64,16 +64,17 @@ def test_deq_scale_codec():
 # ---- int8_matmul: torch._int_mm's integers from float32 GEMMs ----------------------------------------------------
 @pytest.mark.parametrize("m,k,n", [(1, 576, 576), (4096, 576, 192), (33, 1024, 8), (33, 1025, 8), (17, 1536, 576),
                                    (5, 3000, 7), (0, 64, 8), (3, 7, 5)])
-def test_int8_matmul_is_int_mm(m, k, n):
+def test_int8_matmul_is_int_mm(m, k, n, int8_gemm):
     g = torch.Generator().manual_seed(k)
     a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
     w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     got = qn.int8_matmul(a, w.t())                        # w.t(): a view, as the kernels pass it
     assert got.dtype == torch.int32 and torch.equal(got, torch._int_mm(a, w.t()))
+    assert torch.equal(got.to(torch.int64), (a.double() @ w.double().t()).to(torch.int64))  # exact below 2**53
 
 
 @pytest.mark.parametrize("k", [1024, 1025, 1536, 4099])
-def test_int8_matmul_exact_past_float32_mantissa(k):
+def test_int8_matmul_exact_past_float32_mantissa(k, int8_gemm):
     # 127 * 127 = 16129 is odd: a float32 sum of more than ~1040 of them exceeds 2**24 and would be rounded; the
     # products must be summed in slices of at most F32_EXACT_K. (-128)^2 checks the largest product.
     for v, last in ((127, -1), (-128, -128)):
@@ -85,6 +86,7 @@ def test_int8_matmul_exact_past_float32_mantissa(k):
 
 
 def test_int8_matmul_uses_int_mm_when_float32_matmul_is_lowered(monkeypatch):
+    monkeypatch.setattr(qn, "_INT8_NATIVE", [False])
     calls = []
     monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(1) or torch.zeros(a.shape[0], b.shape[1],
                                                                                        dtype=torch.int32))
@@ -107,3 +109,49 @@ def test_row_chunks_step_by_the_one_rule():
     assert qn.row_step(1 << 12) == qn.ROW_CHUNK_ELEMENTS >> 12
     assert qn.row_slices(13, 24, 100) == [slice(0, 4), slice(4, 8), slice(8, 12), slice(12, 13)]
     assert qn.row_slices(13, 2, 100) == [slice(0, 13)] and qn.row_slices(0, 24, 100) == [slice(0, 0)]
+
+
+def test_int8_matmul_uses_int_mm_where_it_is_native(monkeypatch):
+    """With int8 dot products (qn.int8_gemm_native) `_int_mm` itself runs, even with IEEE float32 matmuls."""
+    monkeypatch.setattr(qn, "_INT8_NATIVE", [True])
+    calls = []
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(1) or torch.zeros(a.shape[0], b.shape[1],
+                                                                                       dtype=torch.int32))
+    a, b = torch.ones(2, 4, dtype=torch.int8), torch.ones(4, 3, dtype=torch.int8)
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert qn.int8_matmul(a, b).unique().tolist() == [0] and calls == [1]
+
+
+@pytest.mark.parametrize("value,native", [("native", True), ("float32", False)])
+def test_int8_gemm_choice_from_the_environment(monkeypatch, value, native):
+    monkeypatch.setattr(qn, "_INT8_NATIVE", [])
+    monkeypatch.setenv("QC_INT8_GEMM", value)
+    assert qn.int8_gemm_native() is native
+    monkeypatch.setenv("QC_INT8_GEMM", "float32" if native else "native")
+    assert qn.int8_gemm_native() is native  # decided once per process
+
+
+def test_int8_gemm_choice_refuses_an_unknown_value(monkeypatch):
+    from qcompiler.errors import QCError
+    monkeypatch.setattr(qn, "_INT8_NATIVE", [])
+    monkeypatch.setenv("QC_INT8_GEMM", "amx")
+    with pytest.raises(QCError, match="QC_INT8_GEMM='amx': expected one of auto, native, float32"):
+        qn.int8_gemm_native()
+
+
+def test_auto_int8_gemm_needs_the_instructions_and_an_exact_int_mm(monkeypatch):
+    """"auto" picks `_int_mm` only on a CPU with int8 dot products (torch.cpu's VNNI / AMX checks) whose `_int_mm`
+    passes the exactness check; a kernel that saturates its int16 pair sums (AVX2's vpmaddubsw) fails that check."""
+    def saturating(a, b):  # u8 x s8 pair sums clamped to int16, as vpmaddubsw does: wrong for -128 * -128 pairs
+        pairs = (a.to(torch.int64)[:, :, None] * b.to(torch.int64)[None]).reshape(a.shape[0], -1, 2, b.shape[1])
+        return pairs.sum(2).clamp(-2 ** 15, 2 ** 15 - 1).sum(1).to(torch.int32)
+
+    monkeypatch.delenv("QC_INT8_GEMM", raising=False)
+    for vnni, amx, int_mm, want in [(True, False, None, True), (False, True, None, True), (False, False, None, False),
+                                    (True, True, saturating, False)]:
+        monkeypatch.setattr(qn, "_INT8_NATIVE", [])
+        monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda v=vnni: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        if int_mm is not None:
+            monkeypatch.setattr(torch, "_int_mm", int_mm)
+        assert qn.int8_gemm_native() is (want and (int_mm is not None or qn._int_mm_is_exact())), (vnni, amx)

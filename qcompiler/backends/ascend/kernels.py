@@ -160,16 +160,25 @@ def _weight_k_n(weight: Tensor) -> tuple[int, int]:
     return weight.shape[1], weight.shape[0]
 
 
-def rowwise_layout_pays(k: int) -> bool:
+def rowwise_layout_pays(k: int, decode: bool = True) -> bool:
     """True when a prepared int8 weight of input width k is held as `rowwise_codes`: only up to EXACT_F32_MAX_K
     do the row-wise kernel and the exact float32 product read that layout; a wider weight takes the int32 path,
-    which would flip a row-wise copy back to int8 [n, k] on every call (layouts.py keeps the int8 weight then)."""
-    return k <= EXACT_F32_MAX_K
+    which would flip a row-wise copy back to int8 [n, k] on every call (layouts.py keeps the int8 weight then).
+    The same holds for a full-sequence layer (`decode` False: no one-row products) where the int8 GEMM is native
+    (`qn.int8_gemm_native`): its products are all `_int_mm`'s, which reads int8 [n, k]."""
+    return k <= EXACT_F32_MAX_K and (decode or not qn.int8_gemm_native())
 
 
 def exact_product_applies(x: Tensor, k: int) -> bool:
     """`exact_product_f32` gives the exact result here: CPU, IEEE float32 matmuls, k <= EXACT_F32_MAX_K."""
     return x.device.type == "cpu" and k <= EXACT_F32_MAX_K and qn._float32_matmul_is_ieee()
+
+
+def exact_product_preferred(x: Tensor, k: int) -> bool:
+    """The prepared matmuls' multi-row product is `exact_product_f32` rather than the int32 path (`int_matmul`):
+    where it applies and the int8 GEMM is not native (`qn.int8_gemm_native`: with int8 dot products `_int_mm` is
+    4-10x faster than this float32 GEMM). The same integers either way, so the same bits."""
+    return exact_product_applies(x, k) and not qn.int8_gemm_native()
 
 
 # Row-wise weight codes: the int8 weight [n, k] held as uint8 [k, n + 8], row j = W[:, j] + 128 followed by the
@@ -516,7 +525,7 @@ def quant_matmul_prepared(
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, k)
     out = torch.empty(rows, n, dtype=output_dtype)
-    exact = quant_bias_f32 is not None and exact_product_applies(x, k)
+    exact = quant_bias_f32 is not None and exact_product_preferred(x, k)
     if not exact and weight.dtype == torch.uint8:
         weight = rowwise_weight(weight)
     step = qn.row_step(n, ROW_CHUNK_ELEMENTS)
@@ -718,7 +727,7 @@ def quant_matmul_pertoken_prepared(
     x2 = x.reshape(rows, k)
     scale = pertoken_scale.float().reshape(-1, 1)
     out = torch.empty(rows, n, dtype=output_dtype)
-    exact = exact_product_applies(x, k)
+    exact = exact_product_preferred(x, k)
     if not exact and weight_int8.dtype == torch.uint8:
         weight_int8 = rowwise_weight(weight_int8)
     step = qn.row_step(n, ROW_CHUNK_ELEMENTS)

@@ -26,6 +26,10 @@ MergedColumnParallelLinear). A decoded token's Linears are mostly per-call overh
 Codes as float32: where every reader of a quantize's codes is a prepared matmul, the codes stay the float32
 integers they are computed as, and the matmuls' exact float32 products (`kernels.exact_product_f32`) read them
 directly (the int8 cast and the widening back cost more than the GEMM itself in decode; same values).
+Where the int8 GEMM is native (`qnumerics.int8_gemm_native`: a CPU with int8 dot products, where `_int_mm` is
+4-10x faster than the exact float32 GEMM), a full-sequence layer's products are all `_int_mm`'s: its weights stay
+int8 [n, k] (`kernels.rowwise_layout_pays`) and its codes int8; decode steps keep the row-wise layout and the
+float codes, which their one-row products read.
 The prepared kernels are the ones the ops' CPU kernels call after computing the same tensors per call
 (kernels.py), so a prepared graph computes the same bits (tests/backends/ascend/test_layouts.py also checks
 every prepared tensor against the artifact's own tensors in quant_model_weights*.safetensors).
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import torch
 
+from ...ir import qnumerics as qn
 from ...ir.patterns import prune_unused_tensors
 from . import attention, direct_calls, kernels
 
@@ -85,8 +90,9 @@ def _on_cpu(gm) -> bool:
 
 
 class _Preparer:
-    def __init__(self, gm):
+    def __init__(self, gm, decode: bool = False):
         self.gm, self.graph = gm, gm.graph
+        self.decode = decode  # a decode step (one token row per call): kernels.rowwise_layout_pays
         self.record = gm.meta.setdefault(PREPARED, {})
         self._cache: dict = {}  # (kind, source targets) -> get_attr target: q/k/v share a quantize
         #: int8 [n, k] weights (attribute names) that `lay_out_rowwise` turns into `kernels.rowwise_codes`, and
@@ -135,7 +141,7 @@ class _Preparer:
             return
         k = tw.shape[1]  # both packings keep k along dim 1
         wq = self.attr(node, "int8_weight", [w.target], lambda: kernels._pertoken_weight(tw, tws, packing, k))
-        if kernels.rowwise_layout_pays(k):
+        if kernels.rowwise_layout_pays(k, self.decode):
             self.rowwise_pending[wq.target] = False
         wsf = self.attr(node, f"weight_scale_f32:{out_dtype}", [ws.target],
                         lambda: kernels.pertoken_operands(tws, None, out_dtype)[0])
@@ -169,7 +175,7 @@ class _Preparer:
         k = tw.shape[1]
         d = self.attr(node, "deq_scale_f32", [deq.target], lambda: kernels.decode_deq_scale(tdeq))
         bias = self.attr(node, f"quant_bias_acc:k={k}", [qb.target], lambda: kernels.quant_bias_accumulator(k, tqb))
-        if kernels.rowwise_layout_pays(k):
+        if kernels.rowwise_layout_pays(k, self.decode):
             w = self.attr(node, "int8_weight", [w.target], lambda: tw)  # the artifact's tensor, no copy
             self.rowwise_pending[w.target] = False
         # wider: the artifact's int8 weight, as the int32 path reads it
@@ -349,7 +355,7 @@ def merge_siblings(gm: torch.fx.GraphModule, prep: _Preparer | None = None) -> i
     step is mostly per-call overhead, and 7 Linears a layer become 4. The merged tensors are recorded in
     `gm.meta[PREPARED]` with every source (in output order); a merged weight is laid out row-wise once, after the
     merge (`_Preparer.lay_out_rowwise`). Returns the number of calls merged away."""
-    prep = prep or _Preparer(gm)
+    prep = prep or _Preparer(gm, decode=True)  # merging is for decode steps (prepare_layer)
     groups: dict = {}
     for node in gm.graph.nodes:
         key = _merge_key(gm, node)
@@ -371,7 +377,7 @@ def prepare_layer(gm: torch.fx.GraphModule, merge: bool = False) -> torch.fx.Gra
     its cost; the full-sequence layers keep one call per Linear, so no product widens a merged weight)."""
     if not _on_cpu(gm):
         return gm
-    prep = _Preparer(gm)
+    prep = _Preparer(gm, decode=merge)
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -384,7 +390,8 @@ def prepare_layer(gm: torch.fx.GraphModule, merge: bool = False) -> torch.fx.Gra
     for node in list(gm.graph.nodes):  # torch.export's input-shape guard of captured float layers: code, no value
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
             gm.graph.erase_node(node)
-    _codes_as_float(gm)
+    if merge or not qn.int8_gemm_native():  # else every product is `_int_mm`'s, which reads int8 codes
+        _codes_as_float(gm)
     if merge:
         merge_siblings(gm, prep)  # lays the weights out after merging them: one layout per merged weight
     else:

@@ -376,7 +376,7 @@ def test_weight_quant_matmul_rejects_bad_group_shape():
     [(1, 576, 576), (17, 576, 576), (64, 576, 1536), (16, 64, 32), (3, 7, 5), (0, 8, 8), (4, 0, 8)],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fast_quant_matmul_equals_reference(m, k, n, dtype):
+def test_fast_quant_matmul_equals_reference(m, k, n, dtype, int8_gemm):
     x, w = rand_int8(m, k, seed=30), rand_int8(n, k, seed=31)
     bias = torch.randint(-(2**20), 2**20, (n,), generator=gen(32), dtype=torch.int32)
     deq = torch.rand(n, generator=gen(33)) * 1e-5
@@ -386,7 +386,7 @@ def test_fast_quant_matmul_equals_reference(m, k, n, dtype):
     assert torch.equal(fast, kernels.quant_matmul(x, w, encode_deq_int64(deq), bias, dtype))
 
 
-def test_fast_int_matmul_extremes_no_saturation():
+def test_fast_int_matmul_extremes_no_saturation(int8_gemm):
     # All -128: every pairwise product is +16384; int8 GEMMs built on u8*s8 pair sums saturate here.
     for m, k, n in [(1, 576, 64), (33, 576, 64), (5, 7, 3)]:
         for wv in (-128, 127):
@@ -402,7 +402,7 @@ def test_fast_path_falls_back_when_int32_could_overflow():
     assert 16384 * k > 2**31 - 1
 
 
-def test_fast_quant_matmul_bias_overflow_guard():
+def test_fast_quant_matmul_bias_overflow_guard(int8_gemm):
     # acc = 127*127*64 = 1032256 plus a bias near int32 max overflows int32: the fast path must add in
     # int64 like the reference.
     x, w = torch.full((20, 64), 127, dtype=torch.int8), torch.full((8, 64), 127, dtype=torch.int8)
@@ -415,7 +415,7 @@ def test_fast_quant_matmul_bias_overflow_guard():
 
 @pytest.mark.parametrize("packing,n", [(0, 576), (2, 577)])
 @pytest.mark.parametrize("m", [1, 40])
-def test_fast_quant_matmul_pertoken_equals_reference(packing, n, m):
+def test_fast_quant_matmul_pertoken_equals_reference(packing, n, m, int8_gemm):
     k = 576
     x = rand_int8(m, k, seed=40)
     w = rand_int8(n, k, seed=41) if packing == 0 else pack_int4(rand_int8(n, k, seed=41, lo=-8, hi=8), 0)
@@ -426,7 +426,7 @@ def test_fast_quant_matmul_pertoken_equals_reference(packing, n, m):
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_fast_paths_in_row_chunks_are_bit_identical(monkeypatch, with_bias):
+def test_fast_paths_in_row_chunks_are_bit_identical(monkeypatch, with_bias, int8_gemm):
     """The fast paths run token rows in chunks of ROW_CHUNK_ELEMENTS // width (memory at real widths): with a
     tiny chunk (several chunks, a ragged last one, leading dims [2, 13]) every output equals the reference."""
     monkeypatch.setattr(kernels, "ROW_CHUNK_ELEMENTS", 100)

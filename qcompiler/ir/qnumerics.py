@@ -163,7 +163,7 @@ def int8_gemm_native() -> bool:
     "auto" (QC_INT8_GEMM unset): when the CPU has int8 dot-product instructions, which oneDNN's `_int_mm` uses
     (AVX512-VNNI or AMX tiles: torch.cpu._is_vnni_supported / _is_amx_tile_supported) and `_int_mm_is_exact`.
     Measured (one thread, 512 x 576 @ 576 x 3072, `bench/probe_int8_gemm.py`): on a Xeon with AMX, `_int_mm`
-    1.8 ms against 8.7 ms for the float32 GEMM; on an AVX2-only Xeon `_int_mm` is 5-20x slower than the float32
+    1.7 ms against 8.7 ms for the float32 GEMM; on an AVX2-only Xeon `_int_mm` is 5-20x slower than the float32
     GEMM. QC_INT8_GEMM=native / float32 forces a side (benchmarks, tests). Both give the same integers, so the
     choice changes speed only, never a bit."""
     if not _INT8_NATIVE:

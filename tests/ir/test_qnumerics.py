@@ -85,11 +85,18 @@ def test_int8_matmul_exact_past_float32_mantissa(k, int8_gemm):
         assert qn.int8_matmul(a, w.t()).tolist() == [[want] * 2] * 3
 
 
-def test_int8_matmul_uses_int_mm_when_float32_matmul_is_lowered(monkeypatch):
-    monkeypatch.setattr(qn, "_INT8_NATIVE", [False])
+def _int_mm_spy(monkeypatch, native: bool) -> list:
+    """`torch._int_mm` replaced by one that records its calls and returns zeros (ones @ ones gives 4 otherwise);
+    the int8 GEMM choice fixed to `native`. Returns the list of calls."""
+    monkeypatch.setattr(qn, "_INT8_NATIVE", [native])
     calls = []
     monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(1) or torch.zeros(a.shape[0], b.shape[1],
                                                                                        dtype=torch.int32))
+    return calls
+
+
+def test_int8_matmul_uses_int_mm_when_float32_matmul_is_lowered(monkeypatch):
+    calls = _int_mm_spy(monkeypatch, native=False)
     a, b = torch.ones(2, 4, dtype=torch.int8), torch.ones(4, 3, dtype=torch.int8)
     assert qn.int8_matmul(a, b).unique().tolist() == [4] and not calls
     old = torch.get_float32_matmul_precision()
@@ -113,10 +120,7 @@ def test_row_chunks_step_by_the_one_rule():
 
 def test_int8_matmul_uses_int_mm_where_it_is_native(monkeypatch):
     """With int8 dot products (qn.int8_gemm_native) `_int_mm` itself runs, even with IEEE float32 matmuls."""
-    monkeypatch.setattr(qn, "_INT8_NATIVE", [True])
-    calls = []
-    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(1) or torch.zeros(a.shape[0], b.shape[1],
-                                                                                       dtype=torch.int32))
+    calls = _int_mm_spy(monkeypatch, native=True)
     a, b = torch.ones(2, 4, dtype=torch.int8), torch.ones(4, 3, dtype=torch.int8)
     assert torch.get_float32_matmul_precision() == "highest"
     assert qn.int8_matmul(a, b).unique().tolist() == [0] and calls == [1]

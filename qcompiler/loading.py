@@ -236,6 +236,10 @@ def _check_sizes(cfg: dict, path: Path) -> None:
 
 
 def _weight_map(path: Path) -> dict[str, str]:
+    """{tensor name: safetensors file name} of the folder: its model.safetensors.index.json's weight_map, else
+    every *.safetensors file's header. QCError naming the file when the index is not a weight map, names a shard
+    outside the folder or missing, or names a tensor under a shard whose header does not hold it, and when one
+    tensor name is stored in two of the files read (which copy a reader takes would be arbitrary)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -244,6 +248,7 @@ def _weight_map(path: Path) -> dict[str, str]:
             raise QCError(f"{index}: unreadable index ({e}); expected {{'weight_map': {{...}}}}") from None
         if not isinstance(wmap, dict) or not all(isinstance(f, str) for f in wmap.values()):
             raise QCError(f"{index}: weight_map is not {{tensor name: file name}}")
+        headers = {}
         for f in sorted(set(wmap.values())):
             parts = Path(f).parts
             if not f or Path(f).is_absolute() or ".." in parts or not f.endswith(".safetensors"):
@@ -252,18 +257,35 @@ def _weight_map(path: Path) -> dict[str, str]:
                               "file names relative to it")
             if not (path / f).is_file():
                 raise QCError(f"{index}: shard {f} is missing")
-            _check_header(path / f)
+            headers[f] = _check_header(path / f)
+        _check_no_duplicates(path, headers)
+        for name, f in wmap.items():
+            if name not in headers[f]:
+                # (a lying index was read until safetensors' get_slice raised: a traceback)
+                raise QCError(f"{index}: names tensor {name!r} in {f}, whose header does not hold it; expected "
+                              "every weight_map entry to name the shard that stores the tensor")
         return dict(wmap)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         bins = list(path.glob("*.bin"))
         hint = " (.bin checkpoints are not supported: convert them to safetensors)" if bins else ""
         raise QCError(f"{path}: no *.safetensors weights found{hint}")
-    wmap = {}
-    for f in files:
-        for name in _check_header(f):
-            wmap[name] = f.name
-    return wmap
+    headers = {f.name: _check_header(f) for f in files}
+    _check_no_duplicates(path, headers)
+    return {name: file_name for file_name, names in headers.items() for name in names}
+
+
+def _check_no_duplicates(path: Path, headers: dict[str, list[str]]) -> None:
+    """QCError naming both files when a tensor name is stored in two of them ({file name: tensor names}).
+    Without it, the last file of the glob silently won (or the index's choice, while vLLM-Ascend's loader, which
+    iterates every tensor of the indexed shards, would take the other copy)."""
+    seen: dict[str, str] = {}
+    for file_name, names in headers.items():
+        for name in names:
+            if name in seen:
+                raise QCError(f"{path}: tensor {name!r} is stored in both {seen[name]} and {file_name}; expected "
+                              "each tensor in one safetensors file")
+            seen[name] = file_name
 
 
 def _check_header(file: Path) -> list[str]:

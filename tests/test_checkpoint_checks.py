@@ -98,6 +98,54 @@ def test_index_not_a_weight_map(capsys, monkeypatch, tmp_path, model_copy, calib
     expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file, "index.json")
 
 
+def _split_into_two_shards(folder, index: bool, edit=None):
+    """folder/model.safetensors split into two shards (the second from the tensor 'model.layers.1' on), with an
+    index unless `index` is False; `edit(weight_map, shard_tensors)` may corrupt them first."""
+    from safetensors.torch import save_file
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    shards = {"a.safetensors": {n: t for n, t in tensors.items() if not n.startswith("model.layers.1.")},
+              "b.safetensors": {n: t for n, t in tensors.items() if n.startswith("model.layers.1.")}}
+    wmap = {n: f for f, part in shards.items() for n in part}
+    if edit:
+        edit(wmap, shards)
+    for f, part in shards.items():
+        save_file(part, folder / f, metadata={"format": "pt"})
+    if index:
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("lie", ["other shard", "no shard"])
+def test_index_names_a_tensor_its_shard_lacks(capsys, monkeypatch, tmp_path, model_copy, calib_file, command, lie):
+    """An index naming a tensor under a shard that does not store it (the other shard, or a tensor no shard has)
+    gave a traceback (SafetensorError: File does not contain tensor ...)."""
+    name = "model.layers.1.mlp.up_proj.weight" if lie == "other shard" else "model.layers.0.extra.weight"
+    _split_into_two_shards(model_copy, True, lambda wmap, shards: wmap.update({name: "a.safetensors"}))
+    expect_refused(capsys, monkeypatch, tmp_path, command, model_copy, calib_file,
+                   "model.safetensors.index.json", repr(name), "a.safetensors")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("index", [True, False], ids=["index", "no index"])
+def test_tensor_stored_in_two_shards(capsys, monkeypatch, tmp_path, model_copy, calib_file, command, index):
+    """A tensor stored in two shards with different values was compiled from whichever copy was read (without an
+    index: the last file in name order; with one: the index's, while vLLM-Ascend iterates both)."""
+    name = "model.layers.0.mlp.down_proj.weight"
+    _split_into_two_shards(model_copy, index,
+                           lambda wmap, shards: shards["b.safetensors"].update({name: shards["a.safetensors"][name] * 2}))
+    expect_refused(capsys, monkeypatch, tmp_path, command, model_copy, calib_file,
+                   repr(name), "a.safetensors", "b.safetensors")
+
+
+def test_two_shards_with_and_without_index_compile(tmp_path, model_copy, calib_file):
+    """The split above is a valid checkpoint when nothing lies: both forms compile."""
+    _split_into_two_shards(model_copy, True)
+    assert cli.main([str(model_copy), "-o", str(tmp_path / "out"), "--calib", str(calib_file), *SMALL]) == 0
+    (model_copy / "model.safetensors.index.json").unlink()
+    assert cli.main(["inspect", str(model_copy)]) == 0
+
+
 def test_model_type_must_build_the_architecture(capsys, monkeypatch, tmp_path, model_copy, calib_file):
     edit_config(model_copy, model_type="qwen2")
     expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file,

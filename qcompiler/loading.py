@@ -184,14 +184,21 @@ def check_float16_range(ckpt: Checkpoint, hint: str = "compile with --dtype bflo
                           f"converted to --dtype float16; {hint}")
 
 
+def _non_finite_constant(name: str):
+    """json.loads' parse_constant: NaN / Infinity / -Infinity are not JSON. Python's reader takes them, but the
+    artifact's config.json is written as strict JSON (artifact.write_json), so one such value failed the compile
+    with a traceback after every layer was done."""
+    raise ValueError(f"{name} is not a JSON number; expected finite numbers")
+
+
 def read_config(path: Path) -> dict:
-    """The JSON object of folder `path`'s config.json; QCError naming it when it is missing, not JSON, or not a
-    JSON object (data only: the trust rules are trust.check_config's)."""
+    """The JSON object of folder `path`'s config.json; QCError naming it when it is missing, not JSON (NaN and
+    Infinity included), or not a JSON object (data only: the trust rules are trust.check_config's)."""
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise QCError(f"{path}: no config.json; expected a Hugging Face model folder")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text(), parse_constant=_non_finite_constant)
     except (ValueError, OSError) as e:
         raise QCError(f"{cfg_path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
@@ -221,18 +228,36 @@ def _check_not_quantized(cfg: dict, path: Path) -> None:
 
 
 #: config.json sizes that must be positive integers where given (a 0 or -1 layer count was reported as "tensor
-#: model.layers.0... is not part of a LlamaForCausalLM with this config.json", naming the weights, not the config)
+#: model.layers.0... is not part of a LlamaForCausalLM with this config.json", naming the weights, not the config;
+#: 0 experts as missing dense MLP weights; max_position_embeddings 0 as "expected --seq-len <= 0")
 POSITIVE_SIZES = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                  "num_key_value_heads", "vocab_size")
+                  "num_key_value_heads", "vocab_size", "head_dim", "max_position_embeddings",
+                  "moe_intermediate_size", "num_experts", "num_local_experts", "num_experts_per_tok",
+                  "decoder_sparse_step")
+#: config.json numbers that must be positive (and finite: read_config refuses NaN / Infinity) where given: a zero
+#: or negative one made every activation NaN, reported as "pass lower failed ... activation range must be finite"
+POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta")
 
 
 def _check_sizes(cfg: dict, path: Path) -> None:
     """QCError naming config.json and the key when one of POSITIVE_SIZES is given (not null) but is not a positive
-    integer (a bool, a string, a float, 0 or negative)."""
+    integer (a bool, a string, a float, 0 or negative), when one of POSITIVE_NUMBERS (top level or in
+    rope_parameters / rope_scaling) is not a positive number, or when num_experts_per_tok exceeds the experts."""
     for key in POSITIVE_SIZES:
         value = cfg.get(key)
         if value is not None and (type(value) is not int or value <= 0):
             raise QCError(f"{path / 'config.json'}: {key} is {value!r}; expected a positive integer")
+    places = [("", cfg)] + [(f"{k}.", cfg[k]) for k in ("rope_parameters", "rope_scaling") if isinstance(cfg.get(k), dict)]
+    for prefix, where in places:
+        for key in POSITIVE_NUMBERS:
+            value = where.get(key)
+            if value is not None and (type(value) not in (int, float) or value <= 0):
+                raise QCError(f"{path / 'config.json'}: {prefix}{key} is {value!r}; expected a positive number")
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")  # ir/moe.num_experts reads them in this order
+    top_k = cfg.get("num_experts_per_tok")
+    if experts and top_k and top_k > experts:
+        raise QCError(f"{path / 'config.json'}: num_experts_per_tok is {top_k}, more than the {experts} experts; "
+                      "expected 1 to the number of experts")
 
 
 def _weight_map(path: Path) -> dict[str, str]:

@@ -21,7 +21,10 @@ Contract:
 Limits: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and the MoE Qwen3MoeForCausalLM /
 Qwen2MoeForCausalLM (ir/moe.py) only; no .bin checkpoints.
 """
+import fnmatch
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,6 +221,27 @@ def _architecture(cfg: dict, path: Path) -> str:
     return arch
 
 
+#: top-level names of a model (or OUT) folder that qcompile or transformers open: config, weights and their index,
+#: tokenizer files (backends/ascend/artifact.py COPY_PATTERNS: what OUT copies of them)
+READ_PATTERNS = ("config.json", "*.safetensors", "*.index.json", "tokenizer*", "special_tokens_map.json",
+                 "generation_config.json", "chat_template*", "vocab.json", "merges.txt", "*.model", "added_tokens.json")
+
+
+def check_special_files(path: Path) -> None:
+    """QCError naming the entry when one of READ_PATTERNS in folder `path` is (or links to) a FIFO, socket or
+    device: opening a FIFO blocks until a writer appears (a compile, eval or inspect hung there, and its SIGTERM
+    handler never ran), a device reads forever. Folders and missing link targets are reported where they are read."""
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in READ_PATTERNS):
+            continue
+        try:
+            mode = os.stat(entry.path).st_mode  # follows symlinks (Hugging Face caches link to blobs)
+        except OSError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise QCError(f"{entry.path}: not a regular file (a FIFO, socket or device); expected a file")
+
+
 def _check_not_quantized(cfg: dict, path: Path) -> None:
     """A compiled OUT (or any quantized checkpoint) given as the model: its int8 weights are not a float model."""
     marker = next((m for m in ("quant_model_description.json", "executable/model.json") if (path / m).exists()), None)
@@ -338,6 +362,7 @@ def open_checkpoint(path: str | Path, dtype: str | None = None, trust_remote_cod
     path = Path(path)
     if not path.is_dir():
         raise QCError(f"model folder {path} does not exist")
+    check_special_files(path)
     cfg = read_config(path)
     check_config(path / "config.json", cfg, SUPPORTED_ARCHITECTURES, trust_remote_code)
     check_tokenizer_files(path, trust_remote_code)  # before any work (load_tokenizer checks again: OUT folders)
@@ -372,6 +397,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     as transformers (read from tokenizer.json without importing transformers: `qcompile run` starts in
     seconds), else transformers' AutoTokenizer (built-in classes only)."""
     from .fast_tokenizer import load_fast_tokenizer
+    check_special_files(path)
     check_tokenizer_files(path, trust_remote_code)
     if (path / "config.json").is_file():  # transformers' AutoTokenizer reads it (a compiled OUT's config.json too)
         read_config(path)

@@ -98,6 +98,42 @@ def test_index_not_a_weight_map(capsys, monkeypatch, tmp_path, model_copy, calib
     expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file, "index.json")
 
 
+
+def _make_special(path, kind: str) -> None:
+    """Replace `path` by a FIFO or a link to a character device."""
+    import os
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+
+
+@pytest.mark.parametrize("name,kind", [("model.safetensors", "fifo"), ("tokenizer_config.json", "fifo"),
+                                       ("tokenizer.json", "fifo"), ("model.safetensors", "device")])
+def test_model_folder_file_that_is_a_fifo_or_device(tmp_path, model_copy, calib_file, name, kind):
+    """A FIFO named model.safetensors / tokenizer*.json made the compile block in open() forever (its SIGTERM handler
+    never ran); a link to /dev/zero was read as a corrupt header. In a subprocess with a timeout: on the code before
+    the fix the FIFO cases time out."""
+    from tests.helpers import run_cli
+    _make_special(model_copy / name, kind)
+    proc = run_cli([model_copy, "-o", tmp_path / "out", "--calib", calib_file, *SMALL], timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(model_copy / name) in last and "not a regular file" in last, last
+    assert leftovers(tmp_path) == []
+
+
+def test_out_folder_file_that_is_a_fifo(tmp_path, model_copy, calib_file):
+    """`qcompile eval OUT` with a FIFO as OUT/tokenizer.json blocked forever too."""
+    from tests.helpers import run_cli
+    out = tmp_path / "out"
+    assert cli.main([str(model_copy), "-o", str(out), "--calib", str(calib_file), *SMALL]) == 0
+    _make_special(out / "tokenizer.json", "fifo")
+    proc = run_cli(["eval", out, "--data", calib_file, "--seq-len", "32", "--max-windows", "1"], timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "tokenizer.json: not a regular file" in proc.stderr.strip().splitlines()[-1]
+
 def _split_into_two_shards(folder, index: bool, edit=None):
     """folder/model.safetensors split into two shards (the second from the tensor 'model.layers.1' on), with an
     index unless `index` is False; `edit(weight_map, shard_tensors)` may corrupt them first."""

@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 
 from .checkpoint_checks import check_checkpoint, header_dtype
-from .errors import QCError
+from .errors import QCError, one_line
 from .safetensors_open import safe_open
 from .trust import check_config, check_tokenizer_files
 
@@ -366,6 +366,7 @@ def open_checkpoint(path: str | Path, dtype: str | None = None, trust_remote_cod
     cfg = read_config(path)
     check_config(path / "config.json", cfg, SUPPORTED_ARCHITECTURES, trust_remote_code)
     check_tokenizer_files(path, trust_remote_code)  # before any work (load_tokenizer checks again: OUT folders)
+    check_tokenizer_present(path)
     arch = _architecture(cfg, path)
     _check_not_quantized(cfg, path)
     _check_sizes(cfg, path)
@@ -391,6 +392,19 @@ def _alias_tied_embedding(ckpt: Checkpoint) -> None:
         ckpt.aliases[embed] = head
 
 
+#: files holding a tokenizer's vocabulary (fast: tokenizer.json; SentencePiece: *.model; BPE: vocab.json +
+#: merges.txt; WordPiece: vocab.txt; tiktoken): a folder with none of them has no tokenizer
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken")
+
+
+def check_tokenizer_present(path: Path) -> None:
+    """QCError naming the folder when it holds none of TOKENIZER_VOCAB_FILES (transformers said "Couldn't
+    instantiate the backend tokenizer from one of: ", and a compile said so only after its work began)."""
+    if not any(any(Path(path).glob(pattern)) for pattern in TOKENIZER_VOCAB_FILES):
+        raise QCError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_VOCAB_FILES)}); expected the checkpoint's "
+                      "tokenizer next to its config.json (copy them from the original model folder)")
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     """The folder's tokenizer; QCError when it has none or asks for custom code (trust.check_tokenizer_files;
     `trust_remote_code` never runs code). A fast_tokenizer.FastTokenizer when that builds the same tokenizer
@@ -401,6 +415,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     check_tokenizer_files(path, trust_remote_code)
     if (path / "config.json").is_file():  # transformers' AutoTokenizer reads it (a compiled OUT's config.json too)
         read_config(path)
+    check_tokenizer_present(path)
     fast = load_fast_tokenizer(path)
     if fast is not None:
         return fast
@@ -408,4 +423,4 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a missing/broken tokenizer
-        raise QCError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise QCError(f"{path}: cannot load the tokenizer ({one_line(e)})") from None

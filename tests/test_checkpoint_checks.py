@@ -99,6 +99,24 @@ def test_index_not_a_weight_map(capsys, monkeypatch, tmp_path, model_copy, calib
 
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_model_folder_without_tokenizer_files(capsys, monkeypatch, tmp_path, model_copy, calib_file, command):
+    """A folder copied without its tokenizer said "cannot load the tokenizer (ValueError: Couldn't instantiate the
+    backend tokenizer from one of: )", the list of what was missing cut off."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_copy / name).unlink()
+    expect_refused(capsys, monkeypatch, tmp_path, command, model_copy, calib_file,
+                   str(model_copy), "no tokenizer files", "tokenizer.json", "copy them")
+
+
+def test_transformers_config_error_keeps_its_reason(capsys, monkeypatch, tmp_path, model_copy, calib_file):
+    """transformers' config validation puts the reason on its second line; only the first was shown ("Class
+    validation error for validator 'validate_architecture':")."""
+    edit_config(model_copy, num_attention_heads=3)
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file, "config.json",
+                   "hidden size (64) is not a multiple of the number of attention heads (3)")
+
+
 def _make_special(path, kind: str) -> None:
     """Replace `path` by a FIFO or a link to a character device."""
     import os

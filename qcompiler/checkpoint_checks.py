@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import QCError
+from .errors import QCError, one_line
 
 #: safetensors header dtypes -> names users know (torch's); the float ones qcompiler converts from
 HEADER_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
@@ -63,9 +63,7 @@ def _hf_config_of(ckpt):
 
 
 def _config_error(ckpt, e: Exception) -> QCError:
-    first = (str(e).strip().splitlines() or [""])[0]
-    return QCError(f"{ckpt.path / 'config.json'}: transformers cannot build the model from it "
-                   f"({type(e).__name__}: {first})")
+    return QCError(f"{ckpt.path / 'config.json'}: transformers cannot build the model from it ({one_line(e)})")
 
 
 def meta_model(ckpt, hf_config=None):

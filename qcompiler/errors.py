@@ -6,6 +6,16 @@ Anything else escaping the driver is a bug in qcompiler and keeps its traceback.
 """
 
 
+def one_line(e: BaseException, limit: int = 400) -> str:
+    """`TYPE: message` of a library's exception on one line: its lines joined (transformers puts the reason after
+    the first line: "Class validation error for validator 'validate_architecture':" / "ValueError: The hidden size
+    (64) is not a multiple of the number of attention heads (3)."), cut at `limit` characters."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return f"{type(e).__name__}: {text}"
+
+
 class QCError(Exception):
     """Bad input or unsupported request; the message names what was wrong and what was expected."""
     exit_code = 2

@@ -275,9 +275,23 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise QCError(f"{path} is missing: the executable graph is incomplete")
     try:
         with safe_open(str(path), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise QCError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
+    _check_finite(path, tensors)
+    return tensors
+
+
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """QCError naming the file and tensor when a floating tensor of OUT holds NaN or Inf: a compile never writes
+    one (weights and activations are checked finite, scales too: encode.py), so the OUT was damaged; `eval` printed
+    "perplexity nan" with exit 0 and `run` decoded garbage. (The float model's weights are refused the same way:
+    loading.Checkpoint.tensor.)"""
+    from .loading import all_finite
+    for name, t in tensors.items():
+        if t.is_floating_point() and not all_finite(t):
+            raise QCError(f"{path}: tensor {name!r} holds NaN or Inf; a compiled OUT holds finite numbers only "
+                          "(damaged: recompile)")
 
 
 _SHARD_NAME = re.compile(r"^quant_model_weights[A-Za-z0-9_.-]*\.safetensors$")
@@ -331,9 +345,11 @@ class ArtifactTensors:
             path = self.out / file_name
             try:
                 with safe_open(str(path), "pt") as f:
-                    out.update({local: f.get_tensor(name) for local, name in pairs})
+                    read = {name: f.get_tensor(name) for _, name in pairs}
             except (SafetensorError, OSError, RuntimeError, ValueError) as e:
                 raise QCError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
+            _check_finite(path, read)
+            out.update({local: read[name] for local, name in pairs})
         return out
 
 

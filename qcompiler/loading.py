@@ -23,7 +23,10 @@ Contract:
 Limits: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and the MoE Qwen3MoeForCausalLM /
 Qwen2MoeForCausalLM (ir/moe.py) only; no .bin checkpoints.
 """
+import fnmatch
 import json
+import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +35,7 @@ import torch
 from safetensors import SafetensorError
 
 from .checkpoint_checks import FLOAT_HEADER_DTYPES, check_checkpoint, header_dtype
-from .errors import QCError
+from .errors import QCError, one_line
 from .safetensors_open import safe_open
 from .trust import check_config, check_tokenizer_files
 
@@ -187,14 +190,21 @@ def check_float16_range(ckpt: Checkpoint, hint: str = "compile with --dtype bflo
                           f"converted to --dtype float16; {hint}")
 
 
+def _non_finite_constant(name: str):
+    """json.loads' parse_constant: NaN / Infinity / -Infinity are not JSON. Python's reader takes them, but the
+    artifact's config.json is written as strict JSON (artifact.write_json), so one such value failed the compile
+    with a traceback after every layer was done."""
+    raise ValueError(f"{name} is not a JSON number; expected finite numbers")
+
+
 def read_config(path: Path) -> dict:
-    """The JSON object of folder `path`'s config.json; QCError naming it when it is missing, not JSON, or not a
-    JSON object (data only: the trust rules are trust.check_config's)."""
+    """The JSON object of folder `path`'s config.json; QCError naming it when it is missing, not JSON (NaN and
+    Infinity included), or not a JSON object (data only: the trust rules are trust.check_config's)."""
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise QCError(f"{path}: no config.json; expected a Hugging Face model folder")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text(), parse_constant=_non_finite_constant)
     except (ValueError, OSError) as e:
         raise QCError(f"{cfg_path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
@@ -214,6 +224,27 @@ def _architecture(cfg: dict, path: Path) -> str:
     return arch
 
 
+#: top-level names of a model (or OUT) folder that qcompile or transformers open: config, weights and their index,
+#: tokenizer files (backends/ascend/artifact.py COPY_PATTERNS: what OUT copies of them)
+READ_PATTERNS = ("config.json", "*.safetensors", "*.index.json", "tokenizer*", "special_tokens_map.json",
+                 "generation_config.json", "chat_template*", "vocab.json", "merges.txt", "*.model", "added_tokens.json")
+
+
+def check_special_files(path: Path) -> None:
+    """QCError naming the entry when one of READ_PATTERNS in folder `path` is (or links to) a FIFO, socket or
+    device: opening a FIFO blocks until a writer appears (a compile, eval or inspect hung there, and its SIGTERM
+    handler never ran), a device reads forever. Folders and missing link targets are reported where they are read."""
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in READ_PATTERNS):
+            continue
+        try:
+            mode = os.stat(entry.path).st_mode  # follows symlinks (Hugging Face caches link to blobs)
+        except OSError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise QCError(f"{entry.path}: not a regular file (a FIFO, socket or device); expected a file")
+
+
 def _check_not_quantized(cfg: dict, path: Path) -> None:
     """A compiled OUT (or any quantized checkpoint) given as the model: its int8 weights are not a float model."""
     marker = next((m for m in ("quant_model_description.json", "executable/model.json") if (path / m).exists()), None)
@@ -224,21 +255,43 @@ def _check_not_quantized(cfg: dict, path: Path) -> None:
 
 
 #: config.json sizes that must be positive integers where given (a 0 or -1 layer count was reported as "tensor
-#: model.layers.0... is not part of a LlamaForCausalLM with this config.json", naming the weights, not the config)
+#: model.layers.0... is not part of a LlamaForCausalLM with this config.json", naming the weights, not the config;
+#: 0 experts as missing dense MLP weights; max_position_embeddings 0 as "expected --seq-len <= 0")
 POSITIVE_SIZES = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                  "num_key_value_heads", "vocab_size")
+                  "num_key_value_heads", "vocab_size", "head_dim", "max_position_embeddings",
+                  "moe_intermediate_size", "num_experts", "num_local_experts", "num_experts_per_tok",
+                  "decoder_sparse_step")
+#: config.json numbers that must be positive (and finite: read_config refuses NaN / Infinity) where given: a zero
+#: or negative one made every activation NaN, reported as "pass lower failed ... activation range must be finite"
+POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta")
 
 
 def _check_sizes(cfg: dict, path: Path) -> None:
     """QCError naming config.json and the key when one of POSITIVE_SIZES is given (not null) but is not a positive
-    integer (a bool, a string, a float, 0 or negative)."""
+    integer (a bool, a string, a float, 0 or negative), when one of POSITIVE_NUMBERS (top level or in
+    rope_parameters / rope_scaling) is not a positive number, or when num_experts_per_tok exceeds the experts."""
     for key in POSITIVE_SIZES:
         value = cfg.get(key)
         if value is not None and (type(value) is not int or value <= 0):
             raise QCError(f"{path / 'config.json'}: {key} is {value!r}; expected a positive integer")
+    places = [("", cfg)] + [(f"{k}.", cfg[k]) for k in ("rope_parameters", "rope_scaling") if isinstance(cfg.get(k), dict)]
+    for prefix, where in places:
+        for key in POSITIVE_NUMBERS:
+            value = where.get(key)
+            if value is not None and (type(value) not in (int, float) or value <= 0):
+                raise QCError(f"{path / 'config.json'}: {prefix}{key} is {value!r}; expected a positive number")
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")  # ir/moe.num_experts reads them in this order
+    top_k = cfg.get("num_experts_per_tok")
+    if experts and top_k and top_k > experts:
+        raise QCError(f"{path / 'config.json'}: num_experts_per_tok is {top_k}, more than the {experts} experts; "
+                      "expected 1 to the number of experts")
 
 
 def _weight_map(path: Path) -> dict[str, str]:
+    """{tensor name: safetensors file name} of the folder: its model.safetensors.index.json's weight_map, else
+    every *.safetensors file's header. QCError naming the file when the index is not a weight map, names a shard
+    outside the folder or missing, or names a tensor under a shard whose header does not hold it, and when one
+    tensor name is stored in two of the files read (which copy a reader takes would be arbitrary)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -247,6 +300,7 @@ def _weight_map(path: Path) -> dict[str, str]:
             raise QCError(f"{index}: unreadable index ({e}); expected {{'weight_map': {{...}}}}") from None
         if not isinstance(wmap, dict) or not all(isinstance(f, str) for f in wmap.values()):
             raise QCError(f"{index}: weight_map is not {{tensor name: file name}}")
+        headers = {}
         for f in sorted(set(wmap.values())):
             parts = Path(f).parts
             if not f or Path(f).is_absolute() or ".." in parts or not f.endswith(".safetensors"):
@@ -255,18 +309,35 @@ def _weight_map(path: Path) -> dict[str, str]:
                               "file names relative to it")
             if not (path / f).is_file():
                 raise QCError(f"{index}: shard {f} is missing")
-            _check_header(path / f)
+            headers[f] = _check_header(path / f)
+        _check_no_duplicates(path, headers)
+        for name, f in wmap.items():
+            if name not in headers[f]:
+                # (a lying index was read until safetensors' get_slice raised: a traceback)
+                raise QCError(f"{index}: names tensor {name!r} in {f}, whose header does not hold it; expected "
+                              "every weight_map entry to name the shard that stores the tensor")
         return dict(wmap)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         bins = list(path.glob("*.bin"))
         hint = " (.bin checkpoints are not supported: convert them to safetensors)" if bins else ""
         raise QCError(f"{path}: no *.safetensors weights found{hint}")
-    wmap = {}
-    for f in files:
-        for name in _check_header(f):
-            wmap[name] = f.name
-    return wmap
+    headers = {f.name: _check_header(f) for f in files}
+    _check_no_duplicates(path, headers)
+    return {name: file_name for file_name, names in headers.items() for name in names}
+
+
+def _check_no_duplicates(path: Path, headers: dict[str, list[str]]) -> None:
+    """QCError naming both files when a tensor name is stored in two of them ({file name: tensor names}).
+    Without it, the last file of the glob silently won (or the index's choice, while vLLM-Ascend's loader, which
+    iterates every tensor of the indexed shards, would take the other copy)."""
+    seen: dict[str, str] = {}
+    for file_name, names in headers.items():
+        for name in names:
+            if name in seen:
+                raise QCError(f"{path}: tensor {name!r} is stored in both {seen[name]} and {file_name}; expected "
+                              "each tensor in one safetensors file")
+            seen[name] = file_name
 
 
 def _check_header(file: Path) -> list[str]:
@@ -324,9 +395,11 @@ def open_checkpoint(path: str | Path, dtype: str | None = None, trust_remote_cod
     path = Path(path)
     if not path.is_dir():
         raise QCError(f"model folder {path} does not exist")
+    check_special_files(path)
     cfg = read_config(path)
     check_config(path / "config.json", cfg, SUPPORTED_ARCHITECTURES, trust_remote_code)
     check_tokenizer_files(path, trust_remote_code)  # before any work (load_tokenizer checks again: OUT folders)
+    check_tokenizer_present(path)
     arch = _architecture(cfg, path)
     _check_not_quantized(cfg, path)
     _check_sizes(cfg, path)
@@ -353,15 +426,30 @@ def _alias_tied_embedding(ckpt: Checkpoint) -> None:
         ckpt.aliases[embed] = head
 
 
+#: files holding a tokenizer's vocabulary (fast: tokenizer.json; SentencePiece: *.model; BPE: vocab.json +
+#: merges.txt; WordPiece: vocab.txt; tiktoken): a folder with none of them has no tokenizer
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken")
+
+
+def check_tokenizer_present(path: Path) -> None:
+    """QCError naming the folder when it holds none of TOKENIZER_VOCAB_FILES (transformers said "Couldn't
+    instantiate the backend tokenizer from one of: ", and a compile said so only after its work began)."""
+    if not any(any(Path(path).glob(pattern)) for pattern in TOKENIZER_VOCAB_FILES):
+        raise QCError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_VOCAB_FILES)}); expected the checkpoint's "
+                      "tokenizer next to its config.json (copy them from the original model folder)")
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     """The folder's tokenizer; QCError when it has none or asks for custom code (trust.check_tokenizer_files;
     `trust_remote_code` never runs code). A fast_tokenizer.FastTokenizer when that builds the same tokenizer
     as transformers (read from tokenizer.json without importing transformers: `qcompile run` starts in
     seconds), else transformers' AutoTokenizer (built-in classes only)."""
     from .fast_tokenizer import load_fast_tokenizer
+    check_special_files(path)
     check_tokenizer_files(path, trust_remote_code)
     if (path / "config.json").is_file():  # transformers' AutoTokenizer reads it (a compiled OUT's config.json too)
         read_config(path)
+    check_tokenizer_present(path)
     fast = load_fast_tokenizer(path)
     if fast is not None:
         return fast
@@ -369,4 +457,4 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a missing/broken tokenizer
-        raise QCError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise QCError(f"{path}: cannot load the tokenizer ({one_line(e)})") from None

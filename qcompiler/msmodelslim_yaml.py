@@ -38,6 +38,7 @@ layer by layer); spec.dataset: a calibration file next to the YAML or in the wor
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .errors import QCError, require_file
@@ -97,7 +98,12 @@ def _v1(path: Path, spec: dict, config: dict, calib_given: bool) -> FrontPlan:
         if not isinstance(block, dict) or "type" not in block:
             raise QCError(f"--config_path {path}: {where} must be a mapping with a type")
         if block["type"] == "group":
-            for j, inner in enumerate(block.get("configs") or []):
+            configs = block.get("configs") or []
+            if not isinstance(configs, list):
+                raise QCError(f"--config_path {path}: {where}.configs must be a list of processor blocks")
+            for j, inner in enumerate(configs):
+                if not isinstance(inner, dict) or "type" not in inner:
+                    raise QCError(f"--config_path {path}: {where}.configs[{j}] must be a mapping with a type")
                 blocks.append((f"{where}.configs[{j}]", inner))
             for key in sorted(set(block) - {"type", "configs"}):
                 bad.add(f"{where}.{key}", "unknown field of a group")
@@ -117,7 +123,11 @@ def _v1(path: Path, spec: dict, config: dict, calib_given: bool) -> FrontPlan:
         if handler is None:
             bad.add(f"{where} type {kind}", "processor not implemented by qcompile")
             continue
-        handler(where, block, bad, out)
+        try:
+            _check_globs(where, block)
+            handler(where, block, bad, out)
+        except QCError as e:  # the handlers name the field; the file is named here, once
+            raise QCError(f"--config_path {path}: {e}") from None
     linear_blocks = [b for b in blocks if b[1].get("type") == "linear_quant"]
     if gptq_blocks:
         if len(gptq_blocks) != len(linear_blocks):
@@ -159,6 +169,41 @@ def _v1(path: Path, spec: dict, config: dict, calib_given: bool) -> FrontPlan:
     return plan
 
 
+def _number(where: str, block: dict, key: str, default, integer: bool = False):
+    """block[key] (`default` when absent) as a finite float, or an int with `integer`; QCError naming the field
+    otherwise (a list, null or 'abc' was a traceback from float()). A string that reads as a number is taken:
+    PyYAML reads `scale_min: 1e-5` (no dot) as a string, and msModelSlim's pydantic configs convert it."""
+    value = block.get(key, default)
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        number = float(value)
+        if not math.isfinite(number) or (integer and number != int(number)):
+            raise ValueError
+    except ValueError:
+        raise QCError(f"{where}.{key} is {value!r}; expected {'an integer' if integer else 'a number'}") from None
+    return int(number) if integer else number
+
+
+def _flag(where: str, block: dict, key: str, default):
+    """block[key] (`default` when absent) as a bool; QCError naming the field for anything but true / false
+    (a string such as "false" was truthy: symmetric: "false" quantized symmetrically)."""
+    value = block.get(key, default)
+    if value is not default and not isinstance(value, bool):
+        raise QCError(f"{where}.{key} is {value!r}; expected true or false")
+    return value
+
+
+def _check_globs(where: str, block: dict) -> None:
+    """include / exclude: a glob or a list of globs (strings); QCError naming the field otherwise (a list of
+    numbers was a traceback in fnmatch)."""
+    for key in ("include", "exclude"):
+        value = block.get(key)
+        if value is not None and not isinstance(value, str) and not (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise QCError(f"{where}.{key} is {value!r}; expected a list of module-name globs")
+
+
 def _check_fields(where, block, allowed, bad):
     for key in sorted(set(block) - set(allowed) - {"type"}):
         bad.add(f"{where}.{key}", f"not a field qcompile maps for {block.get('type')}")
@@ -189,6 +234,9 @@ def _match(block, names, layers: int, default=("*",)):
 
 def _subgraphs(where, block, bad, default=SUBGRAPHS_ALL) -> str:
     types = block.get("enable_subgraph_type", list(default))
+    types = [types] if isinstance(types, str) else types  # one type, as include / exclude take one glob
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise QCError(f"{where}.enable_subgraph_type is {types!r}; expected a list of {', '.join(SUBGRAPHS_ALL)}")
     unknown = [t for t in types if t not in SUBGRAPHS_ALL]
     if unknown:
         raise QCError(f"{where}.enable_subgraph_type {unknown}: expected some of {', '.join(SUBGRAPHS_ALL)}")
@@ -223,7 +271,7 @@ def _linear_quant(where, block, bad, out):
 
 def _scheme(where, a, w, bad, out):
     """(pass name, options) of a linear_quant's (act, weight) QConfigs; (None, None) after recording why not."""
-    wd, ws, wsym, wm = w.get("dtype"), w.get("scope"), w.get("symmetric", True), w.get("method", "minmax")
+    wd, ws, wsym, wm = w.get("dtype"), w.get("scope"), _flag(f"{where}.qconfig.weight", w, "symmetric", True), w.get("method", "minmax")
     wext = dict(w.get("ext") or {})
     group = 0
     if wd not in ("int8", "int4") or ws not in ("per_channel", "per_group"):
@@ -251,7 +299,7 @@ def _scheme(where, a, w, bad, out):
     if a is None or a.get("dtype", "float") == "float":
         name = "w8a16" if bits == 8 else "w4a16"
         return name, pass_options(group=group)
-    ad, asc, asym, am = a.get("dtype"), a.get("scope"), a.get("symmetric"), a.get("method", "minmax")
+    ad, asc, asym, am = a.get("dtype"), a.get("scope"), _flag(f"{where}.qconfig.act", a, "symmetric", None), a.get("method", "minmax")
     if a.get("ext"):
         bad.add(f"{where}.qconfig.act.ext", "not mapped")
     if ad != "int8":
@@ -290,18 +338,18 @@ def _scheme(where, a, w, bad, out):
 def _iter_smooth(where, block, bad, out):
     _check_fields(where, block, ("alpha", "scale_min", "symmetric", "enable_subgraph_type", "include", "exclude"),
                   bad)
-    if float(block.get("scale_min", 1e-5)) != 1e-5:
+    if _number(where, block, "scale_min", 1e-5) != 1e-5:
         bad.add(f"{where}.scale_min {block['scale_min']}", "smoothing scales are clamped at 1e-5")
-    opts = pass_options(alpha=float(block.get("alpha", 0.9)), subgraphs=_subgraphs(where, block, bad),
-                        shift=True if block.get("symmetric", True) is False else None,
+    opts = pass_options(alpha=_number(where, block, "alpha", 0.9), subgraphs=_subgraphs(where, block, bad),
+                        shift=True if _flag(where, block, "symmetric", True) is False else None,
                         match=_match(block, out["sources"], out["layers"])[0])
     out["smooth"].append(("smooth", opts))
 
 
 def _smooth_quant(where, block, bad, out):
     _check_fields(where, block, ("alpha", "symmetric", "include", "exclude"), bad)
-    opts = pass_options(alpha=float(block.get("alpha", 0.5)), subgraphs="norm-linear",
-                        shift=True if block.get("symmetric", True) is False else None,
+    opts = pass_options(alpha=_number(where, block, "alpha", 0.5), subgraphs="norm-linear",
+                        shift=True if _flag(where, block, "symmetric", True) is False else None,
                         match=_match(block, out["sources"], out["layers"])[0])
     out["smooth"].append(("smooth", opts))
 
@@ -310,7 +358,8 @@ def _flex_smooth(where, block, bad, out):
     _check_fields(where, block, ("alpha", "beta", "enable_subgraph_type", "include", "exclude"), bad)
     alpha, beta = block.get("alpha"), block.get("beta")
     fixed = alpha is not None and beta is not None
-    opts = pass_options(alpha=float(alpha) if fixed else None, beta=float(beta) if fixed else None,
+    opts = pass_options(alpha=_number(where, block, "alpha", None) if fixed else None,
+                        beta=_number(where, block, "beta", None) if fixed else None,
                         subgraphs=_subgraphs(where, block, bad), match=_match(block, out["sources"], out["layers"])[0])
     out["smooth"].append(("smooth", opts))
 
@@ -321,7 +370,7 @@ def _awq(where, block, bad, out):
         bad.add(f"{where}.enable_subgraph_type", "qcompile's awq scales every subgraph type")
     if _match(block, out["sources"], out["layers"])[0] is not None:
         bad.add(f"{where}.include/exclude", "qcompile's awq scales every quantized Linear")
-    opts = pass_options(grid=int(block.get("n_grid", 20)))
+    opts = pass_options(grid=_number(where, block, "n_grid", 20, integer=True))
     opts["_weight_qconfig"] = _qconfig(f"{where}.weight_qconfig", block.get("weight_qconfig"), bad) or {}
     out["smooth"].append(("awq", opts))
 
@@ -338,7 +387,7 @@ def _awq_bits(wq: dict, schemes) -> str:
 
 def _float_sparse(where, block, bad, out):
     _check_fields(where, block, ("sparse_ratio", "include", "exclude"), bad)
-    ratio = float(block.get("sparse_ratio", 0.3))
+    ratio = _number(where, block, "sparse_ratio", 0.3)
     match = _match(block, out["linears"], out["layers"])[0]
     out["sparse"].append(("sparse", pass_options(ratio=ratio, match=match)))
     out["sparse"].append(("w16a16s", pass_options(match=match)))

@@ -98,6 +98,108 @@ def test_index_not_a_weight_map(capsys, monkeypatch, tmp_path, model_copy, calib
     expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file, "index.json")
 
 
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_model_folder_without_tokenizer_files(capsys, monkeypatch, tmp_path, model_copy, calib_file, command):
+    """A folder copied without its tokenizer said "cannot load the tokenizer (ValueError: Couldn't instantiate the
+    backend tokenizer from one of: )", the list of what was missing cut off."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_copy / name).unlink()
+    expect_refused(capsys, monkeypatch, tmp_path, command, model_copy, calib_file,
+                   str(model_copy), "no tokenizer files", "tokenizer.json", "copy them")
+
+
+def test_transformers_config_error_keeps_its_reason(capsys, monkeypatch, tmp_path, model_copy, calib_file):
+    """transformers' config validation puts the reason on its second line; only the first was shown ("Class
+    validation error for validator 'validate_architecture':")."""
+    edit_config(model_copy, num_attention_heads=3)
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file, "config.json",
+                   "hidden size (64) is not a multiple of the number of attention heads (3)")
+
+
+def _make_special(path, kind: str) -> None:
+    """Replace `path` by a FIFO or a link to a character device."""
+    import os
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+
+
+@pytest.mark.parametrize("name,kind", [("model.safetensors", "fifo"), ("tokenizer_config.json", "fifo"),
+                                       ("tokenizer.json", "fifo"), ("model.safetensors", "device")])
+def test_model_folder_file_that_is_a_fifo_or_device(tmp_path, model_copy, calib_file, name, kind):
+    """A FIFO named model.safetensors / tokenizer*.json made the compile block in open() forever (its SIGTERM handler
+    never ran); a link to /dev/zero was read as a corrupt header. In a subprocess with a timeout: on the code before
+    the fix the FIFO cases time out."""
+    from tests.helpers import run_cli
+    _make_special(model_copy / name, kind)
+    proc = run_cli([model_copy, "-o", tmp_path / "out", "--calib", calib_file, *SMALL], timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(model_copy / name) in last and "not a regular file" in last, last
+    assert leftovers(tmp_path) == []
+
+
+def test_out_folder_file_that_is_a_fifo(tmp_path, model_copy, calib_file):
+    """`qcompile eval OUT` with a FIFO as OUT/tokenizer.json blocked forever too."""
+    from tests.helpers import run_cli
+    out = tmp_path / "out"
+    assert cli.main([str(model_copy), "-o", str(out), "--calib", str(calib_file), *SMALL]) == 0
+    _make_special(out / "tokenizer.json", "fifo")
+    proc = run_cli(["eval", out, "--data", calib_file, "--seq-len", "32", "--max-windows", "1"], timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "tokenizer.json: not a regular file" in proc.stderr.strip().splitlines()[-1]
+
+def _split_into_two_shards(folder, index: bool, edit=None):
+    """folder/model.safetensors split into two shards (the second from the tensor 'model.layers.1' on), with an
+    index unless `index` is False; `edit(weight_map, shard_tensors)` may corrupt them first."""
+    from safetensors.torch import save_file
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    shards = {"a.safetensors": {n: t for n, t in tensors.items() if not n.startswith("model.layers.1.")},
+              "b.safetensors": {n: t for n, t in tensors.items() if n.startswith("model.layers.1.")}}
+    wmap = {n: f for f, part in shards.items() for n in part}
+    if edit:
+        edit(wmap, shards)
+    for f, part in shards.items():
+        save_file(part, folder / f, metadata={"format": "pt"})
+    if index:
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("lie", ["other shard", "no shard"])
+def test_index_names_a_tensor_its_shard_lacks(capsys, monkeypatch, tmp_path, model_copy, calib_file, command, lie):
+    """An index naming a tensor under a shard that does not store it (the other shard, or a tensor no shard has)
+    gave a traceback (SafetensorError: File does not contain tensor ...)."""
+    name = "model.layers.1.mlp.up_proj.weight" if lie == "other shard" else "model.layers.0.extra.weight"
+    _split_into_two_shards(model_copy, True, lambda wmap, shards: wmap.update({name: "a.safetensors"}))
+    expect_refused(capsys, monkeypatch, tmp_path, command, model_copy, calib_file,
+                   "model.safetensors.index.json", repr(name), "a.safetensors")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("index", [True, False], ids=["index", "no index"])
+def test_tensor_stored_in_two_shards(capsys, monkeypatch, tmp_path, model_copy, calib_file, command, index):
+    """A tensor stored in two shards with different values was compiled from whichever copy was read (without an
+    index: the last file in name order; with one: the index's, while vLLM-Ascend iterates both)."""
+    name = "model.layers.0.mlp.down_proj.weight"
+    _split_into_two_shards(model_copy, index,
+                           lambda wmap, shards: shards["b.safetensors"].update({name: shards["a.safetensors"][name] * 2}))
+    expect_refused(capsys, monkeypatch, tmp_path, command, model_copy, calib_file,
+                   repr(name), "a.safetensors", "b.safetensors")
+
+
+def test_two_shards_with_and_without_index_compile(tmp_path, model_copy, calib_file):
+    """The split above is a valid checkpoint when nothing lies: both forms compile."""
+    _split_into_two_shards(model_copy, True)
+    assert cli.main([str(model_copy), "-o", str(tmp_path / "out"), "--calib", str(calib_file), *SMALL]) == 0
+    (model_copy / "model.safetensors.index.json").unlink()
+    assert cli.main(["inspect", str(model_copy)]) == 0
+
+
 def test_model_type_must_build_the_architecture(capsys, monkeypatch, tmp_path, model_copy, calib_file):
     edit_config(model_copy, model_type="qwen2")
     expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file,

@@ -72,6 +72,51 @@ def test_config_size_not_a_positive_integer(capsys, tmp_path, model_copy, key, v
     expect_compile_error(capsys, tmp_path, model_copy, [], "config.json", key, "expected a positive integer")
 
 
+@pytest.mark.parametrize("key,value", [("max_position_embeddings", 0), ("head_dim", -16), ("head_dim", 0)])
+def test_more_config_sizes_not_positive(capsys, tmp_path, model_copy, key, value):
+    """max_position_embeddings 0 was reported as "--seq-len 16 ... expected --seq-len <= 0"; head_dim 0 as a
+    transformers ZeroDivisionError."""
+    edit_config(model_copy, **{key: value})
+    expect_compile_error(capsys, tmp_path, model_copy, [], "config.json", key, "expected a positive integer")
+
+
+@pytest.mark.parametrize("value", [-1.0, 0, "1e-6"])
+def test_rms_norm_eps_not_positive(capsys, tmp_path, model_copy, value):
+    """rms_norm_eps -1 made every activation NaN: reported as "pass lower failed on layer 0: ValueError: ...
+    activation range must be finite", naming neither config.json nor the key."""
+    edit_config(model_copy, rms_norm_eps=value)
+    expect_compile_error(capsys, tmp_path, model_copy, [], "config.json", "rms_norm_eps", "expected a positive number")
+
+
+@pytest.mark.parametrize("theta", [-10000.0, 0])
+def test_rope_theta_not_positive(capsys, tmp_path, model_copy, theta):
+    """rope_theta <= 0 gave NaN rotary tables: the same "pass lower failed" line."""
+    edit_config(model_copy, rope_parameters={"rope_theta": theta, "rope_type": "default"})
+    expect_compile_error(capsys, tmp_path, model_copy, [], "config.json", "rope_parameters.rope_theta",
+                         "expected a positive number")
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_config_json_non_finite_number(capsys, tmp_path, model_copy, constant):
+    """rms_norm_eps: Infinity (which Python's json reads) compiled every layer, then failed writing OUT's strict
+    config.json with a traceback (ValueError: Out of range float values are not JSON compliant)."""
+    text = (model_copy / "config.json").read_text()
+    (model_copy / "config.json").write_text(text.replace('"rms_norm_eps": 1e-06', f'"rms_norm_eps": {constant}'))
+    expect_compile_error(capsys, tmp_path, model_copy, [], "config.json", constant, "not valid JSON")
+
+
+@pytest.mark.parametrize("change,needle", [({"num_experts": 0}, "num_experts is 0"),
+                                           ({"num_experts_per_tok": 0}, "num_experts_per_tok is 0"),
+                                           ({"num_experts_per_tok": 5}, "more than the 4 experts")])
+def test_moe_config_counts(capsys, tmp_path, moe_models, change, needle):
+    """Qwen2-MoE with 0 experts was reported as missing dense MLP weights; top-k 0 compiled (every expert weighted
+    0); top-k above the expert count failed with a traceback (RuntimeError: k not in range for dimension)."""
+    import shutil
+    model = shutil.copytree(moe_models["qwen2_moe"], tmp_path / "model")
+    edit_config(model, **change)
+    expect_compile_error(capsys, tmp_path, model, ["--passes", "w8a8d"], "config.json", needle)
+
+
 def test_no_safetensors(capsys, tmp_path, model_copy):
     (model_copy / "model.safetensors").unlink()
     expect_compile_error(capsys, tmp_path, model_copy, [], "no *.safetensors")

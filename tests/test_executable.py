@@ -77,6 +77,22 @@ def _copy(compiled, tmp_path):
     return shutil.copytree(compiled, tmp_path / "crafted")
 
 
+
+@pytest.mark.parametrize("command", ["eval", "run"])
+@pytest.mark.parametrize("file,tensor", [("quant_model_weights.safetensors", "model.layers.1.mlp.down_proj.weight_scale"),
+                                         ("quant_model_weights.safetensors", "model.norm.weight"),
+                                         (f"{EXECUTABLE_DIR}/head.safetensors", "inv_freq")])
+def test_non_finite_tensor_in_out_is_one_line(capsys, compiled, tmp_path, calib_file, command, file, tensor):
+    """A NaN written into an OUT's tensor (a scale, the final norm, the rotary table) made `eval` print "perplexity
+    nan" with exit 0 and `run` decode garbage; a compile never writes one, so it is a damaged OUT."""
+    from safetensors.torch import save_file
+    out = _copy(compiled, tmp_path)
+    tensors = load_file(out / file)
+    tensors[tensor] = tensors[tensor].clone()
+    tensors[tensor].view(-1)[0] = float("nan")
+    save_file(tensors, out / file, metadata={"format": "pt"})
+    expect_error(capsys, _argv(command, out, calib_file), str(out / file), repr(tensor), "NaN or Inf")
+
 def _program(out, k=0):
     return out / EXECUTABLE_DIR / "layers" / f"program_{k}.json"
 

@@ -170,6 +170,47 @@ def test_bad_configs_are_one_line(capsys, tiny_models, tmp_path, text, needles):
     assert all(n in lines[0] for n in needles), lines[0]
 
 
+SQ = "    - type: smooth_quant\n      alpha: {alpha}\n"
+WQ = "weight_qconfig: {scope: per_channel, dtype: int8, symmetric: true, method: minmax}"
+
+
+@pytest.mark.parametrize("process,needles", [
+    (SQ.format(alpha="abc"), ("spec.process[0].alpha is 'abc'", "expected a number")),
+    (SQ.format(alpha="[0.5]"), ("spec.process[0].alpha is [0.5]", "expected a number")),
+    (SQ.format(alpha="null"), ("spec.process[0].alpha is None", "expected a number")),
+    ("    - type: iter_smooth\n      scale_min: x\n", ("spec.process[0].scale_min is 'x'",)),
+    ("    - type: flex_smooth_quant\n      alpha: x\n      beta: 0.5\n", ("spec.process[0].alpha is 'x'",)),
+    (f"    - type: awq\n      n_grid: x\n      {WQ}\n", ("spec.process[0].n_grid is 'x'", "an integer")),
+    ("    - type: float_sparse\n      sparse_ratio: null\n", ("spec.process[0].sparse_ratio is None",)),
+    ("    - type: iter_smooth\n      symmetric: 'false'\n", ("spec.process[0].symmetric is 'false'", "true or false")),
+    ("    - type: linear_quant\n      qconfig:\n        weight: {scope: per_channel, dtype: int8, symmetric: 'no', "
+     "method: minmax}\n", ("spec.process[0].qconfig.weight.symmetric is 'no'",)),
+    ("    - type: group\n      configs: [x]\n", ("spec.process[0].configs[0] must be a mapping",)),
+    ("    - type: iter_smooth\n      include: [1, 2]\n", ("spec.process[0].include is [1, 2]", "globs")),
+], ids=["alpha-str", "alpha-list", "alpha-null", "scale_min", "flex-alpha", "n_grid", "sparse_ratio",
+        "smooth-symmetric", "weight-symmetric", "group-configs", "include-ints"])
+def test_bad_v1_values_are_one_line(capsys, tiny_models, tmp_path, process, needles):
+    """A processor field of the wrong type was a traceback (float('abc'), float(None), int('x'), fnmatch on an int,
+    .get on a string in a group's configs) or, for symmetric: 'false' (a string, truthy), a symmetric compile;
+    now one line naming the file and the field."""
+    lq = LQ.format(sym="true", wm="minmax") if "linear_quant" not in process else ""
+    path = _yaml(tmp_path, V1.format(process=process.rstrip("\n") + ("\n" + lq if lq else ""), extra=""))
+    rc = cli.main(["quant", "--model_path", str(tiny_models["llama"]), "--save_path", str(tmp_path / "o"),
+                   "--config_path", str(path)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"qcompile: error: --config_path {path}:"), lines
+    assert all(n in lines[0] for n in needles), lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_numbers_yaml_reads_as_strings_are_taken(tmp_path):
+    """PyYAML reads `scale_min: 1e-5` (no dot) as the string '1e-5'; msModelSlim's pydantic config converts it."""
+    path = _yaml(tmp_path, V1.format(process="    - type: iter_smooth\n      scale_min: 1e-5\n      alpha: 8e-1\n"
+                                     + LQ.format(sym="true", wm="minmax"), extra=""))
+    plan = plan_from_config(path, TINY, "llama", calib_given=True)
+    assert plan.passes[0] == ("smooth", {"alpha": "0.8"})  # pass_options: the --passes text
+
+
 def test_dataset_next_to_the_config_is_the_calibration(tmp_path, calib_file):
     (tmp_path / "calib.jsonl").write_text(Path(calib_file).read_text())
     plan = plan_from_config(FIXTURES / "default_w8a16.yaml", TINY, "llama", calib_given=False)

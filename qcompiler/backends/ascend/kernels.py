@@ -55,17 +55,22 @@ _FLOAT64_MAX_K = 2**53 // _MAX_PRODUCT
 #: chunks weight rows by it too); bound here at import, so tests monkeypatch `kernels.ROW_CHUNK_ELEMENTS`. The
 #: rows per chunk are `qn.row_step(width, ROW_CHUNK_ELEMENTS)` (the rule `qn.row_slices` cuts by).
 ROW_CHUNK_ELEMENTS = qn.ROW_CHUNK_ELEMENTS
-#: elements per row block of the full-sequence int8 path: `quantize_prepared` / `dynamic_quant` and, where `_int_mm`
-#: is native (`qn.int8_gemm_native`), the prepared matmuls' int32 accumulator and float32 epilogue. A block's
-#: temporaries (1 MiB of float32) stay in the core's cache and are reused, instead of fresh [tokens, width] tensors
-#: streamed through memory (and zeroed by the kernel on every allocation) once per operation. Every operation is per
-#: row, so no bit changes. Measured on SmolLM2's 2048-token prefill, w8a8d, 1 thread: 2.51-2.69 s -> 2.32-2.39 s
-#: (BENCHMARKS.md, stop 30). Tests move it with ROW_CHUNK_ELEMENTS (`_block_elements`: the smaller of the two).
+#: the full-sequence int8 path (`quantize_prepared` / `dynamic_quant` and, where `_int_mm` is native
+#: (`qn.int8_gemm_native`), the prepared matmuls' int32 accumulator and float32 epilogue) runs a [rows, width] tensor
+#: of more than CACHE_BLOCK_FROM_ELEMENTS elements in row blocks of CACHE_BLOCK_ELEMENTS: a block's temporaries
+#: (1 MiB of float32) stay in the core's cache and are reused, instead of fresh [tokens, width] tensors streamed
+#: through memory once per operation. Smaller tensors run whole, in one call per operation. Every operation is per
+#: row, so no bit changes. Measured on SmolLM2 (`/tmp` probe of a 512-token prefill, batch 1 and 4, BENCHMARKS.md
+#: stop 30), w8a8d: batch 4 at 1 thread 2.50-2.69 s whole -> 1.78 s in blocks, at 2 threads 1.72 -> 1.14-1.19 s;
+#: batch 1 at 2 threads 238-244 ms whole, 265-275 ms in blocks (hence the threshold). Tests move both with
+#: ROW_CHUNK_ELEMENTS (`_block_elements`: never more than it).
 CACHE_BLOCK_ELEMENTS = 1 << 18
+CACHE_BLOCK_FROM_ELEMENTS = 1 << 20
 
 
-def _block_elements() -> int:
-    return min(CACHE_BLOCK_ELEMENTS, ROW_CHUNK_ELEMENTS)
+def _block_elements(numel: int) -> int:
+    """Elements per row block of a [rows, width] operand of `numel` elements (above)."""
+    return max(1, min(numel if numel <= CACHE_BLOCK_FROM_ELEMENTS else CACHE_BLOCK_ELEMENTS, ROW_CHUNK_ELEMENTS))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,10 +190,10 @@ def exact_product_applies(x: Tensor, k: int) -> bool:
     return x.device.type == "cpu" and k <= EXACT_F32_MAX_K and qn._float32_matmul_is_ieee()
 
 
-def _row_block(exact: bool) -> int:
-    """Elements per row chunk of a prepared matmul's general path: CACHE_BLOCK_ELEMENTS for native `_int_mm`
-    products (cache-sized blocks), else ROW_CHUNK_ELEMENTS (bounded temporaries)."""
-    return ROW_CHUNK_ELEMENTS if exact or not qn.int8_gemm_native() else _block_elements()
+def _row_block(exact: bool, numel: int) -> int:
+    """Elements per row chunk of a prepared matmul's general path, its output [rows, n] `numel` elements:
+    `_block_elements` for native `_int_mm` products, else ROW_CHUNK_ELEMENTS (bounded temporaries)."""
+    return ROW_CHUNK_ELEMENTS if exact or not qn.int8_gemm_native() else _block_elements(numel)
 
 
 def exact_product_preferred(x: Tensor, k: int) -> bool:
@@ -470,13 +475,14 @@ def quantize_prepared(x: Tensor, recip: Tensor, offset: Tensor) -> Tensor:
     # torch.mul promotes x to float32 inside the kernel (exact): one pass instead of x.float() then *;
     # the in-place ops below keep the same float32 rounding steps as the written-out formula.
     k = x.shape[-1] if x.dim() else 1
-    if x.numel() <= _block_elements() or x.dim() < 1:
+    block = _block_elements(x.numel())
+    if x.numel() <= block or x.dim() < 1:
         y = torch.mul(x, recip)
         y.add_(offset).round_().clamp_(-128, 127)
         return y.to(torch.int8)
     x2 = x.reshape(math.prod(x.shape[:-1]), k)  # rows in cache-sized blocks: the float32 quotient of one at a time
     out = torch.empty(x2.shape, dtype=torch.int8)
-    step = qn.row_step(k, _block_elements())
+    step = qn.row_step(k, block)
     for start in range(0, x2.shape[0], step):
         y = torch.mul(x2[start:start + step], recip)
         y.add_(offset).round_().clamp_(-128, 127)
@@ -545,7 +551,7 @@ def quant_matmul_prepared(
     exact = quant_bias_f32 is not None and exact_product_preferred(x, k)
     if not exact and weight.dtype == torch.uint8:
         weight = rowwise_weight(weight)
-    step = qn.row_step(n, _row_block(exact))
+    step = qn.row_step(n, _row_block(exact, rows * n))
     for start in range(0, rows, step):  # token rows in chunks: bounds the accumulator
         xs, os = (x2, out) if rows <= step else (x2[start:start + step], out[start:start + step])
         if exact:
@@ -643,7 +649,8 @@ def dynamic_quant(x: Tensor) -> tuple[Tensor, Tensor]:
     exact in x's dtype (so is their widening to float32), and torch.div promotes x to float32 inside
     the kernel, dividing the same float32 values; round/clamp run in place."""
     _check_dynamic_input(x)
-    if x.numel() <= _block_elements():
+    block = _block_elements(x.numel())
+    if x.numel() <= block:
         s = x.abs().amax(dim=-1).float().div_(127)
         s.masked_fill_(s == 0, 1.0)  # all-zero rows quantize to zeros with scale 1
         y = torch.div(x, s.unsqueeze(-1))
@@ -652,7 +659,7 @@ def dynamic_quant(x: Tensor) -> tuple[Tensor, Tensor]:
     x2 = x.reshape(math.prod(x.shape[:-1]), k)
     out = torch.empty(x2.shape, dtype=torch.int8)
     s = torch.empty(x2.shape[0], dtype=torch.float32)
-    step = qn.row_step(k, _block_elements())
+    step = qn.row_step(k, block)
     for start in range(0, x2.shape[0], step):  # |x|, its max and the float32 quotient of one row block at a time
         r = slice(start, start + step)
         sr = x2[r].abs().amax(dim=-1).float().div_(127)
@@ -751,7 +758,7 @@ def quant_matmul_pertoken_prepared(
     exact = exact_product_preferred(x, k)
     if not exact and weight_int8.dtype == torch.uint8:
         weight_int8 = rowwise_weight(weight_int8)
-    step = qn.row_step(n, _row_block(exact))
+    step = qn.row_step(n, _row_block(exact, rows * n))
     for start in range(0, rows, step):  # token rows in chunks: bounds the int32 / float32 temporaries
         if rows <= step:  # one chunk (decode): no slicing
             xs, ss, os = x2, scale, out

@@ -249,9 +249,11 @@ def test_prepare_leaves_graphs_on_another_device_alone():
 @pytest.mark.parametrize("block", [None, 1000])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_dynamic_quant_fast_equals_reference(dtype, block, monkeypatch):
-    """Whole, and in row blocks of 1 (block 1000 < 576 * 2: kernels.CACHE_BLOCK_ELEMENTS moved), bit for bit."""
+    """Whole, and in row blocks of 1 (block 1000 < 576 * 2: kernels.CACHE_BLOCK_ELEMENTS moved, and the size from
+    which blocks are used), bit for bit."""
     if block:
         monkeypatch.setattr(kernels, "CACHE_BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(kernels, "CACHE_BLOCK_FROM_ELEMENTS", block)
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(7, 33, 576, generator=g) * torch.rand(7, 33, 1, generator=g) * 40).to(dtype)
     x[0, 0] = 0

@@ -61,7 +61,7 @@ ROW_CHUNK_ELEMENTS = qn.ROW_CHUNK_ELEMENTS
 #: (1 MiB of float32) stay in the core's cache and are reused, instead of fresh [tokens, width] tensors streamed
 #: through memory once per operation. Smaller tensors run whole, in one call per operation. Every operation is per
 #: row, so no bit changes. Measured on SmolLM2 (`/tmp` probe of a 512-token prefill, batch 1 and 4, BENCHMARKS.md
-#: stop 30), w8a8d: batch 4 at 1 thread 2.50-2.69 s whole -> 1.78 s in blocks, at 2 threads 1.72 -> 1.14-1.19 s;
+#: stop 30), w8a8d: batch 4 at 1 thread 2.50-2.69 s whole -> 1.69-1.78 s in blocks, at 2 threads 1.72 -> 0.97 s;
 #: batch 1 at 2 threads 238-244 ms whole, 265-275 ms in blocks (hence the threshold). Tests move both with
 #: ROW_CHUNK_ELEMENTS (`_block_elements`: never more than it).
 CACHE_BLOCK_ELEMENTS = 1 << 18

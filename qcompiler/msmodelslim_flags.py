@@ -66,6 +66,12 @@ LLAMA_MODEL_TYPES = ("llama", "llama2", "llama3", "llama3.1_bf", "llama3.1_fp", 
 QWEN_MODEL_TYPES = ("qwen1", "qwen1.5", "qwen2", "qwen2.5", "qwen3")
 GROUP_SIZES = (32, 64, 128, 256)          # config_utils.GROUP_SIZE_LIST
 TP_SIZES = (1, 2, 4, 8, 16)                # simulate_tp_config.SUPPORT_TP_SIZES plus 1 (off)
+#: sigma_factor's closed range: msModelSlim config_utils.check_lowbit_config `check_number(config.sigma_factor,
+#: float, 3.0, 4.0)` (called by check_and_generate_config_param for every QuantConfig, use_sigma or not; the same
+#: in master, 26.0.0, 26.1.0 and every tag since the file appeared, 2025-12-17), as its API page pytorch_QuantConfig.md
+#: says ("[3, 4]"). The flag tables of example/{Llama,Qwen,DeepSeek,GLM,...}/README.md say [1.0, 3.0]: that
+#: contradicts the check (1.0..2.99 raise SchemaValidateError) and the DeepSeek README's own `--sigma_factor 4.0`.
+SIGMA_FACTOR_RANGE = (3.0, 4.0)
 ACT_OBSERVER = {1: "minmax", 2: "histogram", 3: "histogram"}
 ANTI_METHODS = {
     "m1": ("smooth", {"alpha": 0.5, "subgraphs": "norm-linear"}),
@@ -93,7 +99,7 @@ FLAG_HELP = {
     "use_sigma": "W8A8S: outliers by sigma_factor x std (w8a8s:sigma=)",
     "use_reduce_quant": "not available (MindIE all-reduce quantization)",
     "tp_size": "simulate_tp:size=N on o_proj / down_proj (1, 2, 4, 8, 16)",
-    "sigma_factor": "use_sigma's factor, 3.0..4.0",
+    "sigma_factor": "use_sigma's factor, 3.0..4.0 (QuantConfig's check; not the example READMEs' 1.0..3.0)",
     "is_lowbit": "with w_bit 4 a_bit 8: W8A8S (lowbit); with open_outlier false: per-group weights",
     "mm_tensor": "accepted: the scripts always pass mm_tensor=False (per-channel weights)",
     "w_sym": "true only (asymmetric weights are not written)",
@@ -271,8 +277,10 @@ def plan_from_settings(given: dict, config: dict, model_type: str, label, where:
     # -- QuantConfig's checks and adjustments (config_utils.check_and_generate_config_param) -----------------
     if not 0.01 <= s["fraction"] <= 0.1:
         raise QCError(f"{label('fraction')} {s['fraction']}: must be in [0.01, 0.1] (QuantConfig)")
-    if not 3.0 <= s["sigma_factor"] <= 4.0:
-        raise QCError(f"{label('sigma_factor')} {s['sigma_factor']}: must be in [3.0, 4.0] (QuantConfig)")
+    if not SIGMA_FACTOR_RANGE[0] <= s["sigma_factor"] <= SIGMA_FACTOR_RANGE[1]:
+        raise QCError(f"{label('sigma_factor')} {s['sigma_factor']}: must be in [3.0, 4.0], the range msModelSlim's "
+                      f"QuantConfig enforces (config_utils.check_lowbit_config); the [1.0, 3.0] of the example "
+                      f"READMEs' flag tables (example/Llama/README.md, ...) is not what its code accepts")
     if s["a_bit"] == 8 and not s["w_sym"]:
         raise QCError(f"{label('w_sym')} false: msModelSlim requires w_sym true when a_bit is 8")
     if s["use_kvcache_quant"] and s["use_fa_quant"]:

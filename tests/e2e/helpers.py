@@ -65,6 +65,47 @@ def loader_runner(loader: Path = LOADER):
     return run
 
 
+#: run by the tool's own venv python: loader_check's inner check with one vLLM-Ascend worker patch executed first
+_PATCHED_INNER = """
+import importlib.util, sys
+tool_dir, patch, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+sys.path.insert(0, tool_dir)
+import va_harness as H  # installs the tool's torch_npu stand-ins before any vllm import
+real_init = H.Engine.__init__
+def init(self, device):
+    import vllm_ascend
+    path = f"{vllm_ascend.__path__[0]}/patch/worker/{patch}.py"
+    spec = importlib.util.spec_from_file_location(f"vllm_ascend_worker_{patch}", path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    real_init(self, device)  # reads <Model>ForCausalLM.load_weights after the patch re-bound it
+H.Engine.__init__ = init
+import vllm_ascend_load as L
+sys.argv = ["vllm_ascend_load.py", "--inner", *argv]
+L.main()
+"""
+
+
+def loader_with_worker_patch(out: Path, patch: str, engine: str = "0.23.0", loader: Path = LOADER):
+    """(exit code, output) of the loader check on `out` with vLLM-Ascend's worker patch
+    `vllm_ascend/patch/worker/<patch>.py` executed first, as the engine does on start (worker/worker.py
+    NPUWorker.__init__ -> utils.py adapt_patch imports vllm_ascend.patch.worker). The tool applies none of those
+    patches (its README, "What runs for real, what is stubbed"). Only that one file runs: the package's
+    __init__ imports every worker patch, some of which need modules the tool's venv does not hold. Uses the
+    tool's cache, venv and environment as its main() does; call after loader_runner's run set `engine` up."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("qc_loader_check_tool", loader)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cache, roots, py = tool.setup(engine)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join(roots),
+               PYTHONPYCACHEPREFIX=os.path.join(cache, "pycache"), VLLM_LOGGING_LEVEL="ERROR",
+               VLLM_VERSION=tool.ENGINES[engine][1]["version"],
+               TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"))
+    r = subprocess.run([py, "-c", _PATCHED_INNER, str(loader.parent), patch, str(out), "--tp", "auto",
+                        "--device", "auto"], capture_output=True, text=True, env=env)
+    return r.returncode, r.stdout + r.stderr
+
+
 def first_layers(model: Path, layers: int, dest: Path) -> Path:
     """A copy of the checkpoint folder `model` cut to its first `layers` decoder layers, in `dest`: config.json's
     num_hidden_layers set to `layers`, the tensors of `model.layers.<i>.` for i >= layers left out of the

@@ -13,7 +13,8 @@ A *feature* is one way an artifact uses a quant type (`W4A8_DYNAMIC per-group`, 
 - `refusals(engine, features)`: why an engine cannot load it ([] = it loads); `engines_loading(features)`.
 - `matrix_markdown()`: the README table (a test keeps README.md equal to it).
 - `expected_loader_exit(features, version)`: what `loader_check/vllm_ascend_load.py --engine VERSION` must
-  return for the artifact: 0 (loads) or 3 (an engine limit listed here).
+  return for the artifact: 0 (loads) or 3 (an engine limit listed here, or a release that loads the artifact
+  only through a worker patch, which that tool does not apply: `Support.patched`).
 """
 from __future__ import annotations
 
@@ -39,12 +40,19 @@ _MI = "MindIE-LLM examples/atb_models/atb_llm/"
 class Support:
     """An engine's support of one feature: the devices it loads it on (empty: none), devices where that is not
     confirmed (allowed with a warning: the spec's "unsure" 310P types), a one-line note, the code it was read in,
-    and (vLLM-Ascend) the first pinned release that loads it for llama / qwen2 when older pins do not (`since`)."""
+    and (vLLM-Ascend) the first pinned release that loads it for llama / qwen2 when older pins do not (`since`).
+    `patched`: model types the older pins already load through one of vLLM-Ascend's worker patches
+    (vllm_ascend/patch/worker/*, imported by NPUWorker.__init__ -> vllm_ascend/utils.py adapt_patch), with
+    `patch_note` the note for them. ../shared/tools/loader_check does not apply those patches (its README, "What
+    runs for real, what is stubbed"), so for such a model and pin it reports "UNSUPPORTED BY ENGINE" (exit 3)
+    although the engine loads the artifact: `expected_loader_exit` says 3 there, `refusals` says it loads."""
     devices: frozenset = BOTH
     note: str = ""
     source: str = ""
     since: str | None = None
     unsure: frozenset = frozenset()
+    patched: frozenset = frozenset()
+    patch_note: str = ""
 
     @property
     def loads(self) -> bool:
@@ -122,10 +130,18 @@ FEATURES = (
         MINDIE: Support(A2, "a FastLinear on the pruned float weight", _MI + "utils/layers/linear/__init__.py "
                         "get_linear (W16A16S -> FastLinear)", unsure=P310)}),
     Feature("C8", "`kv8`", "dense", {
-        VLLM_ASCEND: Support(A2, "for llama/qwen2; 0.23.0 maps the scales for qwen3 / glm4_moe / minimax_m2 "
-                             "only (patch/worker/patch_gqa_c8.py)", _VA + "methods/kv_c8.py "
+        VLLM_ASCEND: Support(A2, "0.23.0 maps the scales only for qwen3 / glm4_moe / minimax_m2 "
+                             "(patch/worker/patch_gqa_c8.py); llama/qwen2 need 0.26.0rc1 (its quant config's "
+                             "get_cache_scale_mapper)", _VA + "methods/kv_c8.py "
                              "AscendC8KVCacheAttentionMethod; modelslim_config.py get_cache_scale_mapper",
-                             since="0.26.0rc1"),
+                             since="0.26.0rc1", patched=frozenset({"qwen3"}),
+                             patch_note="on qwen3 also 0.23.0 loads the scales: its worker patch "
+                             "patch/worker/patch_gqa_c8.py re-binds Qwen3ForCausalLM.load_weights to route "
+                             "{k,v}_proj.kv_cache_{scale,offset} to attn.{k,v}_cache_{scale,offset} "
+                             "(quantization/modelslim_config.py AscendModelSlimConfig.get_cache_scale); "
+                             "../shared/tools/loader_check --engine 0.23.0 reports them UNSUPPORTED BY ENGINE "
+                             "because it does not apply vllm_ascend/patch/* (its README), not because the engine "
+                             "cannot load them"),
         MINDIE: Support(A2, "", _MI + "utils/layers/attention/kv_cache.py KvCache.load", unsure=P310)}),
     Feature("FAQuant", "`fa3`", "dense", {
         VLLM_ASCEND: Support(NO, 'no "FAQuant" attention scheme (registers "FAKQuant" / "INT8_DYNAMIC", MLA)',
@@ -223,7 +239,7 @@ def refusals(engine: str, features: ArtifactFeatures, version: str | None = None
         if features.device not in s.devices | s.unsure:
             where = "" if not s.loads else f" on {features.device.upper()} (only {', '.join(sorted(s.devices))})"
             why.append(f"{key}{where}: {s.note or 'not supported'}" + (f" [{s.source}]" if s.source else ""))
-        elif (engine == VLLM_ASCEND and s.since and version is not None and features.model_type != "qwen3"
+        elif (engine == VLLM_ASCEND and s.since and version is not None and features.model_type not in s.patched
               and _version_index(version) < _version_index(s.since)):
             why.append(f"{key} on {features.model_type}: vLLM-Ascend {version} does not load it ({s.note}) "
                        f"[{s.source}]")
@@ -245,15 +261,25 @@ def notes(engine: str, features: ArtifactFeatures) -> list[str]:
             continue
         if features.device in s.unsure:
             out.append(f"{key} on {features.device.upper()}: not confirmed in the engine's code; verify on the device")
-        if s.note:
+        if engine == VLLM_ASCEND and features.model_type in s.patched:
+            out.append(f"{key}: {s.patch_note}")
+        elif s.note:
             out.append(f"{key}: {s.note}")
     return out
 
 
 def expected_loader_exit(features: ArtifactFeatures, version: str) -> int:
     """Exit status `loader_check/vllm_ascend_load.py --engine VERSION` must give: 0 when this matrix says that
-    vLLM-Ascend release loads the artifact, 3 (documented engine limit) when it does not."""
-    return 0 if not refusals(VLLM_ASCEND, features, version) else 3
+    vLLM-Ascend release loads the artifact, 3 (documented engine limit) when it does not, and 3 as well where the
+    release loads it only through a worker patch the tool does not apply (`Support.patched`: C8 on qwen3 with
+    0.23.0, where the tool's own limit rule reports the scales UNSUPPORTED BY ENGINE)."""
+    if refusals(VLLM_ASCEND, features, version):
+        return 3
+    for key in features.keys():
+        s = FEATURE_BY_KEY[key].support[VLLM_ASCEND]
+        if s.since and features.model_type in s.patched and _version_index(version) < _version_index(s.since):
+            return 3
+    return 0
 
 
 def _scale_columns(out: Path) -> dict[str, int]:
@@ -301,6 +327,8 @@ def _cell(s: Support) -> str:
     where = "" if s.devices == BOTH else f" ({', '.join(d.upper() for d in sorted(s.devices))}" + (
         f"; {', '.join(d.upper() for d in sorted(s.unsure))} unconfirmed)" if s.unsure else ")")
     since = f" from {s.since}" if s.since else ""
+    if s.since and s.patched:
+        since += f" ({' / '.join(sorted(s.patched))}: {VLLM_ASCEND_VERSIONS[0]} too, by a worker patch)"
     return f"yes{where}{since}" + (f": {s.note}" if s.note else "")
 
 

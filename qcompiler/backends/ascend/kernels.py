@@ -190,10 +190,20 @@ def exact_product_applies(x: Tensor, k: int) -> bool:
     return x.device.type == "cpu" and k <= EXACT_F32_MAX_K and qn._float32_matmul_is_ieee()
 
 
-def _row_block(exact: bool, numel: int) -> int:
-    """Elements per row chunk of a prepared matmul's general path, its output [rows, n] `numel` elements:
-    `_block_elements` for native `_int_mm` products, else ROW_CHUNK_ELEMENTS (bounded temporaries)."""
-    return ROW_CHUNK_ELEMENTS if exact or not qn.int8_gemm_native() else _block_elements(numel)
+#: fewest token rows in a native `_int_mm` row block (`_row_step`): oneDNN's AMX kernels work in tiles of 16 rows
+#: and re-lay the weight on every call, so the cache-sized blocks of a wide layer (a 7B gate_proj, n 18944: 13 rows)
+#: ran its GEMM at a fraction of its speed (bench layer7b, stop 30)
+INT_MM_MIN_ROWS = 256
+
+
+def _row_step(exact: bool, rows: int, n: int) -> int:
+    """Token rows per chunk of a prepared matmul's general path (output [rows, n]): ROW_CHUNK_ELEMENTS // n
+    (bounded temporaries) for the exact float32 product; for native `_int_mm` products `_block_elements` rows, but
+    at least INT_MM_MIN_ROWS (never more than the bounded chunk)."""
+    bounded = qn.row_step(n, ROW_CHUNK_ELEMENTS)
+    if exact or not qn.int8_gemm_native():
+        return bounded
+    return min(bounded, max(qn.row_step(n, _block_elements(rows * n)), INT_MM_MIN_ROWS))
 
 
 def exact_product_preferred(x: Tensor, k: int) -> bool:
@@ -551,7 +561,7 @@ def quant_matmul_prepared(
     exact = quant_bias_f32 is not None and exact_product_preferred(x, k)
     if not exact and weight.dtype == torch.uint8:
         weight = rowwise_weight(weight)
-    step = qn.row_step(n, _row_block(exact, rows * n))
+    step = _row_step(exact, rows, n)
     for start in range(0, rows, step):  # token rows in chunks: bounds the accumulator
         xs, os = (x2, out) if rows <= step else (x2[start:start + step], out[start:start + step])
         if exact:
@@ -758,7 +768,7 @@ def quant_matmul_pertoken_prepared(
     exact = exact_product_preferred(x, k)
     if not exact and weight_int8.dtype == torch.uint8:
         weight_int8 = rowwise_weight(weight_int8)
-    step = qn.row_step(n, _row_block(exact, rows * n))
+    step = _row_step(exact, rows, n)
     for start in range(0, rows, step):  # token rows in chunks: bounds the int32 / float32 temporaries
         if rows <= step:  # one chunk (decode): no slicing
             xs, ss, os = x2, scale, out

@@ -6,8 +6,8 @@ Contract:
   as its paragraphs: split at each JOINER (a blank line) that has a non-space character on both sides, so
   JOINER.join(paragraphs) is the file's text exactly and every window is what the whole text gives; the
   paragraphs are documents `make_windows` can stop at (a 20 MB .txt cut into 64 x 512 windows was tokenized
-  whole: 18 s and 3 GB, the same text as .jsonl 1.3 s and 0.3 GB). Any problem (missing file, other extension, bad line, nothing to read) is a QCError that names
-  the file, the line where there is one, and what was expected. The whole file is checked, whatever part of it
+  whole: 18 s and 3 GB, the same text as .jsonl 1.3 s and 0.3 GB). Any problem (missing file, other extension,
+  bad line, nothing to read) is a QCError that names the file, the line where there is one, and what was expected. The whole file is checked, whatever part of it
   is used (a compile reads it before any work; `eval --max-windows` tokenizes only what it needs, but a bad line
   past that is still an error). Memory: a `.jsonl` is read a line at a time, so besides the texts it returns
   only one line is held (not the file's bytes, its decoded text and its list of lines: 3-4x the file).

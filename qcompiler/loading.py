@@ -274,7 +274,8 @@ def _check_sizes(cfg: dict, path: Path) -> None:
         value = cfg.get(key)
         if value is not None and (type(value) is not int or value <= 0):
             raise QCError(f"{path / 'config.json'}: {key} is {value!r}; expected a positive integer")
-    places = [("", cfg)] + [(f"{k}.", cfg[k]) for k in ("rope_parameters", "rope_scaling") if isinstance(cfg.get(k), dict)]
+    places = [("", cfg)] + [(f"{k}.", cfg[k]) for k in ("rope_parameters", "rope_scaling")
+                            if isinstance(cfg.get(k), dict)]
     for prefix, where in places:
         for key in POSITIVE_NUMBERS:
             value = where.get(key)
@@ -353,8 +354,8 @@ def _check_header(file: Path) -> list[str]:
 CONFIG_DTYPES = {dtype_name(d): d for d in sorted(FLOAT_HEADER_DTYPES.values(), key=lambda d: (d.itemsize, str(d)))}
 
 
-def config_dtype(cfg: dict, path: Path) -> tuple[torch.dtype | None, str | None]:
-    """(the dtype config.json states, the key stating it), or (None, None) when it states none.
+def config_dtype(cfg: dict, path: Path) -> torch.dtype | None:
+    """The dtype config.json states, or None when it states none.
 
     The key is transformers' (configuration_utils.py `PretrainedConfig.__init__`): `dtype` when it is not null,
     else `torch_dtype`; null is the same as absent. transformers turns a string into `getattr(torch, value)`, so it
@@ -363,18 +364,17 @@ def config_dtype(cfg: dict, path: Path) -> tuple[torch.dtype | None, str | None]
     quantized checkpoint, not one qcompile compiles). The one source of truth for the checkpoint's stated dtype."""
     key = "dtype" if cfg.get("dtype") is not None else "torch_dtype" if cfg.get("torch_dtype") is not None else None
     if key is None:
-        return None, None
+        return None
     value = cfg[key]
     if not isinstance(value, str) or value not in CONFIG_DTYPES:
         raise QCError(f"{path / 'config.json'}: {key} is {json.dumps(value)}; expected one of "
                       f"{', '.join(CONFIG_DTYPES)}, or no {key} (the dtype is then read from the safetensors headers)")
-    return CONFIG_DTYPES[value], key
+    return CONFIG_DTYPES[value]
 
 
-def _source_dtype(ckpt: Checkpoint, log) -> torch.dtype:
-    """The checkpoint's own dtype: config.json's (config_dtype), else the float dtype of most of the stored bytes
-    (safetensors headers, said on `log`), else bfloat16 (no float tensor: check_checkpoint refuses it)."""
-    stated, _ = config_dtype(ckpt.config, ckpt.path)
+def _source_dtype(ckpt: Checkpoint, stated: torch.dtype | None, log) -> torch.dtype:
+    """The checkpoint's own dtype: `stated` (config.json's, `config_dtype`), else the float dtype of most of the
+    stored bytes (safetensors headers, said on `log`), else bfloat16 (no float tensor: check_checkpoint refuses it)."""
     if stated is not None:
         return stated
     found = header_dtype(ckpt.path, ckpt.stored_tensors())
@@ -403,11 +403,11 @@ def open_checkpoint(path: str | Path, dtype: str | None = None, trust_remote_cod
     arch = _architecture(cfg, path)
     _check_not_quantized(cfg, path)
     _check_sizes(cfg, path)
-    config_dtype(cfg, path)  # before the weights are read
+    stated = config_dtype(cfg, path)  # refused before the weights are read
     ckpt = Checkpoint(path=path, config=cfg, architecture=arch, dtype=torch.bfloat16, source_dtype=torch.bfloat16,
                       weight_map=_weight_map(path), trust_remote_code=trust_remote_code)
     _alias_tied_embedding(ckpt)
-    src = _source_dtype(ckpt, log or (lambda msg: print(msg, file=sys.stderr)))
+    src = _source_dtype(ckpt, stated, log or (lambda msg: print(msg, file=sys.stderr)))
     ckpt.source_dtype = src
     ckpt.dtype = parse_dtype(dtype) if dtype else (src if src in DTYPES.values() else torch.bfloat16)
     if dense:

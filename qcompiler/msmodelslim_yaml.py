@@ -271,7 +271,8 @@ def _linear_quant(where, block, bad, out):
 
 def _scheme(where, a, w, bad, out):
     """(pass name, options) of a linear_quant's (act, weight) QConfigs; (None, None) after recording why not."""
-    wd, ws, wsym, wm = w.get("dtype"), w.get("scope"), _flag(f"{where}.qconfig.weight", w, "symmetric", True), w.get("method", "minmax")
+    wd, ws, wm = w.get("dtype"), w.get("scope"), w.get("method", "minmax")
+    wsym = _flag(f"{where}.qconfig.weight", w, "symmetric", True)
     wext = dict(w.get("ext") or {})
     group = 0
     if wd not in ("int8", "int4") or ws not in ("per_channel", "per_group"):
@@ -299,7 +300,8 @@ def _scheme(where, a, w, bad, out):
     if a is None or a.get("dtype", "float") == "float":
         name = "w8a16" if bits == 8 else "w4a16"
         return name, pass_options(group=group)
-    ad, asc, asym, am = a.get("dtype"), a.get("scope"), _flag(f"{where}.qconfig.act", a, "symmetric", None), a.get("method", "minmax")
+    ad, asc, am = a.get("dtype"), a.get("scope"), a.get("method", "minmax")
+    asym = _flag(f"{where}.qconfig.act", a, "symmetric", None)
     if a.get("ext"):
         bad.add(f"{where}.qconfig.act.ext", "not mapped")
     if ad != "int8":

@@ -112,6 +112,32 @@ L.main()
 """
 
 
+#: run by the tool's own venv python: loader_check's inner check with the C8 routing of vLLM-Ascend 0.23.0's
+#: patch/worker/patch_gqa_c8.py (`_patched_causal_lm_load_weights`) bound to Qwen3MoeForCausalLM as well; the
+#: release binds it to Qwen3ForCausalLM / Glm4MoeForCausalLM / MiniMaxM2ForCausalLM only
+_QWEN3_MOE_C8_INNER = """
+import importlib.util, sys
+tool_dir, argv = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, tool_dir)
+import va_harness as H  # installs the tool's torch_npu stand-ins before any vllm import
+real_init = H.Engine.__init__
+def init(self, device):
+    import vllm_ascend
+    from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
+    path = f"{vllm_ascend.__path__[0]}/patch/worker/patch_gqa_c8.py"
+    spec = importlib.util.spec_from_file_location("vllm_ascend_worker_patch_gqa_c8", path)
+    patch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(patch)
+    original = Qwen3MoeForCausalLM.load_weights
+    Qwen3MoeForCausalLM.load_weights = lambda self, weights: patch._patched_causal_lm_load_weights(
+        self, weights, original)
+    real_init(self, device)  # reads Qwen3MoeForCausalLM.load_weights after the re-binding
+H.Engine.__init__ = init
+import vllm_ascend_load as L
+sys.argv = ["vllm_ascend_load.py", "--inner", *argv]
+L.main()
+"""
+
 def _run_inner(script: str, args: list, engine: str, loader: Path) -> tuple[int, str]:
     """(exit code, output) of `script` run by the loader tool's venv python with `args`, in the tool's cache and
     environment as its main() sets them up; call after loader_runner's run set `engine` up."""
@@ -148,6 +174,15 @@ def loader_with_qwen2_moe_mapping(out: Path, engine: str = "0.23.0", loader: Pat
     engine's own MoE weight loading runs on the artifact's per-expert tensors. Call after loader_runner's run set
     `engine` up."""
     return _run_inner(_QWEN2_MOE_INNER, [out, "--tp", "auto", "--device", "auto"], engine, loader)
+
+
+def loader_with_qwen3_moe_c8_routing(out: Path, engine: str = "0.23.0", loader: Path = LOADER):
+    """(exit code, output) of the loader check on the qwen3_moe C8 artifact `out`, with the C8 scale routing of
+    patch_gqa_c8.py bound to Qwen3MoeForCausalLM (`_QWEN3_MOE_C8_INNER`): the routing 0.23.0 gives qwen3, and that
+    0.26.0rc1 gives every model through its quant config's get_cache_scale_mapper (applied by vLLM 0.26's
+    AutoWeightsLoader, which Qwen3MoeForCausalLM.load_weights uses there; the tool builds MoE with 0.23.0 only).
+    Call after loader_runner's run set `engine` up."""
+    return _run_inner(_QWEN3_MOE_C8_INNER, [out, "--tp", "auto", "--device", "auto"], engine, loader)
 
 
 def first_layers(model: Path, layers: int, dest: Path) -> Path:

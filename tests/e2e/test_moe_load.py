@@ -15,14 +15,21 @@ limit, engines.py "MoE experts on qwen2_moe"; the tool exits 2 for the model typ
 loading (fused-MoE schemes, FusedMoE.weight_loader, Qwen2MoeModel.load_weights, the shared expert's Linears) takes
 every tensor of our w8a8d and w4a8d-experts qwen2_moe artifacts at tp 1 and 2; a copy missing one expert's
 weight_scale_second fails (MISSING).
+
+C8 (`kv8`) on Qwen3-MoE: vLLM-Ascend 0.23.0 does not load the scales (patch/worker/patch_gqa_c8.py re-binds the
+C8 routing for Qwen3ForCausalLM, not Qwen3MoeForCausalLM, and vLLM 0.23.0's Qwen3MoeModel.load_weights skips
+`{k,v}_proj.kv_cache_*` silently: `name not in params_dict: continue`, leaving kv_c8.py's initial scale 1 / offset
+0), as engines.py says (C8 "since 0.26.0rc1"). The tool reports that as FAIL (IGNORED / MISSING lines), not as its
+C8 engine limit (exit 3): its limit rule (va_harness.ENGINE_LIMIT_ERRORS) matches only a load_weights that
+raises. With the same routing bound to Qwen3MoeForCausalLM every tensor loads.
 """
 import json
 
 import pytest
 
 from qcompiler import cli
-from qcompiler.backends.ascend.engines import expected_loader_exit, features_of_artifact
-from tests.e2e.helpers import NEEDS_SHARED, loader_with_qwen2_moe_mapping
+from qcompiler.backends.ascend.engines import VLLM_ASCEND, expected_loader_exit, features_of_artifact, refusals
+from tests.e2e.helpers import NEEDS_SHARED, loader_with_qwen2_moe_mapping, loader_with_qwen3_moe_c8_routing
 from tests.helpers import assert_checker_clean_on_moe, checker_report, make_tiny_model, write_calib_file
 
 pytestmark = NEEDS_SHARED
@@ -120,3 +127,29 @@ def test_qwen2_moe_loading_rejects_a_missing_expert_scale(qwen2_moe_artifacts, l
     save_file(tensors, str(weights), metadata={"format": "pt"})
     rc, text = loader_with_qwen2_moe_mapping(broken, "0.23.0")
     assert rc == 1 and "MISSING" in text and "w13_weight_scale_second" in text, text[-3000:]
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe_kv8(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen3-moe-kv8")
+    model = make_tiny_model(root / "qwen3_moe", "qwen3_moe")
+    out = root / "w8a8d-kv8"
+    assert cli.main([str(model), "--passes", "w8a8d,kv8", "--calib", str(write_calib_file(root / "calib.jsonl")),
+                     "--calib-samples", "4", "--seq-len", "32", "-o", str(out)]) == 0
+    return out
+
+
+def test_c8_on_qwen3_moe_loads_only_with_the_c8_routing(qwen3_moe_kv8, loader_check):
+    features = features_of_artifact(qwen3_moe_kv8)
+    assert features.model_type == "qwen3_moe" and features.kv_cache
+    assert refusals(VLLM_ASCEND, features) == []                          # 0.26.0rc1 routes the scales
+    assert any(r.startswith("C8 on qwen3_moe") for r in refusals(VLLM_ASCEND, features, "0.23.0"))
+    rc, text = loader_check(qwen3_moe_kv8, "0.23.0")
+    problems = [line for line in text.splitlines() if line.startswith(("IGNORED", "MISSING", "SHAPE", "EXTRA",
+                                                                       "DTYPE", "REJECTED", "CONSTRUCT"))]
+    assert rc == 1 and len(problems) == 8, text[-3000:]  # the tool's rule misses the silent skip (docstring)
+    assert all(line.startswith("IGNORED") and ".kv_cache_" in line or line.startswith("MISSING") and
+               ".attn." in line and "_cache_" in line for line in problems), text[-3000:]
+    rc, text = loader_with_qwen3_moe_c8_routing(qwen3_moe_kv8, "0.23.0")
+    assert rc == 0 and "vllm-ascend load: OK" in text, text[-3000:]
+    assert checker_report(qwen3_moe_kv8)["errors"] == 0

@@ -125,16 +125,19 @@ def test_w4a8d_experts_layout_and_perplexity(compiled_moe, moe_models):
     assert "W4A8_DYNAMIC MoE" in features.keys() and not refusals("vllm-ascend", features)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
-def test_w4a8d_experts_checker_errors_are_only_its_packed_n_misreading(compiled_moe, arch):
-    """The checker has no structure for MoE model types and reads each W4A8_DYNAMIC expert's n from its packed
+@pytest.mark.parametrize("arch,passes,linears", [("qwen3_moe", W4A8_EXPERTS, 2 * 4 * 3),
+                                                  ("qwen2_moe", W4A8_EXPERTS, 2 * 4 * 3),
+                                                  ("qwen3_moe", "w4a8d", 2 * (4 * 3 + 4))])
+def test_w4a8d_checker_errors_are_only_its_packed_n_misreading(compiled_moe, arch, passes, linears):
+    """The checker has no structure for MoE model types and reads each W4A8_DYNAMIC Linear's n from its packed
     weight [n/2, k] (tests/helpers.py, above `checker_w4a8_misreads`: the checker is wrong there, the artifact has
     vLLM-Ascend's methods/w4a8.py shapes, which its loader accepts: tests/e2e/test_moe_load.py). Exactly 6 errors
-    per expert Linear (weight, weight_scale, weight_offset, weight_scale_second, weight_offset_second, scale_bias),
-    24 Linears; nothing else, and the checker's W4A8 rules at the true n pass."""
-    out = compiled_moe(arch, W4A8_EXPERTS)
+    per W4A8_DYNAMIC Linear (weight, weight_scale, weight_offset, weight_scale_second, weight_offset_second,
+    scale_bias): the 24 expert Linears, plus the 8 attention Linears when w4a8d takes them too (the dense scheme's
+    get_weight packs along n the same way); nothing else, and the checker's W4A8 rules at the true n pass."""
+    out = compiled_moe(arch, passes)
     misreads = checker_w4a8_misreads(out)
-    assert len(misreads) == 2 * 4 * 3 * 6 and all(".mlp.experts." in name for name, _, _ in misreads)
+    assert len(misreads) == linears * 6, len(misreads)
     assert ("model.layers.1.mlp.experts.3.down_proj.scale_bias", "W4A8_DYNAMIC.scale_bias.shape",
             "shape [64, 16], expected [32, 16]") in misreads
     assert_checker_clean_on_moe(out)

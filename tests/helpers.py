@@ -316,6 +316,112 @@ def assert_checker_clean(out: Path) -> dict:
     return report
 
 
+# The checker's one wrong rule on MoE artifacts. check_ascend_artifact.py knows the Linear shapes of llama / qwen2 /
+# qwen3 only (`expected_model`); for any other model type (qwen3_moe, qwen2_moe) its `check()` takes a Linear's
+# (n, k) from the shape of its `.weight` tensor (the `lin_exp is None` branch). A W4A8_DYNAMIC weight is packed
+# along n, int8 [n/2, k], in the engine's own parameters (vLLM-Ascend 0.23.0
+# vllm_ascend/quantization/methods/w4a8.py: dense AscendW4A8DynamicLinearMethod.get_weight `output_size // 2`;
+# experts AscendW4A8DynamicFusedMoEMethod.get_weight_modelslim, w13_weight [E, I, H] = gate and up [I/2, H] each,
+# w2_weight [E, H/2, I]), so the checker reads n/2 and then applies its own W4A8 rule (`layout`: weight [n/2, k],
+# weight_scale / weight_offset [n, 1], weight_scale_second / weight_offset_second [n, k/g], scale_bias [n, 1] or
+# [n, 16], which are the engine's get_pergroup_param / get_dynamic_quant_param_modelslim shapes) at that n: every
+# tensor of the Linear is reported as a shape error (6 per Linear; 144 for the 24 expert Linears of a tiny 2-layer,
+# 4-expert Qwen3-MoE). `checker_w4a8_misreads` lists exactly those errors; anything else stays an error.
+_CHECKER_MODEL_TYPES = ("llama", "qwen2", "qwen3")  # check_ascend_artifact.expected_model's structures
+
+
+def true_linear_shape(config: dict, linear: str) -> tuple[int, int]:
+    """(n, k) of the decoder Linear `linear` (`model.layers.L.<...>.<proj>`) of a qwen3_moe / qwen2_moe
+    config.json, from the config alone (as vLLM builds the module): attention q/k/v/o, routed experts
+    (moe_intermediate_size), Qwen2-MoE's shared expert (shared_expert_intermediate_size) and a dense layer's MLP
+    (intermediate_size)."""
+    h, heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or h // heads
+    kv = config.get("num_key_value_heads") or heads
+    proj = linear.rsplit(".", 1)[-1]
+    if ".self_attn." in linear:
+        return {"q_proj": (heads * head_dim, h), "k_proj": (kv * head_dim, h), "v_proj": (kv * head_dim, h),
+                "o_proj": (h, heads * head_dim)}[proj]
+    inter = (config["moe_intermediate_size"] if ".mlp.experts." in linear else
+             config["shared_expert_intermediate_size"] if ".mlp.shared_expert." in linear else
+             config["intermediate_size"])
+    return (h, inter) if proj == "down_proj" else (inter, h)
+
+
+def _w4a8_shapes(n: int, k: int, group: int, row_parallel: bool) -> dict:
+    """{suffix: shape} of a W4A8_DYNAMIC Linear [n, k] in msModelSlim's 1.0.0 per-group form, as the engine's
+    parameters take it (methods/w4a8.py, see the comment above)."""
+    return {"weight": (n // 2, k), "weight_scale": (n, 1), "weight_offset": (n, 1),
+            "weight_scale_second": (n, k // group), "weight_offset_second": (n, k // group),
+            "scale_bias": (n, 16 if row_parallel else 1)}
+
+
+def checker_w4a8_misreads(out: Path) -> set:
+    """{(tensor, rule, detail)}: the errors check_ascend_artifact.py gives on `out` only because it reads a
+    W4A8_DYNAMIC Linear's n from its packed weight (comment above): for each W4A8_DYNAMIC Linear of a model type
+    the checker has no structure for, and each of its tensors whose shape is the engine's at the true n (from
+    config.json), the error the checker's rule gives at n/2. A tensor without the engine's shape is not listed,
+    so the checker's error on it stays an error."""
+    from safetensors import safe_open
+    desc = json.loads((out / "quant_model_description.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    if config.get("model_type") in _CHECKER_MODEL_TYPES:
+        return set()
+    shapes = {}
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            shapes.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
+    misreads = set()
+    for key, qtype in desc.items():
+        if qtype != "W4A8_DYNAMIC" or not key.endswith("_proj.weight") or key not in shapes:
+            continue
+        linear = key[:-len(".weight")]
+        n, k = true_linear_shape(config, linear)
+        row = linear.endswith(("o_proj", "down_proj"))
+        engine = _w4a8_shapes(n, k, desc["group_size"], row)
+        misread = _w4a8_shapes(shapes[key][0], k, desc["group_size"], row)  # the checker's n: the packed rows
+        for suffix, want in engine.items():
+            name = f"{linear}.{suffix}"
+            if shapes.get(name) == want and misread[suffix] != want:
+                misreads.add((name, f"W4A8_DYNAMIC.{suffix}.shape",
+                              f"shape {list(want)}, expected {list(misread[suffix])}"))
+    return misreads
+
+
+def _checker_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("check_ascend_artifact", CHECKER)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def assert_checker_clean_on_moe(out: Path) -> dict:
+    """The checker's errors on the MoE artifact `out` are exactly `checker_w4a8_misreads(out)` (none more; and
+    none fewer: once the checker takes n from the config, this says so and the exception goes), and its own
+    W4A8_DYNAMIC tensor rules (`check_linear`: shapes, dtypes, finite positive scales, zero offsets), run again
+    with each W4A8_DYNAMIC Linear's true (n, k) from config.json, find no error."""
+    report = checker_report(out)
+    errors = {(v["tensor"], v["rule"], v["detail"]) for v in report["violations"] if v["severity"] == "ERROR"}
+    misreads = checker_w4a8_misreads(out)
+    assert errors - misreads == set(), sorted(errors - misreads)
+    assert misreads - errors == set(), ("the checker no longer misreads these W4A8_DYNAMIC shapes: drop the "
+                                        "exception", sorted(misreads - errors))
+    mod = _checker_module()
+    cfg, model_dtype = mod.check_config(str(out), mod.Report())
+    keymap = mod.check_files(str(out), mod.Report())
+    weights, rep = mod.Weights(str(out), keymap), mod.Report()
+    desc = json.loads((out / "quant_model_description.json").read_text())
+    for key, qtype in desc.items():
+        if qtype == "W4A8_DYNAMIC" and key.endswith("_proj.weight"):
+            n, k = true_linear_shape(cfg, key[:-len(".weight")])
+            mod.check_linear(key[:-len(".weight")], qtype, weights, desc, rep, n, k, desc["group_size"],
+                             model_dtype == "float16", desc.get("version"), None)
+    errors = [v for v in rep if v[0] == "ERROR"]
+    assert errors == [], ("checker rules at the true (n, k)", errors)
+    return report
+
+
 # ------------------------------------------------------------------------------ the command line, in tests
 
 def smollm2_checkpoints() -> dict:

@@ -12,6 +12,7 @@ Tolerances (measured on these models, 2 x 24 random tokens):
   end on MoE graphs; the layer bound above is the discriminating check.
 """
 import json
+import re
 
 import pytest
 import torch
@@ -21,11 +22,12 @@ from qcompiler import cli
 from qcompiler.backends.ascend.engines import features_of_artifact, refusals
 from qcompiler.evaluate import perplexity
 from qcompiler.runtime import load_model
-from tests.helpers import (assert_checker_clean, cached_logits, expect_error, layer_output_errors,
-                           recompute_logits)
+from tests.helpers import (assert_checker_clean, assert_checker_clean_on_moe, cached_logits, checker_w4a8_misreads,
+                           expect_error, layer_output_errors, recompute_logits)
 
 CALIB = ["--calib-samples", "4", "--seq-len", "32"]
 PPL_TOLERANCE = 0.02
+W4A8_EXPERTS = r"w4a8d:match=mlp\.experts,w8a8d"
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def test_w4a8d_experts_layout_and_perplexity(compiled_moe, moe_models):
     """w4a8d on the experts, w8a8d on attention: msModelSlim's 1.0.0 per-group MoE layout (weight packed along n,
     two-stage scales, scale_bias [n, 1] for gate/up and [n, 16] for down: vLLM-Ascend methods/w4a8.py
     AscendW4A8DynamicFusedMoEMethod docstring)."""
-    out = compiled_moe("qwen3_moe", r"w4a8d:match=mlp\.experts,w8a8d")
+    out = compiled_moe("qwen3_moe", W4A8_EXPERTS)
     desc, shapes = _description(out), _shapes(out)
     assert desc["group_size"] == 32 and desc["version"] == "1.0.0"
     pre = "model.layers.1.mlp.experts.3."
@@ -121,6 +123,44 @@ def test_w4a8d_experts_layout_and_perplexity(compiled_moe, moe_models):
     assert abs(ratio - 1) < PPL_TOLERANCE, ratio
     features = features_of_artifact(out)
     assert "W4A8_DYNAMIC MoE" in features.keys() and not refusals("vllm-ascend", features)
+
+
+@pytest.mark.parametrize("arch,passes,linears", [("qwen3_moe", W4A8_EXPERTS, 2 * 4 * 3),
+                                                  ("qwen2_moe", W4A8_EXPERTS, 2 * 4 * 3),
+                                                  ("qwen3_moe", "w4a8d", 2 * (4 * 3 + 4))])
+def test_w4a8d_checker_errors_are_only_its_packed_n_misreading(compiled_moe, arch, passes, linears):
+    """The checker has no structure for MoE model types and reads each W4A8_DYNAMIC Linear's n from its packed
+    weight [n/2, k] (tests/helpers.py, above `checker_w4a8_misreads`: the checker is wrong there, the artifact has
+    vLLM-Ascend's methods/w4a8.py shapes, which its loader accepts: tests/e2e/test_moe_load.py). Exactly 6 errors
+    per W4A8_DYNAMIC Linear (weight, weight_scale, weight_offset, weight_scale_second, weight_offset_second,
+    scale_bias): the 24 expert Linears, plus the 8 attention Linears when w4a8d takes them too (the dense scheme's
+    get_weight packs along n the same way); nothing else, and the checker's W4A8 rules at the true n pass."""
+    out = compiled_moe(arch, passes)
+    misreads = checker_w4a8_misreads(out)
+    assert len(misreads) == linears * 6, len(misreads)
+    assert ("model.layers.1.mlp.experts.3.down_proj.scale_bias", "W4A8_DYNAMIC.scale_bias.shape",
+            "shape [64, 16], expected [32, 16]") in misreads
+    assert_checker_clean_on_moe(out)
+
+
+@pytest.mark.parametrize("tensor,change,needle", [
+    ("model.layers.0.mlp.experts.1.down_proj.scale_bias", lambda t: t[:, :8].contiguous(), "shape [64, 8]"),
+    ("model.layers.1.mlp.experts.2.gate_proj.weight_offset_second", torch.ones_like, "weight_offset_second.nonzero"),
+])
+def test_the_checker_exception_hides_no_real_error(compiled_moe, tmp_path, tensor, change, needle):
+    """A real fault in a W4A8_DYNAMIC expert still fails: a wrong shape (not the engine's: not a misreading), and
+    a non-zero second-stage offset (the checker's value rules, skipped in its own run because of the misread
+    shapes, run at the true n). The earlier exception (any `.shape` error on an expert tensor) let both pass."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken"
+    shutil.copytree(compiled_moe("qwen3_moe", W4A8_EXPERTS), broken)
+    weights = broken / "quant_model_weights.safetensors"
+    tensors = load_file(str(weights))
+    tensors[tensor] = change(tensors[tensor])
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(AssertionError, match=re.escape(needle)):
+        assert_checker_clean_on_moe(broken)
 
 
 W4A16_EXPERTS = r"w4a16:match=mlp\.experts:group=32,w8a8d"

@@ -84,14 +84,63 @@ sys.argv = ["vllm_ascend_load.py", "--inner", *argv]
 L.main()
 """
 
+#: run by the tool's own venv python: loader_check's inner check on a qwen2_moe artifact, with vLLM-Ascend's quant
+#: config given a qwen2_moe entry in modelslim_config.py `packed_modules_model_mapping`: qkv_proj and gate_up_proj
+#: as vLLM's Qwen2MoeForCausalLM.packed_modules_mapping holds them once its __init__ has run (gate_up_proj is added
+#: there when shared_expert_intermediate_size > 0; the tool's stand-in tree does not run that __init__), and the
+#: `experts` rule of the release's own qwen3_moe entry. Everything else (the W8A8_DYNAMIC / W4A8_DYNAMIC fused-MoE
+#: schemes, vLLM's FusedMoE.weight_loader, Qwen2MoeModel.load_weights with its expert-params mapping, the shared
+#: expert's parallel Linears) is the tool's real code path.
+_QWEN2_MOE_INNER = """
+import sys
+tool_dir, argv = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, tool_dir)
+import va_harness as H  # installs the tool's torch_npu stand-ins before any vllm import
+H.MODEL_TYPES = H.MODEL_TYPES + ("qwen2_moe",)
+real_init = H.Engine.__init__
+def init(self, device):
+    real_init(self, device)
+    from vllm_ascend.quantization import modelslim_config as M
+    qwen3_moe = M.packed_modules_model_mapping["qwen3_moe"]
+    M.packed_modules_model_mapping["qwen2_moe"] = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"],
+        "experts": list(qwen3_moe["experts"])}
+H.Engine.__init__ = init
+import vllm_ascend_load as L
+sys.argv = ["vllm_ascend_load.py", "--inner", *argv]
+L.main()
+"""
 
-def loader_with_worker_patch(out: Path, patch: str, engine: str = "0.23.0", loader: Path = LOADER):
-    """(exit code, output) of the loader check on `out` with vLLM-Ascend's worker patch
-    `vllm_ascend/patch/worker/<patch>.py` executed first, as the engine does on start (worker/worker.py
-    NPUWorker.__init__ -> utils.py adapt_patch imports vllm_ascend.patch.worker). The tool applies none of those
-    patches (its README, "What runs for real, what is stubbed"). Only that one file runs: the package's
-    __init__ imports every worker patch, some of which need modules the tool's venv does not hold. Uses the
-    tool's cache, venv and environment as its main() does; call after loader_runner's run set `engine` up."""
+
+#: run by the tool's own venv python: loader_check's inner check with the C8 routing of vLLM-Ascend 0.23.0's
+#: patch/worker/patch_gqa_c8.py (`_patched_causal_lm_load_weights`) bound to Qwen3MoeForCausalLM as well; the
+#: release binds it to Qwen3ForCausalLM / Glm4MoeForCausalLM / MiniMaxM2ForCausalLM only
+_QWEN3_MOE_C8_INNER = """
+import importlib.util, sys
+tool_dir, argv = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, tool_dir)
+import va_harness as H  # installs the tool's torch_npu stand-ins before any vllm import
+real_init = H.Engine.__init__
+def init(self, device):
+    import vllm_ascend
+    from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
+    path = f"{vllm_ascend.__path__[0]}/patch/worker/patch_gqa_c8.py"
+    spec = importlib.util.spec_from_file_location("vllm_ascend_worker_patch_gqa_c8", path)
+    patch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(patch)
+    original = Qwen3MoeForCausalLM.load_weights
+    Qwen3MoeForCausalLM.load_weights = lambda self, weights: patch._patched_causal_lm_load_weights(
+        self, weights, original)
+    real_init(self, device)  # reads Qwen3MoeForCausalLM.load_weights after the re-binding
+H.Engine.__init__ = init
+import vllm_ascend_load as L
+sys.argv = ["vllm_ascend_load.py", "--inner", *argv]
+L.main()
+"""
+
+def _run_inner(script: str, args: list, engine: str, loader: Path) -> tuple[int, str]:
+    """(exit code, output) of `script` run by the loader tool's venv python with `args`, in the tool's cache and
+    environment as its main() sets them up; call after loader_runner's run set `engine` up."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("qc_loader_check_tool", loader)
     tool = importlib.util.module_from_spec(spec)
@@ -101,9 +150,39 @@ def loader_with_worker_patch(out: Path, patch: str, engine: str = "0.23.0", load
                PYTHONPYCACHEPREFIX=os.path.join(cache, "pycache"), VLLM_LOGGING_LEVEL="ERROR",
                VLLM_VERSION=tool.ENGINES[engine][1]["version"],
                TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"))
-    r = subprocess.run([py, "-c", _PATCHED_INNER, str(loader.parent), patch, str(out), "--tp", "auto",
-                        "--device", "auto"], capture_output=True, text=True, env=env)
+    r = subprocess.run([py, "-c", script, str(loader.parent), *map(str, args)], capture_output=True, text=True,
+                       env=env)
     return r.returncode, r.stdout + r.stderr
+
+
+def loader_with_worker_patch(out: Path, patch: str, engine: str = "0.23.0", loader: Path = LOADER):
+    """(exit code, output) of the loader check on `out` with vLLM-Ascend's worker patch
+    `vllm_ascend/patch/worker/<patch>.py` executed first, as the engine does on start (worker/worker.py
+    NPUWorker.__init__ -> utils.py adapt_patch imports vllm_ascend.patch.worker). The tool applies none of those
+    patches (its README, "What runs for real, what is stubbed"). Only that one file runs: the package's
+    __init__ imports every worker patch, some of which need modules the tool's venv does not hold. Uses the
+    tool's cache, venv and environment as its main() does; call after loader_runner's run set `engine` up."""
+    return _run_inner(_PATCHED_INNER, [patch, out, "--tp", "auto", "--device", "auto"], engine, loader)
+
+
+def loader_with_qwen2_moe_mapping(out: Path, engine: str = "0.23.0", loader: Path = LOADER):
+    """(exit code, output) of the loader check on the qwen2_moe artifact `out`, with one adaptation
+    (`_QWEN2_MOE_INNER`): vLLM-Ascend 0.23.0 has no qwen2_moe entry in modelslim_config.py
+    `packed_modules_model_mapping`, so its AscendModelSlimConfig.get_quant_method looks up
+    `<layer>.mlp.experts.weight` for the FusedMoE module and raises KeyError on any quantized routed experts (an
+    engine limit: the tool exits 2 for qwen2_moe). Given the qwen3_moe entry's `experts -> experts.0.*` rule, the
+    engine's own MoE weight loading runs on the artifact's per-expert tensors. Call after loader_runner's run set
+    `engine` up."""
+    return _run_inner(_QWEN2_MOE_INNER, [out, "--tp", "auto", "--device", "auto"], engine, loader)
+
+
+def loader_with_qwen3_moe_c8_routing(out: Path, engine: str = "0.23.0", loader: Path = LOADER):
+    """(exit code, output) of the loader check on the qwen3_moe C8 artifact `out`, with the C8 scale routing of
+    patch_gqa_c8.py bound to Qwen3MoeForCausalLM (`_QWEN3_MOE_C8_INNER`): the routing 0.23.0 gives qwen3, and that
+    0.26.0rc1 gives every model through its quant config's get_cache_scale_mapper (applied by vLLM 0.26's
+    AutoWeightsLoader, which Qwen3MoeForCausalLM.load_weights uses there; the tool builds MoE with 0.23.0 only).
+    Call after loader_runner's run set `engine` up."""
+    return _run_inner(_QWEN3_MOE_C8_INNER, [out, "--tp", "auto", "--device", "auto"], engine, loader)
 
 
 def first_layers(model: Path, layers: int, dest: Path) -> Path:

@@ -75,6 +75,9 @@ class LayerContext:
     dtype: torch.dtype                  # model dtype of the compile
     exclude: tuple[str, ...] = ()       # regexes: matching Linears (full HF names) stay float
     batch_size: int = 8                 # sequences per forward when running calibration data
+    # quant type -> dtypes the target's engines cast a routed expert's weight scale through after the model dtype
+    # (the driver hands backends/ascend/encode.EXPERT_SCALE_ALSO); passes that choose codes round to them too
+    expert_scale_also: dict = field(default_factory=dict)
     artifact: dict[str, LinearArtifact] = field(default_factory=dict)  # linear name -> tensors
     records: dict[str, Any] = field(default_factory=dict)              # per-pass report data
     # artifact tensors that belong to no Linear's quant type (kv8's C8, fa3's FAQuant): name inside the

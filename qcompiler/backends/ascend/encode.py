@@ -128,7 +128,7 @@ ENGINE_MODEL_DTYPE = {
 #:   model-dtype tensors (`Weights.correct_tensor_dtype`).
 #: Their dense paths do not (vLLM-Ascend `AscendW4A8DynamicLinearMethod.process_scale_second` / `apply`: the
 #: product in x's dtype; MindIE `W4A8LinearDynamic.__init__` 2-D branch: npu_trans_quant_param of the product).
-#: A bfloat16 group scale below 2**-14 would lose bits there (or flush to 0 below 2**-25), so the expert's scale
+#: A bfloat16 group scale below 2**-17 would lose bits there (or flush to 0 below 2**-25), so the expert's scale
 #: is chosen exact in float16 as well (`ir.model_dtype.engine_scale(..., also=)`): the engines' float16 value is
 #: then the graph's `kernels.two_stage_scale`. A scale above float16's range (a group absmax over ~4.6e5) is a
 #: ValueError. The driver hands this table to the passes that choose codes (LayerContext.expert_scale_also).

@@ -347,7 +347,7 @@ def _compile_into(tmp: Path | None, opts, ckpt, pm, target, texts, log, t0, warn
             if p.model_wide:
                 with phases(f"{p.name} pre-sweep"):
                     pm.passes[index], presweeps[p.name] = p.presweep(pm.passes, skeleton, inputs, ckpt, opts.exclude,
-                                                                     batch_size, log)
+                                                                     batch_size, log, EXPERT_SCALE_ALSO)
         writer = executable = saver = None
         if tmp is not None:
             writer = ArtifactWriter(tmp, ckpt.dtype, **shard_limit(opts.part_file_size), resumable=True)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from . import distributed, knobs, resume
 from .backends.ascend import lower as _ascend_lower  # noqa: F401  registers the "lower" pass TAIL names
 from .backends.ascend.artifact import ArtifactWriter
+from .backends.ascend.encode import EXPERT_SCALE_ALSO
 from .activation_checks import check_finite, check_logits
 from .calib_data import calibration_shortfall, make_windows, read_texts, sample_windows_from_model
 from .checkpoint_checks import check_seq_len, check_token_ids
@@ -346,7 +347,7 @@ def _compile_into(tmp: Path | None, opts, ckpt, pm, target, texts, log, t0, warn
             if p.model_wide:
                 with phases(f"{p.name} pre-sweep"):
                     pm.passes[index], presweeps[p.name] = p.presweep(pm.passes, skeleton, inputs, ckpt, opts.exclude,
-                                                                     batch_size, log)
+                                                                     batch_size, log, EXPERT_SCALE_ALSO)
         writer = executable = saver = None
         if tmp is not None:
             writer = ArtifactWriter(tmp, ckpt.dtype, **shard_limit(opts.part_file_size), resumable=True)
@@ -400,7 +401,7 @@ def _compile_into(tmp: Path | None, opts, ckpt, pm, target, texts, log, t0, warn
             with phases("capture (torch.export)"):
                 gm = skeleton.capture_layer(i, inputs)
             ctx = LayerContext(index=i, inputs=inputs, dtype=ckpt.dtype, exclude=tuple(opts.exclude),
-                               batch_size=batch_size)
+                               batch_size=batch_size, expert_scale_also=EXPERT_SCALE_ALSO)
             try:
                 with phases("passes"):
                     gm = pm.run(gm, ctx)

@@ -440,3 +440,46 @@ def test_quant_front_picks_the_moe_recipes(moe_models, calib_file, tmp_path, cap
     capsys.readouterr()
     expect_error(capsys, ["quant", "--model_path", moe_models["qwen3_moe"], "--save_path", tmp_path / "q2",
                           "--quant_type", "w8a8"], "no recipe for mixture-of-experts")
+
+
+def _tiny_expert_groups(folder):
+    """Scale groups of layer 0 expert 1's gate_proj to tiny magnitudes (bf16 checkpoint edited in place): row 5's
+    first group to absmax ~7e-6 (per-group scale ~1e-6, below float16's normal range: its subnormal grid of 2**-24
+    rounds it) and row 6's first group to ~7e-9 (scale ~1e-9: float16 flushes it to 0)."""
+    from safetensors.torch import load_file, save_file
+    path = folder / "model.safetensors"
+    t = load_file(str(path))
+    w = t["model.layers.0.mlp.experts.1.gate_proj.weight"].float()
+    w[5, :32] *= 1e-4
+    w[6, :32] *= 1e-7
+    t["model.layers.0.mlp.experts.1.gate_proj.weight"] = w.to(torch.bfloat16)
+    save_file(t, str(path), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("passes", [r"w4a8d:match=mlp\.experts,w8a8d", r"gptq,w4a8d:match=mlp\.experts,w8a8d"])
+def test_w4a8d_expert_scales_are_the_engines_moe_scales(tmp_path, calib_file, passes):
+    """A W4A8_DYNAMIC expert's per-group scale as both engines' fused-MoE methods form it: vLLM-Ascend 0.23.0 /
+    0.26.0rc1 methods/w4a8.py AscendW4A8DynamicFusedMoEMethod.process_scale `(scale * per_group_scale)
+    .to(torch.float16).to(torch.float32)` on the float32 parameters; MindIE atb utils/quantize/w4a8.py
+    W4A8LinearDynamic.process_scale (3-D expert stack) the same on the model-dtype tensors. The executable graph
+    uses kernels.two_stage_scale (the model-dtype product): the two must be equal bit for bit for every expert
+    group, also where a bf16 group scale is tiny (below 2**-14, where float16 rounds or flushes it)."""
+    from qcompiler.backends.ascend.kernels import two_stage_scale
+    from tests.helpers import make_tiny_model
+    model = _tiny_expert_groups(make_tiny_model(tmp_path / "m", "qwen3_moe"))
+    out = tmp_path / "out"
+    assert cli.main([str(model), "--passes", passes, "--calib", str(calib_file), *CALIB, "-o", str(out)]) == 0
+    checked = 0
+    with safe_open(str(out / "quant_model_weights.safetensors"), "pt") as f:
+        for k in f.keys():
+            if ".mlp.experts." not in k or not k.endswith(".weight_scale_second"):
+                continue
+            s2, s1 = f.get_tensor(k), f.get_tensor(k[:-len("_second")])
+            graph = two_stage_scale(s1, s2, torch.bfloat16)
+            vllm_ascend = (s1 * s2).to(torch.float16).to(torch.float32)
+            mindie = (s1.to(torch.bfloat16) * s2.to(torch.bfloat16)).to(torch.float16).to(torch.float32)
+            assert torch.equal(graph, vllm_ascend) and torch.equal(graph, mindie), k
+            assert (graph > 0).all(), k
+            checked += 1
+    assert checked == 2 * 4 * 3

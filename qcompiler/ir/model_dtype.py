@@ -9,9 +9,10 @@ engine code it was read in); the rounding itself is here, target-neutral, for pa
 
 - `as_model_dtype(d)` / `model_dtype_name(d)`: torch.float16 / torch.bfloat16 (QCError for anything else);
 - `engine_float(t, d)`: float32 copy of t rounded to d; `engine_scale(s, d)`: the same, kept > 0;
-  `is_engine_exact(t, d)`;
-- `quantize_weight(w, bits, group_size, scale=None, model_dtype=None)`: checked symmetric weight codes (int8
-  container, any width 2..8 of ir/qnumerics.py) against the scale as held; `check_2d`, `num_groups`,
+  `is_engine_exact(t, d)`; each takes `also`: further dtypes an engine casts the value through after d (a scale
+  held exactly in all of them is what the engines and the executable graph both compute with);
+- `quantize_weight(w, bits, group_size, scale=None, model_dtype=None, also=())`: checked symmetric weight codes
+  (int8 container, any width 2..8 of ir/qnumerics.py) against the scale as held; `check_2d`, `num_groups`,
   `check_scale`: its argument checks (ValueError naming what was expected).
 Math in float32 (weights may arrive in bf16/fp16/fp32); round half to even (torch's cast and torch.round).
 """
@@ -70,41 +71,51 @@ def check_scale(scale: Tensor, n: int, k: int, group_size: int) -> Tensor:
     return scale.contiguous()
 
 
-def engine_float(t: Tensor, model_dtype: torch.dtype | str) -> Tensor:
+def _held_dtypes(model_dtype, also) -> tuple[torch.dtype, ...]:
+    return (as_model_dtype(model_dtype),) + tuple(as_model_dtype(d) for d in also)
+
+
+def engine_float(t: Tensor, model_dtype: torch.dtype | str, also: tuple = ()) -> Tensor:
     """float32 copy of `t` with every value rounded to the model dtype (round-half-to-even, torch's cast): what an
-    engine holds after copying the file's value into a model-dtype parameter. Non-finite results are an error."""
-    dtype = as_model_dtype(model_dtype)
-    r = torch.as_tensor(t).detach().float().to(dtype).float()
-    if not torch.isfinite(r).all():
-        raise ValueError(f"value out of range for {dtype} (an engine holding it in the model dtype overflows)")
+    engine holds after copying the file's value into a model-dtype parameter; then to each dtype of `also` in
+    turn (an engine that casts the held value again: the W4A8_DYNAMIC fused-MoE scale through float16,
+    ir/moe.py `EXPERT_SCALE_ALSO`). bfloat16 then float16 gives a value exact in both (float16's subnormal grid
+    only drops low bits). Non-finite results are an error."""
+    r = torch.as_tensor(t).detach().float()
+    for dtype in _held_dtypes(model_dtype, also):
+        r = r.to(dtype).float()
+        if not torch.isfinite(r).all():
+            raise ValueError(f"value out of range for {dtype} (an engine holding it in {dtype} overflows)")
     return r.contiguous()
 
 
-def engine_scale(scale: Tensor, model_dtype: torch.dtype | str) -> Tensor:
-    """A positive scale as the engines hold it (`engine_float`), kept > 0: a value that rounds to 0 in the model
-    dtype becomes the dtype's smallest positive (subnormal) value instead, so codes computed against it stay
+def engine_scale(scale: Tensor, model_dtype: torch.dtype | str, also: tuple = ()) -> Tensor:
+    """A positive scale as the engines hold it (`engine_float`), kept > 0: a value that rounds to 0 becomes the
+    smallest positive (subnormal) value all the held dtypes represent instead, so codes computed against it stay
     finite (they clamp; such a row or group is all but zero anyway)."""
-    dtype = as_model_dtype(model_dtype)
-    r = engine_float(scale, dtype)
-    tiniest = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # 2**-24 (fp16), 2**-133 (bf16)
+    dtypes = _held_dtypes(model_dtype, also)
+    r = engine_float(scale, model_dtype, also)
+    # 2**-24 (fp16), 2**-133 (bf16): the largest of them is a power of two, exact in every one
+    tiniest = max(torch.finfo(d).smallest_normal * torch.finfo(d).eps for d in dtypes)
     return torch.where(r > 0, r, torch.full_like(r, tiniest))
 
 
-def is_engine_exact(t: Tensor, model_dtype: torch.dtype | str) -> bool:
-    """True when every value of `t` is exactly representable in the model dtype (the engines' cast keeps it)."""
+def is_engine_exact(t: Tensor, model_dtype: torch.dtype | str, also: tuple = ()) -> bool:
+    """True when every value of `t` is exactly representable in the model dtype and in each dtype of `also` (the
+    engines' casts keep it)."""
     tf = torch.as_tensor(t).detach().float()
-    return bool(torch.equal(tf.to(as_model_dtype(model_dtype)).float(), tf))
+    return all(torch.equal(tf.to(d).float(), tf) for d in _held_dtypes(model_dtype, also))
 
 
 def quantize_weight(w: Tensor, bits: int = 8, group_size: int = 0, scale: Tensor | None = None,
-                    model_dtype: torch.dtype | str | None = None) -> tuple[Tensor, Tensor]:
+                    model_dtype: torch.dtype | str | None = None, also: tuple = ()) -> tuple[Tensor, Tensor]:
     """Symmetric weight quantization: returns (int8 codes [n, k], float32 scale [n, 1] or [n, k/group_size]).
 
     scale = absmax / qmax per row (group_size 0) or per group of `group_size` along k, qmax = 2**(bits-1) - 1
     (qnumerics.qmax: 127 for 8 bits, 7 for 4); zero rows/groups get scale 1.0. A given `scale` ([n, G], or [n] per-channel) is used as is
-    (finite, > 0). With `model_dtype` the scale is first rounded to it (`engine_scale`: what the engines hold),
-    and the codes are computed against the rounded scale. q = clamp(round(w / scale), -qmax, qmax): -128 / -8
-    never occur. Codes of every width 2..8 are stored in int8 (qnumerics.storage_dtype).
+    (finite, > 0). With `model_dtype` the scale is first rounded to it, then to each dtype of `also`
+    (`engine_scale`: what the engines hold), and the codes are computed against the rounded scale.
+    q = clamp(round(w / scale), -qmax, qmax): -128 / -8 never occur. Codes of every width 2..8 are stored in int8 (qnumerics.storage_dtype).
     """
     qmax = qn.qmax(bits)
     n, k = check_2d(w, "weight")
@@ -123,6 +134,8 @@ def quantize_weight(w: Tensor, bits: int = 8, group_size: int = 0, scale: Tensor
             raise ValueError("weight contains NaN or Inf")
         scale = check_scale(scale, n, k, group_size)
     if model_dtype is not None:
-        scale = engine_scale(scale, model_dtype)
+        scale = engine_scale(scale, model_dtype, also)
+    elif also:
+        raise ValueError("`also` rounds after the model dtype: pass model_dtype too")
     q = (groups / scale.unsqueeze(-1)).round_().clamp_(-qmax, qmax)  # rounded in place: one float32 [n, k] temporary
     return q.to(torch.int8).reshape(n, k), scale.contiguous()

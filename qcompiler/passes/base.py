@@ -75,6 +75,9 @@ class LayerContext:
     dtype: torch.dtype                  # model dtype of the compile
     exclude: tuple[str, ...] = ()       # regexes: matching Linears (full HF names) stay float
     batch_size: int = 8                 # sequences per forward when running calibration data
+    # quant type -> dtypes the target's engines cast a routed expert's weight scale through after the model dtype
+    # (the driver hands backends/ascend/encode.EXPERT_SCALE_ALSO); passes that choose codes round to them too
+    expert_scale_also: dict = field(default_factory=dict)
     artifact: dict[str, LinearArtifact] = field(default_factory=dict)  # linear name -> tensors
     records: dict[str, Any] = field(default_factory=dict)              # per-pass report data
     # artifact tensors that belong to no Linear's quant type (kv8's C8, fa3's FAQuant): name inside the
@@ -137,10 +140,10 @@ class Pass:
     model_wide: ClassVar[bool] = False
 
     def presweep(self, passes: list, skeleton, inputs, ckpt, exclude: tuple, batch_size: int,
-                 log=None) -> tuple["Pass", dict]:
+                 log=None, expert_scale_also: dict | None = None) -> tuple["Pass", dict]:
         """Model-wide work before the layers compile (model_wide passes only). `passes`: the whole pipeline
         (this pass among them), `skeleton` / `inputs`: ir/capture.py's HFSkeleton and layer 0's calibration
-        inputs, `ckpt`: the checkpoint. Returns (the pass to run on every layer, its report: JSON-able, written
+        inputs, `ckpt`: the checkpoint, `expert_scale_also`: LayerContext.expert_scale_also of the compile. Returns (the pass to run on every layer, its report: JSON-able, written
         to the compile report under the pass's name and into the resume state)."""
         raise NotImplementedError(f"pass {self.name} has no model-wide pre-sweep")
 

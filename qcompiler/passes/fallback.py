@@ -138,9 +138,9 @@ class Fallback(Pass):
     def check_model(self, passes, config, exclude):
         check_fallback(passes, config, exclude)
 
-    def presweep(self, passes, skeleton, inputs, ckpt, exclude, batch_size, log=None):
+    def presweep(self, passes, skeleton, inputs, ckpt, exclude, batch_size, log=None, expert_scale_also=None):
         """Measure every layer and decide (module function `presweep`): (the pass with its decision, report)."""
-        decided, report = presweep(passes, skeleton, inputs, ckpt, exclude, batch_size, log)
+        decided, report = presweep(passes, skeleton, inputs, ckpt, exclude, batch_size, log, expert_scale_also)
         return decided[fallback_index(decided)], report
 
     def restore(self, report):
@@ -312,7 +312,8 @@ def check_fallback(passes, config: dict, exclude=()) -> None:
                       f"has exactly {level}; choose level <= {sum(sizes)}")
 
 
-def presweep(passes, skeleton, inputs: LayerInputs, ckpt, exclude, batch_size: int, log=None):
+def presweep(passes, skeleton, inputs: LayerInputs, ckpt, exclude, batch_size: int, log=None,
+             expert_scale_also: dict | None = None):
     """Measure every layer (float inputs), decide, and return (pipeline with the decided pass, report dict)."""
     from .manager import PassManager
     idx = fallback_index(passes)
@@ -324,7 +325,7 @@ def presweep(passes, skeleton, inputs: LayerInputs, ckpt, exclude, batch_size: i
     for i in bar:
         gm = skeleton.capture_layer(i, inputs)
         ctx = LayerContext(index=i, inputs=inputs, dtype=ckpt.dtype, exclude=tuple(exclude),
-                           batch_size=batch_size)
+                           batch_size=batch_size, expert_scale_also=dict(expert_scale_also or {}))
         gm = before.run(gm, ctx)
         units, ref = measure_layer(gm, ctx)
         measured += [(i, unit, s) for unit, s in units]

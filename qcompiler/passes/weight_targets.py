@@ -11,8 +11,9 @@ without a spec stays float and is absent. A spec whose weight observer chooses t
 fraction/sigma, `qspec.OutlierSplit`) cannot take codes from `me`: QCError naming both passes.
 Quantization helpers (`quantize`, `dequantize`, `column_scale`, `fake_quant`) are the encoder's math
 (`ir.model_dtype.quantize_weight`: symmetric, codes in [-qmax, qmax], zero group -> scale 1.0); `quantize` rounds the
-scale to the target's model dtype first (what the engines hold), so the codes a pass chooses are computed
-against the scale that runs (`fake_quant`, the searches' cheap stand-in, does not).
+scale to the target's model dtype first (what the engines hold; for a routed expert then to the dtypes of
+`ctx.expert_scale_also`, the engines' fused-MoE casts), so the codes a pass chooses are computed against the scale
+that runs (`fake_quant`, the searches' cheap stand-in, does not).
 `single_thread()` runs a block on one torch thread (see its docstring).
 """
 import contextlib
@@ -24,6 +25,7 @@ from ..ir.model_dtype import quantize_weight
 from ..errors import QCError
 from ..ir import meta
 from ..ir import qnumerics as qn
+from ..ir.moe import EXPERT_LINEAR
 from ..ir.patterns import linear_sites
 from ..ir.qspec import OutlierSplit, PerGroup
 
@@ -35,6 +37,7 @@ class WeightTarget:
     scheme: str         # the scheme pass that will quantize the Linear
     quant_type: str
     dtype: torch.dtype | None = None   # model dtype the scales are rounded to (None: not rounded)
+    also: tuple = ()                   # dtypes the scales are then rounded to (a routed expert: ctx.expert_scale_also)
 
     @property
     def qmax(self) -> int:
@@ -57,14 +60,16 @@ def weight_targets(gm: torch.fx.GraphModule, ctx, me) -> dict[str, WeightTarget]
             raise QCError(f"{spec.pass_name}:fraction/sigma choose {ctx.prefix}{site.name}'s codes, but {me.name} "
                           f"would choose them too; drop one of them")
         group = w.granularity.size if isinstance(w.granularity, PerGroup) else 0
+        also = ctx.expert_scale_also.get(spec.quant_type, ()) if EXPERT_LINEAR.search(site.name) else ()
         targets[site.name] = WeightTarget(bits=w.bits, group=int(group), scheme=spec.pass_name,
-                                          quant_type=spec.quant_type, dtype=ctx.dtype)
+                                          quant_type=spec.quant_type, dtype=ctx.dtype, also=tuple(also))
     return targets
 
 
 def quantize(w: torch.Tensor, t: WeightTarget, scale: torch.Tensor | None = None):
-    """(int8 codes [n, k], float32 scale [n, G]) exactly as the encoder computes them (scale rounded to t.dtype)."""
-    return quantize_weight(w, t.bits, t.group, scale, model_dtype=t.dtype)
+    """(int8 codes [n, k], float32 scale [n, G]) exactly as the encoder computes them (scale rounded to t.dtype,
+    then to t.also)."""
+    return quantize_weight(w, t.bits, t.group, scale, model_dtype=t.dtype, also=t.also)
 
 
 def column_scale(scale: torch.Tensor, k: int) -> torch.Tensor:

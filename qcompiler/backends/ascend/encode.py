@@ -117,21 +117,39 @@ ENGINE_MODEL_DTYPE = {
     FAQUANT: ("scale",),
 }
 
+#: Per quant type, the dtypes a routed MoE expert's per-group weight scale is cast through after the model dtype,
+#: on load, by both engines' fused-MoE methods, and only there:
+#: - vLLM-Ascend 0.23.0 / 0.26.0rc1 methods/w4a8.py `AscendW4A8DynamicFusedMoEMethod.process_scale`:
+#:   `scale_fp32 = (scale * per_group_scale).to(torch.float16).to(torch.float32)` (float32 parameters:
+#:   `get_dynamic_quant_param_modelslim`), then the uint64 scale of npu_grouped_matmul;
+#: - MindIE atb (MindIE-LLM 3.0.0, examples/atb_models/atb_llm/utils/quantize/w4a8.py
+#:   `W4A8LinearDynamic.process_scale`, the path of a 3-D [experts, ...] weight from
+#:   `TensorParallelColumnLinear.load_moe` / `TensorParallelRowLinear.load_moe`): the same expression on the
+#:   model-dtype tensors (`Weights.correct_tensor_dtype`).
+#: Their dense paths do not (vLLM-Ascend `AscendW4A8DynamicLinearMethod.process_scale_second` / `apply`: the
+#: product in x's dtype; MindIE `W4A8LinearDynamic.__init__` 2-D branch: npu_trans_quant_param of the product).
+#: A bfloat16 group scale below 2**-17 would lose bits there (or flush to 0 below 2**-25), so the expert's scale
+#: is chosen exact in float16 as well (`ir.model_dtype.engine_scale(..., also=)`): the engines' float16 value is
+#: then the graph's `kernels.two_stage_scale`. A scale above float16's range (a group absmax over ~4.6e5) is a
+#: ValueError. The driver hands this table to the passes that choose codes (LayerContext.expert_scale_also).
+EXPERT_SCALE_ALSO = {W4A8_DYNAMIC: (torch.float16,)}
+
 
 # ---- weights ------------------------------------------------------------------------------------------------------
 def quantize_weight(w: Tensor, bits: int = 8, group_size: int = 0, scale: Tensor | None = None,
-                    model_dtype: torch.dtype | str | None = None) -> tuple[Tensor, Tensor]:
+                    model_dtype: torch.dtype | str | None = None, also: tuple = ()) -> tuple[Tensor, Tensor]:
     """`ir/model_dtype.quantize_weight` for the widths the Ascend artifact stores (8: int8, 4: int4; others are a
     ValueError, `_qmax`): (int8 codes [n, k], float32 scale [n, 1] or [n, k/group_size])."""
     _qmax(bits)
-    return md.quantize_weight(w, bits, group_size, scale, model_dtype)
+    return md.quantize_weight(w, bits, group_size, scale, model_dtype, also)
 
 
 def _resolve_weight(weight: Tensor | None, q: Tensor | None, scale: Tensor | None,
                     bits: int, group_size: int, model_dtype: torch.dtype,
-                    container: int | None = None) -> tuple[Tensor, Tensor]:
-    """(int8 codes, float32 scale rounded to the model dtype) from a float weight or from precomputed codes.
-    `container`: the stored width when it is wider than `bits` (W8A16's int8 holding narrower codes)."""
+                    container: int | None = None, also: tuple = ()) -> tuple[Tensor, Tensor]:
+    """(int8 codes, float32 scale rounded to the model dtype, then to each dtype of `also`) from a float weight
+    or from precomputed codes. `container`: the stored width when it is wider than `bits` (W8A16's int8 holding
+    narrower codes)."""
     if container is not None:
         _container_qmax(bits, container)
     if q is None:
@@ -139,7 +157,7 @@ def _resolve_weight(weight: Tensor | None, q: Tensor | None, scale: Tensor | Non
             raise ValueError("pass a float `weight`, or precomputed codes `q=` with `scale=`")
         if container is not None:
             return md.quantize_weight(weight, bits, group_size, scale, model_dtype)
-        return quantize_weight(weight, bits, group_size, scale, model_dtype)
+        return quantize_weight(weight, bits, group_size, scale, model_dtype, also)
     if scale is None:
         raise ValueError("precomputed codes `q=` need their `scale=`")
     n, k = check_2d(q, "q")
@@ -152,9 +170,10 @@ def _resolve_weight(weight: Tensor | None, q: Tensor | None, scale: Tensor | Non
         raise ValueError(f"q must lie in the symmetric range [-{qmax}, {qmax}] for {bits}-bit weights, "
                          f"got [{int(q.min())}, {int(q.max())}]")
     scale = check_scale(scale, n, k, group_size)
-    if not is_engine_exact(scale, model_dtype):
+    if not is_engine_exact(scale, model_dtype, also):
+        held = " and ".join(str(d) for d in (model_dtype, *also))
         raise ValueError(f"precomputed codes `q=` were computed against a scale that is not representable in "
-                         f"{model_dtype} (the engines round it on load): quantize with model_dtype= first")
+                         f"{held} (the engines round it on load): quantize with model_dtype= (and also=) first")
     return q.detach().to(torch.int8).contiguous(), scale
 
 
@@ -432,7 +451,7 @@ def w4a8_scale_bias(q: Tensor, scale: Tensor, row_parallel: bool) -> Tensor:
 
 def encode_w4a8_dynamic(weight: Tensor | None, bias: Tensor | None, row_parallel: bool, group_size: int,
                         model_dtype: torch.dtype | str, *, q: Tensor | None = None,
-                        scale: Tensor | None = None) -> dict[str, Tensor]:
+                        scale: Tensor | None = None, expert: bool = False) -> dict[str, Tensor]:
     """W4A8_DYNAMIC in msModelSlim's two-stage per-group form (version 1.0.0), the only dense form an engine loads:
     weight i8 [n/2,k] (int4 codes in [-7,7] packed along n, rows 2i/2i+1 in the low/high nibble),
     weight_scale f32 [n,1] and weight_scale_second f32 [n,k/g] (`split_two_stage_scale`: their product is the
@@ -448,7 +467,8 @@ def encode_w4a8_dynamic(weight: Tensor | None, bias: Tensor | None, row_parallel
                          "for a dense Linear")
     if bias is not None:
         raise ValueError("W4A8_DYNAMIC Linear with a bias: neither vLLM-Ascend nor MindIE adds it")
-    wq, s = _resolve_weight(weight, q, scale, bits=4, group_size=group_size, model_dtype=dtype)
+    also = EXPERT_SCALE_ALSO[W4A8_DYNAMIC] if expert else ()
+    wq, s = _resolve_weight(weight, q, scale, bits=4, group_size=group_size, model_dtype=dtype, also=also)
     n, k = wq.shape
     if n % 8:
         raise ValueError(f"W4A8_DYNAMIC needs n % 8 == 0 (the engines read the packed weight as int32), got n={n}")

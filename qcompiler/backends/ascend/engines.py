@@ -3,8 +3,13 @@
 Every fact below was read in the engines' own code (file + function in `source`) and, for vLLM-Ascend, checked
 by running its loader on CPU (`../shared/tools/loader_check`, pinned releases 0.23.0 and 0.26.0rc1; the e2e
 tests run it on every artifact they compile). MindIE means MindIE-LLM's atb_models loader
-(`examples/atb_models/atb_llm`); its newer torch runtime (`mindie_llm/runtime/layers/quantization/ms_model_slim`)
-registers fewer types (dense: W8A8, W8A8_DYNAMIC, W8A8_MIX, W8A8SC) and is not what this matrix describes.
+(`examples/atb_models/atb_llm`, read at MindIE-LLM 3.0.0 de94ddb5 and master 0695772e; the seed's MindIE Qwen
+README is that repository's examples/atb_models/examples/models/qwen/README.md at 40fb0630, tag 3.0.0alpha1), run
+with the service's ModelConfig `backendType` "atb" (mindie_llm/text_generator/adapter get_generator_backend). Its
+newer torch runtime (`backendType` "torch", `mindie_llm/runtime/layers/quantization/ms_model_slim`) registers
+fewer types (dense: W8A8, W8A8_DYNAMIC, W8A8_MIX, W8A8SC; MoE from 3.0.0.beta.1: W8A8_DYNAMIC and a
+per-channel-only W4A8_DYNAMIC) and is not what this matrix describes, except in a note where it would load an
+artifact of ours and silently compute something else (W4A8_DYNAMIC MoE).
 
 A *feature* is one way an artifact uses a quant type (`W4A8_DYNAMIC per-group`, `C8`, ...); a `Support` per
 (feature, engine) says on which devices the engine loads it and computes what the executable graph computes.
@@ -151,8 +156,10 @@ FEATURES = (
     # MoE experts (Qwen3-MoE / Qwen2-MoE routed experts, ir/moe.py; one scheme per layer's experts); "-" = not read.
     Feature("W8A8_DYNAMIC MoE", "`w8a8d`", "MoE", {
         VLLM_ASCEND: Support(BOTH, "", _VA + "methods/w8a8_dynamic.py AscendW8A8DynamicFusedMoEMethod"),
-        MINDIE: Support(A2, "", "MindIE-LLM mindie_llm/runtime/layers/quantization/ms_model_slim/"
-                        "quantization_config.py (W8A8PerTokenFusedMoEMethod)", unsure=P310)}),
+        MINDIE: Support(A2, "", _MI + "utils/layers/linear/__init__.py TensorParallelColumnLinear.load_moe / "
+                        "TensorParallelRowLinear.load_moe (W8A8LinearDynamic on the expert stack); torch backend: "
+                        "mindie_llm/runtime/layers/quantization/ms_model_slim/quantization_config.py "
+                        "(W8A8PerTokenFusedMoEMethod)", unsure=P310)}),
     Feature("W8A8_MIX MoE", "-", "MoE", {
         VLLM_ASCEND: Support(A2, "", _VA + "methods/w8a8_pdmix.py AscendW8A8PDMixFusedMoeMethod"),
         MINDIE: Support(NO, "not read", "")}),
@@ -166,8 +173,19 @@ FEATURES = (
     Feature("W4A8_DYNAMIC MoE", "`w4a8d:match=mlp\\.experts`", "MoE", {
         VLLM_ASCEND: Support(A2, "", _VA + "methods/w4a8.py AscendW4A8DynamicFusedMoEMethod (msModelSlim 1.0.0 "
                              "per-group: get_weight_modelslim, get_dynamic_quant_param_modelslim)"),
-        MINDIE: Support(A2, "", "MindIE-LLM mindie_llm/runtime/layers/quantization/ms_model_slim/"
-                        "w4a8.py W4A8PerTokenFusedMoEMethod")}),
+        # atb: qwen3_moe runs modeling_qwen2_moe (models/qwen3_moe/router_qwen3_moe.py Qwen3moeRouter); load_moe
+        # stacks the experts' per-group tensors (weights.py reads weight_scale_second when group_size != 0) and
+        # W4A8LinearDynamic.process_scale casts each group scale through float16, as vLLM-Ascend does: the encoder
+        # chooses scales float16 holds (encode.EXPERT_SCALE_ALSO). The torch backend would load the same tensors
+        # without error (shapes [n, 1] / [n/2, k] match) and never read weight_scale_second.
+        MINDIE: Support(A2, "serve it with backendType \"atb\" only: MindIE's torch backend "
+                        "(backendType torch, MindIE-LLM 3.0.0.beta.1+: mindie_llm/runtime/layers/quantization/"
+                        "ms_model_slim/w4a8.py W4A8PerTokenFusedMoEMethod) is per-channel only and never reads "
+                        "weight_scale_second (runtime/utils/loader/default_model_loader.py loads FusedMoE.weight_list"
+                        "), so it would multiply by weight_scale alone", _MI + "utils/layers/linear/__init__.py "
+                        "TensorParallelColumnLinear.load_moe / TensorParallelRowLinear.load_moe; utils/weights.py "
+                        "get_multi_weights_col / get_multi_weights_row (W4A8_DYNAMIC branch); utils/quantize/w4a8.py "
+                        "W4A8LinearDynamic.process_scale (3-D expert weight)")}),
     Feature("MoE experts on qwen2_moe", "`w8a8d`, `w4a8d:match=mlp\\.experts` (Qwen2-MoE)", "MoE", {
         VLLM_ASCEND: Support(NO, "quantized routed experts of qwen2_moe: packed_modules_model_mapping has no qwen2_moe "
                              "entry, so the quant config looks up `<layer>.mlp.experts.weight` (KeyError)",

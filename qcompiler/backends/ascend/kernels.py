@@ -930,7 +930,9 @@ def two_stage_scale(weight_scale: Tensor, weight_scale_second: Tensor, dtype: to
     """The per-group weight scale the engines form, float32 [n, G]: `dtype(dtype(weight_scale[n, 1]) *
     dtype(weight_scale_second[n, G]))` (MindIE `W4A8LinearDynamic.__init__`, atb_llm/utils/quantize/w4a8.py:
     the product of the two model-dtype tensors, then float32 for npu_trans_quant_param; vLLM-Ascend
-    `AscendW4A8DynamicLinearMethod`: float32 product cast to x's dtype in `apply`)."""
+    `AscendW4A8DynamicLinearMethod`: float32 product cast to x's dtype in `apply`). Routed experts: both engines'
+    fused-MoE methods cast that product through float16 as well (encode.EXPERT_SCALE_ALSO); the encoder writes
+    expert scales float16 holds, so this product is theirs too."""
     return (weight_scale.to(dtype) * weight_scale_second.to(dtype)).float()
 
 

@@ -270,7 +270,7 @@ class _Lowering:
         weight, bias, given = self.weight_args(site)
         group = _group_size(spec)
         tensors = encode.encode_w4a8_dynamic(weight, bias, bool(ROW_PARALLEL.match(site.name)), group, self.ctx.dtype,
-                                             **given)
+                                             expert=EXPERT_LINEAR.search(site.name) is not None, **given)
         g = self.gm.graph
         n = self.shards(site)
         with g.inserting_before(site.node):

@@ -387,6 +387,52 @@ def test_engine_scale_keeps_scales_positive():
         E.engine_float(torch.tensor([1e6]), torch.float16)
 
 
+def test_engine_scale_through_float16_is_exact_in_both():
+    # a bf16 scale below float16's normal range (2**-14) rounded to bf16, then float16: exact in both dtypes;
+    # 0 after float16 (below 2**-25) becomes 2**-24, the smallest value both hold; above float16's range: an error
+    s = torch.tensor([[1.4e-6, 3.3e-7, 2e-9, 5e-5, 0.25]])
+    r = E.engine_scale(s, torch.bfloat16, also=(torch.float16,))
+    assert torch.equal(r.to(torch.bfloat16).float(), r) and torch.equal(r.half().float(), r)
+    assert r[0, 2] == 2.0 ** -24 and torch.equal(r[:, 3:], E.engine_scale(s[:, 3:], torch.bfloat16))
+    assert not torch.equal(r[:, :2], E.engine_scale(s[:, :2], torch.bfloat16))   # here the float16 cast matters
+    assert E.is_engine_exact(r, torch.bfloat16, also=(torch.float16,))
+    assert not E.is_engine_exact(E.engine_scale(s, torch.bfloat16), torch.bfloat16, also=(torch.float16,))
+    with pytest.raises(ValueError, match="out of range for torch.float16"):
+        E.engine_scale(torch.tensor([7e4]), torch.bfloat16, also=(torch.float16,))
+
+
+def test_encode_w4a8_dynamic_expert_scale_is_the_fused_moe_scale():
+    """A routed expert's per-group scale as vLLM-Ascend's AscendW4A8DynamicFusedMoEMethod.process_scale (and
+    MindIE atb's W4A8LinearDynamic.process_scale on a 3-D expert stack) form it, through float16, equals the
+    graph's kernels.two_stage_scale; a dense Linear's scale is not rounded through float16 (those engines'
+    dense paths do not: EXPERT_SCALE_ALSO)."""
+    from qcompiler.backends.ascend.kernels import two_stage_scale
+    w = weight(16, 64)
+    w[2, :32] *= 1e-4                                   # group scale ~1e-6: float16 holds it on a 2**-24 grid
+    w[3, 32:] *= 1e-7                                   # ~1e-9: float16 flushes it to 0
+    def moe_scale(t):
+        return (t["weight_scale"] * t["weight_scale_second"]).to(torch.float16).to(torch.float32)
+    expert = E.encode_w4a8_dynamic(w, None, False, 32, torch.bfloat16, expert=True)
+    graph = two_stage_scale(expert["weight_scale"], expert["weight_scale_second"], torch.bfloat16)
+    assert torch.equal(moe_scale(expert), graph) and (graph > 0).all()
+    dense = E.encode_w4a8_dynamic(w, None, False, 32, torch.bfloat16)
+    assert not torch.equal(moe_scale(dense), two_stage_scale(dense["weight_scale"], dense["weight_scale_second"],
+                                                             torch.bfloat16))
+    rows = [r for r in range(16) if r not in (2, 3)]   # only the tiny groups' rows change
+    assert all(torch.equal(expert[k][rows], dense[k][rows]) for k in ("weight_scale", "weight_scale_second",
+                                                                       "scale_bias"))
+    assert torch.equal(expert["weight"][[r // 2 for r in rows if r // 2 != 1]],
+                       dense["weight"][[r // 2 for r in rows if r // 2 != 1]])
+    # precomputed codes (gptq) against a scale float16 does not hold: refused for an expert, not for a dense Linear
+    q, s = E.quantize_weight(w, 4, 32, model_dtype=torch.bfloat16)
+    E.encode_w4a8_dynamic(None, None, False, 32, torch.bfloat16, q=q, scale=s)
+    with pytest.raises(ValueError, match="float16"):
+        E.encode_w4a8_dynamic(None, None, False, 32, torch.bfloat16, q=q, scale=s, expert=True)
+    # float16 models: float16 already holds every scale; the expert encodes bit for bit as the dense Linear does
+    e16, d16 = (E.encode_w4a8_dynamic(w.half(), None, True, 32, torch.float16, expert=x) for x in (True, False))
+    assert all(torch.equal(e16[k], d16[k]) for k in e16)
+
+
 def test_bias_shape_checked():
     with pytest.raises(ValueError, match="bias shape"):
         E.encode_w8a8_dynamic(weight(8, 32), torch.ones(7), torch.bfloat16)

@@ -95,6 +95,23 @@ def test_check_engine_errors_and_warnings():
                for w in check_engine("mindie", F(frozenset({"W8A8_DYNAMIC"}), device="310p")))
 
 
+def test_mindie_w4a8_moe_is_read_in_the_atb_loader_and_warns_of_the_torch_backend():
+    """MindIE's atb loader reads per-group W4A8_DYNAMIC experts (weight_scale_second; MindIE-LLM 3.0.0
+    atb_llm/utils/layers/linear/__init__.py load_moe -> utils/weights.py W4A8_DYNAMIC branch -> quantize/w4a8.py
+    W4A8LinearDynamic); its torch backend's W4A8PerTokenFusedMoEMethod (mindie_llm/runtime/...) is per-channel only
+    and never reads weight_scale_second (default_model_loader.py: FusedMoE.weight_list), so it would compute with
+    weight_scale alone: every compile that MindIE may serve warns to run it on the atb backend."""
+    s = EN.FEATURE_BY_KEY["W4A8_DYNAMIC MoE"].support[EN.MINDIE]
+    assert "atb_llm/" in s.source and "load_moe" in s.source and "W4A8LinearDynamic" in s.source
+    moe = F(frozenset({"W8A8_DYNAMIC"}), moe_types=W4A8, model_type="qwen3_moe")
+    for engine in ("mindie", "any"):
+        assert any("MindIE" in w and "weight_scale_second" in w and "backendType" in w
+                   for w in check_engine(engine, moe)), engine
+    assert not any("backendType" in w for w in check_engine("vllm-ascend", moe))
+    assert not any("backendType" in w for w in check_engine("mindie", F(frozenset({"W8A8_DYNAMIC"}),
+                                                                          moe_types=frozenset({"W8A8_DYNAMIC"}))))
+
+
 def test_engine_option_refuses_before_any_work(capsys, tiny_models, tmp_path):
     out = tmp_path / "out"
     rc = cli.main([str(tiny_models["llama"]), "-o", str(out), *SMALL, "--passes", "w8a8,fa3", "--engine",

@@ -294,6 +294,25 @@ def check_aux_files(path: Path) -> None:
             raise QCError(f"{entry.path}: a JSON {type(content).__name__}, expected a JSON object")
 
 
+#: folders whose files check_folder_files passed in this process: (real path, device, inode, mtime_ns)
+_CHECKED_FOLDERS: set[tuple] = set()
+
+
+def check_folder_files(path: Path) -> None:
+    """check_special_files and check_aux_files of folder `path`, once per folder per process: open_checkpoint
+    and load_tokenizer both ask for the same model folder in one compile / eval (the scan and the JSON parse of
+    tokenizer.json ran twice). The key is the folder's real path with its inode and mtime: adding, removing or
+    renaming an entry (a FIFO put there, a file replaced by rename) changes the folder's mtime, so the check runs
+    again; a file rewritten in place between two calls of one process is the one change not seen again."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_mtime_ns)
+    if key in _CHECKED_FOLDERS:
+        return
+    check_special_files(path)
+    check_aux_files(path)
+    _CHECKED_FOLDERS.add(key)
+
+
 def _check_not_quantized(cfg: dict, path: Path) -> None:
     """A compiled OUT (or any quantized checkpoint) given as the model: its int8 weights are not a float model."""
     marker = next((m for m in ("quant_model_description.json", "executable/model.json") if (path / m).exists()), None)
@@ -444,8 +463,7 @@ def open_checkpoint(path: str | Path, dtype: str | None = None, trust_remote_cod
     path = Path(path)
     if not path.is_dir():
         raise QCError(f"model folder {path} does not exist")
-    check_special_files(path)
-    check_aux_files(path)  # before any work: OUT copies them
+    check_folder_files(path)  # before any work: FIFOs would block, OUT copies the auxiliary files
     cfg = read_config(path)
     check_config(path / "config.json", cfg, SUPPORTED_ARCHITECTURES, trust_remote_code)
     check_tokenizer_files(path, trust_remote_code)  # before any work (load_tokenizer checks again: OUT folders)
@@ -495,8 +513,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     as transformers (read from tokenizer.json without importing transformers: `qcompile run` starts in
     seconds), else transformers' AutoTokenizer (built-in classes only)."""
     from .fast_tokenizer import load_fast_tokenizer
-    check_special_files(path)
-    check_aux_files(path)
+    check_folder_files(path)
     check_tokenizer_files(path, trust_remote_code)
     if (path / "config.json").is_file():  # transformers' AutoTokenizer reads it (a compiled OUT's config.json too)
         read_config(path)

@@ -435,3 +435,20 @@ def test_broken_generation_config_in_out_is_refused_by_run(capsys, tmp_path, tin
     (folder / "generation_config.json").write_text("{")
     with pytest.raises(QCError, match="generation_config.json: not valid JSON"):
         load_tokenizer(folder)
+
+
+def test_model_folder_is_scanned_once_per_process(monkeypatch, tmp_path, model_copy, calib_file):
+    """open_checkpoint and load_tokenizer both checked the model folder's files (the scan and every JSON parse
+    twice per compile): once now, and again when the folder changed (the check is not lost)."""
+    from qcompiler import loading
+    calls = []
+    for name in ("check_special_files", "check_aux_files"):
+        real = getattr(loading, name)
+        monkeypatch.setattr(loading, name, lambda path, _real=real, _name=name: (calls.append(_name), _real(path)))
+    assert cli.main([str(model_copy), "--passes", "w8a8", "--calib", str(calib_file), *SMALL,
+                     "-o", str(tmp_path / "o")]) == 0
+    assert calls == ["check_special_files", "check_aux_files"], calls
+    import os
+    os.mkfifo(model_copy / "tokenizer.model")               # the folder changed: checked again, and refused
+    with pytest.raises(QCError, match="tokenizer.model: not a regular file"):
+        loading.load_tokenizer(model_copy)

@@ -291,7 +291,8 @@ def plan_from_settings(given: dict, config: dict, model_type: str, label, where:
     if not SIGMA_FACTOR_RANGE[0] <= s["sigma_factor"] <= SIGMA_FACTOR_RANGE[1]:
         raise QCError(f"{label('sigma_factor')} {s['sigma_factor']}: must be in {list(SIGMA_FACTOR_RANGE)}, the "
                       f"range msModelSlim's QuantConfig enforces (config_utils.check_lowbit_config); the [1.0, 3.0] "
-                      f"of the example READMEs' flag tables (example/Llama/README.md, ...) is not what its code accepts")
+                      f"of the example READMEs' flag tables (example/Llama/README.md, ...) is not what its code "
+                      f"accepts")
     if s["a_bit"] == 8 and not s["w_sym"]:
         raise QCError(f"{label('w_sym')} false: msModelSlim requires w_sym true when a_bit is 8")
     if s["use_kvcache_quant"] and s["use_fa_quant"]:

@@ -176,7 +176,8 @@ def test_hidden_act_no_engine_computes_is_refused_before_any_work(capsys, tiny_m
     out = tmp_path / "out"
     rc = cli.main([str(model), "-o", str(out), *SMALL, "--passes", "w8a8d"])
     lines = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("qcompile: error: no engine can load this artifact"), lines
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("qcompile: error: no engine can load this artifact"), lines[0]
     assert "vLLM-Ascend: hidden_act other than silu (config.json)" in lines[0], lines[0]
     assert "MindIE: hidden_act other than silu (config.json)" in lines[0] and "SetMlpParam" in lines[0]
     assert not out.exists()

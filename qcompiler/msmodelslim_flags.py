@@ -44,7 +44,7 @@ import re
 from pathlib import Path
 
 from .errors import QCError
-from .ir.qspec import OUTLIER_FRACTION_RANGE, SIGMA_FACTOR_RANGE
+from .ir.outlier_ranges import OUTLIER_FRACTION_RANGE, SIGMA_FACTOR_RANGE
 from .msmodelslim_plan import FrontPlan, Unsupported, check_names, names_regex, pass_options
 
 #: flag -> (default of the scripts' argparse, type). `None` default: not given.
@@ -284,7 +284,7 @@ def plan_from_settings(given: dict, config: dict, model_type: str, label, where:
         raise QCError(f"{label('disable_level')} {s['disable_level']!r}: expected L0, L1, L2, ...")
 
     # -- QuantConfig's checks and adjustments (config_utils.check_and_generate_config_param) -----------------
-    # the ranges are ir/qspec.py's (the one source for these flags and w8a8s:/sparse: options alike)
+    # the ranges are ir/outlier_ranges.py's (the one source for these flags and w8a8s:/sparse: options alike)
     if not OUTLIER_FRACTION_RANGE[0] <= s["fraction"] <= OUTLIER_FRACTION_RANGE[1]:
         raise QCError(f"{label('fraction')} {s['fraction']}: must be in {list(OUTLIER_FRACTION_RANGE)} "
                       f"(QuantConfig, config_utils.check_sparse_config)")

@@ -48,7 +48,7 @@ from ..errors import QCError
 from ..ir import meta
 from ..calibration.linear_inputs import stage_input_stats
 from ..ir.patterns import get_tensor, linear_sites, replace_tensor, shared_input_groups
-from ..ir.qspec import check_outlier_settings
+from ..ir.outlier_ranges import check_outlier_settings
 from .base import Pass, PassResult, Phase
 from .gptq import _columns_as_rows, _factor_row_blocks, row_errors
 from .properties import ANNOTATED, CAPTURED, WEIGHTS_PRUNED, WEIGHTS_ROUNDED
@@ -62,7 +62,7 @@ METHODS = ("sparsegpt", "wanda", "magnitude")
 class SparseOptions:
     """ratio: fraction of each row's weights set to zero, in [0, 1). method: sparsegpt | wanda | magnitude.
     fraction: fraction of each row's largest-|W| weights never pruned (outliers; 0 or msModelSlim's 0.01..0.1,
-    ir/qspec.py check_outlier_settings).
+    ir/outlier_ranges.py check_outlier_settings).
     match: regex on the full HF Linear name (default every decoder Linear). block/damp: SparseGPT's
     column block and dampening (fraction of mean diag H). sequential: statistics from the already-pruned
     Linears before each group (else all from the unpruned layer)."""

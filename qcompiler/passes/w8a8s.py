@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from ..ir import meta
 from ..ir.patterns import linear_sites
-from ..ir.qspec import LinearQuantSpec, OutlierSplit, PerTensor, TensorQuant, check_outlier_settings
+from ..ir.outlier_ranges import check_outlier_settings
+from ..ir.qspec import LinearQuantSpec, OutlierSplit, PerTensor, TensorQuant
 from .properties import CAPTURED, WEIGHTS_PRUNED
 from .registry import register
 from .scheme import SchemePass, StaticSchemeOptions, weight_quant
@@ -35,7 +36,7 @@ class W8A8SOptions(StaticSchemeOptions):
     fraction: per row, the round(fraction * k) largest |w| are outliers that keep int8 codes (the scale comes
     from the other weights); sigma: outliers are instead |w - mean| > sigma * std of the row (msModelSlim's
     sparse-quant fraction / use_sigma + sigma_factor). Both default off; not with weight_observer=mse, gptq or awq.
-    Ranges: msModelSlim's (sigma 3.0..4.0, fraction 0 or 0.01..0.1; ir/qspec.py check_outlier_settings)."""
+    Ranges: msModelSlim's (sigma 3.0..4.0, fraction 0 or 0.01..0.1; ir/outlier_ranges.py check_outlier_settings)."""
     bits: int = 4
     fraction: float = 0.0
     sigma: float | None = None

@@ -18,7 +18,8 @@ Contract:
   than one window gives a single window of all its tokens. `calibration_shortfall` words the warning
   when that is less than asked (the driver prints it and puts it in the report).
   With `max_windows` it tokenizes only a prefix of the joined text when the tokenizer is one whose tokens
-  provably split at a document start (`_document_start_layout`: a byte-level BPE as Qwen2/Qwen3, Llama-3,
+  provably split at a document start (each text's paragraphs are documents: a huge .jsonl record is bounded as
+  a .txt is) (`_document_start_layout`: a byte-level BPE as Qwen2/Qwen3, Llama-3,
   SmolLM2 have, or SentencePiece's layout in `tokenizers` as Llama-2 / Mistral / Gemma have): the same ids as
   tokenizing it all, the text after the first document start that yields enough ids left untokenized
   (`qcompile eval --max-windows 1` read 118k tokens of wiki_eval.jsonl to score 512). Any other tokenizer
@@ -180,6 +181,10 @@ def _token_ids(tokenizer, texts: list[str], need: int | None) -> list[int]:
     all_ids' first ids (checked: the ids after them start at b; ids and offsets from one call, `_ids_and_offsets`)."""
     layout = _document_start_layout(tokenizer) if need is not None else None
     if layout is not None:
+        # Document starts inside a text too: its paragraphs (split as a .txt is) are documents, and JOINER.join of
+        # them is the same joined text (re.split at JOINER, joined with JOINER), so the same all_ids. Without
+        # this a .jsonl record holding 50 MB of text was tokenized whole for a few windows.
+        texts = [p for t in texts for p in _PARAGRAPH_BREAK.split(t)]
         firsts = {t.content[0] for t in tokenizer.backend_tokenizer.get_added_tokens_decoder().values() if t.content}
         ends = [0]  # ends[j]: length of JOINER.join(texts[:j]) + JOINER
         for t in texts:

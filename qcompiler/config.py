@@ -129,6 +129,10 @@ class CompileOptions:
     source: str | None = None          # how the options were chosen (qcompile quant: recipe / config / flags)
     notes: tuple[str, ...] = ()        # what a front decided on the way (reported)
     resume: bool = False               # --resume: continue a killed compile of OUT (resume.py); stay resumable
+    # the options as the front spelled them, for messages (`qcompile quant`: --save_path / --save_directory,
+    # --calib_file); outdir.OutputFolder names them
+    out_option: str = "-o"
+    calib_option: str = "--calib"
 
     def calib_shape(self) -> tuple[int, int]:
         """(sequences, tokens per sequence) of calibration, defaults resolved."""

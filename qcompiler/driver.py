@@ -224,8 +224,8 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     model_dir = resolve_model_dir(opts.model)
     dump = opts.dump or knobs.dump_dir()
     out = OutputFolder(opts.out, opts.force, models=[model_dir], folders=[dump], log=log,
-                       files=[("--calib", opts.calib), ("--recipe", opts.recipe_path)],
-                       resume=opts.resume)  # outdir.py: exit 2
+                       files=[(opts.calib_option, opts.calib), ("--recipe", opts.recipe_path)],
+                       resume=opts.resume, option=opts.out_option)  # outdir.py: exit 2
     ckpt = open_checkpoint(model_dir, opts.dtype, opts.trust_remote_code, log=log)
     opts = check_calib_seq_len(opts, ckpt)
     target = get_target(opts.target)

@@ -4,7 +4,8 @@ The facts live in the backend's support matrix (`backends/ascend/engines.py`); t
 compile as `ArtifactFeatures` from what is known before any work (the resolved pipeline, config.json's Linear
 shapes, --exclude, which Linears of the checkpoint carry a bias, the target):
 - `pipeline_features(...)`: the quant type each decoder Linear will get (the scheme passes' own claim rule,
-  `group_size.first_claim`), the artifact's group size, C8 / FAQuant passes, device, model type;
+  `group_size.first_claim`), the artifact's group size, C8 / FAQuant passes, device, model type, config.json's
+  hidden_act (the engines' MLPs are SwiGLU);
 - `check_engine(engine, features)`: QCError (exit 2, before any work) when the chosen engine cannot load the
   artifact, or with `any` when no engine can; returns warnings (how the engines run it, unconfirmed devices);
 - `engine_report(features)`: {engine: {"loads": bool, "why_not": [...], "notes": [...]}} for the report.
@@ -43,7 +44,7 @@ def pipeline_features(passes, config: dict, exclude, has_tensor, target_name: st
                             biased_types=frozenset(biased),
                             kv_cache="C8" in pass_types, fa_quant="FAQuant" in pass_types,
                             device="310p" if target_name == "ascend310p" else "910b", model_type=model_type,
-                            moe_types=frozenset(moe))
+                            moe_types=frozenset(moe), hidden_act=str(config.get("hidden_act", "silu")))
 
 
 def check_engine(engine: str, features: ArtifactFeatures) -> list[str]:

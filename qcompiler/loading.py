@@ -245,6 +245,74 @@ def check_special_files(path: Path) -> None:
             raise QCError(f"{entry.path}: not a regular file (a FIFO, socket or device); expected a file")
 
 
+#: READ_PATTERNS files checked by their own readers here (read_config, the safetensors and index readers)
+_OWN_READERS = ("config.json", "*.safetensors", "*.index.json")
+#: suffixes of the auxiliary files OUT copies as they are (artifact.copy_source_files) and what each must be
+AUX_JSON, AUX_TEXT = (".json",), (".txt", ".jinja")
+
+
+def check_aux_files(path: Path) -> None:
+    """QCError naming the file when an auxiliary file of folder `path` that OUT copies (READ_PATTERNS less
+    config.json / weights / index: tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+    added_tokens.json, generation_config.json, chat_template.json, vocab.json; merges.txt, chat_template.jinja)
+    is broken, before any work: a *.json that is not strict JSON (NaN / Infinity included) or not a JSON object,
+    a *.txt / *.jinja that is not UTF-8 text. Binary files (tokenizer.model, *.model: SentencePiece protobuf)
+    are left to their reader. Why refuse rather than copy: every reader fails or, worse, drops the file silently:
+    - transformers tokenization_utils_base.py `PreTrainedTokenizerBase._from_pretrained` json.load()s
+      tokenizer_config.json, special_tokens_map.json, added_tokens.json and tokenizer.json (encoding utf-8)
+      and reads chat_template.jinja as UTF-8; BPE tokenizers json.load vocab.json and read merges.txt as UTF-8;
+      processors json.load the legacy chat_template.json (transformers utils/hub.py
+      LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE). A JSONDecodeError / UnicodeDecodeError there stops the engine.
+    - generation_config.json: transformers generation/configuration_utils.py `GenerationConfig.from_pretrained`
+      turns a JSONDecodeError into OSError, and vLLM vllm/transformers_utils/config.py
+      `try_get_generation_config` catches OSError as "not found" and falls back to config.json: the checkpoint's
+      EOS ids and sampling defaults are then silently lost; a JSON that is not an object is a TypeError there
+      (`from_dict`), and one in qcompile's own calibration sampling (ir/capture.py float_model)."""
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        name = entry.name
+        if (not any(fnmatch.fnmatchcase(name, p) for p in READ_PATTERNS)
+                or any(fnmatch.fnmatchcase(name, p) for p in _OWN_READERS) or not entry.is_file()):
+            continue
+        suffix = Path(name).suffix
+        if suffix not in AUX_JSON + AUX_TEXT:
+            continue
+        try:
+            text = Path(entry.path).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise QCError(f"{entry.path}: not UTF-8 text ({e.reason} at byte {e.start}); the engines' tokenizer "
+                          f"and config readers decode it as UTF-8") from None
+        except OSError as e:
+            raise QCError(f"{entry.path}: cannot be read ({one_line(e)})") from None
+        if suffix in AUX_TEXT:
+            continue
+        try:
+            content = json.loads(text, parse_constant=_non_finite_constant)
+        except ValueError as e:
+            raise QCError(f"{entry.path}: not valid JSON ({e}); OUT would carry it to the engines, which fail on "
+                          f"it or ignore it") from None
+        if not isinstance(content, dict):
+            raise QCError(f"{entry.path}: a JSON {type(content).__name__}, expected a JSON object")
+
+
+#: folders whose files check_folder_files passed in this process: (real path, device, inode, mtime_ns)
+_CHECKED_FOLDERS: set[tuple] = set()
+
+
+def check_folder_files(path: Path) -> None:
+    """check_special_files and check_aux_files of folder `path`, once per folder per process: open_checkpoint
+    and load_tokenizer both ask for the same model folder in one compile / eval (the scan and the JSON parse of
+    tokenizer.json ran twice). The key is the folder's real path with its inode and mtime: adding, removing or
+    renaming an entry (a FIFO put there, a file replaced by rename) changes the folder's mtime, so the check runs
+    again; a file rewritten in place between two calls of one process is the one change not seen again."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_mtime_ns)
+    if key in _CHECKED_FOLDERS:
+        return
+    check_special_files(path)
+    check_aux_files(path)
+    _CHECKED_FOLDERS.add(key)
+
+
 def _check_not_quantized(cfg: dict, path: Path) -> None:
     """A compiled OUT (or any quantized checkpoint) given as the model: its int8 weights are not a float model."""
     marker = next((m for m in ("quant_model_description.json", "executable/model.json") if (path / m).exists()), None)
@@ -395,7 +463,7 @@ def open_checkpoint(path: str | Path, dtype: str | None = None, trust_remote_cod
     path = Path(path)
     if not path.is_dir():
         raise QCError(f"model folder {path} does not exist")
-    check_special_files(path)
+    check_folder_files(path)  # before any work: FIFOs would block, OUT copies the auxiliary files
     cfg = read_config(path)
     check_config(path / "config.json", cfg, SUPPORTED_ARCHITECTURES, trust_remote_code)
     check_tokenizer_files(path, trust_remote_code)  # before any work (load_tokenizer checks again: OUT folders)
@@ -445,7 +513,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     as transformers (read from tokenizer.json without importing transformers: `qcompile run` starts in
     seconds), else transformers' AutoTokenizer (built-in classes only)."""
     from .fast_tokenizer import load_fast_tokenizer
-    check_special_files(path)
+    check_folder_files(path)
     check_tokenizer_files(path, trust_remote_code)
     if (path / "config.json").is_file():  # transformers' AutoTokenizer reads it (a compiled OUT's config.json too)
         read_config(path)

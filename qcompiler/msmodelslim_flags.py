@@ -44,6 +44,7 @@ import re
 from pathlib import Path
 
 from .errors import QCError
+from .ir.outlier_ranges import OUTLIER_FRACTION_RANGE, SIGMA_FACTOR_RANGE
 from .msmodelslim_plan import FrontPlan, Unsupported, check_names, names_regex, pass_options
 
 #: flag -> (default of the scripts' argparse, type). `None` default: not given.
@@ -66,12 +67,6 @@ LLAMA_MODEL_TYPES = ("llama", "llama2", "llama3", "llama3.1_bf", "llama3.1_fp", 
 QWEN_MODEL_TYPES = ("qwen1", "qwen1.5", "qwen2", "qwen2.5", "qwen3")
 GROUP_SIZES = (32, 64, 128, 256)          # config_utils.GROUP_SIZE_LIST
 TP_SIZES = (1, 2, 4, 8, 16)                # simulate_tp_config.SUPPORT_TP_SIZES plus 1 (off)
-#: sigma_factor's closed range: msModelSlim config_utils.check_lowbit_config `check_number(config.sigma_factor,
-#: float, 3.0, 4.0)` (called by check_and_generate_config_param for every QuantConfig, use_sigma or not; the same
-#: in master, 26.0.0, 26.1.0 and every tag since the file appeared, 2025-12-17), as its API page pytorch_QuantConfig.md
-#: says ("[3, 4]"). The flag tables of example/{Llama,Qwen,DeepSeek,GLM,...}/README.md say [1.0, 3.0]: that
-#: contradicts the check (1.0..2.99 raise SchemaValidateError) and the DeepSeek README's own `--sigma_factor 4.0`.
-SIGMA_FACTOR_RANGE = (3.0, 4.0)
 ACT_OBSERVER = {1: "minmax", 2: "histogram", 3: "histogram"}
 ANTI_METHODS = {
     "m1": ("smooth", {"alpha": 0.5, "subgraphs": "norm-linear"}),
@@ -157,6 +152,8 @@ def coerce(settings: dict, label) -> dict:
                     raise ValueError
                 out[key] = int(value)
             elif key in FLOAT_FLAGS:
+                if isinstance(value, bool):    # float(True) is 1.0: a YAML `fraction: true` is no number
+                    raise ValueError
                 out[key] = float(value)
             else:
                 out[key] = value
@@ -219,11 +216,23 @@ def plan_from_settings(given: dict, config: dict, model_type: str, label, where:
                       f"quant_llama.py / quant_qwen.py)")
     s = dict(DEFAULTS)
     s.update(coerce(given, label))
+    notes = []
+    # A float setting is judged by its value wherever it comes from: `--sigma_factor 3` is 3.0 (the scripts'
+    # argparse has type=float, example/Llama/quant_llama.py parse_arguments), and so is a YAML `sigma_factor: 3`.
+    # msModelSlim itself refuses the YAML integer (modelslim_v0/quant_service.py passes calib_cfg to QuantConfig
+    # as read; config_utils.check_lowbit_config / check_sparse_config call ascend_utils/common/security/type.py
+    # check_number(value, float, ...), whose check_type is isinstance(value, float): TypeError "sigma factor must
+    # be float, not int"). Refusing 3 when 3.0 is taken would change no bit of the artifact, so qcompile takes it
+    # and says in a note that msModelSlim would not, for a YAML meant for both tools.
+    if not script:
+        for key in sorted({"fraction", "sigma_factor"} & set(given)):
+            if given[key] is not None and not isinstance(given[key], float):
+                notes.append(f"{label(key)} {given[key]!r} read as {s[key]}; msModelSlim's QuantConfig refuses "
+                             f"anything but a float there (check_number(..., float)): write {s[key]} for it")
     anti = anti or {}
     family = "qwen" if str(model_type).startswith("qwen") else "llama"
     num_layers = int(config["num_hidden_layers"])
     bad = Unsupported(where)
-    notes = []
 
     # -- the script's own flags ---------------------------------------------------------------------------
     script_types = QWEN_MODEL_TYPES if family == "qwen" else LLAMA_MODEL_TYPES
@@ -275,12 +284,15 @@ def plan_from_settings(given: dict, config: dict, model_type: str, label, where:
         raise QCError(f"{label('disable_level')} {s['disable_level']!r}: expected L0, L1, L2, ...")
 
     # -- QuantConfig's checks and adjustments (config_utils.check_and_generate_config_param) -----------------
-    if not 0.01 <= s["fraction"] <= 0.1:
-        raise QCError(f"{label('fraction')} {s['fraction']}: must be in [0.01, 0.1] (QuantConfig)")
+    # the ranges are ir/outlier_ranges.py's (the one source for these flags and w8a8s:/sparse: options alike)
+    if not OUTLIER_FRACTION_RANGE[0] <= s["fraction"] <= OUTLIER_FRACTION_RANGE[1]:
+        raise QCError(f"{label('fraction')} {s['fraction']}: must be in {list(OUTLIER_FRACTION_RANGE)} "
+                      f"(QuantConfig, config_utils.check_sparse_config)")
     if not SIGMA_FACTOR_RANGE[0] <= s["sigma_factor"] <= SIGMA_FACTOR_RANGE[1]:
-        raise QCError(f"{label('sigma_factor')} {s['sigma_factor']}: must be in [3.0, 4.0], the range msModelSlim's "
-                      f"QuantConfig enforces (config_utils.check_lowbit_config); the [1.0, 3.0] of the example "
-                      f"READMEs' flag tables (example/Llama/README.md, ...) is not what its code accepts")
+        raise QCError(f"{label('sigma_factor')} {s['sigma_factor']}: must be in {list(SIGMA_FACTOR_RANGE)}, the "
+                      f"range msModelSlim's QuantConfig enforces (config_utils.check_lowbit_config); the [1.0, 3.0] "
+                      f"of the example READMEs' flag tables (example/Llama/README.md, ...) is not what its code "
+                      f"accepts")
     if s["a_bit"] == 8 and not s["w_sym"]:
         raise QCError(f"{label('w_sym')} false: msModelSlim requires w_sym true when a_bit is 8")
     if s["use_kvcache_quant"] and s["use_fa_quant"]:

@@ -242,8 +242,13 @@ class Resumable:
 class OutputFolder:
     """OUT of one compile; see the module docstring."""
 
-    def __init__(self, out: Path, force: bool, models=(), files=(), folders=(), log=None, resume: bool = False):
+    def __init__(self, out: Path, force: bool, models=(), files=(), folders=(), log=None, resume: bool = False,
+                 option: str = "-o"):
+        """`option`: the command-line option that named OUT, as every message here names it (`-o` for
+        `qcompile MODEL`, `--save_path` / `--save_directory` for `qcompile quant`); `files`: (option as the user
+        gave it, path) of the input files."""
         self.given = Path(out)
+        self.option = option
         self.path = resolved(out)
         self.force = force
         self.resume = resume  # --resume: a SIGINT/SIGTERM keeps a resumable temporary folder
@@ -259,7 +264,7 @@ class OutputFolder:
     # ------------------------------------------------------------------------------------------ validation
 
     def _check_inputs(self, models, files, folders) -> None:
-        out, given = self.path, self.given
+        out, given, option_o = self.path, self.given, self.option
         for kind, items in (("the model folder", models), ("the --dump folder", folders)):
             for item in items:
                 if item is None:
@@ -268,21 +273,22 @@ class OutputFolder:
                 if _inside(out, p):
                     where = "is" if out == p else "lies inside"
                     raise QCError(f"output folder {given} {where} {kind} {item}: OUT must be a new folder outside "
-                                  "every input (it is written and replaced as a whole); choose another -o")
+                                  f"every input (it is written and replaced as a whole); choose another {option_o}")
                 if _inside(p, out):
                     raise QCError(f"output folder {given} contains {kind} {item}: OUT must be a new folder outside "
-                                  "every input (it is written and replaced as a whole); choose another -o")
+                                  f"every input (it is written and replaced as a whole); choose another {option_o}")
         for option, item in files:
             if item is not None and _inside(resolved(item), out):
                 raise QCError(f"output folder {given} contains the {option} file {item}: OUT must be a new folder "
-                              "outside every input (it is written and replaced as a whole); choose another -o")
+                              f"outside every input (it is written and replaced as a whole); choose another {option_o}")
 
     def _check_not_a_link(self) -> None:
         """Rule 1: OUT is written and replaced where it is named, never at a link's target."""
         why = symlink_on_path(self.given)
         if why:
-            raise QCError(f"output folder {self.given} {why}: -o must name the folder itself, which qcompile "
-                          "writes and replaces as a whole, not a link to somewhere else; choose another -o")
+            raise QCError(f"output folder {self.given} {why}: {self.option} must name the folder itself, which "
+                          f"qcompile writes and replaces as a whole, not a link to somewhere else; choose another "
+                          f"{self.option}")
 
     def _check_existing(self) -> None:
         out, given = self.path, self.given
@@ -291,11 +297,12 @@ class OutputFolder:
         if not out.is_dir():
             raise QCError(f"output path {given} exists and is not a folder")
         if not self.force:
-            raise QCError(f"output folder {given} already exists; choose another -o or pass --force to replace it")
+            raise QCError(f"output folder {given} already exists; choose another {self.option} or pass --force to "
+                          "replace it")
         if not looks_like_output(out):
             raise QCError(f"output folder {given} exists and is not a qcompile output (none of "
                           f"{', '.join(OUTPUT_MARKERS)}): --force only replaces a previous compile's OUT; choose "
-                          "another -o or remove it yourself")
+                          f"another {self.option} or remove it yourself")
 
     def check_free_space(self, needed: int) -> None:
         """DiskFullError when OUT's file system has fewer than `needed` free bytes (before any work)."""

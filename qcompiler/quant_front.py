@@ -199,8 +199,11 @@ def plan_for(a: argparse.Namespace, model_dir: Path):
     return plan
 
 
-def compile_options(plan, model_dir: Path, out: Path, a: argparse.Namespace, force: bool):
-    """The CompileOptions `qcompile MODEL --passes ...` would build for this plan."""
+def compile_options(plan, model_dir: Path, out: Path, a: argparse.Namespace, force: bool,
+                    out_option: str = "--save_path"):
+    """The CompileOptions `qcompile MODEL --passes ...` would build for this plan; its messages name the options as
+    given here (`out_option`: --save_path or --save_directory; the calibration file: --calib_file, or the YAML's
+    dataset field when that chose it)."""
     from .config import CompileOptions
     calib = a.calib_file if a.calib_file is not None else plan.calib
     if calib is not None:
@@ -211,7 +214,9 @@ def compile_options(plan, model_dir: Path, out: Path, a: argparse.Namespace, for
                           calib_samples=a.calib_samples, seq_len=a.seq_len, exclude=tuple(plan.exclude),
                           force=force, policy=plan.policy, part_file_size=plan.part_file_size,
                           trust_remote_code=a.trust_remote_code,
-                          source=f"qcompile quant: {plan.source}", notes=tuple(plan.notes))
+                          source=f"qcompile quant: {plan.source}", notes=tuple(plan.notes), out_option=out_option,
+                          calib_option="--calib_file" if a.calib_file is not None or not getattr(a, "config_path", None)
+                          else f"--config_path {a.config_path} dataset")
 
 
 def run(argv) -> dict:
@@ -241,7 +246,7 @@ def run(argv) -> dict:
         raise QCError(f"{option} {out} already exists and "
                       f"is not empty; choose another one or pass --force to replace it")
     plan.notes[:0] = notes
-    opts = compile_options(plan, model_dir, out, a, force)
+    opts = compile_options(plan, model_dir, out, a, force, out_option=option)
     for line in [f"qcompile quant: {plan.source}", f"  = qcompile {a.model_path} {plan.describe()}"] + \
             [f"  note: {n}" for n in plan.notes]:
         print(line, file=sys.stderr)

@@ -576,3 +576,17 @@ def test_other_tokenizers_tokenize_the_whole_text_once():
     assert [c[0] for c in tok.calls] == ["abcdefgh\n\nijklmnop\n\nqrstuvwx"]
     assert _document_start_layout(_trained(pre_tokenizers.Whitespace())) is None
     assert _document_start_layout(_trained(pre_tokenizers.ByteLevel(add_prefix_space=True))) is None
+
+
+def test_jsonl_record_with_max_windows_tokenizes_a_prefix_with_the_same_windows(tmp_path):
+    """One huge .jsonl record (50 MB of text in one line) was tokenized whole for a few windows: its paragraphs are
+    documents make_windows can stop at, as a .txt's are; the windows are the whole record's."""
+    tok = next(t for name, t in _tokenizers() if name == "split")
+    body = "\n\n".join(f"Paragraph {i}: the river carries gravel, and salmon return every autumn." for i in range(400))
+    path = _write(tmp_path / "big.jsonl", json.dumps({"text": body}) + "\n")
+    assert read_texts(path) == [body]                       # read_texts still returns the record as it is
+    whole = make_windows(tok, [body], 16, None)
+    counted = _CountingTokenizer(tok)
+    got = make_windows(counted, read_texts(path), 16, 2)
+    assert torch.equal(got, whole[:2])
+    assert counted.chars < len(body) / 20, counted.chars

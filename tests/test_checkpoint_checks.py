@@ -403,3 +403,52 @@ def test_check_token_ids_unit():
     check_token_ids([], 10, None, "x")
     with pytest.raises(QCError, match=r"token None \(id 12\).*10 rows \(ids 0\.\.9\)"):
         check_token_ids([1, 12, 3], 10, None, "x")
+
+
+# ------------------------------------------------------------------- auxiliary files OUT copies
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("generation_config.json", b'{"eos_token_id": 2,', "not valid JSON"),     # was copied into OUT as is
+    ("generation_config.json", b"[1, 2]", "a JSON list, expected a JSON object"),
+    ("generation_config.json", b'{"temperature": NaN}', "not valid JSON"),
+    ("tokenizer_config.json", b"{", "not valid JSON"),
+    ("special_tokens_map.json", b"{", "not valid JSON"),
+    ("added_tokens.json", b'"x"', "a JSON str, expected a JSON object"),
+    ("chat_template.json", b"{", "not valid JSON"),                          # was copied into OUT as is
+    ("vocab.json", b"{", "not valid JSON"),                                   # was copied into OUT as is
+    ("merges.txt", b"#version: 0.2\n\xff\xfe\n", "not UTF-8 text"),           # was copied into OUT as is
+    ("chat_template.jinja", b"{{ \xc3 }}", "not UTF-8 text"),
+])
+def test_broken_auxiliary_file_is_refused_before_work(capsys, monkeypatch, tmp_path, model_copy, calib_file, name,
+                                                      content, needle):
+    """Every auxiliary file OUT copies from the model folder (artifact.copy_source_files) is checked first
+    (loading.check_aux_files): a broken one is one line naming it, not a file the engines fail on in OUT."""
+    (model_copy / name).write_bytes(content)
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file, f"{model_copy / name}:", needle)
+
+
+def test_broken_generation_config_in_out_is_refused_by_run(capsys, tmp_path, tiny_models, calib_file):
+    """load_tokenizer checks the folder it reads (a compiled OUT too)."""
+    from qcompiler.loading import load_tokenizer
+    import shutil
+    folder = shutil.copytree(tiny_models["llama"], tmp_path / "m")
+    (folder / "generation_config.json").write_text("{")
+    with pytest.raises(QCError, match="generation_config.json: not valid JSON"):
+        load_tokenizer(folder)
+
+
+def test_model_folder_is_scanned_once_per_process(monkeypatch, tmp_path, model_copy, calib_file):
+    """open_checkpoint and load_tokenizer both checked the model folder's files (the scan and every JSON parse
+    twice per compile): once now, and again when the folder changed (the check is not lost)."""
+    from qcompiler import loading
+    calls = []
+    for name in ("check_special_files", "check_aux_files"):
+        real = getattr(loading, name)
+        monkeypatch.setattr(loading, name, lambda path, _real=real, _name=name: (calls.append(_name), _real(path)))
+    assert cli.main([str(model_copy), "--passes", "w8a8", "--calib", str(calib_file), *SMALL,
+                     "-o", str(tmp_path / "o")]) == 0
+    assert calls == ["check_special_files", "check_aux_files"], calls
+    import os
+    os.mkfifo(model_copy / "tokenizer.model")               # the folder changed: checked again, and refused
+    with pytest.raises(QCError, match="tokenizer.model: not a regular file"):
+        loading.load_tokenizer(model_copy)

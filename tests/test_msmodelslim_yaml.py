@@ -247,3 +247,27 @@ def test_brace_expansion_as_msmodelslim_expand_braces():
     names = ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
     assert glob_select(names, ["model.layers.{0,1}.mlp.{up,gate}_proj"]) == names[:2]
     assert glob_select(names, ["MODEL.*"]) == []          # case-sensitive, as on Linux
+
+
+V0_SPARSE = ("apiversion: modelslim_v0\nspec:\n  calib_cfg: {{w_bit: 4, a_bit: 8, co_sparse: true, use_sigma: true, "
+             "sigma_factor: {sigma}}}\n")
+
+
+def test_v0_integer_sigma_factor_is_taken_with_a_note(tmp_path):
+    """`sigma_factor: 3` is 3.0 here, as `--sigma_factor 3` is; msModelSlim's check_number(..., float) refuses the
+    YAML integer, so the plan says so (msmodelslim_flags.plan_from_settings)."""
+    plan = plan_from_config(_yaml(tmp_path, V0_SPARSE.format(sigma=3)), TINY, "llama", calib_given=True)
+    assert ("w8a8s", {"sigma": "3.0"}) in plan.passes
+    assert any("spec.calib_cfg.sigma_factor 3 read as 3.0" in n and "check_number" in n for n in plan.notes), plan.notes
+    plan = plan_from_config(_yaml(tmp_path, V0_SPARSE.format(sigma=3.0)), TINY, "llama", calib_given=True)
+    assert not any("sigma_factor" in n for n in plan.notes), plan.notes
+
+
+@pytest.mark.parametrize("sigma,needle", [("true", "spec.calib_cfg.sigma_factor True: expected a number"),
+                                          ("5", "spec.calib_cfg.sigma_factor 5.0: must be in [3.0, 4.0]")])
+def test_v0_bad_sigma_factor_is_one_line(capsys, tiny_models, tmp_path, sigma, needle):
+    path = _yaml(tmp_path, V0_SPARSE.format(sigma=sigma))
+    rc = cli.main(["quant", "--model_path", str(tiny_models["llama"]), "--save_path", str(tmp_path / "o"),
+                   "--config_path", str(path)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and needle in lines[0], lines

@@ -464,3 +464,36 @@ def test_running_compile_is_not_touched(capsys, tmp_path, tiny_models, calib_fil
         assert busy.is_dir() and "still running" in capsys.readouterr().err
     finally:
         lock.release()
+
+
+# ------------------------------------------------------------- messages name the option the user gave
+
+@pytest.mark.parametrize("option", ["--save_path", "--save_directory"])
+@pytest.mark.parametrize("case", ["inside-model", "is-model", "not-an-out", "contains-calib"])
+def test_quant_outdir_messages_name_its_option(capsys, tmp_path, model, calib_file, monkeypatch, option, case):
+    """`qcompile quant ... --save_path M/out` was told "choose another -o", an option it does not have: every
+    OutputFolder message names the option that gave OUT (and the calibration file as --calib_file)."""
+    _no_work(monkeypatch)
+    argv = ["quant", "--model_path", model, "--calib_samples", "2", "--seq_len", "16"]
+    argv += ["--quant_type", "w8a8"] if option == "--save_path" else ["--w_bit", "8", "--a_bit", "8"]
+    if case == "inside-model":
+        argv += [option, model / "out"]
+        needles = ["model folder", f"choose another {option}"]
+    elif case == "is-model":
+        argv += [option, model, "--force"]
+        needles = ["is the model folder", f"choose another {option}"]
+    elif case == "not-an-out":
+        folder = tmp_path / "documents"
+        folder.mkdir()
+        (folder / "thesis.txt").write_text("years of work")
+        argv += [option, folder, "--force"]
+        needles = ["not a qcompile output", f"choose another {option} or remove it yourself"]
+    else:
+        data = tmp_path / "data"
+        data.mkdir()
+        calib = shutil.copy(calib_file, data / "calib.jsonl")
+        argv += [option, data, "--force", "--calib_file", calib]
+        needles = ["contains the --calib_file file", f"choose another {option}"]
+    line = expect_error(capsys, argv, *needles)
+    assert " -o" not in line and "--calib file" not in line, line
+    assert not (model / "out").exists()

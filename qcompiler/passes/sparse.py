@@ -48,6 +48,7 @@ from ..errors import QCError
 from ..ir import meta
 from ..calibration.linear_inputs import stage_input_stats
 from ..ir.patterns import get_tensor, linear_sites, replace_tensor, shared_input_groups
+from ..ir.outlier_ranges import check_outlier_settings
 from .base import Pass, PassResult, Phase
 from .gptq import _columns_as_rows, _factor_row_blocks, row_errors
 from .properties import ANNOTATED, CAPTURED, WEIGHTS_PRUNED, WEIGHTS_ROUNDED
@@ -60,7 +61,8 @@ METHODS = ("sparsegpt", "wanda", "magnitude")
 @dataclass(frozen=True)
 class SparseOptions:
     """ratio: fraction of each row's weights set to zero, in [0, 1). method: sparsegpt | wanda | magnitude.
-    fraction: fraction of each row's largest-|W| weights never pruned (outliers; msModelSlim 0.01..0.1).
+    fraction: fraction of each row's largest-|W| weights never pruned (outliers; 0 or msModelSlim's 0.01..0.1,
+    ir/outlier_ranges.py check_outlier_settings).
     match: regex on the full HF Linear name (default every decoder Linear). block/damp: SparseGPT's
     column block and dampening (fraction of mean diag H). sequential: statistics from the already-pruned
     Linears before each group (else all from the unpruned layer)."""
@@ -77,6 +79,7 @@ class SparseOptions:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        check_outlier_settings(float(self.fraction), None)   # msModelSlim's fraction range, as w8a8s:fraction=
         if not (0.0 <= self.fraction < 1.0) or self.ratio + self.fraction > 1.0:
             raise ValueError(f"fraction must be in [0, 1 - ratio] (outliers kept besides the pruned "
                              f"ratio {self.ratio}), got {self.fraction}")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from ..ir import meta
 from ..ir.patterns import linear_sites
+from ..ir.outlier_ranges import check_outlier_settings
 from ..ir.qspec import LinearQuantSpec, OutlierSplit, PerTensor, TensorQuant
 from .properties import CAPTURED, WEIGHTS_PRUNED
 from .registry import register
@@ -34,7 +35,8 @@ class W8A8SOptions(StaticSchemeOptions):
     """bits: weight code range stored in int8: 4 -> [-7, 7] (default, packable), 8 -> [-127, 127].
     fraction: per row, the round(fraction * k) largest |w| are outliers that keep int8 codes (the scale comes
     from the other weights); sigma: outliers are instead |w - mean| > sigma * std of the row (msModelSlim's
-    sparse-quant fraction / use_sigma + sigma_factor). Both default off; not with weight_observer=mse, gptq or awq."""
+    sparse-quant fraction / use_sigma + sigma_factor). Both default off; not with weight_observer=mse, gptq or awq.
+    Ranges: msModelSlim's (sigma 3.0..4.0, fraction 0 or 0.01..0.1; ir/outlier_ranges.py check_outlier_settings)."""
     bits: int = 4
     fraction: float = 0.0
     sigma: float | None = None
@@ -44,6 +46,7 @@ class W8A8SOptions(StaticSchemeOptions):
         if isinstance(self.bits, bool) or self.bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {self.bits!r}")
         OutlierSplit(float(self.fraction), None if self.sigma is None else float(self.sigma))  # validates
+        check_outlier_settings(float(self.fraction), None if self.sigma is None else float(self.sigma))
         if (self.fraction or self.sigma is not None) and self.weight_observer != "minmax":
             raise ValueError("fraction/sigma choose the weight scale themselves: use weight_observer=minmax")
 

@@ -181,3 +181,31 @@ def test_sparse_ratio_zero_records_natural_sparsity(tiny_models, calib_file, tmp
     recs = rep["layers"][0]["passes"]["sparse"]["linears"]
     assert {r["method"] for r in recs.values()} == {"none (ratio=0)"}
     assert all(r["sparsity"] < 0.01 for r in recs.values())
+
+
+# ---- one range for the outlier settings, whichever entry point sets them (ir/qspec.py) ---------------------
+@pytest.mark.parametrize("name,opts,needle", [
+    ("w8a8s", {"sigma": "5"}, "sigma 5.0 must be in [3.0, 4.0]"),     # --sigma_factor 5 was refused, this was not
+    ("w8a8s", {"sigma": "2.5"}, "sigma 2.5 must be in [3.0, 4.0]"),
+    ("w8a8s", {"fraction": "0.5"}, "fraction 0.5 must be 0 (off) or in [0.01, 0.1]"),
+    ("sparse", {"fraction": "0.2"}, "fraction 0.2 must be 0 (off) or in [0.01, 0.1]"),
+])
+def test_pass_outlier_options_take_msmodelslims_range(name, opts, needle):
+    with pytest.raises(QCError) as e:
+        make_pass(name, opts)
+    assert needle in str(e.value), e.value
+
+
+def test_pass_outlier_options_in_range_are_taken():
+    assert make_pass("w8a8s", {"sigma": "3"}).options.sigma == 3          # an integer text is the number 3.0
+    assert make_pass("w8a8s", {"sigma": "4.0", "fraction": "0"}).options.sigma == 4.0
+    assert make_pass("sparse", {"fraction": "0.01"}).options.fraction == 0.01
+
+
+def test_cli_passes_sigma_out_of_range_is_one_line(capsys, tiny_models, tmp_path):
+    from qcompiler import cli
+    rc = cli.main([str(tiny_models["llama"]), "--passes", "sparse:ratio=0,w8a8s:sigma=5", "--target", "ascend310p",
+                   "--dtype", "float16", "-o", str(tmp_path / "o")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "sigma 5.0 must be in [3.0, 4.0]" in lines[0], lines
+    assert not (tmp_path / "o").exists()

@@ -310,7 +310,8 @@ def copy_source_files(source_dir: Path, out_dir: Path) -> list[str]:
 
 def _drop_code_keys(source: Path, dest: Path) -> bool:
     """Write `source` (a JSON object) to `dest` without CODE_KEYS when it has any; False (nothing written)
-    when it has none or is not a JSON object (then it is copied as is)."""
+    when it has none (loading.check_aux_files refused a tokenizer_config.json that is not a JSON object before
+    any work)."""
     try:
         content = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -39,6 +39,11 @@ VLLM_ASCEND_VERSIONS = ("0.23.0", "0.26.0rc1")
 
 _VA = "vllm-ascend 0.23.0/0.26.0rc1 vllm_ascend/quantization/"
 _MI = "MindIE-LLM examples/atb_models/atb_llm/"
+_VLLM = "vLLM vllm/model_executor/models/"   # vLLM-Ascend runs vLLM's model classes for llama / qwen2 / qwen3(_moe)
+_ATB = "MindIE-LLM examples/atb_models/atb_framework/"
+#: feature keys of config.json's MLP activation (hidden_act; transformers ACT2FN: "silu" and "swish" are both SiLU)
+HIDDEN_ACT_SWISH = "hidden_act swish (config.json)"
+HIDDEN_ACT_OTHER = "hidden_act other than silu (config.json)"
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ P310 = frozenset({"310p"})
 class Feature:
     key: str          # what ArtifactFeatures.keys() yields
     scheme: str       # README: the compiler pass (or "-" when the compiler does not produce it)
-    layer: str        # "dense" | "MoE"
+    layer: str        # "dense" | "MoE" | "dense, MoE" (config.json facts such as hidden_act)
     support: dict     # engine -> Support
 
 
@@ -194,6 +199,25 @@ FEATURES = (
         # expert as a dense MLP, the router and shared_expert_gate as float Linears
         MINDIE: Support(A2, "", _MI + "models/qwen2_moe/modeling_qwen2_moe.py QwenMoe.__init__ (load_moe), QwenMLP, "
                         "QwenSharedExpertGate", unsure=P310)}),
+    # config.json's MLP activation: the engines' MLPs are SwiGLU. Not a quant type: every artifact of such a checkpoint
+    # has it, float ones too; the executable graph computes what hidden_act says (the captured transformers MLP).
+    Feature(HIDDEN_ACT_SWISH, "-", "dense, MoE", {
+        VLLM_ASCEND: Support(NO, "vLLM's MLPs compare hidden_act with the string \"silu\" and raise ValueError "
+                             "(\"Only silu is supported for now\") although swish is the same function",
+                             _VLLM + "llama.py LlamaMLP.__init__; qwen2.py Qwen2MLP.__init__ (qwen3.py's Qwen3MLP); "
+                             "qwen3_moe.py Qwen3MoeMLP.__init__; qwen2_moe.py Qwen2MoeMLP.__init__"),
+        MINDIE: Support(BOTH, "computes SwiGLU / Swish (= silu) whatever hidden_act says",
+                        _ATB + "models/base/layer/decoder_layer.cpp DecoderLayer::SetMlpParam; "
+                        "operations/fusion/moe/moe_mlp.cpp")}),
+    Feature(HIDDEN_ACT_OTHER, "-", "dense, MoE", {
+        VLLM_ASCEND: Support(NO, "vLLM's MLPs raise ValueError (\"Only silu is supported for now\"); routed experts "
+                             "(FusedMoE built without `activation`, default silu) compute silu whatever it says",
+                             _VLLM + "llama.py LlamaMLP.__init__; qwen2.py Qwen2MLP.__init__ (qwen3.py's Qwen3MLP); "
+                             "qwen3_moe.py Qwen3MoeMLP.__init__, Qwen3MoeSparseMoeBlock; qwen2_moe.py "
+                             "Qwen2MoeMLP.__init__"),
+        MINDIE: Support(NO, "computes SwiGLU / Swish (silu) whatever hidden_act says",
+                        _ATB + "models/base/layer/decoder_layer.cpp DecoderLayer::SetMlpParam; "
+                        "operations/fusion/moe/moe_mlp.cpp")}),
 )
 FEATURE_BY_KEY = {f.key: f for f in FEATURES}
 
@@ -203,7 +227,7 @@ class ArtifactFeatures:
     """What decides which engines load an artifact. linear_types: quant types of the decoder Linears (FLOAT
     left out); grouped_types: those quantized per group (weight scale [n, k/g]; W4A8_DYNAMIC: two-stage);
     biased_types: quant types of Linears that carry a float bias; kv_cache / fa_quant: C8 / FAQuant present;
-    device: "910b" or "310p"; model_type: config.json's."""
+    device: "910b" or "310p"; model_type, hidden_act: config.json's."""
     linear_types: frozenset = frozenset()
     grouped_types: frozenset = frozenset()
     biased_types: frozenset = frozenset()
@@ -213,6 +237,7 @@ class ArtifactFeatures:
     model_type: str = "llama"
     extra: tuple = field(default=())       # further feature keys (tests)
     moe_types: frozenset = frozenset()     # quant types of routed-expert Linears (FLOAT left out): "<type> MoE"
+    hidden_act: str = "silu"               # config.json's MLP activation (transformers' default for these models)
 
     def keys(self) -> list[str]:
         """The FEATURES keys this artifact uses."""
@@ -233,6 +258,10 @@ class ArtifactFeatures:
             keys.append("C8")
         if self.fa_quant:
             keys.append("FAQuant")
+        if self.hidden_act == "swish":
+            keys.append(HIDDEN_ACT_SWISH)
+        elif self.hidden_act != "silu":
+            keys.append(HIDDEN_ACT_OTHER)
         return keys + list(self.extra)
 
 
@@ -336,7 +365,8 @@ def features_of_artifact(out: Path) -> ArtifactFeatures:
         device = "310p"
     return ArtifactFeatures(linear_types=types, grouped_types=grouped, biased_types=biased,
                             kv_cache=desc.get("kv_cache_type") == "C8", fa_quant=bool(desc.get("fa_quant_type")),
-                            device=device, model_type=str(config.get("model_type", "llama")), moe_types=moe)
+                            device=device, model_type=str(config.get("model_type", "llama")), moe_types=moe,
+                            hidden_act=str(config.get("hidden_act", "silu")))
 
 
 def _cell(s: Support) -> str:

@@ -15,8 +15,9 @@ with one QCError line:
 - a sliding attention window that can take effect (shorter than max_position_embeddings), as transformers
   resolves it (an attention module's `sliding_window`, set from layer_types: modeling_qwen2.Qwen2Attention.
   __init__; configuration_qwen2 derives layer_types from use_sliding_window / max_window_layers when absent)
-  or as the raw keys ask (use_sliding_window and a layer >= max_window_layers, for engines that read those).
-  The captured graph attends to the whole prefix;
+  or as the raw keys ask (use_sliding_window and a layer >= max_window_layers; a "sliding_attention" entry of
+  layer_types with sliding_window, which vLLM's llama.py applies though transformers' Llama ignores it), for
+  engines that read those. The captured graph attends to the whole prefix;
 - already-quantized weights of any kind: a tensor stored in an integer or 8-bit float dtype (fp8, int8,
   packed int4 in int8/uint8/int32), or a tensor the model does not have beside a Linear's weight (GPTQ /
   AWQ qweight, qzeros, scales, g_idx; `weight_scale`, `input_scale`, `weight_packed`, ...);
@@ -132,7 +133,8 @@ def _length_dependent(rope_type: str) -> bool:
 def check_sliding_window(model, cfg_file: Path, config: dict) -> None:
     """Refuse a sliding attention window shorter than max_position_embeddings: when transformers' attention
     modules have one (layer_types), or when the raw keys ask for one (use_sliding_window with a layer at or
-    beyond max_window_layers: the rule engines that read those keys apply)."""
+    beyond max_window_layers; a "sliding_attention" layer type with a sliding_window: the rules engines that read
+    those keys apply)."""
     max_pos = getattr(model.config, "max_position_embeddings", None)
 
     def shorter(window):
@@ -142,12 +144,19 @@ def check_sliding_window(model, cfg_file: Path, config: dict) -> None:
     window, first = config.get("sliding_window"), config.get("max_window_layers") or 0
     if not sliding and config.get("use_sliding_window") and shorter(window) and len(model.model.layers) > first:
         sliding = [(first, window)]
+    # layer_types as transformers parsed them: vLLM's llama.py (LlamaAttention.__init__) gives every
+    # "sliding_attention" layer config.sliding_window although transformers' LlamaAttention has no window
+    types, parsed_window = getattr(model.config, "layer_types", None), getattr(model.config, "sliding_window", None)
+    if not sliding and isinstance(types, (list, tuple)) and shorter(parsed_window):
+        sliding = [(i, parsed_window) for i, t in enumerate(types[:len(model.model.layers)])
+                   if t == "sliding_attention"][:1]
     if sliding:
         i, window = sliding[0]
         raise QCError(f"{cfg_file}: layer {i} attends through a sliding window of {window} tokens "
                       f"(use_sliding_window / sliding_window / max_window_layers / layer_types), shorter than "
                       f"max_position_embeddings {max_pos}: qcompile's graphs attend to the whole prefix; "
-                      "set use_sliding_window to false only if the model was trained without it")
+                      "remove the window (use_sliding_window false, layer_types all full_attention) only if the "
+                      "model was trained without it")
 
 
 def _where(ckpt, name: str) -> Path:

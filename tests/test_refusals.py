@@ -73,6 +73,21 @@ def test_sliding_window_from_layer_types(capsys, monkeypatch, tmp_path, qwen_cop
     expect_refused(capsys, monkeypatch, tmp_path, "inspect", qwen_copy, calib_file, "layer 1", "sliding window")
 
 
+def test_llama_sliding_layer_types_refused(capsys, monkeypatch, tmp_path, model_copy, calib_file):
+    """A Llama config.json with "sliding_attention" in layer_types and a sliding_window compiled with full attention:
+    transformers' LlamaAttention has no window, but vLLM's llama.py gives those layers config.sliding_window, so the
+    engine would attend through a window the executable graph and the calibration never saw."""
+    edit_config(model_copy, sliding_window=16, layer_types=["full_attention", "sliding_attention"])
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file, "config.json", "layer 1",
+                   "sliding window of 16 tokens", "layer_types")
+
+
+def test_llama_sliding_layer_types_without_window_is_accepted(capsys, model_copy):
+    """No sliding_window: vLLM's llama.py gives the "sliding_attention" layers no window either."""
+    edit_config(model_copy, sliding_window=None, layer_types=["full_attention", "sliding_attention"])
+    assert cli.main(["inspect", str(model_copy)]) == 0, capsys.readouterr().err
+
+
 def test_sliding_window_that_cannot_take_effect_is_accepted(capsys, qwen_copy):
     """A window as long as max_position_embeddings never masks anything the graph computes."""
     edit_config(qwen_copy, use_sliding_window=True, sliding_window=512, max_window_layers=0)

@@ -18,6 +18,8 @@ with one QCError line:
   or as the raw keys ask (use_sliding_window and a layer >= max_window_layers; a "sliding_attention" entry of
   layer_types with sliding_window, which vLLM's llama.py applies though transformers' Llama ignores it), for
   engines that read those. The captured graph attends to the whole prefix;
+- a partial_rotary_factor other than 1: vLLM rotates only part of each head, transformers' Llama / Qwen
+  attention all of it (`check_partial_rotary`);
 - already-quantized weights of any kind: a tensor stored in an integer or 8-bit float dtype (fp8, int8,
   packed int4 in int8/uint8/int32), or a tensor the model does not have beside a Linear's weight (GPTQ /
   AWQ qweight, qzeros, scales, g_idx; `weight_scale`, `input_scale`, `weight_packed`, ...);
@@ -94,6 +96,7 @@ def check_checkpoint(ckpt, dense_spec=None) -> None:
     cfg_file = ckpt.path / "config.json"
     hf_config = _hf_config_of(ckpt)
     check_rope(hf_config, cfg_file)
+    check_partial_rotary(hf_config, cfg_file)
     model = meta_model(ckpt, hf_config)
     if type(model).__name__ != ckpt.architecture:
         raise QCError(f"{cfg_file}: architectures says {ckpt.architecture} but model_type "
@@ -128,6 +131,23 @@ def check_rope(hf_config, cfg_file: Path) -> None:
 def _length_dependent(rope_type: str) -> bool:
     """As transformers' modeling_rope_utils.dynamic_rope_update decides which types recompute inv_freq."""
     return "dynamic" in rope_type or rope_type == "longrope"
+
+
+def check_partial_rotary(hf_config, cfg_file: Path) -> None:
+    """Refuse a partial_rotary_factor other than 1 (top level, or under rope_parameters / rope_scaling, flat or per
+    layer type, as transformers standardized it): vLLM's get_rope rotates only the first
+    `int(head_dim * partial_rotary_factor)` dims of each head (layers/rotary_embedding/__init__.py, for llama,
+    qwen2, qwen3, qwen2_moe, qwen3_moe alike), while transformers' Llama / Qwen attention rotates all of head_dim:
+    with the "default" RoPE type its rotary module ignores the factor (the graph then silently rotates every
+    dim), with the other types the table is narrower than the heads and the capture fails."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    groups = [params] + [v for v in params.values() if isinstance(v, dict)]
+    factors = [g.get("partial_rotary_factor") for g in groups] + [getattr(hf_config, "partial_rotary_factor", None)]
+    for factor in factors:
+        if factor is not None and factor != 1.0:
+            raise QCError(f"{cfg_file}: partial_rotary_factor {factor}: vLLM rotates only that fraction of each "
+                          "attention head's dims, transformers' attention (whose layers qcompile compiles) rotates "
+                          "all of them; expected partial_rotary_factor 1.0 or none")
 
 
 def check_sliding_window(model, cfg_file: Path, config: dict) -> None:

@@ -43,6 +43,32 @@ def test_length_dependent_rope_refused_in_eval(capsys, monkeypatch, tmp_path, mo
     expect_refused(capsys, monkeypatch, tmp_path, "eval", model_copy, calib_file, "'dynamic'", "sequence length")
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 128}
+
+
+@pytest.mark.parametrize("config", [{"partial_rotary_factor": 0.5},
+                                    {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                         "partial_rotary_factor": 0.5}},
+                                    {"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 10000.0,
+                                                         "partial_rotary_factor": 0.5}}],
+                         ids=["top-level", "rope_parameters", "llama3"])
+@pytest.mark.parametrize("command", ["compile", "eval"])
+def test_partial_rotary_factor_refused(capsys, monkeypatch, tmp_path, model_copy, calib_file, config, command):
+    """partial_rotary_factor 0.5 on a Llama: vLLM's get_rope rotates half of each head. With the "default" RoPE
+    type transformers' rotary module ignores the factor, so the compile silently rotated every dim; with llama3
+    RoPE the table was half as wide as the heads and the capture died in torch.export (traceback, exit 1)."""
+    edit_config(model_copy, **config)
+    expect_refused(capsys, monkeypatch, tmp_path, command, model_copy, calib_file, "config.json",
+                   "partial_rotary_factor 0.5", "vLLM rotates only")
+
+
+def test_partial_rotary_factor_one_compiles(capsys, tmp_path, model_copy, calib_file):
+    edit_config(model_copy, partial_rotary_factor=1.0)
+    rc = cli.main([str(model_copy), "-o", str(tmp_path / "out"), "--calib", str(calib_file), *SMALL])
+    assert rc == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0}, {"rope_type": "yarn", "factor": 2.0}],
                          ids=["linear", "yarn"])
 def test_static_rope_scaling_compiles(capsys, tmp_path, model_copy, calib_file, rope):

@@ -15,9 +15,10 @@ with one QCError line:
 - a sliding attention window that can take effect (shorter than max_position_embeddings), as transformers
   resolves it (an attention module's `sliding_window`, set from layer_types: modeling_qwen2.Qwen2Attention.
   __init__; configuration_qwen2 derives layer_types from use_sliding_window / max_window_layers when absent)
-  or as the raw keys ask (use_sliding_window and a layer >= max_window_layers; a "sliding_attention" entry of
-  layer_types with sliding_window, which vLLM's llama.py applies though transformers' Llama ignores it), for
-  engines that read those. The captured graph attends to the whole prefix;
+  or as the raw keys ask (use_sliding_window and a layer >= max_window_layers), or as vLLM applies the parsed
+  config's sliding_window (to every layer, or to the "sliding_attention" ones when layer_types mixes types; a
+  Llama config's sliding_window, which transformers' Llama ignores, included). The captured graph attends to the
+  whole prefix;
 - `is_causal` false (bidirectional attention, embedding models: `check_causal`);
 - a partial_rotary_factor other than 1: vLLM rotates only part of each head, transformers' Llama / Qwen
   attention all of it (`check_partial_rotary`);
@@ -166,9 +167,8 @@ def check_causal(hf_config, cfg_file: Path) -> None:
 
 def check_sliding_window(model, cfg_file: Path, config: dict) -> None:
     """Refuse a sliding attention window shorter than max_position_embeddings: when transformers' attention
-    modules have one (layer_types), or when the raw keys ask for one (use_sliding_window with a layer at or
-    beyond max_window_layers; a "sliding_attention" layer type with a sliding_window: the rules engines that read
-    those keys apply)."""
+    modules have one (layer_types), when the raw keys ask for one (use_sliding_window with a layer at or beyond
+    max_window_layers), or when vLLM would apply the parsed config's sliding_window (comment below)."""
     max_pos = getattr(model.config, "max_position_embeddings", None)
 
     def shorter(window):
@@ -178,12 +178,18 @@ def check_sliding_window(model, cfg_file: Path, config: dict) -> None:
     window, first = config.get("sliding_window"), config.get("max_window_layers") or 0
     if not sliding and config.get("use_sliding_window") and shorter(window) and len(model.model.layers) > first:
         sliding = [(first, window)]
-    # layer_types as transformers parsed them: vLLM's llama.py (LlamaAttention.__init__) gives every
-    # "sliding_attention" layer config.sliding_window although transformers' LlamaAttention has no window
-    types, parsed_window = getattr(model.config, "layer_types", None), getattr(model.config, "sliding_window", None)
-    if not sliding and isinstance(types, (list, tuple)) and shorter(parsed_window):
-        sliding = [(i, parsed_window) for i, t in enumerate(types[:len(model.model.layers)])
-                   if t == "sliding_attention"][:1]
+    # vLLM reads the window from the config transformers parsed: without mixed layer_types it gives every layer
+    # config.sliding_window (config/model.py get_sliding_window -> engine/arg_utils.py CacheConfig.sliding_window ->
+    # attention.py Attention.__init__; 0 means none, ModelConfig.__post_init__), with mixed ones llama.py gives it
+    # to the "sliding_attention" layers. transformers' Llama ignores the key, and Qwen2 / Qwen3 keep it only with
+    # use_sliding_window, then slide only from max_window_layers on.
+    types, parsed = getattr(model.config, "layer_types", None), getattr(model.config, "sliding_window", None)
+    if not sliding and shorter(parsed) and parsed > 0:
+        mixed = isinstance(types, (list, tuple)) and len(set(types)) > 1
+        first = next((i for i, t in enumerate(types[:len(model.model.layers)]) if t == "sliding_attention"),
+                     None) if mixed else 0
+        if first is not None:
+            sliding = [(first, parsed)]
     if sliding:
         i, window = sliding[0]
         raise QCError(f"{cfg_file}: layer {i} attends through a sliding window of {window} tokens "

@@ -122,6 +122,32 @@ def test_llama_sliding_layer_types_refused(capsys, monkeypatch, tmp_path, model_
                    "sliding window of 16 tokens", "layer_types")
 
 
+def test_llama_sliding_window_key_refused(capsys, monkeypatch, tmp_path, model_copy, calib_file):
+    """A Llama config.json with a top-level sliding_window (Mistral-style): transformers' Llama ignores it, vLLM gives
+    every layer that window (its CacheConfig.sliding_window): compiled with full attention before."""
+    edit_config(model_copy, sliding_window=16)
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file, "layer 0",
+                   "sliding window of 16 tokens")
+
+
+def test_qwen2_window_beyond_max_window_layers_refused(capsys, monkeypatch, tmp_path, qwen_copy, calib_file):
+    """use_sliding_window with max_window_layers >= the layer count: transformers slides in no layer, vLLM slides in
+    every one (it keeps config.sliding_window for the whole model): the engine would not compute the graph."""
+    edit_config(qwen_copy, use_sliding_window=True, sliding_window=16, max_window_layers=2)
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", qwen_copy, calib_file, "layer 0",
+                   "sliding window of 16 tokens")
+
+
+@pytest.mark.parametrize("arch, config", [("llama", {"sliding_window": 0}),
+                                          ("qwen2", {"use_sliding_window": False, "sliding_window": 16,
+                                                     "max_window_layers": 0})], ids=["llama-zero", "qwen2-unused"])
+def test_sliding_window_zero_or_unused_is_accepted(capsys, tmp_path, tiny_models, arch, config):
+    """0 means no window (vLLM), and Qwen2 drops the window without use_sliding_window (transformers' config)."""
+    folder = shutil.copytree(tiny_models[arch], tmp_path / "model")
+    edit_config(folder, **config)
+    assert cli.main(["inspect", str(folder)]) == 0, capsys.readouterr().err
+
+
 def test_llama_sliding_layer_types_without_window_is_accepted(capsys, model_copy):
     """No sliding_window: vLLM's llama.py gives the "sliding_attention" layers no window either."""
     edit_config(model_copy, sliding_window=None, layer_types=["full_attention", "sliding_attention"])

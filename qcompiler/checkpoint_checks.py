@@ -15,8 +15,13 @@ with one QCError line:
 - a sliding attention window that can take effect (shorter than max_position_embeddings), as transformers
   resolves it (an attention module's `sliding_window`, set from layer_types: modeling_qwen2.Qwen2Attention.
   __init__; configuration_qwen2 derives layer_types from use_sliding_window / max_window_layers when absent)
-  or as the raw keys ask (use_sliding_window and a layer >= max_window_layers, for engines that read those).
-  The captured graph attends to the whole prefix;
+  or as the raw keys ask (use_sliding_window and a layer >= max_window_layers), or as vLLM applies the parsed
+  config's sliding_window (to every layer, or to the "sliding_attention" ones when layer_types mixes types; a
+  Llama config's sliding_window, which transformers' Llama ignores, included). The captured graph attends to the
+  whole prefix;
+- `is_causal` false (bidirectional attention, embedding models: `check_causal`);
+- a partial_rotary_factor other than 1: vLLM rotates only part of each head, transformers' Llama / Qwen
+  attention all of it (`check_partial_rotary`);
 - already-quantized weights of any kind: a tensor stored in an integer or 8-bit float dtype (fp8, int8,
   packed int4 in int8/uint8/int32), or a tensor the model does not have beside a Linear's weight (GPTQ /
   AWQ qweight, qzeros, scales, g_idx; `weight_scale`, `input_scale`, `weight_packed`, ...);
@@ -93,6 +98,8 @@ def check_checkpoint(ckpt, dense_spec=None) -> None:
     cfg_file = ckpt.path / "config.json"
     hf_config = _hf_config_of(ckpt)
     check_rope(hf_config, cfg_file)
+    check_partial_rotary(hf_config, cfg_file)
+    check_causal(hf_config, cfg_file)
     model = meta_model(ckpt, hf_config)
     if type(model).__name__ != ckpt.architecture:
         raise QCError(f"{cfg_file}: architectures says {ckpt.architecture} but model_type "
@@ -129,10 +136,39 @@ def _length_dependent(rope_type: str) -> bool:
     return "dynamic" in rope_type or rope_type == "longrope"
 
 
+def check_partial_rotary(hf_config, cfg_file: Path) -> None:
+    """Refuse a partial_rotary_factor other than 1 (top level, or under rope_parameters / rope_scaling, flat or per
+    layer type, as transformers standardized it): vLLM's get_rope rotates only the first
+    `int(head_dim * partial_rotary_factor)` dims of each head (layers/rotary_embedding/__init__.py, for llama,
+    qwen2, qwen3, qwen2_moe, qwen3_moe alike), while transformers' Llama / Qwen attention rotates all of head_dim:
+    with the "default" RoPE type its rotary module ignores the factor (the graph then silently rotates every
+    dim), with the other types the table is narrower than the heads and the capture fails."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    groups = [params] + [v for v in params.values() if isinstance(v, dict)]
+    factors = [g.get("partial_rotary_factor") for g in groups] + [getattr(hf_config, "partial_rotary_factor", None)]
+    for factor in factors:
+        if factor is not None and factor != 1.0:
+            raise QCError(f"{cfg_file}: partial_rotary_factor {factor}: vLLM rotates only that fraction of each "
+                          "attention head's dims, transformers' attention (whose layers qcompile compiles) rotates "
+                          "all of them; expected partial_rotary_factor 1.0 or none")
+
+
+def check_causal(hf_config, cfg_file: Path) -> None:
+    """Refuse `is_causal` false (embedding models such as gte-Qwen2 set it): transformers then builds a bidirectional
+    mask (masking_utils.create_causal_mask: "if not getattr(config, 'is_causal', True)") and vLLM's llama / qwen2 /
+    qwen3 build encoder-only attention (`AttentionType.ENCODER_ONLY`), while qcompile's graphs, calibration and
+    executable attention are causal: the float eval differed from transformers by a relative logit error of 0.84."""
+    value = getattr(hf_config, "is_causal", True)
+    if not value:
+        raise QCError(f"{cfg_file}: is_causal is {json.dumps(value)}: transformers and vLLM then attend "
+                      "bidirectionally (an embedding model), qcompile compiles causal decoders only; expected "
+                      "is_causal true or none")
+
+
 def check_sliding_window(model, cfg_file: Path, config: dict) -> None:
     """Refuse a sliding attention window shorter than max_position_embeddings: when transformers' attention
-    modules have one (layer_types), or when the raw keys ask for one (use_sliding_window with a layer at or
-    beyond max_window_layers: the rule engines that read those keys apply)."""
+    modules have one (layer_types), when the raw keys ask for one (use_sliding_window with a layer at or beyond
+    max_window_layers), or when vLLM would apply the parsed config's sliding_window (comment below)."""
     max_pos = getattr(model.config, "max_position_embeddings", None)
 
     def shorter(window):
@@ -142,12 +178,25 @@ def check_sliding_window(model, cfg_file: Path, config: dict) -> None:
     window, first = config.get("sliding_window"), config.get("max_window_layers") or 0
     if not sliding and config.get("use_sliding_window") and shorter(window) and len(model.model.layers) > first:
         sliding = [(first, window)]
+    # vLLM reads the window from the config transformers parsed: without mixed layer_types it gives every layer
+    # config.sliding_window (config/model.py get_sliding_window -> engine/arg_utils.py CacheConfig.sliding_window ->
+    # attention.py Attention.__init__; 0 means none, ModelConfig.__post_init__), with mixed ones llama.py gives it
+    # to the "sliding_attention" layers. transformers' Llama ignores the key, and Qwen2 / Qwen3 keep it only with
+    # use_sliding_window, then slide only from max_window_layers on.
+    types, parsed = getattr(model.config, "layer_types", None), getattr(model.config, "sliding_window", None)
+    if not sliding and shorter(parsed) and parsed > 0:
+        mixed = isinstance(types, (list, tuple)) and len(set(types)) > 1
+        first = next((i for i, t in enumerate(types[:len(model.model.layers)]) if t == "sliding_attention"),
+                     None) if mixed else 0
+        if first is not None:
+            sliding = [(first, parsed)]
     if sliding:
         i, window = sliding[0]
         raise QCError(f"{cfg_file}: layer {i} attends through a sliding window of {window} tokens "
                       f"(use_sliding_window / sliding_window / max_window_layers / layer_types), shorter than "
                       f"max_position_embeddings {max_pos}: qcompile's graphs attend to the whole prefix; "
-                      "set use_sliding_window to false only if the model was trained without it")
+                      "remove the window (use_sliding_window false, layer_types all full_attention) only if the "
+                      "model was trained without it")
 
 
 def _where(ckpt, name: str) -> Path:

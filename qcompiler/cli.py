@@ -85,7 +85,8 @@ def _compile_parser(prog="qcompile"):
                    help="model dtype of the artifact (default: the checkpoint's)")
     p.add_argument("--exclude", action="append", default=None, metavar="REGEX",
                    type=_nonempty("a regular expression (an empty one matches every Linear)"),
-                   help="keep Linears whose full name matches in float (repeatable), e.g. 'mlp\\.down_proj'")
+                   help="keep Linears whose full name matches in float (repeatable), e.g. 'mlp\\.down_proj'; "
+                   "a regex matching no Linear of the model is an error")
     p.add_argument("--policy", choices=["auto", "qwen", "none"], default=None,
                    help="built-in float Linears: qwen keeps every mlp.down_proj float (msModelSlim's Qwen2.5 W8A8 "
                    "recipes); auto (default) applies qwen to Qwen2/Qwen3 models under a static-activation scheme "

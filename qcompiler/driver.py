@@ -71,6 +71,20 @@ def build_pipeline(opts: CompileOptions) -> PassManager:
     return pm
 
 
+def check_exclude_matches(patterns, config: dict) -> None:
+    """Each --exclude regex must match some Linear of the model: one matching none (a typo such as
+    'mlp\\.down_porj', or a name from another architecture) quantized every Linear the user meant to keep float,
+    without a word. A pattern that matches only modules that are float anyway (lm_head, the embedding, a MoE
+    router `mlp.gate` or `mlp.shared_expert_gate`) is accepted."""
+    layers = range(int(config["num_hidden_layers"]))
+    names = list(model_linear_shapes(config)) + ["lm_head", "model.embed_tokens"] + [
+        f"model.layers.{i}.mlp.{gate}" for i in layers for gate in ("gate", "shared_expert_gate")]
+    for pattern in patterns:
+        if not any(re.search(pattern, n) for n in names):
+            raise QCError(f"--exclude '{pattern}' (or a recipe's exclude) matches no Linear of this model; expected a "
+                          "regex found in full Linear names, e.g. 'mlp\\.down_proj' for model.layers.0.mlp.down_proj")
+
+
 def check_exclude_groups(patterns, config: dict) -> None:
     """An --exclude that splits q/k/v or gate/up (an expert's too: engines fuse them) is an error before any work."""
     for i in range(int(config["num_hidden_layers"])):
@@ -235,6 +249,7 @@ def compile_model(opts: CompileOptions, log=None) -> dict:
     if target.name == "onnx":
         from .backends.onnx.export import check_available
         check_available()  # onnx / onnxscript / onnxruntime importable, before any work
+    check_exclude_matches(opts.exclude, ckpt.config)  # the user's patterns, before the policy's are added
     policy = resolve_policy(opts.policy, ckpt.model_type, pm.passes)  # policy.py: adds exclusions
     opts = dataclasses.replace(opts, policy=policy, exclude=tuple(opts.exclude) + policy_excludes(policy))
     check_exclude_groups(opts.exclude, ckpt.config)

@@ -13,7 +13,8 @@ Contract:
   naming the tensor.
 - Before returning, `open_checkpoint` checks every tensor's name, dtype and shape against what
   config.json implies, and refuses what the captured graph cannot compute (checkpoint_checks.py).
-  A tied embedding stored only as `lm_head.weight` is read under both names.
+  A tied embedding stored only as `lm_head.weight` is read under both names; a tied model storing both
+  with different values is refused (`_check_tied_head`).
 - The checkpoint's dtype is config.json's dtype / torch_dtype (`config_dtype`: transformers' key, one of
   CONFIG_DTYPES, anything else refused); without either, the float dtype of most of its bytes (safetensors
   headers), which is said on stderr.
@@ -482,7 +483,30 @@ def open_checkpoint(path: str | Path, dtype: str | None = None, trust_remote_cod
         from .ir.dense_layer import describe
         ckpt.dense_spec = describe(ckpt)
     check_checkpoint(ckpt, ckpt.dense_spec)
+    _check_tied_head(ckpt)
     return ckpt
+
+
+def _check_tied_head(ckpt: Checkpoint) -> None:
+    """QCError when tie_word_embeddings is true but the folder stores an lm_head.weight whose values differ from
+    model.embed_tokens.weight: transformers 5 then does not tie them (modeling_utils: "both are present in the
+    checkpoints with different values, so we will NOT tie them") and computes with the stored lm_head, while
+    vLLM skips every `lm_head.*` tensor of a tied model (llama.py / qwen2.py / qwen3.py `load_weights`,
+    skip_prefixes) and projects with the embedding: which head the model was trained with cannot be told, and
+    the artifact, which holds only the embedding, computes one of them. Compared block by block (same dtype: the
+    bits; else the values in float32)."""
+    embed, head = "model.embed_tokens.weight", "lm_head.weight"
+    if not ckpt.tie_word_embeddings or embed in ckpt.aliases or not (ckpt.has(embed) and ckpt.has(head)):
+        return
+    a, b = ckpt.raw_tensor(embed), ckpt.raw_tensor(head)
+    same = a.shape == b.shape and all(
+        torch.equal(x, y) if x.dtype == y.dtype else torch.equal(x.float(), y.float())
+        for x, y in zip(row_blocks(a), row_blocks(b)))
+    if not same:
+        raise QCError(f"{ckpt.path / 'config.json'}: tie_word_embeddings is true, but the checkpoint stores an "
+                      f"{head} that differs from {embed} ({ckpt.path / ckpt.weight_map[head]}): transformers "
+                      "would use the stored lm_head, vLLM-Ascend the embedding; expected tie_word_embeddings false "
+                      f"(the model has its own lm_head) or no {head} tensor (it is tied)")
 
 
 def _alias_tied_embedding(ckpt: Checkpoint) -> None:

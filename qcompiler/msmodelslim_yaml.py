@@ -117,7 +117,10 @@ def _v1(path: Path, spec: dict, config: dict, calib_given: bool) -> FrontPlan:
            "linears": decoder_linear_names(config), "layers": layers, "notes": plan.notes,
            "sources": [f"model.layers.{i}.{m}" for i in range(layers)
                        for m in ("input_layernorm", "post_attention_layernorm", "self_attn.v_proj", "mlp.up_proj")]}
+    modules = out["linears"] + out["sources"] + FLOAT_MODULES + [
+        f"model.layers.{i}.mlp.{m}" for i in range(layers) for m in ("gate", "shared_expert_gate")]
     for where, block in blocks:
+        _note_unmatched_globs(where, block, modules, plan.notes)
         kind = block.get("type")
         handler = PROCESSORS.get(kind)
         if handler is None:
@@ -202,6 +205,21 @@ def _check_globs(where: str, block: dict) -> None:
         if value is not None and not isinstance(value, str) and not (
                 isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise QCError(f"{where}.{key} is {value!r}; expected a list of module-name globs")
+
+
+#: modules outside the decoder Linears a pattern may name (always float here)
+FLOAT_MODULES = ["lm_head", "model.embed_tokens", "model.norm"]
+
+
+def _note_unmatched_globs(where: str, block: dict, modules: list[str], notes: list[str]) -> None:
+    """A note for each include / exclude glob that matches no module of the model (msModelSlim warns about those:
+    processor/quant/linear.py post_run): an exclude with a typo otherwise left the Linears it meant to keep float
+    quantized without a word. `modules`: the decoder Linears, the smoothing sources, norms, routers, lm_head."""
+    for key in ("include", "exclude"):
+        patterns = block.get(key) or []
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            if isinstance(pattern, str) and not glob_select(modules, [pattern]):
+                notes.append(f"{where}.{key} {pattern!r} matches no module of this model")
 
 
 def _check_fields(where, block, allowed, bad):

@@ -207,6 +207,25 @@ def test_exclude_splits_fused_group(capsys, tmp_path, tiny_models, monkeypatch):
                          "q_proj", "k_proj", "v_proj", "exclude all of them or none")
 
 
+def test_exclude_matching_no_linear(capsys, tmp_path, tiny_models, monkeypatch):
+    """A typo in --exclude (here 'porj') compiled every down_proj quantized without a word."""
+    import qcompiler.driver as driver
+    monkeypatch.setattr(driver, "_compile_into", lambda *a, **k: pytest.fail("work started"))
+    expect_compile_error(capsys, tmp_path, tiny_models["llama"], ["--exclude", r"mlp\.down_porj"],
+                         r"--exclude 'mlp\.down_porj'", "matches no Linear", "model.layers.0.mlp.down_proj")
+
+
+def test_exclude_of_modules_float_anyway_is_accepted(moe_models):
+    """lm_head, the embedding and a MoE router are float anyway: naming them excludes nothing, and is no error. A
+    dense model's 'mlp\.down_proj' matches no Linear of a Qwen3-MoE whose layers are all sparse (its experts are
+    mlp.experts.E.down_proj): an error there."""
+    from qcompiler.driver import check_exclude_matches
+    config = json.loads((moe_models["qwen3_moe"] / "config.json").read_text())
+    check_exclude_matches(["lm_head", "embed_tokens", r"mlp\.gate$", r"experts\.\d+\.down_proj"], config)
+    with pytest.raises(QCError, match="matches no Linear"):
+        check_exclude_matches([r"mlp\.down_proj"], config)
+
+
 @pytest.mark.parametrize("command, option", [
     ("compile", "MODEL_DIR"), ("compile", "-o"), ("compile", "--passes"), ("compile", "--target"),
     ("compile", "--calib"), ("compile", "--recipe"), ("compile", "--dump"), ("compile", "--exclude"),

@@ -211,6 +211,29 @@ def test_numbers_yaml_reads_as_strings_are_taken(tmp_path):
     assert plan.passes[0] == ("smooth", {"alpha": "0.8"})  # pass_options: the --passes text
 
 
+UNMATCHED = """apiversion: modelslim_v1
+spec:
+  process:
+    - type: linear_quant
+      qconfig:
+        act: {scope: per_token, dtype: int8, symmetric: true, method: minmax}
+        weight: {scope: per_channel, dtype: int8, symmetric: true, method: minmax}
+      include: ["*"]
+      exclude: ["*down_porj", "*gate", "lm_head"]
+"""
+
+
+def test_glob_matching_no_module_is_noted(tmp_path):
+    """An exclude with a typo ('*down_porj') quantized every down_proj without a word (msModelSlim warns about a
+    pattern that matches no module); the router glob '*gate' and lm_head name modules of the model: no note."""
+    path = _yaml(tmp_path, UNMATCHED)
+    plan = plan_from_config(path, TINY, "llama", calib_given=True)
+    assert plan.notes == ["spec.process[0].exclude '*down_porj' matches no module of this model"], plan.notes
+    moe = {**TINY, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+    plan = plan_from_config(path, moe, "qwen3_moe", calib_given=True)
+    assert plan.notes == ["spec.process[0].exclude '*down_porj' matches no module of this model"], plan.notes
+
+
 def test_dataset_next_to_the_config_is_the_calibration(tmp_path, calib_file):
     (tmp_path / "calib.jsonl").write_text(Path(calib_file).read_text())
     plan = plan_from_config(FIXTURES / "default_w8a16.yaml", TINY, "llama", calib_given=False)

@@ -43,6 +43,32 @@ def test_length_dependent_rope_refused_in_eval(capsys, monkeypatch, tmp_path, mo
     expect_refused(capsys, monkeypatch, tmp_path, "eval", model_copy, calib_file, "'dynamic'", "sequence length")
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 128}
+
+
+@pytest.mark.parametrize("config", [{"partial_rotary_factor": 0.5},
+                                    {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                         "partial_rotary_factor": 0.5}},
+                                    {"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 10000.0,
+                                                         "partial_rotary_factor": 0.5}}],
+                         ids=["top-level", "rope_parameters", "llama3"])
+@pytest.mark.parametrize("command", ["compile", "eval"])
+def test_partial_rotary_factor_refused(capsys, monkeypatch, tmp_path, model_copy, calib_file, config, command):
+    """partial_rotary_factor 0.5 on a Llama: vLLM's get_rope rotates half of each head. With the "default" RoPE
+    type transformers' rotary module ignores the factor, so the compile silently rotated every dim; with llama3
+    RoPE the table was half as wide as the heads and the capture died in torch.export (traceback, exit 1)."""
+    edit_config(model_copy, **config)
+    expect_refused(capsys, monkeypatch, tmp_path, command, model_copy, calib_file, "config.json",
+                   "partial_rotary_factor 0.5", "vLLM rotates only")
+
+
+def test_partial_rotary_factor_one_compiles(capsys, tmp_path, model_copy, calib_file):
+    edit_config(model_copy, partial_rotary_factor=1.0)
+    rc = cli.main([str(model_copy), "-o", str(tmp_path / "out"), "--calib", str(calib_file), *SMALL])
+    assert rc == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0}, {"rope_type": "yarn", "factor": 2.0}],
                          ids=["linear", "yarn"])
 def test_static_rope_scaling_compiles(capsys, tmp_path, model_copy, calib_file, rope):
@@ -50,6 +76,20 @@ def test_static_rope_scaling_compiles(capsys, tmp_path, model_copy, calib_file, 
     edit_config(model_copy, rope_parameters=dict(rope, rope_theta=10000.0))
     rc = cli.main([str(model_copy), "-o", str(tmp_path / "out"), "--calib", str(calib_file), *SMALL])
     assert rc == 0, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- bidirectional attention
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3_moe"])
+@pytest.mark.parametrize("command", ["compile", "eval"])
+def test_non_causal_config_refused(capsys, monkeypatch, tmp_path, tiny_models, moe_models, calib_file, arch,
+                                   command):
+    """is_causal false (gte-Qwen2-style embedding models): transformers and vLLM attend bidirectionally, the compile
+    captured causal layers silently (float eval vs transformers: relative logit error 0.84 on a tiny Qwen2)."""
+    model = shutil.copytree({**tiny_models, **moe_models}[arch], tmp_path / "model")
+    edit_config(model, is_causal=False)
+    expect_refused(capsys, monkeypatch, tmp_path, command, model, calib_file, "config.json", "is_causal is false",
+                   "bidirectionally")
 
 
 # ----------------------------------------------------------------------------------- sliding window
@@ -71,6 +111,47 @@ def test_sliding_window_from_layer_types(capsys, monkeypatch, tmp_path, qwen_cop
     edit_config(qwen_copy, use_sliding_window=True, sliding_window=16, max_window_layers=2,
                  layer_types=["full_attention", "sliding_attention"])
     expect_refused(capsys, monkeypatch, tmp_path, "inspect", qwen_copy, calib_file, "layer 1", "sliding window")
+
+
+def test_llama_sliding_layer_types_refused(capsys, monkeypatch, tmp_path, model_copy, calib_file):
+    """A Llama config.json with "sliding_attention" in layer_types and a sliding_window compiled with full attention:
+    transformers' LlamaAttention has no window, but vLLM's llama.py gives those layers config.sliding_window, so the
+    engine would attend through a window the executable graph and the calibration never saw."""
+    edit_config(model_copy, sliding_window=16, layer_types=["full_attention", "sliding_attention"])
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file, "config.json", "layer 1",
+                   "sliding window of 16 tokens", "layer_types")
+
+
+def test_llama_sliding_window_key_refused(capsys, monkeypatch, tmp_path, model_copy, calib_file):
+    """A Llama config.json with a top-level sliding_window (Mistral-style): transformers' Llama ignores it, vLLM gives
+    every layer that window (its CacheConfig.sliding_window): compiled with full attention before."""
+    edit_config(model_copy, sliding_window=16)
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", model_copy, calib_file, "layer 0",
+                   "sliding window of 16 tokens")
+
+
+def test_qwen2_window_beyond_max_window_layers_refused(capsys, monkeypatch, tmp_path, qwen_copy, calib_file):
+    """use_sliding_window with max_window_layers >= the layer count: transformers slides in no layer, vLLM slides in
+    every one (it keeps config.sliding_window for the whole model): the engine would not compute the graph."""
+    edit_config(qwen_copy, use_sliding_window=True, sliding_window=16, max_window_layers=2)
+    expect_refused(capsys, monkeypatch, tmp_path, "compile", qwen_copy, calib_file, "layer 0",
+                   "sliding window of 16 tokens")
+
+
+@pytest.mark.parametrize("arch, config", [("llama", {"sliding_window": 0}),
+                                          ("qwen2", {"use_sliding_window": False, "sliding_window": 16,
+                                                     "max_window_layers": 0})], ids=["llama-zero", "qwen2-unused"])
+def test_sliding_window_zero_or_unused_is_accepted(capsys, tmp_path, tiny_models, arch, config):
+    """0 means no window (vLLM), and Qwen2 drops the window without use_sliding_window (transformers' config)."""
+    folder = shutil.copytree(tiny_models[arch], tmp_path / "model")
+    edit_config(folder, **config)
+    assert cli.main(["inspect", str(folder)]) == 0, capsys.readouterr().err
+
+
+def test_llama_sliding_layer_types_without_window_is_accepted(capsys, model_copy):
+    """No sliding_window: vLLM's llama.py gives the "sliding_attention" layers no window either."""
+    edit_config(model_copy, sliding_window=None, layer_types=["full_attention", "sliding_attention"])
+    assert cli.main(["inspect", str(model_copy)]) == 0, capsys.readouterr().err
 
 
 def test_sliding_window_that_cannot_take_effect_is_accepted(capsys, qwen_copy):

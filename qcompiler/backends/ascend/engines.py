@@ -9,7 +9,8 @@ with the service's ModelConfig `backendType` "atb" (mindie_llm/text_generator/ad
 newer torch runtime (`backendType` "torch", `mindie_llm/runtime/layers/quantization/ms_model_slim`) registers
 fewer types (dense: W8A8, W8A8_DYNAMIC, W8A8_MIX, W8A8SC; MoE from 3.0.0.beta.1: W8A8_DYNAMIC and a
 per-channel-only W4A8_DYNAMIC) and is not what this matrix describes, except in a note where it would load an
-artifact of ours and silently compute something else (W4A8_DYNAMIC MoE).
+artifact of ours and silently compute something else (W4A8_DYNAMIC MoE). For MoE models the atb loader reads each
+Linear's type from config.json keys, which the artifact writer sets (mindie_keys.py).
 
 A *feature* is one way an artifact uses a quant type (`W4A8_DYNAMIC per-group`, `C8`, ...); a `Support` per
 (feature, engine) says on which devices the engine loads it and computes what the executable graph computes.

@@ -5,13 +5,14 @@ compile as `ArtifactFeatures` from what is known before any work (the resolved p
 shapes, --exclude, which Linears of the checkpoint carry a bias, the target):
 - `pipeline_features(...)`: the quant type each decoder Linear will get (the scheme passes' own claim rule,
   `group_size.first_claim`), the artifact's group size, C8 / FAQuant passes, device, model type, config.json's
-  hidden_act (the engines' MLPs are SwiGLU);
+  hidden_act (the engines' MLPs are SwiGLU), and for a MoE model whether MindIE's config keys can type its Linears;
 - `check_engine(engine, features)`: QCError (exit 2, before any work) when the chosen engine cannot load the
   artifact, or with `any` when no engine can; returns warnings (how the engines run it, unconfirmed devices);
 - `engine_report(features)`: {engine: {"loads": bool, "why_not": [...], "notes": [...]}} for the report.
 A fallback pass may later keep more Linears float; the check is made on the pipeline's claims (conservative).
 """
-from .backends.ascend.engines import (ENGINE_CHOICES, ENGINE_NAMES, ENGINES, ArtifactFeatures, notes, refusals)
+from .backends.ascend.engines import (ENGINE_CHOICES, ENGINE_NAMES, ENGINES, ArtifactFeatures, mindie_key_problems,
+                                      notes, refusals)
 from .errors import QCError
 from .ir.moe import EXPERT_LINEAR
 from .passes.group_size import first_claim, model_linear_shapes
@@ -27,8 +28,10 @@ def pipeline_features(passes, config: dict, exclude, has_tensor, target_name: st
     """ArtifactFeatures of the artifact this pipeline (group sizes resolved) will write. `has_tensor(name)`:
     whether the checkpoint holds a tensor (Linear biases)."""
     types, grouped, biased, moe = set(), set(), set(), set()
+    every = {}
     for name in model_linear_shapes(config):
         owner = first_claim(passes, name, exclude)
+        every[name] = "FLOAT" if owner is None else owner.quant_type
         if owner is None:
             continue
         if EXPERT_LINEAR.search(name):  # routed experts: the fused-MoE methods ("<type> MoE" features)
@@ -44,7 +47,8 @@ def pipeline_features(passes, config: dict, exclude, has_tensor, target_name: st
                             biased_types=frozenset(biased),
                             kv_cache="C8" in pass_types, fa_quant="FAQuant" in pass_types,
                             device="310p" if target_name == "ascend310p" else "910b", model_type=model_type,
-                            moe_types=frozenset(moe), hidden_act=str(config.get("hidden_act", "silu")))
+                            moe_types=frozenset(moe), hidden_act=str(config.get("hidden_act", "silu")),
+                            mindie_key_problems=mindie_key_problems(every))
 
 
 def check_engine(engine: str, features: ArtifactFeatures) -> list[str]:

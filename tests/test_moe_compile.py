@@ -126,7 +126,6 @@ def test_w4a8d_experts_layout_and_perplexity(compiled_moe, moe_models):
 
 
 @pytest.mark.parametrize("arch,passes,linears", [("qwen3_moe", W4A8_EXPERTS, 2 * 4 * 3),
-                                                  ("qwen2_moe", W4A8_EXPERTS, 2 * 4 * 3),
                                                   ("qwen3_moe", "w4a8d", 2 * (4 * 3 + 4))])
 def test_w4a8d_checker_errors_are_only_its_packed_n_misreading(compiled_moe, arch, passes, linears):
     """The checker has no structure for MoE model types and reads each W4A8_DYNAMIC Linear's n from its packed
@@ -385,7 +384,8 @@ def test_moe_refusals_before_any_work(moe_models, tmp_path, capsys, passes, extr
 
 def test_engine_features_of_moe_pipelines(moe_models):
     """Routed experts are the fused-MoE features ("<type> MoE"); the shared expert and attention are dense Linears.
-    vLLM-Ascend loads quantized qwen3_moe experts, not qwen2_moe ones (no packed mapping); MindIE loads both."""
+    vLLM-Ascend loads quantized qwen3_moe experts, not qwen2_moe ones (no packed mapping); MindIE's atb loader
+    takes no W4A8_DYNAMIC experts (FlashQwenLayer: PackType.ALL_W4A8 not supported), on either model type."""
     from qcompiler.engine_check import pipeline_features
     from qcompiler.loading import open_checkpoint
     from qcompiler.passes import make_pass
@@ -395,11 +395,19 @@ def test_engine_features_of_moe_pipelines(moe_models):
         f = pipeline_features(passes, ckpt.config, (), ckpt.has, "ascend910b", ckpt.model_type)
         assert f.moe_types == {"W4A8_DYNAMIC"} and f.linear_types == {"W8A8_DYNAMIC"}
         assert (refusals("vllm-ascend", f) == []) == (arch == "qwen3_moe")
-        assert refusals("mindie", f) == []
+        assert any("ALL_W4A8" in why for why in refusals("mindie", f))
     ckpt = open_checkpoint(moe_models["qwen3_moe"])
     floats = pipeline_features([make_pass("w8a8d", {"match": "self_attn"})], ckpt.config, (), ckpt.has, "ascend910b",
                                ckpt.model_type)
     assert floats.moe_types == frozenset() and "W8A8_DYNAMIC" in floats.linear_types
+
+
+def test_qwen2_moe_w4a8d_experts_no_engine_loads_them(moe_models, tmp_path, capsys):
+    """Qwen2-MoE with W4A8_DYNAMIC experts: vLLM-Ascend has no qwen2_moe packed mapping and MindIE's Qwen MoE layer
+    raises AssertionError on their pack type (ALL_W4A8): one line, exit 2, before any work."""
+    expect_error(capsys, [moe_models["qwen2_moe"], "--passes", W4A8_EXPERTS, *CALIB, "-o", tmp_path / "out"],
+                 "no engine can load", "qwen2_moe", "ALL_W4A8")
+    assert not (tmp_path / "out").exists()
 
 
 def test_qwen2_moe_report_says_which_engine_loads_it(compiled_moe):

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from qcompiler.backends.ascend.encode import (FLOAT, QUANT_TYPES, as_model_dtype, mindie_quantize_name,
                                               model_dtype_name, model_quant_type)
+from qcompiler.backends.ascend.mindie_keys import is_moe, moe_config_keys
 from qcompiler.errors import QCError
 from qcompiler.safetensors_stream import SpilledFile
 
@@ -280,6 +281,14 @@ class ArtifactWriter:
                 # the engines pick the deq_scale decoding from it: keep both spellings in step (transformers 5: dtype)
                 part["torch_dtype"] = part["dtype"] = dtype
         name = mindie_quantize_name(quant_type)
+        for key in ("attn_quantize", "moe_quantize"):  # a source model's type claims would mistype our Linears
+            cfg.pop(key, None)                         # (MindIE: mindie_keys.py; vLLM-Ascend reads moe_quantize)
+        linears = {k[:-len(".weight")]: t for k, t in self._types.items() if k.endswith("_proj.weight")}
+        if is_moe(linears):  # MindIE's atb loader types a MoE model's Linears by these keys (mindie_keys.py)
+            keys, _ = moe_config_keys(linears)  # problems: the engine matrix refuses MindIE (engines.py)
+            name = keys.get("quantize")
+            if "attn_quantize" in keys:
+                cfg["attn_quantize"] = keys["attn_quantize"]
         if name is None:
             cfg.pop("quantize", None)
         else:

@@ -9,7 +9,8 @@ with the service's ModelConfig `backendType` "atb" (mindie_llm/text_generator/ad
 newer torch runtime (`backendType` "torch", `mindie_llm/runtime/layers/quantization/ms_model_slim`) registers
 fewer types (dense: W8A8, W8A8_DYNAMIC, W8A8_MIX, W8A8SC; MoE from 3.0.0.beta.1: W8A8_DYNAMIC and a
 per-channel-only W4A8_DYNAMIC) and is not what this matrix describes, except in a note where it would load an
-artifact of ours and silently compute something else (W4A8_DYNAMIC MoE).
+artifact of ours and silently compute something else (W4A8_DYNAMIC MoE). For MoE models the atb loader reads each
+Linear's type from config.json keys, which the artifact writer sets (mindie_keys.py).
 
 A *feature* is one way an artifact uses a quant type (`W4A8_DYNAMIC per-group`, `C8`, ...); a `Support` per
 (feature, engine) says on which devices the engine loads it and computes what the executable graph computes.
@@ -44,6 +45,7 @@ _ATB = "MindIE-LLM examples/atb_models/atb_framework/"
 #: feature keys of config.json's MLP activation (hidden_act; transformers ACT2FN: "silu" and "swish" are both SiLU)
 HIDDEN_ACT_SWISH = "hidden_act swish (config.json)"
 HIDDEN_ACT_OTHER = "hidden_act other than silu (config.json)"
+MOE_MINDIE_KEYS = "MoE Linear types beyond MindIE's config keys"
 
 
 @dataclass(frozen=True)
@@ -178,19 +180,21 @@ FEATURES = (
     Feature("W4A8_DYNAMIC MoE", "`w4a8d:match=mlp\\.experts`", "MoE", {
         VLLM_ASCEND: Support(A2, "", _VA + "methods/w4a8.py AscendW4A8DynamicFusedMoEMethod (msModelSlim 1.0.0 "
                              "per-group: get_weight_modelslim, get_dynamic_quant_param_modelslim)"),
-        # atb: qwen3_moe runs modeling_qwen2_moe (models/qwen3_moe/router_qwen3_moe.py Qwen3moeRouter); load_moe
-        # stacks the experts' per-group tensors (weights.py reads weight_scale_second when group_size != 0) and
-        # W4A8LinearDynamic.process_scale casts each group scale through float16, as vLLM-Ascend does: the encoder
-        # chooses scales float16 holds (encode.EXPERT_SCALE_ALSO). The torch backend would load the same tensors
-        # without error (shapes [n, 1] / [n/2, k] match) and never read weight_scale_second.
-        MINDIE: Support(A2, "serve it with backendType \"atb\" only: MindIE's torch backend "
-                        "(backendType torch, MindIE-LLM 3.0.0.beta.1+: mindie_llm/runtime/layers/quantization/"
-                        "ms_model_slim/w4a8.py W4A8PerTokenFusedMoEMethod) is per-channel only and never reads "
-                        "weight_scale_second (runtime/utils/loader/default_model_loader.py loads FusedMoE.weight_list"
-                        "), so it would multiply by weight_scale alone", _MI + "utils/layers/linear/__init__.py "
-                        "TensorParallelColumnLinear.load_moe / TensorParallelRowLinear.load_moe; utils/weights.py "
-                        "get_multi_weights_col / get_multi_weights_row (W4A8_DYNAMIC branch); utils/quantize/w4a8.py "
-                        "W4A8LinearDynamic.process_scale (3-D expert weight)")}),
+        # atb: qwen3_moe runs modeling_qwen2_moe (models/qwen3_moe/router_qwen3_moe.py Qwen3moeRouter). load_moe would
+        # stack the experts' per-group tensors (weights.py reads weight_scale_second when group_size != 0), but
+        # QwenMoe's pack type for W4A8_DYNAMIC experts is PackType.ALL_W4A8 (utils/quantize/pack_type.py
+        # calc_w4a8_linear_pack_type; ALL_W4A8_ANTI with an anti-outlier norm), which FlashQwenLayer.__init__'s
+        # post_attention_layernorm choice does not list: AssertionError at load, MindIE-LLM 3.0.0alpha1, 3.0.0.beta.1,
+        # 3.0.0 and master alike. The torch backend would load the same tensors without error (shapes [n, 1] /
+        # [n/2, k] match) and never read weight_scale_second.
+        MINDIE: Support(NO, "the atb loader's Qwen MoE layer raises AssertionError ('mlp.pack_type: PackType.ALL_W4A8 "
+                        "not supported'); MindIE's torch backend (backendType torch, MindIE-LLM 3.0.0.beta.1+: "
+                        "mindie_llm/runtime/layers/quantization/ms_model_slim/w4a8.py W4A8PerTokenFusedMoEMethod) is "
+                        "per-channel only and never reads weight_scale_second (runtime/utils/loader/"
+                        "default_model_loader.py loads FusedMoE.weight_list), so it would multiply by weight_scale "
+                        "alone", _MI + "models/qwen2_moe/modeling_qwen2_moe.py FlashQwenLayer.__init__ "
+                        "(post_attention_layernorm by mlp.pack_type), QwenMoe.__init__; utils/quantize/pack_type.py "
+                        "calc_w4a8_linear_pack_type")}),
     Feature("MoE experts on qwen2_moe", "`w8a8d`, `w4a8d:match=mlp\\.experts` (Qwen2-MoE)", "MoE", {
         VLLM_ASCEND: Support(NO, "quantized routed experts of qwen2_moe: packed_modules_model_mapping has no qwen2_moe "
                              "entry, so the quant config looks up `<layer>.mlp.experts.weight` (KeyError)",
@@ -199,6 +203,16 @@ FEATURES = (
         # expert as a dense MLP, the router and shared_expert_gate as float Linears
         MINDIE: Support(A2, "", _MI + "models/qwen2_moe/modeling_qwen2_moe.py QwenMoe.__init__ (load_moe), QwenMLP, "
                         "QwenSharedExpertGate", unsure=P310)}),
+    # MindIE's atb loader types a MoE model's Linears by two config.json keys (mindie_keys.py, which the artifact
+    # writer follows): one type for attention, one for everything else; FLOAT is read as float under either.
+    Feature(MOE_MINDIE_KEYS, "-", "MoE", {
+        VLLM_ASCEND: Support(BOTH, "", "reads each Linear's type from quant_model_description.json ("
+                             + _VA + "modelslim_config.py AscendModelSlimConfig)"),
+        MINDIE: Support(NO, "its atb loader reads every attention Linear with config.json's attn_quantize and every "
+                        "other Linear with quantize (one quant type each), and its Qwen MoE layer takes no W4A8_DYNAMIC "
+                        "attention", _MI + "models/qwen2/modeling_qwen2.py FlashQwenAttention.__init__; "
+                        "utils/layers/__init__.py load_column_multi; utils/layers/linear/__init__.py load_moe; "
+                        "models/qwen2_moe/modeling_qwen2_moe.py FlashQwenLayer.__init__")}),
     # config.json's MLP activation: the engines' MLPs are SwiGLU. Not a quant type: every artifact of such a checkpoint
     # has it, float ones too; the executable graph computes what hidden_act says (the captured transformers MLP).
     Feature(HIDDEN_ACT_SWISH, "-", "dense, MoE", {
@@ -227,7 +241,7 @@ class ArtifactFeatures:
     """What decides which engines load an artifact. linear_types: quant types of the decoder Linears (FLOAT
     left out); grouped_types: those quantized per group (weight scale [n, k/g]; W4A8_DYNAMIC: two-stage);
     biased_types: quant types of Linears that carry a float bias; kv_cache / fa_quant: C8 / FAQuant present;
-    device: "910b" or "310p"; model_type, hidden_act: config.json's."""
+    device: "910b" or "310p"; model_type, hidden_act: config.json's; mindie_key_problems: `mindie_key_problems`."""
     linear_types: frozenset = frozenset()
     grouped_types: frozenset = frozenset()
     biased_types: frozenset = frozenset()
@@ -238,6 +252,7 @@ class ArtifactFeatures:
     extra: tuple = field(default=())       # further feature keys (tests)
     moe_types: frozenset = frozenset()     # quant types of routed-expert Linears (FLOAT left out): "<type> MoE"
     hidden_act: str = "silu"               # config.json's MLP activation (transformers' default for these models)
+    mindie_key_problems: tuple = ()        # MoE: why MindIE's config keys cannot type each Linear (mindie_keys.py)
 
     def keys(self) -> list[str]:
         """The FEATURES keys this artifact uses."""
@@ -254,6 +269,8 @@ class ArtifactFeatures:
         keys += [f"{t} MoE" for t in sorted(self.moe_types)]
         if self.moe_types and self.model_type == "qwen2_moe":
             keys.append("MoE experts on qwen2_moe")
+        if self.mindie_key_problems:
+            keys.append(MOE_MINDIE_KEYS)
         if self.kv_cache:
             keys.append("C8")
         if self.fa_quant:
@@ -366,7 +383,15 @@ def features_of_artifact(out: Path) -> ArtifactFeatures:
     return ArtifactFeatures(linear_types=types, grouped_types=grouped, biased_types=biased,
                             kv_cache=desc.get("kv_cache_type") == "C8", fa_quant=bool(desc.get("fa_quant_type")),
                             device=device, model_type=str(config.get("model_type", "llama")), moe_types=moe,
-                            hidden_act=str(config.get("hidden_act", "silu")))
+                            hidden_act=str(config.get("hidden_act", "silu")),
+                            mindie_key_problems=mindie_key_problems(every))
+
+
+def mindie_key_problems(linear_types: dict) -> tuple:
+    """For ArtifactFeatures: why MindIE's atb loader cannot read each Linear {name: quant type} of a MoE artifact
+    with its own type (mindie_keys.moe_config_keys); () for a dense one."""
+    from .mindie_keys import is_moe, moe_config_keys
+    return tuple(moe_config_keys(linear_types)[1]) if is_moe(linear_types) else ()
 
 
 def _cell(s: Support) -> str:

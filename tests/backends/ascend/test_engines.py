@@ -100,21 +100,23 @@ def test_check_engine_errors_and_warnings():
                for w in check_engine("mindie", F(frozenset({"W8A8_DYNAMIC"}), device="310p")))
 
 
-def test_mindie_w4a8_moe_is_read_in_the_atb_loader_and_warns_of_the_torch_backend():
-    """MindIE's atb loader reads per-group W4A8_DYNAMIC experts (weight_scale_second; MindIE-LLM 3.0.0
-    atb_llm/utils/layers/linear/__init__.py load_moe -> utils/weights.py W4A8_DYNAMIC branch -> quantize/w4a8.py
-    W4A8LinearDynamic); its torch backend's W4A8PerTokenFusedMoEMethod (mindie_llm/runtime/...) is per-channel only
-    and never reads weight_scale_second (default_model_loader.py: FusedMoE.weight_list), so it would compute with
-    weight_scale alone: every compile that MindIE may serve warns to run it on the atb backend."""
+def test_mindie_loads_no_w4a8_moe_experts():
+    """MindIE's atb loader cannot build a Qwen MoE layer with W4A8_DYNAMIC experts: QwenMoe's pack type is
+    PackType.ALL_W4A8 (utils/quantize/pack_type.py calc_w4a8_linear_pack_type), which FlashQwenLayer.__init__'s
+    post_attention_layernorm choice does not list, so it raises AssertionError (MindIE-LLM 3.0.0alpha1 through
+    master); its torch backend's W4A8PerTokenFusedMoEMethod is per-channel only and never reads weight_scale_second
+    (default_model_loader.py: FusedMoE.weight_list). So `--engine mindie` is refused, `any` loads it through
+    vLLM-Ascend (qwen3_moe) without a MindIE warning, and qwen2_moe (no vLLM-Ascend experts) is refused by both."""
     s = EN.FEATURE_BY_KEY["W4A8_DYNAMIC MoE"].support[EN.MINDIE]
-    assert "atb_llm/" in s.source and "load_moe" in s.source and "W4A8LinearDynamic" in s.source
+    assert not s.loads and "FlashQwenLayer" in s.source and "ALL_W4A8" in s.note and "weight_scale_second" in s.note
     moe = F(frozenset({"W8A8_DYNAMIC"}), moe_types=W4A8, model_type="qwen3_moe")
-    for engine in ("mindie", "any"):
-        assert any("MindIE" in w and "weight_scale_second" in w and "backendType" in w
-                   for w in check_engine(engine, moe)), engine
-    assert not any("backendType" in w for w in check_engine("vllm-ascend", moe))
-    assert not any("backendType" in w for w in check_engine("mindie", F(frozenset({"W8A8_DYNAMIC"}),
-                                                                          moe_types=frozenset({"W8A8_DYNAMIC"}))))
+    with pytest.raises(QCError, match="MindIE cannot load.*ALL_W4A8"):
+        check_engine("mindie", moe)
+    assert not any("MindIE" in w for w in check_engine("any", moe))
+    with pytest.raises(QCError, match="no engine can load.*ALL_W4A8"):
+        check_engine("any", F(frozenset({"W8A8_DYNAMIC"}), moe_types=W4A8, model_type="qwen2_moe"))
+    assert check_engine("mindie", F(frozenset({"W8A8_DYNAMIC"}), moe_types=frozenset({"W8A8_DYNAMIC"}),
+                                    model_type="qwen3_moe")) == []
 
 
 def test_engine_option_refuses_before_any_work(capsys, tiny_models, tmp_path):

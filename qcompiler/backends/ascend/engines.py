@@ -76,7 +76,8 @@ P310 = frozenset({"310p"})
 
 #: tensor-parallel sizes the MoE notes consider (Ascend servers hold 8 or 16 NPUs; msModelSlim's SUPPORT_TP_SIZES)
 TP_SIZES = (1, 2, 4, 8, 16)
-#: vLLM-Ascend's W4A16 fused-MoE method packs 8 int4 per int32 along the partition (AscendW4A16FusedMoEMethod.pack_factor)
+#: vLLM-Ascend's W4A16 fused-MoE method packs 8 int4 per int32 along the partition
+#: (AscendW4A16FusedMoEMethod.pack_factor)
 _W4A16_PACK = 8
 
 
@@ -222,9 +223,10 @@ FEATURES = (
         # [H, 1] first-stage scale to _load_w2, which narrows its input dim to 1 // tp = 0 columns: nothing is copied.
         VLLM_ASCEND: Support(A2, "serve it with the experts unsplit (tensor parallel 1, or "
                              "--enable-expert-parallel): at tensor parallel >= 2 without expert parallelism vLLM's "
-                             "FusedMoE weight_loader loads no column of down_proj's [H, 1] weight_scale (marked a group "
-                             "scale, it is split along its 1 column: 1 // tp = 0 per rank), so w2_weight_scale keeps "
-                             "torch.empty memory, which process_scale multiplies into every down_proj group scale",
+                             "FusedMoE weight_loader loads no column of down_proj's [H, 1] weight_scale (marked a "
+                             "group scale, it is split along its 1 column: 1 // tp = 0 per rank), so w2_weight_scale "
+                             "keeps torch.empty memory, which process_scale multiplies into every down_proj group "
+                             "scale",
                              _VA + "methods/w4a8.py AscendW4A8DynamicFusedMoEMethod (msModelSlim 1.0.0 "
                              "per-group: get_weight_modelslim, get_dynamic_quant_param_modelslim, "
                              "process_weights_after_loading_modelslim -> process_scale); method_adapters.py "

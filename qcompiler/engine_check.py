@@ -29,6 +29,7 @@ def pipeline_features(passes, config: dict, exclude, has_tensor, target_name: st
     whether the checkpoint holds a tensor (Linear biases)."""
     types, grouped, biased, moe = set(), set(), set(), set()
     every = {}
+    moe_group = 0
     for name in model_linear_shapes(config):
         owner = first_claim(passes, name, exclude)
         every[name] = "FLOAT" if owner is None else owner.quant_type
@@ -36,6 +37,7 @@ def pipeline_features(passes, config: dict, exclude, has_tensor, target_name: st
             continue
         if EXPERT_LINEAR.search(name):  # routed experts: the fused-MoE methods ("<type> MoE" features)
             moe.add(owner.quant_type)
+            moe_group = getattr(owner.options, "group", 0) or moe_group
             continue
         types.add(owner.quant_type)
         if getattr(owner.options, "group", 0):
@@ -48,7 +50,9 @@ def pipeline_features(passes, config: dict, exclude, has_tensor, target_name: st
                             kv_cache="C8" in pass_types, fa_quant="FAQuant" in pass_types,
                             device="310p" if target_name == "ascend310p" else "910b", model_type=model_type,
                             moe_types=frozenset(moe), hidden_act=str(config.get("hidden_act", "silu")),
-                            mindie_key_problems=mindie_key_problems(every))
+                            mindie_key_problems=mindie_key_problems(every),
+                            moe_intermediate_size=int(config.get("moe_intermediate_size") or 0) if moe else 0,
+                            moe_group_size=moe_group)
 
 
 def check_engine(engine: str, features: ArtifactFeatures) -> list[str]:

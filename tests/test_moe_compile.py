@@ -394,12 +394,14 @@ def test_engine_features_of_moe_pipelines(moe_models):
         ckpt = open_checkpoint(moe_models[arch])
         f = pipeline_features(passes, ckpt.config, (), ckpt.has, "ascend910b", ckpt.model_type)
         assert f.moe_types == {"W4A8_DYNAMIC"} and f.linear_types == {"W8A8_DYNAMIC"}
+        assert (f.moe_intermediate_size, f.moe_group_size) == (128, 32)  # the experts' tp notes read these
         assert (refusals("vllm-ascend", f) == []) == (arch == "qwen3_moe")
         assert any("ALL_W4A8" in why for why in refusals("mindie", f))
     ckpt = open_checkpoint(moe_models["qwen3_moe"])
     floats = pipeline_features([make_pass("w8a8d", {"match": "self_attn"})], ckpt.config, (), ckpt.has, "ascend910b",
                                ckpt.model_type)
     assert floats.moe_types == frozenset() and "W8A8_DYNAMIC" in floats.linear_types
+    assert (floats.moe_intermediate_size, floats.moe_group_size) == (0, 0)
 
 
 def test_qwen2_moe_w4a8d_experts_no_engine_loads_them(moe_models, tmp_path, capsys):

@@ -38,8 +38,8 @@ def run_checker(out: Path) -> tuple[int, str]:
 
 
 def loader_runner(loader: Path = LOADER):
-    """run(out, engine="0.23.0") -> (exit code, output) of vLLM-Ascend's own loader on `out` (CPU, torch_npu
-    stubbed; ../shared/tools/loader_check).
+    """run(out, engine="0.23.0", tp=None) -> (exit code, output) of vLLM-Ascend's own loader on `out` (CPU, torch_npu
+    stubbed; ../shared/tools/loader_check); `tp`: its --tp (e.g. "1,2"; default the tool's).
 
     The tool needs PyPI once per engine to fill its cache (`--setup-only`). When that set-up exits 2 (the tool
     could not run: no network on a CI machine, README "Output and exit code"), the calling test is skipped, not
@@ -49,7 +49,7 @@ def loader_runner(loader: Path = LOADER):
         pytest.skip(f"{loader} absent")
     ready = set()
 
-    def run(out: Path, engine: str = "0.23.0"):
+    def run(out: Path, engine: str = "0.23.0", tp: str | None = None):
         if engine not in ready:
             r = subprocess.run([sys.executable, str(loader), "--setup-only", "--engine", engine, str(out)],
                                capture_output=True, text=True)
@@ -59,8 +59,8 @@ def loader_runner(loader: Path = LOADER):
             if r.returncode != 0:
                 pytest.fail(f"vLLM-Ascend loader check {engine} --setup-only exited {r.returncode}: {tail}")
             ready.add(engine)
-        r = subprocess.run([sys.executable, str(loader), "--engine", engine, str(out)], capture_output=True,
-                           text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        r = subprocess.run([sys.executable, str(loader), "--engine", engine, str(out)] + (["--tp", tp] if tp else []),
+                           capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
         return r.returncode, r.stdout + r.stderr
     return run
 
@@ -137,6 +137,48 @@ import vllm_ascend_load as L
 sys.argv = ["vllm_ascend_load.py", "--inner", *argv]
 L.main()
 """
+
+#: run by the tool's own venv python: build the tool's model tree (vLLM-Ascend's real fused-MoE schemes and vLLM's
+#: real FusedMoE.weight_loader) at each (tp, rank), fill every floating-point routed-expert parameter with NaN, load
+#: every tensor of the artifact through the model's load_weights, and print how many entries of each parameter of
+#: layer 0's experts are still NaN: what the engine's loader left as torch.empty memory. The tool itself checks
+#: which parameters a tensor was routed to and the tensor's shape, not which entries were written.
+_UNFILLED_INNER = """
+import json, logging, sys
+tool_dir, out, tps = sys.argv[1], sys.argv[2], [int(t) for t in sys.argv[3].split(",")]
+sys.path.insert(0, tool_dir)
+logging.disable(logging.ERROR)
+import torch
+import va_harness as H
+eng, art = H.Engine("910b"), H.Artifact(out)
+result = {}
+for tp in tps:
+    for rank in sorted({0, tp - 1}):
+        model, errors = eng.build(art, tp, rank)
+        assert not errors, errors
+        params = {n: p for n, p in model.named_parameters() if ".layers.0.mlp.experts." in n
+                  and p.dtype.is_floating_point}
+        with torch.no_grad():
+            for p in params.values():
+                p.data.fill_(float("nan"))
+        for name, tensor in art.iter_tensors():
+            model.load_weights([(name, tensor)])
+        result[f"{tp}r{rank}"] = {n.rsplit(".", 1)[1]: [int(torch.isnan(p.data).sum()), p.numel()]
+                                  for n, p in params.items()}
+print("UNFILLED " + json.dumps(result))
+"""
+
+
+def loader_unfilled_expert_params(out: Path, tps: str = "1,2", engine: str = "0.23.0",
+                                  loader: Path = LOADER) -> dict:
+    """{"<tp>r<rank>": {layer 0 expert parameter (w13_weight_scale, w2_weight_scale, ...): [entries vLLM's loader
+    left unwritten, entries]}} for the qwen3_moe artifact `out`, floating-point parameters only (`_UNFILLED_INNER`).
+    Call after loader_runner's run set `engine` up."""
+    rc, text = _run_inner(_UNFILLED_INNER, [out, tps], engine, loader)
+    line = next((l for l in text.splitlines() if l.startswith("UNFILLED ")), None)
+    assert rc == 0 and line, text[-3000:]
+    return json.loads(line[len("UNFILLED "):])
+
 
 def _run_inner(script: str, args: list, engine: str, loader: Path) -> tuple[int, str]:
     """(exit code, output) of `script` run by the loader tool's venv python with `args`, in the tool's cache and

@@ -3,7 +3,11 @@ config, AscendW8A8DynamicFusedMoEMethod / AscendW4A8DynamicFusedMoEMethod get_we
 vLLM's FusedMoE weight_loader and Qwen3MoeModel.load_weights with the expert-params mapping; tp 1 and 2): w8a8d
 everywhere, w4a8d experts with w8a8d attention, and w4a16 experts (AscendW4A16FusedMoEMethod's weight_packed
 layout) with w8a8d attention; a w4a16 copy missing one expert's weight_packed must fail (MISSING). Both must load (exit 0), as the engine matrix says
-(`expected_loader_exit`). Skipped only when the tool cannot set itself up (exit 2). The conformance checker must
+(`expected_loader_exit`). What the tool cannot see: at tp 2 vLLM's loader writes no entry of the w4a8d experts'
+w2_weight_scale (an engine limit, measured by NaN-filling the parameters: `loader_unfilled_expert_params`); and
+with one group of down_proj per rank (moe_intermediate_size 64) its SHAPE lines on down_proj's second-stage scales
+are its own misreading. One-click w4a16 on moe_intermediate_size 64 (group 64) builds at tp 1 only, as the
+compile's warning says. Skipped only when the tool cannot set itself up (exit 2). The conformance checker must
 accept the w8a8d artifact; for w4a8d experts it reads n from the packed weight of a model type it has no structure
 for (qwen3_moe / qwen2_moe), so exactly those shape errors are expected (tests/helpers.py
 `assert_checker_clean_on_moe`: the checker is wrong there, the loader below accepts the same tensors).
@@ -25,12 +29,15 @@ C8 engine limit (exit 3): its limit rule (va_harness.ENGINE_LIMIT_ERRORS) matche
 raises. With the same routing bound to Qwen3MoeForCausalLM every tensor loads.
 """
 import json
+import re
 
 import pytest
 
 from qcompiler import cli
-from qcompiler.backends.ascend.engines import VLLM_ASCEND, expected_loader_exit, features_of_artifact, refusals
-from tests.e2e.helpers import NEEDS_SHARED, loader_with_qwen2_moe_mapping, loader_with_qwen3_moe_c8_routing
+from qcompiler.backends.ascend.engines import (VLLM_ASCEND, expected_loader_exit, features_of_artifact, notes,
+                                               refusals, w4a16_moe_tp_sizes)
+from tests.e2e.helpers import (NEEDS_SHARED, loader_unfilled_expert_params, loader_with_qwen2_moe_mapping,
+                               loader_with_qwen3_moe_c8_routing)
 from tests.helpers import assert_checker_clean_on_moe, checker_report, make_tiny_model, write_calib_file
 
 pytestmark = NEEDS_SHARED
@@ -85,6 +92,90 @@ def test_vllm_ascend_rejects_w4a16_experts_missing_a_packed_weight(moe_artifacts
     save_file(tensors, str(weights), metadata={"format": "pt"})
     rc, text = loader_check(broken, "0.23.0")
     assert rc == 1 and "MISSING" in text and "w13_weight_packed" in text, text[-3000:]
+
+
+def test_w4a8_experts_down_proj_first_stage_scale_loads_only_with_the_experts_unsplit(moe_artifacts, loader_check):
+    """An engine limit the loader check cannot see (it checks where each tensor goes and its shape, not which entries
+    get written; its "OK" above holds at tp 2): with every expert parameter NaN-filled before loading, vLLM's real
+    FusedMoE.weight_loader fills all of them at tp 1, and at tp 2 leaves every entry of w2_weight_scale and
+    w2_weight_offset ([E, H, 1]) unwritten and fills all others. vLLM-Ascend's AscendFusedMoEMethod.create_weights
+    (quantization/method_adapters.py) marks weight_scale / weight_offset as GROUP scales when group_size > 0, so
+    FusedMoE._load_w2 splits their one column over the ranks (1 // 2 = 0 each); process_scale then multiplies that
+    torch.empty memory into every down_proj group scale. The artifact cannot help (the parameter is never written);
+    the compile warns to serve with tp 1 or --enable-expert-parallel (engines.py "W4A8_DYNAMIC MoE")."""
+    out = moe_artifacts["w4a8d-experts"]
+    assert loader_check(out, "0.23.0")[0] == 0
+    unfilled = loader_unfilled_expert_params(out, "1,2")
+    assert {p for p, (n, _) in unfilled["1r0"].items() if n} == set(), unfilled["1r0"]
+    for rank in ("2r0", "2r1"):
+        assert {p: n for p, (n, total) in unfilled[rank].items() if n} == {
+            p: unfilled[rank][p][1] for p in ("w2_weight_scale", "w2_weight_offset")}, unfilled[rank]
+    assert any("W4A8_DYNAMIC MoE" in n and "--enable-expert-parallel" in n
+               for n in notes(VLLM_ASCEND, features_of_artifact(out)))
+
+
+@pytest.fixture(scope="module")
+def moe64(tmp_path_factory):
+    """user31's model shape, smallest: tiny Qwen3-MoE with moe_intermediate_size 64 (4 experts, hidden 64), compiled
+    with w4a8d experts (group 32: 2 groups of down_proj's k = 64, one per rank at tp 2) and with one-click w4a16
+    (`qcompile quant --quant_type w4a16`, whose default group is 64 here: 128 divides no expert k). Returns
+    {name: (OUT, stderr of the compile)}."""
+    import contextlib
+    import io
+    root = tmp_path_factory.mktemp("moe64")
+    model = make_tiny_model(root / "qwen3_moe", "qwen3_moe", moe_intermediate_size=64)
+    calib = str(write_calib_file(root / "calib.jsonl"))
+    runs = {"w4a8d-experts": ["--passes", r"w4a8d:match=mlp\.experts,w8a8d", "--calib", calib],
+            "w4a16": ["quant", "--quant_type", "w4a16", "--calib_file", calib]}
+    outs = {}
+    for name, argv in runs.items():
+        out, err = root / name, io.StringIO()
+        if argv[0] == "quant":
+            argv = ["quant", "--model_path", str(model), "--save_path", str(out), *argv[1:], "--calib_samples", "4",
+                    "--seq_len", "32"]
+        else:
+            argv = [str(model), *argv, "--calib-samples", "4", "--seq-len", "32", "-o", str(out)]
+        with contextlib.redirect_stderr(err):
+            assert cli.main(argv) == 0
+        outs[name] = (out, err.getvalue())
+    return outs
+
+
+def test_w4a8_experts_one_group_per_rank_the_tools_shape_lines_are_its_misreading(moe64, loader_check):
+    """user31: at tp 2 the loader check reports SHAPE "[64, 2] for a [4, 64, 1] FusedMoE parameter" for every
+    down_proj weight_scale_second / weight_offset_second. Its padding rule (va_harness._moe_shape_problem) takes a w2
+    parameter with one column for a per-channel one (not split); these are group scales, and the engine's loader
+    (FusedMoE._load_w2, quant_method GROUP) gives rank r column r of the [64, 2] tensor: every entry of
+    w2_weight_scale_second / w2_weight_offset_second is written at tp 2 (NaN probe). Those SHAPE lines, and only
+    they, are the tool's misreading; w2_weight_scale is the engine limit of the test above."""
+    out, _ = moe64["w4a8d-experts"]
+    rc, text = loader_check(out, "0.23.0", tp="1,2")
+    problems = [l for l in text.splitlines() if l.split(" ", 1)[0] in
+                ("EXTRA", "IGNORED", "MISSING", "SHAPE", "DTYPE", "REJECTED", "CONSTRUCT", "LOAD")]
+    assert rc == 1 and problems, text[-3000:]
+    for line in problems:
+        assert re.match(r"SHAPE model\.layers\.\*\.mlp\.experts\.\d\.down_proj\.weight_(scale|offset)_second \(x2\) "
+                        r"\[tp=2r0,2r1\]: expert tensor \[64, 2\] for a \[4, 64, 1\] FusedMoE parameter", line), line
+    assert len(problems) == 2 * 4  # 2 tensors x 4 experts (layers merged)
+    unfilled = loader_unfilled_expert_params(out, "2")
+    for rank in ("2r0", "2r1"):
+        assert unfilled[rank]["w2_weight_scale_second"][0] == unfilled[rank]["w2_weight_offset_second"][0] == 0
+
+
+def test_one_click_w4a16_experts_build_at_the_tensor_parallel_sizes_the_warning_names(moe64, loader_check):
+    """user31: one-click w4a16 picks group 64 on moe_intermediate_size 64; vLLM-Ascend's W4A16 fused-MoE method
+    asserts (moe_intermediate_size / tp) % group_size == 0, so it builds at tp 1 and fails construction at tp 2. The
+    compile now says exactly that (and that group=32 would build at tp 1, 2); the loader check agrees at each tp."""
+    out, err = moe64["w4a16"]
+    assert json.loads((out / "quant_model_description.json").read_text())["group_size"] == 64
+    assert w4a16_moe_tp_sizes(64, 64) == [1]
+    assert "tensor parallel 1 only" in err and "group=32 builds at tensor parallel 1, 2" in err, err
+    assert features_of_artifact(out).moe_group_size == 64 and features_of_artifact(out).moe_intermediate_size == 64
+    rc, text = loader_check(out, "0.23.0", tp="1")
+    assert rc == 0, text[-3000:]
+    rc, text = loader_check(out, "0.23.0", tp="2")
+    assert rc == 1 and "CONSTRUCT model.layers.*.mlp.experts" in text and "divided by `group_size` 64" in text, \
+        text[-3000:]
 
 
 QWEN2_CASES = {"w8a8d": "w8a8d"}

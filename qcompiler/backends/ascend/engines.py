@@ -65,6 +65,7 @@ class Support:
     unsure: frozenset = frozenset()
     patched: frozenset = frozenset()
     patch_note: str = ""
+    tp: object = None      # (ArtifactFeatures) -> the tensor-parallel sizes it loads at, as a note (or None)
 
     @property
     def loads(self) -> bool:
@@ -74,6 +75,44 @@ class Support:
 NO = frozenset()
 A2 = frozenset({"910b"})
 P310 = frozenset({"310p"})
+
+#: tensor-parallel sizes the MoE notes consider (Ascend servers hold 8 or 16 NPUs; msModelSlim's SUPPORT_TP_SIZES)
+TP_SIZES = (1, 2, 4, 8, 16)
+#: vLLM-Ascend's W4A16 fused-MoE method packs 8 int4 per int32 along the partition
+#: (AscendW4A16FusedMoEMethod.pack_factor)
+_W4A16_PACK = 8
+
+
+def w4a16_moe_tp_sizes(moe_intermediate_size: int, group_size: int) -> list[int]:
+    """The TP_SIZES at which vLLM-Ascend builds its W4A16 fused-MoE method for experts of `moe_intermediate_size`
+    quantized with `group_size`: the experts' partition is moe_intermediate_size // tp (vLLM fused_moe/layer.py
+    FusedMoE.__init__; 1 under --enable-expert-parallel, FusedMoEParallelConfig.make), and the method asserts it is a
+    multiple of group_size and of the pack factor 8 (methods/w4a16.py AscendW4A16FusedMoEMethod.get_weight /
+    get_dynamic_quant_param: "Expecting `intermediate_size_per_partition` .. can be divided by `group_size`")."""
+    return [t for t in TP_SIZES if moe_intermediate_size % t == 0 and (moe_intermediate_size // t) % group_size == 0
+            and (moe_intermediate_size // t) % _W4A16_PACK == 0]
+
+
+def _tp_list(sizes) -> str:
+    return ", ".join(map(str, sizes)) if sizes else "none"
+
+
+def W4A16_MOE_TP(f) -> str | None:
+    """The W4A16 MoE note with this artifact's numbers: the tp sizes that build, and the largest smaller group size
+    that builds at more of them (None when the sizes are not known)."""
+    inter, group = f.moe_intermediate_size, f.moe_group_size
+    if not inter or not group:
+        return None
+    sizes = w4a16_moe_tp_sizes(inter, group)
+    note = (f"group_size {group} with moe_intermediate_size {inter}: its fused-MoE method builds at tensor "
+            f"parallel {_tp_list(sizes)} only (of {_tp_list(TP_SIZES)}; moe_intermediate_size / tp must be a multiple "
+            f"of group_size; --enable-expert-parallel does not split the experts: any tp)")
+    wider = [(g, w4a16_moe_tp_sizes(inter, g)) for g in (128, 64, 32) if g < group]
+    wider = [(g, s) for g, s in wider if len(s) > len(sizes)]
+    if wider:
+        g, s = wider[0]
+        note += f"; group={g} builds at tensor parallel {_tp_list(s)}"
+    return note
 
 
 @dataclass(frozen=True)
@@ -175,11 +214,27 @@ FEATURES = (
                              "(weight_packed int32 [n, k/8] offset-binary, weight_scale [n, k/g], weight_shape); "
                              "needs moe_intermediate_size / tp divisible by group_size",
                              _VA + "methods/w4a16.py AscendW4A16FusedMoEMethod (docstring, get_weight, "
-                             "get_dynamic_quant_param, process_weights_after_loading)"),
+                             "get_dynamic_quant_param, process_weights_after_loading)", tp=W4A16_MOE_TP),
         MINDIE: Support(NO, "not read", "")}),
     Feature("W4A8_DYNAMIC MoE", "`w4a8d:match=mlp\\.experts`", "MoE", {
-        VLLM_ASCEND: Support(A2, "", _VA + "methods/w4a8.py AscendW4A8DynamicFusedMoEMethod (msModelSlim 1.0.0 "
-                             "per-group: get_weight_modelslim, get_dynamic_quant_param_modelslim)"),
+        # Read, and measured with vLLM's real FusedMoE.weight_loader on CPU (every parameter NaN-filled, then the
+        # artifact loaded through the loader check's model tree): at tp 2 every w2_weight_scale / w2_weight_offset
+        # entry is still NaN, every other expert parameter is filled. AscendFusedMoEMethod.create_weights
+        # (quantization/method_adapters.py) marks weight_scale / weight_offset GROUP when group_size > 0, so vLLM's
+        # FusedMoE.weight_loader (0.23.0 fused_moe/layer.py, 0.26.0 fused_moe/routed_experts.py) sends down_proj's
+        # [H, 1] first-stage scale to _load_w2, which narrows its input dim to 1 // tp = 0 columns: nothing is copied.
+        VLLM_ASCEND: Support(A2, "serve it with the experts unsplit (tensor parallel 1, or "
+                             "--enable-expert-parallel): at tensor parallel >= 2 without expert parallelism vLLM's "
+                             "FusedMoE weight_loader loads no column of down_proj's [H, 1] weight_scale (marked a "
+                             "group scale, it is split along its 1 column: 1 // tp = 0 per rank), so w2_weight_scale "
+                             "keeps torch.empty memory, which process_scale multiplies into every down_proj group "
+                             "scale",
+                             _VA + "methods/w4a8.py AscendW4A8DynamicFusedMoEMethod (msModelSlim 1.0.0 "
+                             "per-group: get_weight_modelslim, get_dynamic_quant_param_modelslim, "
+                             "process_weights_after_loading_modelslim -> process_scale); method_adapters.py "
+                             "AscendFusedMoEMethod.create_weights (per_group_param: weight_scale, weight_offset); vLLM "
+                             "fused_moe/layer.py FusedMoE.weight_loader -> _load_model_weight_or_group_weight_scale -> "
+                             "_load_w2"),
         # atb: qwen3_moe runs modeling_qwen2_moe (models/qwen3_moe/router_qwen3_moe.py Qwen3moeRouter). load_moe would
         # stack the experts' per-group tensors (weights.py reads weight_scale_second when group_size != 0), but
         # QwenMoe's pack type for W4A8_DYNAMIC experts is PackType.ALL_W4A8 (utils/quantize/pack_type.py
@@ -253,6 +308,8 @@ class ArtifactFeatures:
     moe_types: frozenset = frozenset()     # quant types of routed-expert Linears (FLOAT left out): "<type> MoE"
     hidden_act: str = "silu"               # config.json's MLP activation (transformers' default for these models)
     mindie_key_problems: tuple = ()        # MoE: why MindIE's config keys cannot type each Linear (mindie_keys.py)
+    moe_intermediate_size: int = 0         # the routed experts' intermediate size (config.json; 0: no such experts)
+    moe_group_size: int = 0                # the routed experts' weight group size (0: per-channel, or no experts)
 
     def keys(self) -> list[str]:
         """The FEATURES keys this artifact uses."""
@@ -329,6 +386,9 @@ def notes(engine: str, features: ArtifactFeatures) -> list[str]:
             out.append(f"{key}: {s.patch_note}")
         elif s.note:
             out.append(f"{key}: {s.note}")
+        tp = s.tp(features) if s.tp is not None else None
+        if tp:
+            out.append(f"{key}: {tp}")
     return out
 
 
@@ -374,6 +434,9 @@ def features_of_artifact(out: Path) -> ArtifactFeatures:
     cols = _scale_columns(out)
     grouped = frozenset(t for name, t in linear.items() if t != "FLOAT" and (
         f"{name}.weight_scale_second" in desc or cols.get(f"{name}.weight_scale", 1) > 1))
+    moe_group = int(desc.get("group_size") or 0) if moe & {"W4A16", "W4A8_DYNAMIC"} else 0
+    text = config.get("text_config") or config
+    moe_inter = int(text.get("moe_intermediate_size") or 0) if moe else 0
     device = "910b"
     report = out / "qcompile_report.json"
     if report.is_file() and json.loads(report.read_text()).get("target") == "ascend310p":
@@ -383,8 +446,8 @@ def features_of_artifact(out: Path) -> ArtifactFeatures:
     return ArtifactFeatures(linear_types=types, grouped_types=grouped, biased_types=biased,
                             kv_cache=desc.get("kv_cache_type") == "C8", fa_quant=bool(desc.get("fa_quant_type")),
                             device=device, model_type=str(config.get("model_type", "llama")), moe_types=moe,
-                            hidden_act=str(config.get("hidden_act", "silu")),
-                            mindie_key_problems=mindie_key_problems(every))
+                            hidden_act=str(config.get("hidden_act", "silu")), moe_intermediate_size=moe_inter,
+                            moe_group_size=moe_group, mindie_key_problems=mindie_key_problems(every))
 
 
 def mindie_key_problems(linear_types: dict) -> tuple:

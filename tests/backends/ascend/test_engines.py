@@ -212,3 +212,37 @@ def test_hidden_act_swish_loads_in_mindie_only(capsys, tiny_models, calib_file, 
                      "--passes", "w8a8d"]) == 0
     assert EN.features_of_artifact(tmp_path / "o2").hidden_act == "swish"
     assert EN.engines_loading(EN.features_of_artifact(tmp_path / "o2")) == [EN.MINDIE]
+
+
+def test_w4a16_moe_tp_sizes_follow_the_engines_assert():
+    """vLLM-Ascend's W4A16 fused-MoE method asserts (moe_intermediate_size / tp) % group_size == 0 (methods/w4a16.py
+    AscendW4A16FusedMoEMethod.get_dynamic_quant_param) and % 8 (get_weight, pack factor): the user's tiny
+    Qwen3-MoE (moe_intermediate_size 64) with one-click w4a16's group 64 builds at tp 1 only (its loader check at
+    tp 2: CONSTRUCT "intermediate_size_per_partition 32 can be divided by group_size 64"); Qwen3-30B-A3B (768)."""
+    assert EN.w4a16_moe_tp_sizes(64, 64) == [1]
+    assert EN.w4a16_moe_tp_sizes(64, 32) == [1, 2]
+    assert EN.w4a16_moe_tp_sizes(128, 64) == [1, 2]
+    assert EN.w4a16_moe_tp_sizes(768, 128) == [1, 2]
+    assert EN.w4a16_moe_tp_sizes(768, 64) == [1, 2, 4]
+
+
+def test_moe_warnings_name_the_tensor_parallel_sizes_that_load():
+    """The compile's warnings say at which tensor-parallel sizes vLLM-Ascend loads the experts: W4A16 from this
+    artifact's group size and moe_intermediate_size (and the group that would load at more), W4A8_DYNAMIC at tp 1
+    or with expert parallelism (at tp >= 2 FusedMoE._load_w2 copies no column of down_proj's [H, 1] weight_scale)."""
+    w4a16 = F(frozenset({"W8A8_DYNAMIC"}), moe_types=frozenset({"W4A16"}), model_type="qwen3_moe",
+              moe_intermediate_size=64, moe_group_size=64)
+    warnings = check_engine("vllm-ascend", w4a16)
+    assert any("group_size 64 with moe_intermediate_size 64" in w and "tensor parallel 1 only" in w
+               and "group=32 builds at tensor parallel 1, 2" in w for w in warnings), warnings
+    roomy = check_engine("vllm-ascend", F(moe_types=frozenset({"W4A16"}), model_type="qwen3_moe",
+                                          moe_intermediate_size=768, moe_group_size=64))
+    assert any("tensor parallel 1, 2, 4 only" in w and "group=32 builds at tensor parallel 1, 2, 4, 8" in w
+               for w in roomy), roomy
+    w4a8 = F(frozenset({"W8A8_DYNAMIC"}), moe_types=W4A8, model_type="qwen3_moe", moe_intermediate_size=64,
+             moe_group_size=32)
+    for engine in ("vllm-ascend", "any"):
+        assert any(w.startswith("vLLM-Ascend: W4A8_DYNAMIC MoE") and "tensor parallel 1, or --enable-expert-parallel"
+                   in w and "w2_weight_scale" in w for w in check_engine(engine, w4a8)), engine
+    with pytest.raises(QCError, match="MindIE"):  # MindIE loads no W4A8_DYNAMIC experts (its atb Qwen MoE layer)
+        check_engine("mindie", w4a8)

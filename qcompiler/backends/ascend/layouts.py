@@ -46,7 +46,7 @@ import torch
 
 from ...ir import qnumerics as qn
 from ...ir.patterns import prune_unused_tensors
-from . import attention, direct_calls, kernels
+from . import attention, direct_calls, kernels, onednn_linear
 
 #: gm.meta key: {attribute: {"kind": str, "from": [source attribute, ...]}}
 PREPARED = "qc_prepared_layouts"
@@ -105,11 +105,16 @@ class _Preparer:
         name = self._cache.get(key)
         if name is None:
             name = f"prepared_{len(self.record)}"
-            self.gm.register_buffer(name, compute().contiguous())
+            t = compute()
+            self.gm.register_buffer(name, t if onednn_linear.is_packed(t) else t.contiguous())
             self.record[name] = {"kind": kind, "from": list(sources)}
             self._cache[key] = name
         with self.graph.inserting_before(node):
             return self.graph.get_attr(name)
+
+    def _packs(self) -> bool:
+        """A full-sequence layer's int8 weights are packed for oneDNN's int8 linear (`onednn_linear.applies`)."""
+        return not self.decode and onednn_linear.applies()
 
     def replace(self, node, fn, args) -> None:
         with self.graph.inserting_before(node):
@@ -145,6 +150,10 @@ class _Preparer:
             self.rowwise_pending[wq.target] = False
         wsf = self.attr(node, f"weight_scale_f32:{out_dtype}", [ws.target],
                         lambda: kernels.pertoken_operands(tws, None, out_dtype)[0])
+        if not kernels.rowwise_layout_pays(k, self.decode) and self._packs() and onednn_linear.scales_apply(
+                _tensor(self.gm, wsf)):
+            tq = _tensor(self.gm, wq)
+            wq = self.attr(node, "onednn_packed", [w.target], lambda: onednn_linear.pack(tq))
         bias = None if b is None else self.attr(
             node, f"bias_f32:{out_dtype}", [b.target],
             lambda: kernels.pertoken_operands(tws, _tensor(self.gm, b), out_dtype)[1])
@@ -182,6 +191,9 @@ class _Preparer:
         args = [xq, w, d, bias, out_dtype]
         if kernels.exact_bias_fits(k, tqb):  # the bias joins the exact float32 product (kernels.exact_product_f32)
             args.append(self.attr(node, f"quant_bias_f32:k={k}", [qb.target], lambda: tqb.float()))
+            if (not kernels.rowwise_layout_pays(k, self.decode) and self._packs()
+                    and onednn_linear.bias_fits(k, tqb)):  # and oneDNN's product (onednn_linear)
+                args[1] = self.attr(node, "onednn_packed", [w.target], lambda: onednn_linear.pack(tw))
         self.replace(node, kernels.quant_matmul_prepared, tuple(args))
 
     def quantize(self, node) -> None:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from qcompiler import cli
-from qcompiler.backends.ascend import kernels, layouts
+from qcompiler.backends.ascend import kernels, layouts, onednn_linear
 from qcompiler.backends.ascend.int4 import unpack_int4
 from qcompiler.generate import generate
 from qcompiler.ir.decode import build_decode_graph
@@ -87,7 +87,8 @@ def _expected(kind: str, art: list, n_k, dtype) -> torch.Tensor:
         return art[0].to(dtype).float().reshape(-1)
     if name == "bias_f32":
         return art[0].to(dtype).float()
-    if name == "int8_weight":  # W8A8_DYNAMIC / W4A8_DYNAMIC past kernels.rowwise_layout_pays: int8 [n, k]
+    if name in ("int8_weight", "onednn_packed"):  # past kernels.rowwise_layout_pays: int8 [n, k] (onednn_packed:
+        # oneDNN's layout of it, compared through onednn_linear.unpack in `mismatches`)
         (w,) = art
         return _unpacked(w, *n_k)
     if name == "pergroup_scale":  # two-stage scale dtype(dtype(weight_scale) * dtype(weight_scale_second)) [G, 1, n]
@@ -118,6 +119,8 @@ def mismatches(gm, artifact: dict, layer: int, dtype) -> list[str]:
     bad = []
     for name, entry in gm.meta[layouts.PREPARED].items():
         got = getattr(gm, name)
+        if onednn_linear.is_packed(got):
+            got = onednn_linear.unpack(got)  # the int8 [n, k] it holds, computed through oneDNN's own product
         art = [artifact[f"model.layers.{layer}.{src}"] for src in entry["from"]]
         kind = entry["kind"]
         want = _expected(kind, art, tuple(got.shape), dtype)
@@ -152,6 +155,9 @@ def test_prepared_tensors_equal_the_artifact(compiled, int8_gemm):
     if int8_gemm == "native" and quant in ("W8A8", "W8A8_DYNAMIC"):
         expect = (expect - {"rowwise_codes"}) | ({"int8_weight"} if quant == "W8A8_DYNAMIC" else set())
         assert "rowwise_codes" not in kinds, (quant, kinds)
+    if int8_gemm == "onednn" and quant in ("W8A8", "W8A8_DYNAMIC"):  # the tiny models' quant_bias fits (exact)
+        expect = (expect - {"rowwise_codes"}) | {"onednn_packed"}
+        assert not kinds & {"rowwise_codes", "int8_weight"}, (quant, kinds)
     assert expect <= kinds, (quant, kinds)
 
 
@@ -198,7 +204,11 @@ def test_wide_layers_keep_the_int8_weight_and_the_same_bits(compiled, monkeypatc
             gm = model.layers.get(i, prepared=True)
             kinds = {e["kind"].split(":")[0] for e in gm.meta[layouts.PREPARED].values()}
             assert "rowwise_codes" not in kinds, kinds
-            assert ("int8_weight" in kinds) == (quant == "W8A8_DYNAMIC"), kinds
+            # W8A8_DYNAMIC on oneDNN's int8 linear where this host uses it; W8A8 never here: its bias joins no
+            # exact product once the width limit is 0 (kernels.exact_bias_fits)
+            packed = quant == "W8A8_DYNAMIC" and onednn_linear.applies()
+            assert ("int8_weight" in kinds) == (quant == "W8A8_DYNAMIC" and not packed), kinds
+            assert ("onednn_packed" in kinds) == packed, kinds
             assert mismatches(gm, artifact, i, model.head.dtype) == []
             h_ref, h_prep = model.layers.get(i)(h_ref, position_embeddings=pe), gm(h_prep, position_embeddings=pe)
             assert torch.equal(h_ref, h_prep), i

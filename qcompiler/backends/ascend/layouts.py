@@ -29,7 +29,10 @@ directly (the int8 cast and the widening back cost more than the GEMM itself in 
 Where the int8 GEMM is native (`qnumerics.int8_gemm_native`: a CPU with int8 dot products, where `_int_mm` is
 4-10x faster than the exact float32 GEMM), a full-sequence layer's products are all `_int_mm`'s: its weights stay
 int8 [n, k] (`kernels.rowwise_layout_pays`) and its codes int8; decode steps keep the row-wise layout and the
-float codes, which their one-row products read.
+float codes, which their one-row products read. Where oneDNN's int8 linear is exact too (`onednn_linear.applies`),
+a full-sequence layer's W8A8_DYNAMIC weights with positive scales (`onednn_linear.scales_apply`), and W8A8 weights
+whose quant_bias float32 adds exactly (`onednn_linear.bias_fits`), are held packed for it instead ("onednn_packed":
+the product and the epilogue's first rounding in one call, `onednn_linear.product`).
 The prepared kernels are the ones the ops' CPU kernels call after computing the same tensors per call
 (kernels.py), so a prepared graph computes the same bits (tests/backends/ascend/test_layouts.py also checks
 every prepared tensor against the artifact's own tensors in quant_model_weights*.safetensors).

@@ -573,8 +573,8 @@ def quant_matmul_prepared(
     """`quant_matmul` with `deq_scale_f32 = decode_deq_scale(deq_scale)` and `quant_bias_acc =
     quant_bias_accumulator(k, quant_bias)` computed beforehand (layouts.py does it once at load); x: int8 codes
     or the float32 codes of `quantize_codes`; weight: int8 [n, k], its `rowwise_codes` layout or its oneDNN
-    packing (`onednn_linear.pack`, which needs `quant_bias_f32` and `onednn_linear.bias_fits`: layouts.py checks). `quant_bias_f32` (the bias as float32, given only
-    when `exact_bias_fits(k, quant_bias)`): the product and the bias come from `exact_product_f32` or
+    packing (`onednn_linear.pack`, which needs `quant_bias_f32` and `onednn_linear.bias_fits`: layouts.py checks).
+    `quant_bias_f32` (the bias as float32, given only when `exact_bias_fits(k, quant_bias)`): the product and the bias come from `exact_product_f32` or
     `onednn_linear.product`, which equal f32(the exact integer sum) bit for bit, so `* deq_scale` rounds the same
     float32 value."""
     k, n = _weight_k_n(weight)
@@ -587,7 +587,7 @@ def quant_matmul_prepared(
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, k)
     out = torch.empty(rows, n, dtype=output_dtype)
-    exact = quant_bias_f32 is not None and exact_product_preferred(x, k)
+    exact = quant_bias_f32 is not None and not packed and exact_product_preferred(x, k)
     if not exact and weight.dtype == torch.uint8:
         weight = rowwise_weight(weight)
     step = _row_step(exact, rows, n)
@@ -796,8 +796,8 @@ def quant_matmul_pertoken_prepared(
     x2 = x.reshape(rows, k)
     scale = pertoken_scale.float().reshape(-1, 1)
     out = torch.empty(rows, n, dtype=output_dtype)
-    exact = exact_product_preferred(x, k)
     packed = onednn_linear.is_packed(weight_int8)
+    exact = not packed and exact_product_preferred(x, k)
     if not exact and weight_int8.dtype == torch.uint8:
         weight_int8 = rowwise_weight(weight_int8)
     step = _row_step(exact, rows, n)

@@ -574,9 +574,9 @@ def quant_matmul_prepared(
     quant_bias_accumulator(k, quant_bias)` computed beforehand (layouts.py does it once at load); x: int8 codes
     or the float32 codes of `quantize_codes`; weight: int8 [n, k], its `rowwise_codes` layout or its oneDNN
     packing (`onednn_linear.pack`, which needs `quant_bias_f32` and `onednn_linear.bias_fits`: layouts.py checks).
-    `quant_bias_f32` (the bias as float32, given only when `exact_bias_fits(k, quant_bias)`): the product and the bias come from `exact_product_f32` or
-    `onednn_linear.product`, which equal f32(the exact integer sum) bit for bit, so `* deq_scale` rounds the same
-    float32 value."""
+    `quant_bias_f32` (the bias as float32, given only when `exact_bias_fits(k, quant_bias)`): the product and the
+    bias come from `exact_product_f32` or `onednn_linear.product`, which equal f32(the exact integer sum) bit for
+    bit, so `* deq_scale` rounds the same float32 value."""
     k, n = _weight_k_n(weight)
     packed = onednn_linear.is_packed(weight)
     if packed and quant_bias_f32 is None:

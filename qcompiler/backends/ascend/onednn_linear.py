@@ -82,9 +82,9 @@ def bias_fits(k: int, bias: Tensor) -> bool:
 
 
 def product(x: Tensor, packed: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-    """float32 [m, n]: `f32(f32(x @ W^T) * scale)` (scale float32 [n], `scales_apply`), or with `bias` (float32 [n] of integers)
-    and no scale `f32(x @ W^T) + bias`, which equals `f32(x @ W^T + bias)` where `bias_fits` (the caller checks). x: int8 [m, k], row-major rows (a row slice of a contiguous
-    tensor will do)."""
+    """float32 [m, n]: `f32(f32(x @ W^T) * scale)` (scale float32 [n], `scales_apply`), or with `bias` (float32
+    [n] of integers) and no scale `f32(x @ W^T) + bias`, which equals `f32(x @ W^T + bias)` where `bias_fits` (the
+    caller checks). x: int8 [m, k] with row-major rows (a row slice of a contiguous tensor will do)."""
     if scale is not None and bias is not None:
         raise ValueError("onednn_linear.product: a scale or a bias, not both (the order of the two would differ "
                          "from the NPU epilogue's)")

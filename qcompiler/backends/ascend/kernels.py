@@ -1142,6 +1142,39 @@ def quant_matmul_pergroup_prepared(
     return y.to(output_dtype).reshape(*x.shape[:-1], n)
 
 
+#: token rows per block of `quant_matmul_pergroup_packed`: a block's two [rows, n] float32 temporaries (the running
+#: group sum and one group's scaled sums) stay in cache while the groups fold into them
+_PERGROUP_PACKED_ROWS = 256
+
+
+def quant_matmul_pergroup_packed(
+    x: Tensor, packed: list, st: Tensor, pertoken_scale: Tensor, output_dtype: torch.dtype
+) -> Tensor:
+    """`quant_matmul_pergroup_prepared` of a full-sequence layer with each group's weight packed for oneDNN
+    (layouts.py: `onednn_linear.pack(W[:, group g])`, given when every two-stage scale is positive,
+    `onednn_linear.scales_apply`). `onednn_linear.product(x_g, packed[g], S_g)` is `f32(f32(acc_g) * S_g)`, the
+    spec's scaled group sum `t_g` itself (acc_g exact in int32, rounded once to float32, times S_g once); the groups
+    then fold in order, `y = t_0; y = f32(y + t_g)`, and `out = dtype(f32(y * pertoken_scale))`: the reference's
+    operations, so its bits. x: int8 codes (or the float32 codes of `dynamic_quant_codes`) [..., G * S]; st: the
+    two-stage scale [G, 1, n]; [..., n] in `output_dtype`."""
+    groups = len(packed)
+    size, n = onednn_linear.packed_k_n(packed[0])
+    k = groups * size
+    if x.shape[-1] != k or st.shape[0] != groups:
+        raise ValueError(f"quant_matmul_pergroup_packed: x [..., {x.shape[-1]}] vs {groups} groups of {size}")
+    rows = math.prod(x.shape[:-1])
+    xg = _int8_codes(x.reshape(rows, groups, size)).transpose(0, 1).contiguous()  # [G, rows, S]: one int8 copy
+    scales = st.reshape(groups, n)
+    y = torch.empty(rows, n, dtype=torch.float32)
+    for r0 in range(0, rows, _PERGROUP_PACKED_ROWS):
+        block = y[r0:r0 + _PERGROUP_PACKED_ROWS]
+        block.copy_(onednn_linear.product(xg[0, r0:r0 + _PERGROUP_PACKED_ROWS], packed[0], scales[0]))
+        for g in range(1, groups):  # y = f32(y + t_g), added by oneDNN into the block (one call a group)
+            onednn_linear.accumulate(xg[g, r0:r0 + _PERGROUP_PACKED_ROWS], packed[g], scales[g], block)
+    y.mul_(pertoken_scale.float().reshape(rows, 1))
+    return y.to(output_dtype).reshape(*x.shape[:-1], n)
+
+
 # --------------------------------------------------------------------------------------------------
 # qc::weight_quant_matmul (W8A16, W4A16)
 

@@ -32,7 +32,9 @@ int8 [n, k] (`kernels.rowwise_layout_pays`) and its codes int8; decode steps kee
 float codes, which their one-row products read. Where oneDNN's int8 linear is exact too (`onednn_linear.applies`),
 a full-sequence layer's W8A8_DYNAMIC weights with positive scales (`onednn_linear.scales_apply`), and W8A8 weights
 whose quant_bias float32 adds exactly (`onednn_linear.bias_fits`), are held packed for it instead ("onednn_packed":
-the product and the epilogue's first rounding in one call, `onednn_linear.product`).
+the product and the epilogue's first rounding in one call, `onednn_linear.product`); so are W4A8_DYNAMIC per-group
+weights with positive two-stage scales, one packed weight per group ("onednn_packed:group=G:size=S",
+`kernels.quant_matmul_pergroup_packed`).
 The prepared kernels are the ones the ops' CPU kernels call after computing the same tensors per call
 (kernels.py), so a prepared graph computes the same bits (tests/backends/ascend/test_layouts.py also checks
 every prepared tensor against the artifact's own tensors in quant_model_weights*.safetensors).
@@ -173,9 +175,16 @@ class _Preparer:
         n = scale.shape[0]
         kernels._check_groups(k, scale.shape[1], group_size)
         wg = self.attr(node, "int8_weight", [w.target], lambda: kernels.unpack_weight(tw, kernels.PACK_INT4_N, n, k))
-        self.rowwise_pending[wg.target] = True  # always row-wise (one part), whatever k
         st = self.attr(node, f"pergroup_scale:{out_dtype}:g={group_size}", [ws.target, ws2.target],
                        lambda: scale.t().contiguous().unsqueeze(1))
+        if self._packs() and onednn_linear.scales_apply(scale):  # each group's weight packed for oneDNN
+            w8 = _tensor(self.gm, wg)
+            packed = [self.attr(node, f"onednn_packed:group={g}:size={group_size}", [w.target],
+                                lambda g=g: onednn_linear.pack(w8[:, g * group_size:(g + 1) * group_size]))
+                      for g in range(scale.shape[1])]
+            self.replace(node, kernels.quant_matmul_pergroup_packed, (xq, packed, st, s, out_dtype))
+            return
+        self.rowwise_pending[wg.target] = True  # always row-wise (one part), whatever k
         fold = kernels.pergroup_fold_applies(scale.t())  # the group sums in one call (same order, same bits)
         self.replace(node, kernels.quant_matmul_pergroup_prepared, (xq, wg, st, s, out_dtype, fold))
 

@@ -37,7 +37,7 @@ _ZERO_POINTS: dict = {}  # n -> int32 zeros [n]: the weight zero points (symmetr
 
 
 def _ops():
-    return _ONEDNN.qlinear_prepack.default, _ONEDNN.qlinear_pointwise.default
+    return _ONEDNN.qlinear_prepack.default, _ONEDNN.qlinear_pointwise.default, _ONEDNN.qlinear_pointwise.binary
 
 
 def is_packed(weight: Tensor) -> bool:
@@ -95,6 +95,18 @@ def product(x: Tensor, packed: Tensor, scale: Tensor | None = None, bias: Tensor
     return _ops()[1](x, 1.0, 0, packed, scale, zero_points, bias, 1.0, 0, torch.float32, "none", [], "")
 
 
+def accumulate(x: Tensor, packed: Tensor, scale: Tensor, out: Tensor) -> Tensor:
+    """`out = f32(out + f32(f32(x @ W^T) * scale))` in place, returned: oneDNN's "sum" post-op adds the scaled
+    product into out in the same call (`_is_exact` checks that it rounds the product and the sum separately, as
+    the written-out `out.add_(product(x, packed, scale))` does). x: int8 [m, k]; out: float32 [m, n], contiguous."""
+    zero_points = _cached(_ZERO_POINTS, packed.shape[1], lambda m: torch.zeros(m, dtype=torch.int32))
+    res = _ops()[2](x, 1.0, 0, packed, scale, zero_points, out, None, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0,
+                    "none", [], "")
+    if res.data_ptr() != out.data_ptr():  # in place on this build (checked); a copy would still be the same sum
+        out.copy_(res)
+    return out
+
+
 def unpack(packed: Tensor) -> Tensor:
     """The int8 weight [n, k] a packed weight holds, computed from it: the product of the identity codes
     (each output row one weight column, |w| <= 128: exact in float32). For tests and the prepared-vs-artifact
@@ -106,8 +118,8 @@ def unpack(packed: Tensor) -> Tensor:
 def _is_exact() -> bool:
     """oneDNN's product and both epilogues above equal the written-out math bit for bit on adversarial operands,
     checked once: int8 extremes (rows of -128 against -128, 127 against 127: sums past 2**24, where the float32
-    conversion rounds), k past oneDNN's blocking, row counts of 1, 5 and 40, zero sums (+0) and an integer bias at
-    the exactness limit; against float64 sums (exact below 2**53)."""
+    conversion rounds), k past oneDNN's blocking, row counts of 1, 5 and 40, zero sums (+0), an integer bias at
+    the exactness limit and `accumulate`'s two roundings; against float64 sums (exact below 2**53)."""
     try:
         g = torch.Generator().manual_seed(0)
         for m, k, n in ((40, 1100, 67), (5, 64, 16), (1, 576, 9)):
@@ -123,6 +135,14 @@ def _is_exact() -> bool:
             got = product(x, packed, scale)
             want = acc * scale
             if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
+                return False
+            # the sum post-op: running sums of wide magnitudes (where an fma would round differently), exact
+            # cancellations and zeros
+            running = torch.randn(m, n, generator=g) * torch.exp2(torch.randint(-20, 20, (m, n), generator=g).float())
+            running[:, :2] = -want[:, :2]
+            running[:, 2] = 0.0
+            summed = accumulate(x, packed, scale, running.clone())
+            if not torch.equal(summed.view(torch.int32), (running + want).view(torch.int32)):
                 return False
             limit = 2 ** 24 - k * 128 * 128  # the largest bias `bias_fits` admits for this k
             if limit > 0:

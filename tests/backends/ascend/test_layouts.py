@@ -88,8 +88,13 @@ def _expected(kind: str, art: list, n_k, dtype) -> torch.Tensor:
     if name == "bias_f32":
         return art[0].to(dtype).float()
     if name in ("int8_weight", "onednn_packed"):  # past kernels.rowwise_layout_pays: int8 [n, k] (onednn_packed:
-        # oneDNN's layout of it, compared through onednn_linear.unpack in `mismatches`)
+        # oneDNN's layout of it, compared through onednn_linear.unpack in `mismatches`; W4A8_DYNAMIC per group:
+        # "onednn_packed:group=G:size=S", the int4 weight's columns [G * S, (G + 1) * S) as int8)
         (w,) = art
+        if "group=" in kind:
+            g, size = (int(kind.split(f"{key}=")[1].split(":")[0]) for key in ("group", "size"))
+            n = n_k[0]
+            return _unpacked(w, n, w.shape[1])[:, g * size:(g + 1) * size].contiguous()
         return _unpacked(w, *n_k)
     if name == "pergroup_scale":  # two-stage scale dtype(dtype(weight_scale) * dtype(weight_scale_second)) [G, 1, n]
         ws, ws2 = art
@@ -155,8 +160,8 @@ def test_prepared_tensors_equal_the_artifact(compiled, int8_gemm):
     if int8_gemm == "native" and quant in ("W8A8", "W8A8_DYNAMIC"):
         expect = (expect - {"rowwise_codes"}) | ({"int8_weight"} if quant == "W8A8_DYNAMIC" else set())
         assert "rowwise_codes" not in kinds, (quant, kinds)
-    if int8_gemm == "onednn" and quant in ("W8A8", "W8A8_DYNAMIC"):  # the tiny models' quant_bias fits (exact)
-        expect = (expect - {"rowwise_codes"}) | {"onednn_packed"}
+    if int8_gemm == "onednn" and quant in ("W8A8", "W8A8_DYNAMIC", "W4A8_DYNAMIC"):  # tiny models: quant_bias fits,
+        expect = (expect - {"rowwise_codes"}) | {"onednn_packed"}                  # every scale positive
         assert not kinds & {"rowwise_codes", "int8_weight"}, (quant, kinds)
     assert expect <= kinds, (quant, kinds)
 
@@ -233,12 +238,14 @@ def test_split_layout_on_the_tiny_models_gives_the_same_bits(compiled, monkeypat
             _assert_decode_steps_equal(plain, prepared, spec, model.head, x, i)
 
 
-def test_pergroup_fold_flag_follows_the_scales(compiled):
+def test_pergroup_fold_flag_follows_the_scales(compiled, monkeypatch):
     """W4A8_DYNAMIC: layouts.py lets a per-group matmul fold its group sums in one call only where
     `kernels.pergroup_fold_applies` (every channel has a positive scale): the artifact's scales qualify; one
-    channel with negative scales (a -0 sum possible, kernels._fold_groups) turns it off for that matmul only."""
+    channel with negative scales (a -0 sum possible, kernels._fold_groups) turns it off for that matmul only.
+    (Full-sequence layers without oneDNN's packed groups, which `test_pergroup_packs_only_positive_scales` covers.)"""
     if json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"] != "W4A8_DYNAMIC":
         pytest.skip("no per-group matmul in this case")
+    monkeypatch.setattr(onednn_linear, "_DECIDED", [False])
     model = load_model(compiled)
     flags = lambda g: [n.args[5] for n in g.graph.nodes if n.target is kernels.quant_matmul_pergroup_prepared]
     assert set(flags(model.layers.get(0, prepared=True))) == {True}
@@ -248,6 +255,35 @@ def test_pergroup_fold_flag_follows_the_scales(compiled):
     scale[1] = -scale[1].abs()  # channel 1: every two-stage scale negative
     got = flags(layouts.prepare_layer(gm))
     assert got[0] is False and set(got[1:]) == {True}, got
+
+
+def test_pergroup_packs_only_positive_scales(compiled, monkeypatch):
+    """W4A8_DYNAMIC full-sequence layers read one oneDNN-packed weight per group where every two-stage scale is
+    positive (`onednn_linear.scales_apply`: a zero sum times a negative scale is -0, which oneDNN's small-row
+    kernels return as +0); one channel with negative scales keeps that matmul on the written-out kernel, with
+    the same bits as the op graph."""
+    if json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"] != "W4A8_DYNAMIC":
+        pytest.skip("no per-group matmul in this case")
+    if not onednn_linear._is_exact():
+        pytest.skip("no exact oneDNN int8 linear on this CPU")
+    monkeypatch.setattr(onednn_linear, "_DECIDED", [True])
+    model = load_model(compiled)
+    targets = lambda g: [n.target for n in g.graph.nodes if n.op == "call_function" and n.target in (
+        kernels.quant_matmul_pergroup_packed, kernels.quant_matmul_pergroup_prepared)]
+    assert set(targets(model.layers.get(0, prepared=True))) == {kernels.quant_matmul_pergroup_packed}
+    gm = model.layers.get(0)
+    first = next(n for n in gm.graph.nodes if n.target is torch.ops.qc.quant_matmul_pergroup.default)
+    scale = layouts._fetch(gm, first.args[2].target)
+    scale[1] = -scale[1].abs()
+    x = model.head.embed(torch.randint(0, 250, (1, 9), generator=torch.Generator().manual_seed(4)))
+    pe = model.head.rope(9)
+    with torch.inference_mode():
+        want = gm(x, position_embeddings=pe)
+        prepared = layouts.prepare_layer(gm)
+        got = targets(prepared)
+        assert got[0] is kernels.quant_matmul_pergroup_prepared, got
+        assert set(got[1:]) == {kernels.quant_matmul_pergroup_packed}, got
+        assert torch.equal(prepared(x, position_embeddings=pe).view(torch.int16), want.view(torch.int16))
 
 
 def test_prepare_leaves_graphs_on_another_device_alone():
@@ -325,7 +361,7 @@ def test_decode_steps_merge_sibling_linears(compiled, monkeypatch, part_channels
         assert set(record) == {name for name, _ in step.named_buffers() if name.startswith("prepared_")}
         assert mismatches(step, artifact, i, model.head.dtype) == []
         full = model.layers.get(i, prepared=True)
-        assert not calls(full, merged) and len(calls(full, single)) == 7
+        assert not calls(full, merged) and len(calls(full, single | {kernels.quant_matmul_pergroup_packed})) == 7
     name = next(n for n, e in record.items() if len(e["from"]) == 3 and e["kind"].startswith("rowwise_codes"))
     getattr(step, name)[-1, 0] ^= 1  # one code of q (channel 0, last input column) in the q/k/v weight
     assert mismatches(step, artifact, model.layers.num_layers - 1, model.head.dtype) == [

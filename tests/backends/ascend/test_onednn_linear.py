@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qcompiler.backends.ascend import kernels, onednn_linear
+from qcompiler.backends.ascend.int4 import pack_int4
 from qcompiler.errors import QCError
 from qcompiler.ir import qnumerics as qn
 
@@ -177,3 +178,39 @@ def test_a_bias_past_the_limit_would_round_twice():
     assert not onednn_linear.bias_fits(k, bias)
     got = onednn_linear.product(x, onednn_linear.pack(w), bias=bias.float())
     assert got.item() == 2.0 ** 24 and (x.double() @ w.double().t() + 1).float().item() == 2.0 ** 24 + 2
+
+
+@needs_onednn
+@pytest.mark.parametrize("m,k,n", [(1, 64, 16), (40, 1100, 67), (300, 576, 96)])
+def test_accumulate_rounds_the_product_and_the_sum_separately(m, k, n):
+    """oneDNN's sum post-op adds f32(f32(acc) * scale) into out: two roundings, as `out.add_(product(...))`, on
+    running sums of wide magnitudes (where a fused multiply-add would round once), cancellations and zeros."""
+    x, w = codes(m, k, seed=17), codes(n, k, seed=18)
+    scale = torch.rand(n, generator=gen(19)) * 1e-2 + 1e-6
+    packed = onednn_linear.pack(w)
+    t = exact_f32(x, w) * scale
+    out = torch.randn(m, n, generator=gen(20)) * torch.exp2(torch.randint(-20, 20, (m, n), generator=gen(21)).float())
+    out[:, 0] = -t[:, 0]
+    want = out + t
+    got = onednn_linear.accumulate(x, packed, scale, out)
+    assert got.data_ptr() == out.data_ptr() and same_bits(got, want)
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows,k,n,group", [(1, 128, 16, 64), (19, 256, 96, 32), (300, 576, 64, 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_pergroup_on_packed_groups_equals_the_reference(rows, k, n, group, dtype):
+    """kernels.quant_matmul_pergroup_packed (W4A8_DYNAMIC, one packed weight per group) gives the reference's bits:
+    each group's scaled sum, folded in order, times the per-token scale (300 rows: two row blocks)."""
+    x = codes(rows, k, seed=22)
+    w = torch.randint(-8, 8, (n, k), generator=gen(23), dtype=torch.int8)
+    w[0] = -8
+    ws = torch.rand(n, 1, generator=gen(24)) * 1e-2 + 1e-4
+    ws2 = torch.rand(n, k // group, generator=gen(25)) + 0.1
+    pts = torch.rand(rows, generator=gen(26))
+    want = kernels.quant_matmul_pergroup(x, pack_int4(w, 0), ws, ws2, pts, group, dtype)
+    s = kernels.two_stage_scale(ws, ws2, dtype)
+    packed = [onednn_linear.pack(w[:, g * group:(g + 1) * group]) for g in range(k // group)]
+    got = kernels.quant_matmul_pergroup_packed(x, packed, s.t().contiguous().unsqueeze(1), pts, dtype)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(got.view(bits), want.view(bits))

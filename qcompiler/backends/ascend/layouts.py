@@ -95,9 +95,10 @@ def _on_cpu(gm) -> bool:
 
 
 class _Preparer:
-    def __init__(self, gm, decode: bool = False):
+    def __init__(self, gm, decode: bool = False, pack: bool = True):
         self.gm, self.graph = gm, gm.graph
         self.decode = decode  # a decode step (one token row per call): kernels.rowwise_layout_pays
+        self.pack = pack  # enough token rows ahead to repay oneDNN's packing (onednn_linear.PACK_FROM_ROWS)
         self.record = gm.meta.setdefault(PREPARED, {})
         self._cache: dict = {}  # (kind, source targets) -> get_attr target: q/k/v share a quantize
         #: int8 [n, k] weights (attribute names) that `lay_out_rowwise` turns into `kernels.rowwise_codes`, and
@@ -119,7 +120,7 @@ class _Preparer:
 
     def _packs(self) -> bool:
         """A full-sequence layer's int8 weights are packed for oneDNN's int8 linear (`onednn_linear.applies`)."""
-        return not self.decode and onednn_linear.applies()
+        return not self.decode and self.pack and onednn_linear.applies()
 
     def replace(self, node, fn, args) -> None:
         with self.graph.inserting_before(node):
@@ -394,14 +395,16 @@ def merge_siblings(gm: torch.fx.GraphModule, prep: _Preparer | None = None) -> i
     return saved
 
 
-def prepare_layer(gm: torch.fx.GraphModule, merge: bool = False) -> torch.fx.GraphModule:
+def prepare_layer(gm: torch.fx.GraphModule, merge: bool = False, rows: int | None = None) -> torch.fx.GraphModule:
     """`gm` rewritten in place to read prepared tensors and call the CPU kernels directly (module
     docstring); returned unchanged when a tensor is not on the CPU. Idempotent. `merge`: also
     `merge_siblings` (decode steps, ir/decode.py: one token row per call, where a call's overhead is most of
-    its cost; the full-sequence layers keep one call per Linear, so no product widens a merged weight)."""
+    its cost; the full-sequence layers keep one call per Linear, so no product widens a merged weight). `rows`: the
+    token rows the layer will run in all (eval: windows x seq_len), None when unknown; oneDNN's packed weights are
+    made only from `onednn_linear.PACK_FROM_ROWS` rows (packing costs what a few thousand rows' products save)."""
     if not _on_cpu(gm):
         return gm
-    prep = _Preparer(gm, decode=merge)
+    prep = _Preparer(gm, decode=merge, pack=rows is None or rows >= onednn_linear.PACK_FROM_ROWS)
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue

@@ -12,6 +12,7 @@ from qcompiler import cli
 from qcompiler.backends.ascend import kernels, layouts, onednn_linear
 from qcompiler.backends.ascend.int4 import unpack_int4
 from qcompiler.generate import generate
+from qcompiler.ir import qnumerics as qn
 from qcompiler.ir.decode import build_decode_graph
 from qcompiler.runtime import load_model
 from tests.helpers import SMALL
@@ -413,3 +414,37 @@ def test_dynamic_quant_scale_as_a_column_only_for_prepared_matmuls(scale_elsewhe
     for a, b in zip(got if scale_elsewhere else [got], want if scale_elsewhere else [want]):
         assert a.shape == b.shape and torch.equal(a.view(torch.int16 if a.dtype == torch.bfloat16 else a.dtype),
                                                   b.view(torch.int16 if b.dtype == torch.bfloat16 else b.dtype))
+
+
+def test_short_runs_keep_the_int8_weights(compiled, monkeypatch):
+    """prepare_layer(rows=...) packs weights for oneDNN only from onednn_linear.PACK_FROM_ROWS token rows (packing
+    costs what about a thousand rows' faster products save: a short eval keeps `_int_mm` on the int8 weights), and
+    `qcompile eval` says how many rows each layer will run; both forms compute the op graph's bits."""
+    from qcompiler import evaluate
+    quant = json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"]
+    if quant != "W8A8_DYNAMIC":
+        pytest.skip("W8A8_DYNAMIC shows it")
+    if not onednn_linear._is_exact():
+        pytest.skip("no exact oneDNN int8 linear on this CPU")
+    monkeypatch.setattr(onednn_linear, "_DECIDED", [True])
+    monkeypatch.setattr(qn, "_INT8_NATIVE", [True])
+    model = load_model(compiled)
+    kinds = lambda gm: {e["kind"].split(":")[0] for e in gm.meta[layouts.PREPARED].values()}
+    limit = onednn_linear.PACK_FROM_ROWS
+    packed, at_limit = model.layers.get(0, prepared=True), model.layers.get(0, prepared=True, rows=limit)
+    short = model.layers.get(0, prepared=True, rows=limit - 1)
+    assert "onednn_packed" in kinds(packed) and "onednn_packed" in kinds(at_limit)
+    assert "onednn_packed" not in kinds(short) and "int8_weight" in kinds(short), kinds(short)
+    x = model.head.embed(torch.randint(0, 250, (2, 7), generator=torch.Generator().manual_seed(8)))
+    pe = model.head.rope(7)
+    with torch.inference_mode():
+        want = model.layers.get(0)(x, position_embeddings=pe)
+        for gm in (packed, short):
+            assert torch.equal(gm(x, position_embeddings=pe).view(torch.int16), want.view(torch.int16))
+    seen = []
+    real = layouts.prepare_layer
+    monkeypatch.setattr(layouts, "prepare_layer", lambda gm, merge=False, rows=None: seen.append(rows) or real(
+        gm, merge, rows))
+    windows = torch.randint(0, 250, (3, 16), generator=torch.Generator().manual_seed(9))
+    evaluate.perplexity(model, windows)
+    assert seen == [windows.numel()] * model.layers.num_layers, seen

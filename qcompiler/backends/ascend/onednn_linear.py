@@ -105,7 +105,12 @@ def product(x: Tensor, packed: Tensor, scale: Tensor | None = None, bias: Tensor
 def accumulate(x: Tensor, packed: Tensor, scale: Tensor, out: Tensor) -> Tensor:
     """`out = f32(out + f32(f32(x @ W^T) * scale))` in place, returned: oneDNN's "sum" post-op adds the scaled
     product into out in the same call (`_is_exact` checks that it rounds the product and the sum separately, as
-    the written-out `out.add_(product(x, packed, scale))` does). x: int8 [m, k]; out: float32 [m, n], contiguous."""
+    the written-out `out.add_(product(x, packed, scale))` does). x: int8 [m, k]; out: float32 [m, n], contiguous
+    (ValueError otherwise: oneDNN reads and writes it as a dense block whatever its strides, so a strided view would
+    get wrong sums and the memory beside it overwritten)."""
+    if out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"onednn_linear.accumulate: out must be a contiguous float32 tensor, got {out.dtype} "
+                         f"strides {out.stride()}")
     zero_points = _cached(_ZERO_POINTS, packed.shape[1], lambda m: torch.zeros(m, dtype=torch.int32))
     res = _ops()[2](x, 1.0, 0, packed, scale, zero_points, out, None, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0,
                     "none", [], "")

@@ -214,3 +214,35 @@ def test_pergroup_on_packed_groups_equals_the_reference(rows, k, n, group, dtype
     got = kernels.quant_matmul_pergroup_packed(x, packed, s.t().contiguous().unsqueeze(1), pts, dtype)
     bits = torch.int32 if dtype == torch.float32 else torch.int16
     assert torch.equal(got.view(bits), want.view(bits))
+
+
+@needs_onednn
+def test_accumulate_refuses_an_out_that_is_not_contiguous_float32():
+    """oneDNN's sum post-op reads and writes `out` as a dense [m, n] block whatever its strides: a column slice
+    (row stride n + 4) came back with wrong sums and the columns beside it overwritten (review31). The smallest
+    case: 2 rows of ones, k 1, n 1, out = a [2, 2] tensor's first column."""
+    x, w = torch.ones(2, 1, dtype=torch.int8), torch.ones(1, 1, dtype=torch.int8)
+    big = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        onednn_linear.accumulate(x, onednn_linear.pack(w), torch.ones(1), big[:, :1])
+    assert torch.equal(big, torch.zeros(2, 2))  # nothing written beside it
+    with pytest.raises(ValueError, match="contiguous float32"):
+        onednn_linear.accumulate(x, onednn_linear.pack(w), torch.ones(1), torch.zeros(2, 1, dtype=torch.bfloat16))
+
+
+@needs_onednn
+def test_pergroup_reference_sums_a_one_product_group_to_plus_zero():
+    """Spec sec. 4: the group sums acc_g are exact integers, so a zero sum is +0 and, with a positive scale, so is
+    its output. The written-out kernel (`quant_matmul_pergroup`, the op graph's) forms them with a float32 bmm,
+    which at k = group_size = 1 from 25 rows x 16 channels returns -128 * 0 = -0.0 (found by review31); the packed
+    kernel (oneDNN's int32 sums) returns +0, so the prepared graph and the op graph differ in the sign of zero.
+    Pre-existing in the reference kernel, not in the oneDNN path."""
+    rows, n = 25, 16
+    x = torch.full((rows, 1), -128, dtype=torch.int8)
+    w = torch.zeros(n, 1, dtype=torch.int8)
+    ws, ws2, pts = torch.ones(n, 1), torch.ones(n, 1), torch.ones(rows)
+    want = torch.zeros(rows, n)  # +0 everywhere
+    packed = kernels.quant_matmul_pergroup_packed(x, [onednn_linear.pack(w)], torch.ones(1, 1, n), pts, torch.float32)
+    assert same_bits(packed, want)
+    reference = kernels.quant_matmul_pergroup(x, pack_int4(w, 0), ws, ws2, pts, 1, torch.float32)
+    assert same_bits(reference, want)

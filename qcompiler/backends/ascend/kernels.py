@@ -1128,9 +1128,10 @@ def quant_matmul_pergroup_prepared(
     elif wg.dtype != acc_dtype:  # matmul precision changed since the operands were prepared
         wg = wg.to(acc_dtype)
     y = torch.empty(rows, n, dtype=torch.float32, device=x.device)
-    for r0 in range(0, rows, _PERGROUP_ROWS):
+    zero = torch.zeros(1, 1, n, dtype=acc_dtype, device=x.device)  # +0 start: a one-product sum -128 * 0 is -0 in a bmm
+    for r0 in range(0, rows, _PERGROUP_ROWS):                      # (exact_product_f32's signed-zero argument)
         xs = xf[r0:r0 + _PERGROUP_ROWS].to(acc_dtype).reshape(-1, groups, group_size).transpose(0, 1)
-        acc = torch.bmm(xs, wg).to(torch.float32).mul_(st)                               # [G, r, n]
+        acc = torch.baddbmm(zero, xs, wg).to(torch.float32).mul_(st)                       # [G, r, n]
         block = y[r0:r0 + _PERGROUP_ROWS]
         if fold and _group_fold_is_sequential():
             block.copy_(_fold_groups(acc.view(-1, n), acc.shape[1], groups, True))

@@ -235,8 +235,8 @@ def test_pergroup_reference_sums_a_one_product_group_to_plus_zero():
     """Spec sec. 4: the group sums acc_g are exact integers, so a zero sum is +0 and, with a positive scale, so is
     its output. The written-out kernel (`quant_matmul_pergroup`, the op graph's) forms them with a float32 bmm,
     which at k = group_size = 1 from 25 rows x 16 channels returns -128 * 0 = -0.0 (found by review31); the packed
-    kernel (oneDNN's int32 sums) returns +0, so the prepared graph and the op graph differ in the sign of zero.
-    Pre-existing in the reference kernel, not in the oneDNN path."""
+    kernel (oneDNN's int32 sums) returns +0, so the prepared graph and the op graph differed in the sign of zero.
+    Pre-existing in the reference kernel; its group sums now start from +0 (`torch.baddbmm` on zeros)."""
     rows, n = 25, 16
     x = torch.full((rows, 1), -128, dtype=torch.int8)
     w = torch.zeros(n, 1, dtype=torch.int8)

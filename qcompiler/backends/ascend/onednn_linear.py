@@ -33,9 +33,10 @@ from ...ir import qnumerics as qn
 #: fewest token rows a full-sequence layer must be going to run before its weights are packed (layouts.py
 #: `prepare_layer(rows=...)`): packing re-lays every weight once, ~300 MB/s on one core (SmolLM2: 12 ms a layer,
 #: 0.35 s for 30; one Qwen2.5-7B layer ~0.6 s; W4A8_DYNAMIC's per-group packs 23 ms a SmolLM2 layer), which the faster
-#: products repay after about 1000 rows (W8A8_DYNAMIC, SmolLM2: 11.7 us a row a layer), 270 (W4A8_DYNAMIC) and 3000
-#: (7B widths). Below it, e.g. `qcompile eval` of one short window, the weights stay int8 for `_int_mm`.
-PACK_FROM_ROWS = 2048
+#: products repay after about 1000 rows (W8A8_DYNAMIC, SmolLM2: 11.7 us a row a layer), 270 (W4A8_DYNAMIC) and 3400
+#: (W8A8_DYNAMIC at Qwen2.5-7B widths: 0.18 ms a row saved, bench layer7b stop 31). Below it, e.g. `qcompile eval` of
+#: a few short windows, the weights stay int8 for `_int_mm`; the default eval (40 x 512 rows) packs.
+PACK_FROM_ROWS = 4096
 
 _ONEDNN = getattr(torch.ops, "onednn", None)
 _DECIDED: list = []  # [bool] once decided (`applies`)

@@ -37,7 +37,7 @@ def perplexity(model: LoadedModel, windows: torch.LongTensor, batch_size: int | 
     bar = tqdm(range(model.layers.num_layers), desc=f"eval ({model.kind})", unit="layer", file=sys.stderr,
                disable=not knobs.progress_enabled())
     for i in bar:
-        layer = model.layers.get(i, LayerInputs(hidden[:1], pe), prepared=True)
+        layer = model.layers.get(i, LayerInputs(hidden[:1], pe), prepared=True, rows=windows.numel())
         hidden = run_layer_batched(layer, hidden, pe, batch_size)
         del layer
     nll, count = 0.0, 0

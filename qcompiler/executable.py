@@ -420,9 +420,10 @@ class ExecutableLayers:
             self._docs[k] = doc
         return self._docs[k], path
 
-    def get(self, index: int, sample=None, prepared: bool = False) -> torch.fx.GraphModule:
+    def get(self, index: int, sample=None, prepared: bool = False, rows: int | None = None) -> torch.fx.GraphModule:
         """Layer `index`: its program rebuilt with this layer's tensors (a fresh module every call); with
-        `prepared`, in the form that runs (backends/ascend/layouts.py: weight layouts prepared once)."""
+        `prepared`, in the form that runs (backends/ascend/layouts.py: weight layouts prepared once; `rows`: the
+        token rows it will run in all, when known, `prepare_layer`)."""
         k = self.programs[index]
         doc, path = self._program(k)
         tensors_path = self.folder / LAYERS_DIR / layer_file(index)
@@ -440,7 +441,7 @@ class ExecutableLayers:
                           f"one takes {len(inputs)} inputs: damaged or not written by qcompile (recompile)")
         if prepared:
             from .backends.ascend.layouts import prepare_layer
-            gm = prepare_layer(gm)
+            gm = prepare_layer(gm, rows=rows)
         return gm
 
     def decode(self, index: int, sample=None):

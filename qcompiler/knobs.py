@@ -8,8 +8,11 @@
 | QC_THREADS      | unset (torch's default; with    | torch intra-op threads                               |
 |                 | --workers N: cores / N)         |                                                      |
 | QC_INT8_GEMM    | auto                            | int8 products: "native" torch._int_mm, "float32"     |
-|                 |                                 | exact float32 GEMMs, "auto" by the CPU (qnumerics.   |
-|                 |                                 | int8_gemm_native); same integers, speed only         |
+|                 |                                 | exact float32 GEMMs, "onednn" as native but full-    |
+|                 |                                 | sequence layers on oneDNN's int8 linear with packed  |
+|                 |                                 | weights (backends/ascend/onednn_linear.py), "auto"   |
+|                 |                                 | by the CPU (qnumerics.int8_gemm_native, onednn_      |
+|                 |                                 | linear.applies); same bits, speed only               |
 | QC_TEST_PAUSE   | unset                           | test hook: PHASE[@RANK][:SECONDS] makes a compile    |
 |                 |                                 | print "qcompile: test pause at PHASE (pid P, rank R)"|
 |                 |                                 | on stderr and sleep                                  |
@@ -59,11 +62,12 @@ def threads() -> int | None:
 
 
 #: QC_INT8_GEMM values: "auto" decides by the CPU (qnumerics.int8_gemm_native)
-INT8_GEMM_CHOICES = ("auto", "native", "float32")
+INT8_GEMM_CHOICES = ("auto", "onednn", "native", "float32")
 
 
 def int8_gemm() -> str:
-    """QC_INT8_GEMM: "auto" (unset), "native" or "float32" (qnumerics.int8_gemm_native); QCError otherwise."""
+    """QC_INT8_GEMM: "auto" (unset), "onednn", "native" or "float32" (qnumerics.int8_gemm_native,
+    backends/ascend/onednn_linear.applies); QCError otherwise."""
     value = os.environ.get("QC_INT8_GEMM") or "auto"
     if value not in INT8_GEMM_CHOICES:
         from .errors import QCError

@@ -99,7 +99,7 @@ class _FloatLayers:
     def _template(self, index: int, sample) -> torch.fx.GraphModule:
         raise NotImplementedError
 
-    def get(self, index: int, sample, prepared: bool = False):
+    def get(self, index: int, sample, prepared: bool = False, rows: int | None = None):  # rows: int8 layers only
         tensors = self.ckpt.tensors(f"model.layers.{index}.")
         key = self._structure(index, tensors)
         if key not in self._templates:

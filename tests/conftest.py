@@ -79,13 +79,19 @@ def moe_models(tmp_path_factory):
     return {arch: make_tiny_model(root / arch, arch) for arch in ("qwen3_moe", "qwen2_moe")}
 
 
-@pytest.fixture(params=["float32", "native"])
+@pytest.fixture(params=["float32", "native", "onednn"])
 def int8_gemm(request, monkeypatch):
     """Runs the test with each way of computing int8 products (qnumerics.int8_gemm_native: exact float32 GEMMs,
-    or `torch._int_mm`), whatever this host would pick, so both paths are held to the reference bits everywhere.
+    or `torch._int_mm`; backends/ascend/onednn_linear.applies: full-sequence layers on oneDNN's int8 linear with
+    packed weights), whatever this host would pick, so every path is held to the reference bits everywhere
+    ("onednn" skips where oneDNN's product is missing or inexact, as on CPUs without int8 dot products).
     Layers prepare their layouts when they are first loaded, so load models inside the test."""
+    from qcompiler.backends.ascend import onednn_linear
     from qcompiler.ir import qnumerics
-    monkeypatch.setattr(qnumerics, "_INT8_NATIVE", [request.param == "native"])
+    if request.param == "onednn" and not onednn_linear._is_exact():
+        pytest.skip("no exact oneDNN int8 linear on this CPU (onednn_linear._is_exact)")
+    monkeypatch.setattr(qnumerics, "_INT8_NATIVE", [request.param != "float32"])
+    monkeypatch.setattr(onednn_linear, "_DECIDED", [request.param == "onednn"])
     return request.param
 
 

@@ -174,7 +174,7 @@ def int8_gemm_native() -> bool:
             fast = any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_vnni_supported", "_is_amx_tile_supported"))
             native = fast and _int_mm_is_exact()
         else:
-            native = choice == "native"
+            native = choice in ("native", "onednn")  # onednn: full-sequence layers only; `_int_mm` elsewhere
         _INT8_NATIVE.append(native)
     return _INT8_NATIVE[0]
 

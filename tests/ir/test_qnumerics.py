@@ -126,7 +126,7 @@ def test_int8_matmul_uses_int_mm_where_it_is_native(monkeypatch):
     assert qn.int8_matmul(a, b).unique().tolist() == [0] and calls == [1]
 
 
-@pytest.mark.parametrize("value,native", [("native", True), ("float32", False)])
+@pytest.mark.parametrize("value,native", [("native", True), ("onednn", True), ("float32", False)])
 def test_int8_gemm_choice_from_the_environment(monkeypatch, value, native):
     monkeypatch.setattr(qn, "_INT8_NATIVE", [])
     monkeypatch.setenv("QC_INT8_GEMM", value)
@@ -139,7 +139,7 @@ def test_int8_gemm_choice_refuses_an_unknown_value(monkeypatch):
     from qcompiler.errors import QCError
     monkeypatch.setattr(qn, "_INT8_NATIVE", [])
     monkeypatch.setenv("QC_INT8_GEMM", "amx")
-    with pytest.raises(QCError, match="QC_INT8_GEMM='amx': expected one of auto, native, float32"):
+    with pytest.raises(QCError, match="QC_INT8_GEMM='amx': expected one of auto, onednn, native, float32"):
         qn.int8_gemm_native()
 
 

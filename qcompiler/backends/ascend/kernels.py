@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ...ir import qnumerics as qn
+from . import onednn_linear
 from .int4 import unpack_int4, unpack_int4_int32
 
 # Weight packings, as the artifact stores them (spec sec. 3).
@@ -168,7 +169,10 @@ def exact_bias_fits(k: int, bias: Tensor) -> bool:
 
 
 def _weight_k_n(weight: Tensor) -> tuple[int, int]:
-    """(k, n) of an int8 weight [n, k] or of its `rowwise_codes` layout ([k, n + 8], or [parts, k, n / parts + 8])."""
+    """(k, n) of an int8 weight [n, k], of its `rowwise_codes` layout ([k, n + 8], or [parts, k, n / parts + 8])
+    or of its oneDNN packing (`onednn_linear.pack`)."""
+    if onednn_linear.is_packed(weight):
+        return onednn_linear.packed_k_n(weight)
     if weight.dtype == torch.uint8:
         if weight.dim() == 3:
             return weight.shape[1], weight.shape[0] * (weight.shape[2] - 8)
@@ -487,14 +491,14 @@ def quantize_prepared(x: Tensor, recip: Tensor, offset: Tensor) -> Tensor:
     k = x.shape[-1] if x.dim() else 1
     block = _block_elements(x.numel())
     if x.numel() <= block or x.dim() < 1:
-        y = torch.mul(x, recip)
+        y = _float32_copy(x).mul_(recip)
         y.add_(offset).round_().clamp_(-128, 127)
         return y.to(torch.int8)
     x2 = x.reshape(math.prod(x.shape[:-1]), k)  # rows in cache-sized blocks: the float32 quotient of one at a time
     out = torch.empty(x2.shape, dtype=torch.int8)
     step = qn.row_step(k, block)
     for start in range(0, x2.shape[0], step):
-        y = torch.mul(x2[start:start + step], recip)
+        y = _float32_copy(x2[start:start + step]).mul_(recip)
         y.add_(offset).round_().clamp_(-128, 127)
         out[start:start + step] = y
     return out.reshape(x.shape)
@@ -508,6 +512,26 @@ def quantize_codes(x: Tensor, recip: Tensor, offset: Tensor) -> Tensor:
         y = torch.mul(x, recip)
         return y.add_(offset).round_().clamp_(-128, 127)
     return quantize_prepared(x, recip, offset)
+
+
+def _float32_copy(x: Tensor) -> Tensor:
+    """A new float32 tensor of x's values (exact: bfloat16 / float16 / float32 widen exactly), for the in-place
+    float32 ops of `quantize_prepared` and `dynamic_quant`. Widening first is one vectorized conversion; a
+    mixed-dtype `torch.mul(x_bf16, recip_f32)` / `torch.div(x_bf16, s_f32)` runs aten's casting loop over every
+    element (`[512, 1536]` bfloat16 / float32 [512, 1] at 1 thread: 1.45 ms, against 0.1-0.2 ms for the conversion;
+    `/tmp` probe, stop 31). The same float32 operands, so the same bits."""
+    return x.to(torch.float32, copy=True)
+
+
+def _f32(acc: Tensor) -> Tensor:
+    """The float32 of an exact integer accumulator (int32 or int64), rounded once as `.to(float32)` does.
+
+    The epilogues convert first and then run same-dtype float32 ops in place, ending with one `copy_` into the
+    output dtype, rather than `torch.mul(acc_int32, scale_f32, out=out_bf16)`: the same roundings (int ->
+    float32, each float32 product, float32 -> output dtype), but mixed-dtype operands send aten's elementwise
+    kernels down their unvectorized casting loop. Measured on the AMX host, 1 thread, `[512, 1536]`: int32 *
+    float32 [n] then * [rows, 1] into bfloat16 2.40 ms, convert-then-in-place 0.64 ms (`/tmp` probe, stop 31)."""
+    return acc.to(torch.float32)
 
 
 def _int8_codes(codes: Tensor) -> Tensor:
@@ -548,32 +572,38 @@ def quant_matmul_prepared(
 ) -> Tensor:
     """`quant_matmul` with `deq_scale_f32 = decode_deq_scale(deq_scale)` and `quant_bias_acc =
     quant_bias_accumulator(k, quant_bias)` computed beforehand (layouts.py does it once at load); x: int8 codes
-    or the float32 codes of `quantize_codes`; weight: int8 [n, k] or its `rowwise_codes` layout. `quant_bias_f32` (the bias as float32, given only when
-    `exact_bias_fits(k, quant_bias)`): the product and the bias come from `exact_product_f32`, which equals
-    f32(the exact integer sum) bit for bit, so `* deq_scale` rounds the same float32 value."""
+    or the float32 codes of `quantize_codes`; weight: int8 [n, k], its `rowwise_codes` layout or its oneDNN
+    packing (`onednn_linear.pack`, which needs `quant_bias_f32` and `onednn_linear.bias_fits`: layouts.py checks).
+    `quant_bias_f32` (the bias as float32, given only when `exact_bias_fits(k, quant_bias)`): the product and the
+    bias come from `exact_product_f32` or `onednn_linear.product`, which equal f32(the exact integer sum) bit for
+    bit, so `* deq_scale` rounds the same float32 value."""
     k, n = _weight_k_n(weight)
+    packed = onednn_linear.is_packed(weight)
+    if packed and quant_bias_f32 is None:
+        raise ValueError("quant_matmul_prepared: a oneDNN-packed weight needs quant_bias_f32 (exact_bias_fits)")
     if quant_bias_f32 is not None and _decode_rowwise(x, weight, k):  # decode: no chunks, fewest calls
-        # f32(acc * deq_scale) rounded to the output dtype once, as torch.mul(..., out=) of the general path does
+        # f32(acc * deq_scale) rounded to the output dtype once, as the general path's copy_ does
         return _rowwise_product(x, weight, quant_bias_f32).mul_(deq_scale_f32).to(output_dtype)
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, k)
     out = torch.empty(rows, n, dtype=output_dtype)
-    exact = quant_bias_f32 is not None and exact_product_preferred(x, k)
+    exact = quant_bias_f32 is not None and not packed and exact_product_preferred(x, k)
     if not exact and weight.dtype == torch.uint8:
         weight = rowwise_weight(weight)
     step = _row_step(exact, rows, n)
     for start in range(0, rows, step):  # token rows in chunks: bounds the accumulator
         xs, os = (x2, out) if rows <= step else (x2[start:start + step], out[start:start + step])
         if exact:
-            torch.mul(exact_product_f32(xs, weight, quant_bias_f32), deq_scale_f32, out=os)
+            os.copy_(exact_product_f32(xs, weight, quant_bias_f32).mul_(deq_scale_f32))
+            continue
+        if packed:
+            os.copy_(onednn_linear.product(_int8_codes(xs), weight, bias=quant_bias_f32).mul_(deq_scale_f32))
             continue
         acc = int_matmul(_int8_codes(xs), weight)
         if acc.dtype == torch.int32 and quant_bias_acc.dtype != torch.int32:
             acc = acc.to(torch.int64)
         acc.add_(quant_bias_acc)
-        # int * float32 promotes inside one kernel (same int -> float32 rounding as .to(float32)) and the
-        # out= store rounds float32 -> output dtype exactly like .to(): one memory pass instead of three.
-        torch.mul(acc, deq_scale_f32, out=os)
+        os.copy_(_f32(acc).mul_(deq_scale_f32))  # f32(acc * deq_scale), then one rounding to the output dtype
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -663,7 +693,7 @@ def dynamic_quant(x: Tensor) -> tuple[Tensor, Tensor]:
     if x.numel() <= block:
         s = x.abs().amax(dim=-1).float().div_(127)
         s.masked_fill_(s == 0, 1.0)  # all-zero rows quantize to zeros with scale 1
-        y = torch.div(x, s.unsqueeze(-1))
+        y = _float32_copy(x).div_(s.unsqueeze(-1))
         return y.round_().clamp_(-128, 127).to(torch.int8), s
     k = x.shape[-1]
     x2 = x.reshape(math.prod(x.shape[:-1]), k)
@@ -675,7 +705,7 @@ def dynamic_quant(x: Tensor) -> tuple[Tensor, Tensor]:
         sr = x2[r].abs().amax(dim=-1).float().div_(127)
         sr.masked_fill_(sr == 0, 1.0)
         s[r] = sr
-        out[r] = torch.div(x2[r], sr.unsqueeze(-1)).round_().clamp_(-128, 127)
+        out[r] = _float32_copy(x2[r]).div_(sr.unsqueeze(-1)).round_().clamp_(-128, 127)
     return out.reshape(x.shape), s.reshape(x.shape[:-1])
 
 
@@ -743,7 +773,8 @@ def quant_matmul_pertoken_prepared(
 ) -> Tensor:
     """`quant_matmul_pertoken` with the weight unpacked to int8 [n, k] and `weight_scale_f32, bias_f32 =
     pertoken_operands(...)` computed beforehand (layouts.py does it once at load); x: int8 codes or the float32
-    codes of `dynamic_quant_codes`; weight_int8: int8 [n, k] or its `rowwise_codes` layout.
+    codes of `dynamic_quant_codes`; weight_int8: int8 [n, k], its `rowwise_codes` layout or its oneDNN packing
+    (`onednn_linear.pack`: the product and `* weight_scale` in one call, `onednn_linear.product`).
 
     Same float32 operations in the same order as the reference epilogue, fewer memory passes: the product is
     `exact_product_f32` (float32 equal to f32(exact integer)) where it applies, else int32 from `int_matmul`
@@ -759,13 +790,14 @@ def quant_matmul_pertoken_prepared(
         else:
             scale = pertoken_scale if pertoken_scale.shape == lead + (1,) else pertoken_scale.reshape(*lead, 1)
         y.mul_(scale if scale.dtype is _F32 else scale.float())
-        # f32 -> output dtype once, as torch.mul(..., out=) of the general path rounds it
+        # f32 -> output dtype once, as the general path's copy_ rounds it
         return (y if bias_f32 is None else y.add_(bias_f32)).to(output_dtype)
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, k)
     scale = pertoken_scale.float().reshape(-1, 1)
     out = torch.empty(rows, n, dtype=output_dtype)
-    exact = exact_product_preferred(x, k)
+    packed = onednn_linear.is_packed(weight_int8)
+    exact = not packed and exact_product_preferred(x, k)
     if not exact and weight_int8.dtype == torch.uint8:
         weight_int8 = rowwise_weight(weight_int8)
     step = _row_step(exact, rows, n)
@@ -777,12 +809,12 @@ def quant_matmul_pertoken_prepared(
             xs, ss, os = x2[r], scale[r], out[r]
         if exact:
             y = exact_product_f32(xs, weight_int8).mul_(weight_scale_f32)
+        elif packed:
+            y = onednn_linear.product(_int8_codes(xs), weight_int8, weight_scale_f32)
         else:
-            y = torch.mul(int_matmul(_int8_codes(xs), weight_int8), weight_scale_f32)
-        if bias_f32 is None:
-            torch.mul(y, ss, out=os)
-        else:
-            os.copy_(y.mul_(ss).add_(bias_f32))
+            y = _f32(int_matmul(_int8_codes(xs), weight_int8)).mul_(weight_scale_f32)
+        y.mul_(ss)
+        os.copy_(y if bias_f32 is None else y.add_(bias_f32))  # one rounding to the output dtype
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -1098,9 +1130,10 @@ def quant_matmul_pergroup_prepared(
     elif wg.dtype != acc_dtype:  # matmul precision changed since the operands were prepared
         wg = wg.to(acc_dtype)
     y = torch.empty(rows, n, dtype=torch.float32, device=x.device)
-    for r0 in range(0, rows, _PERGROUP_ROWS):
+    zero = torch.zeros(1, 1, n, dtype=acc_dtype, device=x.device)  # +0 start: a one-product sum -128 * 0 is -0 in a bmm
+    for r0 in range(0, rows, _PERGROUP_ROWS):                      # (exact_product_f32's signed-zero argument)
         xs = xf[r0:r0 + _PERGROUP_ROWS].to(acc_dtype).reshape(-1, groups, group_size).transpose(0, 1)
-        acc = torch.bmm(xs, wg).to(torch.float32).mul_(st)                               # [G, r, n]
+        acc = torch.baddbmm(zero, xs, wg).to(torch.float32).mul_(st)                       # [G, r, n]
         block = y[r0:r0 + _PERGROUP_ROWS]
         if fold and _group_fold_is_sequential():
             block.copy_(_fold_groups(acc.view(-1, n), acc.shape[1], groups, True))
@@ -1108,6 +1141,39 @@ def quant_matmul_pergroup_prepared(
             block.copy_(acc[0])
             for g in range(1, groups):
                 block.add_(acc[g])
+    y.mul_(pertoken_scale.float().reshape(rows, 1))
+    return y.to(output_dtype).reshape(*x.shape[:-1], n)
+
+
+#: token rows per block of `quant_matmul_pergroup_packed`: a block's two [rows, n] float32 temporaries (the running
+#: group sum and one group's scaled sums) stay in cache while the groups fold into them
+_PERGROUP_PACKED_ROWS = 256
+
+
+def quant_matmul_pergroup_packed(
+    x: Tensor, packed: list, st: Tensor, pertoken_scale: Tensor, output_dtype: torch.dtype
+) -> Tensor:
+    """`quant_matmul_pergroup_prepared` of a full-sequence layer with each group's weight packed for oneDNN
+    (layouts.py: `onednn_linear.pack(W[:, group g])`, given when every two-stage scale is positive,
+    `onednn_linear.scales_apply`). `onednn_linear.product(x_g, packed[g], S_g)` is `f32(f32(acc_g) * S_g)`, the
+    spec's scaled group sum `t_g` itself (acc_g exact in int32, rounded once to float32, times S_g once); the groups
+    then fold in order, `y = t_0; y = f32(y + t_g)`, and `out = dtype(f32(y * pertoken_scale))`: the reference's
+    operations, so its bits. x: int8 codes (or the float32 codes of `dynamic_quant_codes`) [..., G * S]; st: the
+    two-stage scale [G, 1, n]; [..., n] in `output_dtype`."""
+    groups = len(packed)
+    size, n = onednn_linear.packed_k_n(packed[0])
+    k = groups * size
+    if x.shape[-1] != k or st.shape[0] != groups:
+        raise ValueError(f"quant_matmul_pergroup_packed: x [..., {x.shape[-1]}] vs {groups} groups of {size}")
+    rows = math.prod(x.shape[:-1])
+    xg = _int8_codes(x.reshape(rows, groups, size)).transpose(0, 1).contiguous()  # [G, rows, S]: one int8 copy
+    scales = st.reshape(groups, n)
+    y = torch.empty(rows, n, dtype=torch.float32)
+    for r0 in range(0, rows, _PERGROUP_PACKED_ROWS):
+        block = y[r0:r0 + _PERGROUP_PACKED_ROWS]
+        block.copy_(onednn_linear.product(xg[0, r0:r0 + _PERGROUP_PACKED_ROWS], packed[0], scales[0]))
+        for g in range(1, groups):  # y = f32(y + t_g), added by oneDNN into the block (one call a group)
+            onednn_linear.accumulate(xg[g, r0:r0 + _PERGROUP_PACKED_ROWS], packed[g], scales[g], block)
     y.mul_(pertoken_scale.float().reshape(rows, 1))
     return y.to(output_dtype).reshape(*x.shape[:-1], n)
 

@@ -29,7 +29,12 @@ directly (the int8 cast and the widening back cost more than the GEMM itself in 
 Where the int8 GEMM is native (`qnumerics.int8_gemm_native`: a CPU with int8 dot products, where `_int_mm` is
 4-10x faster than the exact float32 GEMM), a full-sequence layer's products are all `_int_mm`'s: its weights stay
 int8 [n, k] (`kernels.rowwise_layout_pays`) and its codes int8; decode steps keep the row-wise layout and the
-float codes, which their one-row products read.
+float codes, which their one-row products read. Where oneDNN's int8 linear is exact too (`onednn_linear.applies`),
+a full-sequence layer's W8A8_DYNAMIC weights with positive scales (`onednn_linear.scales_apply`), and W8A8 weights
+whose quant_bias float32 adds exactly (`onednn_linear.bias_fits`), are held packed for it instead ("onednn_packed":
+the product and the epilogue's first rounding in one call, `onednn_linear.product`); so are W4A8_DYNAMIC per-group
+weights with positive two-stage scales, one packed weight per group ("onednn_packed:group=G:size=S",
+`kernels.quant_matmul_pergroup_packed`).
 The prepared kernels are the ones the ops' CPU kernels call after computing the same tensors per call
 (kernels.py), so a prepared graph computes the same bits (tests/backends/ascend/test_layouts.py also checks
 every prepared tensor against the artifact's own tensors in quant_model_weights*.safetensors).
@@ -46,7 +51,7 @@ import torch
 
 from ...ir import qnumerics as qn
 from ...ir.patterns import prune_unused_tensors
-from . import attention, direct_calls, kernels
+from . import attention, direct_calls, kernels, onednn_linear
 
 #: gm.meta key: {attribute: {"kind": str, "from": [source attribute, ...]}}
 PREPARED = "qc_prepared_layouts"
@@ -90,9 +95,10 @@ def _on_cpu(gm) -> bool:
 
 
 class _Preparer:
-    def __init__(self, gm, decode: bool = False):
+    def __init__(self, gm, decode: bool = False, pack: bool = True):
         self.gm, self.graph = gm, gm.graph
         self.decode = decode  # a decode step (one token row per call): kernels.rowwise_layout_pays
+        self.pack = pack  # enough token rows ahead to repay oneDNN's packing (onednn_linear.PACK_FROM_ROWS)
         self.record = gm.meta.setdefault(PREPARED, {})
         self._cache: dict = {}  # (kind, source targets) -> get_attr target: q/k/v share a quantize
         #: int8 [n, k] weights (attribute names) that `lay_out_rowwise` turns into `kernels.rowwise_codes`, and
@@ -105,11 +111,16 @@ class _Preparer:
         name = self._cache.get(key)
         if name is None:
             name = f"prepared_{len(self.record)}"
-            self.gm.register_buffer(name, compute().contiguous())
+            t = compute()
+            self.gm.register_buffer(name, t if onednn_linear.is_packed(t) else t.contiguous())
             self.record[name] = {"kind": kind, "from": list(sources)}
             self._cache[key] = name
         with self.graph.inserting_before(node):
             return self.graph.get_attr(name)
+
+    def _packs(self) -> bool:
+        """A full-sequence layer's int8 weights are packed for oneDNN's int8 linear (`onednn_linear.applies`)."""
+        return not self.decode and self.pack and onednn_linear.applies()
 
     def replace(self, node, fn, args) -> None:
         with self.graph.inserting_before(node):
@@ -145,6 +156,10 @@ class _Preparer:
             self.rowwise_pending[wq.target] = False
         wsf = self.attr(node, f"weight_scale_f32:{out_dtype}", [ws.target],
                         lambda: kernels.pertoken_operands(tws, None, out_dtype)[0])
+        if not kernels.rowwise_layout_pays(k, self.decode) and self._packs() and onednn_linear.scales_apply(
+                _tensor(self.gm, wsf)):
+            tq = _tensor(self.gm, wq)
+            wq = self.attr(node, "onednn_packed", [w.target], lambda: onednn_linear.pack(tq))
         bias = None if b is None else self.attr(
             node, f"bias_f32:{out_dtype}", [b.target],
             lambda: kernels.pertoken_operands(tws, _tensor(self.gm, b), out_dtype)[1])
@@ -161,9 +176,16 @@ class _Preparer:
         n = scale.shape[0]
         kernels._check_groups(k, scale.shape[1], group_size)
         wg = self.attr(node, "int8_weight", [w.target], lambda: kernels.unpack_weight(tw, kernels.PACK_INT4_N, n, k))
-        self.rowwise_pending[wg.target] = True  # always row-wise (one part), whatever k
         st = self.attr(node, f"pergroup_scale:{out_dtype}:g={group_size}", [ws.target, ws2.target],
                        lambda: scale.t().contiguous().unsqueeze(1))
+        if self._packs() and onednn_linear.scales_apply(scale):  # each group's weight packed for oneDNN
+            w8 = _tensor(self.gm, wg)
+            packed = [self.attr(node, f"onednn_packed:group={g}:size={group_size}", [w.target],
+                                lambda g=g: onednn_linear.pack(w8[:, g * group_size:(g + 1) * group_size]))
+                      for g in range(scale.shape[1])]
+            self.replace(node, kernels.quant_matmul_pergroup_packed, (xq, packed, st, s, out_dtype))
+            return
+        self.rowwise_pending[wg.target] = True  # always row-wise (one part), whatever k
         fold = kernels.pergroup_fold_applies(scale.t())  # the group sums in one call (same order, same bits)
         self.replace(node, kernels.quant_matmul_pergroup_prepared, (xq, wg, st, s, out_dtype, fold))
 
@@ -182,6 +204,9 @@ class _Preparer:
         args = [xq, w, d, bias, out_dtype]
         if kernels.exact_bias_fits(k, tqb):  # the bias joins the exact float32 product (kernels.exact_product_f32)
             args.append(self.attr(node, f"quant_bias_f32:k={k}", [qb.target], lambda: tqb.float()))
+            if (not kernels.rowwise_layout_pays(k, self.decode) and self._packs()
+                    and onednn_linear.bias_fits(k, tqb)):  # and oneDNN's product (onednn_linear)
+                args[1] = self.attr(node, "onednn_packed", [w.target], lambda: onednn_linear.pack(tw))
         self.replace(node, kernels.quant_matmul_prepared, tuple(args))
 
     def quantize(self, node) -> None:
@@ -370,14 +395,16 @@ def merge_siblings(gm: torch.fx.GraphModule, prep: _Preparer | None = None) -> i
     return saved
 
 
-def prepare_layer(gm: torch.fx.GraphModule, merge: bool = False) -> torch.fx.GraphModule:
+def prepare_layer(gm: torch.fx.GraphModule, merge: bool = False, rows: int | None = None) -> torch.fx.GraphModule:
     """`gm` rewritten in place to read prepared tensors and call the CPU kernels directly (module
     docstring); returned unchanged when a tensor is not on the CPU. Idempotent. `merge`: also
     `merge_siblings` (decode steps, ir/decode.py: one token row per call, where a call's overhead is most of
-    its cost; the full-sequence layers keep one call per Linear, so no product widens a merged weight)."""
+    its cost; the full-sequence layers keep one call per Linear, so no product widens a merged weight). `rows`: the
+    token rows the layer will run in all (eval: windows x seq_len), None when unknown; oneDNN's packed weights are
+    made only from `onednn_linear.PACK_FROM_ROWS` rows (packing costs what a few thousand rows' products save)."""
     if not _on_cpu(gm):
         return gm
-    prep = _Preparer(gm, decode=merge)
+    prep = _Preparer(gm, decode=merge, pack=rows is None or rows >= onednn_linear.PACK_FROM_ROWS)
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue

@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from qcompiler import cli
-from qcompiler.backends.ascend import kernels, layouts
+from qcompiler.backends.ascend import kernels, layouts, onednn_linear
 from qcompiler.backends.ascend.int4 import unpack_int4
 from qcompiler.generate import generate
+from qcompiler.ir import qnumerics as qn
 from qcompiler.ir.decode import build_decode_graph
 from qcompiler.runtime import load_model
 from tests.helpers import SMALL
@@ -87,8 +88,14 @@ def _expected(kind: str, art: list, n_k, dtype) -> torch.Tensor:
         return art[0].to(dtype).float().reshape(-1)
     if name == "bias_f32":
         return art[0].to(dtype).float()
-    if name == "int8_weight":  # W8A8_DYNAMIC / W4A8_DYNAMIC past kernels.rowwise_layout_pays: int8 [n, k]
+    if name in ("int8_weight", "onednn_packed"):  # past kernels.rowwise_layout_pays: int8 [n, k] (onednn_packed:
+        # oneDNN's layout of it, compared through onednn_linear.unpack in `mismatches`; W4A8_DYNAMIC per group:
+        # "onednn_packed:group=G:size=S", the int4 weight's columns [G * S, (G + 1) * S) as int8)
         (w,) = art
+        if "group=" in kind:
+            g, size = (int(kind.split(f"{key}=")[1].split(":")[0]) for key in ("group", "size"))
+            n = n_k[0]
+            return _unpacked(w, n, w.shape[1])[:, g * size:(g + 1) * size].contiguous()
         return _unpacked(w, *n_k)
     if name == "pergroup_scale":  # two-stage scale dtype(dtype(weight_scale) * dtype(weight_scale_second)) [G, 1, n]
         ws, ws2 = art
@@ -118,6 +125,8 @@ def mismatches(gm, artifact: dict, layer: int, dtype) -> list[str]:
     bad = []
     for name, entry in gm.meta[layouts.PREPARED].items():
         got = getattr(gm, name)
+        if onednn_linear.is_packed(got):
+            got = onednn_linear.unpack(got)  # the int8 [n, k] it holds, computed through oneDNN's own product
         art = [artifact[f"model.layers.{layer}.{src}"] for src in entry["from"]]
         kind = entry["kind"]
         want = _expected(kind, art, tuple(got.shape), dtype)
@@ -152,6 +161,9 @@ def test_prepared_tensors_equal_the_artifact(compiled, int8_gemm):
     if int8_gemm == "native" and quant in ("W8A8", "W8A8_DYNAMIC"):
         expect = (expect - {"rowwise_codes"}) | ({"int8_weight"} if quant == "W8A8_DYNAMIC" else set())
         assert "rowwise_codes" not in kinds, (quant, kinds)
+    if int8_gemm == "onednn" and quant in ("W8A8", "W8A8_DYNAMIC", "W4A8_DYNAMIC"):  # tiny models: quant_bias fits,
+        expect = (expect - {"rowwise_codes"}) | {"onednn_packed"}                  # every scale positive
+        assert not kinds & {"rowwise_codes", "int8_weight"}, (quant, kinds)
     assert expect <= kinds, (quant, kinds)
 
 
@@ -198,7 +210,11 @@ def test_wide_layers_keep_the_int8_weight_and_the_same_bits(compiled, monkeypatc
             gm = model.layers.get(i, prepared=True)
             kinds = {e["kind"].split(":")[0] for e in gm.meta[layouts.PREPARED].values()}
             assert "rowwise_codes" not in kinds, kinds
-            assert ("int8_weight" in kinds) == (quant == "W8A8_DYNAMIC"), kinds
+            # W8A8_DYNAMIC on oneDNN's int8 linear where this host uses it; W8A8 never here: its bias joins no
+            # exact product once the width limit is 0 (kernels.exact_bias_fits)
+            packed = quant == "W8A8_DYNAMIC" and onednn_linear.applies()
+            assert ("int8_weight" in kinds) == (quant == "W8A8_DYNAMIC" and not packed), kinds
+            assert ("onednn_packed" in kinds) == packed, kinds
             assert mismatches(gm, artifact, i, model.head.dtype) == []
             h_ref, h_prep = model.layers.get(i)(h_ref, position_embeddings=pe), gm(h_prep, position_embeddings=pe)
             assert torch.equal(h_ref, h_prep), i
@@ -223,12 +239,14 @@ def test_split_layout_on_the_tiny_models_gives_the_same_bits(compiled, monkeypat
             _assert_decode_steps_equal(plain, prepared, spec, model.head, x, i)
 
 
-def test_pergroup_fold_flag_follows_the_scales(compiled):
+def test_pergroup_fold_flag_follows_the_scales(compiled, monkeypatch):
     """W4A8_DYNAMIC: layouts.py lets a per-group matmul fold its group sums in one call only where
     `kernels.pergroup_fold_applies` (every channel has a positive scale): the artifact's scales qualify; one
-    channel with negative scales (a -0 sum possible, kernels._fold_groups) turns it off for that matmul only."""
+    channel with negative scales (a -0 sum possible, kernels._fold_groups) turns it off for that matmul only.
+    (Full-sequence layers without oneDNN's packed groups, which `test_pergroup_packs_only_positive_scales` covers.)"""
     if json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"] != "W4A8_DYNAMIC":
         pytest.skip("no per-group matmul in this case")
+    monkeypatch.setattr(onednn_linear, "_DECIDED", [False])
     model = load_model(compiled)
     flags = lambda g: [n.args[5] for n in g.graph.nodes if n.target is kernels.quant_matmul_pergroup_prepared]
     assert set(flags(model.layers.get(0, prepared=True))) == {True}
@@ -238,6 +256,35 @@ def test_pergroup_fold_flag_follows_the_scales(compiled):
     scale[1] = -scale[1].abs()  # channel 1: every two-stage scale negative
     got = flags(layouts.prepare_layer(gm))
     assert got[0] is False and set(got[1:]) == {True}, got
+
+
+def test_pergroup_packs_only_positive_scales(compiled, monkeypatch):
+    """W4A8_DYNAMIC full-sequence layers read one oneDNN-packed weight per group where every two-stage scale is
+    positive (`onednn_linear.scales_apply`: a zero sum times a negative scale is -0, which oneDNN's small-row
+    kernels return as +0); one channel with negative scales keeps that matmul on the written-out kernel, with
+    the same bits as the op graph."""
+    if json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"] != "W4A8_DYNAMIC":
+        pytest.skip("no per-group matmul in this case")
+    if not onednn_linear._is_exact():
+        pytest.skip("no exact oneDNN int8 linear on this CPU")
+    monkeypatch.setattr(onednn_linear, "_DECIDED", [True])
+    model = load_model(compiled)
+    targets = lambda g: [n.target for n in g.graph.nodes if n.op == "call_function" and n.target in (
+        kernels.quant_matmul_pergroup_packed, kernels.quant_matmul_pergroup_prepared)]
+    assert set(targets(model.layers.get(0, prepared=True))) == {kernels.quant_matmul_pergroup_packed}
+    gm = model.layers.get(0)
+    first = next(n for n in gm.graph.nodes if n.target is torch.ops.qc.quant_matmul_pergroup.default)
+    scale = layouts._fetch(gm, first.args[2].target)
+    scale[1] = -scale[1].abs()
+    x = model.head.embed(torch.randint(0, 250, (1, 9), generator=torch.Generator().manual_seed(4)))
+    pe = model.head.rope(9)
+    with torch.inference_mode():
+        want = gm(x, position_embeddings=pe)
+        prepared = layouts.prepare_layer(gm)
+        got = targets(prepared)
+        assert got[0] is kernels.quant_matmul_pergroup_prepared, got
+        assert set(got[1:]) == {kernels.quant_matmul_pergroup_packed}, got
+        assert torch.equal(prepared(x, position_embeddings=pe).view(torch.int16), want.view(torch.int16))
 
 
 def test_prepare_leaves_graphs_on_another_device_alone():
@@ -315,7 +362,7 @@ def test_decode_steps_merge_sibling_linears(compiled, monkeypatch, part_channels
         assert set(record) == {name for name, _ in step.named_buffers() if name.startswith("prepared_")}
         assert mismatches(step, artifact, i, model.head.dtype) == []
         full = model.layers.get(i, prepared=True)
-        assert not calls(full, merged) and len(calls(full, single)) == 7
+        assert not calls(full, merged) and len(calls(full, single | {kernels.quant_matmul_pergroup_packed})) == 7
     name = next(n for n, e in record.items() if len(e["from"]) == 3 and e["kind"].startswith("rowwise_codes"))
     getattr(step, name)[-1, 0] ^= 1  # one code of q (channel 0, last input column) in the q/k/v weight
     assert mismatches(step, artifact, model.layers.num_layers - 1, model.head.dtype) == [
@@ -367,3 +414,37 @@ def test_dynamic_quant_scale_as_a_column_only_for_prepared_matmuls(scale_elsewhe
     for a, b in zip(got if scale_elsewhere else [got], want if scale_elsewhere else [want]):
         assert a.shape == b.shape and torch.equal(a.view(torch.int16 if a.dtype == torch.bfloat16 else a.dtype),
                                                   b.view(torch.int16 if b.dtype == torch.bfloat16 else b.dtype))
+
+
+def test_short_runs_keep_the_int8_weights(compiled, monkeypatch):
+    """prepare_layer(rows=...) packs weights for oneDNN only from onednn_linear.PACK_FROM_ROWS token rows (packing
+    costs what about a thousand rows' faster products save: a short eval keeps `_int_mm` on the int8 weights), and
+    `qcompile eval` says how many rows each layer will run; both forms compute the op graph's bits."""
+    from qcompiler import evaluate
+    quant = json.loads((compiled / "quant_model_description.json").read_text())["model_quant_type"]
+    if quant != "W8A8_DYNAMIC":
+        pytest.skip("W8A8_DYNAMIC shows it")
+    if not onednn_linear._is_exact():
+        pytest.skip("no exact oneDNN int8 linear on this CPU")
+    monkeypatch.setattr(onednn_linear, "_DECIDED", [True])
+    monkeypatch.setattr(qn, "_INT8_NATIVE", [True])
+    model = load_model(compiled)
+    kinds = lambda gm: {e["kind"].split(":")[0] for e in gm.meta[layouts.PREPARED].values()}
+    limit = onednn_linear.PACK_FROM_ROWS
+    packed, at_limit = model.layers.get(0, prepared=True), model.layers.get(0, prepared=True, rows=limit)
+    short = model.layers.get(0, prepared=True, rows=limit - 1)
+    assert "onednn_packed" in kinds(packed) and "onednn_packed" in kinds(at_limit)
+    assert "onednn_packed" not in kinds(short) and "int8_weight" in kinds(short), kinds(short)
+    x = model.head.embed(torch.randint(0, 250, (2, 7), generator=torch.Generator().manual_seed(8)))
+    pe = model.head.rope(7)
+    with torch.inference_mode():
+        want = model.layers.get(0)(x, position_embeddings=pe)
+        for gm in (packed, short):
+            assert torch.equal(gm(x, position_embeddings=pe).view(torch.int16), want.view(torch.int16))
+    seen = []
+    real = layouts.prepare_layer
+    monkeypatch.setattr(layouts, "prepare_layer", lambda gm, merge=False, rows=None: seen.append(rows) or real(
+        gm, merge, rows))
+    windows = torch.randint(0, 250, (3, 16), generator=torch.Generator().manual_seed(9))
+    evaluate.perplexity(model, windows)
+    assert seen == [windows.numel()] * model.layers.num_layers, seen

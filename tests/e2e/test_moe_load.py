@@ -49,17 +49,21 @@ CASES = {"w8a8d": "w8a8d", "w4a8d-experts": r"w4a8d:match=mlp\.experts,w8a8d",
          "w4a16-experts": r"w4a16:match=mlp\.experts:group=32,w8a8d"}
 
 
-@pytest.fixture(scope="module")
-def moe_artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe-e2e")
-    model = make_tiny_model(root / "qwen3_moe", "qwen3_moe")
+def _compile_cases(root, arch: str, cases: dict) -> dict:
+    """{name: OUT} of a tiny `arch` checkpoint compiled with each case's passes (4 x 32 calibration tokens)."""
+    model = make_tiny_model(root / arch, arch)
     calib = write_calib_file(root / "calib.jsonl")
     outs = {}
-    for name, passes in CASES.items():
+    for name, passes in cases.items():
         outs[name] = root / name
         assert cli.main([str(model), "--passes", passes, "--calib", str(calib), "--calib-samples", "4",
                          "--seq-len", "32", "-o", str(outs[name])]) == 0
     return outs
+
+
+@pytest.fixture(scope="module")
+def moe_artifacts(tmp_path_factory):
+    return _compile_cases(tmp_path_factory.mktemp("moe-e2e"), "qwen3_moe", CASES)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -183,15 +187,7 @@ QWEN2_CASES = {"w8a8d": "w8a8d"}
 
 @pytest.fixture(scope="module")
 def qwen2_moe_artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qwen2-moe-e2e")
-    model = make_tiny_model(root / "qwen2_moe", "qwen2_moe")
-    calib = write_calib_file(root / "calib.jsonl")
-    outs = {}
-    for name, passes in QWEN2_CASES.items():
-        outs[name] = root / name
-        assert cli.main([str(model), "--passes", passes, "--calib", str(calib), "--calib-samples", "4",
-                         "--seq-len", "32", "-o", str(outs[name])]) == 0
-    return outs
+    return _compile_cases(tmp_path_factory.mktemp("qwen2-moe-e2e"), "qwen2_moe", QWEN2_CASES)
 
 
 @pytest.mark.parametrize("name", list(QWEN2_CASES))

@@ -38,7 +38,9 @@ from ...ir import qnumerics as qn
 #: a few short windows, the weights stay int8 for `_int_mm`; the default eval (40 x 512 rows) packs.
 PACK_FROM_ROWS = 4096
 
-_ONEDNN = getattr(torch.ops, "onednn", None)
+# torch.ops namespaces are created on first access, so ask for the ops themselves: None on a build without them
+_ONEDNN = torch.ops.onednn if all(hasattr(torch.ops.onednn, op) for op in ("qlinear_prepack", "qlinear_pointwise")) \
+    else None
 _DECIDED: list = []  # [bool] once decided (`applies`)
 _ONES: dict = {}  # n -> float32 ones [n]: the weight scale of a bias-only product
 _ZERO_POINTS: dict = {}  # n -> int32 zeros [n]: the weight zero points (symmetric int8 weights)

@@ -246,3 +246,16 @@ def test_pergroup_reference_sums_a_one_product_group_to_plus_zero():
     assert same_bits(packed, want)
     reference = kernels.quant_matmul_pergroup(x, pack_int4(w, 0), ws, ws2, pts, 1, torch.float32)
     assert same_bits(reference, want)
+
+
+def test_a_build_without_the_ops_is_seen_as_such(monkeypatch):
+    """Without oneDNN's int8 linear ops (`_ONEDNN` None) auto never uses them and a forced choice is one QCError."""
+    monkeypatch.setattr(onednn_linear, "_ONEDNN", None)
+    monkeypatch.setattr(onednn_linear, "_DECIDED", [])
+    monkeypatch.setattr(qn, "_INT8_NATIVE", [True])
+    monkeypatch.setenv("QC_INT8_GEMM", "auto")
+    assert onednn_linear.applies() is False
+    monkeypatch.setattr(onednn_linear, "_DECIDED", [])
+    monkeypatch.setenv("QC_INT8_GEMM", "onednn")
+    with pytest.raises(QCError, match="missing or not exact"):
+        onednn_linear.applies()

@@ -217,7 +217,7 @@ def test_exclude_matching_no_linear(capsys, tmp_path, tiny_models, monkeypatch):
 
 def test_exclude_of_modules_float_anyway_is_accepted(moe_models):
     """lm_head, the embedding and a MoE router are float anyway: naming them excludes nothing, and is no error. A
-    dense model's 'mlp\.down_proj' matches no Linear of a Qwen3-MoE whose layers are all sparse (its experts are
+    dense model's `mlp\\.down_proj` matches no Linear of a Qwen3-MoE whose layers are all sparse (its experts are
     mlp.experts.E.down_proj): an error there."""
     from qcompiler.driver import check_exclude_matches
     config = json.loads((moe_models["qwen3_moe"] / "config.json").read_text())

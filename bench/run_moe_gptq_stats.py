@@ -2,15 +2,15 @@
 
     python3 bench/run_moe_gptq_stats.py [--out DIR]
 
-Tiny random Qwen3-MoE (w4a16 group 32 on the experts) and Qwen2-MoE (w8a8d on the experts: W4A16 and, since
-stop 31, W4A8_DYNAMIC experts load in no engine for qwen2_moe, so qcompile refuses them; engines.py), 4 experts top-2, hidden 64 (tests/helpers.make_tiny_model); attention float. Calibrated
-on ../shared/data/calib/wiki_calib.jsonl with 1 x 32 tokens (few tokens per expert) and 32 x 32 tokens; measured
-on held-out text (the first 8 x 64 tokens of wiki_eval.jsonl): per decoder layer, the relative L2 error of the
-layer's own contribution (output - input) of the executable graph vs the float layer, both fed the float model's
-hidden states (the routing weights zero what unchosen experts add, so this is the error of the tokens the router
-sends). Treatments: `gptq:min_expert_tokens=0` (routed), `gptq:min_expert_tokens=100000:few_tokens=all` (every
-token's Hessian for every expert), no gptq (RTN). Writes the "MoE experts: GPTQ statistics" block of BENCHMARKS.md.
-Holds the heavy-job lock (bench/common.py) for its compiles.
+Tiny random Qwen3-MoE (w4a16 group 32 on the experts) and Qwen2-MoE (w8a8d on the experts: W4A16 and, since stop 31,
+W4A8_DYNAMIC experts load in no engine for qwen2_moe, so qcompile refuses them; engines.py), 4 experts top-2, hidden 64
+(tests/helpers.make_tiny_model); attention float. Calibrated on ../shared/data/calib/wiki_calib.jsonl with 1 x 32 tokens
+(few tokens per expert) and 32 x 32 tokens; measured on held-out text (the first 8 x 64 tokens of wiki_eval.jsonl): per
+decoder layer, the relative L2 error of the layer's own contribution (output - input) of the executable graph vs the
+float layer, both fed the float model's hidden states (the routing weights zero what unchosen experts add, so this is
+the error of the tokens the router sends). Treatments: `gptq:min_expert_tokens=0` (routed),
+`gptq:min_expert_tokens=100000:few_tokens=all` (every token's Hessian for every expert), no gptq (RTN). Writes the "MoE
+experts: GPTQ statistics" block of BENCHMARKS.md. Holds the heavy-job lock (bench/common.py) for its compiles.
 """
 import argparse
 import json

@@ -1,16 +1,16 @@
 """Calibration data: read text files, cut them into token windows, or sample text from the model itself.
 
 Contract:
-- `read_texts(path)` reads a calibration set. `.jsonl` is msModelSlim's layout: one JSON object a line,
-  the text under `inputs_pretokenized` (else `text`), blank lines skipped. `.txt` is the whole file, returned
-  as its paragraphs: split at each JOINER (a blank line) that has a non-space character on both sides, so
-  JOINER.join(paragraphs) is the file's text exactly and every window is what the whole text gives; the
-  paragraphs are documents `make_windows` can stop at (a 20 MB .txt cut into 64 x 512 windows was tokenized
-  whole: 18 s and 3 GB, the same text as .jsonl 1.3 s and 0.3 GB). Any problem (missing file, other extension,
-  bad line, nothing to read) is a QCError that names the file, the line where there is one, and what was expected. The whole file is checked, whatever part of it
-  is used (a compile reads it before any work; `eval --max-windows` tokenizes only what it needs, but a bad line
-  past that is still an error). Memory: a `.jsonl` is read a line at a time, so besides the texts it returns
-  only one line is held (not the file's bytes, its decoded text and its list of lines: 3-4x the file).
+- `read_texts(path)` reads a calibration set. `.jsonl` is msModelSlim's layout: one JSON object a line, the text under
+  `inputs_pretokenized` (else `text`), blank lines skipped. `.txt` is the whole file, returned as its paragraphs: split
+  at each JOINER (a blank line) that has a non-space character on both sides, so JOINER.join(paragraphs) is the file's
+  text exactly and every window is what the whole text gives; the paragraphs are documents `make_windows` can stop at (a
+  20 MB .txt cut into 64 x 512 windows was tokenized whole: 18 s and 3 GB, the same text as .jsonl 1.3 s and 0.3 GB).
+  Any problem (missing file, other extension, bad line, nothing to read) is a QCError that names the file, the line
+  where there is one, and what was expected. The whole file is checked, whatever part of it is used (a compile reads it
+  before any work; `eval --max-windows` tokenizes only what it needs, but a bad line past that is still an error).
+  Memory: a `.jsonl` is read a line at a time, so besides the texts it returns only one line is held (not the file's
+  bytes, its decoded text and its list of lines: 3-4x the file).
 - `make_windows(tokenizer, texts, seq_len, max_windows)` joins the texts with a blank line, tokenizes once
   WITHOUT special tokens (no BOS/EOS inserted: windows are slices of one running text, so a BOS in the
   middle of it would be a token the model never sees there at inference), and cuts consecutive,

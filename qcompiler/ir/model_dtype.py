@@ -112,10 +112,11 @@ def quantize_weight(w: Tensor, bits: int = 8, group_size: int = 0, scale: Tensor
     """Symmetric weight quantization: returns (int8 codes [n, k], float32 scale [n, 1] or [n, k/group_size]).
 
     scale = absmax / qmax per row (group_size 0) or per group of `group_size` along k, qmax = 2**(bits-1) - 1
-    (qnumerics.qmax: 127 for 8 bits, 7 for 4); zero rows/groups get scale 1.0. A given `scale` ([n, G], or [n] per-channel) is used as is
-    (finite, > 0). With `model_dtype` the scale is first rounded to it, then to each dtype of `also`
-    (`engine_scale`: what the engines hold), and the codes are computed against the rounded scale.
-    q = clamp(round(w / scale), -qmax, qmax): -128 / -8 never occur. Codes of every width 2..8 are stored in int8 (qnumerics.storage_dtype).
+    (qnumerics.qmax: 127 for 8 bits, 7 for 4); zero rows/groups get scale 1.0. A given `scale` ([n, G], or [n]
+    per-channel) is used as is (finite, > 0). With `model_dtype` the scale is first rounded to it, then to each dtype of
+    `also` (`engine_scale`: what the engines hold), and the codes are computed against the rounded scale.
+    q = clamp(round(w / scale), -qmax, qmax): -128 / -8 never occur. Codes of every width 2..8 are stored in int8
+    (qnumerics.storage_dtype).
     """
     qmax = qn.qmax(bits)
     n, k = check_2d(w, "weight")

@@ -143,8 +143,9 @@ class Pass:
                  log=None, expert_scale_also: dict | None = None) -> tuple["Pass", dict]:
         """Model-wide work before the layers compile (model_wide passes only). `passes`: the whole pipeline
         (this pass among them), `skeleton` / `inputs`: ir/capture.py's HFSkeleton and layer 0's calibration
-        inputs, `ckpt`: the checkpoint, `expert_scale_also`: LayerContext.expert_scale_also of the compile. Returns (the pass to run on every layer, its report: JSON-able, written
-        to the compile report under the pass's name and into the resume state)."""
+        inputs, `ckpt`: the checkpoint, `expert_scale_also`: LayerContext.expert_scale_also of the compile.
+        Returns (the pass to run on every layer, its report: JSON-able, written to the compile report under the
+        pass's name and into the resume state)."""
         raise NotImplementedError(f"pass {self.name} has no model-wide pre-sweep")
 
     def restore(self, report: dict) -> "Pass":

@@ -1,14 +1,14 @@
 """w4a8d: int4 weights with dynamic per-token int8 activations (the artifact's "W4A8_DYNAMIC" type).
 
-Written in msModelSlim's two-stage per-group form (description version 1.0.0, top-level `group_size`), the only
-form an engine loads for a dense Linear (backends/ascend/engines.py): int4 codes in [-7, 7] per group of `group`
-input channels against the per-group scale S = absmax_group / 7 rounded to the model dtype (a routed expert's then
-to float16 too, which both engines' fused-MoE methods cast it through: backends/ascend/encode.EXPERT_SCALE_ALSO;
-or the codes and scales of gptq/awq), stored packed along n (int8 [n/2, k], rows 2i / 2i+1 in the low / high nibble) with S split
-into `weight_scale` [n, 1] and `weight_scale_second` [n, k/group] whose product, as the engines form it, is S bit
-for bit (`encode.split_two_stage_scale`), zero offsets, and `scale_bias` ([n, 1]; [n, 16] for o_proj/down_proj;
-artifact only). Activations int8 per-token symmetric at run time. Lowered to `qc.dynamic_quant` (one per shared
-input) and `qc.quant_matmul_pergroup` (MindIE's A8W4 math: exact integer group sums, float32 group order).
+Written in msModelSlim's two-stage per-group form (description version 1.0.0, top-level `group_size`), the only form an
+engine loads for a dense Linear (backends/ascend/engines.py): int4 codes in [-7, 7] per group of `group` input channels
+against the per-group scale S = absmax_group / 7 rounded to the model dtype (a routed expert's then to float16 too,
+which vLLM-Ascend's fused-MoE method casts it through: backends/ascend/encode.EXPERT_SCALE_ALSO; or the codes and scales
+of gptq/awq), stored packed along n (int8 [n/2, k], rows 2i / 2i+1 in the low / high nibble) with S split into
+`weight_scale` [n, 1] and `weight_scale_second` [n, k/group] whose product, as the engines form it, is S bit for bit
+(`encode.split_two_stage_scale`), zero offsets, and `scale_bias` ([n, 1]; [n, 16] for o_proj/down_proj; artifact only).
+Activations int8 per-token symmetric at run time. Lowered to `qc.dynamic_quant` (one per shared input) and
+`qc.quant_matmul_pergroup` (MindIE's A8W4 math: exact integer group sums, float32 group order).
 Options: match (regex on the full HF Linear name), group (32, msModelSlim's LLaMA-3.1 W4A8_DYNAMIC recipe
 `--group_size 32`; or 64, 128, 256). The artifact has one group size (passes/group_size.py).
 Requires: captured. Produces: annotated.

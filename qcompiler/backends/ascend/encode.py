@@ -126,8 +126,10 @@ ENGINE_MODEL_DTYPE = {
 #:   `W4A8LinearDynamic.process_scale`, the path of a 3-D [experts, ...] weight from
 #:   `TensorParallelColumnLinear.load_moe` / `TensorParallelRowLinear.load_moe`): the same expression on the
 #:   model-dtype tensors (`Weights.correct_tensor_dtype`).
-#: Their dense paths do not (vLLM-Ascend `AscendW4A8DynamicLinearMethod.process_scale_second` / `apply`: the
-#: product in x's dtype; MindIE `W4A8LinearDynamic.__init__` 2-D branch: npu_trans_quant_param of the product).
+#: (MindIE's Qwen MoE layer then refuses W4A8_DYNAMIC experts at load, engines.py; the cast is listed for the models
+#: whose MoE layer takes them.) Their dense paths do not (vLLM-Ascend
+#: `AscendW4A8DynamicLinearMethod.process_scale_second` / `apply`: the product in x's dtype; MindIE
+#: `W4A8LinearDynamic.__init__` 2-D branch: npu_trans_quant_param of the product).
 #: A bfloat16 group scale below 2**-17 would lose bits there (or flush to 0 below 2**-25), so the expert's scale
 #: is chosen exact in float16 as well (`ir.model_dtype.engine_scale(..., also=)`): the engines' float16 value is
 #: then the graph's `kernels.two_stage_scale`. A scale above float16's range (a group absmax over ~4.6e5) is a

@@ -264,8 +264,8 @@ FEATURES = (
         VLLM_ASCEND: Support(BOTH, "", "reads each Linear's type from quant_model_description.json ("
                              + _VA + "modelslim_config.py AscendModelSlimConfig)"),
         MINDIE: Support(NO, "its atb loader reads every attention Linear with config.json's attn_quantize and every "
-                        "other Linear with quantize (one quant type each), and its Qwen MoE layer takes no W4A8_DYNAMIC "
-                        "attention", _MI + "models/qwen2/modeling_qwen2.py FlashQwenAttention.__init__; "
+                        "other Linear with quantize (one quant type each), and its Qwen MoE layer takes no "
+                        "W4A8_DYNAMIC attention", _MI + "models/qwen2/modeling_qwen2.py FlashQwenAttention.__init__; "
                         "utils/layers/__init__.py load_column_multi; utils/layers/linear/__init__.py load_moe; "
                         "models/qwen2_moe/modeling_qwen2_moe.py FlashQwenLayer.__init__")}),
     # config.json's MLP activation: the engines' MLPs are SwiGLU. Not a quant type: every artifact of such a checkpoint

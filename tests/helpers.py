@@ -518,10 +518,10 @@ def expect_error(capsys, argv, *needles) -> str:
     return errors[0]
 
 
-def rewrite_weights(folder: Path, edit) -> None:
-    """Apply `edit(tensors)` to folder/model.safetensors in place."""
+def rewrite_weights(folder: Path, edit, file: str = "model.safetensors") -> None:
+    """Apply `edit(tensors)` to folder/file in place (an OUT's: "quant_model_weights.safetensors")."""
     from safetensors.torch import load_file, save_file
-    path = folder / "model.safetensors"
+    path = folder / file
     tensors = load_file(path)
     edit(tensors)
     save_file(tensors, path, metadata={"format": "pt"})

@@ -23,7 +23,7 @@ from qcompiler.backends.ascend.engines import features_of_artifact, refusals
 from qcompiler.evaluate import perplexity
 from qcompiler.runtime import load_model
 from tests.helpers import (assert_checker_clean, assert_checker_clean_on_moe, cached_logits, checker_w4a8_misreads,
-                           expect_error, layer_output_errors, recompute_logits)
+                           expect_error, layer_output_errors, recompute_logits, rewrite_weights)
 
 CALIB = ["--calib-samples", "4", "--seq-len", "32"]
 PPL_TOLERANCE = 0.02
@@ -151,13 +151,9 @@ def test_the_checker_exception_hides_no_real_error(compiled_moe, tmp_path, tenso
     a non-zero second-stage offset (the checker's value rules, skipped in its own run because of the misread
     shapes, run at the true n). The earlier exception (any `.shape` error on an expert tensor) let both pass."""
     import shutil
-    from safetensors.torch import load_file, save_file
     broken = tmp_path / "broken"
     shutil.copytree(compiled_moe("qwen3_moe", W4A8_EXPERTS), broken)
-    weights = broken / "quant_model_weights.safetensors"
-    tensors = load_file(str(weights))
-    tensors[tensor] = change(tensors[tensor])
-    save_file(tensors, str(weights), metadata={"format": "pt"})
+    rewrite_weights(broken, lambda t: t.update({tensor: change(t[tensor])}), "quant_model_weights.safetensors")
     with pytest.raises(AssertionError, match=re.escape(needle)):
         assert_checker_clean_on_moe(broken)
 
@@ -456,14 +452,15 @@ def _tiny_expert_groups(folder):
     """Scale groups of layer 0 expert 1's gate_proj to tiny magnitudes (bf16 checkpoint edited in place): row 5's
     first group to absmax ~7e-6 (per-group scale ~1e-6, below float16's normal range: its subnormal grid of 2**-24
     rounds it) and row 6's first group to ~7e-9 (scale ~1e-9: float16 flushes it to 0)."""
-    from safetensors.torch import load_file, save_file
-    path = folder / "model.safetensors"
-    t = load_file(str(path))
-    w = t["model.layers.0.mlp.experts.1.gate_proj.weight"].float()
-    w[5, :32] *= 1e-4
-    w[6, :32] *= 1e-7
-    t["model.layers.0.mlp.experts.1.gate_proj.weight"] = w.to(torch.bfloat16)
-    save_file(t, str(path), metadata={"format": "pt"})
+    name = "model.layers.0.mlp.experts.1.gate_proj.weight"
+
+    def shrink(t):
+        w = t[name].float()
+        w[5, :32] *= 1e-4
+        w[6, :32] *= 1e-7
+        t[name] = w.to(torch.bfloat16)
+
+    rewrite_weights(folder, shrink)
     return folder
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CHECKER, SHARED
+from tests.helpers import CHECKER, SHARED, make_tiny_model, write_calib_file
 
 CALIB = SHARED / "data" / "calib" / "wiki_calib.jsonl"
 EVAL = SHARED / "data" / "calib" / "wiki_eval.jsonl"
@@ -30,6 +30,20 @@ def artifact_group(name: str):
     """The xdist_group mark of the tests that read the e2e artifact `name` (test_engines_load.ARTIFACTS): the
     `compiled` fixture's cache is per process, so tests of one artifact in two workers would compile it twice."""
     return pytest.mark.xdist_group("e2e-artifact-w8a8" if name in SMOLLM2_W8A8 else f"e2e-artifact-{name}")
+
+
+def compile_tiny_cases(root: Path, arch: str, cases: dict) -> dict:
+    """{name: OUT} of a tiny `arch` checkpoint (tests.helpers.make_tiny_model) compiled with each case's passes,
+    4 x 32 calibration tokens."""
+    from qcompiler import cli
+    model = make_tiny_model(root / arch, arch)
+    calib = write_calib_file(root / "calib.jsonl")
+    outs = {}
+    for name, passes in cases.items():
+        outs[name] = root / name
+        assert cli.main([str(model), "--passes", passes, "--calib", str(calib), "--calib-samples", "4",
+                         "--seq-len", "32", "-o", str(outs[name])]) == 0
+    return outs
 
 
 def run_checker(out: Path) -> tuple[int, str]:

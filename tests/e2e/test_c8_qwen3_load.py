@@ -10,22 +10,15 @@ same artifact loads cleanly (exit 0, every tensor). Skipped only when the tool c
 """
 import pytest
 
-from qcompiler import cli
 from qcompiler.backends.ascend.engines import VLLM_ASCEND, expected_loader_exit, features_of_artifact, refusals
-from tests.e2e.helpers import NEEDS_SHARED, loader_with_worker_patch
-from tests.helpers import make_tiny_model, write_calib_file
+from tests.e2e.helpers import NEEDS_SHARED, compile_tiny_cases, loader_with_worker_patch
 
 pytestmark = NEEDS_SHARED
 
 
 @pytest.fixture(scope="module")
 def qwen3_kv8(tmp_path_factory):
-    root = tmp_path_factory.mktemp("c8-qwen3")
-    model = make_tiny_model(root / "qwen3", "qwen3")
-    out = root / "w8a8-kv8"
-    assert cli.main([str(model), "--passes", "w8a8,kv8", "--calib", str(write_calib_file(root / "calib.jsonl")),
-                     "--calib-samples", "4", "--seq-len", "32", "-o", str(out)]) == 0
-    return out
+    return compile_tiny_cases(tmp_path_factory.mktemp("c8-qwen3"), "qwen3", {"w8a8-kv8": "w8a8,kv8"})["w8a8-kv8"]
 
 
 def test_loader_check_reports_only_the_c8_scales_it_cannot_route(qwen3_kv8, loader_check):

@@ -36,9 +36,10 @@ import pytest
 from qcompiler import cli
 from qcompiler.backends.ascend.engines import (VLLM_ASCEND, expected_loader_exit, features_of_artifact, notes,
                                                refusals, w4a16_moe_tp_sizes)
-from tests.e2e.helpers import (NEEDS_SHARED, loader_unfilled_expert_params, loader_with_qwen2_moe_mapping,
-                               loader_with_qwen3_moe_c8_routing)
-from tests.helpers import assert_checker_clean_on_moe, checker_report, make_tiny_model, write_calib_file
+from tests.e2e.helpers import (NEEDS_SHARED, compile_tiny_cases, loader_unfilled_expert_params,
+                               loader_with_qwen2_moe_mapping, loader_with_qwen3_moe_c8_routing)
+from tests.helpers import (assert_checker_clean_on_moe, checker_report, make_tiny_model, rewrite_weights,
+                           write_calib_file)
 
 pytestmark = NEEDS_SHARED
 
@@ -49,21 +50,9 @@ CASES = {"w8a8d": "w8a8d", "w4a8d-experts": r"w4a8d:match=mlp\.experts,w8a8d",
          "w4a16-experts": r"w4a16:match=mlp\.experts:group=32,w8a8d"}
 
 
-def _compile_cases(root, arch: str, cases: dict) -> dict:
-    """{name: OUT} of a tiny `arch` checkpoint compiled with each case's passes (4 x 32 calibration tokens)."""
-    model = make_tiny_model(root / arch, arch)
-    calib = write_calib_file(root / "calib.jsonl")
-    outs = {}
-    for name, passes in cases.items():
-        outs[name] = root / name
-        assert cli.main([str(model), "--passes", passes, "--calib", str(calib), "--calib-samples", "4",
-                         "--seq-len", "32", "-o", str(outs[name])]) == 0
-    return outs
-
-
 @pytest.fixture(scope="module")
 def moe_artifacts(tmp_path_factory):
-    return _compile_cases(tmp_path_factory.mktemp("moe-e2e"), "qwen3_moe", CASES)
+    return compile_tiny_cases(tmp_path_factory.mktemp("moe-e2e"), "qwen3_moe", CASES)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -87,13 +76,10 @@ def test_checker_on_moe_artifacts(moe_artifacts):
 def test_vllm_ascend_rejects_w4a16_experts_missing_a_packed_weight(moe_artifacts, loader_check, tmp_path):
     """The loader check sees the W4A16 expert tensors: drop expert 2's up_proj.weight_packed and it fails."""
     import shutil
-    from safetensors.torch import load_file, save_file
     broken = tmp_path / "broken"
     shutil.copytree(moe_artifacts["w4a16-experts"], broken)
-    weights = broken / "quant_model_weights.safetensors"
-    tensors = load_file(str(weights))
-    del tensors["model.layers.0.mlp.experts.2.up_proj.weight_packed"]
-    save_file(tensors, str(weights), metadata={"format": "pt"})
+    rewrite_weights(broken, lambda t: t.pop("model.layers.0.mlp.experts.2.up_proj.weight_packed"),
+                    "quant_model_weights.safetensors")
     rc, text = loader_check(broken, "0.23.0")
     assert rc == 1 and "MISSING" in text and "w13_weight_packed" in text, text[-3000:]
 
@@ -187,7 +173,7 @@ QWEN2_CASES = {"w8a8d": "w8a8d"}
 
 @pytest.fixture(scope="module")
 def qwen2_moe_artifacts(tmp_path_factory):
-    return _compile_cases(tmp_path_factory.mktemp("qwen2-moe-e2e"), "qwen2_moe", QWEN2_CASES)
+    return compile_tiny_cases(tmp_path_factory.mktemp("qwen2-moe-e2e"), "qwen2_moe", QWEN2_CASES)
 
 
 @pytest.mark.parametrize("name", list(QWEN2_CASES))
@@ -206,25 +192,18 @@ def test_vllm_ascend_moe_loading_takes_tiny_qwen2_moe_given_the_experts_mapping(
 def test_qwen2_moe_loading_rejects_a_missing_expert_scale(qwen2_moe_artifacts, loader_check, tmp_path):
     loader_check(qwen2_moe_artifacts["w8a8d"], "0.23.0")  # sets the tool up, or skips
     import shutil
-    from safetensors.torch import load_file, save_file
     broken = tmp_path / "broken"
     shutil.copytree(qwen2_moe_artifacts["w8a8d"], broken)
-    weights = broken / "quant_model_weights.safetensors"
-    tensors = load_file(str(weights))
-    del tensors["model.layers.1.mlp.experts.2.up_proj.weight_scale"]
-    save_file(tensors, str(weights), metadata={"format": "pt"})
+    rewrite_weights(broken, lambda t: t.pop("model.layers.1.mlp.experts.2.up_proj.weight_scale"),
+                    "quant_model_weights.safetensors")
     rc, text = loader_with_qwen2_moe_mapping(broken, "0.23.0")
     assert rc == 1 and "MISSING" in text and "w13_weight_scale" in text, text[-3000:]
 
 
 @pytest.fixture(scope="module")
 def qwen3_moe_kv8(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qwen3-moe-kv8")
-    model = make_tiny_model(root / "qwen3_moe", "qwen3_moe")
-    out = root / "w8a8d-kv8"
-    assert cli.main([str(model), "--passes", "w8a8d,kv8", "--calib", str(write_calib_file(root / "calib.jsonl")),
-                     "--calib-samples", "4", "--seq-len", "32", "-o", str(out)]) == 0
-    return out
+    return compile_tiny_cases(tmp_path_factory.mktemp("qwen3-moe-kv8"), "qwen3_moe", {"w8a8d-kv8": "w8a8d,kv8"})[
+        "w8a8d-kv8"]
 
 
 def test_c8_on_qwen3_moe_loads_only_with_the_c8_routing(qwen3_moe_kv8, loader_check):

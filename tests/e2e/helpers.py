@@ -79,24 +79,32 @@ def loader_runner(loader: Path = LOADER):
     return run
 
 
-#: run by the tool's own venv python: loader_check's inner check with one vLLM-Ascend worker patch executed first
-_PATCHED_INNER = """
+#: the scripts below that adapt the tool's engine and then run its inner check are _INNER_HEAD + the body defining
+#: `init(self, device)` (which calls real_init) + _INNER_TAIL; the body may also take arguments off `argv`
+_INNER_HEAD = """
 import importlib.util, sys
-tool_dir, patch, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+tool_dir, argv = sys.argv[1], sys.argv[2:]
 sys.path.insert(0, tool_dir)
 import va_harness as H  # installs the tool's torch_npu stand-ins before any vllm import
 real_init = H.Engine.__init__
+"""
+_INNER_TAIL = """
+H.Engine.__init__ = init
+import vllm_ascend_load as L
+sys.argv = ["vllm_ascend_load.py", "--inner", *argv]
+L.main()
+"""
+
+#: run by the tool's own venv python: loader_check's inner check with one vLLM-Ascend worker patch executed first
+_PATCHED_INNER = _INNER_HEAD + """
+patch, argv = argv[0], argv[1:]
 def init(self, device):
     import vllm_ascend
     path = f"{vllm_ascend.__path__[0]}/patch/worker/{patch}.py"
     spec = importlib.util.spec_from_file_location(f"vllm_ascend_worker_{patch}", path)
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
     real_init(self, device)  # reads <Model>ForCausalLM.load_weights after the patch re-bound it
-H.Engine.__init__ = init
-import vllm_ascend_load as L
-sys.argv = ["vllm_ascend_load.py", "--inner", *argv]
-L.main()
-"""
+""" + _INNER_TAIL
 
 #: run by the tool's own venv python: loader_check's inner check on a qwen2_moe artifact, with vLLM-Ascend's quant
 #: config given a qwen2_moe entry in modelslim_config.py `packed_modules_model_mapping`: qkv_proj and gate_up_proj
@@ -105,13 +113,8 @@ L.main()
 #: `experts` rule of the release's own qwen3_moe entry. Everything else (the W8A8_DYNAMIC / W4A8_DYNAMIC fused-MoE
 #: schemes, vLLM's FusedMoE.weight_loader, Qwen2MoeModel.load_weights with its expert-params mapping, the shared
 #: expert's parallel Linears) is the tool's real code path.
-_QWEN2_MOE_INNER = """
-import sys
-tool_dir, argv = sys.argv[1], sys.argv[2:]
-sys.path.insert(0, tool_dir)
-import va_harness as H  # installs the tool's torch_npu stand-ins before any vllm import
+_QWEN2_MOE_INNER = _INNER_HEAD + """
 H.MODEL_TYPES = H.MODEL_TYPES + ("qwen2_moe",)
-real_init = H.Engine.__init__
 def init(self, device):
     real_init(self, device)
     from vllm_ascend.quantization import modelslim_config as M
@@ -119,22 +122,13 @@ def init(self, device):
     M.packed_modules_model_mapping["qwen2_moe"] = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"],
         "experts": list(qwen3_moe["experts"])}
-H.Engine.__init__ = init
-import vllm_ascend_load as L
-sys.argv = ["vllm_ascend_load.py", "--inner", *argv]
-L.main()
-"""
+""" + _INNER_TAIL
 
 
 #: run by the tool's own venv python: loader_check's inner check with the C8 routing of vLLM-Ascend 0.23.0's
 #: patch/worker/patch_gqa_c8.py (`_patched_causal_lm_load_weights`) bound to Qwen3MoeForCausalLM as well; the
 #: release binds it to Qwen3ForCausalLM / Glm4MoeForCausalLM / MiniMaxM2ForCausalLM only
-_QWEN3_MOE_C8_INNER = """
-import importlib.util, sys
-tool_dir, argv = sys.argv[1], sys.argv[2:]
-sys.path.insert(0, tool_dir)
-import va_harness as H  # installs the tool's torch_npu stand-ins before any vllm import
-real_init = H.Engine.__init__
+_QWEN3_MOE_C8_INNER = _INNER_HEAD + """
 def init(self, device):
     import vllm_ascend
     from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
@@ -146,11 +140,7 @@ def init(self, device):
     Qwen3MoeForCausalLM.load_weights = lambda self, weights: patch._patched_causal_lm_load_weights(
         self, weights, original)
     real_init(self, device)  # reads Qwen3MoeForCausalLM.load_weights after the re-binding
-H.Engine.__init__ = init
-import vllm_ascend_load as L
-sys.argv = ["vllm_ascend_load.py", "--inner", *argv]
-L.main()
-"""
+""" + _INNER_TAIL
 
 #: run by the tool's own venv python: build the tool's model tree (vLLM-Ascend's real fused-MoE schemes and vLLM's
 #: real FusedMoE.weight_loader) at each (tp, rank), fill every floating-point routed-expert parameter with NaN, load

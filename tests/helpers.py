@@ -527,6 +527,15 @@ def rewrite_weights(folder: Path, edit, file: str = "model.safetensors") -> None
     save_file(tensors, path, metadata={"format": "pt"})
 
 
+def edited_artifact(out: Path, dest: Path, edit) -> Path:
+    """A copy of OUT at `dest` with `edit(tensors)` applied to its quant_model_weights.safetensors (a broken
+    artifact for a checker or loader to catch)."""
+    import shutil
+    shutil.copytree(out, dest)
+    rewrite_weights(dest, edit, "quant_model_weights.safetensors")
+    return dest
+
+
 def edit_config(folder: Path, **changes) -> None:
     """Update keys of folder/config.json."""
     cfg = json.loads((folder / "config.json").read_text())

@@ -23,7 +23,8 @@ from qcompiler.backends.ascend.engines import features_of_artifact, refusals
 from qcompiler.evaluate import perplexity
 from qcompiler.runtime import load_model
 from tests.helpers import (assert_checker_clean, assert_checker_clean_on_moe, cached_logits, checker_w4a8_misreads,
-                           expect_error, layer_output_errors, recompute_logits, rewrite_weights)
+                           edited_artifact, expect_error, layer_output_errors, recompute_logits,
+                           rewrite_weights)
 
 CALIB = ["--calib-samples", "4", "--seq-len", "32"]
 PPL_TOLERANCE = 0.02
@@ -150,10 +151,8 @@ def test_the_checker_exception_hides_no_real_error(compiled_moe, tmp_path, tenso
     """A real fault in a W4A8_DYNAMIC expert still fails: a wrong shape (not the engine's: not a misreading), and
     a non-zero second-stage offset (the checker's value rules, skipped in its own run because of the misread
     shapes, run at the true n). The earlier exception (any `.shape` error on an expert tensor) let both pass."""
-    import shutil
-    broken = tmp_path / "broken"
-    shutil.copytree(compiled_moe("qwen3_moe", W4A8_EXPERTS), broken)
-    rewrite_weights(broken, lambda t: t.update({tensor: change(t[tensor])}), "quant_model_weights.safetensors")
+    broken = edited_artifact(compiled_moe("qwen3_moe", W4A8_EXPERTS), tmp_path / "broken",
+                             lambda t: t.update({tensor: change(t[tensor])}))
     with pytest.raises(AssertionError, match=re.escape(needle)):
         assert_checker_clean_on_moe(broken)
 

@@ -38,7 +38,7 @@ from qcompiler.backends.ascend.engines import (VLLM_ASCEND, expected_loader_exit
                                                refusals, w4a16_moe_tp_sizes)
 from tests.e2e.helpers import (NEEDS_SHARED, compile_tiny_cases, loader_unfilled_expert_params,
                                loader_with_qwen2_moe_mapping, loader_with_qwen3_moe_c8_routing)
-from tests.helpers import (assert_checker_clean_on_moe, checker_report, make_tiny_model, rewrite_weights,
+from tests.helpers import (assert_checker_clean_on_moe, checker_report, edited_artifact, make_tiny_model,
                            write_calib_file)
 
 pytestmark = NEEDS_SHARED
@@ -75,11 +75,8 @@ def test_checker_on_moe_artifacts(moe_artifacts):
 
 def test_vllm_ascend_rejects_w4a16_experts_missing_a_packed_weight(moe_artifacts, loader_check, tmp_path):
     """The loader check sees the W4A16 expert tensors: drop expert 2's up_proj.weight_packed and it fails."""
-    import shutil
-    broken = tmp_path / "broken"
-    shutil.copytree(moe_artifacts["w4a16-experts"], broken)
-    rewrite_weights(broken, lambda t: t.pop("model.layers.0.mlp.experts.2.up_proj.weight_packed"),
-                    "quant_model_weights.safetensors")
+    broken = edited_artifact(moe_artifacts["w4a16-experts"], tmp_path / "broken",
+                             lambda t: t.pop("model.layers.0.mlp.experts.2.up_proj.weight_packed"))
     rc, text = loader_check(broken, "0.23.0")
     assert rc == 1 and "MISSING" in text and "w13_weight_packed" in text, text[-3000:]
 
@@ -191,11 +188,8 @@ def test_vllm_ascend_moe_loading_takes_tiny_qwen2_moe_given_the_experts_mapping(
 
 def test_qwen2_moe_loading_rejects_a_missing_expert_scale(qwen2_moe_artifacts, loader_check, tmp_path):
     loader_check(qwen2_moe_artifacts["w8a8d"], "0.23.0")  # sets the tool up, or skips
-    import shutil
-    broken = tmp_path / "broken"
-    shutil.copytree(qwen2_moe_artifacts["w8a8d"], broken)
-    rewrite_weights(broken, lambda t: t.pop("model.layers.1.mlp.experts.2.up_proj.weight_scale"),
-                    "quant_model_weights.safetensors")
+    broken = edited_artifact(qwen2_moe_artifacts["w8a8d"], tmp_path / "broken",
+                             lambda t: t.pop("model.layers.1.mlp.experts.2.up_proj.weight_scale"))
     rc, text = loader_with_qwen2_moe_mapping(broken, "0.23.0")
     assert rc == 1 and "MISSING" in text and "w13_weight_scale" in text, text[-3000:]
 

@@ -97,7 +97,7 @@ def _tp_list(sizes) -> str:
     return ", ".join(map(str, sizes)) if sizes else "none"
 
 
-def W4A16_MOE_TP(f) -> str | None:
+def w4a16_moe_tp_note(f) -> str | None:
     """The W4A16 MoE note with this artifact's numbers: the tp sizes that build, and the largest smaller group size
     that builds at more of them (None when the sizes are not known)."""
     inter, group = f.moe_intermediate_size, f.moe_group_size
@@ -214,7 +214,7 @@ FEATURES = (
                              "(weight_packed int32 [n, k/8] offset-binary, weight_scale [n, k/g], weight_shape); "
                              "needs moe_intermediate_size / tp divisible by group_size",
                              _VA + "methods/w4a16.py AscendW4A16FusedMoEMethod (docstring, get_weight, "
-                             "get_dynamic_quant_param, process_weights_after_loading)", tp=W4A16_MOE_TP),
+                             "get_dynamic_quant_param, process_weights_after_loading)", tp=w4a16_moe_tp_note),
         MINDIE: Support(NO, "not read", "")}),
     Feature("W4A8_DYNAMIC MoE", "`w4a8d:match=mlp\\.experts`", "MoE", {
         # Read, and measured with vLLM's real FusedMoE.weight_loader on CPU (every parameter NaN-filled, then the
